@@ -1,0 +1,122 @@
+"""The table of published weights (`pretrained.json`) and the download of one entry.
+
+Each model name maps to a list of entries, one per published file. An entry names its
+`source` ("mindcv", "official", "timm", "openmmlab"), the `urls` to fetch it from (primary
+first, then mirrors), the `file_name` it is cached under, its `format`, `license`, published
+ImageNet-1K `top1`/`top5`, the `eval` transform it was measured with, and where those facts
+were read (`verified_from`). Entries whose file name carries a known SHA-256 prefix also have
+`sha256_prefix` (with `hash_kind: "sha256"`); downloads and cached copies are checked against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from functools import lru_cache
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+
+import torch.hub
+
+from ..models.registry import ALIASES, resolve_name
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("mindcv", "official", "timm", "openmmlab")
+# Default source order: MindCV's names prefer MindCV's weights; every other name prefers the
+# authors' own files, then timm's copies.
+_ALIAS_ORDER = ("mindcv", "official", "timm", "openmmlab")
+_CANONICAL_ORDER = ("official", "timm", "mindcv", "openmmlab")
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, list[dict[str, Any]]]:
+    return json.loads(Path(__file__).with_name("pretrained.json").read_text(encoding="utf-8"))
+
+
+def pretrained_entries(name: str) -> list[dict[str, Any]]:
+    """All published-weight entries for `name` (canonical or MindCV alias); [] if none.
+
+    Unknown names raise the registry's ValueError. The entries are copies: changing them does not
+    change the table."""
+    return copy.deepcopy(_table().get(resolve_name(name), []))
+
+
+def select_entry(name: str, source: bool | str = True) -> dict[str, Any]:
+    """The entry to use for `name`.
+
+    `source=True` picks the default: for a MindCV name (`res2net50`, ...) MindCV's weights if
+    published, else the official file, else timm's; for any other name the official file, then
+    timm's, then the others. A source given by name must exist for the model, else ValueError
+    listing the sources that do."""
+    entries = pretrained_entries(name)
+    if not entries:
+        raise ValueError(f"no published weights for {name!r}; pass checkpoint_path=... to load your own")
+    if source is True:
+        order = _ALIAS_ORDER if name in ALIASES else _CANONICAL_ORDER
+        return min(entries, key=lambda e: order.index(e["source"]))
+    if not isinstance(source, str):
+        raise ValueError(f"source must be True or one of {', '.join(SOURCES)}; got {source!r}")
+    for entry in entries:
+        if entry["source"] == source:
+            return entry
+    available = ", ".join(dict.fromkeys(e["source"] for e in entries))
+    raise ValueError(f"no {source!r} weights for {name!r}; available sources: {available}")
+
+
+def eval_transform_args(name: str, source: bool | str = True) -> dict[str, Any]:
+    """The evaluation transform (`image_resize`, `crop_pct`, `interpolation`, `mean`, `std`, the
+    last two in 0..1 units) under which the selected entry's accuracy was published."""
+    return dict(select_entry(name, source)["eval"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reason(err: BaseException) -> str:
+    reason = " ".join(str(getattr(err, "reason", None) or err).split()) or type(err).__name__
+    code = getattr(err, "code", None)
+    return f"HTTP {code} {reason}" if code is not None else reason
+
+
+def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """The local path of `entry`'s file, downloading it if needed.
+
+    Files live in `cache_dir` (default: `torch.hub.get_dir()/checkpoints`) under the entry's
+    `file_name`. A cached file is reused when it passes the entry's SHA-256 prefix (or when the
+    entry has none); otherwise each URL is tried in order, the download written to a temporary
+    file and renamed only once complete and verified. If every URL fails, one RuntimeError names
+    them, with the causes, and says how to load the file by hand."""
+    directory = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / entry["file_name"]
+    prefix = entry.get("sha256_prefix")
+
+    if target.is_file():
+        if prefix is None or _sha256(target).startswith(prefix):
+            return target
+        log.warning("%s: cached file does not match SHA-256 prefix %s; downloading it again", target, prefix)
+
+    failures: list[str] = []
+    offline = True
+    for url in entry["urls"]:
+        try:
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=prefix, progress=progress)
+            return target
+        except (URLError, HTTPException, OSError, RuntimeError, ValueError) as err:
+            offline = offline and isinstance(err, URLError) and not hasattr(err, "code")
+            failures.append(f"{url} ({_reason(err)})")
+    cause = "this machine seems to be offline or the hosts unreachable; " if offline else ""
+    raise RuntimeError(
+        f"could not download {entry['file_name']}: tried {'; '.join(failures)}. {cause}"
+        f"Download the file by hand and pass checkpoint_path=... to load it."
+    )
