@@ -1,6 +1,8 @@
 """res2net: the Res2Net family of image models in PyTorch."""
 
+from .factory import create_model
 from .models import list_models
+from .weights.loading import load_checkpoint
 
-__all__ = ["list_models"]
+__all__ = ["create_model", "list_models", "load_checkpoint"]
 __version__ = "0.1.0"

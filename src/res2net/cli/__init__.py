@@ -1,0 +1,1 @@
+"""`res2net <command>`: one small module per command; `main` wires them."""

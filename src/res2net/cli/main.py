@@ -1,0 +1,54 @@
+"""Entry point of the `res2net` command: dispatch to a subcommand and turn errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import convert as convert_cmd
+from . import models as models_cmd
+from . import predict as predict_cmd
+from . import train as train_cmd
+from . import validate as validate_cmd
+
+COMMANDS = {
+    "train": train_cmd,
+    "validate": validate_cmd,
+    "predict": predict_cmd,
+    "convert": convert_cmd,
+    "models": models_cmd,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="res2net", description="Res2Net models: train, validate, convert, inspect.", allow_abbrev=False
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(COMMANDS[args.command], "ACCEPTS_EXTRA", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command].run(args, extra) or 0
+    except KeyboardInterrupt:
+        print("res2net: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"res2net {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

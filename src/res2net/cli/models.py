@@ -1,0 +1,66 @@
+"""`res2net models`: the zoo table (name, parameters, GFLOPs at 224, published top-1)."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+
+from ..models import ALIASES, ARCHITECTURES, build_model, list_models
+from ..profile import count_flops, count_params, time_forward
+from ..weights.pretrained import pretrained_entries
+
+HELP = "list the model zoo: parameters, GFLOPs, published top-1"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter on model names, e.g. 'res2net50*'")
+    p.add_argument("--time", action="store_true", help="also measure forward ms (batch 1, 224x224) on this machine")
+    p.add_argument("--names", action="store_true", help="print only the names, aliases included")
+
+
+def zoo_rows(pattern: str = "*", measure_time: bool = False) -> list[dict]:
+    """One row per canonical model matching `pattern` (aliases match their canonical model)."""
+    rows = []
+    for name in ARCHITECTURES:
+        aliases = [a for a, c in ALIASES.items() if c == name]
+        if not any(fnmatch.fnmatch(n, pattern) for n in [name, *aliases]):
+            continue
+        model = build_model(name)
+        top1 = [e["top1"] for e in pretrained_entries(name) if e.get("top1") is not None]
+        row = {
+            "name": name,
+            "aliases": aliases,
+            "params_m": count_params(model) / 1e6,
+            "gflops": count_flops(model, 224) / 1e9,
+            "top1": max(top1) if top1 else None,
+        }
+        if measure_time:
+            row["forward_ms"] = time_forward(model, batch_size=1, image_size=224, repeats=3)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of `zoo_rows`."""
+    timed = rows and "forward_ms" in rows[0]
+    head = "| model | MindCV name | params (M) | GFLOPs@224 | top-1 (published) |" + (" forward ms (bs 1) |" if timed else "")
+    sep = "|---|---|---:|---:|---:|" + ("---:|" if timed else "")
+    lines = [head, sep]
+    for r in rows:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        line = f"| {r['name']} | {', '.join(r['aliases']) or '-'} | {r['params_m']:.2f} | {r['gflops']:.2f} | {top1} |"
+        if timed:
+            line += f" {r['forward_ms']:.1f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.names:
+        print("\n".join(list_models(args.pattern)))
+        return 0
+    rows = zoo_rows(args.pattern, measure_time=args.time)
+    if not rows:
+        raise ValueError(f"no model matches {args.pattern!r}; `res2net models --names` lists them")
+    print(format_table(rows))
+    return 0

@@ -1,0 +1,57 @@
+"""`create_model`: a name (and optionally weights) in, a ready model out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from .models import build_model, resolve_name
+from .weights.loading import load_checkpoint
+from .weights.pretrained import download_weights, select_entry
+
+log = logging.getLogger(__name__)
+
+_NOT_GIVEN: Any = object()
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool | str = False,
+    num_classes: int = _NOT_GIVEN,
+    checkpoint_path: str | Path | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (1, 2, 3, 4),
+    **kwargs: Any,
+) -> nn.Module:
+    """Build model `name` (see `list_models()`), optionally with weights.
+
+    - `pretrained`: True (default source) or a source name ("mindcv", "official", "timm",
+      "openmmlab") downloads the published weights into the torch hub cache.
+    - `checkpoint_path`: a local file in any supported format (MindSpore .ckpt, torch .pth,
+      .safetensors).
+    - `num_classes` (default 1000): when given and different from the checkpoint's classifier,
+      the classifier is re-initialised and everything else loaded (fine-tuning).
+    - `features_only=True`: no classifier; the model returns the maps at `out_indices`
+      (0 = stem, stride 2; 1..4 = stages, strides 4, 8, 16, 32), with `feature_channels`.
+    - Other keyword arguments go to the architecture: in_chans, drop_rate, drop_path_rate,
+      zero_init_last, output_stride.
+    """
+    resolve_name(name)
+    if pretrained and checkpoint_path is not None:
+        raise ValueError("give either pretrained= or checkpoint_path=, not both")
+    explicit_classes = num_classes is not _NOT_GIVEN
+    num_classes = 1000 if num_classes is _NOT_GIVEN else int(num_classes)
+    if num_classes < 0:
+        raise ValueError(f"num_classes={num_classes} is invalid: it must be >= 0")
+    model = build_model(
+        name, num_classes=num_classes, out_indices=tuple(out_indices) if features_only else None, **kwargs
+    )
+    if pretrained:
+        checkpoint_path = download_weights(select_entry(name, pretrained))
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path, strict=not features_only, reset_head=explicit_classes)
+    return model

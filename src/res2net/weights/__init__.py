@@ -1,0 +1,2 @@
+"""Checkpoint formats (MindSpore .ckpt, torch pickles, safetensors), key mapping and the table
+of published weights."""
