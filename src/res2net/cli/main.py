@@ -7,6 +7,7 @@ import logging
 import sys
 
 from . import convert as convert_cmd
+from . import demo as demo_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
 from . import train as train_cmd
@@ -18,6 +19,7 @@ COMMANDS = {
     "predict": predict_cmd,
     "convert": convert_cmd,
     "models": models_cmd,
+    "demo": demo_cmd,
 }
 
 
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         if args.verbose:
             raise
-        print(f"res2net {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if message.startswith("Caught "):  # raised in a DataLoader worker: the cause is the last line
+            message = message.splitlines()[-1]
+        print(f"res2net {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

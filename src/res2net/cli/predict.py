@@ -1,0 +1,35 @@
+"""`res2net predict IMAGE... --model NAME --ckpt_path FILE`: top-k classes per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "classify images: top-k classes with names (ImageNet's, or the training folder's)"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
+    p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format")
+    p.add_argument("--pretrained", help="download published weights from this source (mindcv, official, timm)")
+    p.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file, one per line")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--image_resize", "--image-resize", type=int, default=224)
+    p.add_argument("--crop_pct", "--crop-pct", type=float, default=0.875)
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..inference import predict
+
+    results = predict(args.images, args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained,
+                      classes=args.classes, topk=args.topk, image_resize=args.image_resize, crop_pct=args.crop_pct)
+    for path, top in results:
+        if args.json:
+            print(json.dumps({"image": path, "top": [{"class": c, "prob": p} for c, p in top]}))
+        else:
+            print(path)
+            for name, prob in top:
+                print(f"  {prob * 100:6.2f}%  {name}")
+    return 0

@@ -1,0 +1,31 @@
+"""`res2net train -c RECIPE --data_dir DIR [--key value ...]`: MindCV-style training."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..config import load_config
+
+HELP = "train from a MindCV-style recipe; any config key can be overridden with --key value"
+ACCEPTS_EXTRA = True
+log = logging.getLogger("res2net.train")
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="recipe YAML (MindCV keys), e.g. configs/res2net/res2net_50_gpu.yaml")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..engine.train import format_row, train
+
+    cfg = load_config(args.config, extra)
+    result = train(cfg)
+    if result.interrupted:
+        return 0
+    if result.row:
+        print(format_row(result.row))
+        if result.plot_path is not None:
+            print(f"plot: {result.plot_path}")
+        print(f"checkpoints: {result.ckpt_dir}")
+    return 0

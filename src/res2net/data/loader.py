@@ -1,0 +1,199 @@
+"""Deterministic DataLoaders: the order and the augmentations of epoch k depend only on
+(seed, k), not on the number of workers or on what ran before.
+
+How it works. `EpochSampler` draws, for each epoch, a permutation of the dataset and one random
+seed per sample, both from a generator seeded with (seed, epoch), and yields (index, sample_seed)
+keys. `SeededDataset` seeds torch's, Python's and NumPy's RNGs with `sample_seed` while it reads
+and transforms that sample (and, in the main process, restores them afterwards). So:
+
+* the same seed gives the same order and the same augmented images run to run, with any
+  `num_workers` (0 included) and with persistent workers;
+* resuming at epoch k (calling `loader.sampler.set_epoch(k)` before iterating, as on every
+  epoch) reproduces epoch k's order and augmentations exactly;
+* loading data never moves the training loop's own RNG state;
+* with several ranks, each sample keeps its augmentation whatever rank it lands on.
+
+Resuming in the middle of an epoch: `set_epoch(k, start=batches_done * batch_size)` skips
+exactly the samples already seen, and the rest come with their original augmentations.
+
+This replaces the usual `worker_init_fn` seeding: DataLoader already seeds each worker from its
+`generator`, but a worker's RNG then carries over from epoch to epoch (persistent workers) and
+its stream depends on how samples are spread over workers; per-sample seeds have neither issue.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # SeedSequence mixes (seed, epoch) so that nearby pairs give unrelated streams
+    # (seed + epoch, as DistributedSampler does, would make (0, 1) equal (1, 0)).
+    state = np.random.SeedSequence([seed % 2**32, epoch % 2**32]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (index, sample_seed) keys for one epoch; call `set_epoch(epoch)` before each epoch.
+
+    The order is a permutation seeded by (seed, epoch) (or 0..n-1 when `shuffle` is False). With
+    `num_replicas` > 1 (distributed training), this rank gets every `num_replicas`-th index from
+    position `rank`, after the order is padded by repeating its start to a multiple of
+    `num_replicas` (or cut to one, with `drop_last`), as `DistributedSampler` does.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), not {rank}")
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose order and augmentations the next iteration produces; `start`
+        skips that many of this rank's samples (resuming mid-epoch: batches done x batch size).
+        `len()` still counts the whole epoch."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, not {start}")
+        self.epoch = epoch
+        self.start = start
+
+    def __len__(self) -> int:
+        n, r = self.num_samples, self.num_replicas
+        return n // r if self.drop_last else -(-n // r)
+
+    def indices(self) -> list[int]:
+        """This rank's dataset indices for the current epoch, in order (from position 0)."""
+        return self._order(_epoch_generator(self.seed, self.epoch)).tolist()
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        n = self.num_samples
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.num_replicas > 1:
+            total = len(self) * self.num_replicas
+            if total > n:
+                order = torch.cat([order] * (-(-total // n)))
+            order = order[:total][self.rank :: self.num_replicas]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = _epoch_generator(self.seed, self.epoch)
+        order = self._order(g).tolist()
+        # One seed per dataset index (not per position), drawn after the order.
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
+        for i in order[self.start :]:
+            yield i, seeds[i]
+
+
+def _seed_all(seed: int) -> None:
+    # torch.default_generator, not torch.manual_seed: CPU only, and ~100x faster per call.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class SeededDataset(Dataset):
+    """Wraps a map-style dataset to take (index, sample_seed) keys from `EpochSampler`: the
+    sample is read with the RNGs (torch CPU, `random`, `numpy.random`) seeded by sample_seed;
+    in the main process (num_workers=0) their previous state is restored afterwards. Other
+    attributes (`classes`, `samples`, `num_classes`, ...) are those of the wrapped dataset,
+    which is also available as `.dataset`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, sample_seed = key
+        if get_worker_info() is not None:
+            # A worker process's RNGs are its own: nothing to restore (saving NumPy's state
+            # alone would cost ~50 us per sample).
+            _seed_all(sample_seed)
+            return self.dataset[index]
+        torch_state = torch.get_rng_state()
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        try:
+            _seed_all(sample_seed)
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (e.g. while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    drop_remainder: bool = False,
+    num_workers: int = 0,
+    seed: int = 42,
+    distributed: bool = False,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    collate_fn: Any = None,
+) -> DataLoader:
+    """A DataLoader over `dataset` whose order and augmentations depend only on (seed, epoch).
+
+    Call `loader.sampler.set_epoch(epoch)` before iterating each epoch (resume included).
+    `distributed=True` splits every epoch across the ranks of the initialized default process
+    group (`torch.distributed`); each rank gets len(dataset) / world_size samples, rounded up
+    by repeating a few. `pin_memory` defaults to CUDA being available and `persistent_workers`
+    to `num_workers > 0`. `loader.dataset` is a `SeededDataset` around `dataset`.
+    """
+    num_replicas, rank = 1, 0
+    if distributed:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("build_loader(distributed=True) needs an initialized process group")
+        num_replicas, rank = dist.get_world_size(), dist.get_rank()
+    sampler = EpochSampler(
+        len(dataset),  # type: ignore[arg-type]
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_remainder,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # seeds the workers' own RNGs too
+        collate_fn=collate_fn,
+    )

@@ -1,0 +1,112 @@
+"""Training checkpoints: written atomically, rotated by MindCV's policies, found again on resume.
+
+Layout of `ckpt_save_dir`:
+- `last.pt`: the newest resumable state (written at every save and on SIGTERM/Ctrl-C);
+- `<model>-<epoch>.pt`: per-epoch checkpoints, at most `keep_checkpoint_max` of them, kept by
+  `ckpt_save_policy` (`latest_k`: the newest; `top_k`: the best validation top-1);
+- `best.pt`: the checkpoint with the best validation top-1 so far;
+- `checkpoints.json`: the index of epoch checkpoints and their metrics.
+Every file appears whole or not at all: written to a temporary file, fsynced, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_write
+
+FORMAT = "res2net-train"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomically `torch.save` a training state (tagged with this project's format)."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint written by `save_checkpoint` (never executes pickled code)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a res2net training checkpoint (use it as weights with --ckpt_path instead)")
+    return state
+
+
+class CheckpointManager:
+    """Writes and rotates the checkpoints of one run in `directory` (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, prefix: str, keep_max: int = 10, policy: str | None = "latest_k") -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.keep_max = keep_max
+        self.policy = policy
+        self.index_path = self.directory / "checkpoints.json"
+
+    def check_writable(self) -> None:
+        """Fail before training starts if the directory cannot be created or written."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(f"ckpt_save_dir {str(self.directory)!r} is not writable ({e.strerror or e}); choose another with --ckpt_save_dir") from None
+
+    @property
+    def last(self) -> Path:
+        return self.directory / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.directory / "best.pt"
+
+    def latest(self) -> Path | None:
+        """The newest resumable checkpoint, or None (what `--resume auto` continues from)."""
+        return self.last if self.last.is_file() else None
+
+    def _index(self) -> list[dict[str, Any]]:
+        if not self.index_path.is_file():
+            return []
+        return json.loads(self.index_path.read_text())
+
+    def save_last(self, state: dict[str, Any]) -> Path:
+        """Write the resumable state to `last.pt`."""
+        save_checkpoint(state, self.last)
+        return self.last
+
+    def save_epoch(self, state: dict[str, Any], epoch: int, top1: float | None) -> Path:
+        """Write `last.pt` and the epoch checkpoint for `epoch` (1-based), then apply the policy."""
+        self.save_last(state)
+        path = self.directory / f"{self.prefix}-{epoch:03d}.pt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:  # same bytes as last.pt: a hard link costs no space or time where supported
+            os.link(self.last, tmp)
+        except OSError:
+            shutil.copyfile(self.last, tmp)
+        os.replace(tmp, path)
+        entries = [e for e in self._index() if e["epoch"] != epoch] + [{"epoch": epoch, "file": path.name, "top1": top1}]
+        if self.policy == "top_k":
+            ranked = sorted(entries, key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]), reverse=True)
+        else:
+            ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
+        keep, drop = ranked[: self.keep_max], ranked[self.keep_max :]
+        atomic_write(self.index_path, lambda f: f.write(json.dumps(sorted(keep, key=lambda e: e["epoch"]), indent=1).encode()))
+        for e in drop:
+            (self.directory / e["file"]).unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> Path:
+        save_checkpoint(state, self.best)
+        return self.best

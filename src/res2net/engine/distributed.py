@@ -1,0 +1,82 @@
+"""torch.distributed setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank, the world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> this process's CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but no CUDA device is available; use --device cpu")
+    return device
+
+
+def setup(distribute: bool, device: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU) when `distribute`.
+
+    A rank that dies or hangs makes collective calls in the others fail after `timeout_s`
+    instead of waiting forever."""
+    if not distribute:
+        return DistInfo(0, 1, 0, pick_device(device))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        script = os.path.basename(sys.argv[0]) or "train.py"
+        raise RuntimeError(
+            "distribute is True but this process was not started by torchrun. Run e.g. "
+            f"`torchrun --nproc_per_node 8 {script} -c CONFIG --data_dir DIR`, "
+            "or pass --distribute False for one process"
+        )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of `t` over ranks (`t` itself when not distributed)."""
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Seeing a run: a progress bar on a terminal, plain log lines otherwise, `metrics.jsonl`,
+optional TensorBoard events, and the end-of-run plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("res2net.train")
+
+
+class StepReporter:
+    """Shows training steps: a tqdm bar (loss, lr, img/s, ETA) when stderr is a terminal, else
+    a log line every `log_interval` steps. Only the main process (rank 0) reports."""
+
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True, desc: str = "") -> None:
+        self.total = total_steps
+        self.log_interval = max(1, log_interval)
+        self.enabled = enabled
+        self.desc = desc
+        self.bar = None
+        self.images = 0
+        self.steps = 0
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def update(self, step: int, n_images: int, loss: float, lr: float) -> None:
+        """Record one finished step (`step` is 1-based within the epoch)."""
+        if not self.enabled:
+            return
+        self.images += n_images
+        self.steps += 1
+        elapsed = max(1e-9, time.perf_counter() - self.t0)
+        rate = self.images / elapsed
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", refresh=False)
+        elif step % self.log_interval == 0 or step == self.total:
+            eta = (self.total - step) * elapsed / self.steps
+            log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s", self.desc, step, self.total, loss, lr, rate, _hms(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `metrics.jsonl` (and TensorBoard scalars when the
+    `tensorboard` package is installed)."""
+
+    def __init__(self, directory: Path, enabled: bool = True) -> None:
+        self.path = directory / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("global_step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("global_step", "epoch", "step"):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_run(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """PNG with loss and lr per epoch (and validation top-1 when present); None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not epochs:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = [r["epoch"] for r in epochs]
+    axes[0].plot(x, [r["train_loss"] for r in epochs], marker="o", label="train")
+    val = [r for r in epochs if r.get("val_loss") is not None]
+    if val:
+        axes[0].plot([r["epoch"] for r in val], [r["val_loss"] for r in val], marker="o", label="val")
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].legend()
+    steps = [r for r in records if r.get("kind") == "step"]
+    if steps:
+        axes[1].plot([r["global_step"] for r in steps], [r["lr"] for r in steps])
+        axes[1].set(title="learning rate", xlabel="step")
+    if val:
+        axes[2].plot([r["epoch"] for r in val], [r["val_top1"] for r in val], marker="o")
+    axes[2].set(title="validation top-1 (%)", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

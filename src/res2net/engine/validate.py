@@ -1,0 +1,77 @@
+"""Validation of any checkpoint (MindSpore .ckpt, torch .pth, .safetensors, training
+checkpoints) on an ImageNet-style val split, with the checkpoint's own eval transform."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..data import ImageFolderDataset, eval_transform
+from ..factory import create_model
+from ..weights.loading import read_checkpoint
+from . import distributed
+from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
+
+log = logging.getLogger("res2net.validate")
+
+
+def checkpoint_num_classes(state: dict[str, Any]) -> int | None:
+    """Classifier size stored in a state dict (ours, timm/official or MindCV names)."""
+    for key in ("fc.weight", "classifier.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
+    """The eval transform: the checkpoint's own (stored by `res2net convert`) or the config's."""
+    settings = dict(image_resize=cfg.image_resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                    mean=cfg.mean, std=cfg.std)
+    if "eval" in metadata:
+        own = json.loads(metadata["eval"])
+        settings.update({k: own[k] for k in ("image_resize", "crop_pct", "interpolation") if k in own})
+        if "mean" in own and "std" in own:  # stored in 0..1 units
+            settings["mean"] = tuple(255 * m for m in own["mean"])
+            settings["std"] = tuple(255 * s for s in own["std"])
+    return settings
+
+
+def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None) -> EvalResult:
+    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`."""
+    dist = distributed.setup(cfg.distribute, cfg.device)
+    try:
+        state, fmt, _, metadata = read_checkpoint(ckpt_path)
+        settings = eval_settings(cfg, metadata)
+        dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=eval_transform(**settings),
+                                     on_bad_image=cfg.on_bad_image)
+        n_ckpt = checkpoint_num_classes(state)
+        if n_ckpt is not None and n_ckpt != dataset.num_classes:
+            raise ValueError(
+                f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
+                f"{dataset.num_classes} class folders; validate on data with the checkpoint's classes"
+            )
+        model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
+        model = model.to(dist.device)
+        if dist.is_main:
+            log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, len(dataset), cfg.val_split)
+        loader = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist)
+        amp = cfg.amp_dtype(dist.device.type, validation=True)
+        result = reduce_result(evaluate(model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last), dist)
+        if per_class_csv is not None and dist.is_main:
+            write_per_class(result, dataset.classes, Path(per_class_csv))
+        return result
+    finally:
+        distributed.teardown(dist)
+
+
+def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
+    """CSV of per-class top-1: class, images, correct, top1 (%)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "images", "correct", "top1"])
+        for name, n, c in zip(classes, result.class_total.tolist(), result.class_correct.tolist()):
+            w.writerow([name, n, c, f"{100.0 * c / n:.2f}" if n else ""])
