@@ -82,6 +82,7 @@ class CheckpointManager:
 
     def save_last(self, state: dict[str, Any]) -> Path:
         """Write the resumable state to `last.pt`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         save_checkpoint(state, self.last)
         return self.last
 
@@ -89,13 +90,7 @@ class CheckpointManager:
         """Write `last.pt` and the epoch checkpoint for `epoch` (1-based), then apply the policy."""
         self.save_last(state)
         path = self.directory / f"{self.prefix}-{epoch:03d}.pt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:  # same bytes as last.pt: a hard link costs no space or time where supported
-            os.link(self.last, tmp)
-        except OSError:
-            shutil.copyfile(self.last, tmp)
-        os.replace(tmp, path)
+        self._copy_last(path)
         entries = [e for e in self._index() if e["epoch"] != epoch] + [{"epoch": epoch, "file": path.name, "top1": top1}]
         if self.policy == "top_k":
             ranked = sorted(entries, key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]), reverse=True)
@@ -107,6 +102,18 @@ class CheckpointManager:
             (self.directory / e["file"]).unlink(missing_ok=True)
         return path
 
-    def save_best(self, state: dict[str, Any]) -> Path:
-        save_checkpoint(state, self.best)
+    def mark_last_best(self) -> Path:
+        """Make `best.pt` the state just written to `last.pt`."""
+        self._copy_last(self.best)
         return self.best
+
+    def _copy_last(self, path: Path) -> None:
+        """Atomically give `path` the bytes of `last.pt`: a hard link where the filesystem has
+        them (no space, no time), else a copy."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.last, tmp)
+        except OSError:
+            shutil.copyfile(self.last, tmp)
+        os.replace(tmp, path)

@@ -309,7 +309,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
                 else:
                     ckpts.save_last(state)
                 if is_best:
-                    ckpts.save_best(state)
+                    ckpts.mark_last_best()
                 metrics.write(record)
                 val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}" if top1 is not None else ""
                 log.info("epoch %d/%d  train loss %.4f%s", epoch + 1, cfg.epoch_size, record["train_loss"], val_text)

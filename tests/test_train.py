@@ -1,0 +1,174 @@
+"""Training end to end on a tiny folder: resume is exact, stops are clean, bad input is caught."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from res2net.config import load_config
+from res2net.engine import train as train_mod
+from res2net.engine.checkpoint import load_training_state
+from res2net.engine.train import train
+from res2net.engine.validate import validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_folder(root: Path, n_classes: int = 3, per_class: int = 6, splits=("train", "val")) -> Path:
+    """A tiny ImageNet-style tree of 24x24 images: class c is a brighter c-th channel."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in range(n_classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 80, (24, 24, 3), dtype=np.uint8)
+                pixels[..., c] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+def tiny_config(data_dir: Path, ckpt_dir: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            "--model", "res2net50", "--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir),
+            "--image_resize", "16", "--crop_pct", "1.0", "--batch_size", "4", "--epoch_size", "2",
+            "--num_parallel_workers", "0", "--opt", "momentum", "--lr", "0.01", "--warmup_epochs", "1",
+            "--decay_epochs", "1", "--mode", "1", "--val_while_train", "True", "--log_interval", "1",
+            "--hflip", "0.5", "--color_jitter", "0.2", "--seed", "7", *extra,
+        ],
+    )
+
+
+def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    return load_training_state(ckpt_dir / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class StopAfter:
+    """Stands in for the SIGTERM flag: 'requested' turns True at the n-th step boundary."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.n -= 1
+        return self.n <= 0
+
+
+def test_train_validate_and_outputs(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", "--ema", "True", "--ema_decay", "0.9", "--mixup", "0.2",
+                      "--label_smoothing", "0.1", "--clip_grad", "True")
+    result = train(cfg)
+    assert result.epochs_done == 2 and not result.interrupted
+    assert result.best_path is not None and result.best_path.is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("val_top1" in r for r in epochs)
+    assert any(r["kind"] == "step" for r in records)
+    assert result.plot_path is not None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert set(result.row) >= {"model name", "params(M)", "cards", "batch size", "ms/step", "img/s", "acc@top1"}
+    state = load_training_state(result.last_path)
+    assert state["ema"] is not None and state["classes"] == ["class0", "class1", "class2"]
+    val = validate(tiny_config(data_dir, tmp_path / "run"), result.best_path)
+    assert val.n == 18 and 0 <= val.top1 <= 100
+
+
+def test_resume_mid_epoch_is_bit_identical(data_dir, tmp_path, monkeypatch):
+    train(tiny_config(data_dir, tmp_path / "full"))
+    reference = final_weights(tmp_path / "full")
+
+    monkeypatch.setattr(train_mod, "StopRequest", lambda: StopAfter(3))  # stop in the first epoch
+    stopped = train(tiny_config(data_dir, tmp_path / "resumed"))
+    assert stopped.interrupted
+    state = load_training_state(tmp_path / "resumed" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, 3, 3)
+    monkeypatch.undo()
+
+    train(tiny_config(data_dir, tmp_path / "resumed", "--resume", "auto"))
+    assert_same_weights(final_weights(tmp_path / "resumed"), reference)
+
+
+def test_num_classes_mismatch_fails_before_training(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="num_classes is 5 but .* has 3 class folders"):
+        train(tiny_config(data_dir, tmp_path / "x", "--num_classes", "5"))
+    assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_nan_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
+    train(tiny_config(data_dir, tmp_path / "run", "--epoch_size", "1"))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    real_loss = train_mod._loss
+
+    def diverging(cfg, soft):
+        fn = real_loss(cfg, soft)
+        return lambda logits, targets: fn(logits, targets) * float("nan")
+
+    monkeypatch.setattr(train_mod, "_loss", diverging)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, step 1 \(global step 4\)"):
+        train(tiny_config(data_dir, tmp_path / "run", "--epoch_size", "2", "--resume", "auto"))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # the last good checkpoint is untouched
+
+
+def test_missing_data_dir_shows_expected_tree(tmp_path):
+    with pytest.raises(ValueError, match="train/<class>"):
+        train(tiny_config(tmp_path / "nothing", tmp_path / "run"))
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path):
+    """A real SIGTERM to a training process: checkpoint at the next step boundary, exit code 0."""
+    script = (
+        "import os, signal, sys\n"
+        "from res2net.engine import progress\n"
+        "real = progress.StepReporter.update\n"
+        "def update(self, step, *a):\n"
+        "    real(self, step, *a)\n"
+        "    if step == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "progress.StepReporter.update = update\n"
+        "from res2net.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["train", "--model", "res2net50", "--data_dir", str(data_dir), "--ckpt_save_dir", str(tmp_path / "run"),
+            "--image_resize", "16", "--batch_size", "4", "--epoch_size", "3", "--num_parallel_workers", "0",
+            "--mode", "1", "--opt", "momentum", "--lr", "0.01"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    state = load_training_state(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
+    assert "--resume auto" in proc.stderr
+
+
+def test_recipe_runs_unchanged_given_data_dir(data_dir, tmp_path):
+    """A shared MindCV recipe, only shrunk from the command line, goes through the whole path."""
+    recipe = REPO / "tests" / "fixtures" / "mindcv_recipes" / "res2net_50_gpu.yaml"
+    cfg = load_config(str(recipe), ["--data_dir", str(data_dir), "--distribute", "False", "--num_classes", "3",
+                                    "--image_resize", "16", "--batch_size", "4", "--epoch_size", "1",
+                                    "--num_parallel_workers", "0", "--ckpt_save_dir", str(tmp_path / "run"),
+                                    "--mode", "1", "--amp_level", "O0"])
+    result = train(cfg)
+    assert result.epochs_done == 1
