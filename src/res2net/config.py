@@ -201,6 +201,10 @@ class Config:
     compile: bool = False  # torch.compile on any device; see use_compile()
     on_bad_image: str = "skip"  # "skip" (log and skip unreadable images) or "error"
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "mps"
+    zero_init_last: bool = False  # start each residual branch at zero (last BN weight 0)
+    sync_bn: bool = False  # distributed: BatchNorm statistics over the global batch (CUDA only)
+    freeze_bn: bool = False  # BatchNorm keeps and uses its running statistics while training
+    dist_timeout: float = 600.0  # seconds a rank waits for the others before the job fails
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

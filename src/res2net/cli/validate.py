@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..config import load_config
 
@@ -24,6 +25,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if not cfg.ckpt_path:
         raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
     result = validate(cfg, cfg.ckpt_path, args.per_class_csv)
+    if int(os.environ.get("RANK", "0")) != 0:  # distributed: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps({"model": cfg.model, "ckpt_path": cfg.ckpt_path, **result.as_dict()}))
     else:

@@ -111,7 +111,7 @@ def check_num_classes(cfg: Config, dataset: ImageFolderDataset) -> int:
 
 def train(cfg: Config) -> TrainResult:
     """Run the training described by `cfg`; see the module docstring."""
-    dist = distributed.setup(cfg.distribute, cfg.device)
+    dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     try:
         return _train(cfg, dist)
     finally:
@@ -151,11 +151,16 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
         in_chans=cfg.in_channels,
         drop_rate=cfg.drop_rate or 0.0,
         drop_path_rate=cfg.drop_path_rate or 0.0,
+        zero_init_last=cfg.zero_init_last,
         pretrained=cfg.pretrained,
         checkpoint_path=init_ckpt or None,
     ).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and dist.enabled:
+        if device.type != "cuda":
+            raise ValueError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); use --freeze_bn True or --sync_bn False on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema else None
     train_model: nn.Module = model
     if dist.enabled:
@@ -224,7 +229,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epoch_size):
-            model.train()
+            set_train_mode(model, cfg.freeze_bn)
             train_loader.sampler.set_epoch(epoch, start=start_batch * cfg.batch_size)
             reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main, f"epoch {epoch + 1}/{cfg.epoch_size}")
             loss_sum, loss_n = 0.0, 0
@@ -276,7 +281,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
                 reporter.update(batch_idx, len(labels) * world, loss.item(), lr)
                 if global_step % max(1, cfg.log_interval) == 0:
                     metrics.write({"kind": "step", "epoch": epoch + 1, "global_step": global_step, "loss": loss.item(), "lr": lr})
-                if stop.requested:
+                if _agreed_stop(stop.requested, dist, device):
                     interrupted = True
                     break
             reporter.close()
@@ -296,7 +301,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
                                       "train_loss": _mean_over_ranks(loss_sum, loss_n, dist, device), "lr": lr}
             if val_ds is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
                 last_val = _validate(ema.module if ema is not None else model, val_ds, cfg, dist, num_classes, amp_dtype)
-                record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss)
+                record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
             top1 = record.get("val_top1")
             is_best = top1 is not None and (best_top1 is None or top1 > best_top1)
             if is_best:
@@ -324,6 +329,24 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
         result.row = results_row(cfg, n_params, world, ms, last_val)
     metrics.close()
     return result
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with `freeze_bn`, BatchNorm layers stay in eval mode (running statistics
+    are used and not updated), as when fine-tuning with small per-device batches."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _agreed_stop(requested: bool, dist: distributed.DistInfo, device: torch.device) -> bool:
+    """Whether any rank was asked to stop: all ranks stop at the same step boundary."""
+    if not dist.enabled:
+        return requested
+    flag = torch.tensor([float(requested)], device=device)
+    return bool(distributed.all_reduce_sum(flag, dist).item() > 0)
 
 
 def results_row(cfg: Config, n_params: int, cards: int, ms_per_step: float, val: EvalResult | None) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""Two CPU processes under torchrun (gloo) train and validate exactly like one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from res2net.config import load_config
+from res2net.engine.checkpoint import load_training_state
+from res2net.engine.validate import validate
+
+from .test_train import make_folder
+
+HOOK = """
+import os, signal, sys
+from res2net.engine import progress
+real = progress.StepReporter.update
+def update(self, step, *args):
+    real(self, step, *args)
+    if os.environ.get("RANK") == "1" and step == 1 and os.environ.get("STOP_AT_STEP_1"):
+        os.kill(os.getpid(), signal.SIGTERM)  # one rank is stopped: all must stop together
+progress.StepReporter.update = update
+from res2net.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def common_args(data_dir: Path, ckpt_dir: Path, batch_size: int) -> list[str]:
+    return ["train", "--model", "res2net50", "--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir),
+            "--image_resize", "16", "--crop_pct", "1.0", "--batch_size", str(batch_size), "--epoch_size", "2",
+            "--num_parallel_workers", "0", "--mode", "1", "--opt", "momentum", "--lr", "0.01",
+            "--warmup_epochs", "0", "--decay_epochs", "2", "--weight_decay", "1e-4", "--freeze_bn", "True",
+            "--val_while_train", "True", "--seed", "3", "--device", "cpu", "--dist_timeout", "120"]
+
+
+def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def torchrun(hook: Path, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(hook), *args, "--distribute", "True"], env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    # 18 training images; 15 validation images: not divisible by the world size
+    data = make_folder(root / "data", n_classes=3, per_class=6, splits=("train",))
+    make_folder(root / "val_tmp", n_classes=3, per_class=5, splits=("val",))
+    (root / "val_tmp" / "val").rename(data / "val")
+    hook = root / "hook.py"
+    hook.write_text(HOOK)
+    # frozen BN does not normalise a fresh net; residual branches starting at zero keep it finite
+    warm = ["--zero_init_last", "True"]
+    run([sys.executable, str(hook), *common_args(data, root / "single", 8), *warm])
+    torchrun(hook, [*common_args(data, root / "ddp", 4), *warm])
+    torchrun(hook, [*common_args(data, root / "stopped", 4), *warm], {"STOP_AT_STEP_1": "1"})
+    stopped = load_training_state(root / "stopped" / "last.pt")
+    torchrun(hook, [*common_args(data, root / "stopped", 4), *warm, "--resume", "auto"])
+    return root, data, stopped
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_training_state(path)["model"]
+
+
+def test_two_processes_equal_one_with_the_global_batch(runs):
+    root, _, _ = runs
+    single, ddp = weights(root / "single" / "last.pt"), weights(root / "ddp" / "last.pt")
+    assert single.keys() == ddp.keys()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert load_training_state(root / "ddp" / "last.pt")["global_step"] == 4  # 2 epochs x 2 steps
+
+
+def test_distributed_eval_counts_every_image_once(runs):
+    root, data, _ = runs
+    records = [json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["kind"] == "epoch"][-1]
+    cfg = load_config(None, ["--model", "res2net50", "--data_dir", str(data), "--image_resize", "16",
+                             "--crop_pct", "1.0", "--batch_size", "4", "--num_parallel_workers", "0", "--device", "cpu"])
+    alone = validate(cfg, root / "ddp" / "last.pt")
+    assert final["val_n"] == alone.n == 15
+    assert final["val_top1"] == alone.top1 and final["val_top5"] == alone.top5
+    assert final["val_loss"] == pytest.approx(alone.loss, rel=1e-5)
+
+
+def test_job_stopped_mid_epoch_resumes_to_the_same_weights(runs):
+    root, _, stopped = runs
+    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (0, 1)  # every rank stopped after step 1
+    resumed, ddp = weights(root / "stopped" / "last.pt"), weights(root / "ddp" / "last.pt")
+    for k in ddp:
+        assert torch.equal(resumed[k], ddp[k]), k
+
+
+def test_distribute_without_torchrun_says_how(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "res2net.cli.main", "train", "--data_dir", str(tmp_path),
+                           "--distribute", "True"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "torchrun --nproc_per_node" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
