@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 
+from . import cam as cam_cmd
 from . import convert as convert_cmd
 from . import demo as demo_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
+from . import saliency as saliency_cmd
 from . import train as train_cmd
 from . import validate as validate_cmd
 
@@ -18,6 +20,8 @@ COMMANDS = {
     "validate": validate_cmd,
     "predict": predict_cmd,
     "convert": convert_cmd,
+    "cam": cam_cmd,
+    "saliency": saliency_cmd,
     "models": models_cmd,
     "demo": demo_cmd,
 }

@@ -1,0 +1,99 @@
+"""`res2net cam IMAGE... --model NAME --ckpt_path FILE`: one PNG per image with the photo, its
+class activation map and the top classes. A folder argument means every image in it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files or folders (every image inside, recursively)")
+    p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
+    p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format (without them: random weights)")
+    p.add_argument("--pretrained", help="download published weights from this source (mindcv, official, timm)")
+    p.add_argument("--class", dest="target_class", type=int,
+                   help="class index to explain (default: each image's top class)")
+    p.add_argument("--layer",
+                   help="stage to explain: layer1..layer4 (ResNet-style), level2..level5 (DLA); default: the last")
+    p.add_argument("--method", choices=("gradcam", "cam"), default="gradcam", help="cam works on the last stage only")
+    p.add_argument("--out", default="cam", help="output folder (default: ./cam)")
+    p.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--image_resize", "--image-resize", type=int, default=224)
+    p.add_argument("--crop_pct", "--crop-pct", type=float, default=0.875)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def image_files(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(image path, output name relative to --out) for files and the images inside folders."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    from ..data import walk_files
+
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            inside = [Path(f) for f in walk_files(path) if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            if not inside:
+                raise FileNotFoundError(f"no images in folder '{path}'")
+            found += [(f, f.relative_to(path).with_suffix("")) for f in inside]
+        elif path.is_file():
+            found.append((path, Path(path.stem)))
+        else:
+            raise FileNotFoundError(f"no such image or folder: '{path}'")
+    return found
+
+
+def _num_classes(ckpt_path: str | None) -> int:
+    if not ckpt_path:
+        return 1000
+    from ..weights.loading import read_checkpoint
+
+    state = read_checkpoint(ckpt_path)[0]
+    weight = state.get("fc.weight", state.get("classifier.weight"))
+    return int(weight.shape[0]) if weight is not None else 1000
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
+    from ..data import eval_transform, load_image
+    from ..factory import create_model
+    from ..inference import class_names
+
+    if args.method == "cam" and args.layer is not None:
+        raise ValueError("--method cam uses the last stage only; drop --layer or use --method gradcam")
+    files = image_files(args.images)
+    num_classes = _num_classes(args.ckpt_path)
+    if not args.ckpt_path and not args.pretrained:
+        log.warning("no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing")
+    model = create_model(args.model, num_classes=num_classes, checkpoint_path=args.ckpt_path,
+                         pretrained=args.pretrained or False)
+    model = model.to(args.device).eval()
+    names = class_names(args.classes, num_classes, args.ckpt_path)
+    transform = eval_transform(args.image_resize, args.crop_pct)
+    out_dir = Path(args.out)
+    for path, rel in files:
+        x = transform(load_image(path)).unsqueeze(0).to(args.device)
+        if args.method == "cam":
+            maps, logits = class_activation_map(model, x, args.target_class)
+            layer = "last stage"
+        else:
+            maps, logits = grad_cam(model, x, args.target_class, args.layer)
+            layer = args.layer or "last stage"
+        probs = logits.softmax(dim=1)[0]
+        p, idx = probs.topk(min(args.topk, num_classes))
+        top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
+        explained = args.target_class if args.target_class is not None else int(idx[0])
+        title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
+        written = save_cam_figure(out_dir / rel.parent / f"{rel.name}_cam.png", denormalize(x)[0], maps[0], top, title)
+        print(written)
+    return 0

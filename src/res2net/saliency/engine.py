@@ -1,0 +1,119 @@
+"""Training, prediction, evaluation and checkpoints of saliency networks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from ..data import load_image
+from .data import SaliencyFolder, find_pairs, load_mask, saliency_transform
+from .losses import bce_iou_loss
+from .metrics import SaliencyMetrics
+from .model import SaliencyNet, saliency_res2net
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "res2net-saliency"
+
+
+def train_saliency(
+    model: SaliencyNet,
+    dataset: SaliencyFolder,
+    *,
+    epochs: int = 10,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    seed: int = 0,
+) -> list[float]:
+    """Train `model` on `dataset` with AdamW and BCE + IoU loss; returns each epoch's mean loss."""
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+        generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) > batch_size,
+    )
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    history = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for images, masks in loader:
+            images, masks = images.to(device), masks.to(device)
+            loss = bce_iou_loss(model(images), masks)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the loss is {loss.item()} at epoch {epoch + 1}: lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * images.shape[0]
+            count += images.shape[0]
+        history.append(total / count)
+        log.info("epoch %d/%d  loss %.4f", epoch + 1, epochs, history[-1])
+    return history
+
+
+@torch.no_grad()
+def predict_saliency(
+    model: SaliencyNet, image: Image.Image, image_size: int = 352, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The saliency map (H, W) in 0..1 of an RGB PIL image, at the image's own size."""
+    model.to(device).eval()
+    x = saliency_transform(image_size)(image).unsqueeze(0).to(device)
+    logits = F.interpolate(model(x), size=(image.height, image.width), mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)[0, 0].cpu()
+
+
+def evaluate_saliency(
+    model: SaliencyNet, root: str | os.PathLike, image_size: int = 352, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """MAE and max F-measure of `model` on the image/mask folder `root`, each map compared with
+    its mask at the mask's own resolution: {"mae", "max_f", "images"}."""
+    metrics = SaliencyMetrics()
+    for image_path, mask_path in find_pairs(root):
+        gt = load_mask(mask_path)
+        pred = predict_saliency(model, load_image(image_path), image_size, device)
+        if pred.shape != gt.shape:
+            pred = F.interpolate(pred[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
+        metrics.update(pred.clamp(0, 1), gt)
+    return metrics.compute()
+
+
+def save_saliency_model(path: str | os.PathLike, model: SaliencyNet, backbone: str, image_size: int) -> Path:
+    """Write `model`'s weights with what `load_saliency_model` needs to rebuild it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "kind": CHECKPOINT_KIND,
+            "backbone": backbone,
+            "decoder_channels": model.decoder.predict.in_channels,
+            "image_size": image_size,
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+    return path
+
+
+def load_saliency_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[SaliencyNet, dict[str, Any]]:
+    """A saliency network saved by `save_saliency_model`, in eval mode, with its metadata
+    (backbone, decoder_channels, image_size)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
+    model = saliency_res2net(ckpt["backbone"], decoder_channels=ckpt["decoder_channels"])
+    model.load_state_dict(ckpt["state_dict"])
+    meta = {k: ckpt[k] for k in ("backbone", "decoder_channels", "image_size")}
+    return model.to(device).eval(), meta

@@ -1,0 +1,168 @@
+"""Class activation maps: Grad-CAM on every stage of both net families, CAM = Grad-CAM at the
+last stage, a map that must land on a known spot, and `res2net cam` on scikit-image's photos."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from res2net.cam import class_activation_map, denormalize, grad_cam, overlay, stage_names
+from res2net.cli import cam as cam_cli
+from res2net.data import eval_transform
+from res2net.models import DLA, Res2Net
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny tensors: one thread is as fast and immune to oversubscribed shared CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_res2net(num_classes: int = 10) -> Res2Net:
+    torch.manual_seed(0)
+    return Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, num_classes=num_classes).eval()
+
+
+def tiny_dla(num_classes: int = 10) -> DLA:
+    torch.manual_seed(0)
+    return DLA(levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 32, 64, 128, 256), base_width=16,
+               num_classes=num_classes).eval()
+
+
+def check_maps(maps: torch.Tensor, n: int, size: int) -> None:
+    assert maps.shape == (n, size, size)
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    peaks = maps.flatten(1).amax(dim=1)
+    assert torch.all((peaks == 0) | torch.isclose(peaks, torch.ones_like(peaks)))
+
+
+@pytest.mark.parametrize("make", [tiny_res2net, tiny_dla])
+def test_grad_cam_on_every_stage(make):
+    model = make()
+    x = torch.randn(2, 3, 64, 64)
+    assert len(stage_names(model)) == 4
+    for layer in stage_names(model):
+        maps, logits = grad_cam(model, x, layer=layer)
+        check_maps(maps, 2, 64)
+        assert logits.shape == (2, 10)
+    assert stage_names(model)[-1] in ("layer4", "level5")
+    # the default is the last stage
+    torch.testing.assert_close(grad_cam(model, x)[0], grad_cam(model, x, layer=stage_names(model)[-1])[0])
+
+
+@pytest.mark.parametrize("make", [tiny_res2net, tiny_dla])
+def test_cam_equals_grad_cam_at_last_stage(make):
+    model = make()
+    x = torch.randn(2, 3, 64, 64)
+    for target in (None, 3, [7, 1]):
+        cam, logits = class_activation_map(model, x, target)
+        gcam, logits2 = grad_cam(model, x, target)
+        check_maps(cam, 2, 64)
+        torch.testing.assert_close(cam, gcam, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, logits2)
+    # another class, another map
+    assert not torch.allclose(grad_cam(model, x, 3)[0], grad_cam(model, x, 4)[0])
+
+
+def test_grad_cam_finds_the_evidence():
+    """Class 0 sees only channel 0: its map must light up where channel 0 is bright."""
+    features = nn.ReLU()
+    model = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[3].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        model[3].bias.zero_()
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, 0, 4:12, 20:28] = 1.0  # class 0's evidence, top right
+    x[0, 1, 20:30, 2:10] = 1.0  # class 1's evidence, bottom left
+    maps, _ = grad_cam(model, x, target_class=0, layer=features)
+    assert maps[0, 4:12, 20:28].min() > 0.99 and maps[0, 20:30, 2:10].max() < 1e-6
+    maps, _ = grad_cam(model, x, target_class=1, layer="0")
+    assert maps[0, 20:30, 2:10].min() > 0.99 and maps[0, 4:12, 20:28].max() < 1e-6
+
+
+def test_frozen_weights_and_bad_arguments():
+    model = tiny_res2net()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    check_maps(grad_cam(model, torch.randn(1, 3, 64, 64), layer="layer2")[0], 1, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="layer1, layer2, layer3, layer4"):
+        grad_cam(model, x, layer="level5")
+    with pytest.raises(ValueError, match="out of range"):
+        grad_cam(model, x, target_class=10)
+    with pytest.raises(ValueError, match="2 images"):
+        grad_cam(model, x, target_class=[1, 2, 3])
+    backbone = Res2Net(layers=(1, 1, 1, 1), base_width=4, out_indices=(4,))
+    with pytest.raises(ValueError, match="classifier"):
+        class_activation_map(backbone, x)
+
+
+def test_denormalize_gives_the_pixels_the_model_saw():
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    x = eval_transform(32, crop_pct=1.0)(Image.fromarray(pixels))
+    np.testing.assert_array_equal(denormalize(x[None])[0], pixels)
+    heat = overlay(pixels, np.zeros((32, 32)), alpha=0.0)
+    np.testing.assert_array_equal(heat, pixels)
+    with pytest.raises(ValueError, match="shape"):
+        overlay(pixels, np.zeros((16, 16)))
+
+
+# ---------------------------------------------------------------------------------------------
+# `res2net cam` on real photos
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    data = pytest.importorskip("skimage.data")
+    root = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).save(root / "astronaut.jpg", quality=90)
+    Image.fromarray(data.chelsea()).save(root / "chelsea.png")
+    (root / "more").mkdir()
+    Image.fromarray(data.coffee()).save(root / "more" / "coffee.jpg", quality=90)
+    return root
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cam_cli.add_parser(parser)
+    return cam_cli.run(parser.parse_args(list(argv)), [])
+
+
+def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
+    torch.manual_seed(0)
+    classes = ["cat", "coffee", "person"]
+    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)  # res2net50, 3 classes
+    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    (tmp_path / "classes.txt").write_text("\n".join(classes))
+    out = tmp_path / "out"
+    assert cli(str(photos), "--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"),
+               "--classes", str(tmp_path / "classes.txt"), "--layer", "layer3", "--out", str(out),
+               "--image_resize", "96", "--device", "cpu") == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["astronaut_cam.png", "chelsea_cam.png", "more/coffee_cam.png"]
+    assert sorted(capsys.readouterr().out.split()) == sorted(str(out / w) for w in written)
+    for w in written:
+        with Image.open(out / w) as im:
+            assert im.format == "PNG" and im.size == (1100, 380)
+            rgb = np.asarray(im.convert("RGB"))
+            assert rgb.std() > 20  # a picture, not a blank page
+
+    # one file, CAM, a chosen class
+    assert cli(str(photos / "chelsea.png"), "--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"),
+               "--method", "cam", "--class", "0", "--out", str(tmp_path / "one"), "--image_resize", "96",
+               "--device", "cpu") == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["chelsea_cam.png"]
+
+    with pytest.raises(ValueError, match="last stage"):
+        cli(str(photos), "--model", "res2net50", "--method", "cam", "--layer", "layer2")
+    with pytest.raises(FileNotFoundError):
+        cli(str(tmp_path / "missing.jpg"), "--model", "res2net50")

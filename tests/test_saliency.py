@@ -1,0 +1,208 @@
+"""Salient object detection: metrics and loss on known inputs, the image/mask folder, training
+that lowers the loss, and the `res2net saliency` commands end to end on a synthetic set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from res2net.cli import saliency as saliency_cli
+from res2net.data import DataError
+from res2net.models import Res2Net
+from res2net.saliency import (
+    SaliencyFolder,
+    SaliencyMetrics,
+    bce_iou_loss,
+    evaluate_saliency,
+    f_measure_curve,
+    find_pairs,
+    iou_loss,
+    load_saliency_model,
+    mae,
+    predict_saliency,
+    saliency_res2net,
+    train_saliency,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny tensors: one thread is as fast and immune to oversubscribed shared CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_trunk() -> Res2Net:
+    return Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, out_indices=(1, 2, 3, 4))
+
+
+def write_disks(root: Path, n: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """`n` images of a bright disk on dark noise (JPEG) with their masks (PNG)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [int(rng.integers(size // 8, size // 4))]
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = rng.integers(0, 100, (size, size, 3)).astype(np.uint8)
+        img[disk] = rng.integers(200, 256, (int(disk.sum()), 3))
+        Image.fromarray(img).save(root / "images" / f"disk{i}.jpg", quality=95)
+        Image.fromarray((disk * 255).astype(np.uint8)).save(root / "masks" / f"disk{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory) -> Path:
+    return write_disks(tmp_path_factory.mktemp("disks"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and loss on known inputs
+
+
+def test_metrics_perfect_and_empty_predictions():
+    gt = torch.zeros(1, 1, 4, 4)
+    gt[..., :2] = 1  # half salient
+    assert mae(gt, gt).tolist() == [0.0]
+    assert f_measure_curve(gt, gt).max().item() == pytest.approx(1.0)
+    zeros = torch.zeros_like(gt)
+    assert mae(zeros, gt).tolist() == [0.5]
+    # every threshold marks no pixel except t = 0, which marks all: P = 0.5, R = 1
+    curve = f_measure_curve(zeros, gt)[0]
+    assert curve[0].item() == pytest.approx(1.3 * 0.5 / (0.3 * 0.5 + 1))
+    assert curve[1:].abs().max().item() == 0.0
+
+
+def test_max_f_averages_per_image_curves():
+    gt = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).view(1, 2, 2)
+    pred = torch.tensor([[1.0, 0.5, 0.5, 0.0]]).view(1, 2, 2)  # quantized 255, 127, 127, 0
+    curve = f_measure_curve(pred, gt)[0]
+    f_all = 1.3 * 0.5 * 1 / (0.3 * 0.5 + 1)  # t = 0: 4 marked, 2 right
+    f_three = 1.3 * (2 / 3) * 1 / (0.3 * 2 / 3 + 1)  # t in 1..127: 3 marked, 2 right
+    f_one = 1.3 * 1 * 0.5 / (0.3 * 1 + 0.5)  # t in 128..255: 1 marked, right
+    expected = torch.tensor([f_all] + [f_three] * 127 + [f_one] * 128)
+    torch.testing.assert_close(curve, expected.float())
+    assert mae(pred, gt).item() == pytest.approx(0.25)
+
+    m = SaliencyMetrics()
+    m.update(pred, gt)
+    m.update(gt.clone(), gt)  # perfect: F = 1 for t >= 1, f_all at t = 0
+    out = m.compute()
+    assert out["images"] == 2
+    assert out["mae"] == pytest.approx(0.125)
+    assert out["max_f"] == pytest.approx((f_one + 1) / 2)  # max of the mean curve, not mean of maxima
+
+
+def test_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="0..1"):
+        mae(torch.full((2, 2), 2.0), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        mae(torch.zeros(2, 2), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="no images"):
+        SaliencyMetrics().compute()
+
+
+def test_bce_iou_loss_values():
+    target = torch.ones(1, 1, 2, 2)
+    # p = 0.5 everywhere: intersection 2, union 4, IoU (2 + 1) / (4 + 1)
+    assert iou_loss(torch.zeros(1, 1, 2, 2), target).item() == pytest.approx(0.4)
+    assert bce_iou_loss(torch.zeros(1, 1, 2, 2), target).item() == pytest.approx(np.log(2) + 0.4, rel=1e-5)
+    sure = torch.where(target > 0, 20.0, -20.0)
+    assert bce_iou_loss(sure, target).item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_folder_items(disks):
+    ds = SaliencyFolder(disks, image_size=32)
+    assert len(ds) == 8
+    x, m = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert m.shape == (1, 32, 32) and set(m.unique().tolist()) <= {0.0, 1.0}
+    full = np.array(Image.open(disks / "masks" / "disk0.png")) > 127
+    assert m.mean().item() == pytest.approx(full.mean(), abs=0.03)
+    assert [p.stem for p, _ in find_pairs(disks)] == [f"disk{i}" for i in range(8)]
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="images/"):
+        find_pairs(tmp_path)
+    root = write_disks(tmp_path / "set", n=2)
+    (root / "masks" / "disk1.png").unlink()
+    with pytest.raises(DataError, match="disk1.jpg"):
+        find_pairs(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and training
+
+
+def test_model_output_at_input_resolution():
+    model = saliency_res2net(tiny_trunk(), decoder_channels=16).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 48)).shape == (2, 1, 64, 48)
+    with pytest.raises(ValueError, match="features_only"):
+        saliency_res2net(Res2Net(layers=(1, 1, 1, 1), base_width=4, num_classes=2))
+
+
+def test_training_lowers_the_loss_and_metrics_follow(disks):
+    torch.manual_seed(0)
+    model = saliency_res2net(tiny_trunk(), decoder_channels=16)
+    ds = SaliencyFolder(disks, image_size=64, train=True)
+    history = train_saliency(model, ds, epochs=6, batch_size=8, lr=3e-3)
+    assert len(history) == 6 and all(np.isfinite(history))
+    assert history[-1] < 0.9 * history[0]
+
+    prob = predict_saliency(model, Image.open(disks / "images" / "disk0.jpg").convert("RGB"), image_size=64)
+    assert prob.shape == (64, 64) and 0 <= prob.min() and prob.max() <= 1
+    metrics = evaluate_saliency(model, disks, image_size=64)
+    assert metrics["images"] == 8
+    assert 0 <= metrics["mae"] <= 1 and 0 <= metrics["max_f"] <= 1
+
+
+def test_load_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a saliency model"):
+        load_saliency_model(tmp_path / "other.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    saliency_cli.add_parser(parser)
+    return saliency_cli.run(parser.parse_args(list(argv)), [])
+
+
+def test_cli_train_predict_eval(disks, tmp_path, capsys):
+    weights = tmp_path / "sal.pth"
+    assert cli("train", "--data", str(disks), "--val", str(disks), "--model", "res2net50", "--epochs", "1",
+               "--batch_size", "4", "--image_size", "64", "--workers", "0", "--lr", "1e-3",
+               "--out", str(weights), "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "trained 1 epoch(s) on 8 images" in out and "max F (beta^2=0.3)" in out
+    _, meta = load_saliency_model(weights)
+    assert meta == {"backbone": "res2net50", "decoder_channels": 64, "image_size": 64}
+
+    assert cli("predict", str(disks / "images"), "--weights", str(weights), "--out", str(tmp_path / "pred"),
+               "--device", "cpu") == 0
+    masks = sorted((tmp_path / "pred").glob("*.png"))
+    assert [p.name for p in masks] == [f"disk{i}.png" for i in range(8)]
+    first = Image.open(masks[0])
+    assert first.mode == "L" and first.size == (64, 64)
+
+    assert cli("eval", "--data", str(disks), "--weights", str(weights), "--device", "cpu") == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "MAE" in line and "(8 images)" in line
