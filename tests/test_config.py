@@ -276,3 +276,13 @@ def test_lr_scale_factor():
     cfg = Config(batch_size=32, lr_scale="linear")
     assert cfg.lr_scale_factor(8) == 1.0 and cfg.lr_scale_factor(1) == 0.125
     assert cfg.replace(gradient_accumulation_steps=2).lr_scale_factor(4) == 1.0
+
+
+def test_every_shipped_recipe_loads_and_names_a_model():
+    from res2net.models import resolve_name
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert len(recipes) >= 14
+    for recipe in recipes:
+        cfg = load_config(str(recipe), ["--data_dir", "/data"])
+        resolve_name(cfg.model)
