@@ -43,7 +43,7 @@ def zoo_rows(pattern: str = "*", measure_time: bool = False) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of `zoo_rows`."""
     timed = rows and "forward_ms" in rows[0]
-    head = "| model | MindCV name | params (M) | GFLOPs@224 | top-1 (published) |" + (" forward ms (bs 1) |" if timed else "")
+    head = "| model | MindCV name | params (M) | GFLOPs@224 | best published top-1 |" + (" forward ms (bs 1) |" if timed else "")
     sep = "|---|---|---:|---:|---:|" + ("---:|" if timed else "")
     lines = [head, sep]
     for r in rows:
