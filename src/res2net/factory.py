@@ -31,10 +31,12 @@ def create_model(
 
     - `pretrained`: True (default source) or a source name ("mindcv", "official", "timm",
       "openmmlab") downloads the published weights into the torch hub cache.
-    - `checkpoint_path`: a local file in any supported format (MindSpore .ckpt, torch .pth,
-      .safetensors).
+    - `checkpoint_path`: a local file in any supported format (MindSpore .ckpt; torch .pth from
+      the official repo, timm, OpenMMLab or this project's training; .safetensors), detected
+      from its content.
     - `num_classes` (default 1000): when given and different from the checkpoint's classifier,
-      the classifier is re-initialised and everything else loaded (fine-tuning).
+      the classifier is re-initialised and everything else loaded, with one warning
+      (fine-tuning); without it, a checkpoint for another number of classes is an error.
     - `features_only=True`: no classifier; the model returns the maps at `out_indices`
       (0 = stem, stride 2; 1..4 = stages, strides 4, 8, 16, 32), with `feature_channels`.
     - Other keyword arguments go to the architecture: in_chans, drop_rate, drop_path_rate,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "convert weights between formats (.ckpt <-> .pth <-> .safetensors); the output format follows DST's extension"
+HELP = (
+    "convert weights between formats (.ckpt <-> .pth <-> .safetensors); the output format follows DST's "
+    "extension and holds float32 values"
+)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import binascii
 import math
 import os
-import tempfile
 from typing import BinaryIO, Iterator
 
 import torch
 from torch import nn
+
+from ..fileio import atomic_write
 
 # MindSpore's tensor_type names (`str(Tensor.dtype)`) <-> torch dtypes
 _MS_TO_TORCH: dict[str, torch.dtype] = {
@@ -340,8 +341,8 @@ def write_mindspore_checkpoint(path: str | os.PathLike, tensors: dict[str, torch
     """Write `tensors` as a MindSpore `.ckpt` that `mindspore.load_checkpoint` reads.
 
     Dtypes keep MindSpore's names (Float32, Float16, Int64, ...); a 0-d tensor is stored with
-    dims [0] as MindSpore does. The file is written to a temporary file in the same directory,
-    flushed, fsynced and renamed over `path`, so readers never see a partial file.
+    dims [0] as MindSpore does. The file is written atomically (`res2net.fileio.atomic_write`):
+    readers never see a partial file.
     """
     entries = []
     for name, t in tensors.items():
@@ -351,37 +352,15 @@ def write_mindspore_checkpoint(path: str | os.PathLike, tensors: dict[str, torch
             raise ValueError(f"{name!r}: dtype {t.dtype} has no MindSpore checkpoint type")
         entries.append((name, t.detach().cpu().contiguous()))
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for name, t in entries:
-                dims = list(t.shape) if t.dim() > 0 else [0]
-                raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                step = max(_CHUNK_BYTES - _CHUNK_BYTES % t.element_size(), t.element_size())
-                for start in range(0, max(len(raw), 1), step):
-                    _write_entry(f, name, dims, _TORCH_TO_MS[t.dtype], raw[start : start + step])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    def write(f: BinaryIO) -> None:
+        for name, t in entries:
+            dims = list(t.shape) if t.dim() > 0 else [0]
+            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            step = max(_CHUNK_BYTES - _CHUNK_BYTES % t.element_size(), t.element_size())
+            for start in range(0, max(len(raw), 1), step):
+                _write_entry(f, name, dims, _TORCH_TO_MS[t.dtype], raw[start : start + step])
+
+    atomic_write(path, write)
 
 
 # --- MindCV <-> our parameter names ------------------------------------------------------------
