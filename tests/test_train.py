@@ -99,19 +99,25 @@ def test_train_validate_and_outputs(data_dir, tmp_path):
     assert val.n == 18 and 0 <= val.top1 <= 100
 
 
-def test_resume_mid_epoch_is_bit_identical(data_dir, tmp_path, monkeypatch):
-    train(tiny_config(data_dir, tmp_path / "full"))
-    reference = final_weights(tmp_path / "full")
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
+    ckpt_dir = tmp_path_factory.mktemp("full")
+    train(tiny_config(data_dir, ckpt_dir))
+    return final_weights(ckpt_dir)
 
-    monkeypatch.setattr(train_mod, "StopRequest", lambda: StopAfter(3))  # stop in the first epoch
+
+@pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and after the epoch's last step
+def test_resume_after_stop_is_bit_identical(data_dir, tmp_path, monkeypatch, reference_run, stop_after):
+    monkeypatch.setattr(train_mod, "StopRequest", lambda: StopAfter(stop_after))  # 4 steps per epoch
     stopped = train(tiny_config(data_dir, tmp_path / "resumed"))
-    assert stopped.interrupted
+    assert stopped.interrupted and stopped.epochs_done == 0
     state = load_training_state(tmp_path / "resumed" / "last.pt")
-    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, 3, 3)
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, stop_after, stop_after)
     monkeypatch.undo()
 
-    train(tiny_config(data_dir, tmp_path / "resumed", "--resume", "auto"))
-    assert_same_weights(final_weights(tmp_path / "resumed"), reference)
+    resumed = train(tiny_config(data_dir, tmp_path / "resumed", "--resume", "auto"))
+    assert resumed.epochs_done == 2 and resumed.best_path is not None
+    assert_same_weights(final_weights(tmp_path / "resumed"), reference_run)
 
 
 def test_num_classes_mismatch_fails_before_training(data_dir, tmp_path):

@@ -114,6 +114,11 @@ def train(cfg: Config) -> TrainResult:
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     try:
         return _train(cfg, dist)
+    except RuntimeError as e:
+        clear = distributed.peer_failure(e, dist, cfg.dist_timeout)
+        if clear is None:
+            raise
+        raise clear from e
     finally:
         distributed.teardown(dist)
 
@@ -127,6 +132,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
     ckpts = CheckpointManager(cfg.ckpt_save_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy)
     if dist.is_main:
         ckpts.check_writable()  # before any work, not after an epoch
+        for path in ckpts.remove_stale_files():
+            log.info("removed %s (left by a write that never finished)", path)
 
     # ---- data
     train_ds, val_ds = build_datasets(cfg)
@@ -204,10 +211,12 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
 
     loss_fn = _loss(cfg, mixer is not None)
     metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main)
+    metrics.rewind(global_step)  # records of work after the checkpoint are redone, not repeated
     bad = BadImageReport(train_ds)
     n_params = count_params(model)
     step_times: list[float] = []
     interrupted = False
+    epochs_done = start_epoch
     last_val: EvalResult | None = None
 
     def snapshot(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
@@ -235,9 +244,12 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
             loss_sum, loss_n = 0.0, 0
             t_step = time.perf_counter()
             batch_idx = start_batch
+            lr = schedule(global_step)
             for batch in train_loader:
                 images, labels = bad.filter(batch)
                 batch_idx += 1
+                if len(labels) == 0 and not dist.enabled:  # every image of the batch failed to decode
+                    continue
                 accumulating = batch_idx % cfg.gradient_accumulation_steps != 0
                 lr = schedule(global_step)
                 for group in optimizer.param_groups:
@@ -295,6 +307,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
                 distributed.barrier(dist)
                 break
             start_batch = 0
+            epochs_done = epoch + 1
 
             # ---- end of epoch: validate, checkpoint, log
             record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
@@ -307,22 +320,25 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
             if is_best:
                 best_top1 = top1
             if dist.is_main:
+                metrics.write(record)
                 save_now = (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size
                 state = snapshot(epoch + 1, 0)
                 if save_now:
-                    ckpts.save_epoch(state, epoch + 1, top1)
+                    ckpts.save_epoch(state, epoch + 1, top1, is_best=is_best)
                 else:
-                    ckpts.save_last(state)
-                if is_best:
-                    ckpts.mark_last_best()
-                metrics.write(record)
+                    ckpts.save_last(state, is_best=is_best)
                 val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}" if top1 is not None else ""
                 log.info("epoch %d/%d  train loss %.4f%s", epoch + 1, cfg.epoch_size, record["train_loss"], val_text)
             distributed.barrier(dist)
 
-    result = TrainResult(ckpt_dir=Path(cfg.ckpt_save_dir), epochs_done=epoch + 1 if not interrupted else epoch,
-                         interrupted=interrupted, best_top1=best_top1, last_path=ckpts.latest(),
-                         best_path=ckpts.best if ckpts.best.is_file() else None)
+    result = TrainResult(
+        ckpt_dir=Path(cfg.ckpt_save_dir),
+        epochs_done=epochs_done,
+        interrupted=interrupted,
+        best_top1=best_top1,
+        last_path=ckpts.latest(),
+        best_path=ckpts.best if ckpts.best.is_file() else None,
+    )
     if dist.is_main and not interrupted:
         result.plot_path = plot_run(metrics.read(), Path(cfg.ckpt_save_dir) / "training.png")
         ms = 1000.0 * _median(step_times[1:] or step_times)
