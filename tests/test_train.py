@@ -178,3 +178,14 @@ def test_recipe_runs_unchanged_given_data_dir(data_dir, tmp_path):
                                     "--mode", "1", "--amp_level", "O0"])
     result = train(cfg)
     assert result.epochs_done == 1
+
+
+def test_train_and_validate_on_shards(data_dir, tmp_path):
+    pytest.importorskip("webdataset")
+    from res2net.data import write_shards
+
+    write_shards(data_dir, tmp_path / "wds", shard_size=5)
+    result = train(tiny_config(tmp_path / "wds", tmp_path / "run", "--epoch_size", "1"))
+    assert result.epochs_done == 1 and result.row["acc@top1"] is not None
+    val = validate(tiny_config(tmp_path / "wds", tmp_path / "run"), result.last_path)
+    assert val.n == 18

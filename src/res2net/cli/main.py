@@ -8,6 +8,7 @@ import sys
 
 from . import cam as cam_cmd
 from . import convert as convert_cmd
+from . import data as data_cmd
 from . import demo as demo_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
@@ -20,6 +21,7 @@ COMMANDS = {
     "validate": validate_cmd,
     "predict": predict_cmd,
     "convert": convert_cmd,
+    "data": data_cmd,
     "cam": cam_cmd,
     "saliency": saliency_cmd,
     "models": models_cmd,

@@ -1,5 +1,5 @@
-"""Data: ImageNet-style folders, the bundled digits demo set, MindCV-style transforms and
-deterministic loaders."""
+"""Data: ImageNet-style folders, WebDataset shards, the bundled digits demo set, MindCV-style
+transforms and deterministic loaders."""
 
 from .demo import write_digits_folder
 from .folders import (
@@ -14,6 +14,16 @@ from .folders import (
     walk_files,
 )
 from .loader import EpochSampler, SeededDataset, build_loader
+from .shards import (
+    ShardDataset,
+    ShardIndex,
+    ShardLoader,
+    build_shard_loader,
+    decode_image,
+    is_shard_dir,
+    iter_shard_samples,
+    write_shards,
+)
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -35,16 +45,24 @@ __all__ = [
     "ImageFolderDataset",
     "MixupCutmix",
     "SeededDataset",
+    "ShardDataset",
+    "ShardIndex",
+    "ShardLoader",
     "auto_augment_transform",
     "build_loader",
+    "build_shard_loader",
+    "decode_image",
     "eval_transform",
     "expected_tree",
     "find_split",
     "interpolation_mode",
+    "is_shard_dir",
+    "iter_shard_samples",
     "load_image",
     "mixup_cutmix",
     "subset",
     "train_transform",
     "walk_files",
     "write_digits_folder",
+    "write_shards",
 ]

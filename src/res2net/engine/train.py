@@ -22,7 +22,16 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import Config
-from ..data import BadImageReport, ImageFolderDataset, build_loader, eval_transform, mixup_cutmix, train_transform
+from ..data import (
+    BadImageReport,
+    ImageFolderDataset,
+    build_loader,
+    build_shard_loader,
+    eval_transform,
+    is_shard_dir,
+    mixup_cutmix,
+    train_transform,
+)
 from ..factory import create_model
 from ..profile import count_params
 from . import distributed
@@ -72,31 +81,46 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build_datasets(cfg: Config) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
-    """The training split with MindCV's train transform, and (when validating) the val split
-    with the eval transform and the training split's class indices."""
+def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, Any]:
+    """(train loader, train dataset, val loader or None) for an ImageNet-style folder or a
+    folder/URL of WebDataset shards. Train: MindCV's train transform, this rank's share of each
+    epoch. Val: the eval transform, the training classes, every image exactly once over ranks."""
     mean, std = cfg.mean, cfg.std
-    train_ds = ImageFolderDataset(
-        cfg.data_dir,
-        cfg.train_split,
-        transform=train_transform(
-            cfg.image_resize, cfg.scale, cfg.ratio, cfg.interpolation, cfg.hflip, cfg.vflip, cfg.color_jitter,
-            cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std,
-        ),
-        on_bad_image=cfg.on_bad_image,
-        num_samples=cfg.num_samples,
-        seed=cfg.seed,
+    train_tf = train_transform(
+        cfg.image_resize, cfg.scale, cfg.ratio, cfg.interpolation, cfg.hflip, cfg.vflip, cfg.color_jitter,
+        cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std,
     )
-    val_ds = None
+    eval_tf = eval_transform(cfg.image_resize, cfg.crop_pct, cfg.interpolation, mean, std)
+    workers = cfg.num_parallel_workers
+    if is_shard_dir(cfg.data_dir, cfg.train_split):
+        if cfg.num_samples is not None:
+            raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
+        shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image)
+        train_loader, _ = build_shard_loader(
+            cfg.data_dir, train_tf, cfg.batch_size, workers, cfg.seed, training=True, split=cfg.train_split,
+            shuffle=cfg.shuffle, drop_last=cfg.drop_remainder, **shard_kw,
+        )
+        train_ds = train_loader.dataset
+        val_loader = None
+        if cfg.val_while_train:
+            val_loader, _ = build_shard_loader(
+                cfg.data_dir, eval_tf, cfg.batch_size, workers, cfg.seed, training=False, split=cfg.val_split,
+                class_to_idx=train_ds.class_to_idx, **shard_kw,
+            )
+        return train_loader, train_ds, val_loader
+    train_ds = ImageFolderDataset(
+        cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=cfg.on_bad_image,
+        num_samples=cfg.num_samples, seed=cfg.seed,
+    )
+    train_loader = build_loader(train_ds, cfg.batch_size, cfg.shuffle, cfg.drop_remainder, workers, cfg.seed, dist.enabled)
+    val_loader = None
     if cfg.val_while_train:
         val_ds = ImageFolderDataset(
-            cfg.data_dir,
-            cfg.val_split,
-            transform=eval_transform(cfg.image_resize, cfg.crop_pct, cfg.interpolation, mean, std),
-            class_to_idx=train_ds.class_to_idx,
+            cfg.data_dir, cfg.val_split, transform=eval_tf, class_to_idx=train_ds.class_to_idx,
             on_bad_image=cfg.on_bad_image,
         )
-    return train_ds, val_ds
+        val_loader = eval_loader(val_ds, cfg.batch_size, workers, dist)
+    return train_loader, train_ds, val_loader
 
 
 def check_num_classes(cfg: Config, dataset: ImageFolderDataset) -> int:
@@ -136,11 +160,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
             log.info("removed %s (left by a write that never finished)", path)
 
     # ---- data
-    train_ds, val_ds = build_datasets(cfg)
+    train_loader, train_ds, val_loader = build_loaders(cfg, dist)
     num_classes = check_num_classes(cfg, train_ds)
-    train_loader = build_loader(
-        train_ds, cfg.batch_size, cfg.shuffle, cfg.drop_remainder, cfg.num_parallel_workers, cfg.seed, dist.enabled
-    )
     steps_per_epoch = len(train_loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise ValueError(
@@ -191,6 +212,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
         model, cfg.opt, schedule(0), cfg.weight_decay, cfg.momentum, cfg.use_nesterov, cfg.eps, cfg.weight_decay_filter
     )
     amp_dtype = cfg.amp_dtype(device.type)
+    val_amp_dtype = cfg.amp_dtype(device.type, validation=True)
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.grad_scaler_init_scale(), enabled=cfg.use_grad_scaler(device.type))
 
     # ---- resume
@@ -244,7 +266,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
             loss_sum, loss_n = 0.0, 0
             t_step = time.perf_counter()
             batch_idx = start_batch
-            lr = schedule(global_step)
+            lr = schedule(max(global_step - 1, 0))  # the last step's, if a resumed epoch has none left
             for batch in train_loader:
                 images, labels = bad.filter(batch)
                 batch_idx += 1
@@ -312,8 +334,11 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
             # ---- end of epoch: validate, checkpoint, log
             record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
                                       "train_loss": _mean_over_ranks(loss_sum, loss_n, dist, device), "lr": lr}
-            if val_ds is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
-                last_val = _validate(ema.module if ema is not None else model, val_ds, cfg, dist, num_classes, amp_dtype)
+            if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
+                eval_model = ema.module if ema is not None else model
+                last_val = reduce_result(
+                    evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last), dist
+                )
                 record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
             top1 = record.get("val_top1")
             is_best = top1 is not None and (best_top1 is None or top1 > best_top1)
@@ -409,13 +434,6 @@ def _loss(cfg: Config, soft_targets: bool) -> Any:
             return F.binary_cross_entropy_with_logits(logits, targets, reduction=cfg.reduction)
         return bce
     return nn.CrossEntropyLoss(label_smoothing=smoothing, reduction=cfg.reduction)
-
-
-def _validate(model: nn.Module, val_ds: ImageFolderDataset, cfg: Config, dist: distributed.DistInfo,
-              num_classes: int, amp_dtype: torch.dtype | None) -> EvalResult:
-    loader = eval_loader(val_ds, cfg.batch_size, cfg.num_parallel_workers, dist)
-    result = evaluate(model, loader, dist.device, num_classes, amp_dtype, cfg.channels_last)
-    return reduce_result(result, dist)
 
 
 def _mean_over_ranks(total: float, n: int, dist: distributed.DistInfo, device: torch.device) -> float:

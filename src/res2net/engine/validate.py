@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..data import ImageFolderDataset, eval_transform
+from ..data import ImageFolderDataset, build_shard_loader, eval_transform, is_shard_dir
 from ..factory import create_model
 from ..weights.loading import read_checkpoint
 from . import distributed
@@ -42,12 +42,19 @@ def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
 
 def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None) -> EvalResult:
     """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`."""
-    dist = distributed.setup(cfg.distribute, cfg.device)
+    dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     try:
         state, fmt, _, metadata = read_checkpoint(ckpt_path)
-        settings = eval_settings(cfg, metadata)
-        dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=eval_transform(**settings),
-                                     on_bad_image=cfg.on_bad_image)
+        transform = eval_transform(**eval_settings(cfg, metadata))
+        if is_shard_dir(cfg.data_dir, cfg.val_split):
+            loader, _ = build_shard_loader(
+                cfg.data_dir, transform, cfg.batch_size, cfg.num_parallel_workers, training=False, split=cfg.val_split,
+                rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
+            )
+            dataset, n_images = loader.dataset, loader.dataset.total
+        else:
+            dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
+            loader, n_images = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist), len(dataset)
         n_ckpt = checkpoint_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes:
             raise ValueError(
@@ -57,8 +64,7 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
         model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
         model = model.to(dist.device)
         if dist.is_main:
-            log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, len(dataset), cfg.val_split)
-        loader = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist)
+            log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, n_images, cfg.val_split)
         amp = cfg.amp_dtype(dist.device.type, validation=True)
         result = reduce_result(evaluate(model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last), dist)
         if per_class_csv is not None and dist.is_main:

@@ -1,0 +1,903 @@
+"""Sharded data for clusters: an ImageNet-style folder packed into WebDataset tar shards, and
+streamed back for training and validation from a local folder or any URL `webdataset` opens.
+
+Layout written by `write_shards(SRC, OUT)`::
+
+    OUT/train/train-000000.tar  train-000001.tar ...  index.json
+    OUT/val/val-000000.tar ...                         index.json
+
+A sample is two tar members, `<key>.<ext>` (the original file's bytes, never re-encoded; `ext`
+is its extension, lower-cased) and `<key>.cls` (the class index as ASCII digits). The key is the
+file's path inside the split folder without its extension (`n01440764/n01440764_10026`), so
+tar listings name the source files. Training splits are shuffled once when written (each shard
+mixes classes); validation splits keep folder order. `index.json` (shard names, per-shard sample
+counts and sizes, total, class names in class-index order) is written last and atomically: a
+split without it is an interrupted write, and readers refuse it.
+
+Reading (`ShardDataset`, `ShardLoader`, `build_shard_loader`). The data location is a local
+folder, a URL prefix (`https://host/imagenet`, `file:///data/imagenet`; `<prefix>/<split>/...`
+is read with `webdataset.gopen`) or a `pipe:` command with `{}` standing for the path inside the
+shard folder (`pipe:aws s3 cp s3://bucket/imagenet/{} -`).
+
+How an epoch is split. The shards, in an order shuffled by (seed, epoch) when training, form one
+stream of N samples. Each rank takes a contiguous part of it and each DataLoader worker a
+contiguous part of its rank's, cut at sample (not shard) boundaries, so the shares are equal
+whatever the shard sizes; a shard that straddles a cut is read by both readers, each keeping its
+part. (`webdataset.split_by_node` / `split_by_worker` deal out whole shards instead, which gives
+ranks different sample counts: DistributedDataParallel then hangs at the end of the epoch, or
+needs `with_epoch` and resampled shards, which repeat and drop samples.) So:
+
+* training: every rank gets ceil(N / world_size) samples (the stream's start repeated to fill,
+  as `DistributedSampler` does) and the same number of batches; every sample is seen once per
+  epoch (plus those few repeats); each worker reads its part through a shuffle buffer seeded by
+  (seed, epoch, rank, worker);
+* validation: ranks get consecutive parts with no padding: every sample is evaluated exactly
+  once across ranks and workers, with any number of shards (fewer shards than ranks x workers
+  only means some shards are streamed by several readers, each skipping the others' samples).
+
+Each reader skips by streaming: cheap on local disks, extra transfer over a network. Shards
+many times more numerous than world_size x workers keep it small (ImageNet's train split at
+1000 samples per shard gives 1282 shards).
+
+Determinism. A sample's augmentations depend only on (seed, epoch, sample); the order of an
+epoch depends on (seed, epoch, world_size, num_workers, batch_size). `set_epoch(epoch,
+start=batches_done * batch_size)` resumes inside an epoch with exactly the remaining batches, in
+the same order. Workers are not persistent (each epoch starts them afresh, which is how they
+learn the epoch).
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .folders import (
+    DEFAULT_MAX_PIXELS,
+    DataError,
+    ImageFolderDataset,
+    OnBadImage,
+    _available_formats,
+    _to_rgb,
+    _visible_entries,
+)
+from .loader import _epoch_generator, _seed_all
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "res2net-webdataset"
+INDEX_VERSION = 1
+SHARD_PATTERN = "{split}-{number:06d}.tar"
+# Tar overhead: a 512-byte header per member, data padded to 512 bytes.
+_BLOCK = 512
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _webdataset() -> Any:
+    try:
+        import webdataset
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("sharded data needs the webdataset package: pip install webdataset") from e
+    return webdataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL (`scheme://...`) or a `pipe:` command rather than a path."""
+    s = os.fspath(location)
+    return s.startswith("pipe:") or bool(_URL_RE.match(s))
+
+
+def _join(location: str, name: str) -> str:
+    """`location/name`: a path, a URL, or a `pipe:` command whose `{}` stands for the path."""
+    if location.startswith("pipe:"):
+        if "{}" not in location:
+            raise DataError(
+                f"a pipe: data location needs '{{}}' where the path inside the shard folder goes, "
+                f"e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {location!r})"
+            )
+        return location.replace("{}", name)
+    if _URL_RE.match(location):
+        return location.rstrip("/") + "/" + name
+    return os.path.join(location, name)
+
+
+def _split_location(data_dir: str | os.PathLike, split: str | None) -> str:
+    location = os.fspath(data_dir)
+    if not is_url(location):
+        location = os.path.expanduser(location)
+    if split is None:
+        return location
+    # A pipe: template stays one: its '{}' now stands for the path inside the split folder.
+    return _join(location, split + "/{}") if location.startswith("pipe:") else _join(location, split)
+
+
+def is_shard_dir(data_dir: str | os.PathLike, split: str) -> bool:
+    """True when `data_dir` holds shards for `split` (`data_dir/split/index.json` exists) or is
+    a URL / `pipe:` command (shards are the only thing read from URLs)."""
+    if is_url(data_dir):
+        return True
+    return (Path(data_dir).expanduser() / split / INDEX_NAME).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Index
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The content of a split's `index.json`, and where its shards are."""
+
+    location: str  # the split's folder, URL prefix or pipe: template
+    split: str
+    classes: tuple[str, ...]
+    names: tuple[str, ...]  # shard file names, in index order
+    counts: tuple[int, ...]  # samples per shard
+    sizes: tuple[int | None, ...]  # bytes per shard (checked for local shards)
+    shuffled: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Index of each shard's first sample in index order (len = shards + 1)."""
+        return [0, *itertools.accumulate(self.counts)]
+
+    def url(self, name: str) -> str:
+        """Where shard (or file) `name` of this split is read from."""
+        return _join(self.location, name)
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike, split: str | None = None) -> ShardIndex:
+        """Read `data_dir/split/index.json` (or `data_dir/index.json` when `split` is None) and,
+        for local shards, check that every shard is there with the size the index gives."""
+        location = _split_location(data_dir, split)
+        index_url = _join(location, INDEX_NAME)
+        if is_url(location):
+            wds = _webdataset()
+            scheme = location.split(":", 1)[0].lower()
+            if scheme not in wds.gopen_schemes and scheme != "file":
+                raise DataError(
+                    f"webdataset cannot open '{scheme}:' URLs; use a pipe: command, e.g. "
+                    f"--data_dir 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {location!r})"
+                )
+            try:
+                with wds.gopen(index_url) as f:
+                    content = f.read()
+            except Exception as e:
+                raise DataError(f"cannot read the shard index '{index_url}': {type(e).__name__}: {e}") from e
+        else:
+            content = _read_local_index(Path(location))
+        try:
+            info = json.loads(content)
+        except ValueError as e:
+            raise DataError(f"'{index_url}' is not a valid shard index: {e}") from e
+        if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+            raise DataError(f"'{index_url}' is not a shard index written by `res2net data shard`")
+        if info.get("version", 0) > INDEX_VERSION:
+            raise DataError(f"'{index_url}' has index version {info['version']}; this res2net reads up to {INDEX_VERSION}")
+        shards = info["shards"]
+        index = cls(
+            location=location,
+            split=str(info.get("split", split or Path(location).name)),
+            classes=tuple(info["classes"]),
+            names=tuple(s["name"] for s in shards),
+            counts=tuple(int(s["count"]) for s in shards),
+            sizes=tuple(s.get("bytes") for s in shards),
+            shuffled=bool(info.get("shuffled", False)),
+        )
+        if index.total != info.get("total", index.total):
+            raise DataError(f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says {info['total']}")
+        if index.total == 0:
+            raise DataError(f"'{index_url}' lists no samples")
+        if not is_url(location):
+            index._check_local_files()
+        return index
+
+    def _check_local_files(self) -> None:
+        for name, size in zip(self.names, self.sizes):
+            path = Path(self.url(name))
+            if not path.is_file():
+                raise DataError(f"shard '{path}' listed in {INDEX_NAME} is missing")
+            if size is not None and path.stat().st_size != size:
+                raise DataError(
+                    f"shard '{path}' has {path.stat().st_size} bytes but {INDEX_NAME} says {size} "
+                    f"(an incomplete copy?)"
+                )
+
+
+def _read_local_index(split_dir: Path) -> bytes:
+    index_path = split_dir / INDEX_NAME
+    if index_path.is_file():
+        return index_path.read_bytes()
+    if split_dir.is_dir() and any(p.suffix == ".tar" for p in split_dir.iterdir()):
+        raise DataError(
+            f"'{split_dir}' has shards but no {INDEX_NAME}: writing them was interrupted; "
+            f"run `res2net data shard` again"
+        )
+    raise DataError(
+        f"no shards at '{split_dir}': expected {index_path} (write shards with "
+        f"`res2net data shard SRC_DIR OUT_DIR`)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _sample_key(path: str, root: str) -> tuple[str, str]:
+    """(key, ext) of an image file: its path in the split folder without the extension, with
+    the dots of the file name replaced (webdataset splits a name at its first dot)."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    folder, _, base = rel.rpartition("/")
+    stem, _, ext = base.rpartition(".")
+    stem = stem.replace(".", "_")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _member_bytes(name: str, size: int) -> int:
+    pax = 3 * _BLOCK if len(name.encode()) > 100 or not name.isascii() else 0
+    return _BLOCK + pax + -(-size // _BLOCK) * _BLOCK
+
+
+def _clear_split_dir(split_dir: Path, split: str) -> None:
+    # The index first: from here until the new one is written, the folder reads as incomplete.
+    (split_dir / INDEX_NAME).unlink(missing_ok=True)
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6,}}\.tar(\.partial)?$")
+    for p in split_dir.iterdir():
+        if pattern.match(p.name) or p.name == INDEX_NAME + ".partial":
+            p.unlink()
+
+
+class _ShardSink:
+    """Writes numbered shards, each to a `.partial` file renamed when complete."""
+
+    def __init__(self, split_dir: Path, split: str, shard_size: int, max_bytes: int | None) -> None:
+        self.split_dir, self.split = split_dir, split
+        self.shard_size, self.max_bytes = shard_size, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._writer: Any = None
+        self._file: Any = None
+        self._count = 0
+        self._bytes = 0
+
+    def write(self, key: str, target: int, ext: str, data: bytes) -> None:
+        size = _member_bytes(f"{key}.{ext}", len(data)) + _member_bytes(f"{key}.cls", 8)
+        full = self._count >= self.shard_size or (
+            self.max_bytes is not None and self._count > 0 and self._bytes + size > self.max_bytes
+        )
+        if self._writer is None or full:
+            self._finish()
+            self._open()
+        self._writer.write({"__key__": key, "cls": str(target).encode(), ext: data})
+        self._count += 1
+        self._bytes += size
+
+    def _open(self) -> None:
+        wds = _webdataset()
+        name = SHARD_PATTERN.format(split=self.split, number=len(self.shards))
+        self._file = open(self.split_dir / (name + ".partial"), "wb")
+        # mtime fixed: the same folder gives the same bytes. PAX: long and non-ASCII names.
+        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, format="PAX_FORMAT")
+        self.shards.append({"name": name, "count": 0, "bytes": 0})
+        self._count = self._bytes = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.close()
+        entry = self.shards[-1]
+        partial = self.split_dir / (entry["name"] + ".partial")
+        entry["count"] = self._count
+        entry["bytes"] = partial.stat().st_size
+        os.replace(partial, self.split_dir / entry["name"])
+        self._writer = self._file = None
+
+    def close(self) -> list[dict[str, Any]]:
+        self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._file.close()
+            (self.split_dir / (self.shards[-1]["name"] + ".partial")).unlink(missing_ok=True)
+            self._writer = self._file = None
+
+
+def write_shards(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    splits: Sequence[str] = ("train", "val"),
+    shard_size: int = 1000,
+    max_bytes: int | None = None,
+    seed: int = 0,
+    *,
+    class_split: str = "train",
+    shuffle_splits: Sequence[str] = ("train",),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Pack `data_dir/<split>/<class>/<image>` into `out_dir/<split>/<split>-NNNNNN.tar` shards.
+
+    Args:
+        data_dir: an ImageNet-style folder (read with `ImageFolderDataset`'s file list).
+        out_dir: where each split's shard folder is written (created; earlier shards of the
+            same split are replaced).
+        splits: the split folders to pack.
+        shard_size: samples per shard.
+        max_bytes: also start a new shard before one would exceed this many bytes (a larger
+            single sample gets a shard of its own).
+        seed: the seed of the one shuffle of `shuffle_splits` (training splits), so that every
+            shard mixes classes; other splits keep folder order.
+        class_split: when `data_dir/<class_split>` exists, its class folders define the class
+            indices of every split (as training and validation use the training split's).
+        shuffle_splits: the splits shuffled when written.
+        progress: called as ``progress(split, images_written, images_in_split)`` before the
+            first shard, after every `shard_size` images and at the end of each split.
+
+    Returns ``{split: index}``, each index being the content of the `index.json` written, plus
+    ``"dir"``: the split's shard folder. Images are copied byte for byte, not decoded: bad ones
+    are found when read (`res2net data check` finds them beforehand).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, not {shard_size}")
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
+    data_dir = Path(data_dir).expanduser()
+    out = Path(out_dir).expanduser()
+    if out.resolve() == data_dir.resolve():
+        raise ValueError("out_dir must differ from data_dir")
+    class_to_idx = None
+    class_root = data_dir / class_split
+    if class_root.is_dir():
+        names = [e.name for e in _visible_entries(class_root) if e.is_dir()]
+        class_to_idx = {name: i for i, name in enumerate(names)}
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        dataset = ImageFolderDataset(data_dir, split, class_to_idx=class_to_idx)
+        order = list(range(len(dataset.samples)))
+        shuffled = split in shuffle_splits
+        if shuffled:
+            random.Random(seed).shuffle(order)
+        split_dir = out / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        _clear_split_dir(split_dir, split)
+        sink = _ShardSink(split_dir, split, shard_size, max_bytes)
+        keys: set[str] = set()
+        if progress is not None:
+            progress(split, 0, len(order))
+        try:
+            for done, i in enumerate(order):
+                if progress is not None and done and done % shard_size == 0:
+                    progress(split, done, len(order))
+                path, target = dataset.samples[i]
+                key, ext = _sample_key(path, dataset.root)
+                if key in keys:  # a.jpg next to a.png, or a.b.jpg next to a_b.jpg
+                    key = next(f"{key}_{n}" for n in itertools.count(2) if f"{key}_{n}" not in keys)
+                keys.add(key)
+                with open(path, "rb") as f:
+                    data = f.read()
+                sink.write(key, target, ext, data)
+            shards = sink.close()
+            if progress is not None:
+                progress(split, len(order), len(order))
+        except BaseException:
+            sink.abort()
+            raise
+        index = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "split": split,
+            "classes": list(dataset.classes),
+            "total": len(order),
+            "shuffled": shuffled,
+            "seed": seed if shuffled else None,
+            "shards": shards,
+        }
+        partial = split_dir / (INDEX_NAME + ".partial")
+        partial.write_text(json.dumps(index, indent=1) + "\n")
+        os.replace(partial, split_dir / INDEX_NAME)
+        results[split] = dict(index, dir=str(split_dir))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_image` for encoded bytes: 8-bit RGB, EXIF-upright, the same formats and pixel limit;
+    any failure is a `DataError` naming `name`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=_available_formats())
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(
+                    f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
+                    f"{max_pixels} (a possible decompression bomb)"
+                )
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # broken EXIF: the pixels are still good
+                logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
+            return _to_rgb(im)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read image '{name}': {type(e).__name__}: {e}") from e
+
+
+class ShardSample(NamedTuple):
+    """One raw sample: its position in the split (index order), shard URL, key, label field and
+    image bytes (None when the sample has no image member)."""
+
+    index: int
+    shard: str
+    key: str
+    cls: bytes | None
+    ext: str | None
+    data: bytes | None
+
+
+_META_FIELDS = ("cls", "json", "txt")
+
+
+def _to_raw(index: int, url: str, sample: dict[str, Any]) -> ShardSample:
+    image_fields = [k for k in sample if not k.startswith("__") and k not in _META_FIELDS]
+    ext = image_fields[0] if image_fields else None
+    return ShardSample(index, url, sample["__key__"], sample.get("cls"), ext, sample[ext] if ext else None)
+
+
+def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int) -> Iterator[ShardSample]:
+    """Samples skip .. skip+take-1 of one shard (the first `skip` are streamed past, not kept)."""
+    wds = _webdataset()
+    url = index.url(index.names[shard])
+    if take <= 0:
+        return
+    try:
+        stream = wds.gopen(url)
+    except Exception as e:
+        raise DataError(f"cannot open shard '{url}': {type(e).__name__}: {e}") from e
+    n = 0
+    try:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        samples = wds.tariterators.group_by_keys(files)
+        try:
+            for j, sample in enumerate(samples):
+                if j < skip:
+                    continue
+                yield _to_raw(offset + j, url, sample)
+                n += 1
+                if n == take:
+                    break
+        except DataError:
+            raise
+        except Exception as e:  # tarfile / pipe errors: the shard itself is unreadable
+            raise DataError(f"cannot read shard '{url}': {type(e).__name__}: {e}") from e
+        if n < take:
+            raise DataError(
+                f"shard '{url}' has {skip + n} samples but {INDEX_NAME} says {index.counts[shard]}"
+            )
+    finally:
+        if skip + n < index.counts[shard] and hasattr(stream, "ignore_errors"):
+            stream.ignore_errors = True  # stopped early: the pipe's command may exit with an error
+        try:
+            stream.close()
+        except Exception:
+            logger.debug("closing %s", url, exc_info=True)
+
+
+def iter_shard_samples(data_dir: str | os.PathLike, split: str | None = None) -> Iterator[ShardSample]:
+    """Every sample of a split's shards, raw, in index order (`split` None: `data_dir` is the
+    split's shard folder)."""
+    index = ShardIndex.load(data_dir, split)
+    offsets = index.offsets
+    for k, count in enumerate(index.counts):
+        yield from _read_shard(index, k, 0, count, offsets[k])
+
+
+class _SampleNames(Sequence):
+    """`samples`-like names for bad-image reports: item i is ('<shard url>[j]', -1)."""
+
+    def __init__(self, index: ShardIndex) -> None:
+        self._index = index
+        self._offsets = index.offsets
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getitem__(self, i: int) -> tuple[str, int]:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self._offsets, i) - 1
+        return f"{self._index.url(self._index.names[k])}[{i - self._offsets[k]}]", -1
+
+
+def _mixed_seed(*values: int) -> int:
+    return int(np.random.SeedSequence([v % 2**32 for v in values]).generate_state(2, np.uint32).view(np.uint64)[0])
+
+
+Segment = tuple[int, int, int]  # (shard, skip, take)
+
+
+class ShardDataset(IterableDataset):
+    """Streams a split's shards: this rank's share of each epoch, split between DataLoader workers.
+
+    Args:
+        data_dir: the folder (or URL prefix, or `pipe:` template) holding `<split>/index.json`.
+        split: the split; None when `data_dir` is the split's shard folder itself.
+        transform, target_transform: as in `ImageFolderDataset` (`transform` gets an RGB PIL image).
+        training: True: shuffled shard order and shuffle buffer, and every rank gets the same
+            number of samples (the start repeated to fill). False (validation): in order, every
+            sample exactly once across ranks and workers, ranks differ by at most one sample.
+        shuffle: shuffle (default: `training`).
+        batch_size, drop_last: the loader's batching: workers get whole batches, so the rank's
+            batches come out in a fixed order; `drop_last` drops this rank's last partial batch.
+        seed: seeds the shard order, the shuffle buffers and the per-sample augmentation seeds.
+        shuffle_buffer: samples held (raw bytes) by each worker's shuffle buffer.
+        rank, world_size: default to the initialized process group's, else 0 and 1.
+        class_to_idx: a fixed mapping (the training split's, for validation); the index's class
+            names must be in it and labels are mapped by name.
+        on_bad_image: "error" raises `DataError` naming shard and key; "skip" gives items
+            ``(image, target, valid, index)`` with a black substitute flagged invalid.
+        max_pixels: the decompression-bomb limit of `load_image`.
+
+    Items are ``(image, target)`` (``on_bad_image="error"``) or ``(image, target, valid, index)``;
+    `index` is the sample's position in the split (shard order of `index.json`) and
+    ``samples[index][0]`` names it ('<shard>[position in shard]').
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str | None = "train",
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        *,
+        training: bool = True,
+        shuffle: bool | None = None,
+        batch_size: int = 1,
+        drop_last: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int | None = None,
+        world_size: int | None = None,
+        class_to_idx: dict[str, int] | None = None,
+        on_bad_image: OnBadImage = "error",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if rank is None or world_size is None:
+            dist_rank, dist_world = _process_group()
+            rank = dist_rank if rank is None else rank
+            world_size = dist_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), not {rank}")
+        self.index = ShardIndex.load(data_dir, split)
+        self.split = self.index.split
+        self.transform = transform
+        self.target_transform = target_transform
+        self.training = training
+        self.shuffle = training if shuffle is None else shuffle
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.rank = rank
+        self.world_size = world_size
+        self.on_bad_image = on_bad_image
+        self.max_pixels = max_pixels
+        self.epoch = 0
+        self.start = 0
+        if class_to_idx is None:
+            self.classes = list(self.index.classes)
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            self._label_map: list[int] | None = None
+        else:
+            unknown = [c for c in self.index.classes if c not in class_to_idx]
+            if unknown:
+                raise DataError(
+                    f"shards of '{self.index.location}' have classes that are not in the given classes: "
+                    f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
+                )
+            self.class_to_idx = dict(class_to_idx)
+            self.classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
+            self._label_map = [class_to_idx[c] for c in self.index.classes]
+        self.samples = _SampleNames(self.index)
+        if self.shuffle and not self.index.shuffled:
+            logger.warning(
+                "shards of %s were written in folder order: each holds few classes, so shuffled "
+                "reading mixes poorly; write training shards with `res2net data shard` (it shuffles)",
+                self.index.location,
+            )
+
+    # sizes --------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def total(self) -> int:
+        """Samples in the split (all ranks)."""
+        return self.index.total
+
+    def _rank_span(self) -> tuple[int, int]:
+        """(first stream position, samples) of this rank before batching."""
+        n, r, w = self.index.total, self.rank, self.world_size
+        if self.training:
+            per_rank = -(-n // w)
+            return r * per_rank, per_rank
+        return r * n // w, (r + 1) * n // w - r * n // w
+
+    @property
+    def num_batches(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank when training)."""
+        _, count = self._rank_span()
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch."""
+        _, count = self._rank_span()
+        return min(count, self.num_batches * self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch the next iteration streams; `start` (a multiple of `batch_size`:
+        batches done x batch size) skips this rank's batches already done when resuming."""
+        if start < 0 or start % self.batch_size:
+            raise ValueError(f"start must be a multiple of batch_size {self.batch_size} and >= 0, not {start}")
+        self.epoch = epoch
+        self.start = start
+
+    # planning -----------------------------------------------------------------------------
+
+    def shard_order(self) -> list[int]:
+        """The epoch's shard order (shuffled by (seed, epoch) when shuffling)."""
+        n = len(self.index.counts)
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch)).tolist()
+
+    def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
+        """(shard, skip, take) pieces that logical worker `worker` of `num_workers` reads this
+        epoch, in order: logical worker w yields the rank's batches w, w + num_workers, ..."""
+        b, steps = self.batch_size, self.num_batches
+        first, _ = self._rank_span()
+        used = self.num_samples
+        sizes = [0] * num_workers
+        for k in range(steps):
+            sizes[k % num_workers] += min(b, used - k * b)
+        begin = first + sum(sizes[:worker])
+        return self._segments(begin, begin + sizes[worker])
+
+    def _segments(self, a: int, b: int) -> list[Segment]:
+        order = self.shard_order()
+        counts = self.index.counts
+        cum = [0, *itertools.accumulate(counts[k] for k in order)]
+        n = cum[-1]
+        out: list[Segment] = []
+        while a < b:
+            p = a % n  # positions past the end repeat the start (training padding)
+            k = bisect.bisect_right(cum, p) - 1
+            skip = p - cum[k]
+            take = min(counts[order[k]] - skip, b - a)
+            out.append((order[k], skip, take))
+            a += take
+        return out
+
+    # iteration ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        info = get_worker_info()
+        num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
+        done = self.start // self.batch_size
+        # DataLoader asks worker 0 for the first batch: after `done` batches that is logical
+        # worker done % num_workers, so the batches keep the uninterrupted order.
+        return self.iter_worker((worker_id + done) % num_workers, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[tuple[Any, ...]]:
+        """The items logical worker `worker` of `num_workers` yields this epoch (after the
+        batches skipped by `set_epoch(..., start)`). `__iter__` calls it in each DataLoader worker."""
+        done = self.start // self.batch_size
+        skip = max(0, -(-(done - worker) // num_workers)) * self.batch_size
+        offsets = self.index.offsets
+        raw: Iterator[ShardSample] = (
+            s
+            for shard, first, take in self.worker_segments(worker, num_workers)
+            for s in _read_shard(self.index, shard, first, take, offsets[shard])
+        )
+        if self.shuffle:
+            wds = _webdataset()
+            rng = random.Random(_mixed_seed(self.seed, self.epoch, self.rank, worker, 0x5EED))
+            raw = iter(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw))
+        for sample in itertools.islice(raw, skip, None):
+            yield self._item(sample)
+
+    def _item(self, sample: ShardSample) -> tuple[Any, ...]:
+        name = f"{sample.shard}:{sample.key}"
+        valid, target = True, 0
+        try:
+            target = self._target(sample, name)
+            if sample.data is None:
+                raise DataError(f"sample '{name}' has no image")
+            image = decode_image(sample.data, name, self.max_pixels)
+        except DataError:
+            if self.on_bad_image == "error":
+                raise
+            logger.debug("bad image replaced by a substitute: %s", name, exc_info=True)
+            valid = False
+            image = Image.new("RGB", (256, 256))
+        if self.transform is not None or self.target_transform is not None:
+            image, target = self._apply(image, target, _mixed_seed(self.seed, self.epoch, sample.index))
+        if self.on_bad_image == "error":
+            return image, target
+        return image, target, valid, sample.index
+
+    def _target(self, sample: ShardSample, name: str) -> int:
+        try:
+            target = int(sample.cls)  # type: ignore[arg-type]
+            if not 0 <= target < len(self.index.classes):
+                raise ValueError(f"class {target} outside 0..{len(self.index.classes) - 1}")
+        except (TypeError, ValueError) as e:
+            raise DataError(f"sample '{name}' has no valid class: {e}") from e
+        return target if self._label_map is None else self._label_map[target]
+
+    def _apply(self, image: Any, target: Any, sample_seed: int) -> tuple[Any, Any]:
+        # As `SeededDataset`: augmentations seeded per sample; the main process's RNGs restored.
+        def run() -> tuple[Any, Any]:
+            _seed_all(sample_seed)
+            out_image = self.transform(image) if self.transform is not None else image
+            out_target = self.target_transform(target) if self.target_transform is not None else target
+            return out_image, out_target
+
+        if get_worker_info() is not None:
+            return run()
+        torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            return run()
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardDataset({self.index.location!r}, {len(self.index.names)} shards, {self.total} samples, "
+            f"{self.num_classes} classes, rank {self.rank}/{self.world_size}, {self.num_batches} batches of "
+            f"{self.batch_size}, training={self.training})"
+        )
+
+
+def _process_group() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardLoader:
+    """Batches of a `ShardDataset`, with the interface the training loop uses on `build_loader`'s
+    DataLoader: `len(loader)` (batches per epoch), `loader.sampler.set_epoch(epoch, start=...)`
+    and `loader.dataset`. Workers are started for each epoch (they learn the epoch that way)."""
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        collate_fn: Any = None,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = dataset  # `set_epoch(epoch, start)`, as EpochSampler's
+        self.batch_size = dataset.batch_size
+        self.num_workers = num_workers
+        self._loader = DataLoader(
+            dataset,
+            batch_size=dataset.batch_size,
+            drop_last=False,  # the dataset already yields whole batches only, when drop_last
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            persistent_workers=False,
+            # Seeds the workers' own RNGs without drawing from the global one.
+            generator=torch.Generator().manual_seed(dataset.seed),
+            collate_fn=collate_fn,
+        )
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.dataset.set_epoch(epoch, start)
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._loader)
+
+
+def build_shard_loader(
+    data_dir: str | os.PathLike,
+    transform: Callable | None,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    training: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    split: str | None = None,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    shuffle_buffer: int = 1000,
+    class_to_idx: dict[str, int] | None = None,
+    on_bad_image: OnBadImage = "error",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    target_transform: Callable | None = None,
+    pin_memory: bool | None = None,
+) -> tuple[ShardLoader, int]:
+    """(loader, batches per epoch on this rank) over a split's shards: `data_dir` is the split's
+    shard folder (or URL), or the data folder with `split`. See `ShardDataset` for the rest."""
+    dataset = ShardDataset(
+        data_dir,
+        split,
+        transform,
+        target_transform,
+        training=training,
+        shuffle=shuffle,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        class_to_idx=class_to_idx,
+        on_bad_image=on_bad_image,
+        max_pixels=max_pixels,
+    )
+    loader = ShardLoader(dataset, num_workers, pin_memory)
+    return loader, len(loader)
+
+
+__all__ = [
+    "INDEX_NAME",
+    "ShardDataset",
+    "ShardIndex",
+    "ShardLoader",
+    "ShardSample",
+    "build_shard_loader",
+    "decode_image",
+    "is_shard_dir",
+    "is_url",
+    "iter_shard_samples",
+    "write_shards",
+]
