@@ -18,13 +18,7 @@ from res2net.data import eval_transform
 from res2net.models import DLA, Res2Net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors: one thread is as fast and immune to oversubscribed shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_res2net(num_classes: int = 10) -> Res2Net:

@@ -112,7 +112,7 @@ def _progress_line(split: str, done: int, total: int) -> None:
 
 def _decode_error(item: tuple[str, Any, int | None]) -> str | None:
     from ..data import DataError, load_image
-    from ..data.shards import decode_image
+    from ..data import decode_image
 
     name, payload, max_pixels = item
     kw = {} if max_pixels is None else {"max_pixels": max_pixels}

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -165,25 +166,38 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     is checked from the header, before decoding. `None` disables this check; PIL's own global
     limit (`Image.MAX_IMAGE_PIXELS`, refused above twice its value) still applies."""
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with open(path, "rb") as f:
+            return _decode(f, str(path), max_pixels)
+    except OSError as e:
+        raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(f: BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
             # The size is judged below against `max_pixels`, not by PIL's global warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(f, formats=_available_formats())
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(
-                    f"image '{path}' has {im.width}x{im.height} pixels, more than the limit of "
+                    f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
                     f"{max_pixels} (a possible decompression bomb)"
                 )
             im.load()
             try:
                 im = ImageOps.exif_transpose(im)
             except Exception:  # broken EXIF: the pixels are still good
-                logger.debug("ignoring unreadable EXIF orientation of %s", path, exc_info=True)
+                logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
             return _to_rgb(im)
     except DataError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot read image '{name}': {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

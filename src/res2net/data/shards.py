@@ -49,14 +49,12 @@ learn the epoch).
 from __future__ import annotations
 
 import bisect
-import io
 import itertools
 import json
 import logging
 import os
 import random
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +62,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .folders import (
@@ -72,9 +70,8 @@ from .folders import (
     DataError,
     ImageFolderDataset,
     OnBadImage,
-    _available_formats,
-    _to_rgb,
     _visible_entries,
+    decode_image,
 )
 from .loader import _epoch_generator, _seed_all
 
@@ -425,30 +422,6 @@ def write_shards(
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """`load_image` for encoded bytes: 8-bit RGB, EXIF-upright, the same formats and pixel limit;
-    any failure is a `DataError` naming `name`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=_available_formats())
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(
-                    f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
-                    f"{max_pixels} (a possible decompression bomb)"
-                )
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # broken EXIF: the pixels are still good
-                logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
-            return _to_rgb(im)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"cannot read image '{name}': {type(e).__name__}: {e}") from e
 
 
 class ShardSample(NamedTuple):
@@ -895,7 +868,6 @@ __all__ = [
     "ShardLoader",
     "ShardSample",
     "build_shard_loader",
-    "decode_image",
     "is_shard_dir",
     "is_url",
     "iter_shard_samples",
