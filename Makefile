@@ -24,5 +24,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	@$(BIN)/python -m pytest -m slow
 
+# The long reliability runs: kill/stop/fault tests at every point, 10,000+ fuzz cases, then the
+# memory/open-files soak; writes docs/soak.json, docs/soak.png and the figures in docs/reliability.md.
+soak: $(STAMP)
+	@rm -f $(VENV)/soak-figures.json
+	@{ RELIABILITY_FIGURES=$(VENV)/soak-figures.json $(BIN)/python -m pytest -m slow --hypothesis-show-statistics \
+		tests/test_reliability.py tests/test_mindspore_ckpt.py; echo $$? > $(VENV)/soak-tests.status; } 2>&1 \
+		| tee $(VENV)/soak-tests.log
+	@exit $$(cat $(VENV)/soak-tests.status)
+	@$(BIN)/python -m tests.soak --figures $(VENV)/soak-figures.json --tests-log $(VENV)/soak-tests.log
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -106,7 +106,8 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path:
 
 
 def walk_files(top: str | os.PathLike) -> Iterator[str]:
-    """Paths of all visible files under `top`, in sorted order, following symlinks but entering
+    """Paths of all visible regular files under `top` (no named pipes or devices, whose open()
+    could block for ever), in sorted order, following symlinks but entering
     each real folder once and never a folder that contains `top`: a symlink loop, or two links
     to one folder, cannot repeat files or make the walk endless. (torchvision's `make_dataset`
     uses `os.walk(followlinks=True)` with no such guard, which is why this walk is written out.)"""
@@ -127,8 +128,9 @@ def walk_files(top: str | os.PathLike) -> Iterator[str]:
             d for d in sorted(dirnames) if not d.startswith(".") and enter(os.path.join(root, d))
         ]
         for f in sorted(filenames):
-            if not f.startswith("."):
-                yield os.path.join(root, f)
+            path = os.path.join(root, f)
+            if not f.startswith(".") and os.path.isfile(path):
+                yield path
 
 
 # ---------------------------------------------------------------------------------------------

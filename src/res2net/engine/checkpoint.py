@@ -7,6 +7,9 @@ Layout of `ckpt_save_dir`:
 - `best.pt`: the checkpoint with the best validation top-1 so far;
 - `checkpoints.json`: the index of epoch checkpoints and their metrics.
 Every file appears whole or not at all: written to a temporary file, fsynced, then renamed.
+`last.pt` is written last: a process killed while saving leaves the previous `last.pt`, and
+the resumed run redoes the epoch and writes the same files again. Temporary files of killed
+writes are removed when the next run starts (`CheckpointManager.remove_stale_files`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, fsync_directory, remove_stale_temporaries, temporary_path
 
 FORMAT = "res2net-train"
 
@@ -57,11 +60,15 @@ class CheckpointManager:
         """Fail before training starts if the directory cannot be created or written."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / f".write-test-{os.getpid()}"
+            probe = temporary_path(self.directory / "write-test")
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
             raise OSError(f"ckpt_save_dir {str(self.directory)!r} is not writable ({e.strerror or e}); choose another with --ckpt_save_dir") from None
+
+    def remove_stale_files(self) -> list[Path]:
+        """Remove the temporary files of writes that a killed process never finished."""
+        return remove_stale_temporaries(self.directory)
 
     @property
     def last(self) -> Path:
@@ -80,40 +87,64 @@ class CheckpointManager:
             return []
         return json.loads(self.index_path.read_text())
 
-    def save_last(self, state: dict[str, Any]) -> Path:
-        """Write the resumable state to `last.pt`."""
+    def save_last(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
+        """Write the resumable state to `last.pt` (and to `best.pt` first when `is_best`)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(state, self.last)
+        if is_best:
+            save_checkpoint(state, self.best)
+            self._link(self.best, self.last)
+        else:
+            save_checkpoint(state, self.last)
         return self.last
 
-    def save_epoch(self, state: dict[str, Any], epoch: int, top1: float | None) -> Path:
-        """Write `last.pt` and the epoch checkpoint for `epoch` (1-based), then apply the policy."""
-        self.save_last(state)
+    def save_epoch(self, state: dict[str, Any], epoch: int, top1: float | None, *, is_best: bool = False) -> Path:
+        """Write the epoch checkpoint for `epoch` (1-based), `best.pt` when `is_best`, apply
+        the policy, and write `last.pt` last; returns the epoch checkpoint's path."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self.prefix}-{epoch:03d}.pt"
-        self._copy_last(path)
         entries = [e for e in self._index() if e["epoch"] != epoch] + [{"epoch": epoch, "file": path.name, "top1": top1}]
         if self.policy == "top_k":
             ranked = sorted(entries, key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]), reverse=True)
         else:
             ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
         keep, drop = ranked[: self.keep_max], ranked[self.keep_max :]
-        atomic_write(self.index_path, lambda f: f.write(json.dumps(sorted(keep, key=lambda e: e["epoch"]), indent=1).encode()))
+        if all(e["epoch"] != epoch for e in keep):  # not kept by the policy: no epoch file
+            self._write_index(keep)
+            for e in drop:
+                if e["epoch"] != epoch:
+                    (self.directory / e["file"]).unlink(missing_ok=True)
+            self.save_last(state, is_best=is_best)
+            return path
+        save_checkpoint(state, path)
+        if is_best:
+            self._link(path, self.best)
+        self._write_index(keep)
         for e in drop:
             (self.directory / e["file"]).unlink(missing_ok=True)
+        self._link(path, self.last)
         return path
 
     def mark_last_best(self) -> Path:
-        """Make `best.pt` the state just written to `last.pt`."""
-        self._copy_last(self.best)
+        """Make `best.pt` the state in `last.pt`."""
+        self._link(self.last, self.best)
         return self.best
 
-    def _copy_last(self, path: Path) -> None:
-        """Atomically give `path` the bytes of `last.pt`: a hard link where the filesystem has
+    def _write_index(self, entries: list[dict[str, Any]]) -> None:
+        atomic_write(self.index_path, lambda f: f.write(json.dumps(sorted(entries, key=lambda e: e["epoch"]), indent=1).encode()))
+
+    def _link(self, source: Path, path: Path) -> None:
+        """Atomically give `path` the bytes of `source`: a hard link where the filesystem has
         them (no space, no time), else a copy."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
+        tmp = temporary_path(path)
         try:
-            os.link(self.last, tmp)
-        except OSError:
-            shutil.copyfile(self.last, tmp)
-        os.replace(tmp, path)
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"could not write {path} ({e.strerror or e}); the previous file there, if any, is intact") from e
+        fsync_directory(path.parent)

@@ -46,6 +46,8 @@ def setup(distribute: bool, device: str, timeout_s: float = 600.0) -> DistInfo:
     instead of waiting forever."""
     if not distribute:
         return DistInfo(0, 1, 0, pick_device(device))
+    if not 0 < timeout_s < float("inf"):  # NaN too: a job must never wait for ever
+        raise ValueError(f"dist_timeout is {timeout_s}; it must be a positive number of seconds")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         script = os.path.basename(sys.argv[0]) or "train.py"
         raise RuntimeError(
@@ -75,6 +77,26 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+# what gloo and NCCL say when another rank died (connection lost) or hangs (timeout)
+_PEER_FAILURE = ("timed out", "timeout", "timing out", "connection closed by peer", "connection reset by peer",
+                 "broken pipe", "remote process exited", "communicator was aborted")
+
+
+def peer_failure(error: BaseException, info: DistInfo, timeout_s: float) -> RuntimeError | None:
+    """A clear error for a collective call that failed because another rank died or hangs
+    (None when `error` is something else)."""
+    text = str(error)
+    if not info.enabled or not isinstance(error, RuntimeError):
+        return None
+    if not any(s in text.lower() for s in _PEER_FAILURE):
+        return None
+    detail = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return RuntimeError(
+        f"rank {info.rank}: another rank died or did not answer within dist_timeout={timeout_s:g}s, so the job "
+        f"stops; continue from the last checkpoint with --resume auto [{detail}]"
+    )
 
 
 def teardown(info: DistInfo) -> None:

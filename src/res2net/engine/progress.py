@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write
+
 log = logging.getLogger("res2net.train")
 
 
@@ -87,9 +89,31 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
 
     def read(self) -> list[dict[str, Any]]:
+        """The records, without lines that do not parse (a write cut short by a full disk or a
+        crash)."""
+        return [record for _, record in self._lines()]
+
+    def rewind(self, global_step: int) -> None:
+        """Keep only the records up to `global_step` (where a resumed run continues; 0 for a
+        fresh one): the work after it is done again and its records written again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line, record in self._lines()
+                if isinstance(step := record.get("global_step", 0), (int, float)) and step <= global_step]
+        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append((line, record))
+        return out
 
     def close(self) -> None:
         if self.tb is not None:

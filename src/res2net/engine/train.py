@@ -59,7 +59,9 @@ class TrainResult:
 
 
 class StopRequest:
-    """Turns SIGTERM / Ctrl-C into a flag the loop checks at every step boundary."""
+    """Turns SIGTERM / Ctrl-C into a flag the loop checks at every step boundary. `train`
+    holds it from its first line to its last, so a SIGTERM during setup stops the run at the
+    first step boundary, and one after the last step lets it finish: exit code 0 either way."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -135,19 +137,20 @@ def check_num_classes(cfg: Config, dataset: ImageFolderDataset) -> int:
 
 def train(cfg: Config) -> TrainResult:
     """Run the training described by `cfg`; see the module docstring."""
-    dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
-    try:
-        return _train(cfg, dist)
-    except RuntimeError as e:
-        clear = distributed.peer_failure(e, dist, cfg.dist_timeout)
-        if clear is None:
-            raise
-        raise clear from e
-    finally:
-        distributed.teardown(dist)
+    with StopRequest() as stop:
+        dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
+        try:
+            return _train(cfg, dist, stop)
+        except RuntimeError as e:
+            clear = distributed.peer_failure(e, dist, cfg.dist_timeout)
+            if clear is None:
+                raise
+            raise clear from e
+        finally:
+            distributed.teardown(dist)
 
 
-def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
+def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainResult:
     device = dist.device
     torch.manual_seed(cfg.seed)
     if dist.is_main:
@@ -258,103 +261,102 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> TrainResult:
             "config": cfg.to_dict(),
         }
 
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, cfg.epoch_size):
-            set_train_mode(model, cfg.freeze_bn)
-            train_loader.sampler.set_epoch(epoch, start=start_batch * cfg.batch_size)
-            reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main, f"epoch {epoch + 1}/{cfg.epoch_size}")
-            loss_sum, loss_n = 0.0, 0
-            t_step = time.perf_counter()
-            batch_idx = start_batch
-            lr = schedule(max(global_step - 1, 0))  # the last step's, if a resumed epoch has none left
-            for batch in train_loader:
-                images, labels = bad.filter(batch)
-                batch_idx += 1
-                if len(labels) == 0 and not dist.enabled:  # every image of the batch failed to decode
-                    continue
-                accumulating = batch_idx % cfg.gradient_accumulation_steps != 0
-                lr = schedule(global_step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = labels
-                if mixer is not None and len(labels) > 0:
-                    images, targets = mixer(images, labels)
-                sync = contextlib.nullcontext()
-                if dist.enabled and accumulating:
-                    sync = train_model.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = forward(images)
-                    loss = loss_fn(logits.float(), targets)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_idx} (global step {global_step}); "
-                            f"stopping. The checkpoints in {cfg.ckpt_save_dir} are untouched; lower --lr or check the data"
-                        )
-                    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                loss_sum += loss.item() * len(labels)
-                loss_n += len(labels)
-                if accumulating:
-                    continue
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_value)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update_parameters(model)
-                global_step += 1
-                now = time.perf_counter()
-                step_times.append(now - t_step)
-                t_step = now
-                reporter.update(batch_idx, len(labels) * world, loss.item(), lr)
-                if global_step % max(1, cfg.log_interval) == 0:
-                    metrics.write({"kind": "step", "epoch": epoch + 1, "global_step": global_step, "loss": loss.item(), "lr": lr})
-                if _agreed_stop(stop.requested, dist, device):
-                    interrupted = True
-                    break
-            reporter.close()
-            if (msg := bad.summary()) is not None and dist.is_main:
-                log.warning("epoch %d: %s", epoch + 1, msg)
-            bad.reset()
-            if interrupted:
-                if dist.is_main:
-                    path = ckpts.save_last(snapshot(epoch, batch_idx))
-                    log.info("stopped at epoch %d, step %d: saved %s; continue with --resume auto", epoch + 1, batch_idx, path)
-                distributed.barrier(dist)
+    for epoch in range(start_epoch, cfg.epoch_size):
+        set_train_mode(model, cfg.freeze_bn)
+        train_loader.sampler.set_epoch(epoch, start=start_batch * cfg.batch_size)
+        reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main, f"epoch {epoch + 1}/{cfg.epoch_size}")
+        loss_sum, loss_n = 0.0, 0
+        t_step = time.perf_counter()
+        batch_idx = start_batch
+        lr = schedule(max(global_step - 1, 0))  # the last step's, if a resumed epoch has none left
+        for batch in train_loader:
+            images, labels = bad.filter(batch)
+            batch_idx += 1
+            if len(labels) == 0 and not dist.enabled:  # every image of the batch failed to decode
+                continue
+            accumulating = batch_idx % cfg.gradient_accumulation_steps != 0
+            lr = schedule(global_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if mixer is not None and len(labels) > 0:
+                images, targets = mixer(images, labels)
+            sync = contextlib.nullcontext()
+            if dist.enabled and accumulating:
+                sync = train_model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = forward(images)
+                loss = loss_fn(logits.float(), targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_idx} (global step {global_step}); "
+                        f"stopping. The checkpoints in {cfg.ckpt_save_dir} are untouched; lower --lr or check the data"
+                    )
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            loss_sum += loss.item() * len(labels)
+            loss_n += len(labels)
+            if accumulating:
+                continue
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_value)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            global_step += 1
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            t_step = now
+            reporter.update(batch_idx, len(labels) * world, loss.item(), lr)
+            if global_step % max(1, cfg.log_interval) == 0:
+                metrics.write({"kind": "step", "epoch": epoch + 1, "global_step": global_step, "loss": loss.item(), "lr": lr})
+            if _agreed_stop(stop.requested, dist, device):
+                interrupted = True
                 break
-            start_batch = 0
-            epochs_done = epoch + 1
-
-            # ---- end of epoch: validate, checkpoint, log
-            record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
-                                      "train_loss": _mean_over_ranks(loss_sum, loss_n, dist, device), "lr": lr}
-            if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
-                eval_model = ema.module if ema is not None else model
-                last_val = reduce_result(
-                    evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last), dist
-                )
-                record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
-            top1 = record.get("val_top1")
-            is_best = top1 is not None and (best_top1 is None or top1 > best_top1)
-            if is_best:
-                best_top1 = top1
+        reporter.close()
+        if (msg := bad.summary()) is not None and dist.is_main:
+            log.warning("epoch %d: %s", epoch + 1, msg)
+        bad.reset()
+        if interrupted:
             if dist.is_main:
-                metrics.write(record)
-                save_now = (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size
-                state = snapshot(epoch + 1, 0)
-                if save_now:
-                    ckpts.save_epoch(state, epoch + 1, top1, is_best=is_best)
-                else:
-                    ckpts.save_last(state, is_best=is_best)
-                val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}" if top1 is not None else ""
-                log.info("epoch %d/%d  train loss %.4f%s", epoch + 1, cfg.epoch_size, record["train_loss"], val_text)
+                path = ckpts.save_last(snapshot(epoch, batch_idx))
+                log.info("stopped at epoch %d, step %d: saved %s; continue with --resume auto", epoch + 1, batch_idx, path)
             distributed.barrier(dist)
+            break
+        start_batch = 0
+        epochs_done = epoch + 1
+
+        # ---- end of epoch: validate, checkpoint, log
+        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
+                                  "train_loss": _mean_over_ranks(loss_sum, loss_n, dist, device), "lr": lr}
+        if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
+            eval_model = ema.module if ema is not None else model
+            last_val = reduce_result(
+                evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last), dist
+            )
+            record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
+        top1 = record.get("val_top1")
+        is_best = top1 is not None and (best_top1 is None or top1 > best_top1)
+        if is_best:
+            best_top1 = top1
+        if dist.is_main:
+            metrics.write(record)
+            save_now = (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size
+            state = snapshot(epoch + 1, 0)
+            if save_now:
+                ckpts.save_epoch(state, epoch + 1, top1, is_best=is_best)
+            else:
+                ckpts.save_last(state, is_best=is_best)
+            val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}" if top1 is not None else ""
+            log.info("epoch %d/%d  train loss %.4f%s", epoch + 1, cfg.epoch_size, record["train_loss"], val_text)
+        distributed.barrier(dist)
 
     result = TrainResult(
         ckpt_dir=Path(cfg.ckpt_save_dir),
