@@ -81,7 +81,7 @@ class StopAfter:
         return self.n <= 0
 
 
-def test_train_validate_and_outputs(data_dir, tmp_path):
+def test_train_validate_and_outputs(data_dir, tmp_path, capsys):
     cfg = tiny_config(data_dir, tmp_path / "run", "--ema", "True", "--ema_decay", "0.9", "--mixup", "0.2",
                       "--label_smoothing", "0.1", "--clip_grad", "True")
     result = train(cfg)
@@ -97,6 +97,23 @@ def test_train_validate_and_outputs(data_dir, tmp_path):
     assert state["ema"] is not None and state["classes"] == ["class0", "class1", "class2"]
     val = validate(tiny_config(data_dir, tmp_path / "run"), result.best_path)
     assert val.n == 18 and 0 <= val.top1 <= 100
+
+    # the same through the MindCV-style command, with per-class accuracy and predictions
+    from res2net.cli.main import main
+
+    csv_path = tmp_path / "per_class.csv"
+    args = ["validate", "--model", "res2net50", "--data_dir", str(data_dir), "--image_resize", "16", "--crop_pct", "1.0",
+            "--num_parallel_workers", "0", "--ckpt_path", str(result.best_path), "--per_class_csv", str(csv_path), "--json"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(val.top1) and printed["n"] == 18
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "class,images,correct,top1" and len(rows) == 4
+    image = next((data_dir / "val" / "class1").iterdir())
+    assert main(["predict", str(image), "--model", "res2net50", "--ckpt_path", str(result.best_path),
+                 "--image_resize", "16", "--crop_pct", "1.0", "--topk", "2", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top"]
+    assert len(top) == 2 and {t["class"] for t in top} <= {"class0", "class1", "class2"}  # names from the checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 
+from . import benchmark as benchmark_cmd
 from . import cam as cam_cmd
 from . import convert as convert_cmd
 from . import data as data_cmd
 from . import demo as demo_cmd
+from . import export as export_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
 from . import saliency as saliency_cmd
@@ -21,6 +23,8 @@ COMMANDS = {
     "validate": validate_cmd,
     "predict": predict_cmd,
     "convert": convert_cmd,
+    "export": export_cmd,
+    "benchmark": benchmark_cmd,
     "data": data_cmd,
     "cam": cam_cmd,
     "saliency": saliency_cmd,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import Res2NetBase
-from .layers import DropPath, init_weights, res2_forward
+from .layers import DropPath, compute_layout, init_weights, res2_forward
 
 
 class DlaBottle2neck(nn.Module):
@@ -55,8 +55,9 @@ class DlaBottle2neck(nn.Module):
         shortcut = x if shortcut is None else shortcut
         out = self.relu(self.bn1(self.conv1(x)))
         out = res2_forward(out, self.width, self.convs, self.bns, self.pool, self.stage_first, self.relu)
-        out = self.bn3(self.conv3(out))
-        return self.relu(self.drop_path(out) + shortcut)
+        out = self.drop_path(self.bn3(self.conv3(out)))
+        out += shortcut  # in place: no new buffer (BatchNorm's backward does not need its output)
+        return self.relu(out)
 
 
 class DlaRoot(nn.Module):
@@ -172,6 +173,7 @@ class DLA(Res2NetBase):
         self._build_head(num_classes, drop_rate, None if out_indices is None else tuple(out_indices), conv_fc=True)
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
+        x = compute_layout(x)
         x = self.level1(self.level0(self.base_layer(x)))
         maps = [x]
         for level in (self.level2, self.level3, self.level4, self.level5)[:last]:

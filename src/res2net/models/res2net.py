@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .base import Res2NetBase
-from .layers import DropPath, init_weights, res2_forward
+from .layers import DropPath, compute_layout, init_weights, res2_forward
 
 
 class Bottle2neck(nn.Module):
@@ -68,11 +68,13 @@ class Bottle2neck(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = res2_forward(out, self.width, self.convs, self.bns, self.pool, self.stage_first, self.relu)
-        out = self.bn3(self.conv3(out))
-        return self.relu(self.drop_path(out) + shortcut)
+        out = self.drop_path(self.bn3(self.conv3(out)))
+        # the shortcut last and added in place: fewer large buffers alive at once, none new for
+        # the sum (BatchNorm's backward does not need its output)
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
 
 
 def _downsample(inplanes: int, outplanes: int, stride: int, dilation: int, avg_down: bool) -> nn.Sequential:
@@ -178,6 +180,7 @@ class Res2Net(Res2NetBase):
             init_weights(self.fc, zero_init_last=False)
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
+        x = compute_layout(x)
         x = self.act1(self.bn1(self.conv1(x)))
         maps = [x]
         x = self.maxpool(x)

@@ -1,0 +1,41 @@
+"""`res2net export --format onnx|pt2 --model NAME [--ckpt_path P] OUT`: a deployable file,
+checked against PyTorch at export time."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..export import FORMATS
+
+HELP = "export to ONNX (checked in onnxruntime) or a torch.export program (.pt2); dynamic batch"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="file to write, e.g. res2net50.onnx or res2net50.pt2")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
+    p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format (default: random weights)")
+    p.add_argument("--num_classes", "--num-classes", type=int, help="classifier size (default: the checkpoint's, else 1000)")
+    p.add_argument("--image_resize", "--image-resize", type=int, default=224, help="square input size")
+    p.add_argument("--features_only", "--features-only", action="store_true", help="export the feature maps instead of logits")
+    p.add_argument("--rtol", type=float, default=1e-4, help="largest accepted max relative error against PyTorch")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..export import export_onnx, export_program
+    from ..factory import create_model
+    from ..inference import checkpoint_num_classes
+
+    num_classes = args.num_classes
+    if num_classes is None and args.ckpt_path and not args.features_only:
+        num_classes = checkpoint_num_classes(args.ckpt_path)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = create_model(args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs).eval()
+    export = export_onnx if args.format == "onnx" else export_program
+    check = export(model, args.out, image_size=args.image_resize, rtol=args.rtol)
+    print(
+        f"wrote {check.path} ({args.format}, dynamic batch, {args.image_resize}x{args.image_resize}); "
+        f"checked at batch {check.batch_size}: max abs error {check.max_abs_err:.3g}, "
+        f"max rel error {check.max_rel_err:.3g}"
+    )
+    return 0

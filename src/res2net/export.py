@@ -1,0 +1,104 @@
+"""Export a model for deployment: ONNX (checked against PyTorch with onnxruntime at export
+time) and `torch.export` programs (.pt2). Both keep the batch dimension dynamic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "pt2")
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How far the exported program's outputs are from PyTorch's on a fresh random batch."""
+
+    path: Path
+    batch_size: int
+    max_abs_err: float
+    max_rel_err: float  # max |exported - torch| / max |torch|, the worst over the outputs
+
+
+def _outputs(y: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return [y] if isinstance(y, torch.Tensor) else list(y)
+
+
+def compare_outputs(
+    path: Path, batch_size: int, got: list[torch.Tensor], want: list[torch.Tensor], rtol: float
+) -> ExportCheck:
+    """The errors of an exported program's outputs `got` against PyTorch's `want`; RuntimeError
+    when shapes differ or the max relative error exceeds `rtol`."""
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        raise RuntimeError(
+            f"{path}: exported outputs have shapes {[tuple(g.shape) for g in got]}, "
+            f"PyTorch's {[tuple(w.shape) for w in want]}"
+        )
+    abs_err = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
+    rel_err = max(
+        ((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)).item() for g, w in zip(got, want)
+    )
+    check = ExportCheck(path, batch_size, abs_err, rel_err)
+    if not rel_err <= rtol:
+        raise RuntimeError(f"{path}: exported outputs differ from PyTorch's: max abs {abs_err:.3g}, max rel {rel_err:.3g} > {rtol:g}")
+    return check
+
+
+def _example(model: nn.Module, batch_size: int, image_size: int) -> torch.Tensor:
+    weight = next(model.parameters())
+    in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    return torch.randn(batch_size, in_chans, image_size, image_size, device=weight.device, dtype=weight.dtype)
+
+
+def _batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=65536)
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, *, image_size: int = 224, opset: int | None = None, rtol: float = 1e-4
+) -> ExportCheck:
+    """Write `model` (eval mode) as ONNX with a dynamic batch dimension, then run the file in
+    onnxruntime on a batch of another size and compare with PyTorch. Raises RuntimeError when
+    the max relative error exceeds `rtol`. Needs the `onnx`, `onnxscript` and `onnxruntime`
+    packages (`pip install res2net[export]`)."""
+    import onnxruntime
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    out_indices = getattr(model, "out_indices", None)
+    output_names = ["logits"] if out_indices is None else [f"features{i}" for i in out_indices]
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (_example(model, 2, image_size),),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=output_names,
+            dynamic_shapes=({0: _batch_dim()},),
+            verbose=False,
+        )
+        x = _example(model, 3, image_size)
+        want = _outputs(model(x))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = [torch.from_numpy(y) for y in session.run(None, {"image": x.float().cpu().numpy()})]
+    return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
+
+
+def export_program(model: nn.Module, path: str | Path, *, image_size: int = 224, rtol: float = 1e-4) -> ExportCheck:
+    """Save `torch.export.export(model)` (eval mode, dynamic batch) with `torch.export.save`,
+    load it back and compare its outputs with the model's on a batch of another size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (_example(model, 2, image_size),), dynamic_shapes=({0: _batch_dim()},))
+        torch.export.save(program, str(path))
+        x = _example(model, 3, image_size)
+        want = _outputs(model(x))
+        got = _outputs(torch.export.load(str(path)).module()(x))
+    return compare_outputs(path, x.shape[0], got, want, rtol)

@@ -1,0 +1,88 @@
+"""ONNX export checked in onnxruntime, torch.export round trip, and the export CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from res2net.cli import export as export_cmd
+from res2net.export import compare_outputs, export_onnx
+from res2net.models import DLA, Res2Net
+from .test_models import randomize_bn, rel_err
+
+
+def tiny_res2net(**kw) -> Res2Net:
+    torch.manual_seed(0)
+    model = Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, **kw)
+    randomize_bn(model)
+    return model.eval()
+
+
+def test_onnx_export_has_dynamic_batch_and_matches_torch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny_res2net(num_classes=10)
+    check = export_onnx(model, tmp_path / "tiny.onnx", image_size=32)
+    assert check.max_rel_err <= 1e-4 and check.batch_size != 2  # checked at another batch than traced
+    session = ort.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]
+    x = torch.randn(5, 3, 32, 32)
+    (y,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(y), model(x)) <= 1e-4
+
+
+def test_onnx_export_of_a_dla_backbone(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = DLA(levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 32, 64, 64, 128), out_indices=(2, 4))
+    randomize_bn(model)
+    check = export_onnx(model.eval(), tmp_path / "dla.onnx", image_size=32)
+    assert check.max_rel_err <= 1e-4
+
+
+def test_export_check_fails_loudly_when_outputs_differ(tmp_path):
+    want = [torch.ones(2, 10)]
+    assert compare_outputs(tmp_path, 2, [torch.ones(2, 10) * (1 + 1e-6)], want, rtol=1e-4).max_rel_err < 1e-4
+    with pytest.raises(RuntimeError, match="differ from PyTorch"):
+        compare_outputs(tmp_path, 2, [torch.ones(2, 10) * 1.01], want, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="shapes"):
+        compare_outputs(tmp_path, 2, [torch.ones(2, 9)], want, rtol=1e-4)
+
+
+def export_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    export_cmd.add_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_export_cli_pt2_round_trip(tmp_path, capsys, monkeypatch):
+    built = {}
+
+    def create_tiny(name, **kw):  # the CLI's wiring, on a tiny net instead of the named one
+        built.update(name=name, **kw)
+        return tiny_res2net(num_classes=kw.get("num_classes", 1000))
+
+    monkeypatch.setattr("res2net.factory.create_model", create_tiny)
+    out = tmp_path / "r50.pt2"
+    args = export_args(str(out), "--format", "pt2", "--model", "res2net50", "--image_resize", "32", "--num_classes", "7")
+    assert export_cmd.run(args, []) == 0
+    assert built == dict(name="res2net50", checkpoint_path=None, features_only=False, num_classes=7)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out} (pt2") and "max abs error" in printed and "max rel error" in printed
+    assert torch.export.load(str(out)).module()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.slow
+def test_export_cli_onnx_with_checkpoint(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = Res2Net(layers=(3, 4, 6, 3), num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    args = export_args(str(tmp_path / "r50.onnx"), "--format", "onnx", "--model", "res2net50",
+                       "--ckpt_path", str(tmp_path / "w.pth"), "--image_resize", "64")
+    assert export_cmd.run(args, []) == 0
+    assert "max rel error" in capsys.readouterr().out
