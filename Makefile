@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	@$(BIN)/res2net models --time
+	@$(BIN)/res2net demo
 
 test: $(STAMP)
 	@$(BIN)/python -m pytest
