@@ -124,7 +124,7 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(
             f"{path}: refused to load: the file holds Python objects other than tensors and plain "
             f"containers ({_refusal_reason(str(e))}), which could run code; nothing in it was executed. "
-            "If you trust its source, load it yourself with torch.load(..., weights_only=False) and save "
+            "If you trust its source, unpickle it yourself in a session you control and save "
             "its state dict with torch.save or safetensors."
         ) from None
     except Exception as e:  # a damaged pickle or zip archive fails in many ways
