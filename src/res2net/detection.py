@@ -23,7 +23,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from .factory import create_model
+from .factory import create_backbone
 from .models.base import Res2NetBase
 from .models.dla import DLA
 
@@ -103,29 +103,6 @@ class Res2NetFPN(nn.Module):
         return self.fpn(OrderedDict((str(k), maps[i]) for k, i in enumerate(self.returned_layers)))
 
 
-def _trunk(
-    backbone: str | Res2NetBase,
-    returned_layers: Sequence[int],
-    checkpoint_path: str | Path | None,
-    pretrained: bool | str,
-    **model_kwargs: Any,
-) -> Res2NetBase:
-    if isinstance(backbone, nn.Module):
-        if checkpoint_path is not None or pretrained:
-            raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
-        if getattr(backbone, "fc", None) is not None:
-            raise ValueError("the backbone model has a classifier: build it with features_only=True")
-        return backbone
-    return create_model(
-        backbone,
-        features_only=True,
-        out_indices=tuple(returned_layers),
-        checkpoint_path=checkpoint_path,
-        pretrained=pretrained,
-        **model_kwargs,
-    )
-
-
 def res2net_fpn_backbone(
     name: str | Res2NetBase,
     trainable_layers: int = 3,
@@ -154,7 +131,7 @@ def res2net_fpn_backbone(
     """
     if norm not in ("frozen_bn", "bn"):
         raise ValueError(f"norm={norm!r} is invalid: choose 'frozen_bn' or 'bn'")
-    body = _trunk(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
+    body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
     if norm == "frozen_bn":
         freeze_batchnorm(body)
     freeze_stages(body, trainable_layers, last_stage=max(returned_layers))

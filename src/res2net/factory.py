@@ -57,3 +57,29 @@ def create_model(
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, strict=not features_only, reset_head=explicit_classes)
     return model
+
+
+def create_backbone(
+    backbone: str | nn.Module,
+    out_indices: Sequence[int],
+    checkpoint_path: str | Path | None = None,
+    pretrained: bool | str = False,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """A features_only trunk for detection, segmentation and saliency heads: built from a model
+    name (with optional weights and architecture keyword arguments), or an already built
+    features_only model, which is returned as is."""
+    if isinstance(backbone, nn.Module):
+        if checkpoint_path is not None or pretrained:
+            raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
+        if getattr(backbone, "fc", None) is not None:
+            raise ValueError("the backbone model has a classifier: build it with features_only=True")
+        return backbone
+    return create_model(
+        backbone,
+        features_only=True,
+        out_indices=tuple(out_indices),
+        checkpoint_path=checkpoint_path,
+        pretrained=pretrained,
+        **model_kwargs,
+    )

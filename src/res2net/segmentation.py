@@ -19,7 +19,7 @@ from torchvision.models.segmentation import FCN, DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
-from .factory import create_model
+from .factory import create_backbone
 from .models.base import Res2NetBase
 
 # ASPP rates per output stride (DeepLabV3 paper: 6/12/18 at stride 16, doubled at stride 8)
@@ -51,20 +51,11 @@ def segmentation_backbone(
 ) -> SegmentationBackbone:
     """The dilated trunk for model name `backbone` (or an already built features_only model,
     whose own output stride is used) with optional ImageNet weights."""
-    if isinstance(backbone, nn.Module):
-        if checkpoint_path is not None or pretrained:
-            raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
-        if getattr(backbone, "fc", None) is not None:
-            raise ValueError("the backbone model has a classifier: build it with features_only=True")
-        body = backbone
-    else:
+    if not isinstance(backbone, nn.Module):
         if output_stride not in ATROUS_RATES:
             raise ValueError(f"output_stride={output_stride} is invalid: choose 8 or 16")
-        body = create_model(
-            backbone, features_only=True, out_indices=(3, 4), output_stride=output_stride,
-            checkpoint_path=checkpoint_path, pretrained=pretrained, **model_kwargs,
-        )
-    return SegmentationBackbone(body)
+        model_kwargs["output_stride"] = output_stride
+    return SegmentationBackbone(create_backbone(backbone, (3, 4), checkpoint_path, pretrained, **model_kwargs))
 
 
 def deeplabv3_res2net50(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..factory import create_model
+from ..factory import create_backbone
 from ..models.base import Res2NetBase
 
 
@@ -66,15 +66,5 @@ def saliency_res2net(
 ) -> SaliencyNet:
     """A saliency network on model `backbone` (a name, or a features_only model);
     `checkpoint_path`/`pretrained` load ImageNet weights into the trunk."""
-    if isinstance(backbone, nn.Module):
-        if checkpoint_path is not None or pretrained:
-            raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
-        if getattr(backbone, "fc", None) is not None:
-            raise ValueError("the backbone model has a classifier: build it with features_only=True")
-        body = backbone
-    else:
-        body = create_model(
-            backbone, features_only=True, out_indices=(1, 2, 3, 4),
-            checkpoint_path=checkpoint_path, pretrained=pretrained, **model_kwargs,
-        )
+    body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
     return SaliencyNet(body, decoder_channels)
