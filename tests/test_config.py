@@ -286,3 +286,9 @@ def test_every_shipped_recipe_loads_and_names_a_model():
     for recipe in recipes:
         cfg = load_config(str(recipe), ["--data_dir", "/data"])
         resolve_name(cfg.model)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan"])
+def test_dist_timeout_must_be_positive_and_finite(value):
+    with pytest.raises(ConfigError, match="dist_timeout"):
+        load_config(None, ["--dist_timeout", value])

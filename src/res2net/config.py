@@ -668,6 +668,7 @@ def _validate(c: Config) -> None:
     check(c.log_interval >= 1, "log_interval", "must be >= 1")
     check(c.seed >= 0, "seed", "must be >= 0")
     choice("jit_level", JIT_LEVELS)
+    check(math.isfinite(c.dist_timeout) and c.dist_timeout > 0, "dist_timeout", "must be a positive number of seconds")
     # dataset
     check(c.num_parallel_workers >= 0, "num_parallel_workers", "must be >= 0")
     check(c.num_samples is None or c.num_samples >= 1, "num_samples", "must be None or >= 1")
