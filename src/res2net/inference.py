@@ -14,7 +14,7 @@ from .data import eval_transform, load_image
 from .factory import create_model
 from .models import Bottle2neck, DlaBottle2neck
 from .models.layers import res2_forward
-from .weights.loading import read_checkpoint
+from .weights.loading import checkpoint_num_classes
 
 
 def imagenet_classes() -> list[str]:
@@ -48,13 +48,6 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
     if num_classes == 1000:
         return imagenet_classes()
     return [str(i) for i in range(num_classes)]
-
-
-def checkpoint_num_classes(ckpt_path: str | Path) -> int | None:
-    """The classifier size stored in a checkpoint (any format), or None when it has none."""
-    state = read_checkpoint(ckpt_path)[0]
-    weight = state.get("fc.weight", state.get("classifier.weight"))
-    return int(weight.shape[0]) if weight is not None else None
 
 
 @torch.no_grad()

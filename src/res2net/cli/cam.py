@@ -54,13 +54,9 @@ def image_files(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 
 def _num_classes(ckpt_path: str | None) -> int:
-    if not ckpt_path:
-        return 1000
-    from ..weights.loading import read_checkpoint
+    from ..weights.loading import checkpoint_num_classes
 
-    state = read_checkpoint(ckpt_path)[0]
-    weight = state.get("fc.weight", state.get("classifier.weight"))
-    return int(weight.shape[0]) if weight is not None else 1000
+    return (checkpoint_num_classes(ckpt_path) if ckpt_path else None) or 1000
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

@@ -24,7 +24,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..export import export_onnx, export_program
     from ..factory import create_model
-    from ..inference import checkpoint_num_classes
+    from ..weights.loading import checkpoint_num_classes
 
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:

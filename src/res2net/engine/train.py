@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import signal
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +369,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     )
     if dist.is_main and not interrupted:
         result.plot_path = plot_run(metrics.read(), Path(cfg.ckpt_save_dir) / "training.png")
-        ms = 1000.0 * _median(step_times[1:] or step_times)
+        ms = 1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
         result.row = results_row(cfg, n_params, world, ms, last_val)
     metrics.close()
     return result
@@ -441,10 +442,3 @@ def _loss(cfg: Config, soft_targets: bool) -> Any:
 def _mean_over_ranks(total: float, n: int, dist: distributed.DistInfo, device: torch.device) -> float:
     t = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device), dist)
     return (t[0] / t[1].clamp(min=1)).item()
-
-
-def _median(values: list[float]) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    return s[len(s) // 2]

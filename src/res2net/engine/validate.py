@@ -12,19 +12,11 @@ from typing import Any
 from ..config import Config
 from ..data import ImageFolderDataset, build_shard_loader, eval_transform, is_shard_dir
 from ..factory import create_model
-from ..weights.loading import read_checkpoint
+from ..weights.loading import read_checkpoint, state_num_classes
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 
 log = logging.getLogger("res2net.validate")
-
-
-def checkpoint_num_classes(state: dict[str, Any]) -> int | None:
-    """Classifier size stored in a state dict (ours, timm/official or MindCV names)."""
-    for key in ("fc.weight", "classifier.weight"):
-        if key in state:
-            return int(state[key].shape[0])
-    return None
 
 
 def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
@@ -55,7 +47,7 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
         else:
             dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
             loader, n_images = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist), len(dataset)
-        n_ckpt = checkpoint_num_classes(state)
+        n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes:
             raise ValueError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..fileio import atomic_write
 from ..models import build_model
-from .loading import load_checkpoint, read_checkpoint
+from .loading import load_checkpoint, read_checkpoint, state_num_classes
 from .mindspore import ours_to_mindcv, write_mindspore_checkpoint
 from .pretrained import pretrained_entries
 
@@ -29,10 +29,10 @@ TARGETS = {".safetensors": "safetensors", ".ckpt": "mindspore", ".pth": "torch",
 
 
 def _num_classes(state: dict[str, torch.Tensor]) -> int:
-    for key in ("fc.weight", "classifier.weight"):
-        if key in state:
-            return int(state[key].shape[0])
-    raise ValueError("the checkpoint has no classifier (fc/classifier) to size the model from")
+    n = state_num_classes(state)
+    if n is None:
+        raise ValueError("the checkpoint has no classifier (fc/classifier) to size the model from")
+    return n
 
 
 def convert(

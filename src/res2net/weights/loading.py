@@ -255,3 +255,17 @@ def load_checkpoint(
     if skipped:
         log.info("%s: skipped %d non-model entries (%s...)", path, len(skipped), ", ".join(skipped[:3]))
     return report
+
+
+def state_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Classifier size in a state dict read by `read_checkpoint` (our/timm `fc` or MindCV's
+    `classifier`), or None when it holds no classifier."""
+    for key in ("fc.weight", "classifier.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def checkpoint_num_classes(path: str | Path) -> int | None:
+    """Classifier size stored in a checkpoint file of any format, or None."""
+    return state_num_classes(read_checkpoint(path)[0])
