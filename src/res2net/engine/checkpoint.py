@@ -108,26 +108,20 @@ class CheckpointManager:
         else:
             ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
         keep, drop = ranked[: self.keep_max], ranked[self.keep_max :]
-        if all(e["epoch"] != epoch for e in keep):  # not kept by the policy: no epoch file
-            self._write_index(keep)
-            for e in drop:
-                if e["epoch"] != epoch:
-                    (self.directory / e["file"]).unlink(missing_ok=True)
-            self.save_last(state, is_best=is_best)
-            return path
-        save_checkpoint(state, path)
-        if is_best:
-            self._link(path, self.best)
+        kept = any(e["epoch"] == epoch for e in keep)  # else the policy wants no epoch file
+        if kept:
+            save_checkpoint(state, path)
+            if is_best:
+                self._link(path, self.best)
         self._write_index(keep)
         for e in drop:
-            (self.directory / e["file"]).unlink(missing_ok=True)
-        self._link(path, self.last)
+            if e["epoch"] != epoch:
+                (self.directory / e["file"]).unlink(missing_ok=True)
+        if kept:
+            self._link(path, self.last)
+        else:
+            self.save_last(state, is_best=is_best)
         return path
-
-    def mark_last_best(self) -> Path:
-        """Make `best.pt` the state in `last.pt`."""
-        self._link(self.last, self.best)
-        return self.best
 
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
         atomic_write(self.index_path, lambda f: f.write(json.dumps(sorted(entries, key=lambda e: e["epoch"]), indent=1).encode()))
