@@ -23,6 +23,7 @@ Bad images (`on_bad_image`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -30,7 +31,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -167,39 +168,58 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     `max_pixels` pixels (a decompression bomb: a small file that expands to gigabytes). The limit
     is checked from the header, before decoding. `None` disables this check; PIL's own global
     limit (`Image.MAX_IMAGE_PIXELS`, refused above twice its value) still applies."""
+    return decode_image(read_file(path), str(path), max_pixels)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file; `DataError` naming it when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return _decode(f, str(path), max_pixels)
+            return f.read()
     except OSError as e:
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
 
 
 def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`."""
-    return _decode(io.BytesIO(data), name, max_pixels)
+    with decoding(name):
+        return finish_image(open_image(data, name, max_pixels), name)
 
 
-def _decode(f: BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+@contextlib.contextmanager
+def decoding(name: str) -> Iterator[None]:
+    """Turns any failure of the decoders inside into one `DataError` naming the image."""
     try:
         with warnings.catch_warnings():
-            # The size is judged below against `max_pixels`, not by PIL's global warning.
+            # Sizes are judged by `open_image` against `max_pixels`, not by PIL's global warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(f, formats=_available_formats())
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(
-                    f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
-                    f"{max_pixels} (a possible decompression bomb)"
-                )
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # broken EXIF: the pixels are still good
-                logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
-            return _to_rgb(im)
+            yield
     except DataError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         raise DataError(f"cannot read image '{name}': {type(e).__name__}: {e}") from e
+
+
+def open_image(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+    """`data` opened by PIL without decoding the pixels: the format is one of `IMAGE_FORMATS`
+    and the size is within `max_pixels` (`DataError` otherwise). Call inside `decoding(name)`."""
+    im = Image.open(io.BytesIO(data), formats=_available_formats())
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise DataError(
+            f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
+            f"{max_pixels} (a possible decompression bomb)"
+        )
+    return im
+
+
+def finish_image(im: Image.Image, name: str) -> Image.Image:
+    """Decode an opened image: pixels loaded, turned upright per EXIF, converted to RGB."""
+    im.load()
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF: the pixels are still good
+        logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
+    return _to_rgb(im)
 
 
 # ---------------------------------------------------------------------------------------------
