@@ -30,14 +30,10 @@ from res2net.data import (
 )
 from res2net.data.demo import MARKER
 
+from .conftest import rgb
+
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def rgb(path: Path, size=(12, 10), color=(200, 30, 30), fmt=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path, format=fmt)
-    return path
 
 
 def make_tree(root: Path, classes=("a", "b"), per_class=3, split="train") -> Path:
@@ -168,45 +164,6 @@ def test_num_samples_and_subset_are_fixed(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # bad images
-
-
-@pytest.fixture()
-def bad_tree(tmp_path) -> tuple[Path, dict[str, tuple[str, Path]]]:
-    """data_dir with good images in every awkward mode, and bad ones: name -> (status, path)."""
-    d = tmp_path / "train" / "x"
-    d.mkdir(parents=True)
-    good = {"plain": rgb(d / "plain.png")}
-
-    good["gray"] = d / "gray.png"
-    Image.new("L", (12, 10), 77).save(good["gray"])
-    good["cmyk"] = d / "cmyk.jpg"
-    Image.new("CMYK", (12, 10), (0, 255, 255, 0)).save(good["cmyk"])
-    good["16bit"] = d / "16bit.png"
-    Image.fromarray(np.full((10, 12), 128 * 257, dtype=np.uint16)).save(good["16bit"])
-    good["palette"] = d / "palette.png"
-    pal = Image.new("P", (12, 10), 1)
-    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
-    pal.save(good["palette"], transparency=0)
-    good["rgba"] = d / "rgba.png"
-    Image.new("RGBA", (12, 10), (10, 20, 30, 40)).save(good["rgba"])
-    good["la"] = d / "la.png"
-    Image.new("LA", (12, 10), (99, 0)).save(good["la"])
-
-    bad = {"zero": d / "zero.jpg", "text": d / "text.jpg", "truncated": d / "truncated.jpg"}
-    bad["zero"].write_bytes(b"")
-    bad["text"].write_text("this is not an image\n")
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    noise.save(d / "full.jpg")
-    data = (d / "full.jpg").read_bytes()
-    (d / "full.jpg").unlink()
-    bad["truncated"].write_bytes(data[: len(data) // 2])
-    bad["bomb"] = rgb(d / "bomb.png", size=(100, 100))  # refused with max_pixels=5000
-    bad["eps"] = d / "eps.jpg"  # PostScript: its decoder would run Ghostscript, never tried
-    Image.new("RGB", (12, 10)).save(bad["eps"], format="EPS")
-    return tmp_path, {
-        **{k: ("good", p) for k, p in good.items()},
-        **{k: ("bad", p) for k, p in bad.items()},
-    }
 
 
 def test_loader_converts_every_mode_to_rgb(bad_tree):

@@ -200,6 +200,7 @@ class Config:
     channels_last: bool = False
     compile: bool = False  # torch.compile on any device; see use_compile()
     on_bad_image: str = "skip"  # "skip" (log and skip unreadable images) or "error"
+    fast_decode: bool = True  # train crops decoded at reduced size, resized as tensors (data/decode.py)
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "mps"
     zero_init_last: bool = False  # start each residual branch at zero (last BN weight 0)
     sync_bn: bool = False  # distributed: BatchNorm statistics over the global batch (CUDA only)

@@ -31,7 +31,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -222,6 +222,24 @@ def finish_image(im: Image.Image, name: str) -> Image.Image:
     return _to_rgb(im)
 
 
+class EncodedImage(NamedTuple):
+    """An image file's bytes, as read, for a transform that decodes them itself."""
+
+    data: bytes
+    name: str  # names the image in errors
+    max_pixels: int | None
+
+
+def image_for(transform: Callable | None, data: bytes, name: str, max_pixels: int | None) -> EncodedImage | Image.Image:
+    """What a dataset hands `transform`: the bytes when it (or the first step of its
+    `v2.Compose`) has `takes_encoded` set, such as `DecodeRandomResizedCrop`; otherwise the
+    decoded RGB PIL image (`DataError` naming `name` when it cannot be decoded)."""
+    first = transform.transforms[0] if getattr(transform, "transforms", None) else transform
+    if getattr(first, "takes_encoded", False):
+        return EncodedImage(data, name, max_pixels)
+    return decode_image(data, name, max_pixels)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset
 
@@ -353,15 +371,18 @@ class ImageFolderDataset(DatasetFolder):
         path, target = self.samples[index]
         valid = True
         try:
-            image = load_image(path, self.max_pixels)
+            # A transform that decodes the bytes itself raises `DataError` for a bad image too.
+            image = image_for(self.transform, read_file(path), path, self.max_pixels)
+            if self.transform is not None:
+                image = self.transform(image)
         except DataError:
             if self.on_bad_image == "error":
                 raise
             logger.debug("bad image replaced by a substitute: %s", path, exc_info=True)
             valid = False
             image = Image.new("RGB", (256, 256))  # black; the transform gives it the usual shape
-        if self.transform is not None:
-            image = self.transform(image)
+            if self.transform is not None:
+                image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)
         if self.on_bad_image == "error":

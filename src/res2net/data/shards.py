@@ -71,7 +71,7 @@ from .folders import (
     ImageFolderDataset,
     OnBadImage,
     _visible_entries,
-    decode_image,
+    image_for,
 )
 from .loader import _epoch_generator, _seed_all
 
@@ -724,15 +724,15 @@ class ShardDataset(IterableDataset):
             target = self._target(sample, name)
             if sample.data is None:
                 raise DataError(f"sample '{name}' has no image")
-            image = decode_image(sample.data, name, self.max_pixels)
+            image, target = self._apply(
+                image_for(self.transform, sample.data, name, self.max_pixels), target, sample.index
+            )
         except DataError:
             if self.on_bad_image == "error":
                 raise
             logger.debug("bad image replaced by a substitute: %s", name, exc_info=True)
             valid = False
-            image = Image.new("RGB", (256, 256))
-        if self.transform is not None or self.target_transform is not None:
-            image, target = self._apply(image, target, _mixed_seed(self.seed, self.epoch, sample.index))
+            image, target = self._apply(Image.new("RGB", (256, 256)), target, sample.index)
         if self.on_bad_image == "error":
             return image, target
         return image, target, valid, sample.index
@@ -746,10 +746,13 @@ class ShardDataset(IterableDataset):
             raise DataError(f"sample '{name}' has no valid class: {e}") from e
         return target if self._label_map is None else self._label_map[target]
 
-    def _apply(self, image: Any, target: Any, sample_seed: int) -> tuple[Any, Any]:
+    def _apply(self, image: Any, target: Any, index: int) -> tuple[Any, Any]:
         # As `SeededDataset`: augmentations seeded per sample; the main process's RNGs restored.
+        if self.transform is None and self.target_transform is None:
+            return image, target
+
         def run() -> tuple[Any, Any]:
-            _seed_all(sample_seed)
+            _seed_all(_mixed_seed(self.seed, self.epoch, index))
             out_image = self.transform(image) if self.transform is not None else image
             out_target = self.target_transform(target) if self.target_transform is not None else target
             return out_image, out_target

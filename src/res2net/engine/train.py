@@ -91,7 +91,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     mean, std = cfg.mean, cfg.std
     train_tf = train_transform(
         cfg.image_resize, cfg.scale, cfg.ratio, cfg.interpolation, cfg.hflip, cfg.vflip, cfg.color_jitter,
-        cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std,
+        cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std, cfg.fast_decode,
     )
     eval_tf = eval_transform(cfg.image_resize, cfg.crop_pct, cfg.interpolation, mean, std)
     workers = cfg.num_parallel_workers

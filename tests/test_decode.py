@@ -1,0 +1,188 @@
+"""The fused decode-and-crop of `train_transform(fast_decode=True)`: the same crop boxes as
+torchvision's `RandomResizedCrop` on PIL images, the same pixels (to PIL's rounding) when the
+JPEG is decoded at full size, close ones when it is decoded at reduced size, EXIF orientation,
+every image mode, and bad images handled as by `load_image`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from res2net.config import Config
+from res2net.data import DataError, ImageFolderDataset, load_image, train_transform, write_digits_folder
+from res2net.data.decode import DecodeRandomResizedCrop, _scale_box
+from res2net.data.folders import EncodedImage, image_for, read_file
+from res2net.engine.distributed import DistInfo
+from res2net.engine.train import build_loaders
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def photo(path: Path, size: tuple[int, int], exif_orientation: int | None = None) -> Path:
+    """scikit-image's astronaut photo resized to `size` (w, h), saved as a JPEG."""
+    image = Image.fromarray(skimage_data.astronaut()).resize(size, Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    if exif_orientation is not None:
+        exif[0x0112] = exif_orientation
+    image.save(path, quality=90, exif=exif)
+    return path
+
+
+def encoded(path: Path, max_pixels: int | None = None) -> EncodedImage:
+    return EncodedImage(read_file(path), str(path), max_pixels)
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.int() - b.int()).abs()
+
+
+# PIL and torch round differently: by one level (bilinear) or two (bicubic); nearest takes the
+# neighbouring row or column where the source position falls on a pixel edge.
+@pytest.mark.parametrize("interpolation, tolerance, share", [("bilinear", 1, 0), ("bicubic", 2, 0), ("nearest", 0, 0.1)])
+def test_full_size_decode_gives_pils_pixels(tmp_path, interpolation, tolerance, share):
+    path = photo(tmp_path / "a.jpg", (300, 200))
+    mode = v2.InterpolationMode(interpolation)
+    # output 112: no crop of a 300x200 image is twice that, so nothing is decoded at reduced size
+    reference = v2.Compose([v2.RandomResizedCrop(112, interpolation=mode, antialias=True), v2.PILToTensor()])
+    fast = DecodeRandomResizedCrop(112, interpolation=mode)
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = reference(load_image(path))
+        next_expected = torch.rand(())
+        torch.manual_seed(seed)
+        got = fast(encoded(path))
+        assert got.dtype == torch.uint8 and got.shape == (3, 112, 112)
+        assert (levels(got, expected) > tolerance).float().mean() <= share
+        assert torch.rand(()) == next_expected  # the same random numbers were drawn
+
+
+def test_reduced_size_decode_is_close(tmp_path):
+    path = photo(tmp_path / "big.jpg", (1000, 800))
+    full = load_image(path)
+    fast = DecodeRandomResizedCrop(64, scale=(0.5, 1.0))
+    assert fast._reduction((0, 0, 600, 700)) == 8
+    assert fast._reduction((0, 0, 300, 600)) == 4
+    assert fast._reduction((0, 0, 127, 600)) == 1
+    for seed in range(6):
+        torch.manual_seed(seed)
+        box = fast._box(800, 1000)
+        torch.manual_seed(seed)
+        got = fast(encoded(path))
+        assert got.shape == (3, 64, 64)
+        # decoded at 1/8 size by the DCT; the box moves to whole reduced pixels (at most 4 pixels)
+        r = fast._reduction(box)
+        assert r == 8
+        top, left, height, width = (r * v for v in _scale_box(box, r, (100, 125)))
+        assert max(abs(a - b) for a, b in zip((top, left, height, width), box)) <= r / 2
+        expected = v2.functional.pil_to_tensor(
+            full.crop((left, top, left + width, top + height)).resize((64, 64), Image.Resampling.BILINEAR)
+        )
+        assert levels(got, expected).float().mean() < 2.5
+
+
+@pytest.mark.parametrize("size", [(120, 90), (1000, 800)])  # decoded at full and at reduced size
+def test_exif_orientation(tmp_path, size):
+    w, h = size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)  # left half red, right half blue
+    pixels[:, : w // 2] = (255, 0, 0)
+    pixels[:, w // 2 :] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display: red on top
+    Image.fromarray(pixels).save(tmp_path / "rot.jpg", quality=95, exif=exif)
+    whole = DecodeRandomResizedCrop((64, 32), scale=(1.0, 1.0), ratio=(h / w, h / w))
+    out = whole(encoded(tmp_path / "rot.jpg")).int()
+    assert out.shape == (3, 64, 32)
+    assert out[0, 10].min() > 200 and out[2, 10].max() < 60  # top: red
+    assert out[2, 54].min() > 200 and out[0, 54].max() < 60  # bottom: blue
+
+
+def test_every_mode_and_format_as_the_reference(bad_tree):
+    _, files = bad_tree
+    reference = v2.Compose([v2.RandomResizedCrop(8, antialias=True), v2.PILToTensor()])
+    fast = DecodeRandomResizedCrop(8)
+    for kind, (status, path) in files.items():
+        if status == "good":  # png, grayscale, CMYK JPEG, 16-bit, palette, RGBA, LA
+            torch.manual_seed(0)
+            expected = reference(load_image(path))
+            torch.manual_seed(0)
+            assert levels(fast(encoded(path)), expected).max() <= 1, kind
+
+
+def test_pil_and_tensor_inputs():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    fast = DecodeRandomResizedCrop(16)
+    torch.manual_seed(1)
+    from_pil = fast(image)
+    torch.manual_seed(1)
+    from_tensor = fast(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    torch.manual_seed(1)
+    expected = v2.functional.pil_to_tensor(v2.RandomResizedCrop(16, antialias=True)(image))
+    assert torch.equal(from_pil, from_tensor) and levels(from_pil, expected).max() <= 1
+
+
+def test_bad_images_raise_or_are_substituted(bad_tree):
+    root, files = bad_tree
+    tf = train_transform(16, color_jitter=None, fast_decode=True)
+    for on_bad_image in ("error", "skip"):
+        ds = ImageFolderDataset(root, "train", transform=tf, on_bad_image=on_bad_image, max_pixels=5000)
+        for i, (path, _) in enumerate(ds.samples):
+            status = files[Path(path).stem][0]
+            if on_bad_image == "error" and status == "bad":
+                with pytest.raises(DataError, match=str(path)):
+                    ds[i]
+            elif on_bad_image == "skip":
+                image, _, valid, _ = ds[i]
+                assert image.shape == (3, 16, 16) and valid == (status == "good")
+    with pytest.raises(DataError, match="decompression bomb"):
+        tf(encoded(files["bomb"][1], max_pixels=5000))
+
+
+def test_dataset_hands_bytes_only_to_transforms_that_decode(tmp_path):
+    path = photo(tmp_path / "a.jpg", (60, 40))
+    fast, slow = train_transform(16, fast_decode=True), train_transform(16)
+    assert isinstance(image_for(fast, read_file(path), "a", None), EncodedImage)
+    assert isinstance(image_for(slow, read_file(path), "a", None), Image.Image)
+    assert isinstance(image_for(None, read_file(path), "a", None), Image.Image)
+    # interpolations torch cannot resize uint8 tensors with keep the PIL pipeline
+    assert type(train_transform(16, interpolation="lanczos", fast_decode=True).transforms[0]) is v2.RandomResizedCrop
+    with pytest.raises(ValueError, match="supports"):
+        DecodeRandomResizedCrop(16, interpolation=v2.InterpolationMode.LANCZOS)
+
+
+def test_training_uses_it_unless_switched_off(tmp_path):
+    data = write_digits_folder(tmp_path / "digits")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for fast in (True, False):
+        _, train_ds, _ = build_loaders(Config(data_dir=str(data), fast_decode=fast, val_while_train=False, num_parallel_workers=0), dist)
+        assert isinstance(train_ds.transform.transforms[0], DecodeRandomResizedCrop) == fast
+        image, target, valid, _ = train_ds[0]
+        assert image.shape == (3, 224, 224) and valid
+
+
+def test_shards_decode_in_the_transform(tmp_path):
+    pytest.importorskip("webdataset")
+    from res2net.data import ShardDataset, write_shards
+
+    for i in range(4):
+        (tmp_path / "data" / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        photo(tmp_path / "data" / "train" / f"c{i % 2}" / f"{i}.jpg", (90 + 10 * i, 70))
+    data = (tmp_path / "data" / "train" / "c0" / "0.jpg").read_bytes()
+    (tmp_path / "data" / "train" / "c1" / "bad.jpg").write_bytes(data[: len(data) // 2])
+    write_shards(tmp_path / "data", tmp_path / "shards", splits=("train",), shard_size=3)
+
+    def items(fast: bool) -> list[tuple]:
+        tf = train_transform(48, color_jitter=0.4, fast_decode=fast)  # crops of < 96: full size
+        return list(ShardDataset(tmp_path / "shards", "train", transform=tf, seed=5, on_bad_image="skip"))
+
+    fast, slow = items(True), items(False)
+    assert [item[1:] for item in fast] == [item[1:] for item in slow]  # targets, valid, index
+    assert sum(not item[2] for item in fast) == 1  # the truncated JPEG, substituted and flagged
+    for (a, *_), (b, *_) in zip(fast, slow):
+        # seeded per sample: the same crop, flip and jitter (on PIL or on tensors, which round
+        # differently); pixels within a few levels
+        assert a.shape == (3, 48, 48) and (a - b).abs().max() * 255 * 0.225 < 4
