@@ -169,6 +169,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     ax.barh(names[::-1], values[::-1], color=["tab:blue" if "res2net" in s else "tab:gray" for s in names[::-1]])
     for y, value in enumerate(values[::-1]):
         ax.text(value, y, f" {value:.0f}", va="center")
+    ax.set_xlim(0, max(values) * 1.12)
     ax.set_xlabel("training images per second, one core (best epoch)")
     ax.set_title("Input pipeline: decode, crop, augment (224x224)")
     fig.tight_layout()

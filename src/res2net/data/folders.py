@@ -216,7 +216,7 @@ def finish_image(im: Image.Image, name: str) -> Image.Image:
     """Decode an opened image: pixels loaded, turned upright per EXIF, converted to RGB."""
     im.load()
     try:
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
     except Exception:  # broken EXIF: the pixels are still good
         logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
     return _to_rgb(im)
