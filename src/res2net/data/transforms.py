@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -55,10 +56,21 @@ def interpolation_mode(name: str | InterpolationMode) -> InterpolationMode:
         ) from None
 
 
+class ContiguousImage(v2.Transform):
+    """Images in CHW memory order. `ToImage` gives a PIL image's pixels as an HWC-strided view;
+    without this step every later one, and the batch collation, works through that layout."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return tv_tensors.wrap(inpt.contiguous(), like=inpt)
+
+
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     """PIL image -> float tensor in 0..1 -> normalized with MindCV's 0..255 mean/std."""
     return [
         v2.ToImage(),
+        ContiguousImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=[m / 255 for m in mean], std=[s / 255 for s in std]),
     ]
