@@ -8,8 +8,9 @@ image. `DecodeRandomResizedCrop` is the same random resized crop taking the enco
   `v2.RandomResizedCrop` (so a seeded sample gets the same box either way);
 * when the box is at least 2, 4 or 8 times the output size, the JPEG is decoded at 1/2, 1/4 or
   1/8 size by libjpeg's DCT scaling (PIL's draft mode), which skips most of the decoding work;
-* otherwise JPEGs are decoded by torchvision's libjpeg-turbo decoder, which gives PIL's pixels
-  at about two thirds of the time; other formats go through PIL as before;
+* otherwise JPEGs are decoded by torchvision's libjpeg-turbo decoder straight into a tensor
+  with PIL's pixels (with the crop below, 0.95 against 1.25 ms through PIL on ImageNet-sized
+  photos); other formats go through PIL as before;
 * the box is cut from the uint8 tensor and resized with torch's antialiased uint8 kernels,
   about three times faster than PIL's resize.
 

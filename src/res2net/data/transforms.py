@@ -190,8 +190,8 @@ def train_transform(
 
     `fast_decode`: the crop is a `DecodeRandomResizedCrop`, which the datasets hand the encoded
     bytes: the same crops, decoded at reduced size where the crop allows and resized as uint8
-    tensors (about twice the images per second; pixels within a few levels of PIL's). Only for
-    nearest, bilinear and bicubic interpolation; the others keep the PIL pipeline."""
+    tensors (about 1.5x the images per second; at full size, PIL's pixels to one level of
+    rounding). Only for nearest, bilinear and bicubic interpolation; the others keep PIL."""
     interp = interpolation_mode(interpolation)
     crop_type = v2.RandomResizedCrop
     if fast_decode and interp in TENSOR_INTERPOLATIONS:
