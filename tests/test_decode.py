@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from res2net.config import Config
 from res2net.data import DataError, ImageFolderDataset, load_image, train_transform, write_digits_folder
+from res2net.data import decode
 from res2net.data.decode import DecodeRandomResizedCrop, _scale_box
 from res2net.data.folders import EncodedImage, image_for, read_file
 from res2net.engine.distributed import DistInfo
@@ -186,3 +187,13 @@ def test_shards_decode_in_the_transform(tmp_path):
         # seeded per sample: the same crop, flip and jitter (on PIL or on tensors, which round
         # differently); pixels within a few levels
         assert a.shape == (3, 48, 48) and (a - b).abs().max() * 255 * 0.225 < 4
+
+
+def test_pil_decides_where_torchvision_cannot_decode(tmp_path, monkeypatch):
+    path = photo(tmp_path / "a.jpg", (120, 90))
+    fast = DecodeRandomResizedCrop(100)
+    torch.manual_seed(0)
+    expected = fast(encoded(path))
+    monkeypatch.setattr(decode, "_decode_jpeg", lambda data: None)  # e.g. a variant it lacks
+    torch.manual_seed(0)
+    assert levels(fast(encoded(path)), expected).max() <= 1

@@ -88,15 +88,14 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
         if rotated:
             width, height = height, width
         box = self._box(height, width)
-        if im.format != "JPEG":
-            pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
-        elif (reduction := self._reduction(box)) > 1:
+        pixels = None
+        if im.format == "JPEG" and (reduction := self._reduction(box)) > 1:
             im.draft("RGB", (im.width // reduction, im.height // reduction))
             pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
             box = _scale_box(box, reduction, pixels.shape[-2:])
-        elif decode_jpeg is not None:
+        elif im.format == "JPEG" and decode_jpeg is not None:
             pixels = _decode_jpeg(encoded.data)
-        else:
+        if pixels is None:  # other formats, or a JPEG torchvision cannot decode: PIL decides
             pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
         return self._crop_resize(pixels, box)
 
@@ -119,14 +118,18 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
         return tv_tensors.Image(out)
 
 
-def _decode_jpeg(data: bytes) -> Tensor:
-    """RGB pixels, upright per EXIF, by torchvision's libjpeg-turbo decoder (PIL's pixels)."""
+def _decode_jpeg(data: bytes) -> Tensor | None:
+    """RGB pixels, upright per EXIF, by torchvision's libjpeg-turbo decoder (PIL's pixels);
+    None when it fails, so that PIL's decoder has the last word on whether the file is bad."""
     with warnings.catch_warnings():
         # torchvision 0.29 announces that TorchCodec will take over its image decoders; until
         # then they serve, and PIL takes over where they are gone (see the import).
         warnings.simplefilter("ignore", DeprecationWarning)
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_jpeg(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        try:
+            return decode_jpeg(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            return None
 
 
 def _exif_orientation(im: Image.Image) -> int:
