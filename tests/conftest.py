@@ -32,6 +32,8 @@ def bad_tree(tmp_path) -> tuple[Path, dict[str, tuple[str, Path]]]:
 
     good["gray"] = d / "gray.png"
     Image.new("L", (12, 10), 77).save(good["gray"])
+    good["grayjpeg"] = d / "grayjpeg.jpg"
+    Image.new("L", (12, 10), 77).save(good["grayjpeg"])
     good["cmyk"] = d / "cmyk.jpg"
     Image.new("CMYK", (12, 10), (0, 255, 255, 0)).save(good["cmyk"])
     good["16bit"] = d / "16bit.png"
