@@ -174,7 +174,8 @@ def optimize_for_inference(
     model: nn.Module, *, channels_last: bool = True, compile: bool = False
 ) -> nn.Module:
     """An eval-only copy of a Res2Net/DLA model (classifier or features_only) that computes the
-    same outputs as `model.eval()` (up to float rounding), faster.
+    same outputs as `model.eval()` (up to float rounding), faster on CPUs and, on GPUs, at small
+    batches (at large ones cuDNN's unfused kernels win; see docs/benchmarks.md).
 
     BatchNorms are folded into the convs, the independent 3x3 convs of each stage's first block
     become one grouped conv, and weights and activations use `channels_last`. `compile=True`
