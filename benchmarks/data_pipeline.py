@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from res2net.data import ImageFolderDataset, train_transform
-from res2net.profile import machine_info
+from res2net.profile import machine_info, time_interleaved
 
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300), (640, 480), (800, 600), (1024, 768), (500, 500), (333, 500)]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -94,12 +93,9 @@ def candidates(root: Path) -> dict[str, Dataset]:
     return out
 
 
-def epoch_seconds(dataset: Dataset, batch_size: int) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    start = time.perf_counter()
-    for _ in loader:
+def epoch(dataset: Dataset, batch_size: int) -> None:
+    for _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
         pass
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -117,14 +113,11 @@ def main() -> None:
     root = args.corpus or Path(tempfile.mkdtemp(prefix="res2net-corpus-"))
     n = build_corpus(root, args.per_photo)
     print(f"corpus: {n} JPEGs in {root} ({sum(f.stat().st_size for f in root.rglob('*.jpg')) / n / 1024:.0f} KiB each)")
-    cands = candidates(root)
-    for dataset in cands.values():  # warm-up: files in the page cache, lazy imports done
-        epoch_seconds(dataset, args.batch_size)
-    seconds: dict[str, list[float]] = {name: [] for name in cands}
-    for r in range(args.rounds):
-        for name, dataset in cands.items():
-            seconds[name].append(epoch_seconds(dataset, args.batch_size))
-        print(f"round {r + 1}/{args.rounds} done")
+    epochs = {name: (lambda ds=ds: epoch(ds, args.batch_size)) for name, ds in candidates(root).items()}
+    print(f"timing {len(epochs)} pipelines: a warm-up epoch, then {args.rounds} epochs each, taking turns")
+    # warm-up: files in the page cache, lazy imports done
+    times = time_interleaved(epochs, warmup=1, rounds=args.rounds)
+    seconds = {name: [ms / 1000 for ms in round_ms] for name, round_ms in times.items()}
 
     results = {}
     for name, times in seconds.items():

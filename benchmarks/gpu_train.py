@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 import res2net
 from compare import TIMM_NAME, randomize_bn
-from res2net.profile import machine_info
+from res2net.profile import machine_info, synchronize, time_interleaved
 
 CL = torch.channels_last
 
@@ -100,25 +100,13 @@ def checks(device: torch.device) -> list[tuple[str, float, float]]:
     return out
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved(
     candidates: dict[str, Callable[[], None]], rounds: int, steps: int, device: torch.device
 ) -> dict[str, list[float]]:
-    """ms per call of each candidate, per round; candidates take turns."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1000 / steps)
-    return times
+    """ms per call of each candidate, per round of `steps` calls; candidates take turns."""
+    batches = {name: (lambda fn=fn: [fn() for _ in range(steps)]) for name, fn in candidates.items()}
+    times = time_interleaved(batches, device, warmup=0, rounds=rounds)
+    return {name: [ms / steps for ms in round_ms] for name, round_ms in times.items()}
 
 
 def train_candidates(
