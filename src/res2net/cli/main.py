@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from . import benchmark as benchmark_cmd
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(COMMANDS[args.command], "ACCEPTS_EXTRA", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)  # interrupts any wait, like Ctrl-C
     try:
         return COMMANDS[args.command].run(args, extra) or 0
     except KeyboardInterrupt:
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             message = message.splitlines()[-1]
         print(f"res2net {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ from .folders import (
     _visible_entries,
     image_for,
 )
-from ..guards import NETWORK_TIMEOUT, open_regular_file, read_regular_file, short
+from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .loader import _epoch_generator, _seed_all
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class ShardIndex:
                     f"--data_dir 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {location!r})"
                 )
             try:
-                with _open_stream(index_url) as f:
+                with interruptible(), _open_stream(index_url) as f:
                     content = f.read(MAX_INDEX_BYTES + 1)
             except Exception as e:
                 raise DataError(f"cannot read the shard index '{index_url}': {type(e).__name__}: {short(str(e), 200)}") from e
