@@ -21,6 +21,7 @@ non-executing replay.
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import io
 import os
@@ -107,6 +108,9 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
     # --- globals -------------------------------------------------------------------------
 
     def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3:  # Python 2 names, as the standard unpickler maps them
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
         if full in _NOT_DENSE:
             raise RefusedPickle(f"it holds {_NOT_DENSE[full]} ({full}); only dense tensors are loaded")
@@ -134,7 +138,7 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
         }
         if full in rebuild:
             return self._charged(rebuild[full])
-        raise RefusedPickle(f"it calls {full}, which could run code (only tensors and plain containers load)")
+        raise RefusedPickle(f"it calls {full}, which could run code or allocate without bound (only tensors and plain containers load)")
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")):
