@@ -443,7 +443,6 @@ def load_config(
                 raise _unknown_key_error(key, file_where)
             values[key] = _coerce(key, value, _FIELD_TYPES[key], file_where)
             sources[key] = file_where
-        _refuse_commands(values, path)
         values["config"] = path
     for key, value in pairs:
         if key in ("c", "config"):
@@ -454,6 +453,8 @@ def load_config(
             value = _override_value(key, value)
         values[key] = _coerce(key, value, _FIELD_TYPES[key], where)
         sources[key] = where
+    if path is not None and sources.get("data_dir") == f"in {path}":
+        _refuse_commands(values, path)
     try:
         return Config(**values)
     except ConfigError as e:

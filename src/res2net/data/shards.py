@@ -214,8 +214,12 @@ class ShardIndex:
                     f"--data_dir 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {location!r})"
                 )
             try:
-                with interruptible(), _open_stream(index_url) as f:
-                    content = f.read(MAX_INDEX_BYTES + 1)
+                stream = _open_stream(index_url)
+                try:
+                    with interruptible():
+                        content = stream.read(MAX_INDEX_BYTES + 1)
+                finally:
+                    _close(stream, early=True)
             except Exception as e:
                 raise DataError(f"cannot read the shard index '{index_url}': {type(e).__name__}: {short(str(e), 200)}") from e
             if len(content) > MAX_INDEX_BYTES:
@@ -552,12 +556,7 @@ def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int
                 f"shard '{url}' has {skip + n} samples but {INDEX_NAME} says {index.counts[shard]}"
             )
     finally:
-        if skip + n < index.counts[shard] and hasattr(stream, "ignore_errors"):
-            stream.ignore_errors = True  # stopped early: the pipe's command may exit with an error
-        try:
-            stream.close()
-        except Exception:
-            logger.debug("closing %s", url, exc_info=True)
+        _close(stream, early=skip + n < index.counts[shard])
 
 
 def _open_stream(url: str) -> Any:
@@ -574,6 +573,19 @@ def _open_stream(url: str) -> Any:
 
         return Pipe([*_CURL, url], mode="rb", bufsize=8192, ignore_status=[141, 23])
     return wds.gopen(url)
+
+
+def _close(stream: Any, early: bool) -> None:
+    """Close `stream`; when reading stopped `early` (done, failed or interrupted), a command
+    behind it (curl, a pipe:) is killed rather than waited for: it may be stalled."""
+    process = getattr(stream, "proc", None)
+    if early and process is not None:
+        stream.ignore_errors = True
+        process.kill()
+    try:
+        stream.close()
+    except Exception:
+        logger.debug("closing %s", stream, exc_info=True)
 
 
 class _Prefixed:

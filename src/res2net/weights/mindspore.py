@@ -23,6 +23,7 @@ may have at most `MAX_ENTRIES` entries: at most 2x the file + 64 MiB in all.
 from __future__ import annotations
 
 import binascii
+import itertools
 import math
 import os
 from typing import BinaryIO, Iterator
@@ -252,11 +253,15 @@ def _to_tensor(tag: str, dims: list[int], tensor_type: str, parts: list[memoryvi
     return torch.frombuffer(raw, dtype=dtype).reshape(dims)
 
 
-def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], list[str]]:
-    if len(data) >= _CRC_TRAILER and data[-_CRC_TRAILER:-10] == _CRC_MARK:
-        data, crc = data[:-_CRC_TRAILER], int.from_bytes(data[-10:], "big")
-        if binascii.crc32(data) != crc:
+def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]]:
+    view = memoryview(data)  # slices of it are views, never copies
+    if len(view) >= _CRC_TRAILER and view[-_CRC_TRAILER:-10] == _CRC_MARK:
+        view, crc = view[:-_CRC_TRAILER], int.from_bytes(view[-10:], "big")
+        if binascii.crc32(view) != crc:
             raise _Bad("the CRC-32 check failed")
+    # Count first: a file of many tiny entries is refused before any tensor is built.
+    if sum(1 for _ in itertools.islice(_entries(view), MAX_ENTRIES + 1)) > MAX_ENTRIES:
+        raise _Bad(f"it has more than {MAX_ENTRIES} entries (MindCV checkpoints have a few thousand)")
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     seen: set[str] = set()
@@ -274,9 +279,7 @@ def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], list[str]]:
         else:
             tensors[tag] = _to_tensor(tag, dims, tensor_type, parts)
 
-    for n, (tag, dims, tensor_type, content) in enumerate(_entries(memoryview(data))):
-        if n >= MAX_ENTRIES:
-            raise _Bad(f"it has more than {MAX_ENTRIES} entries (MindCV checkpoints have a few thousand)")
+    for tag, dims, tensor_type, content in _entries(view):
         if pending is not None and dims is not None and pending[0] == tag:
             if pending[1] != dims or pending[2] != tensor_type:
                 raise _Bad(f"the slices of entry {tag!r} disagree on dims or tensor_type")
@@ -307,7 +310,8 @@ def read_mindspore_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
     checkpoint raises ValueError naming it.
     """
     with open_regular_file(path, "checkpoint") as f:
-        data = f.read()
+        data = bytearray(os.fstat(f.fileno()).st_size)  # read in place: no second buffer
+        data = data[: f.readinto(data)]
     try:
         return _decode(data)
     except _Bad as e:
