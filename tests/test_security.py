@@ -39,7 +39,6 @@ from res2net.guards import short
 from res2net.models import Res2Net
 from res2net.weights import mindspore as ms
 from res2net.weights import pretrained as pt
-from res2net.weights import torchfile
 from res2net.weights.loading import detect_format, load_checkpoint, read_checkpoint
 
 ARCH = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
@@ -136,13 +135,30 @@ def test_urls_and_commands_come_only_from_the_command_line(tmp_path):
 
 def _index(names, classes=("a",), **extra) -> dict:
     shards = [{"name": n, "count": 1, "bytes": None} for n in names]
-    return {"format": "res2net-webdataset", "version": 1, "split": "train", "classes": list(classes),
-            "total": len(shards), "shards": shards, **extra}
+    return {
+        "format": "res2net-webdataset",
+        "version": 1,
+        "split": "train",
+        "classes": list(classes),
+        "total": len(shards),
+        "shards": shards,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
-    "name", ["train-000000.tar; touch {marker} #", "/etc/passwd", "../outside.tar", ".hidden.tar",
-             "a/b.tar", "$(touch {marker}).tar", "", "x" * 300, 7]
+    "name",
+    [
+        "train-000000.tar; touch {marker} #",
+        "/etc/passwd",
+        "../outside.tar",
+        ".hidden.tar",
+        "a/b.tar",
+        "$(touch {marker}).tar",
+        "",
+        "x" * 300,
+        7,
+    ],
 )
 def test_shard_names_from_index_are_plain_file_names(tmp_path, name):
     marker = tmp_path / "pwned"
@@ -191,9 +207,21 @@ def test_deletable_checkpoint_rule(tmp_path):
     (tmp_path / "res2net50-007.pt").write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "res2net50-008.pt").write_bytes(b"x")
-    assert deletable_checkpoint(tmp_path, "res2net50-007.pt", "res2net50") == tmp_path / "res2net50-007.pt"
-    for name in ["sub/res2net50-008.pt", "../res2net50-007.pt", str(tmp_path / "res2net50-007.pt"),
-                 "res2net50-007.pth", "res2net101-007.pt", "res2net50-009.pt", "last.pt", None, 7]:
+    assert (
+        deletable_checkpoint(tmp_path, "res2net50-007.pt", "res2net50")
+        == tmp_path / "res2net50-007.pt"
+    )
+    for name in [
+        "sub/res2net50-008.pt",
+        "../res2net50-007.pt",
+        str(tmp_path / "res2net50-007.pt"),
+        "res2net50-007.pth",
+        "res2net101-007.pt",
+        "res2net50-009.pt",
+        "last.pt",
+        None,
+        7,
+    ]:
         assert deletable_checkpoint(tmp_path, name, "res2net50") is None, name
 
 
@@ -201,7 +229,14 @@ def test_deletable_checkpoint_rule(tmp_path):
 
 
 def _tiny_entries(n: int) -> bytes:
-    tensor = ms._key(1, 0) + ms._encode_varint(1) + ms._key(2, 2) + b"\x04Int8" + ms._key(3, 2) + b"\x01\x01"
+    tensor = (
+        ms._key(1, 0)
+        + ms._encode_varint(1)
+        + ms._key(2, 2)
+        + b"\x04Int8"
+        + ms._key(3, 2)
+        + b"\x01\x01"
+    )
     tensor_field = ms._key(2, 2) + ms._encode_varint(len(tensor)) + tensor
     out = []
     for i in range(n):
@@ -281,7 +316,11 @@ class _Claim:
 def test_storage_larger_than_the_file_is_refused(tmp_path):
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", 2**40, None) if isinstance(obj, _Claim) else None
+            return (
+                ("storage", torch.FloatStorage, "0", "cpu", 2**40, None)
+                if isinstance(obj, _Claim)
+                else None
+            )
 
     buffer = io.BytesIO()
     Pickler(buffer, protocol=2).dump({"s": _Claim()})
@@ -361,8 +400,14 @@ def test_long_values_are_truncated_in_messages(tmp_path):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("seed", "1e29"), ("lr", "1e308"), ("image_resize", "100000"), ("epoch_size", "1e300"),
-     ("num_parallel_workers", "100000"), ("batch_size", "1e12")],
+    [
+        ("seed", "1e29"),
+        ("lr", "1e308"),
+        ("image_resize", "100000"),
+        ("epoch_size", "1e300"),
+        ("num_parallel_workers", "100000"),
+        ("batch_size", "1e12"),
+    ],
 )
 def test_out_of_range_values_name_the_key(tmp_path, key, value):
     recipe = tmp_path / "big.yaml"
@@ -462,9 +507,23 @@ def test_shard_urls_time_out(silent_server, monkeypatch):
 def test_sigterm_interrupts_a_network_wait(silent_server, tmp_path):
     """`res2net train` waiting on a silent server for the shard index exits at SIGTERM."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "res2net.cli.main", "train", "--data_dir", f"{silent_server}/data",
-               "--ckpt_save_dir", str(tmp_path / "ckpt"), "--model", "res2net50_26w_4s", "--device", "cpu"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    command = [
+        sys.executable,
+        "-m",
+        "res2net.cli.main",
+        "train",
+        "--data_dir",
+        f"{silent_server}/data",
+        "--ckpt_save_dir",
+        str(tmp_path / "ckpt"),
+        "--model",
+        "res2net50_26w_4s",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert silent_server.connected.wait(120), proc.communicate()
         time.sleep(0.5)
@@ -487,7 +546,11 @@ def test_sparse_or_meta_tensor_changes_nothing(tmp_path):
     for kind in ("sparse", "meta"):
         state = {k: v + 1 if v.is_floating_point() else v for k, v in source.state_dict().items()}
         key = "fc.weight"
-        state[key] = state[key].to_sparse() if kind == "sparse" else torch.empty_like(state[key], device="meta")
+        state[key] = (
+            state[key].to_sparse()
+            if kind == "sparse"
+            else torch.empty_like(state[key], device="meta")
+        )
         path = tmp_path / f"{kind}.pth"
         torch.save(state, path)
         model = tiny()
@@ -506,7 +569,9 @@ def test_non_finite_weights_warn_naming_them(tmp_path, caplog):
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     with caplog.at_level("WARNING"):
         load_checkpoint(tiny(), path)
-    assert "conv1.weight" in caplog.text and "fc.bias" in caplog.text and "NaN or Inf" in caplog.text
+    assert (
+        "conv1.weight" in caplog.text and "fc.bias" in caplog.text and "NaN or Inf" in caplog.text
+    )
 
 
 def _safetensors_bytes(header: dict, data: bytes, header_len: int | None = None) -> bytes:
@@ -518,7 +583,10 @@ def _safetensors_bytes(header: dict, data: bytes, header_len: int | None = None)
 
 def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
     data = torch.arange(6, dtype=torch.float32).numpy().tobytes()
-    header = {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "__metadata__": {"arch": "x"}}
+    header = {
+        "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "__metadata__": {"arch": "x"},
+    }
     for length in (0x80, 0x180, 0x1080):
         path = tmp_path / f"h{length}.safetensors"
         path.write_bytes(_safetensors_bytes(header, data, length))
@@ -530,9 +598,14 @@ def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
 
 @pytest.mark.parametrize(
     "eval_text, why",
-    [("{not json", "not valid JSON"), ('{"mean": 5}', "'mean'"), ('{"image_resize": 30000}', "'image_resize'"),
-     ('{"std": [0, 0, 0], "mean": [0, 0, 0]}', "'std'"), ('[1, 2]', "JSON object"),
-     ('{"interpolation": "x"}', "'interpolation'")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"mean": 5}', "'mean'"),
+        ('{"image_resize": 30000}', "'image_resize'"),
+        ('{"std": [0, 0, 0], "mean": [0, 0, 0]}', "'std'"),
+        ("[1, 2]", "JSON object"),
+        ('{"interpolation": "x"}', "'interpolation'"),
+    ],
 )
 def test_eval_metadata_is_schema_checked(tmp_path, eval_text, why):
     path = tmp_path / "meta.safetensors"
@@ -546,23 +619,51 @@ def test_eval_metadata_is_schema_checked(tmp_path, eval_text, why):
 
 _FUZZ_DIR = Path(tempfile.mkdtemp(prefix="res2net-fuzz-"))
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
-_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-    st.text(max_size=8), inner, max_size=4), max_leaves=12)
-_KEYS = st.sampled_from(["seed", "lr", "image_resize", "epoch_size", "num_parallel_workers", "data_dir",
-                         "mean", "std", "scale", "model", "batch_size", "ckpt_save_policy"]) | st.text(max_size=10)
-_ALIAS = "a: &a [1,2,3,4,5,6,7,8,9,10]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_KEYS = st.sampled_from(
+    [
+        "seed",
+        "lr",
+        "image_resize",
+        "epoch_size",
+        "num_parallel_workers",
+        "data_dir",
+        "mean",
+        "std",
+        "scale",
+        "model",
+        "batch_size",
+        "ckpt_save_policy",
+    ]
+) | st.text(max_size=10)
+_ALIAS = (
+    "a: &a [1,2,3,4,5,6,7,8,9,10]\n"
+    "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+)
 _RECIPES = st.one_of(
-    st.dictionaries(_KEYS, _VALUES, max_size=6).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
+    st.dictionaries(_KEYS, _VALUES, max_size=6).map(
+        lambda d: yaml.safe_dump(d, allow_unicode=True)
+    ),
     st.text(max_size=200),
-    st.tuples(st.sampled_from(["mean", "lr", "scale"]), st.sampled_from(["*a", "*b", "*c", "[*c,*c,*c,*c]"])).map(
-        lambda kv: _ALIAS + f"{kv[0]}: {kv[1]}\n"),
+    st.tuples(
+        st.sampled_from(["mean", "lr", "scale"]),
+        st.sampled_from(["*a", "*b", "*c", "[*c,*c,*c,*c]"]),
+    ).map(lambda kv: _ALIAS + f"{kv[0]}: {kv[1]}\n"),
 )
 
 
 def _check_recipe(text: str) -> None:
     path = _FUZZ_DIR / "recipe.yaml"
-    path.write_text(text, encoding="utf-8", errors="surrogatepass") if text.isprintable() else path.write_bytes(
-        text.encode("utf-8", "surrogatepass"))
+    path.write_text(
+        text, encoding="utf-8", errors="surrogatepass"
+    ) if text.isprintable() else path.write_bytes(text.encode("utf-8", "surrogatepass"))
     tracemalloc.start()
     try:
         load_config(path)
@@ -575,13 +676,20 @@ def _check_recipe(text: str) -> None:
 
 
 def _index_strategy() -> st.SearchStrategy:
-    names = st.sampled_from(["train-000000.tar", "x.tar", "../x", "/etc/passwd", "a b", "t;rm"]) | st.text(max_size=12)
-    shard = st.fixed_dictionaries({"name": names | _SCALARS, "count": st.integers(-2, 3) | _SCALARS},
-                                  optional={"bytes": st.integers(-1, 10) | _SCALARS})
+    names = st.sampled_from(
+        ["train-000000.tar", "x.tar", "../x", "/etc/passwd", "a b", "t;rm"]
+    ) | st.text(max_size=12)
+    shard = st.fixed_dictionaries(
+        {"name": names | _SCALARS, "count": st.integers(-2, 3) | _SCALARS},
+        optional={"bytes": st.integers(-1, 10) | _SCALARS},
+    )
     valid = st.fixed_dictionaries(
-        {"format": st.just("res2net-webdataset") | _SCALARS, "version": st.integers(-1, 2) | _SCALARS,
-         "classes": st.lists(st.text(max_size=5), max_size=3) | _VALUES,
-         "shards": st.lists(shard, max_size=3) | _VALUES},
+        {
+            "format": st.just("res2net-webdataset") | _SCALARS,
+            "version": st.integers(-1, 2) | _SCALARS,
+            "classes": st.lists(st.text(max_size=5), max_size=3) | _VALUES,
+            "shards": st.lists(shard, max_size=3) | _VALUES,
+        },
         optional={"total": st.integers(-1, 5) | _SCALARS, "split": _SCALARS, "shuffled": _SCALARS},
     )
     return st.one_of(valid.map(json.dumps), _VALUES.map(json.dumps), st.text(max_size=50))
@@ -600,14 +708,33 @@ def _check_index(text: str) -> None:
 
 _DTYPES = st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "X9", ""])
 _TENSOR_INFO = st.fixed_dictionaries(
-    {"dtype": _DTYPES | _SCALARS, "shape": st.lists(st.integers(-2, 2**40), max_size=4) | _SCALARS,
-     "data_offsets": st.lists(st.integers(-1, 2**40), min_size=0, max_size=3) | st.tuples(
-         st.integers(0, 64), st.integers(0, 64)).map(list)})
+    {
+        "dtype": _DTYPES | _SCALARS,
+        "shape": st.lists(st.integers(-2, 2**40), max_size=4) | _SCALARS,
+        "data_offsets": st.lists(st.integers(-1, 2**40), min_size=0, max_size=3)
+        | st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list),
+    }
+)
 _HEADERS = st.dictionaries(st.text(max_size=6), _TENSOR_INFO, max_size=4).flatmap(
-    lambda tensors: st.fixed_dictionaries({}, optional={"__metadata__": st.dictionaries(
-        st.sampled_from(["eval", "num_classes", "arch"]), st.text(max_size=30) | st.sampled_from(
-            ['{"image_resize": 224}', '{"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}', "1000", "[]"]),
-        max_size=3)}).map(lambda extra: {**tensors, **extra}))
+    lambda tensors: st.fixed_dictionaries(
+        {},
+        optional={
+            "__metadata__": st.dictionaries(
+                st.sampled_from(["eval", "num_classes", "arch"]),
+                st.text(max_size=30)
+                | st.sampled_from(
+                    [
+                        '{"image_resize": 224}',
+                        '{"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}',
+                        "1000",
+                        "[]",
+                    ]
+                ),
+                max_size=3,
+            )
+        },
+    ).map(lambda extra: {**tensors, **extra})
+)
 
 
 def _check_safetensors(header: dict, data: bytes, pad: int) -> None:

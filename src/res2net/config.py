@@ -492,7 +492,8 @@ def _read_yaml(path: str) -> dict[Any, Any]:
         finally:
             loader.dispose()
     except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {path}" if "does not exist" in str(e) else str(e)) from None
+        missing = "does not exist" in str(e)
+        raise ConfigError(f"config file not found: {path}" if missing else str(e)) from None
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
@@ -836,7 +837,9 @@ def _check_limits(c: Config) -> None:
         values = value if isinstance(value, tuple) else (value,)
         if any(v is not None and v > high for v in values):
             limit = f"{high:g}" if isinstance(high, float) else str(high)
-            raise ConfigError(f"config key {key!r} must be at most {limit}, got {short(value)}", key=key)
+            raise ConfigError(
+                f"config key {key!r} must be at most {limit}, got {short(value)}", key=key
+            )
 
 
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Config)

@@ -88,7 +88,9 @@ def open_regular_file(path: str | os.PathLike, what: str = "file") -> BinaryIO:
         raise
 
 
-def read_regular_file(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> bytes:
+def read_regular_file(
+    path: str | os.PathLike, what: str = "file", max_bytes: int | None = None
+) -> bytes:
     """The bytes of regular file `path`; ValueError naming it when larger than `max_bytes`."""
     with open_regular_file(path, what) as f:
         size = os.fstat(f.fileno()).st_size

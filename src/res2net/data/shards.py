@@ -97,12 +97,20 @@ MAX_CLASSES = 1 << 20
 MAX_SAMPLE_BYTES = 64 << 20  # all members of one sample together
 # Shards are plain tar: compressed ones are refused (a small gzip member can expand to
 # gigabytes, and webdataset's `r|*` would decompress it without limit).
-_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
-               b"\x04\x22\x4d\x18": "lz4"}
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+}
 # curl for http(s) shards: give up on a connection after NETWORK_TIMEOUT seconds and on a
 # transfer that stalls (under 1 byte/s) for as long, whatever the server does.
-_CURL = ["curl", "--connect-timeout", str(int(NETWORK_TIMEOUT)), "--speed-limit", "1", "--speed-time",
-         str(int(NETWORK_TIMEOUT)), "--retry", "3", "--retry-delay", "2", "-f", "-s", "-L", "--"]
+_CURL = [
+    "curl", "--connect-timeout", str(int(NETWORK_TIMEOUT)),
+    "--speed-limit", "1", "--speed-time", str(int(NETWORK_TIMEOUT)),
+    "--retry", "3", "--retry-delay", "2", "-f", "-s", "-L", "--",
+]
 
 
 def _webdataset() -> Any:
@@ -221,15 +229,19 @@ class ShardIndex:
                 finally:
                     _close(stream, early=True)
             except Exception as e:
-                raise DataError(f"cannot read the shard index '{index_url}': {type(e).__name__}: {short(str(e), 200)}") from e
+                reason = f"{type(e).__name__}: {short(str(e), 200)}"
+                raise DataError(f"cannot read the shard index '{index_url}': {reason}") from e
             if len(content) > MAX_INDEX_BYTES:
-                raise DataError(f"'{index_url}' is larger than {MAX_INDEX_BYTES} bytes; not a shard index")
+                raise DataError(
+                    f"'{index_url}' is larger than {MAX_INDEX_BYTES} bytes; not a shard index"
+                )
         else:
             content = _read_local_index(Path(location))
         try:
             info = json.loads(content)
         except (ValueError, RecursionError) as e:
-            raise DataError(f"'{index_url}' is not a valid shard index: {short(str(e), 120)}") from None
+            reason = short(str(e), 120)
+            raise DataError(f"'{index_url}' is not a valid shard index: {reason}") from None
         problem = _index_problem(info)
         if problem:
             raise DataError(f"'{index_url}' is not a valid shard index: {problem}")
@@ -535,7 +547,8 @@ def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int
     try:
         stream = _open_stream(url)
     except Exception as e:
-        raise DataError(f"cannot open shard '{url}': {type(e).__name__}: {short(str(e), 200)}") from e
+        reason = f"{type(e).__name__}: {short(str(e), 200)}"
+        raise DataError(f"cannot open shard '{url}': {reason}") from e
     n = 0
     try:
         samples = wds.tariterators.group_by_keys(_tar_files(stream, url))
@@ -608,7 +621,10 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     head = stream.read(8)
     for magic, kind in _COMPRESSED.items():
         if head.startswith(magic):
-            raise DataError(f"shard '{url}' is {kind}-compressed; shards must be plain tar (re-run `res2net data shard`)")
+            raise DataError(
+                f"shard '{url}' is {kind}-compressed; shards must be plain tar "
+                "(re-run `res2net data shard`)"
+            )
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     key, held = None, 0
     with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|") as tar:  # "r|": no decompression
@@ -620,7 +636,8 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             key = prefix
             if held > MAX_SAMPLE_BYTES:
                 raise DataError(
-                    f"shard '{url}': sample {short(prefix)} holds more than {MAX_SAMPLE_BYTES} bytes"
+                    f"shard '{url}': sample {short(prefix)} holds more than "
+                    f"{MAX_SAMPLE_BYTES} bytes"
                 )
             data = tar.extractfile(member).read()
             tar.members = []  # a stream: forget members already read

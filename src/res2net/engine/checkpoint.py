@@ -114,14 +114,17 @@ class CheckpointManager:
         if not self.index_path.exists():
             return []
         try:
-            entries = json.loads(read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES))
+            text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
+            entries = json.loads(text)
         except (OSError, ValueError, RecursionError) as e:
-            log.warning("%s: ignored, not a readable checkpoint index (%s)", self.index_path, short(str(e), 120))
+            reason = short(str(e), 120)
+            log.warning("%s: ignored, not a readable index (%s)", self.index_path, reason)
             return []
         entries = entries if isinstance(entries, list) else [entries]
         good = [e for e in entries if _valid_entry(e)]
         if len(good) != len(entries):
-            log.warning("%s: ignored %d malformed entries", self.index_path, len(entries) - len(good))
+            dropped = len(entries) - len(good)
+            log.warning("%s: ignored %d malformed entries", self.index_path, dropped)
         return good
 
     def save_last(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
@@ -152,8 +155,8 @@ class CheckpointManager:
                 self._link(path, self.best)
         self._write_index(keep)
         for e in drop:
-            old = deletable_checkpoint(self.directory, e["file"], self.prefix) if e["epoch"] != epoch else None
-            if old is not None:
+            old = deletable_checkpoint(self.directory, e["file"], self.prefix)
+            if old is not None and e["epoch"] != epoch:
                 old.unlink(missing_ok=True)
         if kept:
             self._link(path, self.last)

@@ -135,13 +135,17 @@ def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     if "num_classes" in metadata:
         n = metadata["num_classes"]
         if not (n.isdigit() and len(n) < 10 and 1 <= int(n) <= MAX_CLASSES):
-            raise ValueError(f"{path}: metadata 'num_classes' must be a count from 1 to {MAX_CLASSES}, got {short(n)}")
+            raise ValueError(
+                f"{path}: metadata 'num_classes' must be a count from 1 to {MAX_CLASSES}, "
+                f"got {short(n)}"
+            )
     if "eval" not in metadata:
         return
     try:
         settings = json.loads(metadata["eval"])
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: metadata 'eval' is not valid JSON ({short(str(e), 100)})") from None
+        reason = short(str(e), 100)
+        raise ValueError(f"{path}: metadata 'eval' is not valid JSON ({reason})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: metadata 'eval' must be a JSON object, got {short(settings)}")
     problem = _eval_problem(settings)
@@ -155,14 +159,15 @@ def _eval_problem(settings: dict) -> str | None:
 
     for key, value in settings.items():
         if key == "image_resize":
-            ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_IMAGE_SIZE
+            ok = number(value) and isinstance(value, int) and 1 <= value <= MAX_IMAGE_SIZE
             rule = f"an integer from 1 to {MAX_IMAGE_SIZE}"
         elif key == "crop_pct":
             ok, rule = number(value) and 0 < value <= 1, "a number in (0, 1]"
         elif key == "interpolation":
             ok, rule = value in INTERPOLATIONS, "one of " + ", ".join(INTERPOLATIONS)
         elif key in ("mean", "std"):
-            ok = isinstance(value, list) and 1 <= len(value) <= 4 and all(number(v) and 0 <= v <= 1 for v in value)
+            ok = isinstance(value, list) and 1 <= len(value) <= 4
+            ok = ok and all(number(v) and 0 <= v <= 1 for v in value)
             ok = ok and (key == "mean" or all(v > 0 for v in value))
             rule = "a list of 1 to 4 numbers in 0..1" + (" above 0" if key == "std" else "")
         else:
@@ -308,10 +313,14 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
     for k, v in state.items():
         if v.layout != torch.strided or v.is_meta or v.is_quantized or v.device.type != "cpu":
             raise ValueError(
-                f"{path}: tensor {short(k)} is not a dense CPU tensor ({v.layout}, device {v.device}); "
-                "nothing was loaded"
+                f"{path}: tensor {short(k)} is not a dense CPU tensor ({v.layout}, "
+                f"device {v.device}); nothing was loaded"
             )
-    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+    bad = [
+        k
+        for k, v in state.items()
+        if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()
+    ]
     if bad:
         log.warning(
             "%s: %d tensors hold NaN or Inf values (%s%s); the model will compute NaN",

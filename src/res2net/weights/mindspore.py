@@ -261,7 +261,7 @@ def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]
             raise _Bad("the CRC-32 check failed")
     # Count first: a file of many tiny entries is refused before any tensor is built.
     if sum(1 for _ in itertools.islice(_entries(view), MAX_ENTRIES + 1)) > MAX_ENTRIES:
-        raise _Bad(f"it has more than {MAX_ENTRIES} entries (MindCV checkpoints have a few thousand)")
+        raise _Bad(f"it has more than {MAX_ENTRIES} entries (MindCV's have a few thousand)")
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     seen: set[str] = set()

@@ -100,9 +100,13 @@ def fetch(url: str, target: Path, hash_prefix: str | None = None, progress: bool
     tmp = temporary_path(target)
     digest = hashlib.sha256()
     try:
-        with interruptible(), urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response, open(tmp, "xb") as f:
-            total = int(response.headers.get("Content-Length") or 0) if hasattr(response, "headers") else 0
-            bar = _progress_bar(total) if progress else None
+        with (
+            interruptible(),
+            urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response,
+            open(tmp, "xb") as f,
+        ):
+            size = int(response.headers.get("Content-Length") or 0)
+            bar = _progress_bar(size) if progress else None
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 digest.update(chunk)
@@ -111,7 +115,8 @@ def fetch(url: str, target: Path, hash_prefix: str | None = None, progress: bool
             if bar is not None:
                 bar.close()
         if hash_prefix is not None and not digest.hexdigest().startswith(hash_prefix):
-            raise RuntimeError(f"invalid hash value (expected {hash_prefix}, got {digest.hexdigest()[:len(hash_prefix)]})")
+            got = digest.hexdigest()[: len(hash_prefix)]
+            raise RuntimeError(f"invalid hash value (expected {hash_prefix}, got {got})")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

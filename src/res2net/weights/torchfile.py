@@ -96,7 +96,9 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
                 cost += 8 * len(a) if isinstance(a, (list, tuple, dict, set, frozenset)) else len(a)
         self.budget -= cost
         if self.budget < 0:
-            raise RefusedPickle("its pickle builds far more data than it holds (an expansion attack)")
+            raise RefusedPickle(
+                "its pickle builds far more data than it holds (an expansion attack)"
+            )
 
     def _charged(self, func: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
@@ -113,7 +115,9 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
         if full in _NOT_DENSE:
-            raise RefusedPickle(f"it holds {_NOT_DENSE[full]} ({full}); only dense tensors are loaded")
+            raise RefusedPickle(
+                f"it holds {_NOT_DENSE[full]} ({full}); only dense tensors are loaded"
+            )
         if full in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[full]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -138,7 +142,10 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
         }
         if full in rebuild:
             return self._charged(rebuild[full])
-        raise RefusedPickle(f"it calls {full}, which could run code or allocate without bound (only tensors and plain containers load)")
+        raise RefusedPickle(
+            f"it calls {full}, which could run code or allocate without bound "
+            "(only tensors and plain containers load)"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")):
@@ -147,7 +154,9 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
         if not isinstance(dtype, torch.dtype) or not isinstance(numel, int) or numel < 0:
             raise RefusedPickle(f"storage {key[:40]!r} is malformed")
         if len(pid) > 5 and pid[5] is not None:
-            raise RefusedPickle("it uses storage views (a pre-2018 format this loader does not read)")
+            raise RefusedPickle(
+                "it uses storage views (a pre-2018 format this loader does not read)"
+            )
         if key not in self.storages:
             if len(self.storages) >= MAX_RECORDS:
                 raise RefusedPickle(f"it has more than {MAX_RECORDS} storages")
@@ -160,7 +169,11 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
     def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> _Tensor:
         if not isinstance(storage, _Storage):
             raise RefusedPickle("a tensor has no storage")
-        dims = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else None
+        dims = (
+            (offset, *size, *stride)
+            if isinstance(size, tuple) and isinstance(stride, tuple)
+            else None
+        )
         if dims is None or len(size) != len(stride) or len(size) > MAX_DIMS:
             raise RefusedPickle("a tensor has a malformed size or stride")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
@@ -214,11 +227,15 @@ def _scan_zip(f: BinaryIO, size: int) -> None:
     total = 0
     for r in records:
         if r.compress_type != zipfile.ZIP_STORED:
-            raise RefusedPickle(f"zip record {r.filename[:60]!r} is compressed (torch.save never compresses)")
+            raise RefusedPickle(
+                f"zip record {r.filename[:60]!r} is compressed (torch.save never compresses)"
+            )
         total += r.file_size
     if total > size:
         raise RefusedPickle("its zip records claim more bytes than the file has")
-    pickles = [r for r in records if r.filename.endswith("/data.pkl") and r.filename.count("/") == 1]
+    pickles = [
+        r for r in records if r.filename.endswith("/data.pkl") and r.filename.count("/") == 1
+    ]
     if len(pickles) != 1:
         raise RefusedPickle("it is a zip archive but not one torch.save wrote (no single data.pkl)")
     prefix = pickles[0].filename[: -len("data.pkl")]
@@ -228,7 +245,9 @@ def _scan_zip(f: BinaryIO, size: int) -> None:
         if record is None:
             raise RefusedPickle(f"storage {key[:40]!r} has no data record")
         if record.file_size != nbytes:
-            raise RefusedPickle(f"storage {key[:40]!r} claims {nbytes} bytes but its record has {record.file_size}")
+            raise RefusedPickle(
+                f"storage {key[:40]!r} claims {nbytes} bytes but its record has {record.file_size}"
+            )
 
     data = archive.read(pickles[0])
     _run(io.BytesIO(data), len(data), storage_bytes)
@@ -275,15 +294,19 @@ def load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         try:
             scan(f, size)
         except DamagedPickle as e:
-            raise ValueError(f"{path}: not a readable torch checkpoint, truncated or damaged? ({e})") from None
+            raise ValueError(
+                f"{path}: not a readable torch checkpoint, truncated or damaged? ({e})"
+            ) from None
         except RefusedPickle as e:
             raise ValueError(
-                f"{path}: refused to load: {e}; nothing in it was executed. If you trust its source, "
-                "unpickle it yourself in a session you control and save its state dict with "
-                "torch.save or safetensors."
+                f"{path}: refused to load: {e}; nothing in it was executed. If you trust its "
+                "source, unpickle it yourself in a session you control and save its state dict "
+                "with torch.save or safetensors."
             ) from None
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged pickle or zip archive fails in many ways
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: not a readable torch checkpoint, truncated or damaged? ({reason})") from None
+            raise ValueError(
+                f"{path}: not a readable torch checkpoint, truncated or damaged? ({reason})"
+            ) from None
