@@ -4,12 +4,14 @@ memory measured against the documented bounds."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gzip
 import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import struct
@@ -618,6 +620,7 @@ def test_eval_metadata_is_schema_checked(tmp_path, eval_text, why):
 # --- 5. fuzzing: recipes, index.json files, safetensors headers ---------------------------------
 
 _FUZZ_DIR = Path(tempfile.mkdtemp(prefix="res2net-fuzz-"))
+atexit.register(shutil.rmtree, _FUZZ_DIR, ignore_errors=True)
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
 _VALUES = st.recursive(
     _SCALARS,
@@ -699,10 +702,15 @@ def _check_index(text: str) -> None:
     split = _FUZZ_DIR / "shards" / "train"
     split.mkdir(parents=True, exist_ok=True)
     (split / "index.json").write_text(text, encoding="utf-8", errors="surrogatepass")
+    tracemalloc.start()
     try:
         ShardIndex.load(split.parent, "train")
     except DataError as e:
         one_line(str(e))
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 4 * MiB + 100 * len(text.encode("utf-8", "surrogatepass")), peak
     assert sorted(p.name for p in split.iterdir()) == ["index.json"]
 
 

@@ -96,7 +96,7 @@ def read_regular_file(
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
             raise ValueError(f"{what} '{path}' has {size} bytes, more than the {max_bytes} allowed")
-        return f.read(size if max_bytes is None else max_bytes + 1)
+        return f.read(size if max_bytes is None else min(size, max_bytes) + 1)
 
 
 @contextlib.contextmanager

@@ -225,7 +225,7 @@ class ShardIndex:
                 stream = _open_stream(index_url)
                 try:
                     with interruptible():
-                        content = stream.read(MAX_INDEX_BYTES + 1)
+                        content = _read_capped(stream, MAX_INDEX_BYTES + 1)
                 finally:
                     _close(stream, early=True)
             except Exception as e:
@@ -586,6 +586,19 @@ def _open_stream(url: str) -> Any:
 
         return Pipe([*_CURL, url], mode="rb", bufsize=8192, ignore_status=[141, 23])
     return wds.gopen(url)
+
+
+def _read_capped(stream: Any, limit: int) -> bytes:
+    """At most `limit` bytes of `stream`, read in chunks (one `read(limit)` would allocate
+    `limit` bytes up front, however little the stream holds)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = stream.read(min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _close(stream: Any, early: bool) -> None:

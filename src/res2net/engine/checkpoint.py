@@ -66,7 +66,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint written by `save_checkpoint` (never executes pickled code)."""
     path = Path(path)
-    state = torchfile.load(path, "checkpoint")
+    state = torchfile.load(path, "training checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a res2net training checkpoint (use it as weights with --ckpt_path instead)")
     return state

@@ -286,27 +286,27 @@ def _run(f: BinaryIO, nbytes: int, storage_bytes: Callable[[str, int], None]) ->
         raise DamagedPickle(f"its pickle is damaged ({reason})") from None
 
 
-def load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+def load(path: str | os.PathLike, what: str = "torch checkpoint") -> Any:
     """`torch.load(path, weights_only=True)` on CPU after `scan` has passed; ValueError with
     one line naming the file otherwise (nothing in it is executed either way)."""
-    with open_regular_file(path, what) as f:
+    with open_regular_file(path, "checkpoint") as f:
         size = os.fstat(f.fileno()).st_size
         try:
             scan(f, size)
         except DamagedPickle as e:
             raise ValueError(
-                f"{path}: not a readable torch checkpoint, truncated or damaged? ({e})"
+                f"{path}: not a readable {what}, truncated or damaged? ({e})"
             ) from None
         except RefusedPickle as e:
             raise ValueError(
-                f"{path}: refused to load: {e}; nothing in it was executed. If you trust its "
-                "source, unpickle it yourself in a session you control and save its state dict "
-                "with torch.save or safetensors."
+                f"{path}: not a readable {what}: refused to load: {e}; nothing in it was "
+                "executed. If you trust its source, unpickle it yourself in a session you "
+                "control and save its state dict with torch.save or safetensors."
             ) from None
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged pickle or zip archive fails in many ways
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise ValueError(
-                f"{path}: not a readable torch checkpoint, truncated or damaged? ({reason})"
+                f"{path}: not a readable {what}, truncated or damaged? ({reason})"
             ) from None
