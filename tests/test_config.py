@@ -158,10 +158,11 @@ def test_type_error_in_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("lr", "0"), ("batch_size", "0"), ("hflip", "1.5"), ("vflip", "-0.1"), ("re_prob", "2"),
     ("label_smoothing", "1.0"), ("epoch_size", "0"), ("warmup_epochs", "-1"),
-    ("scale", "[1.0, 0.08]"), ("ratio", "[0, 1]"), ("crop_pct", "0"), ("crop_pct", "1.1"),
+    ("scale", "[1.0, 0.08]"), ("ratio", "[0, 1]"), ("crop_pct", "0"), ("crop_pct", "2.5"),
     ("ema_decay", "1.0"), ("keep_checkpoint_max", "0"), ("ckpt_save_policy", "best"),
-    ("opt", "lamb"), ("scheduler", "one_cycle"), ("amp_level", "O4"), ("interpolation", "cubic"),
-    ("auto_augment", "augmix"), ("mode", "2"), ("device", "gpu"), ("lr_scale", "sqrt"),
+    ("opt", "shampoo"), ("scheduler", "linear"), ("amp_level", "O4"), ("interpolation", "quad"),
+    ("auto_augment", "randaug-q9"), ("color_jitter", "[0.4, 0.4]"), ("dataset", "cifar10"),
+    ("mode", "2"), ("device", "gpu"), ("lr_scale", "sqrt"),
     ("on_bad_image", "ignore"), ("loss", "focal"), ("mean", "[1, 2]"), ("loss_scale", "0.5"),
     ("multi_step_decay_milestones", "[60, 30]"),
 ])
