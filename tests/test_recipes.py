@@ -420,7 +420,7 @@ RECIPE_SHAPES = {
         opt="SGD", scheduler="multi_step_decay", multi_step_decay_milestones=[1, 2],
         decay_rate=0.1, auto_augment="autoaug-mstd0.5", interpolation="bicubic",
         gradient_accumulation_steps=2, weight_decay_filter="norm_and_bias",
-        color_jitter=[0.3, 0.3, 0.3], batch_size=2, ckpt_save_policy="top_k",
+        color_jitter=[0.3, 0.3, 0.3], ckpt_save_policy="top_k",
         val_while_train=True, use_nesterov=True),
     "lion-randaug_m7-extras": dict(
         opt="lion", lr=0.0001, auto_augment="randaug-m7-mstd0.5-inc1", interpolation="bilinear",
