@@ -378,6 +378,57 @@ def test_mindcv_quirks_keep_working(tmp_path):
     assert cfg.ema is True and cfg.color_jitter == (0.4, 0.4, 0.4)
 
 
+# Every key and value (as YAML) that MindCV's 179 public recipes give, from their tally.
+RECIPE_VALUES = {
+    "distribute": ["True"], "num_parallel_workers": ["8", "16"], "dataset": ["'imagenet'"],
+    "shuffle": ["True"], "batch_size": ["32", "75", "320"], "keep_checkpoint_max": ["10", "100"],
+    "epoch_size": ["300", "90"], "dataset_sink_mode": ["True"],
+    "amp_level": ["'O2'", "'O3'", "'O0'"], "loss": ["'CE'", "'ce'"], "label_smoothing": ["0.1"],
+    "scheduler": ["'cosine_decay'", "'warmup_cosine_decay'", "'multi_step_decay'",
+                  "'step_decay'"],
+    "lr": ["0.1", "0.0005"],
+    "opt": ["'momentum'", "'adamw'", "'rmsprop'", "'sgd'", "'SGD'", "'lion'", "'AdamW'"],
+    "weight_decay": ["0.0001", "4e-05", "'1e-5'", "'5e-5'", "0.3"], "mode": ["0"],
+    "warmup_epochs": ["5", "0", "32"], "interpolation": ["'bilinear'", "'bicubic'"],
+    "decay_epochs": ["120", "295"], "image_resize": ["224", "256", "299", "240"],
+    "hflip": ["0.5"], "use_nesterov": ["False", "True"], "dataset_download": ["False"],
+    "pretrained": ["False"], "drop_remainder": ["True"],
+    "min_lr": ["0.0", "1e-05", "1e-06", "'1e-10'", "'1e-6'", "3e-07", "'5e-6'"],
+    "scale": ["[0.08, 1.0]"], "ratio": ["[0.75, 1.333]", "[0.75, 1.33]"],
+    "crop_pct": ["0.875", "0.9", "0.95", "0.935", "0.96", "0.93", "0.925", "0.915", "0.87",
+                 "1.15"],
+    "momentum": ["0.9"], "loss_scale": ["1024", "16777216", "16777216.0", "1024.0", "300"],
+    "val_while_train": ["True"], "re_prob": ["0.25", "0.0", "1.0"],
+    "auto_augment": ["'randaug-m9-mstd0.5-inc1'", "'randaug-m9-mstd0.5'", "'autoaug'",
+                     "'randaug-m7-mstd0.5'", "'randaug-m7-mstd0.5-inc1'", "'autoaug-mstd0.5'",
+                     "'randaug-m9-n2-mstd0.5-inc1'"],
+    "mixup": ["0.8", "0.2"], "color_jitter": ["0.4", "[0.4, 0.4, 0.4]", "0.0", "[0.3, 0.3, 0.3]"],
+    "cutmix": ["1.0"], "loss_scale_type": ["'dynamic'", "'auto'", "'fixed'"],
+    "val_interval": ["1", "5"], "drop_path_rate": ["0.1", "0.0", "0.5"],
+    "drop_overflow_update": ["True"], "cutmix_prob": ["1.0", "0.0"],
+    "ckpt_save_policy": ["'top_k'", "'latest_k'"], "vflip": ["0.0"],
+    "eps": ["'1e-3'", "1e-08", "'1e-8'"], "warmup_factor": ["0.01", "0.002", "1.75e-05"],
+    "val_split": ["'val'"], "re_value": ["'random'"],
+    "decay_rate": ["0.1", "0.5", "0.01"], "weight_decay_filter": ["'auto'", "'norm_and_bias'"],
+    "drop_rate": ["0.2", "0.0", "0.25"], "val_amp_level": ["'O3'", "'O2'"],
+    "lr_epoch_stair": ["True", "False"], "ema": ["True", "False"], "ckpt_save_interval": ["1"],
+    "ema_decay": ["0.9995", "0.99996"], "log_interval": ["100"], "aug_repeats": ["3"],
+    "train_split": ["'train'"], "seed": ["1"],
+    "multi_step_decay_milestones": ["[30, 40, 50, 60, 70, 80, 85]"], "num_cycles": ["4", "2"],
+    "cycle_decay": ["1.0", "1"], "re_max_attempts": ["1"], "aux_factor": ["0.1"],
+    "re_ratio": ["[0.3, 3.333]"], "in_channels": ["3"], "gradient_accumulation_steps": ["2"],
+}
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, vs in RECIPE_VALUES.items() for v in vs])
+def test_every_recipe_value_loads(key, value, tmp_path):
+    path = tmp_path / "r.yaml"
+    base = "" if key == "opt" else "opt: momentum\n"  # MindCV's default 'adam' has no Nesterov
+    path.write_text(f"{base}{key}: {value}\n")
+    cfg = load_config(path)
+    assert getattr(cfg, key) is not None
+
+
 # --------------------------------------------------------------------------------------------
 # every recipe shape trains one epoch, default settings (fast_decode on)
 

@@ -33,7 +33,6 @@ import yaml
 
 from .schema import (
     AMP_LEVELS,
-    AUTO_AUGMENTS,
     CKPT_SAVE_POLICIES,
     HELP,
     INTERPOLATIONS,
@@ -59,7 +58,6 @@ __all__ = ["Config", "ConfigError", "load_config", "keys_help", "REFERENCE_BATCH
 REFERENCE_BATCH_SIZE = 256
 
 # The word lists live in schema.py (one source for config, transforms, schedules, optimizers).
-AUTO_AUGMENT_PREFIXES = AUTO_AUGMENTS
 _DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)")
 # Strings that mean None for Optional fields (YAML itself already maps null and ~).
 _NONE_STRINGS = ("None", "none", "null", "Null", "NULL", "~")
@@ -777,8 +775,8 @@ def _validate(c: Config) -> None:
     # optimizer
     choice("opt", OPTIMIZERS)
     check(not (c.opt == "adam" and c.use_nesterov), "use_nesterov",
-          "is not available with opt 'adam' (MindSpore's Nesterov Adam has no torch "
-          "counterpart); use opt 'nadam' or use_nesterov False")
+          "must be False with opt 'adam' (MindSpore's Nesterov Adam has no torch "
+          "counterpart; opt 'nadam' is the closest)")
     check(c.momentum >= 0, "momentum", "must be >= 0")
     check(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     choice("weight_decay_filter", WEIGHT_DECAY_FILTERS)

@@ -56,9 +56,11 @@ class LrSchedule:
     def __post_init__(self) -> None:
         name = self.scheduler
         if name not in SCHEDULERS:
-            raise ValueError(f"scheduler={name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+            raise ValueError(f"scheduler={name!r} is unknown; choose one of "
+                             f"{', '.join(SCHEDULERS)}")
         if self.steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch must be >= 1 (is the dataset smaller than one batch?)")
+            raise ValueError("steps_per_epoch must be >= 1 "
+                             "(is the dataset smaller than one batch?)")
         if name in _NEEDS_EPOCHS and self.epochs is None:
             raise ValueError(f"scheduler {name} needs the number of epochs")
         if name in ("one_cycle", "cyclic") and (self.warmup_epochs > 0 or self.lr_epoch_stair):
@@ -117,7 +119,8 @@ class LrSchedule:
             return self.min_lr
         peak = self.lr * self.cycle_decay**cycle
         t = e - cycle * self.decay_epochs
-        return self.min_lr + 0.5 * (peak - self.min_lr) * (1 + math.cos(math.pi * t / self.decay_epochs))
+        cos = math.cos(math.pi * t / self.decay_epochs)
+        return self.min_lr + 0.5 * (peak - self.min_lr) * (1 + cos)
 
     def _one_cycle(self, i: int) -> float:
         steps = self._main_steps()
