@@ -288,6 +288,12 @@ def jpeg_bytes(size=40) -> bytes:
     return buf.getvalue()
 
 
+def test_transforms_know_exactly_the_schema_interpolations():
+    from res2net.data import transforms
+
+    assert set(transforms._INTERPOLATIONS) == set(INTERPOLATIONS)
+
+
 def test_aa_forms_cover_every_policy():
     assert {f.split("-")[0] for f in AA_FORMS} == set(AUTO_AUGMENTS)
 
