@@ -114,7 +114,7 @@ class Config:
     ratio: tuple[float, float] = (0.75, 1.333)
     hflip: float = 0.5
     vflip: float = 0.0
-    color_jitter: float | tuple[float, ...] | None = 0.4  # one factor, or [b, c, s] / [b, c, s, hue]
+    color_jitter: float | tuple[float, ...] | None = 0.4  # a factor, or [b, c, s(, hue)]
     interpolation: str = "bilinear"
     auto_augment: str | None = None  # e.g. "randaug-m9-mstd0.5-inc1", "autoaug-mstd0.5"
     aug_splits: int = 0
@@ -385,7 +385,6 @@ IGNORED_KEYS: dict[str, str] = {
     "data_url": "MindSpore-only (ModelArts)",
     "ckpt_url": "MindSpore-only (ModelArts)",
     "train_url": "MindSpore-only (ModelArts)",
-    "aug_splits": "AugMix splits with a JSD loss are not implemented",
     "aux_factor": "Res2Net models have no auxiliary head",
     "re_max_attempts": "torchvision's RandomErasing always tries 10 boxes",
     "eval_shuffle": "the order of evaluation images does not change the metrics",
@@ -406,6 +405,7 @@ MAPPED_KEYS: dict[str, str] = {
     "lr_scale": "lr_scale_factor()",
     "dataset": "validated: 'imagenet' only",
     "dataset_download": "validated: False only",
+    "aug_splits": "validated: 0 only",
 }
 
 
@@ -741,7 +741,8 @@ def _validate(c: Config) -> None:
             parse_auto_augment(c.auto_augment)
         except ValueError as e:
             raise ConfigError(f"config key 'auto_augment' is invalid: {e}", key="auto_augment") from None
-    check(c.aug_splits >= 0, "aug_splits", "must be >= 0")
+    check(c.aug_splits == 0, "aug_splits", "must be 0 (AugMix splits with a JSD loss are not "
+          "implemented; auto_augment 'augmix' is)")
     probability("re_prob")
     span("re_scale")
     span("re_ratio")

@@ -132,7 +132,7 @@ HELP: dict[str, dict[str, str]] = {
         "interpolation": "resize interpolation: " + ", ".join(INTERPOLATIONS),
         "auto_augment": "policy: randaug-m9-n2-mstd0.5-inc1, autoaug(-mstd0.5), autoaugr, "
                         "trivialaugwide, augmix-m3-w3, 3a; None: off",
-        "aug_splits": "AugMix splits (JSD loss); 0 only",
+        "aug_splits": "AugMix splits with a JSD loss: not implemented, 0 only",
         "re_prob": "random erasing probability",
         "re_scale": "random erasing area range",
         "re_ratio": "random erasing aspect ratio range",
