@@ -93,6 +93,9 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
                              f"({', '.join(sorted(_AA_OPTIONS[name])) or 'none'})")
         params[match.group(1)] = float(match.group(2))
         i += 1
+    low = 1 if name == "augmix" else 0  # AugMix's severity starts at 1
+    if not low <= params.get("m", 9 if low == 0 else 3) <= 10:
+        raise ValueError(f"auto_augment {spec!r}: magnitude m must be in {low}..10")
     return name, params
 
 
