@@ -217,6 +217,25 @@ def test_label_smoothing_targets_as_mindcv():
     assert t[1].tolist() == pytest.approx([0.025, 0.025, 0.925, 0.025])
 
 
+def test_label_smoothing_loss_as_mindcv():
+    from res2net.engine import train as train_mod
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    labels = torch.tensor([0, 1])
+    logp = torch.log_softmax(logits, 1)
+    # CrossEntropySmooth: (1 - s) * NLL + s * mean over classes of -log p
+    ce = train_mod._loss(load_config(None, ["--label_smoothing", "0.1"]), False)
+    nll = -logp[torch.arange(2), labels]
+    assert ce(logits, labels).item() == pytest.approx(
+        (0.9 * nll + 0.1 * -logp.mean(1)).mean().item(), rel=1e-6)
+    # BinaryCrossEntropySmooth: targets on = 1 - s + s / K, off = s / K
+    bce = train_mod._loss(load_config(None, ["--label_smoothing", "0.3", "--loss", "bce"]), False)
+    targets = torch.full((2, 3), 0.1)
+    targets[torch.arange(2), labels] = 0.8
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert bce(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def classify_mixes(mix, n=300):
     """How often a batch is left alone, cut-mixed or mixed-up (images 0 and 1 in a pair)."""
     torch.manual_seed(0)
