@@ -798,9 +798,9 @@ def _validate(c: Config) -> None:
           "must be increasing epochs >= 0")
     check(c.scheduler != "multi_step_decay" or len(ms) > 0, "multi_step_decay_milestones",
           "must not be empty with scheduler multi_step_decay")
-    for key in ("warmup_epochs", "lr_epoch_stair"):
+    for key, off in (("warmup_epochs", "0"), ("lr_epoch_stair", "False")):
         check(c.scheduler not in ("one_cycle", "cyclic") or not getattr(c, key), key,
-              f"must be 0/False with scheduler {c.scheduler} (as in MindCV)")
+              f"must be {off} with scheduler {c.scheduler} (as in MindCV)")
     check(c.num_cycles >= 1, "num_cycles", "must be >= 1")
     check(c.cycle_decay > 0, "cycle_decay", "must be > 0")
     # loss
