@@ -162,7 +162,7 @@ def _eval_problem(settings: dict) -> str | None:
             ok = number(value) and isinstance(value, int) and 1 <= value <= MAX_IMAGE_SIZE
             rule = f"an integer from 1 to {MAX_IMAGE_SIZE}"
         elif key == "crop_pct":
-            ok, rule = number(value) and 0 < value <= 1, "a number in (0, 1]"
+            ok, rule = number(value) and 0 < value <= 2, "a number in (0, 2]"
         elif key == "interpolation":
             ok, rule = value in INTERPOLATIONS, "one of " + ", ".join(INTERPOLATIONS)
         elif key in ("mean", "std"):
