@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
 from .weights.loading import load_checkpoint
 from .weights.pretrained import download_weights, select_entry
@@ -41,7 +42,14 @@ def create_model(
       (0 = stem, stride 2; 1..4 = stages, strides 4, 8, 16, 32), with `feature_channels`.
     - Other keyword arguments go to the architecture: in_chans, drop_rate, drop_path_rate,
       zero_init_last, output_stride.
+    - `name` may also be `hf-hub:org/name[@revision]` (through huggingface_hub and its cache) or
+      `local-dir:/path`: a model folder as `res2net.push_to_hub` writes it (see `res2net.hub`).
     """
+    if is_hub_name(name):
+        if pretrained or checkpoint_path is not None or features_only:
+            raise ValueError(f"{name}: a Hub model brings its weights; drop pretrained/checkpoint_path/features_only")
+        classes = {} if num_classes is _NOT_GIVEN else {"num_classes": num_classes}
+        return load_from_hub(name, **classes, **kwargs)
     resolve_name(name)
     if pretrained and checkpoint_path is not None:
         raise ValueError("give either pretrained= or checkpoint_path=, not both")
