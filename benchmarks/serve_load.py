@@ -49,6 +49,17 @@ def start_server(weights: Path, device: str, max_batch: int) -> tuple[subprocess
     return proc, int(line.rsplit(":", 1)[1].strip("/\n"))
 
 
+def model_seconds(port: int) -> tuple[float, int, int]:
+    """The server's own counters: seconds inside the model, images, model calls."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return (float(values["res2net_inference_seconds_total"]), int(values["res2net_images_total"]),
+            int(values["res2net_batches_total"]))
+
+
 def load(port: int, body: bytes, clients: int, seconds: float) -> dict[str, float]:
     """`clients` threads, each with its own keep-alive connection, posting for `seconds`."""
     latencies: list[float] = []
@@ -72,6 +83,7 @@ def load(port: int, body: bytes, clients: int, seconds: float) -> dict[str, floa
         with lock:
             latencies.extend(mine)
 
+    before = model_seconds(port)
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -79,9 +91,11 @@ def load(port: int, body: bytes, clients: int, seconds: float) -> dict[str, floa
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    busy, images, calls = (a - b for a, b in zip(model_seconds(port), before))
     q = np.quantile(latencies, [0.5, 0.99]) if latencies else [float("nan")] * 2
     return {"clients": clients, "requests": len(latencies), "errors": errors[0], "seconds": wall,
-            "throughput": len(latencies) / wall, "p50_ms": 1000 * q[0], "p99_ms": 1000 * q[1]}
+            "throughput": len(latencies) / wall, "p50_ms": 1000 * q[0], "p99_ms": 1000 * q[1],
+            "model_busy": busy / wall, "images_per_call": images / max(1, calls)}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -113,10 +127,11 @@ def measure(args: argparse.Namespace) -> dict:
 
 def report(path: Path, png: Path | None) -> str:
     data = json.loads(path.read_text())
-    lines = ["| max_batch | clients | img/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| max_batch | clients | img/s | p50 ms | p99 ms | images per model call | model busy | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["runs"]:
         lines.append(f"| {r['max_batch']} | {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | "
-                     f"{r['p99_ms']:.0f} | {r['errors']} |")
+                     f"{r['p99_ms']:.0f} | {r['images_per_call']:.1f} | {100 * r['model_busy']:.0f}% | {r['errors']} |")
     if png is not None:
         import matplotlib
 
