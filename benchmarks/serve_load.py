@@ -4,7 +4,8 @@ p50/p99 latency per number of clients, with micro-batching (max_batch 16) and wi
 Run by hand (the server is a subprocess, so clients and server do not share a GIL):
 
     python benchmarks/serve_load.py --out benchmarks/results/serve-cpu.json [--device cuda]
-    python benchmarks/serve_load.py --report benchmarks/results/serve-cpu.json --png docs/serving.png
+    python benchmarks/serve_load.py --report benchmarks/results/serve-cpu.json \
+        --png docs/serving.png
 
 The served model is Res2Net-50 (1000 classes, random weights: the speed does not depend on
 them) at 224x224; the image is a 500x375 JPEG, ImageNet's typical size.
@@ -18,7 +19,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,8 +39,22 @@ def jpeg() -> bytes:
 
 
 def start_server(weights: Path, device: str, max_batch: int) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "res2net.cli.main", "serve", "--ckpt_path", str(weights), "--port", "0",
-           "--device", device, "--max_batch", str(max_batch), "--max_wait_ms", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "res2net.cli.main",
+        "serve",
+        "--ckpt_path",
+        str(weights),
+        "--port",
+        "0",
+        "--device",
+        device,
+        "--max_batch",
+        str(max_batch),
+        "--max_wait_ms",
+        "5",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -55,9 +69,14 @@ def model_seconds(port: int) -> tuple[float, int, int]:
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    values = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    return (float(values["res2net_inference_seconds_total"]), int(values["res2net_images_total"]),
-            int(values["res2net_batches_total"]))
+    values = dict(
+        line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    return (
+        float(values["res2net_inference_seconds_total"]),
+        int(values["res2net_images_total"]),
+        int(values["res2net_batches_total"]),
+    )
 
 
 def load(port: int, body: bytes, clients: int, seconds: float) -> dict[str, float]:
@@ -93,9 +112,17 @@ def load(port: int, body: bytes, clients: int, seconds: float) -> dict[str, floa
     wall = time.perf_counter() - start
     busy, images, calls = (a - b for a, b in zip(model_seconds(port), before))
     q = np.quantile(latencies, [0.5, 0.99]) if latencies else [float("nan")] * 2
-    return {"clients": clients, "requests": len(latencies), "errors": errors[0], "seconds": wall,
-            "throughput": len(latencies) / wall, "p50_ms": 1000 * q[0], "p99_ms": 1000 * q[1],
-            "model_busy": busy / wall, "images_per_call": images / max(1, calls)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors[0],
+        "seconds": wall,
+        "throughput": len(latencies) / wall,
+        "p50_ms": 1000 * q[0],
+        "p99_ms": 1000 * q[1],
+        "model_busy": busy / wall,
+        "images_per_call": images / max(1, calls),
+    }
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -104,8 +131,14 @@ def measure(args: argparse.Namespace) -> dict:
     import res2net
 
     body = jpeg()
-    out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": args.device,
-           "torch": torch.__version__, "load_average": os.getloadavg(), "runs": []}
+    out = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": args.device,
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+        "runs": [],
+    }
     if args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,11 +160,17 @@ def measure(args: argparse.Namespace) -> dict:
 
 def report(path: Path, png: Path | None) -> str:
     data = json.loads(path.read_text())
-    lines = ["| max_batch | clients | img/s | p50 ms | p99 ms | images per model call | model busy | errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| max_batch | clients | img/s | p50 ms | p99 ms | images per model call | model busy "
+        "| errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in data["runs"]:
-        lines.append(f"| {r['max_batch']} | {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | "
-                     f"{r['p99_ms']:.0f} | {r['images_per_call']:.1f} | {100 * r['model_busy']:.0f}% | {r['errors']} |")
+        lines.append(
+            f"| {r['max_batch']} | {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | "
+            f"{r['p99_ms']:.0f} | {r['images_per_call']:.1f} | {100 * r['model_busy']:.0f}% "
+            f"| {r['errors']} |"
+        )
     if png is not None:
         import matplotlib
 
@@ -142,11 +181,28 @@ def report(path: Path, png: Path | None) -> str:
         for max_batch in sorted({r["max_batch"] for r in data["runs"]}):
             rows = [r for r in data["runs"] if r["max_batch"] == max_batch]
             label = "micro-batching (16)" if max_batch > 1 else "one image per call"
-            axes[0].plot([r["clients"] for r in rows], [r["throughput"] for r in rows], marker="o", label=label)
-            axes[1].plot([r["clients"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=f"{label} p50")
-            axes[1].plot([r["clients"] for r in rows], [r["p99_ms"] for r in rows], marker="x", ls="--",
-                         label=f"{label} p99")
-        axes[0].set(title=f"throughput ({data['device']})", xlabel="concurrent clients", ylabel="images/s")
+            axes[0].plot(
+                [r["clients"] for r in rows],
+                [r["throughput"] for r in rows],
+                marker="o",
+                label=label,
+            )
+            axes[1].plot(
+                [r["clients"] for r in rows],
+                [r["p50_ms"] for r in rows],
+                marker="o",
+                label=f"{label} p50",
+            )
+            axes[1].plot(
+                [r["clients"] for r in rows],
+                [r["p99_ms"] for r in rows],
+                marker="x",
+                ls="--",
+                label=f"{label} p99",
+            )
+        axes[0].set(
+            title=f"throughput ({data['device']})", xlabel="concurrent clients", ylabel="images/s"
+        )
         axes[1].set(title="latency", xlabel="concurrent clients", ylabel="ms")
         for ax in axes:
             ax.set_xscale("log", base=2)
@@ -158,7 +214,9 @@ def report(path: Path, png: Path | None) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, help="write the measurements here (JSON)")
     p.add_argument("--report", type=Path, help="print the table of a measurement JSON")
     p.add_argument("--png", type=Path, help="with --report: write the plot here")

@@ -27,9 +27,15 @@ def trained(tmp_path_factory):
             m.running_var.uniform_(0.5, 1.5)
     model.eval()
     folder = tmp_path_factory.mktemp("hub") / "tiny-res2net"
-    res2net.save_to_folder(model, folder, arch=ARCH, repo_name="me/tiny-res2net",
-                           classes=list("abcde"), metrics={"top1": 61.5},
-                           eval_args={"image_resize": 160, "crop_pct": 0.95, "interpolation": "bicubic"})
+    res2net.save_to_folder(
+        model,
+        folder,
+        arch=ARCH,
+        repo_name="me/tiny-res2net",
+        classes=list("abcde"),
+        metrics={"top1": 61.5},
+        eval_args={"image_resize": 160, "crop_pct": 0.95, "interpolation": "bicubic"},
+    )
     return model, folder
 
 
@@ -56,14 +62,20 @@ def hub_cache(tmp_path, monkeypatch, trained):
 
 def test_folder_has_timm_layout_and_model_card(trained):
     _, folder = trained
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == ARCH and config["num_classes"] == 5
     assert config["label_names"] == list("abcde")
     assert config["pretrained_cfg"]["input_size"] == [3, 160, 160]
     assert config["pretrained_cfg"]["interpolation"] == "bicubic"
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\n") and "library_name: timm" in card and "license: apache-2.0" in card
+    assert (
+        card.startswith("---\n") and "library_name: timm" in card and "license: apache-2.0" in card
+    )
     assert "| top1 | 61.5 |" in card and 'create_model("hf-hub:me/tiny-res2net")' in card
 
 
@@ -102,13 +114,16 @@ def test_push_offline_fails_clearly_and_uploads_nothing(trained, monkeypatch):
         res2net.push_to_hub(trained[0], "me/tiny-res2net", arch=ARCH)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"architecture": "resnet50"}, "resnet50"),
-    ({"num_classes": -3}, "num_classes"),
-    ({"label_names": ["a"]}, "label_names"),
-    ({"pretrained_cfg": {"input_size": [3, 10 ** 6, 10 ** 6]}}, "input_size"),
-    ({"pretrained_cfg": {"std": [0, 1, 1]}}, "std"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architecture": "resnet50"}, "resnet50"),
+        ({"num_classes": -3}, "num_classes"),
+        ({"label_names": ["a"]}, "label_names"),
+        ({"pretrained_cfg": {"input_size": [3, 10**6, 10**6]}}, "input_size"),
+        ({"pretrained_cfg": {"std": [0, 1, 1]}}, "std"),
+    ],
+)
 def test_hostile_configs_are_refused_naming_the_key(trained, tmp_path, change, message):
     folder = tmp_path / "bad"
     shutil.copytree(trained[1], folder)
@@ -125,8 +140,18 @@ def test_convert_cli_writes_a_hub_folder(trained, tmp_path, capsys):
     torch.save(model.state_dict(), src)
     (tmp_path / "classes.txt").write_text("\n".join("vwxyz"))
     out = tmp_path / "out"
-    args = ["convert", str(src), "--model", ARCH, "--to-hub-folder", str(out),
-            "--classes", str(tmp_path / "classes.txt"), "--metric", "top1=12.5"]
+    args = [
+        "convert",
+        str(src),
+        "--model",
+        ARCH,
+        "--to-hub-folder",
+        str(out),
+        "--classes",
+        str(tmp_path / "classes.txt"),
+        "--metric",
+        "top1=12.5",
+    ]
     assert main(args) == 0
     loaded = res2net.create_model(f"local-dir:{out}")
     x = torch.randn(1, 3, 64, 64)

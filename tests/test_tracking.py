@@ -34,14 +34,20 @@ def check_mlflow(client, run, records):
     assert run.data.params["model"] == "res2net50" and run.data.params["lr"] == "0.01"
     steps = [r for r in records if r["kind"] == "step"]
     history = client.get_metric_history(run.info.run_id, "step/loss")
-    assert [(m.step, m.value) for m in history] == [(r["global_step"], pytest.approx(r["loss"])) for r in steps]
+    assert [(m.step, m.value) for m in history] == [
+        (r["global_step"], pytest.approx(r["loss"])) for r in steps
+    ]
     epochs = [r for r in records if r["kind"] == "epoch"]
     top1 = client.get_metric_history(run.info.run_id, "epoch/val_top1")
     assert [m.value for m in top1] == pytest.approx([r["val_top1"] for r in epochs])
     folders = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert folders == {"plots", "checkpoints"}
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/training.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"
+    ]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
+        "plots/training.png"
+    ]
 
 
 def wandb_records(path: Path):
@@ -56,8 +62,8 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # block trailer
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunks += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             record = pb.Record()
@@ -84,7 +90,10 @@ def test_mlflow_and_wandb_offline(data_dir, tmp_path, monkeypatch):
     history, config = {}, {}
     for record in wandb_records(log_file):
         if record.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
             history[items["_step"]] = items
         elif record.WhichOneof("record_type") == "config":
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
@@ -92,7 +101,9 @@ def test_mlflow_and_wandb_offline(data_dir, tmp_path, monkeypatch):
     for r in records:
         if r["kind"] == "step":
             assert history[r["global_step"]]["step/loss"] == pytest.approx(r["loss"])
-    assert history[records[-1]["global_step"]]["epoch/val_top1"] == pytest.approx(records[-1]["val_top1"])
+    assert history[records[-1]["global_step"]]["epoch/val_top1"] == pytest.approx(
+        records[-1]["val_top1"]
+    )
     assert result.best_path is not None
 
 
@@ -100,7 +111,9 @@ def test_bad_tracker_and_unreachable_uri_fail_before_training(data_dir, tmp_path
     with pytest.raises(ValueError, match="config key .log. must be mlflow, wandb"):
         tiny_config(data_dir, tmp_path / "r", "--log", "comet")
     with pytest.raises(RuntimeError, match="cannot use tracking URI.*unreachable"):
-        Trackers(tmp_path, ["mlflow"], uri="http://127.0.0.1:9/")  # what train() opens before its first step
+        Trackers(
+            tmp_path, ["mlflow"], uri="http://127.0.0.1:9/"
+        )  # what train() opens before its first step
 
 
 @pytest.mark.slow

@@ -7,6 +7,11 @@ from .models import list_models
 from .weights.loading import load_checkpoint
 
 __all__ = [
-    "create_model", "list_models", "load_checkpoint", "optimize_for_inference", "push_to_hub", "save_to_folder",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "optimize_for_inference",
+    "push_to_hub",
+    "save_to_folder",
 ]
 __version__ = "0.1.0"

@@ -754,8 +754,9 @@ def _validate(c: Config) -> None:
     # project
     choice("lr_scale", LR_SCALES)
     choice("on_bad_image", ON_BAD_IMAGE)
-    check(all(t.strip().lower() in ("mlflow", "wandb", "none") for t in c.log.split(",")) or not c.log,
-          "log", "must be mlflow, wandb or both, comma-separated")
+    trackers = [t.strip().lower() for t in c.log.split(",")] if c.log else []
+    check(all(t in ("mlflow", "wandb", "none") for t in trackers), "log",
+          "must be mlflow, wandb or both, comma-separated")
     check(_DEVICE_RE.fullmatch(c.device) is not None, "device",
           "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 

@@ -47,7 +47,10 @@ def create_model(
     """
     if is_hub_name(name):
         if pretrained or checkpoint_path is not None or features_only:
-            raise ValueError(f"{name}: a Hub model brings its weights; drop pretrained/checkpoint_path/features_only")
+            raise ValueError(
+                f"{name}: a Hub model brings its weights; "
+                "drop pretrained/checkpoint_path/features_only"
+            )
         classes = {} if num_classes is _NOT_GIVEN else {"num_classes": num_classes}
         return load_from_hub(name, **classes, **kwargs)
     resolve_name(name)

@@ -70,7 +70,9 @@ def timm_config(
     }
     if classes is not None:
         if len(classes) != num_classes:
-            raise ValueError(f"got {len(classes)} class names for a model with {num_classes} classes")
+            raise ValueError(
+                f"got {len(classes)} class names for a model with {num_classes} classes"
+            )
         config["label_names"] = [str(c) for c in classes]
     config.update(extra or {})
     return config
@@ -99,24 +101,34 @@ def model_card(
     )
     ev = config["pretrained_cfg"]
     lines = [
-        "---", data.to_yaml(), "---", "",
-        f"# {repo_name}", "",
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {repo_name}",
+        "",
         f"`{arch}` ({config['num_classes']} classes), a Res2Net image classifier "
-        "([Gao et al., TPAMI 2019](https://arxiv.org/abs/1904.01169)).", "",
-        "## Use", "",
+        "([Gao et al., TPAMI 2019](https://arxiv.org/abs/1904.01169)).",
+        "",
+        "## Use",
+        "",
         "```python",
         "import res2net, timm",
         f'model = res2net.create_model("hf-hub:{repo_name}")  # or',
         f'model = timm.create_model("hf-hub:{repo_name}", pretrained=True)',
-        "```", "",
+        "```",
+        "",
         f"Evaluation transform: resize to {ev['input_size'][1]} / {ev['crop_pct']} "
-        f"({ev['interpolation']}), center crop {ev['input_size'][1]}, mean {ev['mean']}, std {ev['std']}.",
+        f"({ev['interpolation']}), center crop {ev['input_size'][1]}, "
+        f"mean {ev['mean']}, std {ev['std']}.",
         "",
     ]
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
-                  for k, v in metrics.items()]
+        lines += [
+            f"| {k} | {v:g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
+            for k, v in metrics.items()
+        ]
         lines.append("")
     if recipe:
         lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]
@@ -146,14 +158,26 @@ def save_to_folder(
         raise ValueError("only classifiers can go to the Hub: the model has no classifier")
     config = timm_config(arch, num_classes, eval_args=eval_args, classes=classes)
     ev = {**DEFAULT_EVAL, **(eval_args or {})}
-    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
-    metadata = {"arch": config["architecture"], "num_classes": str(num_classes), "source": source,
-                "eval": json.dumps(ev)}
+    state = {
+        k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
+    metadata = {
+        "arch": config["architecture"],
+        "num_classes": str(num_classes),
+        "source": source,
+        "eval": json.dumps(ev),
+    }
     write_safetensors(folder / WEIGHTS_NAME, state, metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    card = model_card(repo_name or f"ORG/{folder.name}", config, metrics=metrics, recipe=recipe, license=license,
-                      datasets=datasets)
+    card = model_card(
+        repo_name or f"ORG/{folder.name}",
+        config,
+        metrics=metrics,
+        recipe=recipe,
+        license=license,
+        datasets=datasets,
+    )
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return folder
 
@@ -179,14 +203,19 @@ def push_to_hub(
         save_to_folder(model, tmp, arch=arch, repo_name=repo_id, **folder_kwargs)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message
+            )
         except OfflineModeIsEnabled:
-            raise RuntimeError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload") from None
+            raise RuntimeError(
+                f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload"
+            ) from None
         except (HfHubHTTPError, OSError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RuntimeError(
                 f"could not push to {repo_id} ({reason}); check the network and your token "
-                "(`hf auth login` or HF_TOKEN), or write the folder with save_to_folder and upload it later"
+                "(`hf auth login` or HF_TOKEN), or write the folder with save_to_folder "
+                "and upload it later"
             ) from None
     return str(getattr(info, "commit_url", info))
 
@@ -200,7 +229,7 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
     """The local folder behind `hf-hub:org/name[@rev]` (its files fetched into, or read from,
     the Hub cache) or `local-dir:/path`."""
     if name.startswith(LOCAL_PREFIX):
-        folder = Path(name[len(LOCAL_PREFIX):]).expanduser()
+        folder = Path(name[len(LOCAL_PREFIX) :]).expanduser()
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} there; is it a model folder?")
         return folder
@@ -212,7 +241,9 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
     paths = []
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
-            paths.append(Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)))
+            paths.append(
+                Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+            )
         except LocalEntryNotFoundError:
             raise RuntimeError(
                 f"{repo_id}: {filename} is not in the Hub cache and the Hub cannot be reached "
@@ -220,7 +251,9 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
             ) from None
         except (HfHubHTTPError, OSError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RuntimeError(f"could not get {filename} of {repo_id} from the Hub ({reason})") from None
+            raise RuntimeError(
+                f"could not get {filename} of {repo_id} from the Hub ({reason})"
+            ) from None
     if paths[0].parent != paths[1].parent:
         raise RuntimeError(f"{repo_id}: config and weights come from different snapshots")
     return paths[0].parent
@@ -259,9 +292,16 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
     out = dict(DEFAULT_EVAL)
     size = cfg.get("input_size")
     if size is not None:
-        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) for s in size)
-                and 16 <= size[1] <= 4096 and size[1] == size[2]):
-            raise ValueError(f"{where}: 'input_size' must be [3, S, S] with 16 <= S <= 4096, not {size!r}")
+        if not (
+            isinstance(size, list)
+            and len(size) == 3
+            and all(isinstance(s, int) for s in size)
+            and 16 <= size[1] <= 4096
+            and size[1] == size[2]
+        ):
+            raise ValueError(
+                f"{where}: 'input_size' must be [3, S, S] with 16 <= S <= 4096, not {size!r}"
+            )
         out["image_resize"] = size[1]
     if "crop_pct" in cfg:
         pct = cfg["crop_pct"]
@@ -276,8 +316,11 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
     for key in ("mean", "std"):
         if key in cfg:
             v = cfg[key]
-            if not (isinstance(v, list) and len(v) == 3
-                    and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)):
+            if not (
+                isinstance(v, list)
+                and len(v) == 3
+                and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+            ):
                 raise ValueError(f"{where}: {key!r} must be three numbers, not {v!r}")
             if key == "std" and min(v) <= 0:
                 raise ValueError(f"{where}: 'std' must be positive, not {v!r}")
@@ -285,8 +328,9 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
     return out
 
 
-def load_from_hub(name: str, *, num_classes: int | None = None, cache_dir: str | Path | None = None,
-                  **kwargs: Any) -> nn.Module:
+def load_from_hub(
+    name: str, *, num_classes: int | None = None, cache_dir: str | Path | None = None, **kwargs: Any
+) -> nn.Module:
     """The model behind `hf-hub:org/name[@rev]` or `local-dir:/path`, with its weights; the
     folder's config is kept as `model.hub_config` (label names, eval transform).
     `num_classes` other than the folder's gives a new head (fine-tuning)."""
@@ -298,8 +342,11 @@ def load_from_hub(name: str, *, num_classes: int | None = None, cache_dir: str |
     if not weights.is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} there")
     classes = {} if num_classes is None else {"num_classes": num_classes}
-    model = create_model(config["architecture"], checkpoint_path=weights,
-                         **({"num_classes": config["num_classes"]} | classes), **kwargs)
+    model = create_model(
+        config["architecture"],
+        checkpoint_path=weights,
+        **({"num_classes": config["num_classes"]} | classes),
+        **kwargs,
+    )
     model.hub_config = config
     return model
-

@@ -6,7 +6,8 @@ from all connections, so the server only parses small requests; no dependency is
 docs/serving.md has the measurements.
 
 Endpoints:
-* `POST /predict[?topk=5&cam=1]` (`topk` at most `max_topk`, and the number of classes): the body is one encoded image (any `Content-Type`), or JSON
+* `POST /predict[?topk=5&cam=1]` (`topk` at most `max_topk`, and the number of classes): the
+  body is one encoded image (any `Content-Type`), or JSON
   `{"images": ["<base64>", ...]}` for a batch. Answers `{"top": [{"class", "index", "prob"}...]}`
   (a batch: `{"results": [{"top": ...}, ...]}`); with `cam=1` (one image) also `cam_png`, the
   Grad-CAM overlay of the top class as a base64 PNG.
@@ -69,8 +70,14 @@ class MicroBatcher:
     """Runs `fn` on batches of the tensors submitted from any thread: the first waiting tensor
     starts a batch, which takes whatever else arrives within `max_wait_ms`, up to `max_batch`."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, max_batch: int = 16,
-                 max_wait_ms: float = 5.0, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+    ) -> None:
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue(maxsize=max_queue)
         self.batches = self.images = 0
@@ -96,7 +103,9 @@ class MicroBatcher:
         while len(items) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                items.append(self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait())
+                items.append(
+                    self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                )
             except queue.Empty:
                 break
         return items
@@ -136,7 +145,9 @@ class Classifier:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # the model runs one call at a time
+    lock: threading.Lock = field(
+        default_factory=threading.Lock
+    )  # the model runs one call at a time
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -182,17 +193,24 @@ class Metrics:
     def text(self, batcher: MicroBatcher) -> str:
         with self.lock:
             lines = ["# TYPE res2net_responses_total counter"]
-            lines += [f'res2net_responses_total{{code="{c}"}} {n}' for c, n in sorted(self.responses.items())]
+            lines += [
+                f'res2net_responses_total{{code="{c}"}} {n}'
+                for c, n in sorted(self.responses.items())
+            ]
             lines += [
                 "# TYPE res2net_predict_seconds summary",
                 f"res2net_predict_seconds_sum {self.latency_sum:.6f}",
                 f"res2net_predict_seconds_count {self.predict_requests}",
             ]
         lines += [
-            "# TYPE res2net_images_total counter", f"res2net_images_total {batcher.images}",
-            "# TYPE res2net_batches_total counter", f"res2net_batches_total {batcher.batches}",
-            "# TYPE res2net_inference_seconds_total counter", f"res2net_inference_seconds_total {batcher.busy_s:.6f}",
-            "# TYPE res2net_queue_images gauge", f"res2net_queue_images {batcher.queue.qsize()}",
+            "# TYPE res2net_images_total counter",
+            f"res2net_images_total {batcher.images}",
+            "# TYPE res2net_batches_total counter",
+            f"res2net_batches_total {batcher.batches}",
+            "# TYPE res2net_inference_seconds_total counter",
+            f"res2net_inference_seconds_total {batcher.busy_s:.6f}",
+            "# TYPE res2net_queue_images gauge",
+            f"res2net_queue_images {batcher.queue.qsize()}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -201,10 +219,14 @@ def _static(name: str) -> bytes:
     return resources.files("res2net").joinpath("static", name).read_bytes()
 
 
-PAGES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
+PAGES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+}
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                               "img-src 'self' data: blob:; connect-src 'self'",
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+    "style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -215,12 +237,23 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], classifier: Classifier, *, limits: ServeLimits | None = None,
-                 max_batch: int = 16, max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        classifier: Classifier,
+        *,
+        limits: ServeLimits | None = None,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+    ) -> None:
         self.classifier = classifier
         self.limits = limits or ServeLimits()
-        self.batcher = MicroBatcher(classifier.probabilities, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                    max_queue=self.limits.max_queue)
+        self.batcher = MicroBatcher(
+            classifier.probabilities,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=self.limits.max_queue,
+        )
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         super().__init__(address, Handler)
@@ -249,7 +282,9 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     # --- responses -------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str, latency: float | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, latency: float | None = None
+    ) -> None:
         self.server.metrics.record(status, latency)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -282,8 +317,15 @@ class Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, _static(name), content_type)
         elif path == "/health":
             c = self.server.classifier
-            self._json(HTTPStatus.OK, {"status": "ok", "model": c.name, "classes": len(c.classes),
-                                       "device": str(c.device)})
+            self._json(
+                HTTPStatus.OK,
+                {
+                    "status": "ok",
+                    "model": c.name,
+                    "classes": len(c.classes),
+                    "device": str(c.device),
+                },
+            )
         elif path == "/metrics":
             text = self.server.metrics.text(self.server.batcher)
             self._send(HTTPStatus.OK, text.encode(), "text/plain; version=0.0.4")
@@ -292,7 +334,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/predict":
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, "POST an image to /predict")
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no page {path!r}; try /, /predict, /health or /metrics")
+            self._error(
+                HTTPStatus.NOT_FOUND, f"no page {path!r}; try /, /predict, /health or /metrics"
+            )
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -314,7 +358,9 @@ class Handler(BaseHTTPRequestHandler):
         except Overloaded as e:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"server busy ({e}); retry shortly")
         except TimeoutError:
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the model did not answer in time; retry shortly")
+            self._error(
+                HTTPStatus.SERVICE_UNAVAILABLE, "the model did not answer in time; retry shortly"
+            )
         except Exception:  # a bug, not the client's fault: logged, and one line for the client
             log.exception("request failed")
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server's log")
@@ -324,13 +370,17 @@ class Handler(BaseHTTPRequestHandler):
     # --- the work --------------------------------------------------------------------------
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
+            raise RequestError(
+                HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked"
+            )
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
         n, cap = int(length), self.server.limits.max_body_bytes
         if n > cap:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {n} bytes; the limit is {cap}")
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {n} bytes; the limit is {cap}"
+            )
         if n == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "empty body: POST an image file")
         body = self.rfile.read(n)
@@ -338,10 +388,14 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
         return body
 
-    def _option(self, query: dict[str, list[str]], key: str, default: int, low: int, high: int) -> int:
+    def _option(
+        self, query: dict[str, list[str]], key: str, default: int, low: int, high: int
+    ) -> int:
         raw = query.get(key, [str(default)])[-1]
         if not raw.isdigit() or not low <= int(raw) <= high:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"{key}={raw!r}: give an integer in {low}..{high}")
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, f"{key}={raw!r}: give an integer in {low}..{high}"
+            )
         return int(raw)
 
     def _images(self, body: bytes) -> list[bytes]:
@@ -353,22 +407,30 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
                 raise TypeError
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise RequestError(HTTPStatus.BAD_REQUEST, 'JSON bodies must be {"images": ["<base64>", ...]}') from None
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, 'JSON bodies must be {"images": ["<base64>", ...]}'
+            ) from None
         cap = self.server.limits.max_batch_images
         if not 0 < len(images) <= cap:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if images else HTTPStatus.BAD_REQUEST,
-                               f"{len(images)} images in the batch; send 1..{cap}")
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE if images else HTTPStatus.BAD_REQUEST,
+                f"{len(images)} images in the batch; send 1..{cap}",
+            )
         try:
             return [base64.b64decode(s, validate=True) for s in images]
         except (binascii.Error, ValueError):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "an image of the batch is not valid base64") from None
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, "an image of the batch is not valid base64"
+            ) from None
 
     def _predict(self, body: bytes, query: dict[str, list[str]]) -> dict[str, Any]:
         c, limits = self.server.classifier, self.server.limits
         topk = min(self._option(query, "topk", 5, 1, limits.max_topk), len(c.classes))
         want_cam = self._option(query, "cam", 0, 0, 1) == 1
         images = self._images(body)
-        batch = len(images) > 1 or self.headers.get("Content-Type", "").startswith("application/json")
+        batch = len(images) > 1 or self.headers.get("Content-Type", "").startswith(
+            "application/json"
+        )
         if want_cam and len(images) > 1:
             raise RequestError(HTTPStatus.BAD_REQUEST, "cam=1 takes one image per request")
         tensors = []
@@ -377,16 +439,25 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 tensors.append(c.transform(decode_image(data, name, limits.max_pixels)))
             except DataError as e:
-                status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if "decompression bomb" in str(e) else \
-                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+                status = (
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+                    if "decompression bomb" in str(e)
+                    else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+                )
                 raise RequestError(status, str(e)) from None
         futures = [self.server.batcher.submit(x) for x in tensors]
         results = []
         for future in futures:
             probs = future.result(timeout=limits.result_timeout_s)
             p, idx = probs.topk(topk)
-            results.append({"top": [{"class": c.classes[i], "index": i, "prob": round(float(v), 6)}
-                                    for v, i in zip(p.tolist(), idx.tolist())]})
+            results.append(
+                {
+                    "top": [
+                        {"class": c.classes[i], "index": i, "prob": round(float(v), 6)}
+                        for v, i in zip(p.tolist(), idx.tolist())
+                    ]
+                }
+            )
         if batch:
             return {"results": results}
         answer = results[0]
@@ -438,14 +509,23 @@ def load_classifier(
         if "eval" in metadata:
             settings.update(json.loads(metadata["eval"]))
         names = class_names(classes, n, ckpt_path)
-    settings.update({k: v for k, v in (("image_resize", image_resize), ("crop_pct", crop_pct)) if v is not None})
+    settings.update(
+        {k: v for k, v in (("image_resize", image_resize), ("crop_pct", crop_pct)) if v is not None}
+    )
     mean = tuple(255 * m for m in settings["mean"])
     std = tuple(255 * s for s in settings["std"])
-    transform = eval_transform(int(settings["image_resize"]), float(settings["crop_pct"]),
-                               settings["interpolation"], mean, std)
+    transform = eval_transform(
+        int(settings["image_resize"]),
+        float(settings["crop_pct"]),
+        settings["interpolation"],
+        mean,
+        std,
+    )
     dev = torch.device(device)
     model = model.to(dev).eval()
-    return Classifier(model, list(names), transform, model_name or ckpt_path or "model", dev, mean, std)
+    return Classifier(
+        model, list(names), transform, model_name or ckpt_path or "model", dev, mean, std
+    )
 
 
 def serve_forever(server: Server) -> None:
@@ -462,5 +542,3 @@ def serve_forever(server: Server) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.server_close()
-
-

@@ -9,30 +9,58 @@ import tempfile
 from pathlib import Path
 
 HELP = (
-    "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format follows DST's "
-    "extension and holds float32 values), or into a Hugging Face Hub model folder (timm loads it too)"
+    "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format "
+    "follows DST's extension and holds float32 values), or into a Hugging Face Hub model "
+    "folder (timm loads it too)"
 )
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint to read (format detected from its content)")
-    p.add_argument("dst", nargs="?", help="file to write: .safetensors, .ckpt (MindSpore/MindCV) or .pth")
+    p.add_argument(
+        "dst", nargs="?", help="file to write: .safetensors, .ckpt (MindSpore/MindCV) or .pth"
+    )
     p.add_argument("--model", help="architecture name (needed unless SRC stores it)")
-    p.add_argument("--source", help="where the weights come from, stored in .safetensors metadata (mindcv, official, timm...)")
+    p.add_argument(
+        "--source",
+        help="where the weights come from, stored in .safetensors metadata "
+        "(mindcv, official, timm...)",
+    )
     hub = p.add_argument_group("Hugging Face Hub")
-    hub.add_argument("--to-hub-folder", "--to_hub_folder", dest="hub_folder",
-                     help="write model.safetensors + config.json + README.md (model card) into this folder")
-    hub.add_argument("--push-to-hub", "--push_to_hub", dest="repo_id", help="upload to this Hub repository (org/name)")
-    hub.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file")
-    hub.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE",
-                     help="a metric for the model card, e.g. top1=79.3 (repeatable; published weights bring theirs)")
+    hub.add_argument(
+        "--to-hub-folder",
+        "--to_hub_folder",
+        dest="hub_folder",
+        help="write model.safetensors + config.json + README.md (model card) into this folder",
+    )
+    hub.add_argument(
+        "--push-to-hub",
+        "--push_to_hub",
+        dest="repo_id",
+        help="upload to this Hub repository (org/name)",
+    )
+    hub.add_argument(
+        "--classes", help="class names: a training folder (one subfolder per class) or a text file"
+    )
+    hub.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a metric for the model card, e.g. top1=79.3 "
+        "(repeatable; published weights bring theirs)",
+    )
     hub.add_argument("--recipe", help="recipe YAML to show in the model card")
-    hub.add_argument("--license", default="apache-2.0", help="license in the model card (default apache-2.0)")
+    hub.add_argument(
+        "--license", default="apache-2.0", help="license in the model card (default apache-2.0)"
+    )
     hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
 
 
 def _metrics(pairs: list[str], published: dict) -> dict[str, float | str]:
-    metrics: dict[str, float | str] = {k: published[k] for k in ("top1", "top5") if published.get(k) is not None}
+    metrics: dict[str, float | str] = {
+        k: published[k] for k in ("top1", "top5") if published.get(k) is not None
+    }
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -71,7 +99,9 @@ def to_hub(args: argparse.Namespace) -> str:
     )
     written = []
     if args.hub_folder:
-        written.append(str(save_to_folder(model, args.hub_folder, repo_name=args.repo_id, **kwargs)))
+        written.append(
+            str(save_to_folder(model, args.hub_folder, repo_name=args.repo_id, **kwargs))
+        )
     if args.repo_id:
         written.append(push_to_hub(model, args.repo_id, private=args.private, **kwargs))
     return ", ".join(written)

@@ -37,8 +37,21 @@ log = logging.getLogger("res2net.validate")
 
 TTA_MODES = ("flip", "five_crop", "ten_crop")
 MAX_LABEL_FILE_BYTES = 256 << 20  # ImageNet's real.json is 2 MB
-RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
-                   "interpolation", "tta", "real_top1", "real_top5", "images"]
+RESULTS_COLUMNS = [
+    "model",
+    "top1",
+    "top1_err",
+    "top5",
+    "top5_err",
+    "param_count",
+    "img_size",
+    "crop_pct",
+    "interpolation",
+    "tta",
+    "real_top1",
+    "real_top5",
+    "images",
+]
 
 
 @dataclass
@@ -84,7 +97,9 @@ class ClassMapHead(nn.Module):
     def __init__(self, model: nn.Module, indices: Sequence[int]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("indices", torch.as_tensor(list(indices), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "indices", torch.as_tensor(list(indices), dtype=torch.long), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).index_select(1, self.indices)
@@ -112,9 +127,16 @@ def _read_limited(path: Path, what: str) -> str:
 
 def class_map_indices(path: str | Path, data_classes: Sequence[str], num_outputs: int) -> list[int]:
     """For each data class, the model output its name is on in the class map file."""
-    names = [line.strip() for line in _read_limited(Path(path), "--class_map").splitlines() if line.strip()]
+    names = [
+        line.strip()
+        for line in _read_limited(Path(path), "--class_map").splitlines()
+        if line.strip()
+    ]
     if len(names) != num_outputs:
-        raise ValueError(f"--class_map {path}: names {len(names)} classes but the model has {num_outputs} outputs")
+        raise ValueError(
+            f"--class_map {path}: names {len(names)} classes "
+            f"but the model has {num_outputs} outputs"
+        )
     index = {name: i for i, name in enumerate(names)}
     missing = [c for c in data_classes if c not in index]
     if missing:
@@ -125,7 +147,9 @@ def class_map_indices(path: str | Path, data_classes: Sequence[str], num_outputs
     return [index[c] for c in data_classes]
 
 
-def read_real_labels(path: str | Path, files: Sequence[str], num_outputs: int) -> list[list[int] | None]:
+def read_real_labels(
+    path: str | Path, files: Sequence[str], num_outputs: int
+) -> list[list[int] | None]:
     """Each file's set of correct labels (None when the file has no entry)."""
     try:
         data = json.loads(_read_limited(Path(path), "--real_labels"))
@@ -134,19 +158,28 @@ def read_real_labels(path: str | Path, files: Sequence[str], num_outputs: int) -
     if isinstance(data, list):
         data = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(data)}
     if not isinstance(data, dict):
-        raise ValueError(f"--real_labels {path}: expected a JSON list (ImageNet val order) or an object")
+        raise ValueError(
+            f"--real_labels {path}: expected a JSON list (ImageNet val order) or an object"
+        )
     out: list[list[int] | None] = []
     for f in files:
         labels = data.get(Path(f).name)
         if labels is not None and not (
             isinstance(labels, list)
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_outputs for v in labels)
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_outputs
+                for v in labels
+            )
         ):
-            raise ValueError(f"--real_labels {path}: the entry of {Path(f).name} must be a list of class "
-                             f"indices in 0..{num_outputs - 1}")
+            raise ValueError(
+                f"--real_labels {path}: the entry of {Path(f).name} must be a list of class "
+                f"indices in 0..{num_outputs - 1}"
+            )
         out.append(labels)
     if all(labels is None for labels in out):
-        raise ValueError(f"--real_labels {path}: none of the {len(files)} images has an entry (names differ?)")
+        raise ValueError(
+            f"--real_labels {path}: none of the {len(files)} images has an entry (names differ?)"
+        )
     return out
 
 
@@ -165,12 +198,17 @@ def per_class_rows(confusion: torch.Tensor, classes: Sequence[str]) -> list[list
         precision = 100.0 * t / p if p else None
         recall = 100.0 * t / s if s else None
         f1 = 2 * precision * recall / (precision + recall) if precision and recall else None
-        rows.append([name, s, t] + ["" if v is None else f"{v:.2f}" for v in (precision, recall, f1)])
+        rows.append(
+            [name, s, t] + ["" if v is None else f"{v:.2f}" for v in (precision, recall, f1)]
+        )
     return rows
 
 
-def most_confused(confusion: torch.Tensor, classes: Sequence[str], k: int = 10) -> list[dict[str, Any]]:
-    """The `k` largest off-diagonal counts: true class, predicted class, count, share of the true class."""
+def most_confused(
+    confusion: torch.Tensor, classes: Sequence[str], k: int = 10
+) -> list[dict[str, Any]]:
+    """The `k` largest off-diagonal counts: true class, predicted class, count, and the count's
+    share of the true class's images (percent)."""
     off = confusion.clone()
     off.fill_diagonal_(0)
     counts, flat = off.flatten().topk(min(k, off.numel()))
@@ -180,8 +218,14 @@ def most_confused(confusion: torch.Tensor, classes: Sequence[str], k: int = 10) 
         if c == 0:
             break
         t, p = divmod(f, confusion.shape[0])
-        pairs.append({"true": classes[t], "predicted": classes[p], "count": c,
-                      "share": round(100.0 * c / int(support[t]), 2)})
+        pairs.append(
+            {
+                "true": classes[t],
+                "predicted": classes[p],
+                "count": c,
+                "share": round(100.0 * c / int(support[t]), 2),
+            }
+        )
     return pairs
 
 
@@ -208,8 +252,15 @@ def confusion_png(confusion: torch.Tensor, classes: Sequence[str]) -> bytes:
             for t in range(n):
                 for p in range(n):
                     if confusion[t, p]:
-                        ax.text(p, t, str(int(confusion[t, p])), ha="center", va="center",
-                                color="white" if rows[t, p] > 0.5 else "black", fontsize=8)
+                        ax.text(
+                            p,
+                            t,
+                            str(int(confusion[t, p])),
+                            ha="center",
+                            va="center",
+                            color="white" if rows[t, p] > 0.5 else "black",
+                            fontsize=8,
+                        )
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -223,7 +274,9 @@ def _csv_bytes(header: list[str], rows: list[list[Any]]) -> bytes:
     return text.getvalue().encode()
 
 
-def real_accuracy(topk: torch.Tensor, valid: torch.Tensor, real: list[list[int] | None]) -> dict[str, float]:
+def real_accuracy(
+    topk: torch.Tensor, valid: torch.Tensor, real: list[list[int] | None]
+) -> dict[str, float]:
     """ReaL top-1/top-5 over the valid images that have labels."""
     n = hit1 = hit5 = 0
     for preds, ok, labels in zip(topk.tolist(), valid.tolist(), real):
@@ -232,7 +285,11 @@ def real_accuracy(topk: torch.Tensor, valid: torch.Tensor, real: list[list[int] 
         n += 1
         hit1 += preds[0] in labels
         hit5 += any(p in labels for p in preds)
-    return {"real_top1": 100.0 * hit1 / max(1, n), "real_top5": 100.0 * hit5 / max(1, n), "real_images": n}
+    return {
+        "real_top1": 100.0 * hit1 / max(1, n),
+        "real_top5": 100.0 * hit5 / max(1, n),
+        "real_images": n,
+    }
 
 
 def finish(
@@ -259,51 +316,91 @@ def finish(
     valid = torch.cat([p[2] for p in predictions])
     if options.real_labels:
         if files is None or len(files) != len(labels):
-            raise ValueError("--real_labels needs an image folder evaluated in one process (not shards)")
-        mapped = topk if real_outputs is None else torch.as_tensor(list(real_outputs))[topk.clamp_min(0)]
+            raise ValueError(
+                "--real_labels needs an image folder evaluated in one process (not shards)"
+            )
+        mapped = (
+            topk if real_outputs is None else torch.as_tensor(list(real_outputs))[topk.clamp_min(0)]
+        )
         real = read_real_labels(options.real_labels, files, num_outputs)
         result.extra.update(real_accuracy(mapped, valid, real))
     if options.report_dir:
         write_report(Path(options.report_dir), labels[valid], topk[valid][:, 0], classes, result)
     if options.results_csv:
-        append_results_row(Path(options.results_csv), _results_row(result, model_name, param_count, settings,
-                                                                  options.tta))
+        append_results_row(
+            Path(options.results_csv),
+            _results_row(result, model_name, param_count, settings, options.tta),
+        )
     return result
 
 
-def write_report(directory: Path, labels: torch.Tensor, pred1: torch.Tensor, classes: Sequence[str],
-                 result: EvalResult) -> None:
+def write_report(
+    directory: Path,
+    labels: torch.Tensor,
+    pred1: torch.Tensor,
+    classes: Sequence[str],
+    result: EvalResult,
+) -> None:
     """per_class.csv, confused_pairs.csv, confusion.png and summary.json in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     confusion = confusion_matrix(labels, pred1, len(classes))
     per_class = per_class_rows(confusion, classes)
     pairs = most_confused(confusion, classes)
-    atomic_write(directory / "per_class.csv", lambda f: f.write(_csv_bytes(
-        ["class", "images", "correct", "precision", "recall", "f1"], per_class)))
-    atomic_write(directory / "confused_pairs.csv", lambda f: f.write(_csv_bytes(
-        ["true", "predicted", "count", "share"], [list(p.values()) for p in pairs])))
+    atomic_write(
+        directory / "per_class.csv",
+        lambda f: f.write(
+            _csv_bytes(["class", "images", "correct", "precision", "recall", "f1"], per_class)
+        ),
+    )
+    atomic_write(
+        directory / "confused_pairs.csv",
+        lambda f: f.write(
+            _csv_bytes(["true", "predicted", "count", "share"], [list(p.values()) for p in pairs])
+        ),
+    )
     png = confusion_png(confusion, classes)
     atomic_write(directory / "confusion.png", lambda f: f.write(png))
     summary = {**result.as_dict(), "most_confused": pairs}
-    atomic_write(directory / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    log.info("report written to %s (confusion.png, per_class.csv, confused_pairs.csv, summary.json)", directory)
+    atomic_write(
+        directory / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode())
+    )
+    log.info(
+        "report written to %s (confusion.png, per_class.csv, confused_pairs.csv, summary.json)",
+        directory,
+    )
 
 
-def _results_row(result: EvalResult, model_name: str, param_count: int, settings: dict[str, Any],
-                 tta: str | None) -> list[Any]:
+def _results_row(
+    result: EvalResult, model_name: str, param_count: int, settings: dict[str, Any], tta: str | None
+) -> list[Any]:
     real1, real5 = result.extra.get("real_top1"), result.extra.get("real_top5")
     size = settings["image_resize"]
-    return [model_name, f"{result.top1:.3f}", f"{100 - result.top1:.3f}", f"{result.top5:.3f}",
-            f"{100 - result.top5:.3f}", f"{param_count / 1e6:.2f}", size, settings["crop_pct"],
-            settings["interpolation"], tta or "", "" if real1 is None else f"{real1:.3f}",
-            "" if real5 is None else f"{real5:.3f}", result.n]
+    return [
+        model_name,
+        f"{result.top1:.3f}",
+        f"{100 - result.top1:.3f}",
+        f"{result.top5:.3f}",
+        f"{100 - result.top5:.3f}",
+        f"{param_count / 1e6:.2f}",
+        size,
+        settings["crop_pct"],
+        settings["interpolation"],
+        tta or "",
+        "" if real1 is None else f"{real1:.3f}",
+        "" if real5 is None else f"{real5:.3f}",
+        result.n,
+    ]
 
 
 def append_results_row(path: Path, row: list[Any]) -> None:
     """Append `row` to the results CSV (written with its header when new or empty)."""
     old = path.read_bytes() if path.is_file() else b""
     if old and not old.startswith(",".join(RESULTS_COLUMNS).encode()):
-        raise ValueError(f"--results_csv {path}: has other columns than {','.join(RESULTS_COLUMNS)}; "
-                         "give a new file")
+        raise ValueError(
+            f"--results_csv {path}: has other columns than {','.join(RESULTS_COLUMNS)}; "
+            "give a new file"
+        )
     new = old if old else _csv_bytes(RESULTS_COLUMNS, [])
-    atomic_write(path, lambda f: f.write(new + _csv_bytes(RESULTS_COLUMNS, [row]).split(b"\n", 1)[1]))
+    atomic_write(
+        path, lambda f: f.write(new + _csv_bytes(RESULTS_COLUMNS, [row]).split(b"\n", 1)[1])
+    )

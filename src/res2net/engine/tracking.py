@@ -33,17 +33,27 @@ _SKIP = ("kind", "global_step", "epoch", "step")
 
 def parse_backends(spec: str) -> list[str]:
     """'mlflow,wandb' -> ['mlflow', 'wandb']; '' or 'none' -> []."""
-    names = [s.strip().lower() for s in (spec or "").split(",") if s.strip() and s.strip().lower() != "none"]
+    names = [
+        s.strip().lower()
+        for s in (spec or "").split(",")
+        if s.strip() and s.strip().lower() != "none"
+    ]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
-        raise ValueError(f"log: unknown tracker {unknown[0]!r}; use {', '.join(BACKENDS)} or both, comma-separated")
+        raise ValueError(
+            f"log: unknown tracker {unknown[0]!r}; "
+            f"use {', '.join(BACKENDS)} or both, comma-separated"
+        )
     return list(dict.fromkeys(names))
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
     kind = record.get("kind", "train")
-    return {f"{kind}/{k}": float(v) for k, v in record.items()
-            if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        f"{kind}/{k}": float(v)
+        for k, v in record.items()
+        if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _probe(uri: str) -> None:
@@ -59,7 +69,9 @@ def _probe(uri: str) -> None:
         return  # the server answers: MLflow itself judges the rest
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise RuntimeError(f"--log mlflow: cannot use tracking URI {uri!r} (unreachable: {reason})") from None
+        raise RuntimeError(
+            f"--log mlflow: cannot use tracking URI {uri!r} (unreachable: {reason})"
+        ) from None
 
 
 class MlflowTracker:
@@ -82,23 +94,31 @@ class MlflowTracker:
         try:
             self.client = mlflow.MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
-            exp_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=artifacts)
+            exp_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(experiment, artifact_location=artifacts)
+            )
             if run_id is None:
                 run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             else:
                 self.client.update_run(run_id, status="RUNNING")
         except MlflowException as e:
-            raise RuntimeError(f"--log mlflow: cannot use tracking URI {uri!r} ({str(e).splitlines()[0]})") from None
+            raise RuntimeError(
+                f"--log mlflow: cannot use tracking URI {uri!r} ({str(e).splitlines()[0]})"
+            ) from None
         self.run_id = run_id
 
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
-                 for k, v in params.items() if v is not None]
+        items = [
+            Param(k, json.dumps(v) if not isinstance(v, str) else v)
+            for k, v in params.items()
+            if v is not None
+        ]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -112,7 +132,9 @@ class MlflowTracker:
         self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED" if status == "finished" else "KILLED")
+        self.client.set_terminated(
+            self.run_id, status="FINISHED" if status == "finished" else "KILLED"
+        )
 
 
 class WandbTracker:
@@ -122,10 +144,18 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise ValueError("--log wandb needs Weights & Biases: pip install 'res2net[tracking]'") from None
+            raise ValueError(
+                "--log wandb needs Weights & Biases: pip install 'res2net[tracking]'"
+            ) from None
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=run_name or None, dir=str(directory), id=run_id,
-                              resume="allow" if run_id else None, reinit="create_new")
+        self.run = wandb.init(
+            project=project,
+            name=run_name or None,
+            dir=str(directory),
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="create_new",
+        )
         self.run_id = self.run.id
 
     def params(self, params: dict[str, Any]) -> None:
@@ -151,8 +181,15 @@ class WandbTracker:
 class Trackers:
     """The trackers of one run; failures after start-up turn a tracker off with one warning."""
 
-    def __init__(self, directory: Path, backends: list[str], *, uri: str = "", project: str = "res2net",
-                 run_name: str = "") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        backends: list[str],
+        *,
+        uri: str = "",
+        project: str = "res2net",
+        run_name: str = "",
+    ) -> None:
         self.state_path = directory / "tracking.json"
         ids = self._ids()
         self.active: dict[str, Any] = {}
@@ -163,7 +200,9 @@ class Trackers:
                 self.active[name] = WandbTracker(directory, project, run_name, ids.get("wandb"))
         if self.active:
             new = {name: t.run_id for name, t in self.active.items()}
-            atomic_write(self.state_path, lambda f: f.write(json.dumps({**ids, **new}, indent=1).encode()))
+            atomic_write(
+                self.state_path, lambda f: f.write(json.dumps({**ids, **new}, indent=1).encode())
+            )
 
     def _ids(self) -> dict[str, str]:
         try:
@@ -177,7 +216,9 @@ class Trackers:
             try:
                 getattr(tracker, what)(*args)
             except Exception as e:  # tracking is never worth losing a run for
-                log.warning("%s tracking stopped (%s: %s); training goes on", name, type(e).__name__, e)
+                log.warning(
+                    "%s tracking stopped (%s: %s); training goes on", name, type(e).__name__, e
+                )
                 del self.active[name]
 
     def params(self, params: dict[str, Any]) -> None:

@@ -15,7 +15,14 @@ from ..factory import create_model
 from ..weights.loading import read_checkpoint, state_num_classes
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
-from .report import ClassMapHead, ReportOptions, TTAModel, class_map_indices, finish, transform_settings
+from .report import (
+    ClassMapHead,
+    ReportOptions,
+    TTAModel,
+    class_map_indices,
+    finish,
+    transform_settings,
+)
 
 log = logging.getLogger("res2net.validate")
 
@@ -34,7 +41,10 @@ def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
 
 
 def validate(
-    cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None, report: ReportOptions | None = None
+    cfg: Config,
+    ckpt_path: str | Path,
+    per_class_csv: str | Path | None = None,
+    report: ReportOptions | None = None,
 ) -> EvalResult:
     """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`; with `report`,
     also the reports, test-time augmentation and relabelling of `engine/report.py`."""
@@ -61,7 +71,9 @@ def validate(
             )
         model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
         outputs = n_ckpt or dataset.num_classes
-        mapped = class_map_indices(report.class_map, dataset.classes, outputs) if report.class_map else None
+        mapped = None
+        if report.class_map:
+            mapped = class_map_indices(report.class_map, dataset.classes, outputs)
         params = sum(p.numel() for p in model.parameters())
         if mapped is not None:
             model = ClassMapHead(model, mapped)
@@ -73,14 +85,22 @@ def validate(
         amp = cfg.amp_dtype(dist.device.type, validation=True)
         wants_report = report.report_dir or report.real_labels or report.results_csv
         if wants_report and dist.world_size > 1:
-            raise ValueError("--report_dir/--real_labels/--results_csv need one process: validate without --distribute")
+            raise ValueError(
+                "--report_dir/--real_labels/--results_csv need one process: "
+                "validate without --distribute"
+            )
         predictions: list | None = [] if wants_report else None
-        result = evaluate(model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last, predictions)
+        result = evaluate(
+            model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last, predictions
+        )
         result = reduce_result(result, dist)
         if wants_report:
             files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
-            finish(report, result, predictions, classes=dataset.classes, files=files, real_outputs=mapped,
-                   num_outputs=outputs, model_name=cfg.model, param_count=params, settings=settings)
+            finish(
+                report, result, predictions, classes=dataset.classes, files=files,
+                real_outputs=mapped, num_outputs=outputs, model_name=cfg.model,
+                param_count=params, settings=settings,
+            )
         if per_class_csv is not None and dist.is_main:
             write_per_class(result, dataset.classes, Path(per_class_csv))
         return result
