@@ -140,23 +140,16 @@ def test_convert_cli_writes_a_hub_folder(trained, tmp_path, capsys):
     torch.save(model.state_dict(), src)
     (tmp_path / "classes.txt").write_text("\n".join("vwxyz"))
     out = tmp_path / "out"
-    args = [
-        "convert",
-        str(src),
-        "--model",
-        ARCH,
-        "--to-hub-folder",
-        str(out),
-        "--classes",
-        str(tmp_path / "classes.txt"),
-        "--metric",
-        "top1=12.5",
-    ]
+    (tmp_path / "recipe.yaml").write_text("model: res2net50_14w_8s\nlr: 0.1\n")
+    args = ["convert", str(src), "--model", ARCH, "--to-hub-folder", str(out),
+            "--metric", "top1=12.5", "--classes", str(tmp_path / "classes.txt"),
+            "--recipe", str(tmp_path / "recipe.yaml")]
     assert main(args) == 0
     loaded = res2net.create_model(f"local-dir:{out}")
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
     assert loaded.hub_config["label_names"] == list("vwxyz")
-    assert "| top1 | 12.5 |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| top1 | 12.5 |" in card and "```yaml\nmodel: res2net50_14w_8s\nlr: 0.1\n```" in card
     assert main(["convert", str(src), "--model", ARCH]) == 2
     assert "give either DST" in capsys.readouterr().err

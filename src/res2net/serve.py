@@ -295,9 +295,13 @@ class Handler(BaseHTTPRequestHandler):
         if status >= 400:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (ConnectionError, TimeoutError):  # the client left or stopped reading
+            log.debug("%s: client gone before the answer was sent", self.address_string())
+            self.close_connection = True
 
     def _json(self, status: int, obj: Any, latency: float | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", latency)
@@ -383,7 +387,13 @@ class Handler(BaseHTTPRequestHandler):
             )
         if n == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "empty body: POST an image file")
-        body = self.rfile.read(n)
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:
+            raise RequestError(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body did not arrive within {self.server.limits.socket_timeout_s:g} s",
+            ) from None
         if len(body) < n:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
         return body
