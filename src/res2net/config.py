@@ -34,7 +34,7 @@ import yaml
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Config", "ConfigError", "load_config", "REFERENCE_BATCH_SIZE"]
+__all__ = ["Config", "ConfigError", "load_config", "given_keys", "REFERENCE_BATCH_SIZE"]
 
 #: Global batch size that ``lr`` refers to when ``lr_scale: linear`` (MindCV's Res2Net
 #: recipes: 32 images per device x 8 devices with lr 0.1).
@@ -319,9 +319,6 @@ class Config:
                 "mode: 0 (MindSpore GRAPH_MODE) -> torch.compile on CUDA, eager on CPU; "
                 "--mode 1 runs eager everywhere"
             )
-        if self.distribute:
-            out.append("distribute: True -> torch.distributed from torchrun's environment "
-                       "(one process when not launched by torchrun)")
         for key, what in (
             ("device_target", "the device comes from 'device'"),
             ("jit_level", "MindSpore graph compile level"),
@@ -430,6 +427,21 @@ def load_config(
         if e.key in sources:
             raise ConfigError(f"{e} ({sources[e.key]})", key=e.key) from None
         raise
+
+
+def given_keys(path: str | os.PathLike[str] | None, argv: list[str] | None = None) -> dict[str, str]:
+    """Which keys the recipe and the command line set, and where: ``{"image_resize":
+    "command line", "crop_pct": "recipe configs/x.yaml"}`` (the command line wins). Lets a
+    caller rank the run's values against others, e.g. a checkpoint's own eval transform."""
+    pairs = _parse_argv(list(argv or []))
+    for key, value in pairs:
+        if key in ("c", "config"):
+            path = value
+    given: dict[str, str] = {}
+    if path is not None and str(path) != "":
+        given = {str(k): f"recipe {os.fspath(path)}" for k in _read_yaml(os.fspath(path))}
+    given.update({key: "command line" for key, _ in pairs if key not in ("c", "config")})
+    return given
 
 
 def _read_yaml(path: str) -> dict[Any, Any]:

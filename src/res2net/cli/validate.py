@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from ..config import load_config
+from ..config import given_keys, load_config
 
 HELP = "validate a checkpoint of any format (MindSpore .ckpt, .pth, .safetensors) on the val split"
 ACCEPTS_EXTRA = True
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(args.config, extra)
     if not cfg.ckpt_path:
         raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
-    result = validate(cfg, cfg.ckpt_path, args.per_class_csv)
+    result = validate(cfg, cfg.ckpt_path, args.per_class_csv, given=given_keys(args.config, extra))
     if int(os.environ.get("RANK", "0")) != 0:  # distributed: rank 0 reports
         return 0
     if args.json:

@@ -4,14 +4,20 @@ checkpoints) on an ImageNet-style val split, with the checkpoint's own eval tran
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 from ..config import Config
-from ..data import ImageFolderDataset, build_shard_loader, eval_transform, is_shard_dir
+from ..data import ImageFolderDataset, build_shard_loader, is_shard_dir
 from ..factory import create_model
+from ..weights.entry import (
+    EVAL_KEYS,
+    EvalTransform,
+    checkpoint_eval_transform,
+    describe_sources,
+    resolve_eval_transform,
+)
 from ..weights.loading import read_checkpoint, state_num_classes
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
@@ -19,25 +25,33 @@ from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 log = logging.getLogger("res2net.validate")
 
 
-def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
-    """The eval transform: the checkpoint's own (stored by `res2net convert`) or the config's."""
-    settings = dict(image_resize=cfg.image_resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-                    mean=cfg.mean, std=cfg.std)
-    if "eval" in metadata:
-        own = json.loads(metadata["eval"])
-        settings.update({k: own[k] for k in ("image_resize", "crop_pct", "interpolation") if k in own})
-        if "mean" in own and "std" in own:  # stored in 0..1 units
-            settings["mean"] = tuple(255 * m for m in own["mean"])
-            settings["std"] = tuple(255 * s for s in own["std"])
-    return settings
+def eval_settings(cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] | None = None
+                  ) -> tuple[EvalTransform, dict[str, str]]:
+    """The eval transform for `ckpt_path` and where each value came from: keys `given` on the
+    command line, then those the recipe sets, then the checkpoint's own (training config,
+    `.safetensors` metadata, pretrained table), then the defaults. Without `given` (a `Config`
+    built in Python), the checkpoint's values win over the config's."""
+    run = EvalTransform.from_config(cfg).to_dict()
+    checkpoint = checkpoint_eval_transform(ckpt_path, cfg.model)
+    if given is None:
+        return resolve_eval_transform(checkpoint=checkpoint, defaults=(run, "config"))
+    flags = {k: run[k] for k in EVAL_KEYS if given.get(k) == "command line"}
+    recipe = {k: run[k] for k in EVAL_KEYS if k in given and given[k] != "command line"}
+    recipe_name = next((given[k] for k in recipe), "recipe")
+    return resolve_eval_transform(flags=flags, recipe=recipe, checkpoint=checkpoint, recipe_name=recipe_name)
 
 
-def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None) -> EvalResult:
-    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`."""
+def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None, *,
+             given: Mapping[str, str] | None = None) -> EvalResult:
+    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`, with the eval
+    transform of `eval_settings` (`given`: where each config key was set, see `given_keys`)."""
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     try:
-        state, fmt, _, metadata = read_checkpoint(ckpt_path)
-        transform = eval_transform(**eval_settings(cfg, metadata))
+        state, fmt, _, _ = read_checkpoint(ckpt_path)
+        spec, where = eval_settings(cfg, ckpt_path, given)
+        if dist.is_main:
+            log.info(describe_sources(spec, where))
+        transform = spec.transform()
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
                 cfg.data_dir, transform, cfg.batch_size, cfg.num_parallel_workers, training=False, split=cfg.val_split,
