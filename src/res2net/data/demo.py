@@ -22,13 +22,9 @@ MARKER = ".digits-complete.json"  # written last; its presence means the tree is
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError(
-            "the digits demo set comes with scikit-learn: pip install scikit-learn"
-        ) from e
-    digits = load_digits()
+    from ..extras import require
+
+    digits = require("sklearn.datasets", "demo", "the digits demo set").load_digits()
     return digits.images, digits.target
 
 

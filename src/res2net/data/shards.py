@@ -88,11 +88,9 @@ _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _webdataset() -> Any:
-    try:
-        import webdataset
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("sharded data needs the webdataset package: pip install webdataset") from e
-    return webdataset
+    from ..extras import require
+
+    return require("webdataset", "shards", "sharded data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,16 +193,21 @@ class ShardIndex:
             raise DataError(f"'{index_url}' is not a shard index written by `res2net data shard`")
         if info.get("version", 0) > INDEX_VERSION:
             raise DataError(f"'{index_url}' has index version {info['version']}; this res2net reads up to {INDEX_VERSION}")
-        shards = info["shards"]
-        index = cls(
-            location=location,
-            split=str(info.get("split", split or Path(location).name)),
-            classes=tuple(info["classes"]),
-            names=tuple(s["name"] for s in shards),
-            counts=tuple(int(s["count"]) for s in shards),
-            sizes=tuple(s.get("bytes") for s in shards),
-            shuffled=bool(info.get("shuffled", False)),
-        )
+        try:
+            shards = info["shards"]
+            index = cls(
+                location=location,
+                split=str(info.get("split", split or Path(location).name)),
+                classes=tuple(str(c) for c in info["classes"]),
+                names=tuple(str(s["name"]) for s in shards),
+                counts=tuple(int(s["count"]) for s in shards),
+                sizes=tuple(s.get("bytes") for s in shards),
+                shuffled=bool(info.get("shuffled", False)),
+            )
+        except KeyError as e:
+            raise DataError(f"'{index_url}' lacks the key {e.args[0]!r}: rewrite it with `res2net data shard`") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"'{index_url}' has a malformed entry ({e}): rewrite it with `res2net data shard`") from None
         if index.total != info.get("total", index.total):
             raise DataError(f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says {info['total']}")
         if index.total == 0:

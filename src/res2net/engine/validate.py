@@ -67,6 +67,8 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
                 f"{dataset.num_classes} class folders; validate on data with the checkpoint's classes"
             )
+        if per_class_csv is not None and dist.is_main:
+            check_csv_target(Path(per_class_csv), dataset.classes)
         model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
         model = model.to(dist.device)
         if dist.is_main:
@@ -80,9 +82,23 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
         distributed.teardown(dist)
 
 
+def check_csv_target(path: Path, classes: list[str]) -> None:
+    """Before any validation: the class names can be written as UTF-8 and the folder exists."""
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"--per_class_csv: the class folder name {name!r} is not valid UTF-8; rename it "
+                "(or drop --per_class_csv)"
+            ) from None
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--per_class_csv: the folder of {str(path)!r} does not exist")
+
+
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
     """CSV of per-class top-1: class, images, correct, top1 (%)."""
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["class", "images", "correct", "top1"])
         for name, n, c in zip(classes, result.class_total.tolist(), result.class_correct.tolist()):
