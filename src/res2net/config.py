@@ -347,7 +347,7 @@ class Config:
                          if level == "O3" else "")
                 out.append(f"{key}: {level} -> torch.autocast in bfloat16 (CPU, and CUDA with "
                            f"bf16 support) else float16; weights stay float32{extra}")
-        if self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type:
+        if self.amp_level != "O0" and (self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type):
             out.append(f"loss_scale: {self.loss_scale:g} ({self.loss_scale_type}) -> dynamic "
                        f"torch GradScaler starting at {self.grad_scaler_init_scale():g} when "
                        "autocast runs in float16; unused in bfloat16/float32")

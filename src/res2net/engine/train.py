@@ -28,6 +28,7 @@ from ..data import (
     ImageFolderDataset,
     build_loader,
     build_shard_loader,
+    cap_workers,
     eval_transform,
     is_shard_dir,
     mixup_cutmix,
@@ -94,7 +95,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
         cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std, cfg.fast_decode,
     )
     eval_tf = eval_transform(cfg.image_resize, cfg.crop_pct, cfg.interpolation, mean, std)
-    workers = cfg.num_parallel_workers
+    workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
@@ -187,7 +188,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         pretrained=cfg.pretrained,
         checkpoint_path=init_ckpt or None,
     ).to(device)
-    if cfg.channels_last:
+    if cfg.channels_last or (dist.enabled and device.type == "cpu"):
+        # on CPU the nets compute in channels_last (models/layers.py): weights in the same
+        # layout give gradients whose strides match DDP's buckets
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
         if device.type != "cuda":
@@ -204,9 +207,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     lr_factor = cfg.lr_scale_factor(world)
     global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
     if dist.is_main and global_batch != 256:
+        hint = "; consider --lr_scale linear to scale lr with it" if cfg.opt in SGD_FAMILY else ""
         log.info("global batch is %d (recipe reference: 256)%s", global_batch,
-                 f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
-                 "; consider --lr_scale linear to scale lr with it")
+                 f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else hint)
     schedule = LrSchedule(
         cfg.scheduler, cfg.lr * lr_factor, steps_per_epoch, cfg.min_lr * lr_factor, cfg.warmup_epochs,
         cfg.warmup_factor, cfg.decay_epochs, cfg.decay_rate, tuple(cfg.multi_step_decay_milestones),
@@ -373,6 +376,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         result.row = results_row(cfg, n_params, world, ms, last_val)
     metrics.close()
     return result
+
+
+# the linear scaling rule (Goyal et al. 2017) is SGD's; Adam-type recipes are tuned as they are
+SGD_FAMILY = ("momentum", "sgd", "nesterov")
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:

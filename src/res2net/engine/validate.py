@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..config import Config
-from ..data import ImageFolderDataset, build_shard_loader, is_shard_dir
+from ..data import ImageFolderDataset, build_shard_loader, cap_workers, is_shard_dir
 from ..factory import create_model
 from ..weights.entry import (
     EVAL_KEYS,
@@ -52,15 +52,16 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
         if dist.is_main:
             log.info(describe_sources(spec, where))
         transform = spec.transform()
+        workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
-                cfg.data_dir, transform, cfg.batch_size, cfg.num_parallel_workers, training=False, split=cfg.val_split,
+                cfg.data_dir, transform, cfg.batch_size, workers, training=False, split=cfg.val_split,
                 rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
             dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
-            loader, n_images = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist), len(dataset)
+            loader, n_images = eval_loader(dataset, cfg.batch_size, workers, dist), len(dataset)
         n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes:
             raise ValueError(

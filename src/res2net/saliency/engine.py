@@ -12,7 +12,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..data import load_image
+from ..data import cap_workers, load_image
 from .data import SaliencyFolder, find_pairs, load_mask, saliency_transform
 from .losses import bce_iou_loss
 from .metrics import SaliencyMetrics
@@ -39,7 +39,7 @@ def train_saliency(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+        dataset, batch_size=batch_size, shuffle=True, num_workers=cap_workers(workers),
         generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) > batch_size,
     )
     model.to(device).train()
