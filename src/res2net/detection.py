@@ -13,6 +13,7 @@ the backbone with `checkpoint_path=` (any format `create_model` reads) or `pretr
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -28,6 +29,7 @@ from .models.base import Res2NetBase
 from .models.dla import DLA
 
 Norm = Literal["frozen_bn", "bn"]
+log = logging.getLogger(__name__)
 
 
 def _stem_and_stages(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -133,6 +135,9 @@ def res2net_fpn_backbone(
         raise ValueError(f"norm={norm!r} is invalid: choose 'frozen_bn' or 'bn'")
     body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
     if norm == "frozen_bn":
+        if isinstance(name, str) and checkpoint_path is None and not pretrained:
+            log.warning("%s backbone without weights: its frozen BatchNorm layers keep random statistics; "
+                        "pass checkpoint_path= or pretrained= (or norm='bn' to train from scratch)", name)
         freeze_batchnorm(body)
     freeze_stages(body, trainable_layers, last_stage=max(returned_layers))
     return Res2NetFPN(body, returned_layers, out_channels, extra_blocks)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .distributed import DistInfo, all_reduce_sum
+from .progress import progress_bar
 
 
 @dataclass
@@ -49,17 +50,20 @@ def evaluate(
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    progress: bool = False,
 ) -> EvalResult:
     """Run `model` in eval mode over `batches` of (images, labels[, valid]) and count hits.
 
-    Samples whose `valid` flag is False (images that failed to decode) are not counted."""
+    Samples whose `valid` flag is False (images that failed to decode) are not counted.
+    `progress`: a bar on a terminal."""
     was_training = model.training
     model.eval()
     zeros = torch.zeros(num_classes, dtype=torch.long)
     result = EvalResult(class_total=zeros.clone(), class_correct=zeros.clone())
     k = min(5, num_classes)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for batch in batches:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in progress_bar(batches, total=total, desc="validation", enabled=progress, unit="batch"):
         images, labels = batch[0], batch[1]
         if len(batch) > 2:
             keep = batch[2].bool()

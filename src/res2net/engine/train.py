@@ -268,7 +268,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     for epoch in range(start_epoch, cfg.epoch_size):
         set_train_mode(model, cfg.freeze_bn)
         train_loader.sampler.set_epoch(epoch, start=start_batch * cfg.batch_size)
-        reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main, f"epoch {epoch + 1}/{cfg.epoch_size}")
+        reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main,
+                                f"epoch {epoch + 1}/{cfg.epoch_size}",
+                                later_steps=(cfg.epoch_size - epoch - 1) * len(train_loader))
         loss_sum, loss_n = 0.0, 0
         t_step = time.perf_counter()
         batch_idx = start_batch
@@ -343,7 +345,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
             eval_model = ema.module if ema is not None else model
             last_val = reduce_result(
-                evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last), dist
+                evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last,
+                         progress=dist.is_main), dist
             )
             record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
         top1 = record.get("val_top1")

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from ..data import cap_workers, load_image
+from ..engine.progress import StepReporter
+from ..factory import create_model
 from .data import SaliencyFolder, find_pairs, load_mask, saliency_transform
 from .losses import bce_iou_loss
 from .metrics import SaliencyMetrics
@@ -47,7 +49,9 @@ def train_saliency(
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        for images, masks in loader:
+        reporter = StepReporter(len(loader), 0, max(1, len(loader) // 4), desc=f"epoch {epoch + 1}/{epochs}",
+                                later_steps=(epochs - epoch - 1) * len(loader))
+        for step, (images, masks) in enumerate(loader, start=1):
             images, masks = images.to(device), masks.to(device)
             loss = bce_iou_loss(model(images), masks)
             if not torch.isfinite(loss):
@@ -57,6 +61,8 @@ def train_saliency(
             optimizer.step()
             total += loss.item() * images.shape[0]
             count += images.shape[0]
+            reporter.update(step, images.shape[0], loss.item(), lr)
+        reporter.close()
         history.append(total / count)
         log.info("epoch %d/%d  loss %.4f", epoch + 1, epochs, history[-1])
     return history
@@ -113,7 +119,8 @@ def load_saliency_model(
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
-    model = saliency_res2net(ckpt["backbone"], decoder_channels=ckpt["decoder_channels"])
+    trunk = create_model(ckpt["backbone"], features_only=True)  # the saved weights fill it
+    model = saliency_res2net(trunk, decoder_channels=ckpt["decoder_channels"])
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: ckpt[k] for k in ("backbone", "decoder_channels", "image_size")}
     return model.to(device).eval(), meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,6 +12,8 @@ from torch.nn import functional as F
 
 from ..factory import create_backbone
 from ..models.base import Res2NetBase
+
+log = logging.getLogger(__name__)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel_size: int) -> nn.Sequential:
@@ -66,5 +69,8 @@ def saliency_res2net(
 ) -> SaliencyNet:
     """A saliency network on model `backbone` (a name, or a features_only model);
     `checkpoint_path`/`pretrained` load ImageNet weights into the trunk."""
+    if isinstance(backbone, str) and checkpoint_path is None and not pretrained:
+        log.warning("%s trunk without ImageNet weights: saliency training from random weights rarely "
+                    "converges; pass checkpoint_path= (--ckpt_path) or pretrained=", backbone)
     body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
     return SaliencyNet(body, decoder_channels)
