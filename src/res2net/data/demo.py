@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..console import progress_bar
 from .folders import DataError
 
 MARKER = ".digits-complete.json"  # written last; its presence means the tree is complete
@@ -69,7 +70,9 @@ def write_digits_folder(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        pairs = progress_bar(enumerate(zip(images, labels, strict=True)), total=len(labels),
+                             desc=f"writing {root}", unit="image")
+        for i, (image, label) in pairs:
             folder = tmp / ("val" if is_val[i] else "train") / str(int(label))
             folder.mkdir(parents=True, exist_ok=True)
             pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)

@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..console import progress_bar
+
 from .distributed import DistInfo, all_reduce_sum
-from .progress import progress_bar
 
 
 @dataclass
