@@ -11,10 +11,13 @@ from ..config import load_config
 
 HELP = "train and validate on the bundled digits dataset (the whole ImageNet code path, in minutes)"
 ACCEPTS_EXTRA = True
+# shipped inside the package, so that `pip install 'res2net[demo]'` then `res2net demo` works anywhere
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "data" / "res2net_digits.yaml"
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default="configs/demo/res2net_digits.yaml", help="demo recipe")
+    p.add_argument("-c", "--config", default=str(DEMO_RECIPE),
+                   help="demo recipe (default: the packaged configs/demo/res2net_digits.yaml)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

@@ -206,10 +206,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     world = dist.world_size
     lr_factor = cfg.lr_scale_factor(world)
     global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
-    if dist.is_main and global_batch != 256:
-        hint = "; consider --lr_scale linear to scale lr with it" if cfg.opt in SGD_FAMILY else ""
+    if dist.is_main and global_batch != 256 and (lr_factor != 1 or cfg.opt in SGD_FAMILY):
         log.info("global batch is %d (recipe reference: 256)%s", global_batch,
-                 f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else hint)
+                 f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
+                 "; consider --lr_scale linear to scale lr with it")
     schedule = LrSchedule(
         cfg.scheduler, cfg.lr * lr_factor, steps_per_epoch, cfg.min_lr * lr_factor, cfg.warmup_epochs,
         cfg.warmup_factor, cfg.decay_epochs, cfg.decay_rate, tuple(cfg.multi_step_decay_milestones),
