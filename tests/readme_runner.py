@@ -6,7 +6,7 @@ PLAN.json: {"workdir": ..., "steps": [{"id", "kind": "shell" | "python", "code"}
 is one command line (already made tiny by tests/test_readme.py): `res2net ...` runs the console
 entry point, `python SCRIPT ...` runs the script as `__main__`, anything else (make -n ...) runs
 in a shell. A python step is exec'd in a fresh namespace. RESULT.json lists, per step, its exit
-code and its output (stdout and stderr, with the log lines).
+code, its output (stdout and stderr, with the log lines) and its run time.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import time
 import traceback
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     for step in plan["steps"]:
         out = io.StringIO()
         _reset_logging()
+        start = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
                 if step["kind"] == "python":
@@ -66,7 +68,8 @@ def main() -> None:
             except BaseException:  # noqa: BLE001 - reported with the step, as a traceback
                 traceback.print_exc()
                 rc = 1
-        results.append({"id": step["id"], "rc": rc, "output": out.getvalue()})
+        results.append({"id": step["id"], "rc": rc, "output": out.getvalue(),
+                        "seconds": round(time.perf_counter() - start, 1)})
         with open(sys.argv[2], "w") as f:  # as we go: a crash still reports the steps before
             json.dump(results, f)
 

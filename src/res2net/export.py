@@ -66,7 +66,8 @@ def _batch_dim() -> torch.export.Dim:
 
 
 def _dynamic_shapes(dynamic_size: bool) -> tuple[dict[int, torch.export.Dim], ...]:
-    """Batch always dynamic; height and width too with `dynamic_size` (from 32 px, the stride)."""
+    """Batch always dynamic; height and width too with `dynamic_size` (from 32 px, the stride;
+    traced at 64 px or more, since a 1x1 last stage would be specialised)."""
     dims = {0: _batch_dim()}
     if dynamic_size:
         dims.update({2: torch.export.Dim("height", min=32, max=8192), 3: torch.export.Dim("width", min=32, max=8192)})
@@ -125,7 +126,7 @@ def export_onnx(
     with torch.no_grad(), _quiet(verbose):
         torch.onnx.export(
             model,
-            (_example(model, 2, image_size),),
+            (_example(model, 2, max(image_size, 64) if dynamic_size else image_size),),
             str(path),
             dynamo=True,
             opset_version=opset,
@@ -153,9 +154,8 @@ def export_program(
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     with torch.no_grad():
-        program = torch.export.export(
-            model, (_example(model, 2, image_size),), dynamic_shapes=_dynamic_shapes(dynamic_size)
-        )
+        example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_size))
         torch.export.save(program, str(path))
         x = _example(model, 3, image_size + 32, image_size) if dynamic_size else _example(model, 3, image_size)
         want = _outputs(model(x))

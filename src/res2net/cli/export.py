@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     model = create_model(args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs).eval()
     if args.format == "onnx":
         check = export_onnx(model, args.out, image_size=args.image_resize, rtol=args.rtol,
-                            dynamic_size=args.dynamic_size, verbose=args.verbose)
+                            dynamic_size=args.dynamic_size, verbose=getattr(args, "verbose", False))
     else:
         check = export_program(model, args.out, image_size=args.image_resize, rtol=args.rtol,
                                dynamic_size=args.dynamic_size)
