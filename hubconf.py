@@ -11,7 +11,7 @@ import os as _os
 import sys as _sys
 from typing import Any as _Any, Callable as _Callable
 
-dependencies = ["torch", "torchvision", "numpy", "PIL", "yaml", "safetensors", "tqdm"]
+dependencies = ["torch", "torchvision", "numpy", "PIL", "yaml", "safetensors", "tqdm", "matplotlib"]
 
 _SRC = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "src")
 if _SRC not in _sys.path:

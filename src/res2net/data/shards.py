@@ -390,7 +390,7 @@ def write_shards(
             progress(split, 0, len(order))
         try:
             for done, i in enumerate(order):
-                if progress is not None and done and done % shard_size == 0:
+                if progress is not None and done and done % min(shard_size, 200) == 0:
                     progress(split, done, len(order))
                 path, target = dataset.samples[i]
                 key, ext = _sample_key(path, dataset.root)
