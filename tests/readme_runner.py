@@ -51,8 +51,10 @@ def _run_shell(code: str) -> int:
 
 
 def main() -> None:
-    plan = json.loads(open(sys.argv[1]).read())
+    plan_path, result_path = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    plan = json.loads(open(plan_path).read())
     os.chdir(plan["workdir"])
+    own_argv = list(sys.argv)
     results = []
     for step in plan["steps"]:
         out = io.StringIO()
@@ -68,9 +70,10 @@ def main() -> None:
             except BaseException:  # noqa: BLE001 - reported with the step, as a traceback
                 traceback.print_exc()
                 rc = 1
+        sys.argv = list(own_argv)  # a script step replaced it
         results.append({"id": step["id"], "rc": rc, "output": out.getvalue(),
                         "seconds": round(time.perf_counter() - start, 1)})
-        with open(sys.argv[2], "w") as f:  # as we go: a crash still reports the steps before
+        with open(result_path, "w") as f:  # as we go: a crash still reports the steps before
             json.dump(results, f)
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -133,8 +134,10 @@ def _workspace(root: Path) -> Path:
     from res2net.config import Config
     from res2net.weights.mindspore import ours_to_mindcv, write_mindspore_checkpoint
 
-    for name in ("configs", "src", "train.py", "validate.py", "hubconf.py"):
-        (root / name).symlink_to(REPO / name)
+    for name in ("configs", "src"):  # copies: nothing a command writes can reach the repository
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("train.py", "validate.py", "hubconf.py"):
+        shutil.copy(REPO / name, root / name)
     for c in range(3):
         for i in range(4):
             _image(root / "imagenet" / "train" / f"class{c}" / f"{i}.png", seed=10 * c + i)
