@@ -47,8 +47,9 @@ class EvalTransform:
             for key in ("mean", "std"):
                 if key in d:
                     values[key] = tuple(float(v) for v in d[key])
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: malformed value among {', '.join(k for k in EVAL_KEYS if k in d)}") from None
+        except (TypeError, ValueError, OverflowError):
+            keys = ", ".join(k for k in EVAL_KEYS if k in d)
+            raise ValueError(f"{where}: malformed value among {keys}") from None
         out = cls(**values)
         out.check(where)
         return out
@@ -56,7 +57,11 @@ class EvalTransform:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> EvalTransform:
         """From a run's config (a `Config` or its `to_dict()`), whose mean/std are MindCV's 0..255."""
-        get = config.get if isinstance(config, Mapping) else lambda k, default=None: getattr(config, k, default)
+        if isinstance(config, Mapping):
+            get = config.get
+        else:
+            def get(key: str) -> Any:
+                return getattr(config, key, None)
         d = {k: get(k) for k in EVAL_KEYS if get(k) is not None}
         for key in ("mean", "std"):
             if key in d:
