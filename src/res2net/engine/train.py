@@ -189,7 +189,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         checkpoint_path=init_ckpt or None,
     ).to(device)
     if cfg.channels_last or (dist.enabled and device.type == "cpu"):
-        # on CPU the nets compute in channels_last (models/layers.py): weights in the same
+        # on CPU the nets compute in channels_last (create_model's CPU layout): weights in the same
         # layout give gradients whose strides match DDP's buckets
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ..factory import create_backbone
 from ..models.base import Res2NetBase
+from ..models.layers import channels_last_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -73,4 +74,6 @@ def saliency_res2net(
         log.warning("%s trunk without ImageNet weights: saliency training from random weights rarely "
                     "converges; pass checkpoint_path= (--ckpt_path) or pretrained=", backbone)
     body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
-    return SaliencyNet(body, decoder_channels)
+    net = SaliencyNet(body, decoder_channels)
+    net.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly
+    return net
