@@ -32,8 +32,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SKIP_MARK = re.compile(r"<!--\s*readme-test skip:\s*(.+?)\s*-->")
 PATHS = {"/path/to/imagenet": "imagenet", "/data/imagenet-wds": "imagenet-wds", "/data/imagenet": "imagenet"}
-TRAIN_TINY = ["--epoch_size", "1", "--batch_size", "2", "--image_resize", "32", "--num_parallel_workers", "0",
-              "--log_interval", "100"]
+# the workspace's ImageNet stand-in has 3 classes
+TRAIN_TINY = ["--num_classes", "3", "--epoch_size", "1", "--batch_size", "2", "--image_resize", "32",
+              "--num_parallel_workers", "0", "--log_interval", "100"]
 DEMO_TINY = ["--epoch_size", "1", "--num_samples", "32", "--batch_size", "16", "--warmup_epochs", "0", "--decay_epochs", "1",
              "--num_parallel_workers", "0"]
 
