@@ -7,9 +7,11 @@ only adds what makes them tiny (one epoch, a few images, 32 px, no workers), poi
 placeholder paths (/data/imagenet, photos/, ...) at a small workspace holding images and
 random-weight checkpoints under the README's file names, and runs `make X` as `make -n X` (the
 target exists; building a venv is not a test's job). Everything runs in one Python process
-(tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (ONNX export of
-Res2Net-50, benchmark --compile) run under `-m slow`; their blocks' other lines run here, and
-tests/test_export.py checks ONNX export (one quiet file, dynamic size) on a tiny net.
+(tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (the demo's
+training, ONNX export of Res2Net-50, benchmark --compile) run under `-m slow`; their blocks'
+other lines run here (`make -n demo`, and the demo's output made by its own functions for the
+blocks after it), and tests/test_export.py checks ONNX export (one quiet file, dynamic size) on
+a tiny net.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def command_lines(code: str) -> list[list[str]]:
 
 
 def heavy(argv: list[str]) -> bool:
-    """Minutes on 2 CPU cores: run under -m slow only."""
-    if argv[:2] == ["res2net", "benchmark"] and "--compile" in argv:
+    """A minute or more on 2 CPU cores: run under -m slow only."""
+    if argv[:2] == ["res2net", "demo"] or (argv[:2] == ["res2net", "benchmark"] and "--compile" in argv):
         return True
     return argv[:2] == ["res2net", "export"] and "onnx" in argv
 
@@ -191,17 +193,37 @@ def _steps(include_heavy: bool) -> list[dict]:
                 steps.append({"id": f"{block.id}#0", "kind": "python", "code": block.code})
             continue
         for argv in command_lines(block.code):
-            if heavy(argv) != include_heavy:
-                continue
             for cmd in tiny(argv, n):
-                steps.append({"id": f"{block.id}#{n}", "kind": "shell", "code": shlex.join(cmd)})
+                if heavy(cmd) == include_heavy:
+                    steps.append({"id": f"{block.id}#{n}", "kind": "shell", "code": shlex.join(cmd)})
                 n += 1
     return steps
+
+
+def _demo_output(root: Path) -> None:
+    """What `make demo` leaves (the digits, runs/digits/best.safetensors) for the blocks after
+    it, made by the demo's own functions from an untrained model; the demo itself runs under
+    -m slow (test_readme_heavy_commands)."""
+    from res2net import create_model
+    from res2net.cli.demo import DEMO_RECIPE, keep_best_weights
+    from res2net.config import load_config
+    from res2net.data import write_digits_folder
+
+    cfg = load_config(DEMO_RECIPE)
+    write_digits_folder(root / cfg.data_dir, upscale=cfg.image_resize)
+    run = root / cfg.ckpt_save_dir
+    run.mkdir(parents=True)
+    model = create_model(cfg.model, num_classes=10)
+    torch.save({"format": "res2net-train", "arch": cfg.model, "num_classes": 10,
+                "classes": [str(i) for i in range(10)], "model": model.state_dict(), "ema": None,
+                "config": cfg.to_dict()}, run / "best.pt")
+    keep_best_weights(run, run / "best.pt")
 
 
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     root = _workspace(tmp_path_factory.mktemp("readme"))
+    _demo_output(root)
     return root, _run(root, _steps(include_heavy=False))
 
 
@@ -230,18 +252,17 @@ def test_readme_blocks_are_found() -> None:
     assert skipped and all(any(w in s for w in ("GPU", "cluster", "internet")) for s in skipped)
 
 
-def test_readme_demo_keeps_only_the_best_weights(readme_run: tuple[Path, dict[str, dict]]) -> None:
-    root, results = readme_run
+@pytest.mark.slow
+def test_readme_heavy_commands(tmp_path: Path) -> None:
+    """The demo (tiny), ONNX export of Res2Net-50, benchmark --compile; the demo keeps only
+    the best weights, validated with the transform they carry."""
+    steps = _steps(include_heavy=True)
+    assert {s["code"].split()[1] for s in steps} == {"demo", "export", "benchmark"}
+    results = _run(_workspace(tmp_path), steps)
+    for step in results.values():
+        _check(step)
     demo = next(r for r in results.values() if "best weights:" in r["output"])
-    path = root / re.search(r"best weights: (\S+)", demo["output"]).group(1)
+    path = tmp_path / re.search(r"best weights: (\S+)", demo["output"]).group(1)
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == ["best.safetensors", "metrics.jsonl", "training.png"], files
     assert "(checkpoint best.safetensors)" in demo["output"]  # validated with the weights' transform
-
-
-@pytest.mark.slow
-def test_readme_heavy_commands(tmp_path: Path) -> None:
-    steps = _steps(include_heavy=True)
-    assert steps
-    for step in _run(_workspace(tmp_path), steps).values():
-        _check(step)
