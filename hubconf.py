@@ -22,13 +22,16 @@ from res2net import list_models as _list_models  # noqa: E402
 
 
 def _entry(name: str) -> _Callable[..., _Any]:
-    def build(pretrained: bool | str = False, checkpoint_path: str | None = None, **kwargs: _Any) -> _Any:
+    def build(
+        pretrained: bool | str = False, checkpoint_path: str | None = None, **kwargs: _Any
+    ) -> _Any:
         return _create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
         f"{name}: `create_model({name!r}, pretrained=..., checkpoint_path=..., **kwargs)`; "
-        "pretrained=True downloads the published weights, checkpoint_path= loads a local file of any format."
+        "pretrained=True downloads the published weights, checkpoint_path= loads a local file "
+        "of any format."
     )
     return build
 

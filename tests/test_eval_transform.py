@@ -45,8 +45,18 @@ def run_ckpt(tmp_path_factory, data_dir) -> Path:
     model = res2net.create_model("res2net50", num_classes=2)
     cfg = tiny_config(data_dir, tmp_path_factory.mktemp("run"))
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save({"format": "res2net-train", "arch": "res2net50", "num_classes": 2, "classes": ["class0", "class1"],
-                "model": model.state_dict(), "ema": None, "config": cfg.to_dict()}, path)
+    torch.save(
+        {
+            "format": "res2net-train",
+            "arch": "res2net50",
+            "num_classes": 2,
+            "classes": ["class0", "class1"],
+            "model": model.state_dict(),
+            "ema": None,
+            "config": cfg.to_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -61,12 +71,17 @@ def test_every_table_entry_is_a_typed_weights_entry() -> None:
     assert w.transforms()(torch.zeros(3, 300, 400)).shape == (3, 224, 224)
 
 
-def test_pretrained_model_carries_its_weights_entry(monkeypatch, run_ckpt: Path, tmp_path: Path) -> None:
+def test_pretrained_model_carries_its_weights_entry(
+    monkeypatch, run_ckpt: Path, tmp_path: Path
+) -> None:
     sd = tmp_path / "w.pth"
     torch.save(res2net.create_model("res2net50").state_dict(), sd)
     monkeypatch.setattr("res2net.factory.download_weights", lambda entry: sd)
     model = res2net.create_model("res2net50", pretrained="official")
-    assert isinstance(model.pretrained_weights, Weights) and model.pretrained_weights.source == "official"
+    assert (
+        isinstance(model.pretrained_weights, Weights)
+        and model.pretrained_weights.source == "official"
+    )
     assert res2net.create_model("res2net50").pretrained_weights is None
 
 
@@ -78,19 +93,38 @@ def test_config_units_are_converted_in_one_place() -> None:
 
 
 def test_precedence_flags_recipe_checkpoint_defaults() -> None:
-    ckpt = (EvalTransform(image_resize=32, crop_pct=1.0, interpolation="bicubic"), "checkpoint a.pt")
-    t, where = resolve_eval_transform(flags={"image_resize": 64}, recipe={"crop_pct": 0.9}, checkpoint=ckpt,
-                                      recipe_name="recipe r.yaml")
-    assert (t.image_resize, t.crop_pct, t.interpolation, t.mean) == (64, 0.9, "bicubic", (0.485, 0.456, 0.406))
-    assert where == {"image_resize": "command line", "crop_pct": "recipe r.yaml",
-                     "interpolation": "checkpoint a.pt", "mean": "checkpoint a.pt", "std": "checkpoint a.pt"}
+    ckpt = (
+        EvalTransform(image_resize=32, crop_pct=1.0, interpolation="bicubic"),
+        "checkpoint a.pt",
+    )
+    t, where = resolve_eval_transform(
+        flags={"image_resize": 64},
+        recipe={"crop_pct": 0.9},
+        checkpoint=ckpt,
+        recipe_name="recipe r.yaml",
+    )
+    assert (t.image_resize, t.crop_pct, t.interpolation, t.mean) == (
+        64,
+        0.9,
+        "bicubic",
+        (0.485, 0.456, 0.406),
+    )
+    assert where == {
+        "image_resize": "command line",
+        "crop_pct": "recipe r.yaml",
+        "interpolation": "checkpoint a.pt",
+        "mean": "checkpoint a.pt",
+        "std": "checkpoint a.pt",
+    }
     line = describe_sources(t, where)
     assert line.startswith("eval transform: ") and "\n" not in line and "(command line)" in line
     _, where = resolve_eval_transform()
     assert set(where.values()) == {"default"}
 
 
-def test_training_checkpoint_and_its_conversion_carry_the_run_transform(run_ckpt: Path, tmp_path: Path) -> None:
+def test_training_checkpoint_and_its_conversion_carry_the_run_transform(
+    run_ckpt: Path, tmp_path: Path
+) -> None:
     found, where = checkpoint_eval_transform(run_ckpt)
     assert (found.image_resize, found.crop_pct) == (16, 1.0) and where == "checkpoint best.pt"
     out = convert(run_ckpt, tmp_path / "w.safetensors")
@@ -111,11 +145,25 @@ def test_validate_ranks_flags_recipe_checkpoint(run_ckpt: Path, tmp_path: Path) 
     assert (t.image_resize, t.crop_pct) == (16, 1.0)  # nothing given: the checkpoint's
 
 
-def test_predict_takes_folders_and_the_checkpoint_transform(run_ckpt: Path, data_dir: Path, capsys,
-                                                           caplog) -> None:
+def test_predict_takes_folders_and_the_checkpoint_transform(
+    run_ckpt: Path, data_dir: Path, capsys, caplog
+) -> None:
     caplog.set_level(logging.INFO)
-    assert main(["predict", str(data_dir / "val"), "--model", "res2net50", "--ckpt_path", str(run_ckpt),
-                 "--topk", "1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(data_dir / "val"),
+                "--model",
+                "res2net50",
+                "--ckpt_path",
+                str(run_ckpt),
+                "--topk",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     lines = out.out.splitlines()  # 4 images, each with its top class named as in the checkpoint
     assert len(lines) == 8 and all(ln.split()[-1] in ("class0", "class1") for ln in lines[1::2])
@@ -134,33 +182,78 @@ def test_fixed_architecture_argument_is_named() -> None:
         res2net.create_model("res2net50", scale=0)
 
 
-def test_nan_loss_ends_in_one_line_with_exit_code_1(data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_nan_loss_ends_in_one_line_with_exit_code_1(
+    data_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     real_loss = train_mod._loss
-    monkeypatch.setattr(train_mod, "_loss", lambda cfg, soft: (lambda lg, t: real_loss(cfg, soft)(lg, t) * float("nan")))
+    monkeypatch.setattr(
+        train_mod,
+        "_loss",
+        lambda cfg, soft: lambda lg, t: real_loss(cfg, soft)(lg, t) * float("nan"),
+    )
     cfg = tiny_config(data_dir, tmp_path / "run", "--epoch_size", "1")
     argv = ["train", *[f"--{k}={v}" for k, v in cfg.diff_from_defaults().items() if k != "config"]]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("res2net train: stopped: loss is nan") and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(
+        "res2net train: stopped: loss is nan"
+    ) and "Traceback" not in "\n".join(err)
 
 
 def test_shard_index_missing_a_key_is_one_line(tmp_path: Path, capsys) -> None:
     index = tmp_path / "wds" / "val" / "index.json"
     index.parent.mkdir(parents=True)
     index.write_text(json.dumps({"format": INDEX_FORMAT, "version": 1, "total": 1, "shards": []}))
-    assert main(["train", "--data_dir", str(tmp_path / "wds"), "--train_split", "val", "--model", "res2net50",
-                 "--ckpt_save_dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data_dir",
+                str(tmp_path / "wds"),
+                "--train_split",
+                "val",
+                "--model",
+                "res2net50",
+                "--ckpt_save_dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "lacks the key 'classes'" in err and len(err.splitlines()) == 1
 
 
-def test_non_utf8_class_name_fails_before_validation(run_ckpt: Path, tmp_path: Path, capsys, caplog) -> None:
+def test_non_utf8_class_name_fails_before_validation(
+    run_ckpt: Path, tmp_path: Path, capsys, caplog
+) -> None:
     caplog.set_level(logging.INFO)
     data = make_folder(tmp_path / "data", n_classes=1, per_class=1, splits=("val",))
     os.rename(data / "val" / "class0", os.path.join(bytes(data / "val"), b"caf\xe9"))
     make_folder(tmp_path / "data", n_classes=1, per_class=1, splits=("val",))  # a second class
-    rc = main(["validate", "--model", "res2net50", "--data_dir", str(data), "--ckpt_path", str(run_ckpt),
-               "--num_parallel_workers", "0", "--per_class_csv", str(tmp_path / "pc.csv")])
+    rc = main(
+        [
+            "validate",
+            "--model",
+            "res2net50",
+            "--data_dir",
+            str(data),
+            "--ckpt_path",
+            str(run_ckpt),
+            "--num_parallel_workers",
+            "0",
+            "--per_class_csv",
+            str(tmp_path / "pc.csv"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "not valid UTF-8" in err and "validating" not in caplog.text
     assert not (tmp_path / "pc.csv").exists()
+
+
+def test_hostile_eval_metadata_is_a_value_error(tmp_path: Path) -> None:
+    for bad in ({"mean": 3}, {"image_resize": float("inf")}, {"std": [0.0, 1, 1]}, {"crop_pct": "x"}):
+        with pytest.raises(ValueError):
+            EvalTransform.from_dict(bad)
+    with pytest.raises(ValueError, match="malformed mean/std"):
+        EvalTransform.from_config({"mean": 7})

@@ -26,7 +26,9 @@ def test_hub_load_builds_and_loads_a_checkpoint(tmp_path: Path) -> None:
     assert model.fc.out_features == 4 and model.pretrained_weights is None
     path = tmp_path / "w.pth"
     torch.save(model.state_dict(), path)
-    loaded = torch.hub.load(str(REPO), "res2net50", source="local", checkpoint_path=str(path), num_classes=4)
+    loaded = torch.hub.load(
+        str(REPO), "res2net50", source="local", checkpoint_path=str(path), num_classes=4
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     features = torch.hub.load(str(REPO), "dla60_res2next", source="local", features_only=True)

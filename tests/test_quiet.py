@@ -24,7 +24,10 @@ def test_workers_are_capped_at_the_cores_with_one_note(monkeypatch, caplog) -> N
 
 def test_grad_scaler_note_only_under_autocast() -> None:
     assert not any("loss_scale" in n for n in load_config(DEMO, ["--loss_scale", "512"]).notes())
-    assert any("loss_scale" in n for n in load_config(DEMO, ["--loss_scale", "512", "--amp_level", "O2"]).notes())
+    assert any(
+        "loss_scale" in n
+        for n in load_config(DEMO, ["--loss_scale", "512", "--amp_level", "O2"]).notes()
+    )
 
 
 def test_distribute_note_is_left_to_the_run() -> None:

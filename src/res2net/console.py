@@ -6,8 +6,14 @@ import sys
 from typing import Any
 
 
-def progress_bar(iterable: Any, *, total: int | None = None, desc: str = "", enabled: bool = True,
-                 unit: str = "it") -> Any:
+def progress_bar(
+    iterable: Any,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    enabled: bool = True,
+    unit: str = "it",
+) -> Any:
     """`iterable` wrapped in a tqdm bar when `enabled` and stderr is a terminal (it disappears
     when done); `iterable` itself otherwise, so logs and pipes stay clean."""
     if not (enabled and sys.stderr.isatty()):

@@ -56,16 +56,15 @@ class EvalTransform:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> EvalTransform:
-        """From a run's config (a `Config` or its `to_dict()`), whose mean/std are MindCV's 0..255."""
-        if isinstance(config, Mapping):
-            get = config.get
-        else:
-            def get(key: str) -> Any:
-                return getattr(config, key, None)
-        d = {k: get(k) for k in EVAL_KEYS if get(k) is not None}
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = [float(v) / 255 for v in d[key]]
+        """From a run's config (a `Config` or its `to_dict()`): mean/std in MindCV's 0..255."""
+        values = config if isinstance(config, Mapping) else config.to_dict()
+        d = {k: values[k] for k in EVAL_KEYS if values.get(k) is not None}
+        try:
+            for key in ("mean", "std"):
+                if key in d:
+                    d[key] = [float(v) / 255 for v in d[key]]
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError("training config: malformed mean/std") from None
         return cls.from_dict(d, "training config")
 
     def check(self, where: str = "eval transform") -> None:
@@ -78,7 +77,9 @@ class EvalTransform:
             raise bad("crop_pct", f"is {self.crop_pct}; it must be in (0, 1]")
         if not (len(self.mean) == len(self.std) >= 1):
             raise bad("mean/std", "must have one value per channel")
-        if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(v) and v > 0 for v in self.std
+        ):
             raise bad("mean/std", "must be finite (std > 0)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,14 +90,13 @@ class EvalTransform:
         """The torchvision transform: PIL image -> normalized float tensor."""
         from ..data import eval_transform
 
-        return eval_transform(self.image_resize, self.crop_pct, self.interpolation,
-                              [255 * m for m in self.mean], [255 * s for s in self.std])
-
-    def describe(self) -> str:
-        mean = ", ".join(f"{m:g}" for m in self.mean)
-        std = ", ".join(f"{s:g}" for s in self.std)
-        return (f"image_resize {self.image_resize}, crop_pct {self.crop_pct:g}, {self.interpolation}, "
-                f"mean ({mean}), std ({std})")
+        return eval_transform(
+            self.image_resize,
+            self.crop_pct,
+            self.interpolation,
+            [255 * m for m in self.mean],
+            [255 * s for s in self.std],
+        )
 
 
 @dataclass(frozen=True)
@@ -128,15 +128,25 @@ class Weights:
             eval=EvalTransform.from_dict(entry.get("eval", {}), f"pretrained table, {model}"),
             metrics={k: float(entry[k]) for k in ("top1", "top5") if entry.get(k) is not None},
             sha256_prefix=entry.get("sha256_prefix"),
-            meta={k: v for k, v in entry.items()
-                  if k not in names and k not in ("top1", "top5", "hash_kind")},
+            meta={
+                k: v
+                for k, v in entry.items()
+                if k not in names and k not in ("top1", "top5", "hash_kind")
+            },
         )
 
     def entry(self) -> dict[str, Any]:
         """The table's dict form (what `download_weights` takes)."""
-        out: dict[str, Any] = {"source": self.source, "urls": list(self.urls), "file_name": self.file_name,
-                               "format": self.format, "license": self.license, "eval": self.eval.to_dict(),
-                               **self.metrics, **self.meta}
+        out: dict[str, Any] = {
+            "source": self.source,
+            "urls": list(self.urls),
+            "file_name": self.file_name,
+            "format": self.format,
+            "license": self.license,
+            "eval": self.eval.to_dict(),
+            **self.metrics,
+            **self.meta,
+        }
         if self.sha256_prefix:
             out.update(sha256_prefix=self.sha256_prefix, hash_kind="sha256")
         return out
@@ -151,7 +161,9 @@ def get_weights(name: str, source: bool | str = True) -> Weights:
     return Weights.from_entry(name, select_entry(name, source))
 
 
-def checkpoint_eval_transform(path: str | Path, model: str | None = None) -> tuple[EvalTransform, str] | None:
+def checkpoint_eval_transform(
+    path: str | Path, model: str | None = None
+) -> tuple[EvalTransform, str] | None:
     """The eval transform a checkpoint file carries, and where it was read: the `eval` entry of
     its metadata (`.safetensors` header, or the training config of this project's `.pt` files),
     else the pretrained table's entry with the file's name. None when neither has one."""
@@ -175,7 +187,9 @@ def checkpoint_eval_transform(path: str | Path, model: str | None = None) -> tup
             entries = []
         for e in entries:
             if e["file_name"] == path.name:
-                return EvalTransform.from_dict(e["eval"]), f"pretrained table ({e['source']} {path.name})"
+                return EvalTransform.from_dict(
+                    e["eval"]
+                ), f"pretrained table ({e['source']} {path.name})"
     return None
 
 
@@ -209,9 +223,13 @@ def resolve_eval_transform(
 def describe_sources(t: EvalTransform, where: Mapping[str, str]) -> str:
     """One line: each value with its origin, grouped by origin."""
     by_origin: dict[str, list[str]] = {}
-    shown = {"image_resize": str(t.image_resize), "crop_pct": f"{t.crop_pct:g}", "interpolation": t.interpolation,
-             "mean": "(" + ", ".join(f"{m:.3g}" for m in t.mean) + ")",
-             "std": "(" + ", ".join(f"{s:.3g}" for s in t.std) + ")"}
+    shown = {
+        "image_resize": str(t.image_resize),
+        "crop_pct": f"{t.crop_pct:g}",
+        "interpolation": t.interpolation,
+        "mean": "(" + ", ".join(f"{m:.3g}" for m in t.mean) + ")",
+        "std": "(" + ", ".join(f"{s:.3g}" for s in t.std) + ")",
+    }
     for key in EVAL_KEYS:
         by_origin.setdefault(where[key], []).append(f"{key} {shown[key]}")
     return "eval transform: " + "; ".join(f"{', '.join(v)} ({k})" for k, v in by_origin.items())
