@@ -347,7 +347,8 @@ class Config:
                          if level == "O3" else "")
                 out.append(f"{key}: {level} -> torch.autocast in bfloat16 (CPU, and CUDA with "
                            f"bf16 support) else float16; weights stay float32{extra}")
-        if self.amp_level != "O0" and (self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type):
+        scaling_set = self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type
+        if self.amp_level != "O0" and scaling_set:  # no GradScaler without autocast
             out.append(f"loss_scale: {self.loss_scale:g} ({self.loss_scale_type}) -> dynamic "
                        f"torch GradScaler starting at {self.grad_scaler_init_scale():g} when "
                        "autocast runs in float16; unused in bfloat16/float32")
@@ -429,7 +430,9 @@ def load_config(
         raise
 
 
-def given_keys(path: str | os.PathLike[str] | None, argv: list[str] | None = None) -> dict[str, str]:
+def given_keys(
+    path: str | os.PathLike[str] | None, argv: list[str] | None = None
+) -> dict[str, str]:
     """Which keys the recipe and the command line set, and where: ``{"image_resize":
     "command line", "crop_pct": "recipe configs/x.yaml"}`` (the command line wins). Lets a
     caller rank the run's values against others, e.g. a checkpoint's own eval transform."""

@@ -139,8 +139,9 @@ def res2net_fpn_backbone(
     body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
     if norm == "frozen_bn":
         if isinstance(name, str) and checkpoint_path is None and not pretrained:
-            log.warning("%s backbone without weights: its frozen BatchNorm layers keep random statistics; "
-                        "pass checkpoint_path= or pretrained= (or norm='bn' to train from scratch)", name)
+            log.warning("%s backbone without weights: its frozen BatchNorm layers keep random "
+                        "statistics; pass checkpoint_path= or pretrained= (or norm='bn' to train "
+                        "from scratch)", name)
         freeze_batchnorm(body)  # a model passed in built: its BatchNorms are swapped in place
     freeze_stages(body, trainable_layers, last_stage=max(returned_layers))
     fpn = Res2NetFPN(body, returned_layers, out_channels, extra_blocks)

@@ -54,7 +54,9 @@ def compare_outputs(
     return check
 
 
-def _example(model: nn.Module, batch_size: int, height: int, width: int | None = None) -> torch.Tensor:
+def _example(
+    model: nn.Module, batch_size: int, height: int, width: int | None = None
+) -> torch.Tensor:
     weight = next(model.parameters())
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     shape = (batch_size, in_chans, height, width or height)
@@ -70,7 +72,8 @@ def _dynamic_shapes(dynamic_size: bool) -> tuple[dict[int, torch.export.Dim], ..
     traced at 64 px or more, since a 1x1 last stage would be specialised)."""
     dims = {0: _batch_dim()}
     if dynamic_size:
-        dims.update({2: torch.export.Dim("height", min=32, max=8192), 3: torch.export.Dim("width", min=32, max=8192)})
+        dims[2] = torch.export.Dim("height", min=32, max=8192)
+        dims[3] = torch.export.Dim("width", min=32, max=8192)
     return (dims,)
 
 
@@ -83,7 +86,8 @@ def _quiet(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    names = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -137,7 +141,7 @@ def export_onnx(
             report=False,
             verbose=verbose,
         )
-        x = _example(model, 3, image_size + 32, image_size) if dynamic_size else _example(model, 3, image_size)
+        x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
         want = _outputs(model(x))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [torch.from_numpy(y) for y in session.run(None, {"image": x.float().cpu().numpy()})]
@@ -145,7 +149,12 @@ def export_onnx(
 
 
 def export_program(
-    model: nn.Module, path: str | Path, *, image_size: int = 224, rtol: float = 1e-4, dynamic_size: bool = False
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int = 224,
+    rtol: float = 1e-4,
+    dynamic_size: bool = False,
 ) -> ExportCheck:
     """Save `torch.export.export(model)` (eval mode, dynamic batch, and height/width with
     `dynamic_size`) with `torch.export.save`, load it back and compare its outputs with the
@@ -155,9 +164,10 @@ def export_program(
     model = model.eval()
     with torch.no_grad():
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
-        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_size))
+        shapes = _dynamic_shapes(dynamic_size)
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
         torch.export.save(program, str(path))
-        x = _example(model, 3, image_size + 32, image_size) if dynamic_size else _example(model, 3, image_size)
+        x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
         want = _outputs(model(x))
         got = _outputs(torch.export.load(str(path)).module()(x))
     return compare_outputs(path, x.shape[0], got, want, rtol)

@@ -59,7 +59,7 @@ def create_model(
     model = build_model(
         name, num_classes=num_classes, out_indices=tuple(out_indices) if features_only else None, **kwargs
     )
-    model.pretrained_weights = None  # the published entry it was built with, like timm's pretrained_cfg
+    model.pretrained_weights = None  # its published entry, as timm's pretrained_cfg
     if cpu_channels_last:
         model.register_forward_pre_hook(channels_last_on_cpu)
     if pretrained:

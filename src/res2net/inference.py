@@ -71,7 +71,8 @@ def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            inside = [Path(f) for f in walk_files(path) if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            inside = [Path(f) for f in walk_files(path)
+                      if has_file_allowed_extension(f, IMG_EXTENSIONS)]
             if not inside:
                 raise FileNotFoundError(f"no images in folder '{path}'")
             found += [(f, f.relative_to(path).with_suffix("")) for f in sorted(inside)]
@@ -99,7 +100,8 @@ def model_eval_transform(
     elif pretrained:
         weights = get_weights(model_name, pretrained)
         checkpoint = (weights.eval, f"pretrained {weights.source} {weights.file_name}")
-    flags = {k: v for k, v in (("image_resize", image_resize), ("crop_pct", crop_pct)) if v is not None}
+    given = (("image_resize", image_resize), ("crop_pct", crop_pct))
+    flags = {k: v for k, v in given if v is not None}
     return resolve_eval_transform(flags=flags, checkpoint=checkpoint)
 
 

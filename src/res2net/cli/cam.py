@@ -30,7 +30,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image_resize", "--image-resize", type=int,
                    help="eval crop size (default: the checkpoint's, else 224)")
     p.add_argument("--crop_pct", "--crop-pct", type=float,
-                   help="crop fraction of the resized image (default: the checkpoint's, else 0.875)")
+                   help="crop fraction of the resized image (default: the checkpoint's, "
+                   "else 0.875)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -57,8 +58,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                          pretrained=args.pretrained or False)
     model = model.to(args.device).eval()
     names = class_names(args.classes, num_classes, args.ckpt_path)
-    spec, where = model_eval_transform(args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained,
-                                       image_resize=args.image_resize, crop_pct=args.crop_pct)
+    spec, where = model_eval_transform(
+        args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained,
+        image_resize=args.image_resize, crop_pct=args.crop_pct,
+    )
     log.info(describe_sources(spec, where))
     transform = spec.transform()
     out_dir = Path(args.out)

@@ -11,7 +11,7 @@ from ..config import load_config
 
 HELP = "train and validate on the bundled digits dataset (the whole ImageNet code path, in minutes)"
 ACCEPTS_EXTRA = True
-# shipped inside the package, so that `pip install 'res2net[demo]'` then `res2net demo` works anywhere
+# shipped inside the package: after `pip install 'res2net[demo]'`, `res2net demo` works anywhere
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "data" / "res2net_digits.yaml"
 
 
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     val = validate(cfg, weights)  # the eval transform comes with the weights
     row = dict(result.row, **{"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)})
     print(format_row(row))
-    print(f"best weights: {weights} ({weights.stat().st_size / 1e6:.0f} MB; validated: top-1 {val.top1:.2f}% "
+    size_mb = weights.stat().st_size / 1e6
+    print(f"best weights: {weights} ({size_mb:.0f} MB; validated: top-1 {val.top1:.2f}% "
           f"on {val.n} images)")
     if result.plot_path is not None:
         print(f"plot: {Path(result.plot_path)}")

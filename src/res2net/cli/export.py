@@ -41,7 +41,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         check = export_program(model, args.out, image_size=args.image_resize, rtol=args.rtol,
                                dynamic_size=args.dynamic_size)
-    size = "dynamic height/width" if args.dynamic_size else f"{args.image_resize}x{args.image_resize}"
+    side = args.image_resize
+    size = "dynamic height/width" if args.dynamic_size else f"{side}x{side}"
     print(
         f"wrote {check.path} ({args.format}, dynamic batch, {size}); "
         f"checked at batch {check.batch_size}: max abs error {check.max_abs_err:.3g}, "

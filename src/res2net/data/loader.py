@@ -39,12 +39,16 @@ _capped_notes: set[tuple[int, int]] = set()
 def cap_workers(requested: int, *, announce: bool = True) -> int:
     """DataLoader workers: `requested`, at most the CPU cores this process may use (PyTorch's
     own suggested maximum; recipes written for 8-card servers ask for 8). Says so once."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     if requested <= cores:
         return requested
     if announce and (requested, cores) not in _capped_notes:
         _capped_notes.add((requested, cores))
-        log.info("num_parallel_workers %d > %d CPU cores here: using %d workers", requested, cores, cores)
+        log.info("num_parallel_workers %d > %d CPU cores here: using %d workers",
+                 requested, cores, cores)
     return cores
 
 

@@ -205,9 +205,13 @@ class ShardIndex:
                 shuffled=bool(info.get("shuffled", False)),
             )
         except KeyError as e:
-            raise DataError(f"'{index_url}' lacks the key {e.args[0]!r}: rewrite it with `res2net data shard`") from None
+            raise DataError(
+                f"'{index_url}' lacks the key {e.args[0]!r}: rewrite it with `res2net data shard`"
+            ) from None
         except (TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"'{index_url}' has a malformed entry ({e}): rewrite it with `res2net data shard`") from None
+            raise DataError(
+                f"'{index_url}' has a malformed entry ({e}): rewrite it with `res2net data shard`"
+            ) from None
         if index.total != info.get("total", index.total):
             raise DataError(f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says {info['total']}")
         if index.total == 0:

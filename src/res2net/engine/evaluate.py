@@ -64,7 +64,8 @@ def evaluate(
     k = min(5, num_classes)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     total = len(batches) if hasattr(batches, "__len__") else None
-    for batch in progress_bar(batches, total=total, desc="validation", enabled=progress, unit="batch"):
+    shown = progress_bar(batches, total=total, desc="validation", enabled=progress, unit="batch")
+    for batch in shown:
         images, labels = batch[0], batch[1]
         if len(batch) > 2:
             keep = batch[2].bool()

@@ -21,8 +21,8 @@ class StepReporter:
     when stderr is a terminal, else a log line every `log_interval` steps. Only the main
     process (rank 0) reports. `later_steps`: the steps of the epochs after this one."""
 
-    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True, desc: str = "",
-                 later_steps: int = 0) -> None:
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True,
+                 desc: str = "", later_steps: int = 0) -> None:
         self.total = total_steps
         self.later = later_steps
         self.log_interval = max(1, log_interval)
@@ -49,12 +49,12 @@ class StepReporter:
         run_eta = _hms((self.total - step + self.later) * per_step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", run_eta=run_eta,
-                                 refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}",
+                                 run_eta=run_eta, refresh=False)
         elif step % self.log_interval == 0 or step == self.total:
             eta = (self.total - step) * per_step
-            log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)", self.desc, step, self.total,
-                     loss, lr, rate, _hms(eta), run_eta)
+            log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)", self.desc,
+                     step, self.total, loss, lr, rate, _hms(eta), run_eta)
 
     def close(self) -> None:
         if self.bar is not None:

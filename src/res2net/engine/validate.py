@@ -38,7 +38,8 @@ def eval_settings(cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] |
     flags = {k: run[k] for k in EVAL_KEYS if given.get(k) == "command line"}
     recipe = {k: run[k] for k in EVAL_KEYS if k in given and given[k] != "command line"}
     recipe_name = next((given[k] for k in recipe), "recipe")
-    return resolve_eval_transform(flags=flags, recipe=recipe, checkpoint=checkpoint, recipe_name=recipe_name)
+    return resolve_eval_transform(flags=flags, recipe=recipe, checkpoint=checkpoint,
+                                  recipe_name=recipe_name)
 
 
 def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None, *,

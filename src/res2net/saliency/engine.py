@@ -49,7 +49,8 @@ def train_saliency(
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        reporter = StepReporter(len(loader), 0, max(1, len(loader) // 4), desc=f"epoch {epoch + 1}/{epochs}",
+        reporter = StepReporter(len(loader), 0, max(1, len(loader) // 4),
+                                desc=f"epoch {epoch + 1}/{epochs}",
                                 later_steps=(epochs - epoch - 1) * len(loader))
         for step, (images, masks) in enumerate(loader, start=1):
             images, masks = images.to(device), masks.to(device)

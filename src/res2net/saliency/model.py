@@ -71,8 +71,8 @@ def saliency_res2net(
     """A saliency network on model `backbone` (a name, or a features_only model);
     `checkpoint_path`/`pretrained` load ImageNet weights into the trunk."""
     if isinstance(backbone, str) and checkpoint_path is None and not pretrained:
-        log.warning("%s trunk without ImageNet weights: saliency training from random weights rarely "
-                    "converges; pass checkpoint_path= (--ckpt_path) or pretrained=", backbone)
+        log.warning("%s trunk without ImageNet weights: saliency training from random weights "
+                    "rarely converges; pass checkpoint_path= (--ckpt_path) or pretrained=", backbone)
     body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
     net = SaliencyNet(body, decoder_channels)
     net.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly
