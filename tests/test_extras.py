@@ -24,7 +24,6 @@ HIDDEN = [
     "onnx",
     "onnxruntime",
     "onnxscript",
-    "timm",
     "skimage",
     "hypothesis",
     "tensorboard",
