@@ -86,3 +86,22 @@ def test_export_cli_onnx_with_checkpoint(tmp_path, capsys):
                        "--ckpt_path", str(tmp_path / "w.pth"), "--image_resize", "64")
     assert export_cmd.run(args, []) == 0
     assert "max rel error" in capsys.readouterr().out
+
+
+def test_onnx_export_is_one_quiet_file_with_dynamic_size(tmp_path, capfd):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny_res2net(num_classes=10)
+    path = tmp_path / "any_size.onnx"
+    check = export_onnx(model, path, image_size=32, dynamic_size=True)
+    assert check.max_rel_err <= 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["any_size.onnx"]  # weights inside, no .onnx.data
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # no exporter chatter without verbose
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert all(isinstance(d, str) for d in (inp.shape[0], inp.shape[2], inp.shape[3]))
+    x = torch.randn(2, 3, 64, 96)
+    (y,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(y), model(x)) <= 1e-4

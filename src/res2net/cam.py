@@ -10,7 +10,7 @@ Stages are named as in the models: `layer1`..`layer4` (ResNet-style nets, stride
 Maps are returned at input resolution, ReLU'd and scaled to 0..1 per image (all zeros when
 nothing in the image supports the class). Call `model.eval()` first.
 
-The figure helpers (`overlay`, `save_cam_figure`) need matplotlib (`pip install res2net[plot]`).
+The figure helpers (`overlay`, `save_cam_figure`) draw with matplotlib.
 """
 
 from __future__ import annotations

@@ -52,7 +52,9 @@ from .schema import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Config", "ConfigError", "load_config", "keys_help", "REFERENCE_BATCH_SIZE"]
+__all__ = [
+    "Config", "ConfigError", "load_config", "given_keys", "keys_help", "REFERENCE_BATCH_SIZE",
+]
 
 #: Global batch size that ``lr`` refers to when ``lr_scale: linear`` (MindCV's Res2Net
 #: recipes: 32 images per device x 8 devices with lr 0.1).
@@ -357,9 +359,6 @@ class Config:
                 "mode: 0 (MindSpore GRAPH_MODE) -> torch.compile on CUDA, eager on CPU; "
                 "--mode 1 runs eager everywhere"
             )
-        if self.distribute:
-            out.append("distribute: True -> torch.distributed from torchrun's environment "
-                       "(one process when not launched by torchrun)")
         for key, why in IGNORED_KEYS.items():
             if getattr(self, key) != getattr(d, key):
                 out.append(f"{key}: {getattr(self, key)!r} is ignored ({why})")
@@ -382,7 +381,8 @@ class Config:
                          if level == "O3" else "")
                 out.append(f"{key}: {level} -> torch.autocast in bfloat16 (CPU, and CUDA with "
                            f"bf16 support) else float16; weights stay float32{extra}")
-        if self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type:
+        scaling_set = self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type
+        if self.amp_level != "O0" and scaling_set:  # no GradScaler without autocast
             out.append(f"loss_scale: {self.loss_scale:g} ({self.loss_scale_type}) -> dynamic "
                        f"torch GradScaler starting at {self.grad_scaler_init_scale():g} when "
                        "autocast runs in float16; unused in bfloat16/float32")
@@ -520,6 +520,23 @@ def _refuse_commands(values: dict[str, Any], path: str) -> None:
             "folder (reading it would run a program). Pass it on the command line: --data_dir ...",
             key="data_dir",
         )
+
+
+def given_keys(
+    path: str | os.PathLike[str] | None, argv: list[str] | None = None
+) -> dict[str, str]:
+    """Which keys the recipe and the command line set, and where: ``{"image_resize":
+    "command line", "crop_pct": "recipe configs/x.yaml"}`` (the command line wins). Lets a
+    caller rank the run's values against others, e.g. a checkpoint's own eval transform."""
+    pairs = _parse_argv(list(argv or []))
+    for key, value in pairs:
+        if key in ("c", "config"):
+            path = value
+    given: dict[str, str] = {}
+    if path is not None and str(path) != "":
+        given = {str(k): f"recipe {os.fspath(path)}" for k in _read_yaml(os.fspath(path))}
+    given.update({key: "command line" for key, _ in pairs if key not in ("c", "config")})
+    return given
 
 
 def _read_yaml(path: str) -> dict[Any, Any]:

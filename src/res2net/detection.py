@@ -13,6 +13,7 @@ the backbone with `checkpoint_path=` (any format `create_model` reads) or `pretr
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -29,6 +30,7 @@ from .models.dla import DLA
 from .models.layers import channels_last_on_cpu
 
 Norm = Literal["frozen_bn", "bn"]
+log = logging.getLogger(__name__)
 
 
 def _stem_and_stages(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -136,6 +138,10 @@ def res2net_fpn_backbone(
         model_kwargs = dict(model_kwargs, norm_layer=FrozenBatchNorm2d)
     body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
     if norm == "frozen_bn":
+        if isinstance(name, str) and checkpoint_path is None and not pretrained:
+            log.warning("%s backbone without weights: its frozen BatchNorm layers keep random "
+                        "statistics; pass checkpoint_path= or pretrained= (or norm='bn' to train "
+                        "from scratch)", name)
         freeze_batchnorm(body)  # a model passed in built: its BatchNorms are swapped in place
     freeze_stages(body, trainable_layers, last_stage=max(returned_layers))
     fpn = Res2NetFPN(body, returned_layers, out_channels, extra_blocks)

@@ -1,13 +1,21 @@
 """Export a model for deployment: ONNX (checked against PyTorch with onnxruntime at export
-time) and `torch.export` programs (.pt2). Both keep the batch dimension dynamic."""
+time) and `torch.export` programs (.pt2). Both keep the batch dimension dynamic, and height and
+width on request."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
+
+from .extras import require
 
 FORMATS = ("onnx", "pt2")
 
@@ -46,59 +54,120 @@ def compare_outputs(
     return check
 
 
-def _example(model: nn.Module, batch_size: int, image_size: int) -> torch.Tensor:
+def _example(
+    model: nn.Module, batch_size: int, height: int, width: int | None = None
+) -> torch.Tensor:
     weight = next(model.parameters())
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    return torch.randn(batch_size, in_chans, image_size, image_size, device=weight.device, dtype=weight.dtype)
+    shape = (batch_size, in_chans, height, width or height)
+    return torch.randn(*shape, device=weight.device, dtype=weight.dtype)
 
 
 def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=65536)
 
 
+def _dynamic_shapes(dynamic_size: bool) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Batch always dynamic; height and width too with `dynamic_size` (from 32 px, the stride;
+    traced at 64 px or more, since a 1x1 last stage would be specialised)."""
+    dims = {0: _batch_dim()}
+    if dynamic_size:
+        dims[2] = torch.export.Dim("height", min=32, max=8192)
+        dims[3] = torch.export.Dim("width", min=32, max=8192)
+    return (dims,)
+
+
+ONNX_PROTO_LIMIT = 2 * 1024**3  # protobuf's limit: larger models need external data files
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence the exporter's progress lines, logging and warnings unless `verbose`."""
+    if verbose:
+        yield
+        return
+    names = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(
-    model: nn.Module, path: str | Path, *, image_size: int = 224, opset: int | None = None, rtol: float = 1e-4
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int = 224,
+    opset: int | None = None,
+    rtol: float = 1e-4,
+    dynamic_size: bool = False,
+    verbose: bool = False,
 ) -> ExportCheck:
-    """Write `model` (eval mode) as ONNX with a dynamic batch dimension, then run the file in
-    onnxruntime on a batch of another size and compare with PyTorch. Raises RuntimeError when
-    the max relative error exceeds `rtol`. Needs the `onnx`, `onnxscript` and `onnxruntime`
-    packages (`pip install res2net[export]`)."""
-    import onnxruntime
+    """Write `model` (eval mode) as ONNX with a dynamic batch dimension (and dynamic height and
+    width with `dynamic_size`), then run the file in onnxruntime on a batch of another size (and
+    another image size) and compare with PyTorch. Raises RuntimeError when the max relative
+    error exceeds `rtol`. The weights are inside the one `.onnx` file unless they exceed
+    protobuf's 2 GB limit (then beside it, in `<name>.onnx.data`). The exporter prints nothing
+    unless `verbose`. Needs the `onnx`, `onnxscript` and `onnxruntime` packages
+    (`pip install 'res2net[export]'`)."""
+    require("onnx", "export", "ONNX export")
+    require("onnxscript", "export", "ONNX export")
+    onnxruntime = require("onnxruntime", "export", "ONNX export")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     out_indices = getattr(model, "out_indices", None)
     output_names = ["logits"] if out_indices is None else [f"features{i}" for i in out_indices]
-    with torch.no_grad():
+    size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    with torch.no_grad(), _quiet(verbose):
         torch.onnx.export(
             model,
-            (_example(model, 2, image_size),),
+            (_example(model, 2, max(image_size, 64) if dynamic_size else image_size),),
             str(path),
             dynamo=True,
             opset_version=opset,
             input_names=["image"],
             output_names=output_names,
-            dynamic_shapes=({0: _batch_dim()},),
-            verbose=False,
+            dynamic_shapes=_dynamic_shapes(dynamic_size),
+            external_data=size >= ONNX_PROTO_LIMIT - (64 << 20),  # room for the graph itself
+            report=False,
+            verbose=verbose,
         )
-        x = _example(model, 3, image_size)
+        x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
         want = _outputs(model(x))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [torch.from_numpy(y) for y in session.run(None, {"image": x.float().cpu().numpy()})]
     return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
 
 
-def export_program(model: nn.Module, path: str | Path, *, image_size: int = 224, rtol: float = 1e-4) -> ExportCheck:
-    """Save `torch.export.export(model)` (eval mode, dynamic batch) with `torch.export.save`,
-    load it back and compare its outputs with the model's on a batch of another size."""
+def export_program(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int = 224,
+    rtol: float = 1e-4,
+    dynamic_size: bool = False,
+) -> ExportCheck:
+    """Save `torch.export.export(model)` (eval mode, dynamic batch, and height/width with
+    `dynamic_size`) with `torch.export.save`, load it back and compare its outputs with the
+    model's on a batch of another size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     with torch.no_grad():
-        program = torch.export.export(model, (_example(model, 2, image_size),), dynamic_shapes=({0: _batch_dim()},))
+        example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
+        shapes = _dynamic_shapes(dynamic_size)
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
         torch.export.save(program, str(path))
-        x = _example(model, 3, image_size)
+        x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
         want = _outputs(model(x))
         got = _outputs(torch.export.load(str(path)).module()(x))
     return compare_outputs(path, x.shape[0], got, want, rtol)

@@ -12,7 +12,8 @@ from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
 from .models.layers import channels_last_on_cpu
 from .weights.loading import load_checkpoint
-from .weights.pretrained import download_weights, select_entry
+from .weights.entry import get_weights
+from .weights.pretrained import download_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def create_model(
     """Build model `name` (see `list_models()`), optionally with weights.
 
     - `pretrained`: True (default source) or a source name ("mindcv", "official", "timm",
-      "openmmlab") downloads the published weights into the torch hub cache.
+      "openmmlab") downloads the published weights into the torch hub cache; their typed entry
+      (`Weights`: URLs, hash, license, metrics, eval transform) is `model.pretrained_weights`.
     - `checkpoint_path`: a local file in any supported format (MindSpore .ckpt; torch .pth from
       the official repo, timm, OpenMMLab or this project's training; .safetensors), detected
       from its content.
@@ -68,10 +70,13 @@ def create_model(
     model = build_model(
         name, num_classes=num_classes, out_indices=tuple(out_indices) if features_only else None, **kwargs
     )
+    model.pretrained_weights = None  # its published entry, as timm's pretrained_cfg
     if cpu_channels_last:
         model.register_forward_pre_hook(channels_last_on_cpu)
     if pretrained:
-        checkpoint_path = download_weights(select_entry(name, pretrained))
+        weights = get_weights(name, pretrained)
+        checkpoint_path = download_weights(weights.entry())
+        model.pretrained_weights = weights
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, strict=not features_only, reset_head=explicit_classes)
     return model

@@ -4,18 +4,28 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .data import eval_transform, load_image
+from .data import load_image
 from .factory import create_model
 from .models import Bottle2neck, DlaBottle2neck
 from .models.layers import res2_forward
 from .weights import torchfile
+from .weights.entry import (
+    EvalTransform,
+    checkpoint_eval_transform,
+    describe_sources,
+    get_weights,
+    resolve_eval_transform,
+)
 from .weights.loading import checkpoint_num_classes
+
+log = logging.getLogger("res2net.inference")
 
 
 def imagenet_classes() -> list[str]:
@@ -51,6 +61,51 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
     return [str(i) for i in range(num_classes)]
 
 
+def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
+    """(image path, name relative to its folder without suffix) for image files and for every
+    image inside folders (recursively). A missing path, or a folder without images, is an error."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    from .data import walk_files
+
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            inside = [Path(f) for f in walk_files(path)
+                      if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            if not inside:
+                raise FileNotFoundError(f"no images in folder '{path}'")
+            found += [(f, f.relative_to(path).with_suffix("")) for f in sorted(inside)]
+        elif path.is_file():
+            found.append((path, Path(path.stem)))
+        else:
+            raise FileNotFoundError(f"no such image or folder: '{path}'")
+    return found
+
+
+def model_eval_transform(
+    model_name: str,
+    *,
+    ckpt_path: str | Path | None = None,
+    pretrained: str | bool = False,
+    image_resize: int | None = None,
+    crop_pct: float | None = None,
+) -> tuple[EvalTransform, dict[str, str]]:
+    """The eval transform for a model's weights, with where each value came from: the values
+    given here, then the checkpoint's own (training config, `.safetensors` metadata, pretrained
+    table) or the published weights', then the defaults."""
+    checkpoint = None
+    if ckpt_path is not None:
+        checkpoint = checkpoint_eval_transform(ckpt_path, model_name)
+    elif pretrained:
+        weights = get_weights(model_name, pretrained)
+        checkpoint = (weights.eval, f"pretrained {weights.source} {weights.file_name}")
+    given = (("image_resize", image_resize), ("crop_pct", crop_pct))
+    flags = {k: v for k, v in given if v is not None}
+    return resolve_eval_transform(flags=flags, checkpoint=checkpoint)
+
+
 @torch.no_grad()
 def predict(
     images: list[str],
@@ -60,22 +115,29 @@ def predict(
     pretrained: str | bool = False,
     classes: str | None = None,
     topk: int = 5,
-    image_resize: int = 224,
-    crop_pct: float = 0.875,
+    image_resize: int | None = None,
+    crop_pct: float | None = None,
 ) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Top-`topk` (class name, probability) for each image file."""
+    """Top-`topk` (class name, probability) for each image file (and each image in folders).
+    The transform is `model_eval_transform`'s: `image_resize`/`crop_pct` when given, else the
+    weights' own."""
+    files = find_images(images)
     num_classes = (checkpoint_num_classes(ckpt_path) if ckpt_path else None) or 1000
+    spec, where = model_eval_transform(model_name, ckpt_path=ckpt_path, pretrained=pretrained,
+                                       image_resize=image_resize, crop_pct=crop_pct)
+    log.info(describe_sources(spec, where))
+    if not ckpt_path and not pretrained:
+        log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
     model = create_model(model_name, num_classes=num_classes, checkpoint_path=ckpt_path, pretrained=pretrained or False).eval()
     names = class_names(classes, num_classes, ckpt_path)
-    transform = eval_transform(image_resize, crop_pct)
+    transform = spec.transform()
     out = []
-    for path in images:
+    for path, _ in files:
         x = transform(load_image(path)).unsqueeze(0)
         probs = model(x).softmax(dim=1)[0]
         p, idx = probs.topk(min(topk, num_classes))
-        out.append((path, [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]))
+        out.append((str(path), [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]))
     return out
-
 
 
 def concat_convs(convs: list[nn.Conv2d]) -> nn.Conv2d:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 
 HELP = "measure a training step or an inference pass: ms/step and img/s (Markdown and JSON)"
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.cards > 1 and args.mode != "train":
         raise ValueError("--cards > 1 measures data-parallel training: use --mode train")
     info = distributed.setup(args.cards > 1, args.device)
+    if info.device.type != "cuda":  # Inductor's CUDA probe warns of CUDA_HOME on CPU-only runs
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         timing = benchmark_model(
             create_model(args.model, num_classes=args.num_classes),

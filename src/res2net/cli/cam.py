@@ -27,30 +27,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="cam", help="output folder (default: ./cam)")
     p.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--image_resize", "--image-resize", type=int, default=224)
-    p.add_argument("--crop_pct", "--crop-pct", type=float, default=0.875)
+    p.add_argument("--image_resize", "--image-resize", type=int,
+                   help="eval crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--crop_pct", "--crop-pct", type=float,
+                   help="crop fraction of the resized image (default: the checkpoint's, "
+                   "else 0.875)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def image_files(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(image path, output name relative to --out) for files and the images inside folders."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-
-    from ..data import walk_files
-
-    found: list[tuple[Path, Path]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            inside = [Path(f) for f in walk_files(path) if has_file_allowed_extension(f, IMG_EXTENSIONS)]
-            if not inside:
-                raise FileNotFoundError(f"no images in folder '{path}'")
-            found += [(f, f.relative_to(path).with_suffix("")) for f in inside]
-        elif path.is_file():
-            found.append((path, Path(path.stem)))
-        else:
-            raise FileNotFoundError(f"no such image or folder: '{path}'")
-    return found
 
 
 def _num_classes(ckpt_path: str | None) -> int:
@@ -61,13 +43,14 @@ def _num_classes(ckpt_path: str | None) -> int:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
-    from ..data import eval_transform, load_image
+    from ..data import load_image
     from ..factory import create_model
-    from ..inference import class_names
+    from ..inference import class_names, find_images, model_eval_transform
+    from ..weights.entry import describe_sources
 
     if args.method == "cam" and args.layer is not None:
         raise ValueError("--method cam uses the last stage only; drop --layer or use --method gradcam")
-    files = image_files(args.images)
+    files = find_images(args.images)
     num_classes = _num_classes(args.ckpt_path)
     if not args.ckpt_path and not args.pretrained:
         log.warning("no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing")
@@ -75,7 +58,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                          pretrained=args.pretrained or False)
     model = model.to(args.device).eval()
     names = class_names(args.classes, num_classes, args.ckpt_path)
-    transform = eval_transform(args.image_resize, args.crop_pct)
+    spec, where = model_eval_transform(
+        args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained,
+        image_resize=args.image_resize, crop_pct=args.crop_pct,
+    )
+    log.info(describe_sources(spec, where))
+    transform = spec.transform()
     out_dir = Path(args.out)
     for path, rel in files:
         x = transform(load_image(path)).unsqueeze(0).to(args.device)

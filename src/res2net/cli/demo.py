@@ -1,6 +1,6 @@
 """`res2net demo`: the main job on the embedded dataset — train Res2Net-50 on scikit-learn's
-handwritten digits (written once as an ImageNet-style folder), validate the best checkpoint,
-print the results row and where the plot is."""
+handwritten digits (written once as an ImageNet-style folder), keep the best weights alone,
+validate them, print the results row and where the plot is."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from ..config import load_config
 
 HELP = "train and validate on the bundled digits dataset (the whole ImageNet code path, in minutes)"
 ACCEPTS_EXTRA = True
+# shipped inside the package: after `pip install 'res2net[demo]'`, `res2net demo` works anywhere
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "data" / "res2net_digits.yaml"
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default="configs/demo/res2net_digits.yaml", help="demo recipe")
+    p.add_argument("-c", "--config", default=str(DEMO_RECIPE),
+                   help="demo recipe (default: the packaged configs/demo/res2net_digits.yaml)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -29,10 +32,26 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if result.best_path is None:
         raise RuntimeError("training ended without a validated checkpoint (is val_while_train off?)")
-    val = validate(cfg, result.best_path)
+    weights = keep_best_weights(Path(cfg.ckpt_save_dir), result.best_path)
+    val = validate(cfg, weights)  # the eval transform comes with the weights
     row = dict(result.row, **{"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)})
     print(format_row(row))
-    print(f"best checkpoint: {result.best_path} (validated: top-1 {val.top1:.2f}% on {val.n} images)")
+    size_mb = weights.stat().st_size / 1e6
+    print(f"best weights: {weights} ({size_mb:.0f} MB; validated: top-1 {val.top1:.2f}% "
+          f"on {val.n} images)")
     if result.plot_path is not None:
         print(f"plot: {Path(result.plot_path)}")
     return 0
+
+
+def keep_best_weights(ckpt_dir: Path, best: Path) -> Path:
+    """Replace the run's training checkpoints (weights, optimizer state, EMA: three times the
+    model's size each) by the best weights alone, as `best.safetensors` with the run's
+    architecture, classes count and eval transform in its header. The logs and plot stay."""
+    from ..weights.convert import convert
+
+    out = convert(best, ckpt_dir / "best.safetensors", source="res2net demo")
+    for path in ckpt_dir.glob("*.pt"):
+        path.unlink()
+    (ckpt_dir / "checkpoints.json").unlink(missing_ok=True)  # it listed the removed epoch files
+    return out

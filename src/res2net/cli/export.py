@@ -18,6 +18,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_classes", "--num-classes", type=int, help="classifier size (default: the checkpoint's, else 1000)")
     p.add_argument("--image_resize", "--image-resize", type=int, default=224, help="square input size")
     p.add_argument("--features_only", "--features-only", action="store_true", help="export the feature maps instead of logits")
+    p.add_argument("--dynamic_size", "--dynamic-size", action="store_true",
+                   help="dynamic height and width too (any size from 32 px), not only the batch")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the exporter's own progress lines and warnings")
     p.add_argument("--rtol", type=float, default=1e-4, help="largest accepted max relative error against PyTorch")
 
 
@@ -31,10 +35,16 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         num_classes = checkpoint_num_classes(args.ckpt_path)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = create_model(args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs).eval()
-    export = export_onnx if args.format == "onnx" else export_program
-    check = export(model, args.out, image_size=args.image_resize, rtol=args.rtol)
+    if args.format == "onnx":
+        check = export_onnx(model, args.out, image_size=args.image_resize, rtol=args.rtol,
+                            dynamic_size=args.dynamic_size, verbose=getattr(args, "verbose", False))
+    else:
+        check = export_program(model, args.out, image_size=args.image_resize, rtol=args.rtol,
+                               dynamic_size=args.dynamic_size)
+    side = args.image_resize
+    size = "dynamic height/width" if args.dynamic_size else f"{side}x{side}"
     print(
-        f"wrote {check.path} ({args.format}, dynamic batch, {args.image_resize}x{args.image_resize}); "
+        f"wrote {check.path} ({args.format}, dynamic batch, {size}); "
         f"checked at batch {check.batch_size}: max abs error {check.max_abs_err:.3g}, "
         f"max rel error {check.max_rel_err:.3g}"
     )

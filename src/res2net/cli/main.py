@@ -19,6 +19,14 @@ from . import saliency as saliency_cmd
 from . import serve as serve_cmd
 from . import train as train_cmd
 from . import validate as validate_cmd
+from ..extras import MissingExtra
+
+# Exit codes (README, "Exit codes"): 0 success (also a run stopped by SIGTERM/Ctrl-C after
+# saving), 1 training stopped on a NaN/inf loss, 2 bad input or environment (one line on
+# stderr), 130 interrupted outside training. Genuine bugs keep Python's traceback (exit 1).
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 COMMANDS = {
     "train": train_cmd,
@@ -58,21 +66,30 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args, extra) or 0
     except KeyboardInterrupt:
         print("res2net: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        return EXIT_INTERRUPTED
+    except FloatingPointError as e:  # training diverged: the run stopped, its checkpoints kept
         if args.verbose:
             raise
-        message = str(e).strip()
-        if message.startswith("Caught "):  # raised in a DataLoader worker: the cause is the last line
-            message = message.splitlines()[-1]
-        print(f"res2net {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"res2net {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, MissingExtra) as e:
+        if args.verbose:
+            raise
+        print(f"res2net {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt("SIGTERM")
+
+
+def _one_line(e: BaseException) -> str:
+    message = str(e).strip()
+    if message.startswith("Caught "):  # raised in a DataLoader worker: the cause is the last line
+        message = message.splitlines()[-1]
+    return message or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ HELP = "classify images: top-k classes with names (ImageNet's, or the training f
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+",
+                   help="image files or folders (every image inside, recursively)")
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
     p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format")
     p.add_argument("--pretrained", help="download published weights from this source (mindcv, official, timm)")
     p.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file, one per line")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--image_resize", "--image-resize", type=int, default=224)
-    p.add_argument("--crop_pct", "--crop-pct", type=float, default=0.875)
+    p.add_argument("--image_resize", "--image-resize", type=int,
+                   help="eval crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--crop_pct", "--crop-pct", type=float,
+                   help="crop fraction of the resized image (default: the checkpoint's, "
+                   "else 0.875)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
 
 

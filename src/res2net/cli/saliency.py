@@ -75,9 +75,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ..data import load_image
     from ..saliency import load_saliency_model, predict_saliency
-    from .cam import image_files
+    from ..inference import find_images
 
-    files = image_files(args.images)
+    files = find_images(args.images)
     model, meta = load_saliency_model(args.weights, args.device)
     for path, rel in files:
         prob = predict_saliency(model, load_image(path), meta["image_size"], args.device)

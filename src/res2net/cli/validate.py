@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from ..config import load_config
+from ..config import given_keys, load_config
 
 HELP = "validate a checkpoint of any format (MindSpore .ckpt, .pth, .safetensors) on the val split"
 ACCEPTS_EXTRA = True
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
     report = ReportOptions(report_dir=args.report_dir, tta=args.tta, class_map=args.class_map,
                            real_labels=args.real_labels, results_csv=args.results_csv)
-    result = validate(cfg, cfg.ckpt_path, args.per_class_csv, report)
+    result = validate(cfg, cfg.ckpt_path, args.per_class_csv, report,
+                      given=given_keys(args.config, extra))
     if int(os.environ.get("RANK", "0")) != 0:  # distributed: rank 0 reports
         return 0
     if args.json:

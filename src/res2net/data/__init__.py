@@ -14,7 +14,7 @@ from .folders import (
     subset,
     walk_files,
 )
-from .loader import EpochSampler, SeededDataset, build_loader
+from .loader import EpochSampler, SeededDataset, build_loader, cap_workers
 from .shards import (
     ShardDataset,
     ShardIndex,
@@ -36,6 +36,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "cap_workers",
     "DEFAULT_MAX_PIXELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

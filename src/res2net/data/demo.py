@@ -16,19 +16,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..console import progress_bar
 from .folders import DataError
 
 MARKER = ".digits-complete.json"  # written last; its presence means the tree is complete
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError(
-            "the digits demo set comes with scikit-learn: pip install scikit-learn"
-        ) from e
-    digits = load_digits()
+    from ..extras import require
+
+    digits = require("sklearn.datasets", "demo", "the digits demo set").load_digits()
     return digits.images, digits.target
 
 
@@ -73,7 +70,9 @@ def write_digits_folder(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        pairs = progress_bar(enumerate(zip(images, labels, strict=True)), total=len(labels),
+                             desc=f"writing {root}", unit="image")
+        for i, (image, label) in pairs:
             folder = tmp / ("val" if is_val[i] else "train") / str(int(label))
             folder.mkdir(parents=True, exist_ok=True)
             pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)

@@ -23,12 +23,33 @@ its stream depends on how samples are spread over workers; per-sample seeds have
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+log = logging.getLogger("res2net.data")
+_capped_notes: set[tuple[int, int]] = set()
+
+
+def cap_workers(requested: int, *, announce: bool = True) -> int:
+    """DataLoader workers: `requested`, at most the CPU cores this process may use (PyTorch's
+    own suggested maximum; recipes written for 8-card servers ask for 8). Says so once."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    if requested <= cores:
+        return requested
+    if announce and (requested, cores) not in _capped_notes:
+        _capped_notes.add((requested, cores))
+        log.info("num_parallel_workers %d > %d CPU cores here: using %d workers",
+                 requested, cores, cores)
+    return cores
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -114,11 +114,9 @@ _CURL = [
 
 
 def _webdataset() -> Any:
-    try:
-        import webdataset
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("sharded data needs the webdataset package: pip install webdataset") from e
-    return webdataset
+    from ..extras import require
+
+    return require("webdataset", "shards", "sharded data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +478,7 @@ def write_shards(
             progress(split, 0, len(order))
         try:
             for done, i in enumerate(order):
-                if progress is not None and done and done % shard_size == 0:
+                if progress is not None and done and done % min(shard_size, 200) == 0:
                     progress(split, done, len(order))
                 path, target = dataset.samples[i]
                 key, ext = _sample_key(path, dataset.root)

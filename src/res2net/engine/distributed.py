@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("res2net.distributed")
 
 
 @dataclass(frozen=True)
@@ -43,18 +46,17 @@ def setup(distribute: bool, device: str, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU) when `distribute`.
 
     A rank that dies or hangs makes collective calls in the others fail after `timeout_s`
-    instead of waiting forever."""
+    instead of waiting forever. Outside torchrun (the seed's `distribute: True` recipes run as
+    one process) it says so in one line and runs one process."""
     if not distribute:
         return DistInfo(0, 1, 0, pick_device(device))
     if not 0 < timeout_s < float("inf"):  # NaN too: a job must never wait for ever
         raise ValueError(f"dist_timeout is {timeout_s}; it must be a positive number of seconds")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         script = os.path.basename(sys.argv[0]) or "train.py"
-        raise RuntimeError(
-            "distribute is True but this process was not started by torchrun. Run e.g. "
-            f"`torchrun --nproc_per_node 8 {script} -c CONFIG --data_dir DIR`, "
-            "or pass --distribute False for one process"
-        )
+        log.info("distribute: True but not launched by torchrun: running one process "
+                 "(for more: torchrun --nproc_per_node N %s ...)", script)
+        return DistInfo(0, 1, 0, pick_device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)

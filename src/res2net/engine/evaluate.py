@@ -11,6 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..console import progress_bar
+
 from .distributed import DistInfo, all_reduce_sum
 
 
@@ -51,19 +53,23 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Run `model` in eval mode over `batches` of (images, labels[, valid]) and count hits.
 
     Samples whose `valid` flag is False (images that failed to decode) are not counted.
     `predictions`, when given, receives (top-k classes, labels, valid) of every batch, invalid
-    samples included, in loader order (for the reports of `engine/report.py`)."""
+    samples included, in loader order (for the reports of `engine/report.py`); `progress`: a bar
+    on a terminal."""
     was_training = model.training
     model.eval()
     zeros = torch.zeros(num_classes, dtype=torch.long)
     result = EvalResult(class_total=zeros.clone(), class_correct=zeros.clone())
     k = min(5, num_classes)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for batch in batches:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    shown = progress_bar(batches, total=total, desc="validation", enabled=progress, unit="batch")
+    for batch in shown:
         images, labels = batch[0], batch[1]
         keep = batch[2].bool() if len(batch) > 2 else torch.ones(labels.shape[0], dtype=torch.bool)
         all_labels = labels

@@ -17,11 +17,14 @@ log = logging.getLogger("res2net.train")
 
 
 class StepReporter:
-    """Shows training steps: a tqdm bar (loss, lr, img/s, ETA) when stderr is a terminal, else
-    a log line every `log_interval` steps. Only the main process (rank 0) reports."""
+    """Shows training steps: a tqdm bar (loss, lr, img/s, ETA of the epoch and of the whole run)
+    when stderr is a terminal, else a log line every `log_interval` steps. Only the main
+    process (rank 0) reports. `later_steps`: the steps of the epochs after this one."""
 
-    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True, desc: str = "") -> None:
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True,
+                 desc: str = "", later_steps: int = 0) -> None:
         self.total = total_steps
+        self.later = later_steps
         self.log_interval = max(1, log_interval)
         self.enabled = enabled
         self.desc = desc
@@ -42,12 +45,16 @@ class StepReporter:
         self.steps += 1
         elapsed = max(1e-9, time.perf_counter() - self.t0)
         rate = self.images / elapsed
+        per_step = elapsed / self.steps
+        run_eta = _hms((self.total - step + self.later) * per_step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}",
+                                 run_eta=run_eta, refresh=False)
         elif step % self.log_interval == 0 or step == self.total:
-            eta = (self.total - step) * elapsed / self.steps
-            log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s", self.desc, step, self.total, loss, lr, rate, _hms(eta))
+            eta = (self.total - step) * per_step
+            log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)", self.desc,
+                     step, self.total, loss, lr, rate, _hms(eta), run_eta)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -28,6 +28,7 @@ from ..data import (
     ImageFolderDataset,
     build_loader,
     build_shard_loader,
+    cap_workers,
     eval_transform,
     is_shard_dir,
     mixup_cutmix,
@@ -95,7 +96,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
         cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std, cfg.fast_decode,
     )
     eval_tf = eval_transform(cfg.image_resize, cfg.crop_pct, cfg.interpolation, mean, std)
-    workers = cfg.num_parallel_workers
+    workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
@@ -191,7 +192,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         pretrained=cfg.pretrained,
         checkpoint_path=init_ckpt or None,
     ).to(device)
-    if cfg.channels_last:
+    if cfg.channels_last or (dist.enabled and device.type == "cpu"):
+        # on CPU the nets compute in channels_last (create_model's CPU layout): weights in the same
+        # layout give gradients whose strides match DDP's buckets
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
         if device.type != "cuda":
@@ -207,7 +210,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     world = dist.world_size
     lr_factor = cfg.lr_scale_factor(world)
     global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
-    if dist.is_main and global_batch != 256:
+    if dist.is_main and global_batch != 256 and (lr_factor != 1 or cfg.opt in SGD_FAMILY):
         log.info("global batch is %d (recipe reference: 256)%s", global_batch,
                  f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
                  "; consider --lr_scale linear to scale lr with it")
@@ -278,7 +281,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     for epoch in range(start_epoch, cfg.epoch_size):
         set_train_mode(model, cfg.freeze_bn)
         train_loader.sampler.set_epoch(epoch, start=start_batch * cfg.batch_size)
-        reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main, f"epoch {epoch + 1}/{cfg.epoch_size}")
+        reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main,
+                                f"epoch {epoch + 1}/{cfg.epoch_size}",
+                                later_steps=(cfg.epoch_size - epoch - 1) * len(train_loader))
         loss_sum, loss_n = 0.0, 0
         t_step = time.perf_counter()
         batch_idx = start_batch
@@ -352,7 +357,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
             eval_model = ema.module if ema is not None else model
             last_val = reduce_result(
-                evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last), dist
+                evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last,
+                         progress=dist.is_main), dist
             )
             record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
         top1 = record.get("val_top1")
@@ -387,6 +393,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     if trackers is not None:
         trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
     return result
+
+
+# the linear scaling rule (Goyal et al. 2017) is SGD's; Adam-type recipes are tuned as they are
+SGD_FAMILY = ("momentum", "sgd", "nesterov")
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:

@@ -4,14 +4,20 @@ checkpoints) on an ImageNet-style val split, with the checkpoint's own eval tran
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 from ..config import Config
-from ..data import ImageFolderDataset, build_shard_loader, eval_transform, is_shard_dir
+from ..data import ImageFolderDataset, build_shard_loader, cap_workers, is_shard_dir
 from ..factory import create_model
+from ..weights.entry import (
+    EVAL_KEYS,
+    EvalTransform,
+    checkpoint_eval_transform,
+    describe_sources,
+    resolve_eval_transform,
+)
 from ..weights.loading import read_checkpoint, state_num_classes
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
@@ -27,17 +33,21 @@ from .report import (
 log = logging.getLogger("res2net.validate")
 
 
-def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
-    """The eval transform: the checkpoint's own (stored by `res2net convert`) or the config's."""
-    settings = dict(image_resize=cfg.image_resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-                    mean=cfg.mean, std=cfg.std)
-    if "eval" in metadata:
-        own = json.loads(metadata["eval"])
-        settings.update({k: own[k] for k in ("image_resize", "crop_pct", "interpolation") if k in own})
-        if "mean" in own and "std" in own:  # stored in 0..1 units
-            settings["mean"] = tuple(255 * m for m in own["mean"])
-            settings["std"] = tuple(255 * s for s in own["std"])
-    return settings
+def eval_settings(cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] | None = None
+                  ) -> tuple[EvalTransform, dict[str, str]]:
+    """The eval transform for `ckpt_path` and where each value came from: keys `given` on the
+    command line, then those the recipe sets, then the checkpoint's own (training config,
+    `.safetensors` metadata, pretrained table), then the defaults. Without `given` (a `Config`
+    built in Python), the checkpoint's values win over the config's."""
+    run = EvalTransform.from_config(cfg).to_dict()
+    checkpoint = checkpoint_eval_transform(ckpt_path, cfg.model)
+    if given is None:
+        return resolve_eval_transform(checkpoint=checkpoint, defaults=(run, "config"))
+    flags = {k: run[k] for k in EVAL_KEYS if given.get(k) == "command line"}
+    recipe = {k: run[k] for k in EVAL_KEYS if k in given and given[k] != "command line"}
+    recipe_name = next((given[k] for k in recipe), "recipe")
+    return resolve_eval_transform(flags=flags, recipe=recipe, checkpoint=checkpoint,
+                                  recipe_name=recipe_name)
 
 
 def validate(
@@ -45,30 +55,40 @@ def validate(
     ckpt_path: str | Path,
     per_class_csv: str | Path | None = None,
     report: ReportOptions | None = None,
+    *,
+    given: Mapping[str, str] | None = None,
 ) -> EvalResult:
-    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`; with `report`,
-    also the reports, test-time augmentation and relabelling of `engine/report.py`."""
+    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`, with the eval
+    transform of `eval_settings` (`given`: where each config key was set, see `given_keys`);
+    with `report`, also the reports, test-time augmentation and relabelling of
+    `engine/report.py`."""
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     report = report or ReportOptions()
     try:
-        state, fmt, _, metadata = read_checkpoint(ckpt_path)
-        settings = eval_settings(cfg, metadata)
-        transform = eval_transform(**transform_settings(settings, report.tta))
+        state, fmt, _, _ = read_checkpoint(ckpt_path)
+        spec, where = eval_settings(cfg, ckpt_path, given)
+        if dist.is_main:
+            log.info(describe_sources(spec, where))
+        settings = spec.to_dict()
+        transform = EvalTransform.from_dict(transform_settings(settings, report.tta)).transform()
+        workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
-                cfg.data_dir, transform, cfg.batch_size, cfg.num_parallel_workers, training=False, split=cfg.val_split,
+                cfg.data_dir, transform, cfg.batch_size, workers, training=False, split=cfg.val_split,
                 rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
             dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
-            loader, n_images = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist), len(dataset)
+            loader, n_images = eval_loader(dataset, cfg.batch_size, workers, dist), len(dataset)
         n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes and not report.class_map:
             raise ValueError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
                 f"{dataset.num_classes} class folders; validate on data with the checkpoint's classes"
             )
+        if per_class_csv is not None and dist.is_main:
+            check_csv_target(Path(per_class_csv), dataset.classes)
         model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
         outputs = n_ckpt or dataset.num_classes
         mapped = None
@@ -91,7 +111,8 @@ def validate(
             )
         predictions: list | None = [] if wants_report else None
         result = evaluate(
-            model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last, predictions
+            model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last, predictions,
+            progress=dist.is_main,
         )
         result = reduce_result(result, dist)
         if wants_report:
@@ -108,9 +129,23 @@ def validate(
         distributed.teardown(dist)
 
 
+def check_csv_target(path: Path, classes: list[str]) -> None:
+    """Before any validation: the class names can be written as UTF-8 and the folder exists."""
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"--per_class_csv: the class folder name {name!r} is not valid UTF-8; rename it "
+                "(or drop --per_class_csv)"
+            ) from None
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--per_class_csv: the folder of {str(path)!r} does not exist")
+
+
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
     """CSV of per-class top-1: class, images, correct, top1 (%)."""
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["class", "images", "correct", "top1"])
         for name, n, c in zip(classes, result.class_total.tolist(), result.class_correct.tolist()):

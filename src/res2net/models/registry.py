@@ -67,4 +67,11 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     model's own (num_classes, in_chans, drop_rate, drop_path_rate, zero_init_last,
     output_stride, out_indices)."""
     cls, arch = ARCHITECTURES[resolve_name(name)]
+    for key in [k for k in kwargs if k in arch]:  # scale, base_width...: the name fixes them
+        value = kwargs.pop(key)
+        if value != arch[key]:
+            raise ValueError(
+                f"{key}={value!r} is invalid for {name!r}: the name fixes {key}={arch[key]!r}; "
+                f"pick the model with the {key} you want (`res2net models` lists them)"
+            )
     return cls(**arch, **kwargs)

@@ -12,7 +12,9 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..data import load_image
+from ..data import cap_workers, load_image
+from ..engine.progress import StepReporter
+from ..factory import create_model
 from ..weights import torchfile
 from .data import SaliencyFolder, find_pairs, load_mask, saliency_transform
 from .losses import bce_iou_loss
@@ -40,7 +42,7 @@ def train_saliency(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+        dataset, batch_size=batch_size, shuffle=True, num_workers=cap_workers(workers),
         generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) > batch_size,
     )
     model.to(device).train()
@@ -48,7 +50,10 @@ def train_saliency(
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        for images, masks in loader:
+        reporter = StepReporter(len(loader), 0, max(1, len(loader) // 4),
+                                desc=f"epoch {epoch + 1}/{epochs}",
+                                later_steps=(epochs - epoch - 1) * len(loader))
+        for step, (images, masks) in enumerate(loader, start=1):
             images, masks = images.to(device), masks.to(device)
             loss = bce_iou_loss(model(images), masks)
             if not torch.isfinite(loss):
@@ -58,6 +63,8 @@ def train_saliency(
             optimizer.step()
             total += loss.item() * images.shape[0]
             count += images.shape[0]
+            reporter.update(step, images.shape[0], loss.item(), lr)
+        reporter.close()
         history.append(total / count)
         log.info("epoch %d/%d  loss %.4f", epoch + 1, epochs, history[-1])
     return history
@@ -114,7 +121,8 @@ def load_saliency_model(
     ckpt = torchfile.load(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
-    model = saliency_res2net(ckpt["backbone"], decoder_channels=ckpt["decoder_channels"])
+    trunk = create_model(ckpt["backbone"], features_only=True)  # the saved weights fill it
+    model = saliency_res2net(trunk, decoder_channels=ckpt["decoder_channels"])
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: ckpt[k] for k in ("backbone", "decoder_channels", "image_size")}
     return model.to(device).eval(), meta

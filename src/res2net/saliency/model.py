@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +13,8 @@ from torch.nn import functional as F
 from ..factory import create_backbone
 from ..models.base import Res2NetBase
 from ..models.layers import channels_last_on_cpu
+
+log = logging.getLogger(__name__)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel_size: int) -> nn.Sequential:
@@ -67,6 +70,9 @@ def saliency_res2net(
 ) -> SaliencyNet:
     """A saliency network on model `backbone` (a name, or a features_only model);
     `checkpoint_path`/`pretrained` load ImageNet weights into the trunk."""
+    if isinstance(backbone, str) and checkpoint_path is None and not pretrained:
+        log.warning("%s trunk without ImageNet weights: saliency training from random weights "
+                    "rarely converges; pass checkpoint_path= (--ckpt_path) or pretrained=", backbone)
     body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
     net = SaliencyNet(body, decoder_channels)
     net.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly

@@ -182,6 +182,8 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     metadata: dict[str, str] = {}
     if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT and isinstance(obj.get("model"), dict):
         metadata = {k: str(obj[k]) for k in ("arch", "num_classes") if isinstance(obj.get(k), (str, int))}
+        if isinstance(obj.get("config"), dict):  # the run's eval transform travels with its weights
+            metadata["eval"] = _config_eval(obj["config"], path)
         # the EMA weights, when kept, are the ones training validated and ranked
         ema = obj.get("ema")
         obj = {k: v for k, v in ema.items() if k != "n_averaged"} if isinstance(ema, dict) and ema else obj["model"]
@@ -195,6 +197,33 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"{path}: holds no state dict (expected a dict of tensors, possibly under 'state_dict'/'model')"
         )
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def _config_eval(config: dict, path: Path) -> str:
+    """The `eval` metadata (JSON, mean/std in 0..1) of a training checkpoint's config."""
+    from .entry import EvalTransform
+
+    try:
+        return json.dumps(EvalTransform.from_config(config).to_dict())
+    except ValueError as e:
+        raise ValueError(f"{path}: the training config's eval transform is invalid ({e})") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata `read_checkpoint` would return; a `.safetensors` header is read alone."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "mindspore":
+        return {}
+    if fmt == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+    return _read_torch(path)[1]
 
 
 def _is_state_dict(obj: dict) -> bool:

@@ -59,7 +59,10 @@ def select_entry(name: str, source: bool | str = True) -> dict[str, Any]:
     listing the sources that do."""
     entries = pretrained_entries(name)
     if not entries:
-        raise ValueError(f"no published weights for {name!r}; pass checkpoint_path=... to load your own")
+        raise ValueError(
+            f"no published weights for {name!r}; load your own with --ckpt_path FILE "
+            "(command line) or checkpoint_path=FILE (Python)"
+        )
     if source is True:
         order = _ALIAS_ORDER if name in ALIASES else _CANONICAL_ORDER
         return min(entries, key=lambda e: order.index(e["source"]))
@@ -158,5 +161,6 @@ def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None,
     cause = "this machine seems to be offline or the hosts unreachable; " if offline else ""
     raise RuntimeError(
         f"could not download {entry['file_name']}: tried {'; '.join(failures)}. {cause}"
-        f"Download the file by hand and pass checkpoint_path=... to load it."
+        "Download the file by hand and load it with --ckpt_path FILE (command line) or "
+        "checkpoint_path=FILE (Python)."
     )
