@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import FORMATS
+from torch import nn
+
+from ..export import FORMATS, ExportCheck
 
 HELP = "export to ONNX (checked in onnxruntime) or a torch.export program (.pt2); dynamic batch"
 
@@ -18,7 +20,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_classes", "--num-classes", type=int, help="classifier size (default: the checkpoint's, else 1000)")
     p.add_argument("--image_resize", "--image-resize", type=int, default=224, help="square input size")
     p.add_argument("--features_only", "--features-only", action="store_true", help="export the feature maps instead of logits")
-    p.add_argument("--rtol", type=float, default=1e-4, help="largest accepted max relative error against PyTorch")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="largest accepted max relative error against PyTorch (default 1e-4; int8: 0.1)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: static per-channel QDQ ONNX (onnxruntime), calibrated on --calibration")
+    p.add_argument("--calibration", help="int8: folder of typical input images (e.g. the training set)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -26,16 +32,32 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..factory import create_model
     from ..weights.loading import checkpoint_num_classes
 
+    if args.precision == "int8" and args.format != "onnx":
+        raise ValueError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
+    if args.precision == "int8" and not args.calibration:
+        raise ValueError("--precision int8 needs --calibration DIR: a folder of typical input images")
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = create_model(args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs).eval()
-    export = export_onnx if args.format == "onnx" else export_program
-    check = export(model, args.out, image_size=args.image_resize, rtol=args.rtol)
+    if args.precision == "int8":
+        check = _export_int8(args, model)
+    else:
+        export = export_onnx if args.format == "onnx" else export_program
+        check = export(model, args.out, image_size=args.image_resize, rtol=1e-4 if args.rtol is None else args.rtol)
     print(
-        f"wrote {check.path} ({args.format}, dynamic batch, {args.image_resize}x{args.image_resize}); "
+        f"wrote {check.path} ({args.format}, {args.precision}, dynamic batch, "
+        f"{args.image_resize}x{args.image_resize}); "
         f"checked at batch {check.batch_size}: max abs error {check.max_abs_err:.3g}, "
         f"max rel error {check.max_rel_err:.3g}"
     )
     return 0
+
+
+def _export_int8(args: argparse.Namespace, model: nn.Module) -> ExportCheck:
+    """An int8 QDQ ONNX file calibrated on the images of --calibration."""
+    from ..export import export_onnx_int8
+    from ..lowprec import calibration_batches
+    batches = calibration_batches(args.calibration, image_size=args.image_resize)
+    return export_onnx_int8(model, args.out, batches, rtol=0.1 if args.rtol is None else args.rtol)
