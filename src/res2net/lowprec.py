@@ -121,8 +121,11 @@ def quantize_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     """int8 post-training static quantization of an eval-only CPU model (PT2E with the
     X86InductorQuantizer), calibrated on `batches`; the result still computes in fake-quantized
     float until compiled (see `FrozenCompiled`). The batch dimension stays dynamic."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError as e:
+        raise ImportError(f"precision='int8' needs torchao ({e}): pip install 'res2net[lowprec]'") from None
 
     device = next(model.parameters()).device
     if device.type != "cpu":
