@@ -15,6 +15,8 @@ int8 (calibrated on up to 64 images of the train folder): top-1 of each and top-
 with fp32.
 
     python benchmarks/lowprec.py speed --out benchmarks/results/lowprec-cpu2.json
+    python benchmarks/lowprec.py plot benchmarks/results/lowprec-cpu2.json \\
+        --train benchmarks/results/train-e2e-cpu2.json --png docs/lowprec.png
     python benchmarks/lowprec.py photos --out_dir data/photos   # then fine-tune on it (docs)
     python benchmarks/lowprec.py accuracy --ckpt runs/digits/best.ckpt --data_dir data/digits \\
         --image_size 32 --crop_pct 1.0 --out benchmarks/results/lowprec-acc-digits.json
@@ -198,6 +200,35 @@ def photos(args: argparse.Namespace) -> None:
     print(f"wrote {root}/train and {root}/val")
 
 
+def plot(args: argparse.Namespace) -> None:
+    """Images per second of each inference candidate (best round, and median as a tick) and,
+    when given, of both trainers end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed_rows = json.loads(args.speed.read_text())["candidates"]
+    panels = [("inference, batch 8, 224x224", speed_rows, "best_ms", "median_ms", 8)]
+    fig, axes = plt.subplots(1, 1 + bool(args.train), figsize=(12 if args.train else 8, 4.5), squeeze=False)
+    for ax, (title, rows, best, median, batch) in zip(axes[0], panels):
+        names = sorted(rows, key=lambda n: rows[n][best])
+        ax.barh(names, [batch * 1000.0 / rows[n][best] for n in names], color="tab:blue")
+        ax.plot([batch * 1000.0 / rows[n][median] for n in names], names, "k|", markersize=12)
+        ax.set_xlabel("images/s (bar: best round, tick: median)")
+        ax.set_title(title)
+    if args.train:
+        result = json.loads(args.train.read_text())
+        names = list(result["img_s"])
+        ax = axes[0][1]
+        ax.barh(names, [result["img_s"][n]["best_runs"] for n in names], color="tab:orange")
+        ax.set_xlabel("images/s, steady state (data loading included)")
+        ax.set_title(f"training end to end, batch {result['batch_size']}, {result['workers']} workers")
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
@@ -218,9 +249,15 @@ def main() -> None:
     ph.add_argument("--out_dir", type=Path, required=True)
     ph.add_argument("--train_per_class", type=int, default=32)
     ph.add_argument("--val_per_class", type=int, default=48)
+    pl = sub.add_parser("plot", help="PNG of a speed result (and a train_e2e.py result)")
+    pl.add_argument("speed", type=Path)
+    pl.add_argument("--train", type=Path)
+    pl.add_argument("--png", type=Path, required=True)
     args = parser.parse_args()
     if args.part == "photos":
         return photos(args)
+    if args.part == "plot":
+        return plot(args)
     result = {"machine": machine_info(), "onnxruntime": onnxruntime.__version__, "timm": timm.__version__}
     result.update(speed(args) if args.part == "speed" else accuracy(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
