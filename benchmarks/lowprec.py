@@ -39,10 +39,10 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # an empty cache: compile times
 import onnxruntime
 import timm
 import torch
-
-import res2net
 from compare import ort_session, randomize_bn
 from data_pipeline import build_corpus
+
+import res2net
 from res2net.export import quantize_onnx
 from res2net.lowprec import calibration_batches
 from res2net.profile import machine_info, time_interleaved
@@ -65,11 +65,18 @@ def speed(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_corpus(tmp / "photos", per_photo=4)
-        images = calibration_batches(tmp / "photos", batch_size=args.batch_size, max_images=5 * args.batch_size)
+        images = calibration_batches(
+            tmp / "photos", batch_size=args.batch_size, max_images=5 * args.batch_size
+        )
         x, calibration = images[0], images[1:5]
         torch.onnx.export(
-            timm_model, (x,), str(tmp / "timm.onnx"), dynamo=True, input_names=["image"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},), verbose=False,
+            timm_model,
+            (x,),
+            str(tmp / "timm.onnx"),
+            dynamo=True,
+            input_names=["image"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            verbose=False,
         )
         start = time.perf_counter()
         quantize_onnx(tmp / "timm.onnx", tmp / "timm-int8.onnx", calibration)
@@ -80,14 +87,19 @@ def speed(args: argparse.Namespace) -> dict:
     ours_int8 = res2net.optimize_for_inference(ours, precision="int8", calibration=calibration)
     setup_s["res2net int8 quantize"] = time.perf_counter() - start
     candidates: dict[str, Callable[[], torch.Tensor]] = {
-        "onnxruntime fp32 (timm ONNX)": lambda: torch.from_numpy(ort_fp32.run(None, {"image": x_np})[0]),
+        "onnxruntime fp32 (timm ONNX)": lambda: torch.from_numpy(
+            ort_fp32.run(None, {"image": x_np})[0]
+        ),
         "onnxruntime int8 (timm ONNX, quantize_static)": lambda: torch.from_numpy(
             ort_int8.run(None, {"image": x_np})[0]
         ),
-        "res2net fp32": (fp32 := res2net.optimize_for_inference(ours)).__call__,
+        "res2net fp32": res2net.optimize_for_inference(ours).__call__,
         "res2net int8": ours_int8.__call__,
     }
-    candidates = {name: (lambda f=f: f(x)) if name.startswith("res2net") else f for name, f in candidates.items()}
+    candidates = {
+        name: (lambda f=f: f(x)) if name.startswith("res2net") else f
+        for name, f in candidates.items()
+    }
     if bf16 := res2net.lowprec.bf16_supported():
         bf16_model = res2net.optimize_for_inference(ours, precision="bf16")
         candidates["res2net bf16"] = lambda: bf16_model(x)
@@ -98,12 +110,20 @@ def speed(args: argparse.Namespace) -> dict:
             bf16_c = res2net.optimize_for_inference(ours, precision="bf16", compile=True)
             candidates["res2net bf16 compiled"] = lambda: bf16_c(x)
     with torch.inference_mode():
-        compile_s = {name: timed_first_call(fn) for name, fn in candidates.items() if name.startswith("res2net")}
+        compile_s = {
+            name: timed_first_call(fn)
+            for name, fn in candidates.items()
+            if name.startswith("res2net")
+        }
         reference = ours(x)
         quality = {
             name: {
-                "max_rel_err_vs_fp32": ((y := fn().float()) - reference).abs().max().item() / reference.abs().max().item(),
-                "top1_agreement_vs_fp32": (y.argmax(1) == reference.argmax(1)).float().mean().item(),
+                "max_rel_err_vs_fp32": ((y := fn().float()) - reference).abs().max().item()
+                / reference.abs().max().item(),
+                "top1_agreement_vs_fp32": (y.argmax(1) == reference.argmax(1))
+                .float()
+                .mean()
+                .item(),
             }
             for name, fn in candidates.items()
         }
@@ -134,11 +154,20 @@ def speed(args: argparse.Namespace) -> dict:
 def ratios(rows: dict) -> dict:
     """Targets: speed of ours over the peer in the same run, best round and median."""
     pairs = {
-        "res2net int8 / onnxruntime int8": ("res2net int8", "onnxruntime int8 (timm ONNX, quantize_static)"),
+        "res2net int8 / onnxruntime int8": (
+            "res2net int8",
+            "onnxruntime int8 (timm ONNX, quantize_static)",
+        ),
         "res2net bf16 / res2net fp32": ("res2net bf16", "res2net fp32"),
-        "res2net bf16 compiled / res2net fp32 compiled": ("res2net bf16 compiled", "res2net fp32 compiled"),
+        "res2net bf16 compiled / res2net fp32 compiled": (
+            "res2net bf16 compiled",
+            "res2net fp32 compiled",
+        ),
         "res2net int8 / res2net fp32 compiled": ("res2net int8", "res2net fp32 compiled"),
-        "onnxruntime int8 / onnxruntime fp32": ("onnxruntime int8 (timm ONNX, quantize_static)", "onnxruntime fp32 (timm ONNX)"),
+        "onnxruntime int8 / onnxruntime fp32": (
+            "onnxruntime int8 (timm ONNX, quantize_static)",
+            "onnxruntime fp32 (timm ONNX)",
+        ),
     }
     out = {}
     for label, (ours, peer) in pairs.items():
@@ -151,7 +180,9 @@ def ratios(rows: dict) -> dict:
 
 
 @torch.inference_mode()
-def top1(model: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, torch.Tensor]:
+def top1(
+    model: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, torch.Tensor]:
     preds = torch.cat([model(x).float().argmax(1) for x, _ in batches])
     labels = torch.cat([y for _, y in batches])
     return (preds == labels).float().mean().item() * 100.0, preds
@@ -170,16 +201,25 @@ def accuracy(args: argparse.Namespace) -> dict:
     val = ImageFolderDataset(args.data_dir, "val", transform=transform)
     batches = list(DataLoader(val, batch_size=args.batch_size, shuffle=False))
     calibration = calibration_batches(
-        Path(args.data_dir) / "train", image_size=args.image_size, crop_pct=args.crop_pct, batch_size=args.batch_size
+        Path(args.data_dir) / "train",
+        image_size=args.image_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size,
     )
     candidates = {"fp32": res2net.optimize_for_inference(model)}
     if res2net.lowprec.bf16_supported():
         candidates["bf16"] = res2net.optimize_for_inference(model, precision="bf16")
-    candidates["int8"] = res2net.optimize_for_inference(model, precision="int8", calibration=calibration)
+    candidates["int8"] = res2net.optimize_for_inference(
+        model, precision="int8", calibration=calibration
+    )
     results, preds = {}, {}
     for name, m in candidates.items():
         results[name], preds[name] = top1(m, batches)
-    out = {"checkpoint": str(args.ckpt), "val_images": len(val), "calibration_images": sum(len(b) for b in calibration)}
+    out = {
+        "checkpoint": str(args.ckpt),
+        "val_images": len(val),
+        "calibration_images": sum(len(b) for b in calibration),
+    }
     for name in candidates:
         out[name] = {
             "top1": results[name],
@@ -210,7 +250,9 @@ def plot(args: argparse.Namespace) -> None:
 
     speed_rows = json.loads(args.speed.read_text())["candidates"]
     panels = [("inference, batch 8, 224x224", speed_rows, "best_ms", "median_ms", 8)]
-    fig, axes = plt.subplots(1, 1 + bool(args.train), figsize=(12 if args.train else 8, 4.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 1 + bool(args.train), figsize=(12 if args.train else 8, 4.5), squeeze=False
+    )
     for ax, (title, rows, best, median, batch) in zip(axes[0], panels):
         names = sorted(rows, key=lambda n: rows[n][best])
         ax.barh(names, [batch * 1000.0 / rows[n][best] for n in names], color="tab:blue")
@@ -223,19 +265,25 @@ def plot(args: argparse.Namespace) -> None:
         ax = axes[0][1]
         ax.barh(names, [result["img_s"][n]["best_runs"] for n in names], color="tab:orange")
         ax.set_xlabel("images/s, steady state (data loading included)")
-        ax.set_title(f"training end to end, batch {result['batch_size']}, {result['workers']} workers")
+        ax.set_title(
+            f"training end to end, batch {result['batch_size']}, {result['workers']} workers"
+        )
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(f"wrote {args.png}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="part", required=True)
     s = sub.add_parser("speed")
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--rounds", type=int, default=8)
-    s.add_argument("--no_compile", action="store_true", help="skip the compiled fp32/bf16 candidates")
+    s.add_argument(
+        "--no_compile", action="store_true", help="skip the compiled fp32/bf16 candidates"
+    )
     a = sub.add_parser("accuracy")
     a.add_argument("--model", default="res2net50")
     a.add_argument("--ckpt", required=True)
@@ -258,7 +306,11 @@ def main() -> None:
         return photos(args)
     if args.part == "plot":
         return plot(args)
-    result = {"machine": machine_info(), "onnxruntime": onnxruntime.__version__, "timm": timm.__version__}
+    result = {
+        "machine": machine_info(),
+        "onnxruntime": onnxruntime.__version__,
+        "timm": timm.__version__,
+    }
     result.update(speed(args) if args.part == "speed" else accuracy(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -48,9 +48,12 @@ from res2net.profile import machine_info
 LAUNCH_TIMM = """
 import runpy, sys, torch, timm.utils
 init_device = timm.utils.init_distributed_device
+def init_on_cpu(args):
+    args.device = "cpu"
+    return init_device(args)
 if not torch.cuda.is_available():
     torch.cuda.synchronize = lambda *a, **k: None
-    timm.utils.init_distributed_device = lambda args: (setattr(args, "device", "cpu"), init_device(args))[1]
+    timm.utils.init_distributed_device = init_on_cpu
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -67,28 +70,118 @@ def build_folder(root: Path, per_photo: int) -> int:
 
 def timm_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
     return [
-        sys.executable, "-c", LAUNCH_TIMM, str(args.timm_train), str(data),
-        "--model", "res2net50_26w_4s", "--num-classes", str(num_classes), "-b", str(args.batch_size),
-        "--epochs", "1", "--sched", "cosine", "--warmup-epochs", "0", "--opt", "sgd", "--lr", "0.1",
-        "--momentum", "0.9", "--weight-decay", "1e-4", "--smoothing", "0.1",
-        "--scale", "0.08", "1.0", "--ratio", "0.75", "1.333", "--hflip", "0.5", "--color-jitter", "0.4",
-        "--reprob", "0", "--train-interpolation", "bilinear", "--workers", str(args.workers),
-        "--val-split", "val", "--output", str(out), "--experiment", "run", "--log-interval", "1000",
-        "--checkpoint-hist", "1", "--seed", "0",
+        sys.executable,
+        "-c",
+        LAUNCH_TIMM,
+        str(args.timm_train),
+        str(data),
+        "--model",
+        "res2net50_26w_4s",
+        "--num-classes",
+        str(num_classes),
+        "-b",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--sched",
+        "cosine",
+        "--warmup-epochs",
+        "0",
+        "--opt",
+        "sgd",
+        "--lr",
+        "0.1",
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "1e-4",
+        "--smoothing",
+        "0.1",
+        "--scale",
+        "0.08",
+        "1.0",
+        "--ratio",
+        "0.75",
+        "1.333",
+        "--hflip",
+        "0.5",
+        "--color-jitter",
+        "0.4",
+        "--reprob",
+        "0",
+        "--train-interpolation",
+        "bilinear",
+        "--workers",
+        str(args.workers),
+        "--val-split",
+        "val",
+        "--output",
+        str(out),
+        "--experiment",
+        "run",
+        "--log-interval",
+        "1000",
+        "--checkpoint-hist",
+        "1",
+        "--seed",
+        "0",
     ]
 
 
 def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
     return [
-        sys.executable, "-m", "res2net.cli.main", "train",
-        "-c", str(REPO / "configs/res2net/res2net_50_ascend.yaml"),
-        "--data_dir", str(data), "--num_classes", str(num_classes), "--batch_size", str(args.batch_size),
-        "--epoch_size", "1", "--scheduler", "cosine_decay", "--warmup_epochs", "0", "--lr", "0.1",
-        "--opt", "momentum", "--momentum", "0.9", "--weight_decay", "1e-4", "--label_smoothing", "0.1",
-        "--scale", "[0.08, 1.0]", "--ratio", "[0.75, 1.333]", "--hflip", "0.5", "--color_jitter", "0.4",
-        "--re_prob", "0", "--interpolation", "bilinear", "--num_parallel_workers", str(args.workers),
-        "--val_while_train", "True", "--ckpt_save_dir", str(out), "--log_interval", "1000",
-        "--keep_checkpoint_max", "1", "--seed", "0",
+        sys.executable,
+        "-m",
+        "res2net.cli.main",
+        "train",
+        "-c",
+        str(REPO / "configs/res2net/res2net_50_ascend.yaml"),
+        "--data_dir",
+        str(data),
+        "--num_classes",
+        str(num_classes),
+        "--batch_size",
+        str(args.batch_size),
+        "--epoch_size",
+        "1",
+        "--scheduler",
+        "cosine_decay",
+        "--warmup_epochs",
+        "0",
+        "--lr",
+        "0.1",
+        "--opt",
+        "momentum",
+        "--momentum",
+        "0.9",
+        "--weight_decay",
+        "1e-4",
+        "--label_smoothing",
+        "0.1",
+        "--scale",
+        "[0.08, 1.0]",
+        "--ratio",
+        "[0.75, 1.333]",
+        "--hflip",
+        "0.5",
+        "--color_jitter",
+        "0.4",
+        "--re_prob",
+        "0",
+        "--interpolation",
+        "bilinear",
+        "--num_parallel_workers",
+        str(args.workers),
+        "--val_while_train",
+        "True",
+        "--ckpt_save_dir",
+        str(out),
+        "--log_interval",
+        "1000",
+        "--keep_checkpoint_max",
+        "1",
+        "--seed",
+        "0",
     ]
 
 
@@ -105,25 +198,42 @@ def run_once(command: list[str], log: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timm_train", type=Path, required=True, help="timm's train.py (from its repository)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--timm_train", type=Path, required=True, help="timm's train.py (from its repository)"
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--small", type=int, default=4, help="images per class in the small training folder")
-    parser.add_argument("--large", type=int, default=16, help="images per class in the large training folder")
+    parser.add_argument(
+        "--small", type=int, default=4, help="images per class in the small training folder"
+    )
+    parser.add_argument(
+        "--large", type=int, default=16, help="images per class in the large training folder"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not args.timm_train.is_file():
-        sys.exit(f"--timm_train {args.timm_train}: no such file (a copy of timm's repository train.py)")
+        sys.exit(
+            f"--timm_train {args.timm_train}: no such file (a copy of timm's repository train.py)"
+        )
 
     with tempfile.TemporaryDirectory(prefix="train-e2e-") as tmp:
         tmp = Path(tmp)
-        images = {size: build_folder(tmp / f"data-{size}", getattr(args, size)) for size in ("small", "large")}
+        images = {
+            size: build_folder(tmp / f"data-{size}", getattr(args, size))
+            for size in ("small", "large")
+        }
         num_classes = len(list((tmp / "data-small" / "train").iterdir()))
-        steps = {size: n // args.batch_size for size, n in images.items()}  # both drop the last partial batch
+        steps = {
+            size: n // args.batch_size for size, n in images.items()
+        }  # both drop the last partial batch
         commands = {"timm train.py": timm_command, "res2net train": ours_command}
-        seconds: dict[str, dict[str, list[float]]] = {name: {"small": [], "large": []} for name in commands}
+        seconds: dict[str, dict[str, list[float]]] = {
+            name: {"small": [], "large": []} for name in commands
+        }
         load = [os.getloadavg()]
         for r in range(args.rounds):
             for size in ("small", "large"):
@@ -131,17 +241,27 @@ def main() -> None:
                     out = tmp / f"out-{r}-{size}-{name.split()[0]}"
                     shutil.rmtree(out, ignore_errors=True)
                     log = tmp / f"{out.name}.log"
-                    seconds[name][size].append(run_once(make(args, tmp / f"data-{size}", out, num_classes), log))
+                    seconds[name][size].append(
+                        run_once(make(args, tmp / f"data-{size}", out, num_classes), log)
+                    )
                     print(f"round {r}: {name} {size}: {seconds[name][size][-1]:.1f} s", flush=True)
             load.append(os.getloadavg())
 
     result: dict = {
-        "machine": machine_info(), "load": load, "batch_size": args.batch_size, "workers": args.workers,
-        "train_images": images, "steps": steps, "seconds": seconds, "img_s": {},
+        "machine": machine_info(),
+        "load": load,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "train_images": images,
+        "steps": steps,
+        "seconds": seconds,
+        "img_s": {},
     }
     extra_images = (steps["large"] - steps["small"]) * args.batch_size
     for name, runs in seconds.items():
-        per_round = [extra_images / (large - small) for small, large in zip(runs["small"], runs["large"])]
+        per_round = [
+            extra_images / (large - small) for small, large in zip(runs["small"], runs["large"])
+        ]
         best = extra_images / (min(runs["large"]) - min(runs["small"]))
         result["img_s"][name] = {"per_round": per_round, "best_runs": best}
     ours, timm_ = result["img_s"]["res2net train"], result["img_s"]["timm train.py"]

@@ -16,6 +16,7 @@ from res2net import lowprec
 from res2net.cli import benchmark as benchmark_cmd
 from res2net.cli import export as export_cmd
 from res2net.profile import benchmark_model
+
 from .test_inference import tiny
 from .test_models import rel_err
 
@@ -29,11 +30,15 @@ def write_images(folder, n: int = 6, size: int = 40) -> None:
     for i in range(n):
         sub = folder / f"class{i % 2}"
         sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(
+            sub / f"{i}.png"
+        )
 
 
 def test_bf16_is_close_to_fp32_and_takes_float32(monkeypatch):
-    monkeypatch.setattr(lowprec, "bf16_supported", lambda device="cpu": True)  # the math runs anyway
+    monkeypatch.setattr(
+        lowprec, "bf16_supported", lambda device="cpu": True
+    )  # the math runs anyway
     model = tiny("classic")
     x = torch.randn(4, 3, 32, 32)
     fast = res2net.optimize_for_inference(model, precision="bf16")
@@ -48,7 +53,9 @@ def test_bf16_is_close_to_fp32_and_takes_float32(monkeypatch):
 def test_bf16_refused_without_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    with pytest.raises(ValueError, match="precision='bf16' needs native bfloat16 math.*use precision='fp32'"):
+    with pytest.raises(
+        ValueError, match="precision='bf16' needs native bfloat16 math.*use precision='fp32'"
+    ):
         res2net.optimize_for_inference(tiny("classic"), precision="bf16")
 
 
@@ -109,8 +116,13 @@ def test_int8_onnx_export_runs_in_onnxruntime(tmp_path):
     batches = lowprec.calibration_batches(tmp_path / "cal", image_size=32, batch_size=4)
     check = export_onnx_int8(model, tmp_path / "tiny-int8.onnx", batches)
     assert check.max_rel_err < 0.1
-    session = ort.InferenceSession(str(tmp_path / "tiny-int8.onnx"), providers=["CPUExecutionProvider"])
-    ops = {node.op_type for node in __import__("onnx").load(str(tmp_path / "tiny-int8.onnx")).graph.node}
+    session = ort.InferenceSession(
+        str(tmp_path / "tiny-int8.onnx"), providers=["CPUExecutionProvider"]
+    )
+    ops = {
+        node.op_type
+        for node in __import__("onnx").load(str(tmp_path / "tiny-int8.onnx")).graph.node
+    }
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     (y,) = session.run(None, {"image": batches[1].numpy()[:1]})  # another batch size
     assert y.shape == (1, 10)
@@ -124,25 +136,75 @@ def export_args(*argv: str) -> argparse.Namespace:
 
 def test_export_cli_int8_refusals(tmp_path):
     with pytest.raises(ValueError, match="needs --calibration DIR"):
-        export_cmd.run(export_args(str(tmp_path / "m.onnx"), "--format", "onnx", "--model", "res2net50",
-                                   "--precision", "int8"), [])
+        export_cmd.run(
+            export_args(
+                str(tmp_path / "m.onnx"),
+                "--format",
+                "onnx",
+                "--model",
+                "res2net50",
+                "--precision",
+                "int8",
+            ),
+            [],
+        )
     with pytest.raises(ValueError, match="ONNX .QDQ. only: use --format onnx"):
-        export_cmd.run(export_args(str(tmp_path / "m.pt2"), "--format", "pt2", "--model", "res2net50",
-                                   "--precision", "int8", "--calibration", str(tmp_path)), [])
+        export_cmd.run(
+            export_args(
+                str(tmp_path / "m.pt2"),
+                "--format",
+                "pt2",
+                "--model",
+                "res2net50",
+                "--precision",
+                "int8",
+                "--calibration",
+                str(tmp_path),
+            ),
+            [],
+        )
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.pt2").exists()
 
 
 def test_benchmark_precision_flag(monkeypatch, capsys):
     monkeypatch.setattr(lowprec, "bf16_supported", lambda device="cpu": True)
-    row = benchmark_model(tiny("classic"), "tiny", batch_size=2, image_size=32, mode="infer",
-                          precision="bf16", warmup=1, repeats=1)
+    row = benchmark_model(
+        tiny("classic"),
+        "tiny",
+        batch_size=2,
+        image_size=32,
+        mode="infer",
+        precision="bf16",
+        warmup=1,
+        repeats=1,
+    )
     assert row.precision == "bf16" and row.jit_level == "optimized"
     with pytest.raises(ValueError, match="inference only"):
-        benchmark_model(tiny("classic"), "tiny", batch_size=2, image_size=32, mode="train", precision="int8")
+        benchmark_model(
+            tiny("classic"), "tiny", batch_size=2, image_size=32, mode="train", precision="int8"
+        )
     parser = argparse.ArgumentParser()
     benchmark_cmd.add_parser(parser)
-    args = parser.parse_args(["--model", "res2net50", "--batch_size", "1", "--image_resize", "32", "--mode",
-                              "infer", "--precision", "bf16", "--warmup", "1", "--repeats", "1", "--device", "cpu"])
+    args = parser.parse_args(
+        [
+            "--model",
+            "res2net50",
+            "--batch_size",
+            "1",
+            "--image_resize",
+            "32",
+            "--mode",
+            "infer",
+            "--precision",
+            "bf16",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert benchmark_cmd.run(args, []) == 0
     data = json.loads(capsys.readouterr().out.strip().rpartition("\n")[2])
     assert data["rows"][0]["precision"] == "bf16"

@@ -1,4 +1,4 @@
-"""`data shard --max-size`: large images re-encoded with a bounded longer side, small ones copied."""
+"""`data shard --max-size`: large images re-encoded at a bounded longer side, small ones copied."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def test_max_size_bounds_the_longer_side_and_keeps_small_images(tmp_path):
     big, small = tmp_path / "src/train/a/big.png", tmp_path / "src/train/a/small.jpg"
     Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(big)
     Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(small, quality=90)
-    write_shards(tmp_path / "src", tmp_path / "out", splits=("train",), max_size=64, shuffle_splits=())
+    write_shards(
+        tmp_path / "src", tmp_path / "out", splits=("train",), max_size=64, shuffle_splits=()
+    )
     samples = {s.key: s for s in iter_shard_samples(tmp_path / "out", "train")}
     resized = samples["a/big"]
     assert resized.ext == "jpg" and Image.open(io.BytesIO(resized.data)).size == (64, 43)

@@ -105,12 +105,21 @@ def export_program(model: nn.Module, path: str | Path, *, image_size: int = 224,
 
 
 def quantize_onnx(
-    fp32_path: str | Path, path: str | Path, batches: list[torch.Tensor], *, per_channel: bool = True
+    fp32_path: str | Path,
+    path: str | Path,
+    batches: list[torch.Tensor],
+    *,
+    per_channel: bool = True,
 ) -> Path:
     """Write an int8 QDQ copy of the ONNX file `fp32_path`: onnxruntime's post-training static
     quantization (`quantize_static`), weights symmetric int8 per output channel, activations
     uint8 per tensor with ranges calibrated on `batches` (NCHW float tensors)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -134,7 +143,12 @@ def quantize_onnx(
 
 
 def export_onnx_int8(
-    model: nn.Module, path: str | Path, batches: list[torch.Tensor], *, opset: int | None = None, rtol: float = 0.1
+    model: nn.Module,
+    path: str | Path,
+    batches: list[torch.Tensor],
+    *,
+    opset: int | None = None,
+    rtol: float = 0.1,
 ) -> ExportCheck:
     """Write `model` as an int8 QDQ ONNX file calibrated on `batches` (see `quantize_onnx`) and
     run it in onnxruntime on the first batch against PyTorch's fp32 outputs; RuntimeError when

@@ -81,11 +81,14 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     from .data import walk_files
 
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"calibration folder {str(folder)!r} does not exist or is not a folder")
+        raise FileNotFoundError(
+            f"calibration folder {str(folder)!r} does not exist or is not a folder"
+        )
     files = [f for f in walk_files(folder) if f.lower().endswith(IMG_EXTENSIONS)]
     if not files:
         raise ValueError(
-            f"calibration folder {str(folder)!r} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...): "
+            f"calibration folder {str(folder)!r} holds no images "
+            f"({', '.join(IMG_EXTENSIONS[:4])}, ...): "
             "give a folder of typical inputs, e.g. the training images"
         )
     return files
@@ -125,7 +128,9 @@ def quantize_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     except ImportError as e:
-        raise ImportError(f"precision='int8' needs torchao ({e}): pip install 'res2net[lowprec]'") from None
+        raise ImportError(
+            f"precision='int8' needs torchao ({e}): pip install 'res2net[lowprec]'"
+        ) from None
 
     device = next(model.parameters()).device
     if device.type != "cpu":

@@ -38,8 +38,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                        help="also cap shard size, e.g. 500M, 1G, 2GiB (default: no cap)")
     shard.add_argument("--splits", type=_splits, default=("train", "val"), help="comma-separated splits (default train,val)")
     shard.add_argument("--max-size", "--max_size", type=int, default=None,
-                       help="re-encode images whose longer side exceeds N pixels as JPEG (quality 90) "
-                       "with that longer side, as FFCV does (default: copy byte for byte)")
+                       help="re-encode images whose longer side exceeds N pixels as JPEG "
+                       "(quality 90) with that longer side, as FFCV does (default: copy bytes)")
     shard.add_argument("--seed", type=int, default=0, help="seed of the training splits' one shuffle (default 0)")
     shard.add_argument("--shuffle-splits", type=_splits, default=("train",),
                        help="splits shuffled when written (default train); others keep folder order")

@@ -21,10 +21,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image_resize", "--image-resize", type=int, default=224, help="square input size")
     p.add_argument("--features_only", "--features-only", action="store_true", help="export the feature maps instead of logits")
     p.add_argument("--rtol", type=float, default=None,
-                   help="largest accepted max relative error against PyTorch (default 1e-4; int8: 0.1)")
+                   help="largest accepted max relative error against PyTorch "
+                   "(default 1e-4; int8: 0.1)")
     p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="int8: static per-channel QDQ ONNX (onnxruntime), calibrated on --calibration")
-    p.add_argument("--calibration", help="int8: folder of typical input images (e.g. the training set)")
+                   help="int8: static per-channel QDQ ONNX for onnxruntime, calibrated on "
+                   "--calibration")
+    p.add_argument("--calibration",
+                   help="int8: folder of typical input images (e.g. the training set)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -35,7 +38,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.precision == "int8" and args.format != "onnx":
         raise ValueError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
     if args.precision == "int8" and not args.calibration:
-        raise ValueError("--precision int8 needs --calibration DIR: a folder of typical input images")
+        raise ValueError(
+            "--precision int8 needs --calibration DIR: a folder of typical input images"
+        )
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path)
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         check = _export_int8(args, model)
     else:
         export = export_onnx if args.format == "onnx" else export_program
-        check = export(model, args.out, image_size=args.image_resize, rtol=1e-4 if args.rtol is None else args.rtol)
+        rtol = 1e-4 if args.rtol is None else args.rtol
+        check = export(model, args.out, image_size=args.image_resize, rtol=rtol)
     print(
         f"wrote {check.path} ({args.format}, {args.precision}, dynamic batch, "
         f"{args.image_resize}x{args.image_resize}); "
