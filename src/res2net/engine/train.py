@@ -38,7 +38,7 @@ from ..profile import count_params
 from . import distributed
 from .checkpoint import CheckpointManager, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
-from .optim import build_optimizer
+from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
 from .schedules import LrSchedule
 
@@ -98,6 +98,8 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
+        if cfg.aug_repeats > 1:
+            raise ValueError("aug_repeats is not supported with sharded data; use an image folder")
         shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image)
         train_loader, _ = build_shard_loader(
             cfg.data_dir, train_tf, cfg.batch_size, workers, cfg.seed, training=True, split=cfg.train_split,
@@ -115,7 +117,8 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
         cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=cfg.on_bad_image,
         num_samples=cfg.num_samples, seed=cfg.seed,
     )
-    train_loader = build_loader(train_ds, cfg.batch_size, cfg.shuffle, cfg.drop_remainder, workers, cfg.seed, dist.enabled)
+    train_loader = build_loader(train_ds, cfg.batch_size, cfg.shuffle, cfg.drop_remainder, workers, cfg.seed, dist.enabled,
+                                aug_repeats=cfg.aug_repeats)
     val_loader = None
     if cfg.val_while_train:
         val_ds = ImageFolderDataset(
@@ -208,12 +211,16 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
                  f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
                  "; consider --lr_scale linear to scale lr with it")
     schedule = LrSchedule(
-        cfg.scheduler, cfg.lr * lr_factor, steps_per_epoch, cfg.min_lr * lr_factor, cfg.warmup_epochs,
-        cfg.warmup_factor, cfg.decay_epochs, cfg.decay_rate, tuple(cfg.multi_step_decay_milestones),
-        cfg.num_cycles, cfg.cycle_decay, cfg.lr_epoch_stair,
+        scheduler=cfg.scheduler, lr=cfg.lr * lr_factor, steps_per_epoch=steps_per_epoch,
+        min_lr=cfg.min_lr * lr_factor, warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_factor,
+        decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, milestones=cfg.multi_step_decay_milestones,
+        num_cycles=cfg.num_cycles, cycle_decay=cfg.cycle_decay, lr_epoch_stair=cfg.lr_epoch_stair,
+        epochs=cfg.epoch_size,
     )
     optimizer = build_optimizer(
-        model, cfg.opt, schedule(0), cfg.weight_decay, cfg.momentum, cfg.use_nesterov, cfg.eps, cfg.weight_decay_filter
+        model, opt=cfg.opt, lr=schedule(0), weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        nesterov=cfg.use_nesterov, eps=cfg.eps, weight_decay_filter=cfg.weight_decay_filter,
+        layer_decay=cfg.layer_decay,
     )
     amp_dtype = cfg.amp_dtype(device.type)
     val_amp_dtype = cfg.amp_dtype(device.type, validation=True)
@@ -277,8 +284,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
                 continue
             accumulating = batch_idx % cfg.gradient_accumulation_steps != 0
             lr = schedule(global_step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if cfg.channels_last:
