@@ -27,6 +27,9 @@ default. When no GPU is present, a short launcher sets `args.device = "cpu"` and
 
     python benchmarks/train_e2e.py --timm_train /path/to/timm/train.py \\
         --out benchmarks/results/train-e2e-cpu2.json
+    # one GPU (ours picks CUDA by itself, timm's script too): larger batch, more workers, bf16
+    python benchmarks/train_e2e.py --timm_train train.py --batch_size 128 --workers 16 --bf16 \\
+        --small 64 --large 256 --out benchmarks/results/train-e2e-gpu.json
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def timm_command(args: argparse.Namespace, data: Path, out: Path, num_classes: i
         "1",
         "--seed",
         "0",
-    ]
+    ] + (["--amp", "--amp-dtype", "bfloat16", "--channels-last"] if args.bf16 else [])
 
 
 def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
@@ -182,7 +185,7 @@ def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: i
         "1",
         "--seed",
         "0",
-    ]
+    ] + (["--amp_level", "O2", "--val_amp_level", "O2"] if args.bf16 else [])
 
 
 def run_once(command: list[str], log: Path) -> float:
@@ -213,6 +216,11 @@ def main() -> None:
         "--large", type=int, default=16, help="images per class in the large training folder"
     )
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast in both (timm: --amp --amp-dtype bfloat16 --channels-last), as on GPUs",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not args.timm_train.is_file():
