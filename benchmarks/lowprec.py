@@ -57,6 +57,8 @@ def timed_first_call(fn: Callable[[], object]) -> float:
 
 
 def speed(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)  # onnxruntime gets as many intra-op threads
     torch.manual_seed(0)
     timm_model = timm.create_model(NAME).eval()
     randomize_bn(timm_model)
@@ -248,8 +250,10 @@ def plot(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed_rows = json.loads(args.speed.read_text())["candidates"]
-    panels = [("inference, batch 8, 224x224", speed_rows, "best_ms", "median_ms", 8)]
+    speed = json.loads(args.speed.read_text())
+    load = max(speed["load_before"] + speed["load_after"])
+    title = f"inference, batch {speed['batch_size']}, 224x224 (load up to {load:.0f})"
+    panels = [(title, speed["candidates"], "best_ms", "median_ms", speed["batch_size"])]
     fig, axes = plt.subplots(
         1, 1 + bool(args.train), figsize=(12 if args.train else 8, 4.5), squeeze=False
     )
@@ -281,6 +285,7 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--rounds", type=int, default=8)
+    s.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: torch's)")
     s.add_argument(
         "--no_compile", action="store_true", help="skip the compiled fp32/bf16 candidates"
     )
