@@ -157,7 +157,7 @@ def _forbid_download(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("no download expected")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    monkeypatch.setattr(pt, "fetch", fail)
 
 
 def test_download_verifies_and_caches(payload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,7 +216,7 @@ def test_offline_error_names_every_url(tmp_path: Path, monkeypatch: pytest.Monke
         tried.append(url)
         raise URLError(OSError(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(pt, "fetch", offline)
     urls = ["https://primary.example/model-x.pth", "https://mirror.example/model-x.pth"]
     with pytest.raises(RuntimeError) as info:
         download_weights(_entry(urls, "abcdef12"), cache_dir=tmp_path)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
+from .guards import read_regular_file, short
 from .schema import (
     AMP_LEVELS,
     CKPT_SAVE_POLICIES,
@@ -62,6 +63,32 @@ _DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)")
 # Strings that mean None for Optional fields (YAML itself already maps null and ~).
 _NONE_STRINGS = ("None", "none", "null", "Null", "NULL", "~")
 _TRUE_STRINGS = ("true", "yes", "on", "1")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # `pipe:`, `https:`; not `C:`
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+#: Upper bounds checked at load (lower bounds are in `_validate`): far above any real run, low
+#: enough that a hostile recipe cannot ask for absurd memory, processes or time.
+LIMITS: dict[str, float] = {
+    "seed": 2**32 - 1,
+    "lr": 100.0,
+    "min_lr": 100.0,
+    "image_resize": 4096,
+    "epoch_size": 100_000,
+    "warmup_epochs": 100_000,
+    "decay_epochs": 100_000,
+    "multi_step_decay_milestones": 100_000,
+    "num_parallel_workers": 256,
+    "batch_size": 1 << 16,
+    "num_classes": 1 << 20,
+    "in_channels": 64,
+    "keep_checkpoint_max": 10_000,
+    "gradient_accumulation_steps": 1 << 16,
+    "re_max_attempts": 1000,
+    "aug_repeats": 64,
+    "num_cycles": 100_000,
+    "loss_scale": 2.0**32,
+    "dist_timeout": 7 * 24 * 3600.0,
+}
 _FALSE_STRINGS = ("false", "no", "off", "0")
 
 
@@ -211,6 +238,9 @@ class Config:
     sync_bn: bool = False  # distributed: BatchNorm statistics over the global batch (CUDA only)
     freeze_bn: bool = False  # BatchNorm keeps and uses its running statistics while training
     dist_timeout: float = 600.0  # seconds a rank waits for the others before the job fails
+    log: str = ""  # experiment trackers: "mlflow", "wandb" or "mlflow,wandb" (engine/tracking.py)
+    log_uri: str = ""  # MLflow tracking URI; "" = a SQLite store in ./mlruns
+    log_project: str = "res2net"  # MLflow experiment / W&B project
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -230,6 +260,7 @@ class Config:
         if self.dynamic_loss_scale and self.loss_scale_type == "fixed":
             object.__setattr__(self, "loss_scale_type", "dynamic")
         _validate(self)
+        _check_limits(self)
 
     # --- derived values -------------------------------------------------------------------
 
@@ -469,6 +500,8 @@ def load_config(
             value = _override_value(key, value)
         values[key] = _coerce(key, value, _FIELD_TYPES[key], where)
         sources[key] = where
+    if path is not None and sources.get("data_dir") == f"in {path}":
+        _refuse_commands(values, path)
     try:
         return Config(**values)
     except ConfigError as e:
@@ -477,23 +510,51 @@ def load_config(
         raise
 
 
+def _refuse_commands(values: dict[str, Any], path: str) -> None:
+    """A recipe is a shared, untrusted file: its `data_dir` may not be a URL or a `pipe:`
+    command, which would run a program (curl, a shell); those come from the command line."""
+    value = values.get("data_dir")
+    if isinstance(value, str) and _SCHEME_RE.match(value) and not value.startswith("file:"):
+        raise ConfigError(
+            f"{path}: data_dir {short(value)} is a URL or command; a recipe may only name a local "
+            "folder (reading it would run a program). Pass it on the command line: --data_dir ...",
+            key="data_dir",
+        )
+
+
 def _read_yaml(path: str) -> dict[Any, Any]:
-    """The top-level mapping of a YAML file, read with ``yaml.safe_load``."""
+    """The top-level mapping of a YAML file, read with ``yaml.SafeLoader`` once its node graph,
+    aliases expanded, is known to hold at most MAX_YAML_NODES nodes (no "billion laughs")."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+        text = read_regular_file(path, "config file", MAX_CONFIG_BYTES).decode("utf-8")
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"{path}: more than {MAX_YAML_NODES} values once its aliases (*name) are "
+                    "expanded; a recipe is a flat list of keys"
+                )
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except FileNotFoundError as e:
+        missing = "does not exist" in str(e)
+        raise ConfigError(f"config file not found: {path}" if missing else str(e)) from None
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        if isinstance(e, UnicodeDecodeError):
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply; a recipe is a flat list of keys") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         at = f"{path}: line {mark.line + 1}" if mark is not None else path
-        problem = getattr(e, "problem", None) or str(e)
+        problem = short(getattr(e, "problem", None) or str(e), 200).strip("'\"")
         if "python/" in problem:
             raise ConfigError(
                 f"{at}: Python-specific YAML tags (like !!python/object) are not allowed in "
@@ -508,6 +569,22 @@ def _read_yaml(path: str) -> dict[Any, Any]:
         raise ConfigError(f"{path}: expected a mapping of 'key: value' lines at the top level, "
                           f"got {type(data).__name__}")
     return data
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes in `node` with every alias expanded, counted without expanding anything (each
+    shared node is counted once per use from its memoized size); a cycle counts as too many."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    sizes[key] = MAX_YAML_NODES + 1  # seen again before it is done: a cycle
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[key] = min(total, MAX_YAML_NODES + 1)
+    return sizes[key]
 
 
 def _parse_argv(argv: list[str]) -> list[tuple[str, Any]]:
@@ -555,9 +632,9 @@ def _override_value(key: str, raw: str) -> Any:
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key[:100], list(_FIELD_TYPES), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r} ({where}){hint}", key=key)
+    return ConfigError(f"unknown config key {short(key)} ({where}){hint}", key=key)
 
 
 # ------------------------------------------------------------------------------------------
@@ -575,7 +652,7 @@ def _coerce(key: str, value: Any, tp: Any, where: str = "") -> Any:
     except _Mismatch:
         suffix = f" ({where})" if where else ""
         raise ConfigError(
-            f"config key {key!r} expects {_type_name(tp)}, got {value!r}{suffix}", key=key
+            f"config key {key!r} expects {_type_name(tp)}, got {short(value)}{suffix}", key=key
         ) from None
 
 
@@ -816,8 +893,23 @@ def _validate(c: Config) -> None:
     # project
     choice("lr_scale", LR_SCALES)
     choice("on_bad_image", ON_BAD_IMAGE)
+    trackers = [t.strip().lower() for t in c.log.split(",")] if c.log else []
+    check(all(t in ("mlflow", "wandb", "none") for t in trackers), "log",
+          "must be mlflow, wandb or both, comma-separated")
     check(_DEVICE_RE.fullmatch(c.device) is not None, "device",
           "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def _check_limits(c: Config) -> None:
+    """Upper bounds (`LIMITS`): a value past them is a typo or an attack, never a real run."""
+    for key, high in LIMITS.items():
+        value = getattr(c, key)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v is not None and v > high for v in values):
+            limit = f"{high:g}" if isinstance(high, float) else str(high)
+            raise ConfigError(
+                f"config key {key!r} must be at most {limit}, got {short(value)}", key=key
+            )
 
 
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Config)

@@ -15,6 +15,7 @@ from .factory import create_model
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.layers import res2_forward
+from .weights import torchfile
 from .weights.loading import checkpoint_num_classes
 
 
@@ -41,8 +42,8 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
         return names
     if ckpt_path:
         try:
-            stored = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("classes")
-        except Exception:  # not a torch training checkpoint: no stored names
+            stored = torchfile.load(ckpt_path).get("classes")
+        except (ValueError, AttributeError):  # not a torch training checkpoint: no stored names
             stored = None
         if isinstance(stored, list) and len(stored) == num_classes:
             return [str(c) for c in stored]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from . import benchmark as benchmark_cmd
@@ -15,6 +16,7 @@ from . import export as export_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
 from . import saliency as saliency_cmd
+from . import serve as serve_cmd
 from . import train as train_cmd
 from . import validate as validate_cmd
 
@@ -28,6 +30,7 @@ COMMANDS = {
     "data": data_cmd,
     "cam": cam_cmd,
     "saliency": saliency_cmd,
+    "serve": serve_cmd,
     "models": models_cmd,
     "demo": demo_cmd,
 }
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(COMMANDS[args.command], "ACCEPTS_EXTRA", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)  # interrupts any wait, like Ctrl-C
     try:
         return COMMANDS[args.command].run(args, extra) or 0
     except KeyboardInterrupt:
@@ -63,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             message = message.splitlines()[-1]
         print(f"res2net {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":

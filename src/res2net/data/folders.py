@@ -40,6 +40,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ..guards import NotARegularFile, open_regular_file
+
 logger = logging.getLogger(__name__)
 
 # PIL's default `Image.MAX_IMAGE_PIXELS` (about 89.5 megapixels, a 9459 x 9459 image).
@@ -174,8 +176,10 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
 def read_file(path: str | os.PathLike) -> bytes:
     """The bytes of an image file; `DataError` naming it when it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path, "image") as f:  # a named pipe or device is refused
             return f.read()
+    except NotARegularFile as e:
+        raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
 

@@ -56,6 +56,8 @@ import logging
 import os
 import random
 import re
+import shlex
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,7 @@ from .folders import (
     decode_image,
     image_for,
 )
+from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .loader import _epoch_generator, _seed_all
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,29 @@ SHARD_PATTERN = "{split}-{number:06d}.tar"
 _BLOCK = 512
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A shard name is a plain file name in the split's folder; a split one or more plain names.
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}")
+# Bounds on what an index or a shard may make a reader hold.
+MAX_INDEX_BYTES = 16 << 20
+MAX_SHARDS = 1 << 20
+MAX_CLASSES = 1 << 20
+MAX_SAMPLE_BYTES = 64 << 20  # all members of one sample together
+# Shards are plain tar: compressed ones are refused (a small gzip member can expand to
+# gigabytes, and webdataset's `r|*` would decompress it without limit).
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+}
+# curl for http(s) shards: give up on a connection after NETWORK_TIMEOUT seconds and on a
+# transfer that stalls (under 1 byte/s) for as long, whatever the server does.
+_CURL = [
+    "curl", "--connect-timeout", str(int(NETWORK_TIMEOUT)),
+    "--speed-limit", "1", "--speed-time", str(int(NETWORK_TIMEOUT)),
+    "--retry", "3", "--retry-delay", "2", "-f", "-s", "-L", "--",
+]
 
 
 def _webdataset() -> Any:
@@ -107,15 +133,26 @@ def is_url(location: str | os.PathLike) -> bool:
     return s.startswith("pipe:") or bool(_URL_RE.match(s))
 
 
+def check_name(name: Any, what: str = "shard name", *, nested: bool = False) -> str:
+    """`name` when it is a plain file name (letters, digits, `._+-`, not starting with a dot),
+    or with `nested` several joined by `/`; else DataError. Nothing else is ever pasted into a
+    path, URL or `pipe:` command."""
+    parts = name.split("/") if nested and isinstance(name, str) else [name]
+    if not all(isinstance(p, str) and _NAME_RE.fullmatch(p) for p in parts):
+        raise DataError(f"{what} {short(name)} is not a plain file name (letters, digits, '._+-')")
+    return name
+
+
 def _join(location: str, name: str) -> str:
-    """`location/name`: a path, a URL, or a `pipe:` command whose `{}` stands for the path."""
+    """`location/name`: a path, a URL, or a `pipe:` command whose `{}` stands for the path
+    (shell-quoted there, though `check_name` already allows no character the shell reads)."""
     if location.startswith("pipe:"):
         if "{}" not in location:
             raise DataError(
                 f"a pipe: data location needs '{{}}' where the path inside the shard folder goes, "
-                f"e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {location!r})"
+                f"e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {short(location)})"
             )
-        return location.replace("{}", name)
+        return location.replace("{}", shlex.quote(name))
     if _URL_RE.match(location):
         return location.rstrip("/") + "/" + name
     return os.path.join(location, name)
@@ -127,8 +164,12 @@ def _split_location(data_dir: str | os.PathLike, split: str | None) -> str:
         location = os.path.expanduser(location)
     if split is None:
         return location
+    check_name(split, "split", nested=True)
     # A pipe: template stays one: its '{}' now stands for the path inside the split folder.
-    return _join(location, split + "/{}") if location.startswith("pipe:") else _join(location, split)
+    if location.startswith("pipe:"):
+        _join(location, "")  # the check for '{}'
+        return location.replace("{}", split + "/{}")
+    return _join(location, split)
 
 
 def is_shard_dir(data_dir: str | os.PathLike, split: str) -> bool:
@@ -183,24 +224,33 @@ class ShardIndex:
                     f"--data_dir 'pipe:aws s3 cp s3://bucket/imagenet/{{}} -' (got {location!r})"
                 )
             try:
-                with wds.gopen(index_url) as f:
-                    content = f.read()
+                stream = _open_stream(index_url)
+                try:
+                    with interruptible():
+                        content = _read_capped(stream, MAX_INDEX_BYTES + 1)
+                finally:
+                    _close(stream, early=True)
             except Exception as e:
-                raise DataError(f"cannot read the shard index '{index_url}': {type(e).__name__}: {e}") from e
+                reason = f"{type(e).__name__}: {short(str(e), 200)}"
+                raise DataError(f"cannot read the shard index '{index_url}': {reason}") from e
+            if len(content) > MAX_INDEX_BYTES:
+                raise DataError(
+                    f"'{index_url}' is larger than {MAX_INDEX_BYTES} bytes; not a shard index"
+                )
         else:
             content = _read_local_index(Path(location))
         try:
             info = json.loads(content)
-        except ValueError as e:
-            raise DataError(f"'{index_url}' is not a valid shard index: {e}") from e
-        if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
-            raise DataError(f"'{index_url}' is not a shard index written by `res2net data shard`")
-        if info.get("version", 0) > INDEX_VERSION:
-            raise DataError(f"'{index_url}' has index version {info['version']}; this res2net reads up to {INDEX_VERSION}")
+        except (ValueError, RecursionError) as e:
+            reason = short(str(e), 120)
+            raise DataError(f"'{index_url}' is not a valid shard index: {reason}") from None
+        problem = _index_problem(info)
+        if problem:
+            raise DataError(f"'{index_url}' is not a valid shard index: {problem}")
         shards = info["shards"]
         index = cls(
             location=location,
-            split=str(info.get("split", split or Path(location).name)),
+            split=str(info.get("split", split or Path(location).name))[:100],
             classes=tuple(info["classes"]),
             names=tuple(s["name"] for s in shards),
             counts=tuple(int(s["count"]) for s in shards),
@@ -227,10 +277,53 @@ class ShardIndex:
                 )
 
 
+def _index_problem(info: Any) -> str | None:
+    """What is wrong with a parsed `index.json` (None when nothing): its schema, shard names
+    (`check_name`) and counts, checked before any of it is used."""
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
+
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+        return "not written by `res2net data shard` (no 'format': 'res2net-webdataset')"
+    version = info.get("version", 0)
+    if not count(version) or version > INDEX_VERSION:
+        return f"index version {short(version)}; this res2net reads up to {INDEX_VERSION}"
+    shards, classes = info.get("shards"), info.get("classes")
+    if not isinstance(shards, list) or not 0 < len(shards) <= MAX_SHARDS:
+        return f"'shards' must be a list of 1 to {MAX_SHARDS} entries"
+    if not isinstance(classes, list) or len(classes) > MAX_CLASSES:
+        return f"'classes' must be a list of at most {MAX_CLASSES} names"
+    if not all(isinstance(c, str) and 0 < len(c) <= 1000 for c in classes):
+        return "'classes' must hold non-empty names of at most 1000 characters"
+    if "total" in info and not count(info["total"]):
+        return f"'total' must be a count, got {short(info['total'])}"
+    seen: set[str] = set()
+    for k, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shard {k} is not an object"
+        name = shard.get("name")
+        try:
+            check_name(name)
+        except DataError as e:
+            return str(e)
+        if name in seen:
+            return f"shard {name!r} is listed twice"
+        seen.add(name)
+        if not count(shard.get("count")):
+            return f"shard {name!r} has no valid 'count' ({short(shard.get('count'))})"
+        if shard.get("bytes") is not None and not count(shard["bytes"]):
+            return f"shard {name!r} has an invalid 'bytes' ({short(shard['bytes'])})"
+    return None
+
+
 def _read_local_index(split_dir: Path) -> bytes:
     index_path = split_dir / INDEX_NAME
-    if index_path.is_file():
-        return index_path.read_bytes()
+    if index_path.exists():
+        try:
+            return read_regular_file(index_path, "shard index", MAX_INDEX_BYTES)
+        except (OSError, ValueError) as e:
+            raise DataError(str(e)) from None
     if split_dir.is_dir() and any(p.suffix == ".tar" for p in split_dir.iterdir()):
         raise DataError(
             f"'{split_dir}' has shards but no {INDEX_NAME}: writing them was interrupted; "
@@ -476,13 +569,13 @@ def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int
     if take <= 0:
         return
     try:
-        stream = wds.gopen(url)
+        stream = _open_stream(url)
     except Exception as e:
-        raise DataError(f"cannot open shard '{url}': {type(e).__name__}: {e}") from e
+        reason = f"{type(e).__name__}: {short(str(e), 200)}"
+        raise DataError(f"cannot open shard '{url}': {reason}") from e
     n = 0
     try:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-        samples = wds.tariterators.group_by_keys(files)
+        samples = wds.tariterators.group_by_keys(_tar_files(stream, url))
         try:
             for j, sample in enumerate(samples):
                 if j < skip:
@@ -500,12 +593,92 @@ def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int
                 f"shard '{url}' has {skip + n} samples but {INDEX_NAME} says {index.counts[shard]}"
             )
     finally:
-        if skip + n < index.counts[shard] and hasattr(stream, "ignore_errors"):
-            stream.ignore_errors = True  # stopped early: the pipe's command may exit with an error
-        try:
-            stream.close()
-        except Exception:
-            logger.debug("closing %s", url, exc_info=True)
+        _close(stream, early=skip + n < index.counts[shard])
+
+
+def _open_stream(url: str) -> Any:
+    """A readable stream of `url`: local files must be regular files (a named pipe would block,
+    a device never end); http(s) goes through curl with timeouts (`_CURL`); other URLs and
+    `pipe:` commands (given on the command line, never by a recipe) through webdataset."""
+    wds = _webdataset()
+    scheme = url.split(":", 1)[0].lower() if is_url(url) else ""
+    if not scheme or scheme == "file":
+        path = url[len("file://"):] if scheme else url
+        return open_regular_file(path, "shard file")
+    if scheme in ("http", "https"):
+        from webdataset.gopen import Pipe
+
+        return Pipe([*_CURL, url], mode="rb", bufsize=8192, ignore_status=[141, 23])
+    return wds.gopen(url)
+
+
+def _read_capped(stream: Any, limit: int) -> bytes:
+    """At most `limit` bytes of `stream`, read in chunks (one `read(limit)` would allocate
+    `limit` bytes up front, however little the stream holds)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = stream.read(min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _close(stream: Any, early: bool) -> None:
+    """Close `stream`; when reading stopped `early` (done, failed or interrupted), a command
+    behind it (curl, a pipe:) is killed rather than waited for: it may be stalled."""
+    process = getattr(stream, "proc", None)
+    if early and process is not None:
+        stream.ignore_errors = True
+        process.kill()
+    try:
+        stream.close()
+    except Exception:
+        logger.debug("closing %s", stream, exc_info=True)
+
+
+class _Prefixed:
+    """A read-only stream whose first bytes were already read (to look at them)."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            out, self.head = (self.head, b"") if size < 0 or size >= len(self.head) else (
+                self.head[:size], self.head[size:])
+            return out
+        return self.stream.read(size)
+
+
+def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """The regular members of an uncompressed tar stream as webdataset's `group_by_keys` wants
+    them; DataError for a compressed shard or a sample larger than MAX_SAMPLE_BYTES."""
+    head = stream.read(8)
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise DataError(
+                f"shard '{url}' is {kind}-compressed; shards must be plain tar "
+                "(re-run `res2net data shard`)"
+            )
+    base_plus_ext = _webdataset().tariterators.base_plus_ext
+    key, held = None, 0
+    with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|") as tar:  # "r|": no decompression
+        for member in tar:
+            if not member.isreg() or member.name.startswith("__"):
+                continue
+            prefix, _ = base_plus_ext(member.name)
+            held = member.size + (held if prefix == key else 0)
+            key = prefix
+            if held > MAX_SAMPLE_BYTES:
+                raise DataError(
+                    f"shard '{url}': sample {short(prefix)} holds more than "
+                    f"{MAX_SAMPLE_BYTES} bytes"
+                )
+            data = tar.extractfile(member).read()
+            tar.members = []  # a stream: forget members already read
+            yield {"fname": member.name, "data": data, "__url__": url}
 
 
 def iter_shard_samples(data_dir: str | os.PathLike, split: str | None = None) -> Iterator[ShardSample]:

@@ -15,16 +15,47 @@ writes are removed when the next run starts (`CheckpointManager.remove_stale_fil
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..fileio import atomic_write, fsync_directory, remove_stale_temporaries, temporary_path
+from ..guards import read_regular_file, short
+from ..weights import torchfile
+
+log = logging.getLogger(__name__)
 
 FORMAT = "res2net-train"
+MAX_INDEX_BYTES = 1 << 20
+
+
+def epoch_file_name(prefix: str, epoch: int) -> str:
+    """The name of the per-epoch checkpoint `CheckpointManager` writes."""
+    return f"{prefix}-{epoch:03d}.pt"
+
+
+def deletable_checkpoint(directory: str | Path, name: Any, prefix: str) -> Path | None:
+    """The path rotation may delete for an index entry's `name`, or None.
+
+    Only a file this project wrote there qualifies: a plain name of the form `epoch_file_name`
+    gives (`<prefix>-<epoch>.pt`, no directory part) that is a regular file, not a link, in
+    `directory` itself. `checkpoints.json` is a file anyone may have planted, so whatever else
+    it lists (absolute paths, `../`, other names) is never deleted."""
+    if not isinstance(name, str) or not re.fullmatch(re.escape(prefix) + r"-\d{3,9}\.pt", name):
+        return None
+    path = Path(directory) / name
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return path if stat.S_ISREG(mode) else None
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -35,12 +66,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint written by `save_checkpoint` (never executes pickled code)."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0]})") from None
+    state = torchfile.load(path, "training checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a res2net training checkpoint (use it as weights with --ckpt_path instead)")
     return state
@@ -83,9 +109,23 @@ class CheckpointManager:
         return self.last if self.last.is_file() else None
 
     def _index(self) -> list[dict[str, Any]]:
-        if not self.index_path.is_file():
+        """The entries of `checkpoints.json` that are well formed (others are dropped with a
+        warning; a damaged index reads as empty: rotation then only forgets, never deletes)."""
+        if not self.index_path.exists():
             return []
-        return json.loads(self.index_path.read_text())
+        try:
+            text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
+            entries = json.loads(text)
+        except (OSError, ValueError, RecursionError) as e:
+            reason = short(str(e), 120)
+            log.warning("%s: ignored, not a readable index (%s)", self.index_path, reason)
+            return []
+        entries = entries if isinstance(entries, list) else [entries]
+        good = [e for e in entries if _valid_entry(e)]
+        if len(good) != len(entries):
+            dropped = len(entries) - len(good)
+            log.warning("%s: ignored %d malformed entries", self.index_path, dropped)
+        return good
 
     def save_last(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
         """Write the resumable state to `last.pt` (and to `best.pt` first when `is_best`)."""
@@ -101,7 +141,7 @@ class CheckpointManager:
         """Write the epoch checkpoint for `epoch` (1-based), `best.pt` when `is_best`, apply
         the policy, and write `last.pt` last; returns the epoch checkpoint's path."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.prefix}-{epoch:03d}.pt"
+        path = self.directory / epoch_file_name(self.prefix, epoch)
         entries = [e for e in self._index() if e["epoch"] != epoch] + [{"epoch": epoch, "file": path.name, "top1": top1}]
         if self.policy == "top_k":
             ranked = sorted(entries, key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]), reverse=True)
@@ -115,8 +155,9 @@ class CheckpointManager:
                 self._link(path, self.best)
         self._write_index(keep)
         for e in drop:
-            if e["epoch"] != epoch:
-                (self.directory / e["file"]).unlink(missing_ok=True)
+            old = deletable_checkpoint(self.directory, e["file"], self.prefix)
+            if old is not None and e["epoch"] != epoch:
+                old.unlink(missing_ok=True)
         if kept:
             self._link(path, self.last)
         else:
@@ -142,3 +183,13 @@ class CheckpointManager:
             tmp.unlink(missing_ok=True)
             raise OSError(f"could not write {path} ({e.strerror or e}); the previous file there, if any, is intact") from e
         fsync_directory(path.parent)
+
+
+def _valid_entry(entry: Any) -> bool:
+    """An index entry as `CheckpointManager` writes it: epoch, file name, top-1 or None."""
+    if not isinstance(entry, dict):
+        return False
+    epoch, file, top1 = entry.get("epoch"), entry.get("file"), entry.get("top1")
+    number = isinstance(top1, (int, float)) and not isinstance(top1, bool) and math.isfinite(top1)
+    return (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 < epoch < 10**9
+            and isinstance(file, str) and (top1 is None or number))

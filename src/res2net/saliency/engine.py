@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from ..data import load_image
+from ..weights import torchfile
 from .data import SaliencyFolder, find_pairs, load_mask, saliency_transform
 from .losses import bce_iou_loss
 from .metrics import SaliencyMetrics
@@ -110,7 +111,7 @@ def load_saliency_model(
 ) -> tuple[SaliencyNet, dict[str, Any]]:
     """A saliency network saved by `save_saliency_model`, in eval mode, with its metadata
     (backbone, decoder_channels, image_size)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torchfile.load(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
     model = saliency_res2net(ckpt["backbone"], decoder_channels=ckpt["decoder_channels"])

@@ -1,8 +1,9 @@
 """Read a checkpoint of any supported format and load it into a model.
 
 The format is detected from the file's first bytes, never from its extension:
-- torch pickles (zip archives or legacy pickles) go through `torch.load(weights_only=True)`, so a
-  file carrying code is refused, never run;
+- torch pickles (zip archives or legacy pickles) are checked by `torchfile.scan` (bounded memory,
+  dense tensors only) and read with `torch.load(weights_only=True)`, so a file carrying code is
+  refused, never run;
 - `.safetensors` starts with an 8-byte header length followed by a JSON header;
 - MindSpore's protobuf checkpoint starts with the key of its first entry (byte 0x0a).
 
@@ -13,8 +14,10 @@ file is read; MindCV's (`gamma`, `down_sample`, `classifier`) when it is loaded 
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
+import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..guards import open_regular_file, short
+from . import torchfile
 from .mindspore import mindcv_to_ours, read_mindspore_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,11 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 # Prefixes added by DistributedDataParallel and torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")
 _CLASSIFIER_PREFIXES = ("fc.",)
+# Bounds on what a checkpoint's header and metadata may ask for.
+MAX_SAFETENSORS_HEADER = 16 << 20
+MAX_IMAGE_SIZE = 4096
+MAX_CLASSES = 1 << 20
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 TRAIN_FORMAT = "res2net-train"  # engine/checkpoint.py's tag (not imported: weights/ is independent of engine/)
 
 
@@ -51,19 +61,21 @@ class LoadReport:
 
 def detect_format(path: str | Path) -> str:
     """'torch', 'safetensors' or 'mindspore', from the file's first bytes (and last byte, for
-    protocol-0/1 pickles). Anything else raises ValueError; a missing file FileNotFoundError."""
+    protocol-0/1 pickles). Anything else raises ValueError; a missing file FileNotFoundError.
+
+    Safetensors is tried first: its 8-byte header length may start with 0x80 (the mark of a
+    pickle), but a pickle's first 8 bytes never read as a length that fits the file followed
+    by `{`."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    with open_regular_file(path, "checkpoint") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(16)
         f.seek(max(size - 1, 0))
         last = f.read(1)
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return "torch"
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < 1 << 32:
-        return "safetensors"
     if head[:1] == b"\x0a":
         return "mindspore"
     if last == b".":  # every pickle ends with STOP; protocols 0 and 1 have no leading marker
@@ -100,36 +112,73 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, lis
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
+    with open_regular_file(path, "checkpoint") as f:
+        header_bytes = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))[0]
+    if header_bytes > MAX_SAFETENSORS_HEADER:
+        raise ValueError(
+            f"{path}: its safetensors header claims {header_bytes} bytes, more than the "
+            f"{MAX_SAFETENSORS_HEADER} a model's needs"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        raise ValueError(f"{path}: not a valid safetensors file ({short(str(e), 200)})") from None
+    check_metadata(path, metadata)
     return state, metadata
 
 
-def _refusal_reason(message: str) -> str:
-    found = re.search(r"GLOBAL ([\w.]+)", message)
-    if found:
-        return f"it imports {found.group(1)!r}"
-    found = re.search(r"Unsupported operand \d+", message)
-    return f"it uses a pickle instruction torch's safe loader rejects ({found.group(0)})" if found else "see torch.load"
+def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Refuse (ValueError naming `path` and the key) metadata this project reads but cannot use:
+    `eval` must be a JSON object of known transform settings in range, `num_classes` a count."""
+    if "num_classes" in metadata:
+        n = metadata["num_classes"]
+        if not (n.isdigit() and len(n) < 10 and 1 <= int(n) <= MAX_CLASSES):
+            raise ValueError(
+                f"{path}: metadata 'num_classes' must be a count from 1 to {MAX_CLASSES}, "
+                f"got {short(n)}"
+            )
+    if "eval" not in metadata:
+        return
+    try:
+        settings = json.loads(metadata["eval"])
+    except (ValueError, RecursionError) as e:
+        reason = short(str(e), 100)
+        raise ValueError(f"{path}: metadata 'eval' is not valid JSON ({reason})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: metadata 'eval' must be a JSON object, got {short(settings)}")
+    problem = _eval_problem(settings)
+    if problem:
+        raise ValueError(f"{path}: metadata 'eval' {problem}")
+
+
+def _eval_problem(settings: dict) -> str | None:
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, value in settings.items():
+        if key == "image_resize":
+            ok = number(value) and isinstance(value, int) and 1 <= value <= MAX_IMAGE_SIZE
+            rule = f"an integer from 1 to {MAX_IMAGE_SIZE}"
+        elif key == "crop_pct":
+            ok, rule = number(value) and 0 < value <= 2, "a number in (0, 2]"
+        elif key == "interpolation":
+            ok, rule = value in INTERPOLATIONS, "one of " + ", ".join(INTERPOLATIONS)
+        elif key in ("mean", "std"):
+            ok = isinstance(value, list) and 1 <= len(value) <= 4
+            ok = ok and all(number(v) and 0 <= v <= 1 for v in value)
+            ok = ok and (key == "mean" or all(v > 0 for v in value))
+            rule = "a list of 1 to 4 numbers in 0..1" + (" above 0" if key == "std" else "")
+        else:
+            continue  # other keys are informational
+        if not ok:
+            return f"key {key!r} must be {rule}, got {short(value)}"
+    return None
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused to load: the file holds Python objects other than tensors and plain "
-            f"containers ({_refusal_reason(str(e))}), which could run code; nothing in it was executed. "
-            "If you trust its source, unpickle it yourself in a session you control and save "
-            "its state dict with torch.save or safetensors."
-        ) from None
-    except Exception as e:  # a damaged pickle or zip archive fails in many ways
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable torch checkpoint, truncated or damaged? ({reason})") from None
+    obj = torchfile.load(path)
     metadata: dict[str, str] = {}
     if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT and isinstance(obj.get("model"), dict):
         metadata = {k: str(obj[k]) for k in ("arch", "num_classes") if isinstance(obj.get(k), (str, int))}
@@ -231,6 +280,7 @@ def load_checkpoint(
             "all other weights loaded", path, n_file, n_model,
         )
 
+    _check_tensors(path, state)
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             raise ValueError(
@@ -255,6 +305,27 @@ def load_checkpoint(
     if skipped:
         log.info("%s: skipped %d non-model entries (%s...)", path, len(skipped), ", ".join(skipped[:3]))
     return report
+
+
+def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Before anything is copied: every tensor is dense, holds data on the CPU, so that
+    `load_state_dict` cannot fail half-way; a warning names the tensors with NaN or Inf."""
+    for k, v in state.items():
+        if v.layout != torch.strided or v.is_meta or v.is_quantized or v.device.type != "cpu":
+            raise ValueError(
+                f"{path}: tensor {short(k)} is not a dense CPU tensor ({v.layout}, "
+                f"device {v.device}); nothing was loaded"
+            )
+    bad = [
+        k
+        for k, v in state.items()
+        if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()
+    ]
+    if bad:
+        log.warning(
+            "%s: %d tensors hold NaN or Inf values (%s%s); the model will compute NaN",
+            path, len(bad), ", ".join(bad[:5]), ", ..." if len(bad) > 5 else "",
+        )
 
 
 def state_num_classes(state: dict[str, torch.Tensor]) -> int | None:

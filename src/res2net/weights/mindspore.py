@@ -15,12 +15,15 @@ The file is decoded by a small hand-written protobuf wire-format reader rather t
 `protobuf` package, so that every length is checked against the bytes actually left before
 anything is sliced or allocated: no allocation exceeds the file size, a lying or truncated file
 raises `ValueError` (naming the file) instead of hanging, over-allocating or crashing, and no
-generated protobuf code or MindSpore install is needed.
+generated protobuf code or MindSpore install is needed. Reading takes at most twice the file's
+size (its bytes, and the copies of the tensors returned) plus about 1.5 KiB per entry, and a file
+may have at most `MAX_ENTRIES` entries: at most 2x the file + 64 MiB in all.
 """
 
 from __future__ import annotations
 
 import binascii
+import itertools
 import math
 import os
 from typing import BinaryIO, Iterator
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_write
+from ..guards import open_regular_file
 
 # MindSpore's tensor_type names (`str(Tensor.dtype)`) <-> torch dtypes
 _MS_TO_TORCH: dict[str, torch.dtype] = {
@@ -90,6 +94,9 @@ _CRC_TRAILER = len(_CRC_MARK) + 10
 _CHUNK_BYTES = 512 * 1024 * 1024  # MindSpore's slice size for big tensors
 _MAX_DIMS = 64
 _MAX_EMPTY_EXTENT = 1 << 40  # bound on the other dims of a tensor with a 0 dim
+# Entries per file: the largest MindCV checkpoints (weights plus optimizer slots) have a few
+# thousand; each costs about 1 KiB of bookkeeping whatever its size.
+MAX_ENTRIES = 1 << 15
 
 
 def is_training_state(name: str) -> bool:
@@ -246,11 +253,15 @@ def _to_tensor(tag: str, dims: list[int], tensor_type: str, parts: list[memoryvi
     return torch.frombuffer(raw, dtype=dtype).reshape(dims)
 
 
-def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], list[str]]:
-    if len(data) >= _CRC_TRAILER and data[-_CRC_TRAILER:-10] == _CRC_MARK:
-        data, crc = data[:-_CRC_TRAILER], int.from_bytes(data[-10:], "big")
-        if binascii.crc32(data) != crc:
+def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]]:
+    view = memoryview(data)  # slices of it are views, never copies
+    if len(view) >= _CRC_TRAILER and view[-_CRC_TRAILER:-10] == _CRC_MARK:
+        view, crc = view[:-_CRC_TRAILER], int.from_bytes(view[-10:], "big")
+        if binascii.crc32(view) != crc:
             raise _Bad("the CRC-32 check failed")
+    # Count first: a file of many tiny entries is refused before any tensor is built.
+    if sum(1 for _ in itertools.islice(_entries(view), MAX_ENTRIES + 1)) > MAX_ENTRIES:
+        raise _Bad(f"it has more than {MAX_ENTRIES} entries (MindCV's have a few thousand)")
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     seen: set[str] = set()
@@ -268,7 +279,7 @@ def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], list[str]]:
         else:
             tensors[tag] = _to_tensor(tag, dims, tensor_type, parts)
 
-    for tag, dims, tensor_type, content in _entries(memoryview(data)):
+    for tag, dims, tensor_type, content in _entries(view):
         if pending is not None and dims is not None and pending[0] == tag:
             if pending[1] != dims or pending[2] != tensor_type:
                 raise _Bad(f"the slices of entry {tag!r} disagree on dims or tensor_type")
@@ -298,8 +309,9 @@ def read_mindspore_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
     returned; their names come back in the second list. A file that is not a complete, valid
     checkpoint raises ValueError naming it.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    with open_regular_file(path, "checkpoint") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)  # read in place: no second buffer
+        data = data[: f.readinto(data)]
     try:
         return _decode(data)
     except _Bad as e:

@@ -14,6 +14,8 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import urllib.request
 from functools import lru_cache
 from http.client import HTTPException
 from pathlib import Path
@@ -22,6 +24,8 @@ from urllib.error import URLError
 
 import torch.hub
 
+from ..fileio import temporary_path
+from ..guards import NETWORK_TIMEOUT, interruptible
 from ..models.registry import ALIASES, resolve_name
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,42 @@ def _reason(err: BaseException) -> str:
     return f"HTTP {code} {reason}" if code is not None else reason
 
 
+def fetch(url: str, target: Path, hash_prefix: str | None = None, progress: bool = False) -> None:
+    """Download `url` to `target` (renamed into place only once complete and, with
+    `hash_prefix`, verified). Unlike `torch.hub.download_url_to_file` every read has a
+    timeout (`NETWORK_TIMEOUT`: a server that accepts and never answers fails instead of
+    hanging), and SIGTERM/Ctrl-C interrupt the wait at once."""
+    tmp = temporary_path(target)
+    digest = hashlib.sha256()
+    try:
+        with (
+            interruptible(),
+            urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response,
+            open(tmp, "xb") as f,
+        ):
+            size = int(response.headers.get("Content-Length") or 0)
+            bar = _progress_bar(size) if progress else None
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        if hash_prefix is not None and not digest.hexdigest().startswith(hash_prefix):
+            got = digest.hexdigest()[: len(hash_prefix)]
+            raise RuntimeError(f"invalid hash value (expected {hash_prefix}, got {got})")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024)
+
+
 def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None, progress: bool = False) -> Path:
     """The local path of `entry`'s file, downloading it if needed.
 
@@ -110,7 +150,7 @@ def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None,
     offline = True
     for url in entry["urls"]:
         try:
-            torch.hub.download_url_to_file(url, str(target), hash_prefix=prefix, progress=progress)
+            fetch(url, target, hash_prefix=prefix, progress=progress)
             return target
         except (URLError, HTTPException, OSError, RuntimeError, ValueError) as err:
             offline = offline and isinstance(err, URLError) and not hasattr(err, "code")
