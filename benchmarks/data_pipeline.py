@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from res2net.data import ImageFolderDataset, train_transform
+from res2net.data import ImageFolderDataset, build_shard_loader, train_transform, write_shards
 from res2net.profile import machine_info, time_interleaved
 
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300), (640, 480), (800, 600), (1024, 768), (500, 500), (333, 500)]
@@ -93,6 +93,22 @@ def candidates(root: Path) -> dict[str, Dataset]:
     return out
 
 
+def shard_epochs(root: Path, max_sizes: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
+    """Recipe "basic" read from WebDataset shards written by `write_shards(max_size=N)` (images
+    re-encoded with a bounded longer side, as FFCV stores them), fast_decode on."""
+    out: dict[str, Callable[[], None]] = {}
+    for max_size in max_sizes:
+        shard_dir = root.parent / f"{root.name}-shards-{max_size}"
+        write_shards(root, shard_dir, splits=("train",), max_size=max_size)
+        loader, _ = build_shard_loader(
+            shard_dir, train_transform(224, fast_decode=True), batch_size, split="train"
+        )
+        out[f"basic: res2net shards max_size={max_size}, fast_decode=True"] = lambda loader=loader: [
+            None for _ in loader
+        ]
+    return out
+
+
 def epoch(dataset: Dataset, batch_size: int) -> None:
     for _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
         pass
@@ -106,6 +122,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--png", type=Path, help="bar chart of images per second")
+    parser.add_argument("--shard_max_size", type=int, nargs="*", default=[],
+                        help="also time shards written with these --max-size bounds, e.g. 256 320")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -114,6 +132,7 @@ def main() -> None:
     n = build_corpus(root, args.per_photo)
     print(f"corpus: {n} JPEGs in {root} ({sum(f.stat().st_size for f in root.rglob('*.jpg')) / n / 1024:.0f} KiB each)")
     epochs = {name: (lambda ds=ds: epoch(ds, args.batch_size)) for name, ds in candidates(root).items()}
+    epochs.update(shard_epochs(root, args.shard_max_size, args.batch_size))
     print(f"timing {len(epochs)} pipelines: a warm-up epoch, then {args.rounds} epochs each, taking turns")
     # warm-up: files in the page cache, lazy imports done
     times = time_interleaved(epochs, warmup=1, rounds=args.rounds)

@@ -171,3 +171,70 @@ def export_program(
         want = _outputs(model(x))
         got = _outputs(torch.export.load(str(path)).module()(x))
     return compare_outputs(path, x.shape[0], got, want, rtol)
+
+
+def quantize_onnx(
+    fp32_path: str | Path,
+    path: str | Path,
+    batches: list[torch.Tensor],
+    *,
+    per_channel: bool = True,
+) -> Path:
+    """Write an int8 QDQ copy of the ONNX file `fp32_path`: onnxruntime's post-training static
+    quantization (`quantize_static`), weights symmetric int8 per output channel, activations
+    uint8 per tensor with ranges calibrated on `batches` (NCHW float tensors)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.inputs = iter([{"image": b.float().cpu().numpy()} for b in batches])
+
+        def get_next(self) -> dict | None:
+            return next(self.inputs, None)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        str(fp32_path),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return path
+
+
+def export_onnx_int8(
+    model: nn.Module,
+    path: str | Path,
+    batches: list[torch.Tensor],
+    *,
+    opset: int | None = None,
+    rtol: float = 0.1,
+) -> ExportCheck:
+    """Write `model` as an int8 QDQ ONNX file calibrated on `batches` (see `quantize_onnx`) and
+    run it in onnxruntime on the first batch against PyTorch's fp32 outputs; RuntimeError when
+    the max relative error exceeds `rtol` (int8 rounding moves logits by a few percent)."""
+    import tempfile
+
+    import onnxruntime
+
+    path = Path(path)
+    image_size = batches[0].shape[-1]
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.is_dir() else None) as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        export_onnx(model, fp32_path, image_size=image_size, opset=opset)
+        quantize_onnx(fp32_path, path, batches)
+    x = batches[0].float()
+    with torch.no_grad():
+        want = _outputs(model.eval()(x))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = [torch.from_numpy(y) for y in session.run(None, {"image": x.cpu().numpy()})]
+    return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)

@@ -13,6 +13,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data import load_image
 from .factory import create_model
+from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.layers import res2_forward
 from .weights import torchfile
@@ -234,7 +235,12 @@ def _replace_blocks(module: nn.Module) -> None:
 
 
 def optimize_for_inference(
-    model: nn.Module, *, channels_last: bool = True, compile: bool = False
+    model: nn.Module,
+    *,
+    precision: str = "fp32",
+    calibration: Calibration | None = None,
+    channels_last: bool = True,
+    compile: bool = False,
 ) -> nn.Module:
     """An eval-only copy of a Res2Net/DLA model (classifier or features_only) that computes the
     same outputs as `model.eval()` (up to float rounding), faster on CPUs and, on GPUs, at small
@@ -244,8 +250,18 @@ def optimize_for_inference(
     become one grouped conv, and weights and activations use `channels_last`. `compile=True`
     wraps the result in `FrozenCompiled` (`torch.compile` with frozen weights; the first call
     compiles, which takes about a minute for a 50-layer net on 2 CPU cores).
+
+    `precision="bf16"` stores weights and computes in bfloat16 (inputs and outputs stay float32);
+    it needs native bf16 math (CPUs with AVX-512 BF16 or AMX, most GPUs) and refuses otherwise.
+    `precision="int8"` (x86 CPUs) quantizes by post-training static quantization calibrated on
+    `calibration` (a folder of images read at 224x224, or for other sizes the batches of
+    `res2net.lowprec.calibration_batches(folder, image_size=N)`) and is always compiled: the
+    first call takes a minute or two.
     `model` itself is not changed; calling `.train()` on the result raises.
     """
+    check_precision(precision)
+    if precision == "int8" and calibration is None:
+        raise ValueError("precision='int8' needs calibration=: a folder of typical input images")
     optimized = copy.deepcopy(model).eval()
     _replace_blocks(optimized)
     fold_batchnorms(optimized)
@@ -255,6 +271,10 @@ def optimize_for_inference(
     optimized.requires_grad_(False)
     if channels_last:
         optimized = optimized.to(memory_format=torch.channels_last)
+    if precision == "bf16":
+        optimized = to_bf16(optimized)
+    elif precision == "int8":
+        return FrozenCompiled(quantize_int8(optimized, calibration_batches(calibration)))
     return FrozenCompiled(optimized) if compile else optimized
 
 

@@ -155,6 +155,12 @@ def conv_gemm_gflops(n: int = 1024, repeats: int = 5, device: torch.device | str
     return 2.0 * n * n * (32 * (n // 32)) / (min(times) / 1000.0) / 1e9
 
 
+def _precision_label(precision: str, amp: bool, mode: str) -> str:
+    if mode == "infer" and precision != "fp32":
+        return precision + (" (+autocast)" if amp else "")
+    return "bf16 autocast" if amp else "fp32"
+
+
 def benchmark_model(
     model: nn.Module,
     name: str,
@@ -167,6 +173,7 @@ def benchmark_model(
     optimize: bool = False,
     amp: bool = False,
     channels_last: bool = False,
+    precision: str = "fp32",
     cards: int = 1,
     warmup: int = 2,
     repeats: int = 5,
@@ -175,9 +182,16 @@ def benchmark_model(
     forward of `model` on random data; `compile` wraps it in `torch.compile`, `optimize` (infer
     only) uses `optimize_for_inference`, `amp` autocasts to bfloat16. With `cards` > 1 the
     caller has joined a process group of that size; the model is wrapped in DDP and img/s
-    counts every card's batch."""
+    counts every card's batch. `precision` "bf16" or "int8" (infer only; int8 calibrated on
+    random batches, which sets its speed but not meaningful accuracy) uses
+    `optimize_for_inference(precision=...)`; in training "bf16" means autocast, as `amp`."""
     if mode not in ("train", "infer"):
         raise ValueError(f"mode={mode!r} is invalid: choose train or infer")
+    if precision == "int8" and mode == "train":
+        raise ValueError("precision int8 applies to inference only: use --mode infer")
+    if precision == "bf16" and mode == "train":
+        amp = True
+    optimize = optimize or (mode == "infer" and precision != "fp32")
     if optimize and mode == "train":
         raise ValueError("optimize applies to inference only (optimize_for_inference is eval-only)")
     device = torch.device(device)
@@ -194,7 +208,10 @@ def benchmark_model(
         if optimize:
             from .inference import optimize_for_inference
 
-            model = optimize_for_inference(model, channels_last=True, compile=compile)
+            calibration = [torch.randn_like(x) for _ in range(2)] if precision == "int8" else None
+            model = optimize_for_inference(
+                model, precision=precision, calibration=calibration, compile=compile
+            )
         else:
             model = model.to(memory_format=memory_format)
             model = torch.compile(model) if compile else model
@@ -222,7 +239,8 @@ def benchmark_model(
 
     first_s, times = time_calls(step, device, warmup=warmup, repeats=repeats)
     ms = statistics.median(times)
-    jit = "+".join(["optimized"] * optimize + ["compile"] * compile) or "eager"
+    compiled = compile or precision == "int8"  # int8 is always compiled
+    jit = "+".join(["optimized"] * optimize + ["compile"] * compiled) or "eager"
     return StepTiming(
         model=name,
         params_m=params_m,
@@ -230,11 +248,11 @@ def benchmark_model(
         batch_size=batch_size,
         resolution=image_size,
         jit_level=jit,
-        compile_s=max(0.0, first_s - ms / 1000.0) if compile else None,
+        compile_s=max(0.0, first_s - ms / 1000.0) if compiled else None,
         ms_per_step=ms,
         img_per_s=cards * batch_size * 1000.0 / ms,
         mode=mode,
-        precision="bf16 autocast" if amp else "fp32",
+        precision=_precision_label(precision, amp, mode),
         layout="channels_last" if channels_last or optimize else "contiguous",
         steps_ms=times,
     )

@@ -19,6 +19,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is reported)")
     p.add_argument("--optimize", action="store_true", help="infer: use res2net.optimize_for_inference (with --compile: frozen weights)")
     p.add_argument("--amp", action="store_true", help="autocast to bfloat16")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="infer: optimize_for_inference(precision=...) (int8 calibrated on random "
+                   "batches, always compiled); train: bf16 = --amp")
     p.add_argument("--channels_last", "--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--cards", type=int, default=1, help="devices; > 1 needs `torchrun --nproc_per_node N`")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             optimize=args.optimize,
             amp=args.amp,
             channels_last=args.channels_last,
+            precision=args.precision,
             cards=args.cards,
             warmup=args.warmup,
             repeats=args.repeats,

@@ -37,6 +37,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     shard.add_argument("--max-bytes", type=_size, default=None,
                        help="also cap shard size, e.g. 500M, 1G, 2GiB (default: no cap)")
     shard.add_argument("--splits", type=_splits, default=("train", "val"), help="comma-separated splits (default train,val)")
+    shard.add_argument("--max-size", "--max_size", type=int, default=None,
+                       help="re-encode images whose longer side exceeds N pixels as JPEG "
+                       "(quality 90) with that longer side, as FFCV does (default: copy bytes)")
     shard.add_argument("--seed", type=int, default=0, help="seed of the training splits' one shuffle (default 0)")
     shard.add_argument("--shuffle-splits", type=_splits, default=("train",),
                        help="splits shuffled when written (default train); others keep folder order")
@@ -233,7 +236,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
         progress = _progress_line if sys.stderr.isatty() else None
         results = write_shards(args.src_dir, args.out_dir, args.splits, args.shard_size, args.max_bytes,
-                               args.seed, shuffle_splits=args.shuffle_splits, progress=progress)
+                               args.seed, shuffle_splits=args.shuffle_splits, progress=progress,
+                               max_size=args.max_size)
         for split, index in results.items():
             print(shard_summary(split, index))
         return 0

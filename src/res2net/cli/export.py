@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import FORMATS
+from torch import nn
+
+from ..export import FORMATS, ExportCheck
 
 HELP = "export to ONNX (checked in onnxruntime) or a torch.export program (.pt2); dynamic batch"
 
@@ -22,7 +24,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="dynamic height and width too (any size from 32 px), not only the batch")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show the exporter's own progress lines and warnings")
-    p.add_argument("--rtol", type=float, default=1e-4, help="largest accepted max relative error against PyTorch")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="largest accepted max relative error against PyTorch "
+                   "(default 1e-4; int8: 0.1)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: static per-channel QDQ ONNX for onnxruntime, calibrated on "
+                   "--calibration")
+    p.add_argument("--calibration",
+                   help="int8: folder of typical input images (e.g. the training set)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -30,22 +39,42 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..factory import create_model
     from ..weights.loading import checkpoint_num_classes
 
+    if args.precision == "int8" and args.format != "onnx":
+        raise ValueError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
+    if args.precision == "int8" and not args.calibration:
+        raise ValueError(
+            "--precision int8 needs --calibration DIR: a folder of typical input images"
+        )
+    if args.precision == "int8" and args.dynamic_size:
+        raise ValueError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = create_model(args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs).eval()
-    if args.format == "onnx":
-        check = export_onnx(model, args.out, image_size=args.image_resize, rtol=args.rtol,
-                            dynamic_size=args.dynamic_size, verbose=getattr(args, "verbose", False))
+    if args.precision == "int8":
+        check = _export_int8(args, model)
     else:
-        check = export_program(model, args.out, image_size=args.image_resize, rtol=args.rtol,
-                               dynamic_size=args.dynamic_size)
+        rtol = 1e-4 if args.rtol is None else args.rtol
+        if args.format == "onnx":
+            check = export_onnx(model, args.out, image_size=args.image_resize, rtol=rtol,
+                                dynamic_size=args.dynamic_size, verbose=getattr(args, "verbose", False))
+        else:
+            check = export_program(model, args.out, image_size=args.image_resize, rtol=rtol,
+                                   dynamic_size=args.dynamic_size)
     side = args.image_resize
     size = "dynamic height/width" if args.dynamic_size else f"{side}x{side}"
     print(
-        f"wrote {check.path} ({args.format}, dynamic batch, {size}); "
+        f"wrote {check.path} ({args.format}, {args.precision}, dynamic batch, {size}); "
         f"checked at batch {check.batch_size}: max abs error {check.max_abs_err:.3g}, "
         f"max rel error {check.max_rel_err:.3g}"
     )
     return 0
+
+
+def _export_int8(args: argparse.Namespace, model: nn.Module) -> ExportCheck:
+    """An int8 QDQ ONNX file calibrated on the images of --calibration."""
+    from ..export import export_onnx_int8
+    from ..lowprec import calibration_batches
+    batches = calibration_batches(args.calibration, image_size=args.image_resize)
+    return export_onnx_int8(model, args.out, batches, rtol=0.1 if args.rtol is None else args.rtol)

@@ -49,6 +49,7 @@ learn the epoch).
 from __future__ import annotations
 
 import bisect
+import io
 import itertools
 import json
 import logging
@@ -73,6 +74,7 @@ from .folders import (
     ImageFolderDataset,
     OnBadImage,
     _visible_entries,
+    decode_image,
     image_for,
 )
 from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
@@ -415,6 +417,20 @@ class _ShardSink:
             self._writer = self._file = None
 
 
+def bounded_image(name: str, ext: str, data: bytes, max_size: int) -> tuple[str, bytes]:
+    """The image as (extension, bytes) with its longer side at most `max_size`: re-encoded as
+    a JPEG (quality 90) when larger, else unchanged. `DataError` naming the file when it
+    cannot be decoded."""
+    im = decode_image(data, name)
+    if max(im.size) <= max_size:
+        return ext, data
+    scale = max_size / max(im.size)
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    out = io.BytesIO()
+    im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0).save(out, "JPEG", quality=90)
+    return "jpg", out.getvalue()
+
+
 def write_shards(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -426,6 +442,7 @@ def write_shards(
     class_split: str = "train",
     shuffle_splits: Sequence[str] = ("train",),
     progress: Callable[[str, int, int], None] | None = None,
+    max_size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Pack `data_dir/<split>/<class>/<image>` into `out_dir/<split>/<split>-NNNNNN.tar` shards.
 
@@ -444,6 +461,9 @@ def write_shards(
         shuffle_splits: the splits shuffled when written.
         progress: called as ``progress(split, images_written, images_in_split)`` before the
             first shard, after every `shard_size` images and at the end of each split.
+        max_size: re-encode every image whose longer side exceeds this many pixels as a JPEG
+            (quality 90) with that longer side, as FFCV's `max_resolution` does: training then
+            decodes fewer pixels. Images within the bound are copied as they are.
 
     Returns ``{split: index}``, each index being the content of the `index.json` written, plus
     ``"dir"``: the split's shard folder. Images are copied byte for byte, not decoded: bad ones
@@ -453,6 +473,8 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, not {shard_size}")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
+    if max_size is not None and max_size < 16:
+        raise ValueError(f"max_size must be >= 16 pixels, not {max_size}")
     data_dir = Path(data_dir).expanduser()
     out = Path(out_dir).expanduser()
     if out.resolve() == data_dir.resolve():
@@ -487,6 +509,8 @@ def write_shards(
                 keys.add(key)
                 with open(path, "rb") as f:
                     data = f.read()
+                if max_size is not None:
+                    ext, data = bounded_image(path, ext, data, max_size)
                 sink.write(key, target, ext, data)
             shards = sink.close()
             if progress is not None:

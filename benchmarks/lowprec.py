@@ -1,0 +1,326 @@
+"""Low-precision inference of Res2Net-50 (26w_4s): speed against onnxruntime, side by side in
+one run, and accuracy of trained models against their fp32 selves.
+
+`speed`: timm's Res2Net-50 weights (random BatchNorm statistics) in every candidate, batch 8,
+224x224, one batch of real photos (the corpus of benchmarks/data_pipeline.py: crops of
+scikit-image's and scikit-learn's sample photos). Candidates, taking turns round by round:
+onnxruntime fp32 on timm's ONNX export; onnxruntime int8 on the same file quantized with
+`onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights, uint8 activations);
+this package's `optimize_for_inference` fp32 (eager and compiled), bf16 (eager and compiled)
+and int8. Both int8 models are calibrated on the same 32 photos (4 batches of 8), which are
+not the timed batch.
+
+`accuracy`: a trained checkpoint evaluated on an ImageNet-style val folder in fp32, bf16 and
+int8 (calibrated on up to 64 images of the train folder): top-1 of each and top-1 agreement
+with fp32.
+
+    python benchmarks/lowprec.py speed --out benchmarks/results/lowprec-cpu2.json
+    python benchmarks/lowprec.py plot benchmarks/results/lowprec-cpu2.json \\
+        --train benchmarks/results/train-e2e-cpu2.json --png docs/lowprec.png
+    python benchmarks/lowprec.py photos --out_dir data/photos   # then fine-tune on it (docs)
+    python benchmarks/lowprec.py accuracy --ckpt runs/digits/best.ckpt --data_dir data/digits \\
+        --image_size 32 --crop_pct 1.0 --out benchmarks/results/lowprec-acc-digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # an empty cache: compile times are cold ones
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+
+import onnxruntime
+import timm
+import torch
+from compare import ort_session, randomize_bn
+from data_pipeline import build_corpus
+
+import res2net
+from res2net.export import quantize_onnx
+from res2net.lowprec import calibration_batches
+from res2net.profile import machine_info, time_interleaved
+
+NAME = "res2net50_26w_4s"
+
+
+def timed_first_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def speed(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)  # onnxruntime gets as many intra-op threads
+    torch.manual_seed(0)
+    timm_model = timm.create_model(NAME).eval()
+    randomize_bn(timm_model)
+    ours = res2net.create_model(NAME).eval()
+    ours.load_state_dict(timm_model.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_corpus(tmp / "photos", per_photo=4)
+        images = calibration_batches(
+            tmp / "photos", batch_size=args.batch_size, max_images=5 * args.batch_size
+        )
+        x, calibration = images[0], images[1:5]
+        torch.onnx.export(
+            timm_model,
+            (x,),
+            str(tmp / "timm.onnx"),
+            dynamo=True,
+            input_names=["image"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            verbose=False,
+        )
+        start = time.perf_counter()
+        quantize_onnx(tmp / "timm.onnx", tmp / "timm-int8.onnx", calibration)
+        setup_s = {"onnxruntime int8 quantize_static": time.perf_counter() - start}
+        ort_fp32, ort_int8 = ort_session(tmp / "timm.onnx"), ort_session(tmp / "timm-int8.onnx")
+    x_np = x.numpy()
+    start = time.perf_counter()
+    ours_int8 = res2net.optimize_for_inference(ours, precision="int8", calibration=calibration)
+    setup_s["res2net int8 quantize"] = time.perf_counter() - start
+    candidates: dict[str, Callable[[], torch.Tensor]] = {
+        "onnxruntime fp32 (timm ONNX)": lambda: torch.from_numpy(
+            ort_fp32.run(None, {"image": x_np})[0]
+        ),
+        "onnxruntime int8 (timm ONNX, quantize_static)": lambda: torch.from_numpy(
+            ort_int8.run(None, {"image": x_np})[0]
+        ),
+        "res2net fp32": res2net.optimize_for_inference(ours).__call__,
+        "res2net int8": ours_int8.__call__,
+    }
+    candidates = {
+        name: (lambda f=f: f(x)) if name.startswith("res2net") else f
+        for name, f in candidates.items()
+    }
+    if bf16 := res2net.lowprec.bf16_supported():
+        bf16_model = res2net.optimize_for_inference(ours, precision="bf16")
+        candidates["res2net bf16"] = lambda: bf16_model(x)
+    if not args.no_compile:
+        fp32_c = res2net.optimize_for_inference(ours, compile=True)
+        candidates["res2net fp32 compiled"] = lambda: fp32_c(x)
+        if bf16:
+            bf16_c = res2net.optimize_for_inference(ours, precision="bf16", compile=True)
+            candidates["res2net bf16 compiled"] = lambda: bf16_c(x)
+    with torch.inference_mode():
+        compile_s = {
+            name: timed_first_call(fn)
+            for name, fn in candidates.items()
+            if name.startswith("res2net")
+        }
+        reference = ours(x)
+        quality = {
+            name: {
+                "max_rel_err_vs_fp32": ((y := fn().float()) - reference).abs().max().item()
+                / reference.abs().max().item(),
+                "top1_agreement_vs_fp32": (y.argmax(1) == reference.argmax(1))
+                .float()
+                .mean()
+                .item(),
+            }
+            for name, fn in candidates.items()
+        }
+        load_before = os.getloadavg()
+        times = time_interleaved(candidates, warmup=1, rounds=args.rounds)
+    rows = {
+        name: {
+            "best_ms": min(ms),
+            "median_ms": statistics.median(ms),
+            "img_s": args.batch_size * 1000.0 / min(ms),
+            "times_ms": ms,
+            **quality[name],
+        }
+        for name, ms in times.items()
+    }
+    return {
+        "batch_size": args.batch_size,
+        "image_size": 224,
+        "first_call_s": compile_s,
+        "setup_s": setup_s,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "candidates": rows,
+        "ratios": ratios(rows),
+    }
+
+
+def ratios(rows: dict) -> dict:
+    """Targets: speed of ours over the peer in the same run, best round and median."""
+    pairs = {
+        "res2net int8 / onnxruntime int8": (
+            "res2net int8",
+            "onnxruntime int8 (timm ONNX, quantize_static)",
+        ),
+        "res2net bf16 / res2net fp32": ("res2net bf16", "res2net fp32"),
+        "res2net bf16 compiled / res2net fp32 compiled": (
+            "res2net bf16 compiled",
+            "res2net fp32 compiled",
+        ),
+        "res2net int8 / res2net fp32 compiled": ("res2net int8", "res2net fp32 compiled"),
+        "onnxruntime int8 / onnxruntime fp32": (
+            "onnxruntime int8 (timm ONNX, quantize_static)",
+            "onnxruntime fp32 (timm ONNX)",
+        ),
+    }
+    out = {}
+    for label, (ours, peer) in pairs.items():
+        if ours in rows and peer in rows:
+            out[label] = {
+                "best": rows[peer]["best_ms"] / rows[ours]["best_ms"],
+                "median": rows[peer]["median_ms"] / rows[ours]["median_ms"],
+            }
+    return out
+
+
+@torch.inference_mode()
+def top1(
+    model: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, torch.Tensor]:
+    preds = torch.cat([model(x).float().argmax(1) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    return (preds == labels).float().mean().item() * 100.0, preds
+
+
+def accuracy(args: argparse.Namespace) -> dict:
+    from torch.utils.data import DataLoader
+
+    from res2net.data import ImageFolderDataset, eval_transform
+    from res2net.weights.loading import checkpoint_num_classes
+
+    model = res2net.create_model(
+        args.model, num_classes=checkpoint_num_classes(args.ckpt), checkpoint_path=args.ckpt
+    ).eval()
+    transform = eval_transform(args.image_size, args.crop_pct)
+    val = ImageFolderDataset(args.data_dir, "val", transform=transform)
+    batches = list(DataLoader(val, batch_size=args.batch_size, shuffle=False))
+    calibration = calibration_batches(
+        Path(args.data_dir) / "train",
+        image_size=args.image_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size,
+    )
+    candidates = {"fp32": res2net.optimize_for_inference(model)}
+    if res2net.lowprec.bf16_supported():
+        candidates["bf16"] = res2net.optimize_for_inference(model, precision="bf16")
+    candidates["int8"] = res2net.optimize_for_inference(
+        model, precision="int8", calibration=calibration
+    )
+    results, preds = {}, {}
+    for name, m in candidates.items():
+        results[name], preds[name] = top1(m, batches)
+    out = {
+        "checkpoint": str(args.ckpt),
+        "val_images": len(val),
+        "calibration_images": sum(len(b) for b in calibration),
+    }
+    for name in candidates:
+        out[name] = {
+            "top1": results[name],
+            "top1_minus_fp32": results[name] - results["fp32"],
+            "agreement_with_fp32": (preds[name] == preds["fp32"]).float().mean().item() * 100.0,
+        }
+    return out
+
+
+def photos(args: argparse.Namespace) -> None:
+    """An ImageNet-style photo set: one class per sample photo, random crops at ImageNet-like
+    sizes; train and val crops come from different random draws."""
+    root = args.out_dir
+    build_corpus(root, per_photo=args.train_per_class, seed=0)
+    build_corpus(root / "val-src", per_photo=args.val_per_class, seed=1)
+    (root / "val-src" / "train").rename(root / "val")
+    (root / "val-src").rmdir()
+    print(f"wrote {root}/train and {root}/val")
+
+
+def plot(args: argparse.Namespace) -> None:
+    """Images per second of each inference candidate (best round, and median as a tick) and,
+    when given, of both trainers end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = json.loads(args.speed.read_text())
+    load = max(speed["load_before"] + speed["load_after"])
+    title = f"inference, batch {speed['batch_size']}, 224x224 (load up to {load:.0f})"
+    panels = [(title, speed["candidates"], "best_ms", "median_ms", speed["batch_size"])]
+    fig, axes = plt.subplots(
+        1, 1 + bool(args.train), figsize=(12 if args.train else 8, 4.5), squeeze=False
+    )
+    for ax, (title, rows, best, median, batch) in zip(axes[0], panels):
+        names = sorted(rows, key=lambda n: rows[n][best])
+        ax.barh(names, [batch * 1000.0 / rows[n][best] for n in names], color="tab:blue")
+        ax.plot([batch * 1000.0 / rows[n][median] for n in names], names, "k|", markersize=12)
+        ax.set_xlabel("images/s (bar: best round, tick: median)")
+        ax.set_title(title)
+    if args.train:
+        result = json.loads(args.train.read_text())
+        names = list(result["img_s"])
+        ax = axes[0][1]
+        ax.barh(names, [result["img_s"][n]["best_runs"] for n in names], color="tab:orange")
+        ax.set_xlabel("images/s, steady state (data loading included)")
+        ax.set_title(
+            f"training end to end, batch {result['batch_size']}, {result['workers']} workers"
+        )
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--batch_size", type=int, default=8)
+    s.add_argument("--rounds", type=int, default=8)
+    s.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: torch's)")
+    s.add_argument(
+        "--no_compile", action="store_true", help="skip the compiled fp32/bf16 candidates"
+    )
+    a = sub.add_parser("accuracy")
+    a.add_argument("--model", default="res2net50")
+    a.add_argument("--ckpt", required=True)
+    a.add_argument("--data_dir", required=True, help="ImageNet-style folder with train/ and val/")
+    a.add_argument("--image_size", type=int, default=224)
+    a.add_argument("--crop_pct", type=float, default=0.875)
+    a.add_argument("--batch_size", type=int, default=32)
+    for p in (s, a):
+        p.add_argument("--out", type=Path, required=True)
+    ph = sub.add_parser("photos", help="write the photo set used to fine-tune a model")
+    ph.add_argument("--out_dir", type=Path, required=True)
+    ph.add_argument("--train_per_class", type=int, default=32)
+    ph.add_argument("--val_per_class", type=int, default=48)
+    pl = sub.add_parser("plot", help="PNG of a speed result (and a train_e2e.py result)")
+    pl.add_argument("speed", type=Path)
+    pl.add_argument("--train", type=Path)
+    pl.add_argument("--png", type=Path, required=True)
+    args = parser.parse_args()
+    if args.part == "photos":
+        return photos(args)
+    if args.part == "plot":
+        return plot(args)
+    result = {
+        "machine": machine_info(),
+        "onnxruntime": onnxruntime.__version__,
+        "timm": timm.__version__,
+    }
+    result.update(speed(args) if args.part == "speed" else accuracy(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("candidates",)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
