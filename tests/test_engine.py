@@ -54,25 +54,25 @@ def test_unknown_scheduler():
 def test_weight_decay_filter():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
-    opt = build_optimizer(model, "momentum", 0.1, weight_decay=1e-4, weight_decay_filter="auto")
+    opt = build_optimizer(model, opt="momentum", lr=0.1, weight_decay=1e-4, weight_decay_filter="auto")
     decay, no_decay = opt.param_groups
     assert {p.ndim for p in decay["params"]} == {2, 4} and decay["weight_decay"] == 1e-4
     assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
-    assert len(build_optimizer(model, "adamw", 0.1, 1e-4).param_groups) == 1
-    assert build_optimizer(model, "nesterov", 0.1).param_groups[0]["nesterov"]
+    assert len(build_optimizer(model, opt="adamw", lr=0.1, weight_decay=1e-4).param_groups) == 1
+    assert build_optimizer(model, opt="nesterov", lr=0.1).param_groups[0]["nesterov"]
     with pytest.raises(ValueError, match="opt"):
-        build_optimizer(model, "lion", 0.1)
+        build_optimizer(model, opt="lion", lr=0.1)
 
 
 def test_checkpoint_policies(tmp_path):
-    latest = CheckpointManager(tmp_path / "a", "m", keep_max=2, policy="latest_k")
+    latest = CheckpointManager(tmp_path / "a", prefix="m", keep_max=2, policy="latest_k")
     latest.check_writable()
     for epoch, top1 in enumerate([50.0, 70.0, 60.0], start=1):
         latest.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "a").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
     assert load_training_state(latest.latest())["epoch"] == 3
 
-    top = CheckpointManager(tmp_path / "b", "m", keep_max=2, policy="top_k")
+    top = CheckpointManager(tmp_path / "b", prefix="m", keep_max=2, policy="top_k")
     for epoch, top1 in enumerate([50.0, 70.0, 60.0, 40.0], start=1):
         top.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "b").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
@@ -100,7 +100,7 @@ def test_read_only_dir_fails_before_training(tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     with pytest.raises(OSError, match="not writable"):
-        CheckpointManager(ro / "ckpt", "m").check_writable()
+        CheckpointManager(ro / "ckpt", prefix="m").check_writable()
 
 
 def test_load_training_state_rejects_other_files(tmp_path):

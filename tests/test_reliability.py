@@ -377,7 +377,7 @@ def test_save_order_makes_last_pt_the_commit_point(tmp_path, monkeypatch, links)
     monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst), order.append(Path(dst).name))[0])
     real_unlink = Path.unlink
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (order.append(f"-{self.name}"), real_unlink(self, missing_ok))[1])
-    ckpts = CheckpointManager(tmp_path, "m", keep_max=1)
+    ckpts = CheckpointManager(tmp_path, prefix="m", keep_max=1)
     ckpts.save_epoch({"epoch": 1}, 1, 50.0, is_best=True)
     ckpts.save_epoch({"epoch": 2}, 2, 40.0)
     assert order == ["m-001.pt", "best.pt", "checkpoints.json", "last.pt",

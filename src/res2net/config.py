@@ -200,6 +200,8 @@ class Config:
     channels_last: bool = False
     compile: bool = False  # torch.compile on any device; see use_compile()
     on_bad_image: str = "skip"  # "skip" (log and skip unreadable images) or "error"
+    min_readable_images: float = 0.5  # an epoch fails when a smaller fraction of its images decode
+    overwrite: bool = False  # a fresh run may delete the run files already in ckpt_save_dir
     fast_decode: bool = True  # train crops decoded at reduced size, resized as tensors (data/decode.py)
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "mps"
     zero_init_last: bool = False  # start each residual branch at zero (last BN weight 0)
@@ -751,6 +753,7 @@ def _validate(c: Config) -> None:
     # project
     choice("lr_scale", LR_SCALES)
     choice("on_bad_image", ON_BAD_IMAGE)
+    probability("min_readable_images")
     check(_DEVICE_RE.fullmatch(c.device) is not None, "device",
           "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 

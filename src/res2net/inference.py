@@ -66,7 +66,7 @@ def predict(
     num_classes = (checkpoint_num_classes(ckpt_path) if ckpt_path else None) or 1000
     model = create_model(model_name, num_classes=num_classes, checkpoint_path=ckpt_path, pretrained=pretrained or False).eval()
     names = class_names(classes, num_classes, ckpt_path)
-    transform = eval_transform(image_resize, crop_pct)
+    transform = eval_transform(image_resize, crop_pct=crop_pct)
     out = []
     for path in images:
         x = transform(load_image(path)).unsqueeze(0)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                          pretrained=args.pretrained or False)
     model = model.to(args.device).eval()
     names = class_names(args.classes, num_classes, args.ckpt_path)
-    transform = eval_transform(args.image_resize, args.crop_pct)
+    transform = eval_transform(args.image_resize, crop_pct=args.crop_pct)
     out_dir = Path(args.out)
     for path, rel in files:
         x = transform(load_image(path)).unsqueeze(0).to(args.device)

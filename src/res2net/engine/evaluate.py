@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.loader import ignore_stop_signals, stop_signals_blocked
 from .distributed import DistInfo, all_reduce_sum
 
 
@@ -59,7 +60,9 @@ def evaluate(
     result = EvalResult(class_total=zeros.clone(), class_correct=zeros.clone())
     k = min(5, num_classes)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for batch in batches:
+    with stop_signals_blocked():  # loader workers start here
+        batch_iter = iter(batches)
+    for batch in batch_iter:
         images, labels = batch[0], batch[1]
         if len(batch) > 2:
             keep = batch[2].bool()
@@ -85,7 +88,7 @@ def evaluate(
     return result
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
+def eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
     """A loader over this rank's share of `dataset`: every world_size-th image from its rank,
     with no padding, so that across ranks each image is evaluated exactly once."""
     indices = range(dist.rank, len(dataset), dist.world_size)  # type: ignore[arg-type]
@@ -95,6 +98,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistI
         shuffle=False,
         num_workers=num_workers,
         pin_memory=dist.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -22,6 +22,7 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_filter: str
 
 def build_optimizer(
     model: nn.Module,
+    *,
     opt: str,
     lr: float,
     weight_decay: float = 0.0,

@@ -34,8 +34,9 @@ class StepReporter:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
-    def update(self, step: int, n_images: int, loss: float, lr: float) -> None:
-        """Record one finished step (`step` is 1-based within the epoch)."""
+    def update(self, step: int, n_images: int, loss: float | None, lr: float) -> None:
+        """Record one finished step (`step`: batches done in the epoch). `loss` is None between
+        log intervals (reading it would make the CPU wait for the device): nothing is shown."""
         if not self.enabled:
             return
         self.images += n_images
@@ -43,9 +44,10 @@ class StepReporter:
         elapsed = max(1e-9, time.perf_counter() - self.t0)
         rate = self.images / elapsed
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", refresh=False)
-        elif step % self.log_interval == 0 or step == self.total:
+            self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", refresh=False)
+        elif loss is not None:
             eta = (self.total - step) * elapsed / self.steps
             log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s", self.desc, step, self.total, loss, lr, rate, _hms(eta))
 

@@ -6,7 +6,7 @@ nothing but the step counter."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class LrSchedule:
     """
 
     scheduler: str
+    _: KW_ONLY
     lr: float
     steps_per_epoch: int
     min_lr: float = 0.0

@@ -40,13 +40,17 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
         transform = eval_transform(**eval_settings(cfg, metadata))
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
-                cfg.data_dir, transform, cfg.batch_size, cfg.num_parallel_workers, training=False, split=cfg.val_split,
+                cfg.data_dir, transform=transform, batch_size=cfg.batch_size,
+                num_workers=cfg.num_parallel_workers, training=False, split=cfg.val_split,
                 rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
             dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
-            loader, n_images = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist), len(dataset)
+            loader = eval_loader(
+                dataset, batch_size=cfg.batch_size, num_workers=cfg.num_parallel_workers, dist=dist
+            )
+            n_images = len(dataset)
         n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes:
             raise ValueError(
