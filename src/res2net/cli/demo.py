@@ -35,7 +35,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise RuntimeError("training ended without a validated checkpoint (is val_while_train off?)")
     val = validate(cfg, result.best_path)
     if result.row:
-        print(format_row(dict(result.row, **{"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)})))
+        accuracy = {"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)}
+        print(format_row(dict(result.row, **accuracy)))
     print(f"best checkpoint: {result.best_path} (validated: top-1 {val.top1:.2f}% on {val.n} images)")
     if result.plot_path is not None:
         print(f"plot: {Path(result.plot_path)}")

@@ -59,7 +59,12 @@ class CheckpointManager:
     """Writes and rotates the checkpoints of one run in `directory` (see the module docstring)."""
 
     def __init__(
-        self, directory: str | Path, *, prefix: str, keep_max: int = 10, policy: str | None = "latest_k"
+        self,
+        directory: str | Path,
+        *,
+        prefix: str,
+        keep_max: int = 10,
+        policy: str | None = "latest_k",
     ) -> None:
         self.directory = Path(directory)
         self.prefix = prefix
@@ -89,7 +94,8 @@ class CheckpointManager:
         pattern = re.compile(re.escape(self.prefix) + r"-\d{3,}\.pt")
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+        found = (p for p in self.directory.iterdir() if pattern.fullmatch(p.name))
+        return sorted(p for p in found if p.is_file())
 
     def run_files(self) -> list[Path]:
         """Files a run of this project leaves here (what a fresh run would overwrite)."""
@@ -229,7 +235,8 @@ class RunLock:
             ) from None
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
+        holder = f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n"
+        os.pwrite(fd, holder.encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

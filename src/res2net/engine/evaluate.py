@@ -88,7 +88,9 @@ def evaluate(
     return result
 
 
-def eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, dist: DistInfo
+) -> DataLoader:
     """A loader over this rank's share of `dataset`: every world_size-th image from its rank,
     with no padding, so that across ranks each image is evaluated exactly once."""
     indices = range(dist.rank, len(dataset), dist.world_size)  # type: ignore[arg-type]

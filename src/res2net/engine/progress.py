@@ -46,7 +46,9 @@ class StepReporter:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", refresh=False)
+                self.bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}", refresh=False
+                )
         elif loss is not None:
             eta = (self.total - step) * elapsed / self.steps
             log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s", self.desc, step, self.total, loss, lr, rate, _hms(eta))
@@ -102,6 +104,8 @@ class MetricsLog:
             return
         kept = [line for line, record in self._lines()
                 if isinstance(step := record.get("global_step", 0), (int, float)) and step <= global_step]
+        if len(kept) == len(self.path.read_text(errors="replace").splitlines()):
+            return  # nothing to drop: the file stays as it is
         atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:

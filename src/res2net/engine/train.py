@@ -1,8 +1,15 @@
 """The training loop, readable top to bottom: data -> model -> optimizer -> epochs -> results.
 
-One `Config` describes the whole run (MindCV's keys). Resuming (`resume: auto` or a path)
-restores model, optimizer, GradScaler, EMA, schedule position, RNG state and the position in the
-epoch, so a resumed run ends with the same weights as an uninterrupted one (bit for bit on CPU).
+One `Config` describes the whole run (MindCV's keys). `train` prepares the run folder (lock,
+checks) and builds data, model and optimizer; then each epoch is `train_one_epoch` (steps of
+micro-batches) and `end_epoch` (data check, validation, metrics, checkpoint). `TrainState` is
+everything that changes while training; its `state_dict()` is `last.pt`. Resuming (`resume:
+auto` or a path) restores model, optimizer, GradScaler, EMA, schedule position, RNG state, the
+position in the epoch and the epoch's running sums, so a resumed run ends with the same weights
+and metrics as an uninterrupted one (bit for bit on CPU).
+
+The host waits for the device only at log intervals and at the end of an epoch (loss value,
+NaN check), and, in distributed runs, once a step for the ranks to agree on a stop request.
 """
 
 from __future__ import annotations
@@ -327,9 +334,11 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         nesterov=cfg.use_nesterov, eps=cfg.eps, weight_decay_filter=cfg.weight_decay_filter,
     )
     scaler = torch.amp.GradScaler(
-        device.type, init_scale=cfg.grad_scaler_init_scale(), enabled=cfg.use_grad_scaler(device.type)
+        device.type, init_scale=cfg.grad_scaler_init_scale(),
+        enabled=cfg.use_grad_scaler(device.type),
     )
-    meta = {"arch": cfg.model, "num_classes": num_classes, "classes": train_ds.classes, "config": cfg.to_dict()}
+    meta = {"arch": cfg.model, "num_classes": num_classes, "classes": train_ds.classes,
+            "config": cfg.to_dict()}
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, ema=ema, meta=meta)
     parts = StepParts(
         forward=forward, schedule=schedule, loss_fn=_loss(cfg, mixer is not None), mixer=mixer,
@@ -338,16 +347,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
 
     # ---- resume
     if resume_path is not None:
-        saved = load_training_state(resume_path)
-        if cfg.resume or cfg.resume_opt:  # MindCV's resume_opt: also optimizer state and lr position
-            state.load_state_dict(saved)
-        else:
-            model.load_state_dict(saved["model"])
+        # --resume, or MindCV's resume_opt with ckpt_path: weights, optimizer and position
+        state.load_state_dict(load_training_state(resume_path))
         if dist.is_main:
-            log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch + 1, state.global_step)
+            log.info("resumed from %s at epoch %d, step %d",
+                     resume_path, state.epoch + 1, state.global_step)
 
     metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main)
-    metrics.rewind(state.global_step)  # records of work after the checkpoint are redone, not repeated
+    metrics.rewind(state.global_step)  # work after the checkpoint is redone, not logged twice
     bad = BadImageReport(train_ds)
     n_params = count_params(model)
     step_times: list[float] = []
@@ -355,7 +362,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     last_val: EvalResult | None = None
     start_epoch = state.epoch
     if dist.is_main and start_epoch >= cfg.epoch_size:
-        log.info("the run in %s has finished its %d epochs: nothing to train", cfg.ckpt_save_dir, cfg.epoch_size)
+        log.info("the run in %s has finished its %d epochs: nothing to train",
+                 cfg.ckpt_save_dir, cfg.epoch_size)
 
     while state.epoch < cfg.epoch_size:
         interrupted = train_one_epoch(
@@ -469,7 +477,8 @@ def train_one_epoch(
             with sync:
                 loss = _forward_backward(cfg, state, parts, images, labels, weight=weight)
             if weight:
-                finite.add(loss, f"epoch {epoch + 1}, step {state.batch_in_epoch} (global step {state.global_step})")
+                where = f"epoch {epoch + 1}, step {state.batch_in_epoch}"
+                finite.add(loss, f"{where} (global step {state.global_step})")
                 loss_sum += loss.detach().double() * len(labels)
                 counts["loss_n"] += len(labels)
                 trained += len(labels)
@@ -509,7 +518,9 @@ def _valid(batch: Any) -> Any:
     return batch[1] if len(batch) == 2 else batch[1][torch.as_tensor(batch[2], dtype=torch.bool)]
 
 
-def _micro_batch(batch: Any, bad: BadImageReport, dist: distributed.DistInfo) -> tuple[Any, Any, bool]:
+def _micro_batch(
+    batch: Any, bad: BadImageReport, dist: distributed.DistInfo
+) -> tuple[Any, Any, bool]:
     """(images, labels, counts) to train on from a loader batch. Unreadable images are dropped
     (and reported); a batch with fewer than two readable images never reaches BatchNorm, which
     cannot normalise one sample: alone, it is skipped ((None, None, False)); under DDP, where
@@ -580,7 +591,8 @@ def end_epoch(
     if sums["images"] and readable < cfg.min_readable_images * sums["images"]:
         raise ValueError(
             f"epoch {epoch}: only {readable} of {sums['images']} training images could be read "
-            f"(min_readable_images {cfg.min_readable_images:g}); {msg or 'see the warnings above'}. "
+            f"(min_readable_images {cfg.min_readable_images:g}); "
+            f"{msg or 'see the warnings above'}. "
             f"Fix or remove the files in {cfg.data_dir}; no checkpoint of this epoch was written"
         )
     record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "global_step": state.global_step,
@@ -605,8 +617,11 @@ def end_epoch(
             ckpts.save_epoch(state.state_dict(), epoch, top1, is_best=is_best)
         else:
             ckpts.save_last(state.state_dict(), is_best=is_best)
-        val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}" if top1 is not None else ""
-        log.info("epoch %d/%d  train loss %.4f%s", epoch, cfg.epoch_size, record["train_loss"], val_text)
+        val_text = ""
+        if top1 is not None:
+            val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}"
+        log.info("epoch %d/%d  train loss %.4f%s",
+                 epoch, cfg.epoch_size, record["train_loss"], val_text)
     distributed.barrier(dist)
     return val
 
