@@ -620,8 +620,10 @@ def test_signal_to_the_process_group_with_loader_workers(reference, tmp_path, si
     run = tmp_path / "run"
     proc = Hooked(reference, run, "--num_parallel_workers", "2")
     proc.wait_for("step 2")
+    sent = time.perf_counter()
     os.killpg(proc.proc.pid, sig)
     rc = proc.wait()
+    took = time.perf_counter() - sent
     out = proc.output()
     assert rc == 0, out
     assert "killed by signal" not in out and "Traceback" not in out, out
@@ -631,6 +633,7 @@ def test_signal_to_the_process_group_with_loader_workers(reference, tmp_path, si
     assert state["batch_in_epoch"] == state["global_step"] - STEPS_PER_EPOCH * state["epoch"]
     train_here(reference.data, run, "--resume", "auto", "--num_parallel_workers", "2")
     assert_same_run(run, reference.ckpt)
+    record_figures(f"group_{signal.Signals(sig).name}", {"seconds_to_exit": round(took, 2), "exit_code": rc})
 
 
 @pytest.mark.slow
@@ -673,7 +676,9 @@ def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_
         t0 = time.perf_counter()
         with pytest.raises(RuntimeError, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "):
             train_here(reference.data, run)
-        assert time.perf_counter() - t0 < 30  # at once, not after waiting
+        took = time.perf_counter() - t0
+        assert took < 30  # at once, not after waiting
+        record_figures("locked_dir", {"seconds_to_fail": round(took, 2)})
         assert not (run / "metrics.jsonl").exists()
     finally:
         holder.kill()
