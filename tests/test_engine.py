@@ -117,6 +117,6 @@ def test_evaluate_counts_and_skips_invalid():
     x = torch.eye(4)[:3]  # sample i scores highest on class i
     labels = torch.tensor([0, 1, 0])
     valid = torch.tensor([True, True, False])
-    result = evaluate(model, [(x, labels, valid)], torch.device("cpu"), num_classes=3)
+    result = evaluate(model, [(x, labels, valid)], device=torch.device("cpu"), num_classes=3)
     assert result.n == 2 and result.correct1 == 2 and result.top1 == 100.0
     assert result.class_total.tolist() == [1, 1, 0]

@@ -46,6 +46,7 @@ class EvalResult:
 def evaluate(
     model: nn.Module,
     batches: Iterable,
+    *,
     device: torch.device,
     num_classes: int,
     amp_dtype: torch.dtype | None = None,

@@ -18,11 +18,13 @@ log = logging.getLogger("res2net.train")
 
 class StepReporter:
     """Shows training steps: a tqdm bar (loss, lr, img/s, ETA) when stderr is a terminal, else
-    a log line every `log_interval` steps. Only the main process (rank 0) reports."""
+    a log line whenever the loop passes a loss (at its log intervals). Only the main process
+    (rank 0) reports."""
 
-    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True, desc: str = "") -> None:
+    def __init__(
+        self, total_steps: int, *, start_step: int = 0, enabled: bool = True, desc: str = ""
+    ) -> None:
         self.total = total_steps
-        self.log_interval = max(1, log_interval)
         self.enabled = enabled
         self.desc = desc
         self.bar = None

@@ -393,7 +393,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     if dist.is_main and not interrupted and state.epoch > start_epoch:
         result.plot_path = plot_run(metrics.read(), Path(cfg.ckpt_save_dir) / "training.png")
         ms = 1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
-        result.row = results_row(cfg, n_params, world, ms, last_val)
+        result.row = results_row(cfg, n_params=n_params, cards=world, ms_per_step=ms, val=last_val)
     metrics.close()
     return result
 
@@ -448,8 +448,8 @@ def train_one_epoch(
     set_train_mode(state.model, cfg.freeze_bn)
     state.optimizer.zero_grad(set_to_none=True)
     loader.sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
-    reporter = StepReporter(steps * accum, state.batch_in_epoch, cfg.log_interval, dist.is_main,
-                            f"epoch {epoch + 1}/{cfg.epoch_size}")
+    reporter = StepReporter(steps * accum, start_step=state.batch_in_epoch, enabled=dist.is_main,
+                            desc=f"epoch {epoch + 1}/{cfg.epoch_size}")
     carried = state.sums if dist.is_main else new_epoch_sums()  # rank 0 holds the saved sums
     loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
     counts = {k: int(carried[k]) for k in ("loss_n", "images", "bad")}
@@ -601,8 +601,11 @@ def end_epoch(
     if val_loader is not None and (epoch % cfg.val_interval == 0 or epoch == cfg.epoch_size):
         eval_model = state.ema.module if state.ema is not None else state.model
         val = reduce_result(
-            evaluate(eval_model, val_loader, dist.device, state.meta["num_classes"],
-                     cfg.amp_dtype(dist.device.type, validation=True), cfg.channels_last),
+            evaluate(
+                eval_model, val_loader, device=dist.device, num_classes=state.meta["num_classes"],
+                amp_dtype=cfg.amp_dtype(dist.device.type, validation=True),
+                channels_last=cfg.channels_last,
+            ),
             dist,
         )
         record.update(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss, val_n=val.n)
@@ -644,7 +647,9 @@ def _agreed_stop(requested: bool, dist: distributed.DistInfo, device: torch.devi
     return bool(distributed.all_reduce_sum(flag, dist).item() > 0)
 
 
-def results_row(cfg: Config, n_params: int, cards: int, ms_per_step: float, val: EvalResult | None) -> dict[str, Any]:
+def results_row(
+    cfg: Config, *, n_params: int, cards: int, ms_per_step: float, val: EvalResult | None
+) -> dict[str, Any]:
     """The seed README's results columns for this run."""
     return {
         "model name": cfg.model,

@@ -62,7 +62,11 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
         if dist.is_main:
             log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, n_images, cfg.val_split)
         amp = cfg.amp_dtype(dist.device.type, validation=True)
-        result = reduce_result(evaluate(model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last), dist)
+        result = evaluate(
+            model, loader, device=dist.device, num_classes=dataset.num_classes, amp_dtype=amp,
+            channels_last=cfg.channels_last,
+        )
+        result = reduce_result(result, dist)
         if per_class_csv is not None and dist.is_main:
             write_per_class(result, dataset.classes, Path(per_class_csv))
         return result
