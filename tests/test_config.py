@@ -158,12 +158,14 @@ def test_type_error_in_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("lr", "0"), ("batch_size", "0"), ("hflip", "1.5"), ("vflip", "-0.1"), ("re_prob", "2"),
     ("label_smoothing", "1.0"), ("epoch_size", "0"), ("warmup_epochs", "-1"),
-    ("scale", "[1.0, 0.08]"), ("ratio", "[0, 1]"), ("crop_pct", "0"), ("crop_pct", "1.1"),
+    ("scale", "[1.0, 0.08]"), ("ratio", "[0, 1]"), ("crop_pct", "0"), ("crop_pct", "2.5"),
     ("ema_decay", "1.0"), ("keep_checkpoint_max", "0"), ("ckpt_save_policy", "best"),
-    ("opt", "lamb"), ("scheduler", "one_cycle"), ("amp_level", "O4"), ("interpolation", "cubic"),
-    ("auto_augment", "augmix"), ("mode", "2"), ("device", "gpu"), ("lr_scale", "sqrt"),
+    ("opt", "shampoo"), ("scheduler", "linear"), ("amp_level", "O4"), ("interpolation", "quad"),
+    ("auto_augment", "randaug-q9"), ("color_jitter", "[0.4, 0.4]"), ("dataset", "cifar10"),
+    ("mode", "2"), ("device", "gpu"), ("lr_scale", "sqrt"),
     ("on_bad_image", "ignore"), ("loss", "focal"), ("mean", "[1, 2]"), ("loss_scale", "0.5"),
-    ("multi_step_decay_milestones", "[60, 30]"),
+    ("multi_step_decay_milestones", "[60, 30]"), ("aug_splits", "3"),
+    ("dataset_download", "True"),
 ])
 def test_range_errors_name_the_key(key, value):
     with pytest.raises(ConfigError) as e:
@@ -234,9 +236,9 @@ def test_notes_report_ignored_keys_only_when_set():
         notes = "\n".join(load_config(str(recipe)).notes())
         assert "dataset_sink_mode" not in notes and "amp_level" in notes and "loss_scale" in notes
     cfg = load_config(None, ["--dataset_sink_mode", "False", "--device_target", "GPU",
-                             "--jit_level", "O1", "--aug_splits", "3", "--mode", "1"])
+                             "--jit_level", "O1", "--eval_shuffle", "True", "--mode", "1"])
     notes = cfg.notes()
-    for key in ("dataset_sink_mode", "device_target", "jit_level", "aug_splits"):
+    for key in ("dataset_sink_mode", "device_target", "jit_level", "eval_shuffle"):
         assert any(line.startswith(key) for line in notes), key
     assert not any(line.startswith("mode") for line in notes)
     assert load_config(None, ["--mode", "1"]).notes() == []

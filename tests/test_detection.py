@@ -200,3 +200,13 @@ def test_detector_train_step_and_inference(kind):
         assert det["boxes"].min() >= 0 and det["boxes"].max() <= SIZE
         if kind == "maskrcnn":
             assert det["masks"].shape == (n, 1, SIZE, SIZE)
+
+
+def test_frozen_bn_trunk_is_built_frozen_and_loads_bn_weights(tmp_path):
+    """A named trunk is built with `norm_layer=FrozenBatchNorm2d` (no BatchNorm2d ever exists) and
+    still loads a checkpoint written from a BatchNorm model."""
+    source = res2net.create_model("res2net50", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    fpn = res2net_fpn_backbone("res2net50", checkpoint_path=tmp_path / "w.pth")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fpn.body.modules())
+    assert torch.equal(fpn.body.layer2[0].bn1.running_var, source.layer2[0].bn1.running_var)

@@ -12,6 +12,7 @@ from torch import nn
 import res2net
 from res2net.cli import benchmark as benchmark_cmd
 from res2net.models import DLA, Res2Net
+from res2net.models.layers import channels_last_on_cpu
 from res2net.profile import benchmark_model, conv_gemm_gflops, machine_info, matmul_gflops
 from .test_models import randomize_bn, rel_err
 
@@ -117,10 +118,11 @@ def timm_twin(kind: str) -> nn.Module:
     [("classic", torch.float32, 64, 1e-3), ("classic", torch.float64, 32, 1e-10), ("dla", torch.float64, 32, 1e-10)],
 )
 def test_training_step_matches_timm(kind, dtype, size, tol):
-    """Our training path (channels_last on CPU, see compute_layout) computes timm's loss,
+    """Our training path (channels_last on CPU, as `create_model` installs) computes timm's loss,
     gradients and BatchNorm statistics. float64 shows the math is the same; in float32, train-mode
     BatchNorm over the tiny DLA's smallest maps amplifies rounding differences beyond any tolerance."""
     model = tiny(kind).train().to(dtype)
+    model.register_forward_pre_hook(channels_last_on_cpu)
     ref = timm_twin(kind).train().to(dtype)
     ref.load_state_dict(model.state_dict())
     x = torch.randn(4, 3, size, size, dtype=dtype)

@@ -235,3 +235,44 @@ def test_torch_export_traces_res2net50():
     program = torch.export.export(model, (x,))
     with torch.no_grad():
         assert torch.allclose(program.module()(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["res2net50_v1b", "dla60_res2next"])
+def test_norm_and_act_layers_are_the_builders(name):
+    """Every normalisation and activation comes from `norm_layer` / `act_layer`, and the state
+    dict keys stay those of the published weights (FrozenBatchNorm2d has no batch counter)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    plain = build_model(name, num_classes=10)
+    built = build_model(name, num_classes=10, norm_layer=FrozenBatchNorm2d, act_layer=nn.SiLU)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in built.modules())
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in built.modules()) == n_norms
+    assert sum(isinstance(m, nn.SiLU) for m in built.modules()) == sum(isinstance(m, nn.ReLU) for m in plain.modules())
+    keys = {k for k in plain.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(built.state_dict()) == keys
+    built.load_state_dict(plain.state_dict())  # FrozenBatchNorm2d drops the counter itself
+    plain.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        silu_free = build_model(name, num_classes=10, norm_layer=FrozenBatchNorm2d).eval()
+        silu_free.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(silu_free(x), plain(x))
+
+
+def test_cpu_layout_is_create_models_choice():
+    """The classes compute in the caller's layout; `create_model` adds the channels_last hook
+    on CPU unless told not to. Values are the same either way."""
+    x = torch.randn(1, 3, 32, 32)
+    ours = res2net.create_model("res2net50", num_classes=4, features_only=True, out_indices=(1,)).eval()
+    kept = res2net.create_model("res2net50", num_classes=4, features_only=True, out_indices=(1,),
+                                cpu_channels_last=False).eval()
+    kept.load_state_dict(ours.state_dict())
+    plain = build_model("res2net50", num_classes=4, out_indices=(1,)).eval()
+    plain.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        a, b, c = ours(x)[0], kept(x)[0], plain(x)[0]
+    assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+    assert b.is_contiguous() and c.is_contiguous()
+    torch.testing.assert_close(a, c)
+    assert all(p.is_contiguous() for p in ours.parameters())  # weights keep the standard layout

@@ -31,28 +31,33 @@ from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
+from .schema import (
+    AMP_LEVELS,
+    CKPT_SAVE_POLICIES,
+    HELP,
+    INTERPOLATIONS,
+    JIT_LEVELS,
+    LOSS_SCALE_TYPES,
+    LOSSES,
+    LR_SCALES,
+    ON_BAD_IMAGE,
+    OPTIMIZERS,
+    REDUCTIONS,
+    SCHEDULERS,
+    WEIGHT_DECAY_FILTERS,
+    parse_auto_augment,
+)
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Config", "ConfigError", "load_config", "REFERENCE_BATCH_SIZE"]
+__all__ = ["Config", "ConfigError", "load_config", "keys_help", "REFERENCE_BATCH_SIZE"]
 
 #: Global batch size that ``lr`` refers to when ``lr_scale: linear`` (MindCV's Res2Net
 #: recipes: 32 images per device x 8 devices with lr 0.1).
 REFERENCE_BATCH_SIZE = 256
 
-OPTIMIZERS = ("momentum", "sgd", "nesterov", "adamw", "adam")
-SCHEDULERS = ("cosine_decay", "warmup_cosine_decay", "step_decay", "multi_step_decay", "constant")
-AMP_LEVELS = ("O0", "O1", "O2", "O3")
-JIT_LEVELS = ("O0", "O1", "O2")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-AUTO_AUGMENT_PREFIXES = ("randaug", "autoaug", "trivialaug")
-CKPT_SAVE_POLICIES = ("latest_k", "top_k", None)
-WEIGHT_DECAY_FILTERS = ("disable", "auto", "norm_and_bias")
-LOSSES = ("CE", "BCE")
-REDUCTIONS = ("mean", "sum", "none")
-LOSS_SCALE_TYPES = ("fixed", "dynamic", "auto")
-LR_SCALES = ("none", "linear")
-ON_BAD_IMAGE = ("skip", "error")
+# The word lists live in schema.py (one source for config, transforms, schedules, optimizers).
 _DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)")
 # Strings that mean None for Optional fields (YAML itself already maps null and ~).
 _NONE_STRINGS = ("None", "none", "null", "Null", "NULL", "~")
@@ -109,7 +114,7 @@ class Config:
     ratio: tuple[float, float] = (0.75, 1.333)
     hflip: float = 0.5
     vflip: float = 0.0
-    color_jitter: float | None = 0.4
+    color_jitter: float | tuple[float, ...] | None = 0.4  # a factor, or [b, c, s(, hue)]
     interpolation: str = "bilinear"
     auto_augment: str | None = None  # e.g. "randaug-m9-mstd0.5-inc1", "autoaug-mstd0.5"
     aug_splits: int = 0
@@ -216,6 +221,8 @@ class Config:
         # Spellings MindCV itself accepts in any case.
         object.__setattr__(self, "opt", self.opt.lower())
         object.__setattr__(self, "loss", self.loss.upper())
+        object.__setattr__(self, "scheduler", self.scheduler.lower())
+        object.__setattr__(self, "interpolation", self.interpolation.lower())
         for key in ("amp_level", "val_amp_level", "jit_level"):
             object.__setattr__(self, key, getattr(self, key).upper())
         # Older MindCV spellings of current keys.
@@ -324,21 +331,15 @@ class Config:
         if self.distribute:
             out.append("distribute: True -> torch.distributed from torchrun's environment "
                        "(one process when not launched by torchrun)")
-        for key, what in (
-            ("device_target", "the device comes from 'device'"),
-            ("jit_level", "MindSpore graph compile level"),
-            ("dataset_sink_mode", "MindSpore data sinking"),
-            ("amp_cast_list", "torch.autocast keeps its own op lists"),
-            ("enable_modelarts", "ModelArts"),
-            ("multi_data_url", "ModelArts"),
-            ("data_url", "ModelArts"),
-            ("ckpt_url", "ModelArts"),
-            ("train_url", "ModelArts"),
-        ):
+        for key, why in IGNORED_KEYS.items():
             if getattr(self, key) != getattr(d, key):
-                out.append(f"{key}: {getattr(self, key)!r} is MindSpore-only and ignored ({what})")
-        if self.aug_splits != d.aug_splits:
-            out.append(f"aug_splits: {self.aug_splits} is not supported on PyTorch and ignored")
+                out.append(f"{key}: {getattr(self, key)!r} is ignored ({why})")
+        if self.eps != d.eps and self.opt != "rmsprop":
+            out.append(f"eps: {self.eps:g} is used by rmsprop only, as in MindCV; "
+                       f"{self.opt} keeps its own epsilon")
+        if self.opt == "nesterov" and not self.use_nesterov:
+            out.append("opt: 'nesterov' is momentum without Nesterov unless use_nesterov: True "
+                       "(as in MindCV)")
         if self.filter_bias_and_bn is not None:
             out.append(f"filter_bias_and_bn: {self.filter_bias_and_bn} (older MindCV key) -> "
                        f"weight_decay_filter: {self.weight_decay_filter!r}")
@@ -356,9 +357,6 @@ class Config:
             out.append(f"loss_scale: {self.loss_scale:g} ({self.loss_scale_type}) -> dynamic "
                        f"torch GradScaler starting at {self.grad_scaler_init_scale():g} when "
                        "autocast runs in float16; unused in bfloat16/float32")
-        if self.drop_overflow_update != d.drop_overflow_update:
-            out.append("drop_overflow_update: GradScaler always skips steps whose gradients "
-                       "overflow; the setting is ignored")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,6 +374,53 @@ class Config:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(_DEFAULTS, f.name)
         }
+
+
+#: Keys accepted so that MindCV recipes load, with no effect here: why (reported by notes()).
+IGNORED_KEYS: dict[str, str] = {
+    "device_target": "MindSpore-only; the device comes from 'device'",
+    "jit_level": "MindSpore-only graph compile level",
+    "dataset_sink_mode": "MindSpore-only data sinking",
+    "amp_cast_list": "MindSpore-only; torch.autocast keeps its own op lists",
+    "enable_modelarts": "MindSpore-only (ModelArts)",
+    "multi_data_url": "MindSpore-only (ModelArts)",
+    "data_url": "MindSpore-only (ModelArts)",
+    "ckpt_url": "MindSpore-only (ModelArts)",
+    "train_url": "MindSpore-only (ModelArts)",
+    "aux_factor": "Res2Net models have no auxiliary head",
+    "re_max_attempts": "torchvision's RandomErasing always tries 10 boxes",
+    "eval_shuffle": "the order of evaluation images does not change the metrics",
+    "drop_overflow_update": "GradScaler always skips steps whose gradients overflow",
+}
+
+#: Keys with no field of their own downstream: read through Config's methods (see notes()).
+MAPPED_KEYS: dict[str, str] = {
+    "config": "the recipe path, read by load_config",
+    "mode": "use_compile()",
+    "compile": "use_compile()",
+    "amp_level": "amp_dtype()",
+    "val_amp_level": "amp_dtype(validation=True)",
+    "loss_scale": "grad_scaler_init_scale()",
+    "loss_scale_type": "use_grad_scaler(): GradScaler is dynamic",
+    "dynamic_loss_scale": "-> loss_scale_type",
+    "filter_bias_and_bn": "-> weight_decay_filter",
+    "lr_scale": "lr_scale_factor()",
+    "dataset": "validated: 'imagenet' only",
+    "dataset_download": "validated: False only",
+    "aug_splits": "validated: 0 only",
+}
+
+
+def keys_help() -> str:
+    """Every recipe key, grouped as MindCV groups them, with its default and one line of help
+    (the text of ``res2net train --help``)."""
+    lines = ["recipe keys (in the YAML file, or on the command line as --key value):"]
+    for group, keys in HELP.items():
+        lines.append(f"\n{group}:")
+        for key, text in keys.items():
+            default = _plain(getattr(_DEFAULTS, key))
+            lines.append(f"  --{key} (default: {default!r})\n      {text}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------
@@ -673,6 +718,9 @@ def _validate(c: Config) -> None:
     choice("jit_level", JIT_LEVELS)
     check(math.isfinite(c.dist_timeout) and c.dist_timeout > 0, "dist_timeout", "must be a positive number of seconds")
     # dataset
+    choice("dataset", ("imagenet",))
+    check(not c.dataset_download, "dataset_download",
+          "must be False: ImageNet-style folders are read from data_dir, never downloaded")
     check(c.num_parallel_workers >= 0, "num_parallel_workers", "must be >= 0")
     check(c.num_samples is None or c.num_samples >= 1, "num_samples", "must be None or >= 1")
     check(c.batch_size >= 1, "batch_size", "must be >= 1")
@@ -682,12 +730,21 @@ def _validate(c: Config) -> None:
     span("ratio")
     probability("hflip")
     probability("vflip")
-    check(c.color_jitter is None or c.color_jitter >= 0, "color_jitter", "must be None or >= 0")
+    cj = c.color_jitter
+    cj_ok = cj is None or (
+        cj >= 0 if isinstance(cj, float)
+        else len(cj) in (3, 4) and min(cj) >= 0 and (len(cj) == 3 or cj[3] <= 0.5)
+    )
+    check(cj_ok, "color_jitter", "must be None, a number >= 0, or 3-4 numbers >= 0 "
+          "[brightness, contrast, saturation(, hue <= 0.5)]")
     choice("interpolation", INTERPOLATIONS)
-    aa = c.auto_augment
-    check(aa is None or aa.startswith(AUTO_AUGMENT_PREFIXES), "auto_augment",
-          "must be None or a policy string starting with " + "/".join(AUTO_AUGMENT_PREFIXES))
-    check(c.aug_splits >= 0, "aug_splits", "must be >= 0")
+    if c.auto_augment is not None:
+        try:
+            parse_auto_augment(c.auto_augment)
+        except ValueError as e:
+            raise ConfigError(f"config key 'auto_augment' is invalid: {e}", key="auto_augment") from None
+    check(c.aug_splits == 0, "aug_splits", "must be 0 (AugMix splits with a JSD loss are not "
+          "implemented; auto_augment 'augmix' is)")
     probability("re_prob")
     span("re_scale")
     span("re_ratio")
@@ -697,7 +754,7 @@ def _validate(c: Config) -> None:
     check(len(c.mean) == c.in_channels, "mean", f"must have in_channels={c.in_channels} values")
     check(len(c.std) == c.in_channels, "std", f"must have in_channels={c.in_channels} values")
     check(all(s > 0 for s in c.std), "std", "must be > 0")
-    check(0.0 < c.crop_pct <= 1.0, "crop_pct", "must be in (0, 1]")
+    check(0.0 < c.crop_pct <= 2.0, "crop_pct", "must be in (0, 2] (above 1 pads the center crop)")
     check(c.mixup >= 0, "mixup", "must be >= 0")
     check(c.cutmix >= 0, "cutmix", "must be >= 0")
     probability("cutmix_prob")
@@ -711,7 +768,7 @@ def _validate(c: Config) -> None:
         check(value is None or 0.0 <= value < 1.0, key, "must be None or in [0, 1)")
     check(c.keep_checkpoint_max >= 1, "keep_checkpoint_max", "must be >= 1")
     check(c.ckpt_save_interval >= 1, "ckpt_save_interval", "must be >= 1")
-    choice("ckpt_save_policy", CKPT_SAVE_POLICIES)
+    choice("ckpt_save_policy", (*CKPT_SAVE_POLICIES, None))
     check(c.epoch_size >= 1, "epoch_size", "must be >= 1")
     check(0.0 < c.ema_decay < 1.0, "ema_decay", "must be in (0, 1)")
     check(c.clip_value > 0, "clip_value", "must be > 0")
@@ -720,6 +777,9 @@ def _validate(c: Config) -> None:
     check(c.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
     # optimizer
     choice("opt", OPTIMIZERS)
+    check(not (c.opt == "adam" and c.use_nesterov), "use_nesterov",
+          "must be False with opt 'adam' (MindSpore's Nesterov Adam has no torch "
+          "counterpart; opt 'nadam' is the closest)")
     check(c.momentum >= 0, "momentum", "must be >= 0")
     check(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     choice("weight_decay_filter", WEIGHT_DECAY_FILTERS)
@@ -728,6 +788,8 @@ def _validate(c: Config) -> None:
     choice("scheduler", SCHEDULERS)
     check(c.lr > 0, "lr", "must be > 0")
     check(c.min_lr >= 0, "min_lr", "must be >= 0")
+    check(c.scheduler != "one_cycle" or c.min_lr > 0, "min_lr",
+          "must be > 0 with scheduler one_cycle (its final lr)")
     check(c.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
     probability("warmup_factor")
     check(c.decay_epochs >= (1 if c.scheduler == "step_decay" else 0), "decay_epochs",
@@ -738,6 +800,9 @@ def _validate(c: Config) -> None:
           "must be increasing epochs >= 0")
     check(c.scheduler != "multi_step_decay" or len(ms) > 0, "multi_step_decay_milestones",
           "must not be empty with scheduler multi_step_decay")
+    for key, off in (("warmup_epochs", "0"), ("lr_epoch_stair", "False")):
+        check(c.scheduler not in ("one_cycle", "cyclic") or not getattr(c, key), key,
+              f"must be {off} with scheduler {c.scheduler} (as in MindCV)")
     check(c.num_cycles >= 1, "num_cycles", "must be >= 1")
     check(c.cycle_decay > 0, "cycle_decay", "must be > 0")
     # loss

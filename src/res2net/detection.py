@@ -26,6 +26,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from .factory import create_backbone
 from .models.base import Res2NetBase
 from .models.dla import DLA
+from .models.layers import channels_last_on_cpu
 
 Norm = Literal["frozen_bn", "bn"]
 
@@ -131,11 +132,15 @@ def res2net_fpn_backbone(
     """
     if norm not in ("frozen_bn", "bn"):
         raise ValueError(f"norm={norm!r} is invalid: choose 'frozen_bn' or 'bn'")
+    if norm == "frozen_bn" and not isinstance(name, nn.Module):
+        model_kwargs = dict(model_kwargs, norm_layer=FrozenBatchNorm2d)
     body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
     if norm == "frozen_bn":
-        freeze_batchnorm(body)
+        freeze_batchnorm(body)  # a model passed in built: its BatchNorms are swapped in place
     freeze_stages(body, trainable_layers, last_stage=max(returned_layers))
-    return Res2NetFPN(body, returned_layers, out_channels, extra_blocks)
+    fpn = Res2NetFPN(body, returned_layers, out_channels, extra_blocks)
+    fpn.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly
+    return fpn
 
 
 def fasterrcnn_res2net50_fpn(

@@ -21,6 +21,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from .factory import create_backbone
 from .models.base import Res2NetBase
+from .models.layers import channels_last_on_cpu
 
 # ASPP rates per output stride (DeepLabV3 paper: 6/12/18 at stride 16, doubled at stride 8)
 ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
@@ -55,7 +56,10 @@ def segmentation_backbone(
         if output_stride not in ATROUS_RATES:
             raise ValueError(f"output_stride={output_stride} is invalid: choose 8 or 16")
         model_kwargs["output_stride"] = output_stride
-    return SegmentationBackbone(create_backbone(backbone, (3, 4), checkpoint_path, pretrained, **model_kwargs))
+    body = create_backbone(backbone, (3, 4), checkpoint_path, pretrained, **model_kwargs)
+    trunk = SegmentationBackbone(body)
+    trunk.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly
+    return trunk
 
 
 def deeplabv3_res2net50(

@@ -46,7 +46,7 @@ def format_markdown(rows: list[dict], machine: dict) -> str:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..engine import distributed
-    from ..models import build_model
+    from ..factory import create_model
     from ..profile import benchmark_model, machine_info
 
     if args.cards < 1 or args.batch_size < 1 or args.image_resize < 8 or args.repeats < 1 or args.warmup < 1:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     info = distributed.setup(args.cards > 1, args.device)
     try:
         timing = benchmark_model(
-            build_model(args.model, num_classes=args.num_classes),
+            create_model(args.model, num_classes=args.num_classes),
             args.model,
             batch_size=args.batch_size,
             image_size=args.image_resize,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..config import load_config
+from ..config import keys_help, load_config
 
 HELP = "train from a MindCV-style recipe; any config key can be overridden with --key value"
 ACCEPTS_EXTRA = True
@@ -13,6 +13,8 @@ log = logging.getLogger("res2net.train")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = keys_help()
     p.add_argument("-c", "--config", help="recipe YAML (MindCV keys), e.g. configs/res2net/res2net_50_gpu.yaml")
 
 

@@ -47,6 +47,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
     `num_replicas` > 1 (distributed training), this rank gets every `num_replicas`-th index from
     position `rank`, after the order is padded by repeating its start to a multiple of
     `num_replicas` (or cut to one, with `drop_last`), as `DistributedSampler` does.
+
+    `repeats` > 1 is repeated augmentation as MindCV's `RepeatAugSampler` does it: each index
+    of the permutation appears `repeats` times in a row, the ranks take every
+    `num_replicas`-th position, and each rank's epoch keeps the length of a plain epoch, so an
+    epoch covers 1/`repeats` of the images, each `repeats` times. Every copy gets its own seed
+    (its own augmentation), and consecutive copies land on different ranks.
     """
 
     def __init__(
@@ -58,7 +64,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        repeats: int = 1,
     ) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, not {repeats}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), not {rank}")
         self.num_samples = num_samples
@@ -67,6 +76,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.drop_last = drop_last
+        self.repeats = repeats
         self.epoch = 0
         self.start = 0
 
@@ -90,6 +100,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def _order(self, g: torch.Generator) -> torch.Tensor:
         n = self.num_samples
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.repeats > 1:
+            return order.repeat_interleave(self.repeats)[self._repeat_positions()]
         if self.num_replicas > 1:
             total = len(self) * self.num_replicas
             if total > n:
@@ -97,8 +109,25 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = order[:total][self.rank :: self.num_replicas]
         return order
 
+    def _repeat_positions(self) -> torch.Tensor:
+        """This rank's positions in the repeated order (each index `repeats` times in a row),
+        padded by wrapping to a multiple of the ranks, one in `num_replicas` from `rank`, cut to
+        one epoch's length: MindCV's RepeatAugSampler."""
+        r, size = self.num_replicas, self.num_samples * self.repeats
+        total = -(-size // r) * r
+        return (torch.arange(total) % size)[self.rank :: r][: len(self)]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = _epoch_generator(self.seed, self.epoch)
+        if self.repeats > 1:
+            # One seed per position of the repeated order: every copy is augmented anew.
+            order = self._order(g).tolist()
+            size = self.num_samples * self.repeats
+            seeds = torch.randint(0, 2**62, (size,), generator=g).tolist()
+            positions = self._repeat_positions().tolist()
+            for i, pos in zip(order[self.start :], positions[self.start :]):
+                yield i, seeds[pos]
+            return
         order = self._order(g).tolist()
         # One seed per dataset index (not per position), drawn after the order.
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
@@ -193,6 +222,7 @@ def build_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
     collate_fn: Any = None,
+    aug_repeats: int = 0,
 ) -> DataLoader:
     """A DataLoader over `dataset` whose order and augmentations depend only on (seed, epoch).
 
@@ -201,6 +231,7 @@ def build_loader(
     group (`torch.distributed`); each rank gets len(dataset) / world_size samples, rounded up
     by repeating a few. `pin_memory` defaults to CUDA being available and `persistent_workers`
     to `num_workers > 0`. `loader.dataset` is a `SeededDataset` around `dataset`.
+    `aug_repeats` > 1: repeated augmentation (see `EpochSampler`), MindCV's `aug_repeats`.
     """
     num_replicas, rank = 1, 0
     if distributed:
@@ -215,6 +246,7 @@ def build_loader(
         seed=seed,
         num_replicas=num_replicas,
         rank=rank,
+        repeats=max(aug_repeats, 1),
     )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from ..schema import parse_auto_augment
 from .decode import TENSOR_INTERPOLATIONS, DecodeRandomResizedCrop
 
 logger = logging.getLogger(__name__)
@@ -76,18 +76,6 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
     ]
 
 
-def _parse_spec(spec: str) -> tuple[str, dict[str, float]]:
-    """'randaug-m9-mstd0.5-inc1' -> ('randaug', {'m': 9.0, 'mstd': 0.5, 'inc': 1.0})."""
-    name, *parts = spec.strip().lower().split("-")
-    params: dict[str, float] = {}
-    for part in parts:
-        match = re.fullmatch(r"([a-z]+)(-?[\d.]+)", part)
-        if match is None:
-            raise ValueError(f"cannot parse {part!r} in auto_augment {spec!r}")
-        params[match.group(1)] = float(match.group(2))
-    return name, params
-
-
 def auto_augment_transform(
     spec: str,
     interpolation: str | InterpolationMode = "bilinear",
@@ -106,7 +94,7 @@ def auto_augment_transform(
     Options torchvision has no equivalent for (mstd, inc, mmax, w of randaug, ...) are accepted
     and ignored, with a log message.
     """
-    name, params = _parse_spec(spec)
+    name, params = parse_auto_augment(spec)
     interp = interpolation_mode(interpolation)
     if interp not in (
         InterpolationMode.NEAREST,
@@ -131,9 +119,14 @@ def auto_augment_transform(
         )
     elif name in ("autoaug", "autoaugr"):
         t = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interp, fill=fill_arg)
-    elif name in ("trivialaug", "trivialaugwide"):
+    elif name == "trivialaugwide":
         t = v2.TrivialAugmentWide(interpolation=interp, fill=fill_arg)
     elif name == "augmix":
+        if interp == InterpolationMode.BICUBIC:
+            # torchvision's AugMix works on tensors, which it rotates and shears with
+            # nearest or bilinear only
+            logger.info("auto_augment %r: bilinear instead of bicubic for AugMix", spec)
+            interp = InterpolationMode.BILINEAR
         t = v2.AugMix(
             severity=int(take("m", 3)),
             mixture_width=int(take("w", 3)),
@@ -141,18 +134,13 @@ def auto_augment_transform(
             interpolation=interp,
             fill=fill_arg,
         )
-    elif name == "3a":
+    else:  # "3a"
         t = v2.RandomChoice(
             [
                 v2.Grayscale(num_output_channels=3),
                 v2.RandomSolarize(threshold=128, p=1.0),
                 v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0)),
             ]
-        )
-    else:
-        raise ValueError(
-            f"unknown auto_augment {spec!r}; use one starting with randaug, autoaug, autoaugr, "
-            "trivialaugwide, augmix or 3a (e.g. 'randaug-m9-mstd0.5-inc1')"
         )
     ignored = sorted(set(params) - used)
     if ignored or name == "autoaugr":
@@ -208,6 +196,9 @@ def train_transform(
         steps.append(v2.RandomVerticalFlip(p=vflip))
     if auto_augment:
         fill = [min(255, round(m)) for m in mean]
+        if crop_type is DecodeRandomResizedCrop and interp == InterpolationMode.BICUBIC:
+            # torchvision rotates and shears tensors with nearest/bilinear only; PIL has bicubic
+            steps.append(v2.ToPILImage())
         steps.append(auto_augment_transform(auto_augment, interpolation=interp, fill=fill))
     elif color_jitter:
         factors = (
@@ -234,8 +225,8 @@ def eval_transform(
 ) -> Callable[[Any], Tensor]:
     """MindCV's evaluation pipeline: resize the shorter side to int(image_resize / crop_pct)
     (256 for 224 at 0.875), center crop image_resize, normalize (mean/std in 0..255 units)."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], not {crop_pct}")
+    if not 0 < crop_pct <= 2:
+        raise ValueError(f"crop_pct must be in (0, 2], not {crop_pct}")
     interp = interpolation_mode(interpolation)
     return v2.Compose(
         [

@@ -46,7 +46,7 @@ from ..profile import count_params
 from . import distributed
 from .checkpoint import CheckpointManager, RunLock, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
-from .optim import build_optimizer
+from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
 from .schedules import LrSchedule
 
@@ -111,6 +111,8 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
+        if cfg.aug_repeats > 1:
+            raise ValueError("aug_repeats is not supported with sharded data; use an image folder")
         shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
                         batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed)
         train_loader, _ = build_shard_loader(
@@ -131,7 +133,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     )
     train_loader = build_loader(
         train_ds, batch_size=cfg.batch_size, shuffle=cfg.shuffle, drop_remainder=cfg.drop_remainder,
-        num_workers=workers, seed=cfg.seed, distributed=dist.enabled,
+        num_workers=workers, seed=cfg.seed, distributed=dist.enabled, aug_repeats=cfg.aug_repeats,
     )
     val_loader = None
     if cfg.val_while_train:
@@ -323,15 +325,16 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
                  f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
                  "; consider --lr_scale linear to scale lr with it")
     schedule = LrSchedule(
-        cfg.scheduler, lr=cfg.lr * lr_factor, steps_per_epoch=steps_per_epoch,
-        min_lr=cfg.min_lr * lr_factor, warmup_epochs=cfg.warmup_epochs,
-        warmup_factor=cfg.warmup_factor, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
-        milestones=tuple(cfg.multi_step_decay_milestones), num_cycles=cfg.num_cycles,
-        cycle_decay=cfg.cycle_decay, lr_epoch_stair=cfg.lr_epoch_stair,
+        scheduler=cfg.scheduler, lr=cfg.lr * lr_factor, steps_per_epoch=steps_per_epoch,
+        min_lr=cfg.min_lr * lr_factor, warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_factor,
+        decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, milestones=cfg.multi_step_decay_milestones,
+        num_cycles=cfg.num_cycles, cycle_decay=cfg.cycle_decay, lr_epoch_stair=cfg.lr_epoch_stair,
+        epochs=cfg.epoch_size,
     )
     optimizer = build_optimizer(
         model, opt=cfg.opt, lr=schedule(0), weight_decay=cfg.weight_decay, momentum=cfg.momentum,
         nesterov=cfg.use_nesterov, eps=cfg.eps, weight_decay_filter=cfg.weight_decay_filter,
+        layer_decay=cfg.layer_decay,
     )
     scaler = torch.amp.GradScaler(
         device.type, init_scale=cfg.grad_scaler_init_scale(),
@@ -460,8 +463,7 @@ def train_one_epoch(
     t_step = time.perf_counter()
     for step in range(state.batch_in_epoch // accum, steps):
         lr = parts.schedule(state.global_step)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(state.optimizer, lr)
         last_loss, trained = None, 0
         for micro in range(accum):
             batch = next(batches)

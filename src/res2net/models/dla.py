@@ -12,9 +12,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from .base import Res2NetBase
-from .layers import DropPath, compute_layout, init_weights, res2_forward
+from .layers import ActLayer, NormLayer, init_weights, res2_forward
 
 
 class DlaBottle2neck(nn.Module):
@@ -32,6 +33,8 @@ class DlaBottle2neck(nn.Module):
         base_width: int = 28,
         scale: int = 4,
         drop_path: float = 0.0,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         width = int(math.floor(outplanes * (base_width / 64.0)) * cardinality) // self.expansion
@@ -39,17 +42,17 @@ class DlaBottle2neck(nn.Module):
         self.stage_first = stride > 1
         n_convs = max(1, scale - 1)
         self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.bn1 = norm_layer(width * scale)
         self.convs = nn.ModuleList(
             nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
             for _ in range(n_convs)
         )
-        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(n_convs))
+        self.bns = nn.ModuleList(norm_layer(width) for _ in range(n_convs))
         self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.stage_first and scale > 1 else None
         self.conv3 = nn.Conv2d(width * scale, outplanes, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.bn3 = norm_layer(outplanes)
+        self.relu = act_layer(inplace=True)
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x if shortcut is None else shortcut
@@ -63,11 +66,13 @@ class DlaBottle2neck(nn.Module):
 class DlaRoot(nn.Module):
     """Aggregation node: 1x1 conv + BN + ReLU over the concatenated children."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn = norm_layer(out_channels)
+        self.relu = act_layer(inplace=True)
 
     def forward(self, children: list[torch.Tensor]) -> torch.Tensor:
         return self.relu(self.bn(self.conv(torch.cat(children, 1))))
@@ -75,7 +80,8 @@ class DlaRoot(nn.Module):
 
 class DlaTree(nn.Module):
     """Hierarchical deep aggregation: a binary tree of blocks of depth `levels`, whose leaves are
-    joined by `DlaRoot` nodes. A `level_root` tree also feeds its (downsampled) input to the root."""
+    joined by `DlaRoot` nodes. A `level_root` tree also feeds its (downsampled) input to the root.
+    `block_kw` holds the blocks' arguments, `norm_layer` and `act_layer` included."""
 
     def __init__(
         self,
@@ -97,14 +103,15 @@ class DlaTree(nn.Module):
         # ceil_mode keeps odd sizes aligned with the strided convs (same result on even sizes)
         self.downsample = nn.MaxPool2d(stride, stride=stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.project: nn.Module = nn.Identity()
+        norm_layer, act_layer = block_kw["norm_layer"], block_kw["act_layer"]
         if levels == 1:
             self.tree1 = DlaBottle2neck(in_channels, out_channels, stride, drop_path=drop_paths.pop(0), **block_kw)
             self.tree2 = DlaBottle2neck(out_channels, out_channels, 1, drop_path=drop_paths.pop(0), **block_kw)
             if in_channels != out_channels:
                 self.project = nn.Sequential(
-                    nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels)
+                    nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), norm_layer(out_channels)
                 )
-            self.root: DlaRoot | None = DlaRoot(root_dim, out_channels)
+            self.root: DlaRoot | None = DlaRoot(root_dim, out_channels, norm_layer, act_layer)
         else:
             self.tree1 = DlaTree(levels - 1, in_channels, out_channels, stride, block_kw, drop_paths)
             self.tree2 = DlaTree(
@@ -128,7 +135,8 @@ class DlaTree(nn.Module):
 
 class DLA(Res2NetBase):
     """DLA with Res2Net bottlenecks. `levels`/`channels` give the depth and width of the six
-    levels (DLA-60: levels (1, 1, 1, 2, 3, 1), channels (16, 32, 128, 256, 512, 1024))."""
+    levels (DLA-60: levels (1, 1, 1, 2, 3, 1), channels (16, 32, 128, 256, 512, 1024)).
+    `norm_layer` and `act_layer` build every normalisation and activation, as in `Res2Net`."""
 
     def __init__(
         self,
@@ -144,6 +152,8 @@ class DLA(Res2NetBase):
         zero_init_last: bool = False,
         output_stride: int = 32,
         out_indices: Sequence[int] | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         if scale < 1:
@@ -152,12 +162,13 @@ class DLA(Res2NetBase):
             raise ValueError(f"output_stride={output_stride} is not supported by DLA models: use 32")
         self.base_layer = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], kernel_size=7, stride=1, padding=3, bias=False),
-            nn.BatchNorm2d(channels[0]),
-            nn.ReLU(inplace=True),
+            norm_layer(channels[0]),
+            act_layer(inplace=True),
         )
-        self.level0 = _conv_level(channels[0], channels[0], levels[0], stride=1)
-        self.level1 = _conv_level(channels[0], channels[1], levels[1], stride=2)
-        block_kw = dict(cardinality=cardinality, base_width=base_width, scale=scale)
+        norms = dict(norm_layer=norm_layer, act_layer=act_layer)
+        self.level0 = _conv_level(channels[0], channels[0], levels[0], stride=1, **norms)
+        self.level1 = _conv_level(channels[0], channels[1], levels[1], stride=2, **norms)
+        block_kw = dict(cardinality=cardinality, base_width=base_width, scale=scale, **norms)
         n_blocks = sum(2**n for n in levels[2:])  # a tree of depth n has 2**n blocks
         drop_paths = torch.linspace(0, drop_path_rate, n_blocks).tolist()
         self.level2 = DlaTree(levels[2], channels[1], channels[2], 2, block_kw, drop_paths, level_root=False)
@@ -173,7 +184,6 @@ class DLA(Res2NetBase):
         self._build_head(num_classes, drop_rate, None if out_indices is None else tuple(out_indices), conv_fc=True)
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
-        x = compute_layout(x)
         x = self.level1(self.level0(self.base_layer(x)))
         maps = [x]
         for level in (self.level2, self.level3, self.level4, self.level5)[:last]:
@@ -182,14 +192,16 @@ class DLA(Res2NetBase):
         return maps
 
 
-def _conv_level(inplanes: int, planes: int, n_convs: int, stride: int) -> nn.Sequential:
+def _conv_level(
+    inplanes: int, planes: int, n_convs: int, *, stride: int, norm_layer: NormLayer, act_layer: ActLayer
+) -> nn.Sequential:
     """`n_convs` plain 3x3 conv + BN + ReLU layers, the first with `stride`."""
     modules: list[nn.Module] = []
     for i in range(n_convs):
         modules += [
             nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride if i == 0 else 1, padding=1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
+            norm_layer(planes),
+            act_layer(inplace=True),
         ]
         inplanes = planes
     return nn.Sequential(*modules)

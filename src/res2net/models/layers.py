@@ -1,5 +1,6 @@
 """Small building blocks shared by the Res2Net nets: the Res2Net split/convolve/concat core,
-stochastic depth, and the classifier/feature-map plumbing both net families expose."""
+the layer-builder types, the CPU layout hook, and the classifier/feature-map plumbing both
+net families expose."""
 
 from __future__ import annotations
 
@@ -10,33 +11,21 @@ import torch
 from torch import nn
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability `p` while
-    training, scaling the kept ones by 1/(1-p) so the expectation is unchanged."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+NormLayer = Callable[[int], nn.Module]
+"""Builds a normalisation layer for a channel count (`nn.BatchNorm2d`, `FrozenBatchNorm2d`...)."""
+ActLayer = Callable[..., nn.Module]
+"""Builds an activation; called with `inplace=True` (`nn.ReLU`, `nn.SiLU`...)."""
 
 
-def compute_layout(x: torch.Tensor) -> torch.Tensor:
-    """The memory layout the nets compute in: channels_last on CPU, where oneDNN's convolutions
-    (and BatchNorm, ReLU and pooling) run natively in it and a training step or forward pass is
-    measurably faster (docs/benchmarks.md); elsewhere the caller's layout is kept. Values are
-    unchanged; only the strides differ."""
-    if x.device.type == "cpu" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+def channels_last_on_cpu(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook that `create_model` installs by default: a 4-d CPU input is made
+    channels_last, the layout in which oneDNN's convolutions (and BatchNorm, ReLU and pooling)
+    run natively, so a training step or forward pass is measurably faster (docs/benchmarks.md);
+    elsewhere the caller's layout is kept. Values are unchanged; only the strides differ."""
+    x, *rest = args
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *rest)
+    return args
 
 
 def res2_forward(

@@ -11,9 +11,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from .base import Res2NetBase
-from .layers import DropPath, compute_layout, init_weights, res2_forward
+from .layers import ActLayer, NormLayer, init_weights, res2_forward
 
 
 class Bottle2neck(nn.Module):
@@ -35,6 +36,8 @@ class Bottle2neck(nn.Module):
         dilation: int = 1,
         first_dilation: int | None = None,
         drop_path: float = 0.0,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         width = int(math.floor(planes * (base_width / 64.0))) * cardinality
@@ -44,7 +47,7 @@ class Bottle2neck(nn.Module):
         self.stage_first = stride > 1 or downsample is not None
 
         self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.bn1 = norm_layer(width * scale)
         n_convs = max(1, scale - 1)
         self.convs = nn.ModuleList(
             nn.Conv2d(
@@ -59,13 +62,13 @@ class Bottle2neck(nn.Module):
             )
             for _ in range(n_convs)
         )
-        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(n_convs))
+        self.bns = nn.ModuleList(norm_layer(width) for _ in range(n_convs))
         self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.stage_first and scale > 1 else None
         self.conv3 = nn.Conv2d(width * scale, outplanes, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn3 = norm_layer(outplanes)
+        self.relu = act_layer(inplace=True)
         self.downsample = downsample
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -77,25 +80,29 @@ class Bottle2neck(nn.Module):
         return self.relu(out)
 
 
-def _downsample(inplanes: int, outplanes: int, stride: int, dilation: int, avg_down: bool) -> nn.Sequential:
+def _downsample(
+    inplanes: int, outplanes: int, stride: int, dilation: int, avg_down: bool, norm_layer: NormLayer
+) -> nn.Sequential:
     """The projection shortcut. Classic: strided 1x1 conv + BN (`downsample.0/.1`). v1b: average
     pool to the new resolution, then a 1x1 conv + BN (`downsample.0` pool, `.1` conv, `.2` BN)."""
     if not avg_down:
         return nn.Sequential(
             nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
-            nn.BatchNorm2d(outplanes),
+            norm_layer(outplanes),
         )
     pool_stride = stride if dilation == 1 else 1
     pool: nn.Module = (
         nn.AvgPool2d(2, pool_stride, ceil_mode=True, count_include_pad=False) if pool_stride > 1 else nn.Identity()
     )
-    return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, kernel_size=1, bias=False), nn.BatchNorm2d(outplanes))
+    return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, kernel_size=1, bias=False), norm_layer(outplanes))
 
 
 class Res2Net(Res2NetBase):
     """ResNet-style Res2Net. `layers` = blocks per stage ([3, 4, 6, 3] is the 50-layer net);
     `deep_stem`/`avg_down` make the v1b variant (three 3x3 stem convs 32-32-64, average-pool
-    shortcuts); `output_stride` 16 or 8 replaces the last strides by dilation."""
+    shortcuts); `output_stride` 16 or 8 replaces the last strides by dilation. `norm_layer`
+    (called with a channel count) and `act_layer` (called with `inplace=True`) build every
+    normalisation and activation: `FrozenBatchNorm2d` for detection, for example."""
 
     def __init__(
         self,
@@ -112,6 +119,8 @@ class Res2Net(Res2NetBase):
         zero_init_last: bool = False,
         output_stride: int = 32,
         out_indices: Sequence[int] | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         if scale < 1:
@@ -126,17 +135,17 @@ class Res2Net(Res2NetBase):
         if deep_stem:
             self.conv1 = nn.Sequential(
                 nn.Conv2d(in_chans, 32, kernel_size=3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(32),
-                nn.ReLU(inplace=True),
+                norm_layer(32),
+                act_layer(inplace=True),
                 nn.Conv2d(32, 32, kernel_size=3, stride=1, padding=1, bias=False),
-                nn.BatchNorm2d(32),
-                nn.ReLU(inplace=True),
+                norm_layer(32),
+                act_layer(inplace=True),
                 nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1, bias=False),
             )
         else:
             self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.act1 = nn.ReLU(inplace=True)
+        self.bn1 = norm_layer(64)
+        self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         block_dprs = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
@@ -152,7 +161,7 @@ class Res2Net(Res2NetBase):
             outplanes = planes * Bottle2neck.expansion
             downsample = None
             if stride != 1 or inplanes != outplanes:
-                downsample = _downsample(inplanes, outplanes, stride, dilation, avg_down)
+                downsample = _downsample(inplanes, outplanes, stride, dilation, avg_down, norm_layer)
             blocks = []
             for j in range(n_blocks):
                 blocks.append(
@@ -167,6 +176,8 @@ class Res2Net(Res2NetBase):
                         dilation=dilation,
                         first_dilation=prev_dilation if j == 0 else dilation,
                         drop_path=block_dprs.pop(0),
+                        norm_layer=norm_layer,
+                        act_layer=act_layer,
                     )
                 )
                 inplanes = outplanes
@@ -180,7 +191,6 @@ class Res2Net(Res2NetBase):
             init_weights(self.fc, zero_init_last=False)
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
-        x = compute_layout(x)
         x = self.act1(self.bn1(self.conv1(x)))
         maps = [x]
         x = self.maxpool(x)

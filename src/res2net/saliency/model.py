@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from ..factory import create_backbone
 from ..models.base import Res2NetBase
+from ..models.layers import channels_last_on_cpu
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel_size: int) -> nn.Sequential:
@@ -67,4 +68,6 @@ def saliency_res2net(
     """A saliency network on model `backbone` (a name, or a features_only model);
     `checkpoint_path`/`pretrained` load ImageNet weights into the trunk."""
     body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
-    return SaliencyNet(body, decoder_channels)
+    net = SaliencyNet(body, decoder_channels)
+    net.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly
+    return net
