@@ -261,7 +261,8 @@ class TrainState:
 class StepParts:
     """What one training step runs, built once per run."""
 
-    forward: Any  # the model as called: DDP-wrapped, compiled, or itself
+    train_model: nn.Module  # the model, DDP-wrapped when distributed (what `no_sync` is on)
+    forward: Any  # train_model as called: compiled, or itself
     schedule: LrSchedule
     loss_fn: Any
     mixer: Any  # mixup/cutmix on the batch, or None
@@ -344,8 +345,9 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             "config": cfg.to_dict()}
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, ema=ema, meta=meta)
     parts = StepParts(
-        forward=forward, schedule=schedule, loss_fn=_loss(cfg, mixer is not None), mixer=mixer,
-        amp_dtype=cfg.amp_dtype(device.type), dist=dist,
+        train_model=train_model, forward=forward, schedule=schedule,
+        loss_fn=_loss(cfg, mixer is not None), mixer=mixer, amp_dtype=cfg.amp_dtype(device.type),
+        dist=dist,
     )
 
     # ---- resume
@@ -475,7 +477,7 @@ def train_one_epoch(
                 continue
             sync = contextlib.nullcontext()
             if dist.enabled and micro < accum - 1:
-                sync = parts.forward.no_sync()
+                sync = parts.train_model.no_sync()
             with sync:
                 loss = _forward_backward(cfg, state, parts, images, labels, weight=weight)
             if weight:
