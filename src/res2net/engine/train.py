@@ -48,6 +48,7 @@ from .checkpoint import CheckpointManager, RunLock, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
+from .tracking import Trackers, parse_backends
 from .schedules import LrSchedule
 
 log = logging.getLogger("res2net.train")
@@ -358,7 +359,12 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             log.info("resumed from %s at epoch %d, step %d",
                      resume_path, state.epoch + 1, state.global_step)
 
-    metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main)
+    trackers = None
+    if dist.is_main and parse_backends(cfg.log):
+        trackers = Trackers(Path(cfg.ckpt_save_dir), parse_backends(cfg.log), uri=cfg.log_uri,
+                            project=cfg.log_project, run_name=Path(cfg.ckpt_save_dir).name)
+        trackers.params(cfg.to_dict())
+    metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main, trackers=trackers)
     metrics.rewind(state.global_step)  # work after the checkpoint is redone, not logged twice
     bad = BadImageReport(train_ds)
     n_params = count_params(model)
@@ -400,6 +406,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         ms = 1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
         result.row = results_row(cfg, n_params=n_params, cards=world, ms_per_step=ms, val=last_val)
     metrics.close()
+    if trackers is not None:
+        trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
     return result
 
 
