@@ -8,7 +8,8 @@ a small architecture, `res2net_tiny` (a Res2Net with one block per stage), and r
 - RELIABILITY_KILL=POINT:N: SIGKILL this process at the N-th occurrence of POINT:
   `backward` (inside the N-th backward pass: mid-step), `eval` (in the N-th validation, after
   its first batch), `save` (in the N-th checkpoint `torch.save`, after half its bytes reached
-  the disk), `replace` (right after the N-th file rename of a checkpoint write).
+  the disk), `replace` (right after the N-th rename of a checkpoint or of `checkpoints.json`),
+  `replace:NAME` (right after the N-th rename to NAME, e.g. `replace:checkpoints.json:2`).
   With RELIABILITY_KILL_RANK=R, only the process of rank R (torchrun's RANK) dies.
 - RELIABILITY_HANG=RANK:STEP: the process of that rank sleeps for ever after step STEP.
 - RELIABILITY_THREADS=N: torch.set_num_threads(N) (the same as the run it is compared with).
@@ -33,7 +34,7 @@ def main() -> int:
     ARCHITECTURES.setdefault("res2net_tiny", (Res2Net, dict(layers=(1, 1, 1, 1), base_width=4, scale=4)))
     trace_path = os.environ.get("RELIABILITY_TRACE")
     trace_fd = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if trace_path else None
-    point, _, nth = os.environ.get("RELIABILITY_KILL", "").partition(":")
+    point, _, nth = os.environ.get("RELIABILITY_KILL", "").rpartition(":")
     kill_at = int(nth) if nth else 0
     kill_rank = os.environ.get("RELIABILITY_KILL_RANK")
     if kill_rank is not None and os.environ.get("RANK", "0") != kill_rank:
@@ -118,9 +119,10 @@ def main() -> int:
 
     def replace(src, dst, *args, **kwargs):
         real_replace(src, dst, *args, **kwargs)
-        if str(dst).endswith(".pt"):
-            event("replace", os.path.basename(str(dst)))
-            if due("replace"):
+        name = os.path.basename(str(dst))
+        if name.endswith(".pt") or name == "checkpoints.json":
+            event("replace", name)
+            if due("replace") | due(f"replace:{name}"):  # both counted
                 die()
 
     os.replace = replace

@@ -206,6 +206,16 @@ def figures_block(soak_result: dict[str, Any], figures: dict[str, Any], cases: d
         lines.append(f"- SIGTERM at {len(stops)} random moments (seed {figures['sigterm_random']['seed']}; landed in: "
                      f"{_counts(_phases(x['during'] for x in stops))}): exit code 0 within {worst:.1f} s of the "
                      f"signal (the test's bound: 60 s); each resumed bit for bit.")
+    for sig in ("SIGTERM", "SIGINT"):
+        if f"group_{sig}" in figures:
+            g = figures[f"group_{sig}"]
+            lines.append(f"- {sig} to the whole process group, 2 DataLoader workers: exit code {g['exit_code']} "
+                         f"{g['seconds_to_exit']:.1f} s after the signal; resumed bit for bit.")
+    if "sigterm_torchrun" in figures:
+        t = figures["sigterm_torchrun"]
+        lines.append(f"- torchrun, 2 CPU ranks with 2 workers each, SIGTERM to the whole group: both ranks stopped "
+                     f"at the same step boundary and wrote last.pt; the job ended {t['seconds_to_exit']:.1f} s after "
+                     f"the signal (launcher exit code {t['launcher_exit_code']}); resumed to the same weights.")
     for fault in ("hang", "die"):
         if f"dist_{fault}" in figures:
             d = figures[f"dist_{fault}"]

@@ -307,7 +307,7 @@ def test_mixup_cutmix_targets(mixup, cutmix):
 
 
 def test_mixup_cutmix_off_and_never_applied():
-    assert mixup_cutmix(10, 0.0, 0.0, label_smoothing=0.1) is None
+    assert mixup_cutmix(10, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1) is None
     fn = mixup_cutmix(4, mixup_alpha=0.2, cutmix_prob=0.0, label_smoothing=0.2)
     images, labels = torch.rand(3, 3, 8, 8), torch.tensor([0, 3, 1])
     out, targets = fn(images, labels)

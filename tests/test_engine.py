@@ -66,14 +66,14 @@ def test_weight_decay_filter():
 
 
 def test_checkpoint_policies(tmp_path):
-    latest = CheckpointManager(tmp_path / "a", "m", keep_max=2, policy="latest_k")
+    latest = CheckpointManager(tmp_path / "a", prefix="m", keep_max=2, policy="latest_k")
     latest.check_writable()
     for epoch, top1 in enumerate([50.0, 70.0, 60.0], start=1):
         latest.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "a").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
     assert load_training_state(latest.latest())["epoch"] == 3
 
-    top = CheckpointManager(tmp_path / "b", "m", keep_max=2, policy="top_k")
+    top = CheckpointManager(tmp_path / "b", prefix="m", keep_max=2, policy="top_k")
     for epoch, top1 in enumerate([50.0, 70.0, 60.0, 40.0], start=1):
         top.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "b").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
@@ -101,7 +101,7 @@ def test_read_only_dir_fails_before_training(tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     with pytest.raises(OSError, match="not writable"):
-        CheckpointManager(ro / "ckpt", "m").check_writable()
+        CheckpointManager(ro / "ckpt", prefix="m").check_writable()
 
 
 def test_load_training_state_rejects_other_files(tmp_path):
@@ -118,6 +118,6 @@ def test_evaluate_counts_and_skips_invalid():
     x = torch.eye(4)[:3]  # sample i scores highest on class i
     labels = torch.tensor([0, 1, 0])
     valid = torch.tensor([True, True, False])
-    result = evaluate(model, [(x, labels, valid)], torch.device("cpu"), num_classes=3)
+    result = evaluate(model, [(x, labels, valid)], device=torch.device("cpu"), num_classes=3)
     assert result.n == 2 and result.correct1 == 2 and result.top1 == 100.0
     assert result.class_total.tolist() == [1, 1, 0]

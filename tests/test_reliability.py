@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -183,14 +184,11 @@ def assert_equal_values(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def metrics(ckpt: Path, mid_epoch: bool) -> list[dict[str, Any]]:
-    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
-    if mid_epoch:  # a run resumed inside an epoch averages the epoch's loss over the rest only
-        records = [{k: v for k, v in r.items() if k != "train_loss"} for r in records]
-    return records
+def metrics(ckpt: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(run: Path, ref: Path, mid_epoch: bool = False) -> None:
+def assert_same_run(run: Path, ref: Path) -> None:
     """`run` ended exactly as `ref`: every state in last.pt and best.pt, the same epoch
     checkpoints and index, the same metrics, and no temporary files."""
     for name in ("last.pt", "best.pt"):
@@ -200,7 +198,7 @@ def assert_same_run(run: Path, ref: Path, mid_epoch: bool = False) -> None:
     files = sorted(p.name for p in run.iterdir() if p.suffix == ".pt")
     assert files == sorted(p.name for p in ref.iterdir() if p.suffix == ".pt")
     assert (run / "checkpoints.json").read_text() == (ref / "checkpoints.json").read_text()
-    assert metrics(run, mid_epoch) == metrics(ref, mid_epoch)
+    assert metrics(run) == metrics(ref)  # a resumed epoch's train_loss included
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -256,7 +254,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_0_in_bounded_time(refe
     if done < EPOCHS * STEPS_PER_EPOCH:
         assert "--resume auto" in proc.output()
     train_here(reference.data, run, "--resume", "auto")
-    assert_same_run(run, reference.ckpt, mid_epoch=True)
+    assert_same_run(run, reference.ckpt)
     record_figures("sigterm_fast", {"seed": seed, "seconds_to_exit": round(took, 2), "during": landed, "step": done})
 
 
@@ -275,7 +273,7 @@ def test_sigterm_during_setup_stops_at_the_first_step_boundary(reference, tmp_pa
     assert result.interrupted
     assert load_training_state(tmp_path / "run" / "last.pt")["global_step"] == 1
     train_here(reference.data, tmp_path / "run", "--resume", "auto")
-    assert_same_run(tmp_path / "run", reference.ckpt, mid_epoch=True)
+    assert_same_run(tmp_path / "run", reference.ckpt)
 
 
 @pytest.mark.slow
@@ -345,7 +343,7 @@ def test_sigterm_at_random_times(reference, tmp_path):
         state = load_training_state(run / "last.pt")
         stops.append({"seconds_to_exit": round(took, 2), "during": landed, "step": state["global_step"]})
         train_here(reference.data, run, "--resume", "auto")
-        assert_same_run(run, reference.ckpt, mid_epoch=True)
+        assert_same_run(run, reference.ckpt)
     record_figures("sigterm_random", {"seed": seed, "stops": stops})
 
 
@@ -377,7 +375,7 @@ def test_save_order_makes_last_pt_the_commit_point(tmp_path, monkeypatch, links)
     monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst), order.append(Path(dst).name))[0])
     real_unlink = Path.unlink
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (order.append(f"-{self.name}"), real_unlink(self, missing_ok))[1])
-    ckpts = CheckpointManager(tmp_path, "m", keep_max=1)
+    ckpts = CheckpointManager(tmp_path, prefix="m", keep_max=1)
     ckpts.save_epoch({"epoch": 1}, 1, 50.0, is_best=True)
     ckpts.save_epoch({"epoch": 2}, 2, 40.0)
     assert order == ["m-001.pt", "best.pt", "checkpoints.json", "last.pt",
@@ -562,3 +560,208 @@ def test_dead_or_hung_rank_ends_the_job_within_the_timeout(reference, tmp_path, 
     if fault == "hang":
         assert "another rank died or did not answer within dist_timeout=20s" in out, out
     record_figures(f"dist_{fault}", {"seconds_to_end": round(took, 1), "exit_code": rc})
+
+
+# --- runs never collide, never overwrite, and stop on signals to the whole group ---------------
+
+
+class StopAfter:
+    """Stands in for the SIGTERM flag: 'requested' turns True at the n-th step boundary."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.n -= 1
+        return self.n <= 0
+
+
+# 18 images in batches of 2: 9 batches, 4 steps of 2 micro-batches, 1 batch left over per epoch
+ACCUM = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--log_interval", "3"]
+
+
+@pytest.fixture(scope="module")
+def accum_reference(reference, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("accum") / "run"
+    train_here(reference.data, run, *ACCUM)
+    return run
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # mid-epoch, the end of epoch 1
+def test_accumulation_with_a_remainder_resumes_exactly(reference, accum_reference, tmp_path, monkeypatch,
+                                                       stop_after):
+    """len(loader) % accumulation != 0: the left-over batch of each epoch is not read, so no
+    gradient leaks into the next epoch; stopped and resumed, the run ends as the uninterrupted
+    one: weights, files and metrics, the resumed epoch's train_loss included."""
+    monkeypatch.setattr(train_mod, "StopRequest", lambda: StopAfter(stop_after))
+    stopped = train_here(reference.data, tmp_path / "run", *ACCUM)
+    monkeypatch.undo()
+    assert stopped.interrupted
+    state = load_training_state(tmp_path / "run" / "last.pt")
+    assert state["global_step"] == stop_after and state["batch_in_epoch"] == 2 * (stop_after - 4 * state["epoch"])
+    train_here(reference.data, tmp_path / "run", *ACCUM, "--resume", "auto")
+    assert_same_run(tmp_path / "run", accum_reference)
+    assert load_training_state(accum_reference / "last.pt")["global_step"] == EPOCHS * 4
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+                                 pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
+def test_signal_to_the_process_group_with_loader_workers(reference, tmp_path, sig):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) sent to every process of the group, DataLoader
+    workers included: the workers let the main process handle it; last.pt at the next step
+    boundary, exit code 0, and --resume auto ends bit for bit as the uninterrupted run."""
+    run = tmp_path / "run"
+    proc = Hooked(reference, run, "--num_parallel_workers", "2")
+    proc.wait_for("step 2")
+    sent = time.perf_counter()
+    os.killpg(proc.proc.pid, sig)
+    rc = proc.wait()
+    took = time.perf_counter() - sent
+    out = proc.output()
+    assert rc == 0, out
+    assert "killed by signal" not in out and "Traceback" not in out, out
+    assert "--resume auto" in out
+    state = load_training_state(run / "last.pt")
+    assert state["global_step"] < EPOCHS * STEPS_PER_EPOCH
+    assert state["batch_in_epoch"] == state["global_step"] - STEPS_PER_EPOCH * state["epoch"]
+    train_here(reference.data, run, "--resume", "auto", "--num_parallel_workers", "2")
+    assert_same_run(run, reference.ckpt)
+    record_figures(f"group_{signal.Signals(sig).name}", {"seconds_to_exit": round(took, 2), "exit_code": rc})
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_under_torchrun(reference, tmp_path):
+    """torchrun, 2 CPU ranks with 2 loader workers each; SIGTERM to the whole group (launcher,
+    ranks, workers): every rank stops at the same step boundary and exits cleanly, last.pt is
+    written, and the resumed job ends with the uninterrupted job's weights."""
+    extra = ("--num_parallel_workers", "2", "--freeze_bn", "True", "--zero_init_last", "True")
+    whole = Hooked(reference, tmp_path / "whole", *extra, torchrun=2)
+    assert whole.wait() == 0, whole.output()
+    run = tmp_path / "run"
+    proc = Hooked(reference, run, *extra, torchrun=2)
+    proc.wait_for("step 1")
+    sent = time.perf_counter()
+    os.killpg(proc.proc.pid, signal.SIGTERM)
+    rc = proc.wait()
+    record_figures("sigterm_torchrun", {"launcher_exit_code": rc, "seconds_to_exit": round(time.perf_counter() - sent, 1)})
+    out = proc.output()
+    assert "stopped at epoch" in out and "killed by signal" not in out, out
+    assert proc.events().count("returned") == 2, proc.events()  # both ranks returned from train()
+    state = load_training_state(run / "last.pt")
+    assert state["global_step"] < EPOCHS * 2  # 18 images, 2 ranks of batch 4: 2 steps an epoch
+    resumed = Hooked(reference, run, *extra, "--resume", "auto", torchrun=2)
+    assert resumed.wait() == 0, resumed.output()
+    a, b = load_training_state(run / "last.pt"), load_training_state(tmp_path / "whole" / "last.pt")
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from res2net.engine.checkpoint import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "):
+            train_here(reference.data, run)
+        took = time.perf_counter() - t0
+        assert took < 30  # at once, not after waiting
+        record_figures("locked_dir", {"seconds_to_fail": round(took, 2)})
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train_here(reference.data, run, "--epoch_size", "1")  # the dead holder's lock is gone
+    assert result.epochs_done == 1
+
+
+def test_fresh_run_into_another_runs_folder_refuses_in_one_line(reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_here(reference.data, run, "--epoch_size", "1")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".res2net.lock"}
+    with tiny_registered():
+        rc = cli_main(["train", *train_args(reference.data, run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "holds another run's files" in err[0] and "--resume auto" in err[0]
+    assert "--ckpt_save_dir" in err[0] and "--overwrite True" in err[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".res2net.lock"} == before
+    train_here(reference.data, run, "--overwrite", "True")  # explicitly: a new run from scratch
+    assert_same_run(run, reference.ckpt)
+
+
+def test_orphan_epoch_file_removed_and_index_checked_at_start(reference, tmp_path, monkeypatch):
+    """A kill right after checkpoints.json's rename leaves an epoch file the index no longer
+    lists; the next start removes it and the file set equals the uninterrupted run's. A damaged
+    index fails before any training, naming the file."""
+    kill_and_resume(reference, tmp_path / "orphan", "replace:checkpoints.json:2")
+    run = tmp_path / "damaged"
+    train_here(reference.data, run, "--epoch_size", "1")
+    work = []
+    monkeypatch.setattr(train_mod, "create_model", lambda *a, **k: work.append("model built"))
+    for text in ["{not json", '[{"epoch": 1, "file": "../../etc/passwd", "top1": 1.0}]', '{"epoch": 1}']:
+        (run / "checkpoints.json").write_text(text)
+        with pytest.raises(ValueError, match=r"checkpoints\.json: .*delete it"):
+            train_here(reference.data, run, "--resume", "auto")
+    assert work == [] and (run / "res2net_tiny-001.pt").is_file()
+
+
+def test_epoch_with_too_few_readable_images_fails_with_the_report(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    for i, path in enumerate(sorted((data / "train").rglob("*.png"))):
+        if i % 3:  # 12 of 18 unreadable
+            path.write_bytes(b"not an image")
+    with tiny_registered():
+        rc = cli_main(["train", *train_args(data, tmp_path / "run", "--ema", "False")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert re.search(r"only \d of 16 training images could be read \(min_readable_images 0\.5\)", err[-1]), err
+    assert "failed to decode and were skipped" in err[-1] and "train/class" in err[-1]
+    assert not (tmp_path / "run" / "last.pt").exists()
+    ok = train_here(data, tmp_path / "lenient", "--min_readable_images", "0.1", "--epoch_size", "1")
+    assert ok.epochs_done == 1
+
+
+def test_batches_of_one_never_reach_batchnorm(tmp_path):
+    """9 images in batches of 4 (the last batch holds one), and a batch left with one readable
+    image: skipped, not a BatchNorm error; the epoch's loss counts the images it trained on."""
+    data = make_folder(tmp_path / "data", per_class=3)
+    train_files = sorted((data / "train").rglob("*.png"))
+    result = train_here(data, tmp_path / "run", "--drop_remainder", "False", "--shuffle", "False",
+                        "--epoch_size", "1", "--min_readable_images", "0.1")
+    assert result.epochs_done == 1
+    for path in train_files[1:4]:  # the first batch (no shuffle): one readable image left
+        path.write_bytes(b"not an image")
+    result = train_here(data, tmp_path / "run2", "--drop_remainder", "False", "--shuffle", "False",
+                        "--epoch_size", "1", "--min_readable_images", "0.1")
+    assert result.epochs_done == 1
+    state = load_training_state(tmp_path / "run2" / "last.pt")
+    assert state["global_step"] == 3
+
+
+def test_demo_run_twice_reports_the_finished_result(tmp_path, capsys):
+    """The second `res2net demo` trains nothing: it finds its finished run and validates it."""
+    args = ["demo", "--data_dir", str(tmp_path / "digits"), "--ckpt_save_dir", str(tmp_path / "run"),
+            "--model", "res2net_tiny", "--epoch_size", "1", "--image_resize", "16", "--num_samples", "64",
+            "--batch_size", "16", "--num_parallel_workers", "0"]
+    with tiny_registered():
+        assert cli_main(args) == 0
+        first = capsys.readouterr().out
+        before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".res2net.lock"}
+        assert cli_main(args) == 0
+    second = capsys.readouterr().out
+    assert "| res2net_tiny |" in first and "validated: top-1" in first
+    assert "already trained" in second and "validated: top-1" in second
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".res2net.lock"} == before

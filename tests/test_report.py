@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     with (
         torch.no_grad()
     ):  # a head centred on these images' features: predictions vary with the image
-        t = eval_transform(16, 1.0)
+        t = eval_transform(16, crop_pct=1.0)
         feats = model.forward_head(
             model.forward_features(torch.stack([t(load_image(f)) for f in files(root)])),
             pre_logits=True,
@@ -50,7 +50,7 @@ def files(root):
 
 def direct_probs(model, root, size=16, crop_pct=1.0, views=lambda x: [x]):
     """Each image through the eval transform and the model, one at a time."""
-    t = eval_transform(size, crop_pct)
+    t = eval_transform(size, crop_pct=crop_pct)
     with torch.no_grad():
         out = []
         for f in files(root):

@@ -171,7 +171,7 @@ def run_epoch(shards, epoch, rank, world_size, num_workers, training=True, batch
               split="default", **kw):
     split = ("train" if training else "val") if split == "default" else split
     loader, steps = build_shard_loader(
-        shards, ToTensor(), batch_size, num_workers, seed=7, training=training, rank=rank,
+        shards, transform=ToTensor(), batch_size=batch_size, num_workers=num_workers, seed=7, training=training, rank=rank,
         world_size=world_size, split=split, on_bad_image="skip", pin_memory=False, **kw,
     )
     loader.sampler.set_epoch(epoch, start=start)
@@ -264,7 +264,7 @@ def test_bad_image_is_flagged_not_fatal(tmp_path):
     (data / "train" / "dog" / "img1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "out"
     write_shards(data, out, splits=("train",), shard_size=4)
-    loader, _ = build_shard_loader(out, ToTensor(), 4, 2, split="train", on_bad_image="skip", pin_memory=False)
+    loader, _ = build_shard_loader(out, transform=ToTensor(), batch_size=4, num_workers=2, split="train", on_bad_image="skip", pin_memory=False)
     loader.sampler.set_epoch(0)
     report = BadImageReport(loader.dataset)
     kept = 0

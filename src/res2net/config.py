@@ -234,6 +234,8 @@ class Config:
     channels_last: bool = False
     compile: bool = False  # torch.compile on any device; see use_compile()
     on_bad_image: str = "skip"  # "skip" (log and skip unreadable images) or "error"
+    min_readable_images: float = 0.5  # an epoch fails when a smaller fraction of its images decode
+    overwrite: bool = False  # a fresh run may delete the run files already in ckpt_save_dir
     fast_decode: bool = True  # train crops decoded at reduced size, resized as tensors (data/decode.py)
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "mps"
     zero_init_last: bool = False  # start each residual branch at zero (last BN weight 0)
@@ -910,6 +912,7 @@ def _validate(c: Config) -> None:
     # project
     choice("lr_scale", LR_SCALES)
     choice("on_bad_image", ON_BAD_IMAGE)
+    probability("min_readable_images")
     trackers = [t.strip().lower() for t in c.log.split(",")] if c.log else []
     check(all(t in ("mlflow", "wandb", "none") for t in trackers), "log",
           "must be mlflow, wandb or both, comma-separated")

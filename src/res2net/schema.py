@@ -225,6 +225,8 @@ HELP: dict[str, dict[str, str]] = {
         "channels_last": "channels_last memory format",
         "compile": "torch.compile on any device",
         "on_bad_image": "skip (log) or error on images that fail to decode",
+        "min_readable_images": "an epoch fails when a smaller fraction of its images decode",
+        "overwrite": "a fresh run may delete the run files already in ckpt_save_dir",
         "fast_decode": "decode training crops at reduced size, resize as uint8 tensors",
         "device": "auto, cpu, cuda, cuda:N, mps",
         "zero_init_last": "start each residual branch at zero",

@@ -526,10 +526,10 @@ def load_classifier(
     std = tuple(255 * s for s in settings["std"])
     transform = eval_transform(
         int(settings["image_resize"]),
-        float(settings["crop_pct"]),
-        settings["interpolation"],
-        mean,
-        std,
+        crop_pct=float(settings["crop_pct"]),
+        interpolation=settings["interpolation"],
+        mean=mean,
+        std=std,
     )
     dev = torch.device(device)
     model = model.to(dev).eval()

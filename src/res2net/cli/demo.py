@@ -1,13 +1,16 @@
 """`res2net demo`: the main job on the embedded dataset — train Res2Net-50 on scikit-learn's
 handwritten digits (written once as an ImageNet-style folder), keep the best weights alone,
-validate them, print the results row and where the plot is."""
+validate them, print the results row and where the plot is. The demo continues its own run
+(`--resume auto`): an interrupted one goes on, and once its best weights are kept a second
+`res2net demo` validates and reports them without training."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from ..config import load_config
+from ..config import Config, load_config
 
 HELP = "train and validate on the bundled digits dataset (the whole ImageNet code path, in minutes)"
 ACCEPTS_EXTRA = True
@@ -22,10 +25,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..data import write_digits_folder
-    from ..engine.train import format_row, train
-    from ..engine.validate import validate
+    from ..engine.train import train
 
-    cfg = load_config(args.config, extra)
+    cfg = load_config(args.config, ["--resume", "auto", *extra])  # a later --resume wins
+    kept = Path(cfg.ckpt_save_dir) / "best.safetensors"
+    if kept.is_file():
+        print(f"already trained: {kept} (train again with --ckpt_save_dir NEW_DIR)")
+        report(cfg, kept, {})
+        return 0
     write_digits_folder(cfg.data_dir, upscale=cfg.image_resize)
     result = train(cfg)
     if result.interrupted:
@@ -33,15 +40,25 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if result.best_path is None:
         raise RuntimeError("training ended without a validated checkpoint (is val_while_train off?)")
     weights = keep_best_weights(Path(cfg.ckpt_save_dir), result.best_path)
-    val = validate(cfg, weights)  # the eval transform comes with the weights
-    row = dict(result.row, **{"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)})
-    print(format_row(row))
-    size_mb = weights.stat().st_size / 1e6
-    print(f"best weights: {weights} ({size_mb:.0f} MB; validated: top-1 {val.top1:.2f}% "
-          f"on {val.n} images)")
+    report(cfg, weights, result.row)
     if result.plot_path is not None:
         print(f"plot: {Path(result.plot_path)}")
     return 0
+
+
+def report(cfg: Config, weights: Path, row: dict[str, Any]) -> None:
+    """Validate the kept weights (their eval transform comes with them) and print the results
+    row of the run that trained them (when it ran now) and where the weights are."""
+    from ..engine.train import format_row
+    from ..engine.validate import validate
+
+    val = validate(cfg, weights)
+    if row:
+        accuracy = {"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)}
+        print(format_row(dict(row, **accuracy)))
+    size_mb = weights.stat().st_size / 1e6
+    print(f"best weights: {weights} ({size_mb:.0f} MB; validated: top-1 {val.top1:.2f}% "
+          f"on {val.n} images)")
 
 
 def keep_best_weights(ckpt_dir: Path, best: Path) -> Path:

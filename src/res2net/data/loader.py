@@ -23,9 +23,11 @@ its stream depends on how samples are spread over workers; per-sample seeds have
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -154,6 +156,37 @@ class EpochSampler(Sampler[tuple[int, int]]):
             yield i, seeds[i]
 
 
+# The signals that ask a run to stop. A terminal's Ctrl-C, `docker stop`, SLURM's scancel and
+# torchrun deliver them to every process of the group, DataLoader workers included.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back while DataLoader workers start (wrap `iter(loader)`): a worker
+    inherits the blocked mask, so no stop signal can kill it before `ignore_stop_signals` runs.
+    A signal that arrives meanwhile is delivered to this process when the block ends."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except ValueError:  # not available here (no such call on this platform)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """`worker_init_fn` of every loader: a worker ignores SIGTERM/SIGINT, so that a signal sent
+    to the whole process group reaches the main process alone, which stops at a step boundary
+    and shuts its workers down (they also exit when the main process dies)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(ValueError):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are dropped
+
+
 def _seed_all(seed: int) -> None:
     # torch.default_generator, not torch.manual_seed: CPU only, and ~100x faster per call.
     torch.default_generator.manual_seed(seed)
@@ -200,6 +233,7 @@ class SeededDataset(Dataset):
 
 def build_loader(
     dataset: Dataset,
+    *,
     batch_size: int,
     shuffle: bool = True,
     drop_remainder: bool = False,
@@ -249,4 +283,5 @@ def build_loader(
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # seeds the workers' own RNGs too
         collate_fn=collate_fn,
+        worker_init_fn=ignore_stop_signals,
     )

@@ -78,7 +78,7 @@ from .folders import (
     image_for,
 )
 from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
-from .loader import _epoch_generator, _seed_all
+from .loader import _epoch_generator, _seed_all, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -1004,6 +1004,7 @@ class ShardLoader:
             # Seeds the workers' own RNGs without drawing from the global one.
             generator=torch.Generator().manual_seed(dataset.seed),
             collate_fn=collate_fn,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -1018,6 +1019,7 @@ class ShardLoader:
 
 def build_shard_loader(
     data_dir: str | os.PathLike,
+    *,
     transform: Callable | None,
     batch_size: int,
     num_workers: int = 0,
@@ -1025,7 +1027,6 @@ def build_shard_loader(
     training: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
-    *,
     split: str | None = None,
     shuffle: bool | None = None,
     drop_last: bool = False,

@@ -155,6 +155,7 @@ def auto_augment_transform(
 
 def train_transform(
     image_resize: int = 224,
+    *,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (0.75, 1.333),
     interpolation: str = "bilinear",
@@ -216,6 +217,7 @@ def train_transform(
 
 def eval_transform(
     image_resize: int = 224,
+    *,
     crop_pct: float = DEFAULT_CROP_PCT,
     interpolation: str = "bilinear",
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -291,6 +293,7 @@ class MixupCutmix:
 
 def mixup_cutmix(
     num_classes: int,
+    *,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
     cutmix_prob: float = 1.0,

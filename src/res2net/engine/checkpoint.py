@@ -8,18 +8,25 @@ Layout of `ckpt_save_dir`:
 - `checkpoints.json`: the index of epoch checkpoints and their metrics.
 Every file appears whole or not at all: written to a temporary file, fsynced, then renamed.
 `last.pt` is written last: a process killed while saving leaves the previous `last.pt`, and
-the resumed run redoes the epoch and writes the same files again. Temporary files of killed
-writes are removed when the next run starts (`CheckpointManager.remove_stale_files`).
+the resumed run redoes the epoch and writes the same files again. When the next run starts,
+`CheckpointManager.reconcile` removes the temporary files of killed writes and the epoch files
+that `checkpoints.json` no longer lists (a kill between the index's rename and the rotation's
+deletes), after checking the index itself.
+
+`RunLock` keeps two runs out of one directory: an advisory `flock` on `.res2net.lock`, which
+the operating system releases when the holder exits or dies.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import logging
-import math
 import os
 import re
 import shutil
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -75,7 +82,14 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 class CheckpointManager:
     """Writes and rotates the checkpoints of one run in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, prefix: str, keep_max: int = 10, policy: str | None = "latest_k") -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        prefix: str,
+        keep_max: int = 10,
+        policy: str | None = "latest_k",
+    ) -> None:
         self.directory = Path(directory)
         self.prefix = prefix
         self.keep_max = keep_max
@@ -96,6 +110,35 @@ class CheckpointManager:
         """Remove the temporary files of writes that a killed process never finished."""
         return remove_stale_temporaries(self.directory)
 
+    def epoch_file(self, epoch: int) -> Path:
+        return self.directory / f"{self.prefix}-{epoch:03d}.pt"
+
+    def epoch_files(self) -> list[Path]:
+        """The epoch checkpoints of this run's naming (`<model>-<epoch>.pt`) in the directory."""
+        pattern = re.compile(re.escape(self.prefix) + r"-\d{3,}\.pt")
+        if not self.directory.is_dir():
+            return []
+        found = (p for p in self.directory.iterdir() if pattern.fullmatch(p.name))
+        return sorted(p for p in found if p.is_file())
+
+    def run_files(self) -> list[Path]:
+        """Files a run of this project leaves here (what a fresh run would overwrite)."""
+        names = ("last.pt", "best.pt", "checkpoints.json", "metrics.jsonl", "training.png")
+        return [p for p in (self.directory / n for n in names) if p.is_file()] + self.epoch_files()
+
+    def reconcile(self) -> list[Path]:
+        """Make the directory agree with its index before any training: remove temporary
+        files of killed writes, check `checkpoints.json` (a ValueError naming it when it is
+        damaged) and remove the epoch files it does not list (left by a kill between the
+        index's rename and the rotation's deletes). Returns the removed paths."""
+        removed = self.remove_stale_files()
+        listed = {e["file"] for e in self._index()}
+        for path in self.epoch_files():
+            if path.name not in listed:
+                path.unlink()
+                removed.append(path)
+        return removed
+
     @property
     def last(self) -> Path:
         return self.directory / "last.pt"
@@ -109,23 +152,31 @@ class CheckpointManager:
         return self.last if self.last.is_file() else None
 
     def _index(self) -> list[dict[str, Any]]:
-        """The entries of `checkpoints.json` that are well formed (others are dropped with a
-        warning; a damaged index reads as empty: rotation then only forgets, never deletes)."""
-        if not self.index_path.exists():
+        """The entries of `checkpoints.json` ([] when there is none); a ValueError naming the
+        file when it is not an index this class wrote."""
+        if not self.index_path.is_file():
             return []
+        fix = "delete it to start the index afresh (the checkpoint files stay)"
         try:
             text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
             entries = json.loads(text)
-        except (OSError, ValueError, RecursionError) as e:
-            reason = short(str(e), 120)
-            log.warning("%s: ignored, not a readable index (%s)", self.index_path, reason)
-            return []
-        entries = entries if isinstance(entries, list) else [entries]
-        good = [e for e in entries if _valid_entry(e)]
-        if len(good) != len(entries):
-            dropped = len(entries) - len(good)
-            log.warning("%s: ignored %d malformed entries", self.index_path, dropped)
-        return good
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{self.index_path}: not valid JSON ({short(str(e), 120)}); {fix}") from None
+        if not isinstance(entries, list):
+            raise ValueError(f"{self.index_path}: expected a list of checkpoints; {fix}")
+        for i, e in enumerate(entries):
+            ok = (
+                isinstance(e, dict)
+                and type(e.get("epoch")) is int
+                and e.get("file") == self.epoch_file(e["epoch"]).name
+                and (e.get("top1") is None or type(e.get("top1")) in (int, float))
+            )
+            if not ok:
+                raise ValueError(
+                    f"{self.index_path}: entry {i} ({short(json.dumps(e), 80)}) is not "
+                    f'{{"epoch": N, "file": "{self.prefix}-NNN.pt", "top1": X}}; {fix}'
+                )
+        return entries
 
     def save_last(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
         """Write the resumable state to `last.pt` (and to `best.pt` first when `is_best`)."""
@@ -141,7 +192,7 @@ class CheckpointManager:
         """Write the epoch checkpoint for `epoch` (1-based), `best.pt` when `is_best`, apply
         the policy, and write `last.pt` last; returns the epoch checkpoint's path."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / epoch_file_name(self.prefix, epoch)
+        path = self.epoch_file(epoch)
         entries = [e for e in self._index() if e["epoch"] != epoch] + [{"epoch": epoch, "file": path.name, "top1": top1}]
         if self.policy == "top_k":
             ranked = sorted(entries, key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]), reverse=True)
@@ -185,11 +236,43 @@ class CheckpointManager:
         fsync_directory(path.parent)
 
 
-def _valid_entry(entry: Any) -> bool:
-    """An index entry as `CheckpointManager` writes it: epoch, file name, top-1 or None."""
-    if not isinstance(entry, dict):
-        return False
-    epoch, file, top1 = entry.get("epoch"), entry.get("file"), entry.get("top1")
-    number = isinstance(top1, (int, float)) and not isinstance(top1, bool) and math.isfinite(top1)
-    return (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 < epoch < 10**9
-            and isinstance(file, str) and (top1 is None or number))
+class RunLock:
+    """An exclusive advisory lock on a run directory (`flock` on `.res2net.lock`, released by
+    the operating system when the holder exits or dies, so it never goes stale). The file
+    names the holder: process id, host and start time."""
+
+    NAME = ".res2net.lock"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock at once, or raise a RuntimeError naming the run that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(
+                f"ckpt_save_dir {str(self.path.parent)!r} is in use by another run ({holder}); "
+                "wait for it to finish or choose another --ckpt_save_dir"
+            ) from None
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(fd, 0)
+        holder = f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n"
+        os.pwrite(fd, holder.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

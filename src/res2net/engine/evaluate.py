@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..console import progress_bar
-
+from ..data.loader import ignore_stop_signals, stop_signals_blocked
 from .distributed import DistInfo, all_reduce_sum
 
 
@@ -48,6 +48,7 @@ class EvalResult:
 def evaluate(
     model: nn.Module,
     batches: Iterable,
+    *,
     device: torch.device,
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
@@ -68,7 +69,9 @@ def evaluate(
     k = min(5, num_classes)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     total = len(batches) if hasattr(batches, "__len__") else None
-    shown = progress_bar(batches, total=total, desc="validation", enabled=progress, unit="batch")
+    with stop_signals_blocked():  # loader workers start here
+        batch_iter = iter(batches)
+    shown = progress_bar(batch_iter, total=total, desc="validation", enabled=progress, unit="batch")
     for batch in shown:
         images, labels = batch[0], batch[1]
         keep = batch[2].bool() if len(batch) > 2 else torch.ones(labels.shape[0], dtype=torch.bool)
@@ -102,7 +105,9 @@ def evaluate(
     return result
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, dist: DistInfo
+) -> DataLoader:
     """A loader over this rank's share of `dataset`: every world_size-th image from its rank,
     with no padding, so that across ranks each image is evaluated exactly once."""
     indices = range(dist.rank, len(dataset), dist.world_size)  # type: ignore[arg-type]
@@ -112,6 +117,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistI
         shuffle=False,
         num_workers=num_workers,
         pin_memory=dist.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -18,14 +18,21 @@ log = logging.getLogger("res2net.train")
 
 class StepReporter:
     """Shows training steps: a tqdm bar (loss, lr, img/s, ETA of the epoch and of the whole run)
-    when stderr is a terminal, else a log line every `log_interval` steps. Only the main
-    process (rank 0) reports. `later_steps`: the steps of the epochs after this one."""
+    when stderr is a terminal, else a log line whenever the loop passes a loss (at its log
+    intervals). Only the main process (rank 0) reports. `later_steps`: the steps of the epochs
+    after this one."""
 
-    def __init__(self, total_steps: int, start_step: int, log_interval: int, enabled: bool = True,
-                 desc: str = "", later_steps: int = 0) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        start_step: int = 0,
+        enabled: bool = True,
+        desc: str = "",
+        later_steps: int = 0,
+    ) -> None:
         self.total = total_steps
         self.later = later_steps
-        self.log_interval = max(1, log_interval)
         self.enabled = enabled
         self.desc = desc
         self.bar = None
@@ -37,8 +44,9 @@ class StepReporter:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
-    def update(self, step: int, n_images: int, loss: float, lr: float) -> None:
-        """Record one finished step (`step` is 1-based within the epoch)."""
+    def update(self, step: int, n_images: int, loss: float | None, lr: float) -> None:
+        """Record one finished step (`step`: batches done in the epoch). `loss` is None between
+        log intervals (reading it would make the CPU wait for the device): nothing is shown."""
         if not self.enabled:
             return
         self.images += n_images
@@ -48,13 +56,14 @@ class StepReporter:
         per_step = elapsed / self.steps
         run_eta = _hms((self.total - step + self.later) * per_step)
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}",
-                                 run_eta=run_eta, refresh=False)
-        elif step % self.log_interval == 0 or step == self.total:
-            eta = (self.total - step) * per_step
+            self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}",
+                                     run_eta=run_eta, refresh=False)
+        elif loss is not None:
+            eta = _hms((self.total - step) * per_step)
             log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)", self.desc,
-                     step, self.total, loss, lr, rate, _hms(eta), run_eta)
+                     step, self.total, loss, lr, rate, eta, run_eta)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -110,6 +119,8 @@ class MetricsLog:
             return
         kept = [line for line, record in self._lines()
                 if isinstance(step := record.get("global_step", 0), (int, float)) and step <= global_step]
+        if len(kept) == len(self.path.read_text(errors="replace").splitlines()):
+            return  # nothing to drop: the file stays as it is
         atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from ..schema import SCHEDULERS
 
@@ -40,6 +40,7 @@ class LrSchedule:
     """
 
     scheduler: str
+    _: KW_ONLY
     lr: float
     steps_per_epoch: int
     min_lr: float = 0.0

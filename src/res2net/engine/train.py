@@ -1,8 +1,15 @@
 """The training loop, readable top to bottom: data -> model -> optimizer -> epochs -> results.
 
-One `Config` describes the whole run (MindCV's keys). Resuming (`resume: auto` or a path)
-restores model, optimizer, GradScaler, EMA, schedule position, RNG state and the position in the
-epoch, so a resumed run ends with the same weights as an uninterrupted one (bit for bit on CPU).
+One `Config` describes the whole run (MindCV's keys). `train` prepares the run folder (lock,
+checks) and builds data, model and optimizer; then each epoch is `train_one_epoch` (steps of
+micro-batches) and `end_epoch` (data check, validation, metrics, checkpoint). `TrainState` is
+everything that changes while training; its `state_dict()` is `last.pt`. Resuming (`resume:
+auto` or a path) restores model, optimizer, GradScaler, EMA, schedule position, RNG state, the
+position in the epoch and the epoch's running sums, so a resumed run ends with the same weights
+and metrics as an uninterrupted one (bit for bit on CPU).
+
+The host waits for the device only at log intervals and at the end of an epoch (loss value,
+NaN check), and, in distributed runs, once a step for the ranks to agree on a stop request.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ from ..data import (
     mixup_cutmix,
     train_transform,
 )
+from ..data.loader import stop_signals_blocked
 from ..factory import create_model
 from ..profile import count_params
 from . import distributed
-from .checkpoint import CheckpointManager, load_training_state
+from .checkpoint import CheckpointManager, RunLock, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
@@ -90,28 +98,34 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     """(train loader, train dataset, val loader or None) for an ImageNet-style folder or a
     folder/URL of WebDataset shards. Train: MindCV's train transform, this rank's share of each
     epoch. Val: the eval transform, the training classes, every image exactly once over ranks."""
-    mean, std = cfg.mean, cfg.std
     train_tf = train_transform(
-        cfg.image_resize, cfg.scale, cfg.ratio, cfg.interpolation, cfg.hflip, cfg.vflip, cfg.color_jitter,
-        cfg.auto_augment, cfg.re_prob, cfg.re_scale, cfg.re_ratio, cfg.re_value, mean, std, cfg.fast_decode,
+        cfg.image_resize, scale=cfg.scale, ratio=cfg.ratio, interpolation=cfg.interpolation,
+        hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
+        auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, re_scale=cfg.re_scale,
+        re_ratio=cfg.re_ratio, re_value=cfg.re_value, mean=cfg.mean, std=cfg.std,
+        fast_decode=cfg.fast_decode,
     )
-    eval_tf = eval_transform(cfg.image_resize, cfg.crop_pct, cfg.interpolation, mean, std)
+    eval_tf = eval_transform(
+        cfg.image_resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+        mean=cfg.mean, std=cfg.std,
+    )
     workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
         if cfg.aug_repeats > 1:
             raise ValueError("aug_repeats is not supported with sharded data; use an image folder")
-        shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image)
+        shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
+                        batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed)
         train_loader, _ = build_shard_loader(
-            cfg.data_dir, train_tf, cfg.batch_size, workers, cfg.seed, training=True, split=cfg.train_split,
+            cfg.data_dir, transform=train_tf, training=True, split=cfg.train_split,
             shuffle=cfg.shuffle, drop_last=cfg.drop_remainder, **shard_kw,
         )
         train_ds = train_loader.dataset
         val_loader = None
         if cfg.val_while_train:
             val_loader, _ = build_shard_loader(
-                cfg.data_dir, eval_tf, cfg.batch_size, workers, cfg.seed, training=False, split=cfg.val_split,
+                cfg.data_dir, transform=eval_tf, training=False, split=cfg.val_split,
                 class_to_idx=train_ds.class_to_idx, **shard_kw,
             )
         return train_loader, train_ds, val_loader
@@ -119,15 +133,17 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
         cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=cfg.on_bad_image,
         num_samples=cfg.num_samples, seed=cfg.seed,
     )
-    train_loader = build_loader(train_ds, cfg.batch_size, cfg.shuffle, cfg.drop_remainder, workers, cfg.seed, dist.enabled,
-                                aug_repeats=cfg.aug_repeats)
+    train_loader = build_loader(
+        train_ds, batch_size=cfg.batch_size, shuffle=cfg.shuffle, drop_remainder=cfg.drop_remainder,
+        num_workers=workers, seed=cfg.seed, distributed=dist.enabled, aug_repeats=cfg.aug_repeats,
+    )
     val_loader = None
     if cfg.val_while_train:
         val_ds = ImageFolderDataset(
             cfg.data_dir, cfg.val_split, transform=eval_tf, class_to_idx=train_ds.class_to_idx,
             on_bad_image=cfg.on_bad_image,
         )
-        val_loader = eval_loader(val_ds, cfg.batch_size, workers, dist)
+        val_loader = eval_loader(val_ds, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
     return train_loader, train_ds, val_loader
 
 
@@ -145,7 +161,10 @@ def train(cfg: Config) -> TrainResult:
     """Run the training described by `cfg`; see the module docstring."""
     with StopRequest() as stop:
         dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
+        lock = RunLock(cfg.ckpt_save_dir)
         try:
+            if dist.is_main:
+                prepare_run_dir(cfg, lock)
             return _train(cfg, dist, stop)
         except RuntimeError as e:
             clear = distributed.peer_failure(e, dist, cfg.dist_timeout)
@@ -153,7 +172,104 @@ def train(cfg: Config) -> TrainResult:
                 raise
             raise clear from e
         finally:
+            lock.release()
             distributed.teardown(dist)
+
+
+def prepare_run_dir(cfg: Config, lock: RunLock) -> None:
+    """Before any work: `ckpt_save_dir` writable and locked for this run, its files agreeing
+    with its index, and a fresh run never mixed into another run's files."""
+    ckpts = checkpoint_manager(cfg)
+    ckpts.check_writable()
+    lock.acquire()
+    if not resuming(cfg):
+        found = ckpts.run_files()
+        if found and not cfg.overwrite:
+            names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+            raise ValueError(
+                f"ckpt_save_dir {cfg.ckpt_save_dir!r} holds another run's files ({names}); "
+                "continue it with --resume auto, choose a new --ckpt_save_dir, "
+                "or pass --overwrite True to delete them and start over"
+            )
+        for path in found:
+            path.unlink()
+            log.info("removed %s (--overwrite True)", path)
+    for path in ckpts.reconcile():
+        log.info("removed %s (left by a write or a rotation that never finished)", path)
+
+
+def checkpoint_manager(cfg: Config) -> CheckpointManager:
+    return CheckpointManager(
+        cfg.ckpt_save_dir, prefix=cfg.model, keep_max=cfg.keep_checkpoint_max,
+        policy=cfg.ckpt_save_policy,
+    )
+
+
+def resuming(cfg: Config) -> bool:
+    """Whether this run continues an earlier one (`--resume`, or MindCV's `resume_opt`)."""
+    return bool(cfg.resume) or bool(cfg.ckpt_path and cfg.resume_opt)
+
+
+def new_epoch_sums() -> dict[str, float]:
+    """Running sums of an epoch over all ranks: training loss x images and trained images
+    (for `train_loss`), images delivered and images unreadable (for `min_readable_images`)."""
+    return {"loss_sum": 0.0, "loss_n": 0, "images": 0, "bad": 0}
+
+
+@dataclass
+class TrainState:
+    """What changes while a run trains: `state_dict()` is the content of a training checkpoint,
+    `load_state_dict()` continues from one (bit for bit on CPU, mid-epoch included)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    meta: dict[str, Any]  # arch, num_classes, classes, config: what the checkpoint describes
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # batches of the current epoch consumed (a multiple of accumulation)
+    global_step: int = 0  # optimizer steps taken
+    best_top1: float | None = None
+    sums: dict[str, float] = field(default_factory=new_epoch_sums)  # the epoch so far
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.meta,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "epoch_sums": dict(self.sums),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.global_step, self.best_top1 = state["global_step"], state.get("best_top1")
+        self.sums = {**new_epoch_sums(), **state.get("epoch_sums", {})}  # older files: none
+        torch.set_rng_state(state["rng"]["torch"])
+
+
+@dataclass
+class StepParts:
+    """What one training step runs, built once per run."""
+
+    train_model: nn.Module  # the model, DDP-wrapped when distributed (what `no_sync` is on)
+    forward: Any  # train_model as called: compiled, or itself
+    schedule: LrSchedule
+    loss_fn: Any
+    mixer: Any  # mixup/cutmix on the batch, or None
+    amp_dtype: torch.dtype | None
+    dist: distributed.DistInfo
 
 
 def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainResult:
@@ -162,11 +278,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     if dist.is_main:
         for note in cfg.notes():
             log.info("config: %s", note)
-    ckpts = CheckpointManager(cfg.ckpt_save_dir, cfg.model, cfg.keep_checkpoint_max, cfg.ckpt_save_policy)
-    if dist.is_main:
-        ckpts.check_writable()  # before any work, not after an epoch
-        for path in ckpts.remove_stale_files():
-            log.info("removed %s (left by a write that never finished)", path)
+    ckpts = checkpoint_manager(cfg)
 
     # ---- data
     train_loader, train_ds, val_loader = build_loaders(cfg, dist)
@@ -177,7 +289,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             f"{len(train_ds)} training images give no full step of batch_size {cfg.batch_size} x "
             f"{cfg.gradient_accumulation_steps} accumulation; lower --batch_size or set --drop_remainder False"
         )
-    mixer = mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix, cfg.cutmix_prob, cfg.label_smoothing)
+    mixer = mixup_cutmix(
+        num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_prob=cfg.cutmix_prob,
+        label_smoothing=cfg.label_smoothing,
+    )
 
     # ---- model
     resume_path = _resume_path(cfg, ckpts)
@@ -226,169 +341,73 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         nesterov=cfg.use_nesterov, eps=cfg.eps, weight_decay_filter=cfg.weight_decay_filter,
         layer_decay=cfg.layer_decay,
     )
-    amp_dtype = cfg.amp_dtype(device.type)
-    val_amp_dtype = cfg.amp_dtype(device.type, validation=True)
-    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.grad_scaler_init_scale(), enabled=cfg.use_grad_scaler(device.type))
+    scaler = torch.amp.GradScaler(
+        device.type, init_scale=cfg.grad_scaler_init_scale(),
+        enabled=cfg.use_grad_scaler(device.type),
+    )
+    meta = {"arch": cfg.model, "num_classes": num_classes, "classes": train_ds.classes,
+            "config": cfg.to_dict()}
+    state = TrainState(model=model, optimizer=optimizer, scaler=scaler, ema=ema, meta=meta)
+    parts = StepParts(
+        train_model=train_model, forward=forward, schedule=schedule,
+        loss_fn=_loss(cfg, mixer is not None), mixer=mixer, amp_dtype=cfg.amp_dtype(device.type),
+        dist=dist,
+    )
 
     # ---- resume
-    start_epoch, start_batch, global_step, best_top1 = 0, 0, 0, None
     if resume_path is not None:
-        state = load_training_state(resume_path)
-        model.load_state_dict(state["model"])
-        if cfg.resume or cfg.resume_opt:  # MindCV's resume_opt: also optimizer state and lr position
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            start_epoch, start_batch, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-            best_top1 = state.get("best_top1")
-            torch.set_rng_state(state["rng"]["torch"])
+        # --resume, or MindCV's resume_opt with ckpt_path: weights, optimizer and position
+        state.load_state_dict(load_training_state(resume_path))
         if dist.is_main:
-            log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, global_step)
+            log.info("resumed from %s at epoch %d, step %d",
+                     resume_path, state.epoch + 1, state.global_step)
 
-    loss_fn = _loss(cfg, mixer is not None)
     trackers = None
     if dist.is_main and parse_backends(cfg.log):
         trackers = Trackers(Path(cfg.ckpt_save_dir), parse_backends(cfg.log), uri=cfg.log_uri,
                             project=cfg.log_project, run_name=Path(cfg.ckpt_save_dir).name)
         trackers.params(cfg.to_dict())
     metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main, trackers=trackers)
-    metrics.rewind(global_step)  # records of work after the checkpoint are redone, not repeated
+    metrics.rewind(state.global_step)  # work after the checkpoint is redone, not logged twice
     bad = BadImageReport(train_ds)
     n_params = count_params(model)
     step_times: list[float] = []
     interrupted = False
-    epochs_done = start_epoch
     last_val: EvalResult | None = None
+    start_epoch = state.epoch
+    if dist.is_main and start_epoch >= cfg.epoch_size:
+        log.info("the run in %s has finished its %d epochs: nothing to train",
+                 cfg.ckpt_save_dir, cfg.epoch_size)
 
-    def snapshot(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        return {
-            "arch": cfg.model,
-            "num_classes": num_classes,
-            "classes": train_ds.classes,
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "global_step": global_step,
-            "best_top1": best_top1,
-            "rng": {"torch": torch.get_rng_state()},
-            "config": cfg.to_dict(),
-        }
-
-    for epoch in range(start_epoch, cfg.epoch_size):
-        set_train_mode(model, cfg.freeze_bn)
-        train_loader.sampler.set_epoch(epoch, start=start_batch * cfg.batch_size)
-        reporter = StepReporter(len(train_loader), start_batch, cfg.log_interval, dist.is_main,
-                                f"epoch {epoch + 1}/{cfg.epoch_size}",
-                                later_steps=(cfg.epoch_size - epoch - 1) * len(train_loader))
-        loss_sum, loss_n = 0.0, 0
-        t_step = time.perf_counter()
-        batch_idx = start_batch
-        lr = schedule(max(global_step - 1, 0))  # the last step's, if a resumed epoch has none left
-        for batch in train_loader:
-            images, labels = bad.filter(batch)
-            batch_idx += 1
-            if len(labels) == 0 and not dist.enabled:  # every image of the batch failed to decode
-                continue
-            accumulating = batch_idx % cfg.gradient_accumulation_steps != 0
-            lr = schedule(global_step)
-            set_lr(optimizer, lr)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if mixer is not None and len(labels) > 0:
-                images, targets = mixer(images, labels)
-            sync = contextlib.nullcontext()
-            if dist.enabled and accumulating:
-                sync = train_model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = forward(images)
-                loss = loss_fn(logits.float(), targets)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_idx} (global step {global_step}); "
-                        f"stopping. The checkpoints in {cfg.ckpt_save_dir} are untouched; lower --lr or check the data"
-                    )
-                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            loss_sum += loss.item() * len(labels)
-            loss_n += len(labels)
-            if accumulating:
-                continue
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_value)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(model)
-            global_step += 1
-            now = time.perf_counter()
-            step_times.append(now - t_step)
-            t_step = now
-            reporter.update(batch_idx, len(labels) * world, loss.item(), lr)
-            if global_step % max(1, cfg.log_interval) == 0:
-                metrics.write({"kind": "step", "epoch": epoch + 1, "global_step": global_step, "loss": loss.item(), "lr": lr})
-            if _agreed_stop(stop.requested, dist, device):
-                interrupted = True
-                break
-        reporter.close()
-        if (msg := bad.summary()) is not None and dist.is_main:
-            log.warning("epoch %d: %s", epoch + 1, msg)
-        bad.reset()
+    while state.epoch < cfg.epoch_size:
+        interrupted = train_one_epoch(
+            cfg, state, parts=parts, loader=train_loader, bad=bad, metrics=metrics, stop=stop,
+            step_times=step_times,
+        )
         if interrupted:
             if dist.is_main:
-                path = ckpts.save_last(snapshot(epoch, batch_idx))
-                log.info("stopped at epoch %d, step %d: saved %s; continue with --resume auto", epoch + 1, batch_idx, path)
+                path = ckpts.save_last(state.state_dict())
+                log.info("stopped at epoch %d, step %d: saved %s; continue with --resume auto",
+                         state.epoch + 1, state.batch_in_epoch, path)
             distributed.barrier(dist)
             break
-        start_batch = 0
-        epochs_done = epoch + 1
-
-        # ---- end of epoch: validate, checkpoint, log
-        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "global_step": global_step,
-                                  "train_loss": _mean_over_ranks(loss_sum, loss_n, dist, device), "lr": lr}
-        if val_loader is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epoch_size):
-            eval_model = ema.module if ema is not None else model
-            last_val = reduce_result(
-                evaluate(eval_model, val_loader, device, num_classes, val_amp_dtype, cfg.channels_last,
-                         progress=dist.is_main), dist
-            )
-            record.update(val_top1=last_val.top1, val_top5=last_val.top5, val_loss=last_val.loss, val_n=last_val.n)
-        top1 = record.get("val_top1")
-        is_best = top1 is not None and (best_top1 is None or top1 > best_top1)
-        if is_best:
-            best_top1 = top1
-        if dist.is_main:
-            metrics.write(record)
-            save_now = (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size
-            state = snapshot(epoch + 1, 0)
-            if save_now:
-                ckpts.save_epoch(state, epoch + 1, top1, is_best=is_best)
-            else:
-                ckpts.save_last(state, is_best=is_best)
-            val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}" if top1 is not None else ""
-            log.info("epoch %d/%d  train loss %.4f%s", epoch + 1, cfg.epoch_size, record["train_loss"], val_text)
-        distributed.barrier(dist)
+        last_val = end_epoch(
+            cfg, state, lr=schedule(max(state.global_step - 1, 0)), val_loader=val_loader, bad=bad,
+            ckpts=ckpts, metrics=metrics, dist=dist,
+        ) or last_val
 
     result = TrainResult(
         ckpt_dir=Path(cfg.ckpt_save_dir),
-        epochs_done=epochs_done,
+        epochs_done=state.epoch,
         interrupted=interrupted,
-        best_top1=best_top1,
+        best_top1=state.best_top1,
         last_path=ckpts.latest(),
         best_path=ckpts.best if ckpts.best.is_file() else None,
     )
-    if dist.is_main and not interrupted:
+    if dist.is_main and not interrupted and state.epoch > start_epoch:
         result.plot_path = plot_run(metrics.read(), Path(cfg.ckpt_save_dir) / "training.png")
         ms = 1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
-        result.row = results_row(cfg, n_params, world, ms, last_val)
+        result.row = results_row(cfg, n_params=n_params, cards=world, ms_per_step=ms, val=last_val)
     metrics.close()
     if trackers is not None:
         trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
@@ -397,6 +416,237 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
 
 # the linear scaling rule (Goyal et al. 2017) is SGD's; Adam-type recipes are tuned as they are
 SGD_FAMILY = ("momentum", "sgd", "nesterov")
+
+
+class FiniteCheck:
+    """Losses since the last check, tested for NaN/inf in one host sync (at log intervals and
+    before any checkpoint), so that the CPU can run ahead of the device in between."""
+
+    def __init__(self, ckpt_dir: str) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.pending: list[tuple[str, torch.Tensor]] = []
+
+    def add(self, loss: torch.Tensor, where: str) -> None:
+        self.pending.append((where, loss.detach()))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([loss.float() for _, loss in self.pending]).cpu()
+        pending, self.pending = self.pending, []
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return
+        i = int((~finite).nonzero()[0])
+        raise FloatingPointError(
+            f"loss is {losses[i].item()} at {pending[i][0]}; stopping. The checkpoints in "
+            f"{self.ckpt_dir} are untouched; lower --lr or check the data"
+        )
+
+
+def train_one_epoch(
+    cfg: Config,
+    state: TrainState,
+    *,
+    parts: StepParts,
+    loader: Any,
+    bad: BadImageReport,
+    metrics: MetricsLog,
+    stop: Any,
+    step_times: list[float],
+) -> bool:
+    """Train `state` through the rest of epoch `state.epoch`; True when stopped by a signal.
+
+    A step is `gradient_accumulation_steps` micro-batches, then one optimizer update. An epoch
+    has len(loader) // accumulation steps; the last len(loader) % accumulation batches are not
+    read (as `drop_remainder` drops a partial batch), so no gradient outlives its epoch and
+    every checkpoint falls on a step boundary."""
+    dist, device = parts.dist, parts.dist.device
+    accum = cfg.gradient_accumulation_steps
+    steps = len(loader) // accum
+    epoch = state.epoch
+    set_train_mode(state.model, cfg.freeze_bn)
+    state.optimizer.zero_grad(set_to_none=True)
+    loader.sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
+    reporter = StepReporter(steps * accum, start_step=state.batch_in_epoch, enabled=dist.is_main,
+                            desc=f"epoch {epoch + 1}/{cfg.epoch_size}",
+                            later_steps=(cfg.epoch_size - epoch - 1) * steps * accum)
+    carried = state.sums if dist.is_main else new_epoch_sums()  # rank 0 holds the saved sums
+    loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
+    counts = {k: int(carried[k]) for k in ("loss_n", "images", "bad")}
+    finite = FiniteCheck(cfg.ckpt_save_dir)
+    with stop_signals_blocked():  # loader workers start here
+        batches = iter(loader)
+    interrupted = False
+    t_step = time.perf_counter()
+    for step in range(state.batch_in_epoch // accum, steps):
+        lr = parts.schedule(state.global_step)
+        set_lr(state.optimizer, lr)
+        last_loss, trained = None, 0
+        for micro in range(accum):
+            batch = next(batches)
+            state.batch_in_epoch += 1
+            counts["images"] += len(batch[1])
+            counts["bad"] += len(batch[1]) - len(_valid(batch))
+            images, labels, weight = _micro_batch(batch, bad, dist)
+            if images is None:
+                continue
+            sync = contextlib.nullcontext()
+            if dist.enabled and micro < accum - 1:
+                sync = parts.train_model.no_sync()
+            with sync:
+                loss = _forward_backward(cfg, state, parts, images, labels, weight=weight)
+            if weight:
+                where = f"epoch {epoch + 1}, step {state.batch_in_epoch}"
+                finite.add(loss, f"{where} (global step {state.global_step})")
+                loss_sum += loss.detach().double() * len(labels)
+                counts["loss_n"] += len(labels)
+                trained += len(labels)
+                last_loss = loss
+        if trained or dist.enabled:
+            _optimizer_step(cfg, state)
+        state.global_step += 1
+        now = time.perf_counter()
+        step_times.append(now - t_step)
+        t_step = now
+        loss_value = None
+        at_log = state.global_step % max(1, cfg.log_interval) == 0
+        if (at_log or step == steps - 1) and last_loss is not None:
+            finite.check()  # the host syncs: at log intervals and at the end of the epoch
+            loss_value = last_loss.item()
+            if at_log:
+                metrics.write({"kind": "step", "epoch": epoch + 1, "global_step": state.global_step,
+                               "loss": loss_value, "lr": lr})
+        reporter.update(state.batch_in_epoch, trained * dist.world_size, loss_value, lr)
+        if _agreed_stop(stop.requested, dist, device):
+            interrupted = True
+            break
+    reporter.close()
+    del batches  # the loader's workers end with the epoch (unless persistent)
+    finite.check()  # never a checkpoint after a NaN
+    totals = distributed.all_reduce_sum(
+        torch.tensor([loss_sum.item(), counts["loss_n"], counts["images"], counts["bad"]],
+                     dtype=torch.float64, device=device), dist,
+    ).tolist()
+    state.sums = {"loss_sum": totals[0], "loss_n": int(totals[1]), "images": int(totals[2]),
+                  "bad": int(totals[3])}
+    return interrupted
+
+
+def _valid(batch: Any) -> Any:
+    """The labels of the readable samples of a loader batch."""
+    return batch[1] if len(batch) == 2 else batch[1][torch.as_tensor(batch[2], dtype=torch.bool)]
+
+
+def _micro_batch(
+    batch: Any, bad: BadImageReport, dist: distributed.DistInfo
+) -> tuple[Any, Any, bool]:
+    """(images, labels, counts) to train on from a loader batch. Unreadable images are dropped
+    (and reported); a batch with fewer than two readable images never reaches BatchNorm, which
+    cannot normalise one sample: alone, it is skipped ((None, None, False)); under DDP, where
+    every rank must run each backward, the whole batch (substitutes included, doubled if it
+    holds one image) runs with zero weight, so it adds nothing to the gradients."""
+    images, labels = bad.filter(batch)
+    if len(labels) >= 2:
+        return images, labels, True
+    if not dist.enabled:
+        return None, None, False
+    images, labels = batch[0], batch[1]
+    if len(labels) < 2:
+        images, labels = torch.cat([images, images]), torch.cat([labels, labels])
+    return images, labels, False
+
+
+def _forward_backward(
+    cfg: Config, state: TrainState, parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
+    *, weight: bool,
+) -> torch.Tensor:
+    """One micro-batch: forward, loss, scaled backward (gradients add up over the step)."""
+    device = parts.dist.device
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = labels
+    if parts.mixer is not None:
+        images, targets = parts.mixer(images, labels)
+    with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+        logits = parts.forward(images)
+    loss = parts.loss_fn(logits.float(), targets)
+    scaled = loss / cfg.gradient_accumulation_steps if weight else loss * 0.0
+    state.scaler.scale(scaled).backward()
+    return loss
+
+
+def _optimizer_step(cfg: Config, state: TrainState) -> None:
+    """The update after a step's micro-batches: clip, step, EMA; gradients cleared."""
+    if cfg.clip_grad:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_value)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update_parameters(state.model)
+
+
+def end_epoch(
+    cfg: Config,
+    state: TrainState,
+    *,
+    lr: float,
+    val_loader: Any,
+    bad: BadImageReport,
+    ckpts: CheckpointManager,
+    metrics: MetricsLog,
+    dist: distributed.DistInfo,
+) -> EvalResult | None:
+    """After the last step of an epoch: check the data, validate, log, checkpoint; returns the
+    validation result when there was one."""
+    epoch, sums = state.epoch + 1, state.sums
+    if (msg := bad.summary()) is not None and dist.is_main:
+        log.warning("epoch %d: %s", epoch, msg)
+    bad.reset()
+    readable = sums["images"] - sums["bad"]
+    if sums["images"] and readable < cfg.min_readable_images * sums["images"]:
+        raise ValueError(
+            f"epoch {epoch}: only {readable} of {sums['images']} training images could be read "
+            f"(min_readable_images {cfg.min_readable_images:g}); "
+            f"{msg or 'see the warnings above'}. "
+            f"Fix or remove the files in {cfg.data_dir}; no checkpoint of this epoch was written"
+        )
+    record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "global_step": state.global_step,
+                              "train_loss": sums["loss_sum"] / max(sums["loss_n"], 1), "lr": lr}
+    val = None
+    if val_loader is not None and (epoch % cfg.val_interval == 0 or epoch == cfg.epoch_size):
+        eval_model = state.ema.module if state.ema is not None else state.model
+        val = reduce_result(
+            evaluate(
+                eval_model, val_loader, device=dist.device, num_classes=state.meta["num_classes"],
+                amp_dtype=cfg.amp_dtype(dist.device.type, validation=True),
+                channels_last=cfg.channels_last, progress=dist.is_main,
+            ),
+            dist,
+        )
+        record.update(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss, val_n=val.n)
+    top1 = record.get("val_top1")
+    is_best = top1 is not None and (state.best_top1 is None or top1 > state.best_top1)
+    if is_best:
+        state.best_top1 = top1
+    state.epoch, state.batch_in_epoch, state.sums = epoch, 0, new_epoch_sums()
+    if dist.is_main:
+        metrics.write(record)
+        if epoch % cfg.ckpt_save_interval == 0 or epoch == cfg.epoch_size:
+            ckpts.save_epoch(state.state_dict(), epoch, top1, is_best=is_best)
+        else:
+            ckpts.save_last(state.state_dict(), is_best=is_best)
+        val_text = ""
+        if top1 is not None:
+            val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}"
+        log.info("epoch %d/%d  train loss %.4f%s",
+                 epoch, cfg.epoch_size, record["train_loss"], val_text)
+    distributed.barrier(dist)
+    return val
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -417,7 +667,9 @@ def _agreed_stop(requested: bool, dist: distributed.DistInfo, device: torch.devi
     return bool(distributed.all_reduce_sum(flag, dist).item() > 0)
 
 
-def results_row(cfg: Config, n_params: int, cards: int, ms_per_step: float, val: EvalResult | None) -> dict[str, Any]:
+def results_row(
+    cfg: Config, *, n_params: int, cards: int, ms_per_step: float, val: EvalResult | None
+) -> dict[str, Any]:
     """The seed README's results columns for this run."""
     return {
         "model name": cfg.model,
@@ -461,8 +713,3 @@ def _loss(cfg: Config, soft_targets: bool) -> Any:
             return F.binary_cross_entropy_with_logits(logits, targets, reduction=cfg.reduction)
         return bce
     return nn.CrossEntropyLoss(label_smoothing=smoothing, reduction=cfg.reduction)
-
-
-def _mean_over_ranks(total: float, n: int, dist: distributed.DistInfo, device: torch.device) -> float:
-    t = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device), dist)
-    return (t[0] / t[1].clamp(min=1)).item()

@@ -74,13 +74,15 @@ def validate(
         workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
-                cfg.data_dir, transform, cfg.batch_size, workers, training=False, split=cfg.val_split,
+                cfg.data_dir, transform=transform, batch_size=cfg.batch_size,
+                num_workers=workers, training=False, split=cfg.val_split,
                 rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
             dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
-            loader, n_images = eval_loader(dataset, cfg.batch_size, workers, dist), len(dataset)
+            loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
+            n_images = len(dataset)
         n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes and not report.class_map:
             raise ValueError(
@@ -111,8 +113,8 @@ def validate(
             )
         predictions: list | None = [] if wants_report else None
         result = evaluate(
-            model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last, predictions,
-            progress=dist.is_main,
+            model, loader, device=dist.device, num_classes=dataset.num_classes, amp_dtype=amp,
+            channels_last=cfg.channels_last, predictions=predictions, progress=dist.is_main,
         )
         result = reduce_result(result, dist)
         if wants_report:

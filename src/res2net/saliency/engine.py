@@ -50,9 +50,9 @@ def train_saliency(
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        reporter = StepReporter(len(loader), 0, max(1, len(loader) // 4),
-                                desc=f"epoch {epoch + 1}/{epochs}",
+        reporter = StepReporter(len(loader), desc=f"epoch {epoch + 1}/{epochs}",
                                 later_steps=(epochs - epoch - 1) * len(loader))
+        log_every = max(1, len(loader) // 4)
         for step, (images, masks) in enumerate(loader, start=1):
             images, masks = images.to(device), masks.to(device)
             loss = bce_iou_loss(model(images), masks)
@@ -63,7 +63,8 @@ def train_saliency(
             optimizer.step()
             total += loss.item() * images.shape[0]
             count += images.shape[0]
-            reporter.update(step, images.shape[0], loss.item(), lr)
+            shown = step % log_every == 0 or step == len(loader)
+            reporter.update(step, images.shape[0], loss.item() if shown else None, lr)
         reporter.close()
         history.append(total / count)
         log.info("epoch %d/%d  loss %.4f", epoch + 1, epochs, history[-1])
