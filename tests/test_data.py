@@ -321,7 +321,7 @@ def test_mixup_cutmix_off_and_never_applied():
 
 
 def epoch_batches(loader, epoch):
-    loader.sampler.set_epoch(epoch)
+    loader.set_epoch(epoch)
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
@@ -338,7 +338,7 @@ def test_loader_is_deterministic(digits):
     b0 = epoch_batches(b, 0)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a0, b0, strict=True))
     # resuming mid-epoch: the remaining batches, augmentations included
-    b.sampler.set_epoch(1, start=2 * 64)
+    b.set_epoch(1, start=2 * 64)
     rest = [(x, y) for x, y in b]
     assert len(rest) == len(a1) - 2
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a1[2:], rest, strict=True))

@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -41,7 +41,8 @@ from ..data import (
     mixup_cutmix,
     train_transform,
 )
-from ..data.loader import stop_signals_blocked
+from ..data.loader import EpochLoader, stop_signals_blocked
+from ..data.shards import ShardDataset
 from ..factory import create_model
 from ..profile import count_params
 from . import distributed
@@ -94,7 +95,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, Any]:
+def build_loaders(
+    cfg: Config, dist: distributed.DistInfo
+) -> tuple[EpochLoader, ImageFolderDataset | ShardDataset, Iterable[Any] | None]:
     """(train loader, train dataset, val loader or None) for an ImageNet-style folder or a
     folder/URL of WebDataset shards. Train: MindCV's train transform, this rank's share of each
     epoch. Val: the eval transform, the training classes, every image exactly once over ranks."""
@@ -147,7 +150,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     return train_loader, train_ds, val_loader
 
 
-def check_num_classes(cfg: Config, dataset: ImageFolderDataset) -> int:
+def check_num_classes(cfg: Config, dataset: ImageFolderDataset | ShardDataset) -> int:
     """The class count to build the model with; a recipe that disagrees with the data is an error."""
     if cfg.num_classes is not None and cfg.num_classes != dataset.num_classes:
         raise ValueError(
@@ -449,7 +452,7 @@ def train_one_epoch(
     state: TrainState,
     *,
     parts: StepParts,
-    loader: Any,
+    loader: EpochLoader,
     bad: BadImageReport,
     metrics: MetricsLog,
     stop: Any,
@@ -467,7 +470,7 @@ def train_one_epoch(
     epoch = state.epoch
     set_train_mode(state.model, cfg.freeze_bn)
     state.optimizer.zero_grad(set_to_none=True)
-    loader.sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
+    loader.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
     reporter = StepReporter(steps * accum, start_step=state.batch_in_epoch, enabled=dist.is_main,
                             desc=f"epoch {epoch + 1}/{cfg.epoch_size}",
                             later_steps=(cfg.epoch_size - epoch - 1) * steps * accum)
