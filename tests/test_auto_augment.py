@@ -189,7 +189,8 @@ def test_pil_path_applies_the_reference_policy(single_thread):
 
 
 @pytest.mark.parametrize("spec", ["randaug-p0.5", "autoaug-inc1", "augmix-mstd0.5", "augmix-b1",
-                                  "trivialaugwide-m0", "trivialaugwide-m32", "3a-m5"])
+                                  "trivialaugwide-m0", "trivialaugwide-m32", "3a-m5",
+                                  "randaug-m11", "randaug-m15-mmax12", "randaug-w1"])
 def test_options_mindcv_refuses_are_refused(spec):
     with pytest.raises(ValueError, match="auto_augment"):
         parse_auto_augment(spec)
@@ -199,3 +200,4 @@ def test_options_mindcv_accepts_are_accepted():
     assert parse_auto_augment("trivialaugwide-m20") == ("trivialaugwide", {"m": 20.0})
     assert parse_auto_augment("3a-mstd0.5") == ("3a", {"mstd": 0.5})
     assert parse_auto_augment("randaug-m9-w0-mmax10")[1] == {"m": 9.0, "w": 0.0, "mmax": 10.0}
+    assert parse_auto_augment("randaug-m15-mmax20")[1] == {"m": 15.0, "mmax": 20.0}
