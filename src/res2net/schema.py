@@ -100,7 +100,7 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
     high = max(high, params.get("mmax", high))  # RandAugment clips at mmax, 10 by default
     if not low <= params.get("m", default) <= high:
         raise ValueError(f"auto_augment {spec!r}: magnitude m must be in {low}..{high:g}")
-    if params.get("w", 0) != 0:
+    if name == "randaug" and params.get("w", 0) != 0:
         raise ValueError(f"auto_augment {spec!r}: w must be 0 (MindCV has one set of op weights)")
     return name, params
 
