@@ -211,6 +211,9 @@ class Config:
     sync_bn: bool = False  # distributed: BatchNorm statistics over the global batch (CUDA only)
     freeze_bn: bool = False  # BatchNorm keeps and uses its running statistics while training
     dist_timeout: float = 600.0  # seconds a rank waits for the others before the job fails
+    log: str = ""  # experiment trackers: "mlflow", "wandb" or "mlflow,wandb" (engine/tracking.py)
+    log_uri: str = ""  # MLflow tracking URI; "" = a SQLite store in ./mlruns
+    log_project: str = "res2net"  # MLflow experiment / W&B project
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -816,6 +819,9 @@ def _validate(c: Config) -> None:
     # project
     choice("lr_scale", LR_SCALES)
     choice("on_bad_image", ON_BAD_IMAGE)
+    trackers = [t.strip().lower() for t in c.log.split(",")] if c.log else []
+    check(all(t in ("mlflow", "wandb", "none") for t in trackers), "log",
+          "must be mlflow, wandb or both, comma-separated")
     check(_DEVICE_RE.fullmatch(c.device) is not None, "device",
           "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
 from .models.layers import channels_last_on_cpu
 from .weights.loading import load_checkpoint
@@ -46,7 +47,17 @@ def create_model(
       layout. The weights keep the standard layout either way.
     - Other keyword arguments go to the architecture: in_chans, drop_rate, drop_path_rate,
       zero_init_last, output_stride, norm_layer, act_layer.
+    - `name` may also be `hf-hub:org/name[@revision]` (through huggingface_hub and its cache) or
+      `local-dir:/path`: a model folder as `res2net.push_to_hub` writes it (see `res2net.hub`).
     """
+    if is_hub_name(name):
+        if pretrained or checkpoint_path is not None or features_only:
+            raise ValueError(
+                f"{name}: a Hub model brings its weights; "
+                "drop pretrained/checkpoint_path/features_only"
+            )
+        classes = {} if num_classes is _NOT_GIVEN else {"num_classes": num_classes}
+        return load_from_hub(name, **classes, cpu_channels_last=cpu_channels_last, **kwargs)
     resolve_name(name)
     if pretrained and checkpoint_path is not None:
         raise ValueError("give either pretrained= or checkpoint_path=, not both")

@@ -237,5 +237,8 @@ HELP: dict[str, dict[str, str]] = {
         "sync_bn": "BatchNorm statistics over the global batch (CUDA, distributed)",
         "freeze_bn": "BatchNorm uses and keeps its running statistics",
         "dist_timeout": "seconds a rank waits for the others before the job fails",
+        "log": "experiment trackers: mlflow, wandb, or mlflow,wandb",
+        "log_uri": "MLflow tracking URI ('' = a SQLite store in ./mlruns)",
+        "log_project": "MLflow experiment / W&B project",
     },
 }

@@ -1,25 +1,118 @@
-"""`res2net convert SRC DST`: between MindSpore .ckpt, torch .pth and .safetensors."""
+"""`res2net convert SRC DST`: between MindSpore .ckpt, torch .pth and .safetensors; or
+`res2net convert SRC --to-hub-folder DIR` / `--push-to-hub ORG/NAME`: a Hugging Face Hub model."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+from pathlib import Path
 
 HELP = (
-    "convert weights between formats (.ckpt <-> .pth <-> .safetensors); the output format follows DST's "
-    "extension and holds float32 values"
+    "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format "
+    "follows DST's extension and holds float32 values), or into a Hugging Face Hub model "
+    "folder (timm loads it too)"
 )
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint to read (format detected from its content)")
-    p.add_argument("dst", help="file to write: .safetensors, .ckpt (MindSpore/MindCV) or .pth")
+    p.add_argument(
+        "dst", nargs="?", help="file to write: .safetensors, .ckpt (MindSpore/MindCV) or .pth"
+    )
     p.add_argument("--model", help="architecture name (needed unless SRC stores it)")
-    p.add_argument("--source", help="where the weights come from, stored in .safetensors metadata (mindcv, official, timm...)")
+    p.add_argument(
+        "--source",
+        help="where the weights come from, stored in .safetensors metadata "
+        "(mindcv, official, timm...)",
+    )
+    hub = p.add_argument_group("Hugging Face Hub")
+    hub.add_argument(
+        "--to-hub-folder",
+        "--to_hub_folder",
+        dest="hub_folder",
+        help="write model.safetensors + config.json + README.md (model card) into this folder",
+    )
+    hub.add_argument(
+        "--push-to-hub",
+        "--push_to_hub",
+        dest="repo_id",
+        help="upload to this Hub repository (org/name)",
+    )
+    hub.add_argument(
+        "--classes", help="class names: a training folder (one subfolder per class) or a text file"
+    )
+    hub.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a metric for the model card, e.g. top1=79.3 "
+        "(repeatable; published weights bring theirs)",
+    )
+    hub.add_argument("--recipe", help="recipe YAML to show in the model card")
+    hub.add_argument(
+        "--license", default="apache-2.0", help="license in the model card (default apache-2.0)"
+    )
+    hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
+
+
+def _metrics(pairs: list[str], published: dict) -> dict[str, float | str]:
+    metrics: dict[str, float | str] = {
+        k: published[k] for k in ("top1", "top5") if published.get(k) is not None
+    }
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--metric {pair!r}: write KEY=VALUE, e.g. top1=79.3")
+        try:
+            metrics[key] = float(value)
+        except ValueError:
+            metrics[key] = value
+    return metrics
+
+
+def to_hub(args: argparse.Namespace) -> str:
+    """Write (and optionally upload) the Hub folder; returns what was written or pushed."""
+    from ..factory import create_model
+    from ..hub import push_to_hub, save_to_folder
+    from ..inference import class_names
+    from ..weights.convert import convert
+    from ..weights.loading import read_checkpoint
+    from ..weights.pretrained import pretrained_entries
+
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = convert(args.src, Path(tmp) / "model.safetensors", args.model, args.source)
+        _, _, _, meta = read_checkpoint(converted)
+        arch, num_classes = meta["arch"], int(meta["num_classes"])
+        model = create_model(arch, num_classes=num_classes, checkpoint_path=converted)
+    published = next((e for e in pretrained_entries(arch) if e["source"] == meta["source"]), {})
+    kwargs = dict(
+        arch=arch,
+        classes=class_names(args.classes, num_classes, args.src),
+        eval_args=json.loads(meta["eval"]),
+        metrics=_metrics(args.metric, published),
+        recipe=Path(args.recipe).read_text(encoding="utf-8") if args.recipe else None,
+        license=args.license,
+        source=meta["source"],
+        datasets=["imagenet-1k"] if num_classes == 1000 else [],
+    )
+    written = []
+    if args.hub_folder:
+        written.append(
+            str(save_to_folder(model, args.hub_folder, repo_name=args.repo_id, **kwargs))
+        )
+    if args.repo_id:
+        written.append(push_to_hub(model, args.repo_id, private=args.private, **kwargs))
+    return ", ".join(written)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..weights.convert import convert
 
-    out = convert(args.src, args.dst, args.model, args.source)
+    hub = args.hub_folder or args.repo_id
+    if bool(args.dst) == bool(hub):
+        raise ValueError("give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME")
+    out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
     print(f"wrote {out}")
     return 0

@@ -15,6 +15,7 @@ from . import export as export_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
 from . import saliency as saliency_cmd
+from . import serve as serve_cmd
 from . import train as train_cmd
 from . import validate as validate_cmd
 
@@ -28,6 +29,7 @@ COMMANDS = {
     "data": data_cmd,
     "cam": cam_cmd,
     "saliency": saliency_cmd,
+    "serve": serve_cmd,
     "models": models_cmd,
     "demo": demo_cmd,
 }

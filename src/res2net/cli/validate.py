@@ -16,15 +16,38 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="recipe YAML (MindCV keys)")
     p.add_argument("--per_class_csv", "--per-class-csv", help="write per-class top-1 to this CSV file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    r = p.add_argument_group("reports (see README: Evaluation reports)")
+    r.add_argument(
+        "--report_dir", "--report-dir",
+        help="write confusion.png, per_class.csv (precision/recall), confused_pairs.csv and "
+        "summary.json here",
+    )
+    r.add_argument("--tta", choices=("flip", "five_crop", "ten_crop"), help="test-time augmentation")
+    r.add_argument(
+        "--class_map", "--class-map",
+        help="the model's class names, one per line (line i = output i): score each class folder "
+        "against the output of its name",
+    )
+    r.add_argument(
+        "--real_labels", "--real-labels",
+        help="ReaL-style labels JSON (timm's real.json): also report the accuracy against every "
+        "image's set of correct labels",
+    )
+    r.add_argument(
+        "--results_csv", "--results-csv", help="append the results row (timm's columns) to this CSV"
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..engine.report import ReportOptions
     from ..engine.validate import validate
 
     cfg = load_config(args.config, extra)
     if not cfg.ckpt_path:
         raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
-    result = validate(cfg, cfg.ckpt_path, args.per_class_csv)
+    report = ReportOptions(report_dir=args.report_dir, tta=args.tta, class_map=args.class_map,
+                           real_labels=args.real_labels, results_csv=args.results_csv)
+    result = validate(cfg, cfg.ckpt_path, args.per_class_csv, report)
     if int(os.environ.get("RANK", "0")) != 0:  # distributed: rank 0 reports
         return 0
     if args.json:
@@ -32,4 +55,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(f"{cfg.model}  {cfg.ckpt_path}: top-1 {result.top1:.2f}  top-5 {result.top5:.2f}  "
               f"loss {result.loss:.4f}  ({result.n} images)")
+        if "real_top1" in result.extra:
+            real = result.extra
+            print(f"  ReaL labels: top-1 {real['real_top1']:.2f}  top-5 {real['real_top5']:.2f}  "
+                  f"({real['real_images']} images with labels)")
     return 0

@@ -24,6 +24,7 @@ class EvalResult:
     loss_sum: float = 0.0
     class_total: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     class_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    extra: dict[str, float] = field(default_factory=dict)  # report figures (ReaL top-1, ...)
 
     @property
     def top1(self) -> float:
@@ -38,7 +39,7 @@ class EvalResult:
         return self.loss_sum / max(1, self.n)
 
     def as_dict(self) -> dict[str, float]:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "n": self.n}
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "n": self.n, **self.extra}
 
 
 @torch.no_grad()
@@ -49,10 +50,13 @@ def evaluate(
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Run `model` in eval mode over `batches` of (images, labels[, valid]) and count hits.
 
-    Samples whose `valid` flag is False (images that failed to decode) are not counted."""
+    Samples whose `valid` flag is False (images that failed to decode) are not counted.
+    `predictions`, when given, receives (top-k classes, labels, valid) of every batch, invalid
+    samples included, in loader order (for the reports of `engine/report.py`)."""
     was_training = model.training
     model.eval()
     zeros = torch.zeros(num_classes, dtype=torch.long)
@@ -61,10 +65,13 @@ def evaluate(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in batches:
         images, labels = batch[0], batch[1]
+        keep = batch[2].bool() if len(batch) > 2 else torch.ones(labels.shape[0], dtype=torch.bool)
+        all_labels = labels
         if len(batch) > 2:
-            keep = batch[2].bool()
             images, labels = images[keep], labels[keep]
         if labels.numel() == 0:
+            if predictions is not None:
+                predictions.append((torch.full((len(keep), k), -1), all_labels.cpu(), keep.cpu()))
             continue
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -76,6 +83,10 @@ def evaluate(
         result.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices
         hit1 = topk[:, 0] == labels
+        if predictions is not None:
+            full = torch.full((len(keep), k), -1)
+            full[keep] = topk.cpu()
+            predictions.append((full, all_labels.cpu(), keep.cpu()))
         result.correct1 += int(hit1.sum())
         result.correct5 += int((topk == labels[:, None]).any(dim=1).sum())
         result.n += labels.numel()

@@ -63,11 +63,12 @@ def _hms(seconds: float) -> str:
 
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (and TensorBoard scalars when the
-    `tensorboard` package is installed)."""
+    `tensorboard` package is installed, and to the experiment trackers given)."""
 
-    def __init__(self, directory: Path, enabled: bool = True) -> None:
+    def __init__(self, directory: Path, enabled: bool = True, trackers: Any = None) -> None:
         self.path = directory / "metrics.jsonl"
         self.enabled = enabled
+        self.trackers = trackers  # engine/tracking.py's `Trackers`: MLflow, W&B
         self.tb = None
         if enabled:
             try:
@@ -82,6 +83,8 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
         if self.tb is not None:
             step = record.get("global_step", 0)
             for k, v in record.items():

@@ -40,6 +40,7 @@ from .checkpoint import CheckpointManager, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
+from .tracking import Trackers, parse_backends
 from .schedules import LrSchedule
 
 log = logging.getLogger("res2net.train")
@@ -243,7 +244,12 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, global_step)
 
     loss_fn = _loss(cfg, mixer is not None)
-    metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main)
+    trackers = None
+    if dist.is_main and parse_backends(cfg.log):
+        trackers = Trackers(Path(cfg.ckpt_save_dir), parse_backends(cfg.log), uri=cfg.log_uri,
+                            project=cfg.log_project, run_name=Path(cfg.ckpt_save_dir).name)
+        trackers.params(cfg.to_dict())
+    metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main, trackers=trackers)
     metrics.rewind(global_step)  # records of work after the checkpoint are redone, not repeated
     bad = BadImageReport(train_ds)
     n_params = count_params(model)
@@ -378,6 +384,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         ms = 1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
         result.row = results_row(cfg, n_params, world, ms, last_val)
     metrics.close()
+    if trackers is not None:
+        trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
     return result
 
 

@@ -15,6 +15,14 @@ from ..factory import create_model
 from ..weights.loading import read_checkpoint, state_num_classes
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
+from .report import (
+    ClassMapHead,
+    ReportOptions,
+    TTAModel,
+    class_map_indices,
+    finish,
+    transform_settings,
+)
 
 log = logging.getLogger("res2net.validate")
 
@@ -32,12 +40,20 @@ def eval_settings(cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
     return settings
 
 
-def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | None = None) -> EvalResult:
-    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`."""
+def validate(
+    cfg: Config,
+    ckpt_path: str | Path,
+    per_class_csv: str | Path | None = None,
+    report: ReportOptions | None = None,
+) -> EvalResult:
+    """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`; with `report`,
+    also the reports, test-time augmentation and relabelling of `engine/report.py`."""
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
+    report = report or ReportOptions()
     try:
         state, fmt, _, metadata = read_checkpoint(ckpt_path)
-        transform = eval_transform(**eval_settings(cfg, metadata))
+        settings = eval_settings(cfg, metadata)
+        transform = eval_transform(**transform_settings(settings, report.tta))
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
                 cfg.data_dir, transform, cfg.batch_size, cfg.num_parallel_workers, training=False, split=cfg.val_split,
@@ -48,17 +64,43 @@ def validate(cfg: Config, ckpt_path: str | Path, per_class_csv: str | Path | Non
             dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
             loader, n_images = eval_loader(dataset, cfg.batch_size, cfg.num_parallel_workers, dist), len(dataset)
         n_ckpt = state_num_classes(state)
-        if n_ckpt is not None and n_ckpt != dataset.num_classes:
+        if n_ckpt is not None and n_ckpt != dataset.num_classes and not report.class_map:
             raise ValueError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
                 f"{dataset.num_classes} class folders; validate on data with the checkpoint's classes"
             )
         model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
+        outputs = n_ckpt or dataset.num_classes
+        mapped = None
+        if report.class_map:
+            mapped = class_map_indices(report.class_map, dataset.classes, outputs)
+        params = sum(p.numel() for p in model.parameters())
+        if mapped is not None:
+            model = ClassMapHead(model, mapped)
+        if report.tta:
+            model = TTAModel(model, report.tta, int(settings["image_resize"]))
         model = model.to(dist.device)
         if dist.is_main:
             log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, n_images, cfg.val_split)
         amp = cfg.amp_dtype(dist.device.type, validation=True)
-        result = reduce_result(evaluate(model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last), dist)
+        wants_report = report.report_dir or report.real_labels or report.results_csv
+        if wants_report and dist.world_size > 1:
+            raise ValueError(
+                "--report_dir/--real_labels/--results_csv need one process: "
+                "validate without --distribute"
+            )
+        predictions: list | None = [] if wants_report else None
+        result = evaluate(
+            model, loader, dist.device, dataset.num_classes, amp, cfg.channels_last, predictions
+        )
+        result = reduce_result(result, dist)
+        if wants_report:
+            files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
+            finish(
+                report, result, predictions, classes=dataset.classes, files=files,
+                real_outputs=mapped, num_outputs=outputs, model_name=cfg.model,
+                param_count=params, settings=settings,
+            )
         if per_class_csv is not None and dist.is_main:
             write_per_class(result, dataset.classes, Path(per_class_csv))
         return result

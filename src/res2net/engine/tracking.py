@@ -1,0 +1,235 @@
+"""Experiment tracking for `res2net train --log mlflow|wandb` (both: `--log mlflow,wandb`).
+
+Each tracker receives what `metrics.jsonl` receives (the run's parameters first, then every
+step and epoch record, named `step/loss`, `epoch/val_top1`... as in TensorBoard) and, at the
+end, the training plot and the best checkpoint as artifacts.
+
+* MLflow: `--log_uri` is any tracking URI; by default a SQLite store in `./mlruns/mlflow.db`
+  with artifacts in `./mlruns/artifacts` (MLflow's plain-file store is deprecated). The
+  experiment is `--log_project` (default "res2net").
+* Weights & Biases: project `--log_project`, files under the run's `ckpt_save_dir`; offline
+  when `WANDB_MODE=offline` (then `wandb sync` uploads later).
+
+A resumed run (`--resume`) continues the same tracked run: its id is kept in
+`ckpt_save_dir/tracking.json`. A tracker that fails while training logs one warning and stops
+tracking; training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write
+
+log = logging.getLogger("res2net.train")
+
+BACKENDS = ("mlflow", "wandb")
+_SKIP = ("kind", "global_step", "epoch", "step")
+
+
+def parse_backends(spec: str) -> list[str]:
+    """'mlflow,wandb' -> ['mlflow', 'wandb']; '' or 'none' -> []."""
+    names = [
+        s.strip().lower()
+        for s in (spec or "").split(",")
+        if s.strip() and s.strip().lower() != "none"
+    ]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise ValueError(
+            f"log: unknown tracker {unknown[0]!r}; "
+            f"use {', '.join(BACKENDS)} or both, comma-separated"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _metrics(record: dict[str, Any]) -> dict[str, float]:
+    kind = record.get("kind", "train")
+    return {
+        f"{kind}/{k}": float(v)
+        for k, v in record.items()
+        if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def _probe(uri: str) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # the server answers: MLflow itself judges the rest
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(
+            f"--log mlflow: cannot use tracking URI {uri!r} (unreachable: {reason})"
+        ) from None
+
+
+class MlflowTracker:
+    """One MLflow run, through `mlflow.MlflowClient`."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None) -> None:
+        try:
+            import mlflow
+        except ImportError:
+            raise ValueError("--log mlflow needs MLflow: pip install 'res2net[tracking]'") from None
+        from mlflow.exceptions import MlflowException
+
+        artifacts = None
+        if not uri:
+            root = Path("mlruns").resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            uri, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+        self.uri = uri
+        _probe(uri)
+        try:
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            exp_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(experiment, artifact_location=artifacts)
+            )
+            if run_id is None:
+                run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            else:
+                self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as e:
+            raise RuntimeError(
+                f"--log mlflow: cannot use tracking URI {uri!r} ({str(e).splitlines()[0]})"
+            ) from None
+        self.run_id = run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [
+            Param(k, json.dumps(v) if not isinstance(v, str) else v)
+            for k, v in params.items()
+            if v is not None
+        ]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(record.get("global_step", 0))
+        metrics = [Metric(k, v, now, step) for k, v in _metrics(record).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def artifact(self, path: Path, folder: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(
+            self.run_id, status="FINISHED" if status == "finished" else "KILLED"
+        )
+
+
+class WandbTracker:
+    """One Weights & Biases run (`wandb.init`), online or offline as `WANDB_MODE` says."""
+
+    def __init__(self, directory: Path, project: str, run_name: str, run_id: str | None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(
+                "--log wandb needs Weights & Biases: pip install 'res2net[tracking]'"
+            ) from None
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=project,
+            name=run_name or None,
+            dir=str(directory),
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="create_new",
+        )
+        self.run_id = self.run.id
+
+    def params(self, params: dict[str, Any]) -> None:
+        self.run.config.update(params, allow_val_change=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        metrics = _metrics(record)
+        if metrics:
+            self.run.log(metrics, step=int(record.get("global_step", 0)))
+
+    def artifact(self, path: Path, folder: str) -> None:
+        if path.suffix == ".png":
+            self.run.log({f"{folder}/{path.stem}": self.wandb.Image(str(path))})
+            return
+        art = self.wandb.Artifact(f"{self.run.id}-{folder}", type="model")
+        art.add_file(str(path))
+        self.run.log_artifact(art)
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+class Trackers:
+    """The trackers of one run; failures after start-up turn a tracker off with one warning."""
+
+    def __init__(
+        self,
+        directory: Path,
+        backends: list[str],
+        *,
+        uri: str = "",
+        project: str = "res2net",
+        run_name: str = "",
+    ) -> None:
+        self.state_path = directory / "tracking.json"
+        ids = self._ids()
+        self.active: dict[str, Any] = {}
+        for name in backends:
+            if name == "mlflow":
+                self.active[name] = MlflowTracker(uri, project, run_name, ids.get("mlflow"))
+            else:
+                self.active[name] = WandbTracker(directory, project, run_name, ids.get("wandb"))
+        if self.active:
+            new = {name: t.run_id for name, t in self.active.items()}
+            atomic_write(
+                self.state_path, lambda f: f.write(json.dumps({**ids, **new}, indent=1).encode())
+            )
+
+    def _ids(self) -> dict[str, str]:
+        try:
+            ids = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+    def _each(self, what: str, *args: Any) -> None:
+        for name, tracker in list(self.active.items()):
+            try:
+                getattr(tracker, what)(*args)
+            except Exception as e:  # tracking is never worth losing a run for
+                log.warning(
+                    "%s tracking stopped (%s: %s); training goes on", name, type(e).__name__, e
+                )
+                del self.active[name]
+
+    def params(self, params: dict[str, Any]) -> None:
+        self._each("params", params)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._each("log", record)
+
+    def finish(self, *, plot: Path | None, best: Path | None, interrupted: bool) -> None:
+        if plot is not None and plot.is_file():
+            self._each("artifact", plot, "plots")
+        if best is not None and best.is_file() and not interrupted:
+            self._each("artifact", best, "checkpoints")
+        self._each("close", "killed" if interrupted else "finished")

@@ -1,0 +1,155 @@
+"""Hugging Face Hub folders: written by `save_to_folder` / `res2net convert --to-hub-folder`,
+read back by `create_model("local-dir:...")`, by `create_model("hf-hub:...")` through
+huggingface_hub's cache (offline: nothing is uploaded or downloaded), and by timm."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import res2net
+from res2net.cli.main import main
+from res2net.hub import read_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ARCH = "res2net50_14w_8s"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 5-class model with non-trivial BatchNorm statistics, and a Hub folder of it."""
+    torch.manual_seed(0)
+    model = res2net.create_model(ARCH, num_classes=5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    folder = tmp_path_factory.mktemp("hub") / "tiny-res2net"
+    res2net.save_to_folder(
+        model,
+        folder,
+        arch=ARCH,
+        repo_name="me/tiny-res2net",
+        classes=list("abcde"),
+        metrics={"top1": 61.5},
+        eval_args={"image_resize": 160, "crop_pct": 0.95, "interpolation": "bicubic"},
+    )
+    return model, folder
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch, trained):
+    """The folder placed in a Hub cache laid out as huggingface_hub writes it, offline mode on."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--me--tiny-res2net"
+    shutil.copytree(trained[1], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_folder_has_timm_layout_and_model_card(trained):
+    _, folder = trained
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == ARCH and config["num_classes"] == 5
+    assert config["label_names"] == list("abcde")
+    assert config["pretrained_cfg"]["input_size"] == [3, 160, 160]
+    assert config["pretrained_cfg"]["interpolation"] == "bicubic"
+    card = (folder / "README.md").read_text()
+    assert (
+        card.startswith("---\n") and "library_name: timm" in card and "license: apache-2.0" in card
+    )
+    assert "| top1 | 61.5 |" in card and 'create_model("hf-hub:me/tiny-res2net")' in card
+
+
+def test_local_dir_and_hub_cache_give_the_same_logits(trained, hub_cache):
+    model, folder = trained
+    x = torch.randn(2, 3, 64, 64)
+    for name in (f"local-dir:{folder}", "hf-hub:me/tiny-res2net", "hf_hub:me/tiny-res2net@main"):
+        loaded = res2net.create_model(name)
+        assert torch.equal(_logits(loaded, x), _logits(model, x)), name
+        assert loaded.hub_config["label_names"] == list("abcde")
+    finetune = res2net.create_model("hf-hub:me/tiny-res2net", num_classes=3)
+    assert finetune.fc.out_features == 3
+
+
+def test_timm_loads_our_folder_and_gives_our_logits(trained, hub_cache):
+    timm = pytest.importorskip("timm")
+    model, folder = trained
+    x = torch.randn(2, 3, 64, 64)
+    for name in (f"local-dir:{folder}", "hf-hub:me/tiny-res2net"):
+        theirs = timm.create_model(name, pretrained=True)
+        assert theirs.pretrained_cfg["crop_pct"] == 0.95
+        err = (_logits(theirs, x) - _logits(model, x)).abs().max() / _logits(model, x).abs().max()
+        assert err <= 1e-5, name
+
+
+def test_missing_from_cache_offline_is_one_clear_error(hub_cache):
+    with pytest.raises(RuntimeError, match="not in the Hub cache.*offline"):
+        res2net.create_model("hf-hub:me/not-there")
+
+
+def test_push_offline_fails_clearly_and_uploads_nothing(trained, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+        res2net.push_to_hub(trained[0], "me/tiny-res2net", arch=ARCH)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architecture": "resnet50"}, "resnet50"),
+        ({"num_classes": -3}, "num_classes"),
+        ({"label_names": ["a"]}, "label_names"),
+        ({"pretrained_cfg": {"input_size": [3, 10**6, 10**6]}}, "input_size"),
+        ({"pretrained_cfg": {"std": [0, 1, 1]}}, "std"),
+    ],
+)
+def test_hostile_configs_are_refused_naming_the_key(trained, tmp_path, change, message):
+    folder = tmp_path / "bad"
+    shutil.copytree(trained[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        read_config(folder)
+
+
+def test_convert_cli_writes_a_hub_folder(trained, tmp_path, capsys):
+    model, _ = trained
+    src = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), src)
+    (tmp_path / "classes.txt").write_text("\n".join("vwxyz"))
+    out = tmp_path / "out"
+    (tmp_path / "recipe.yaml").write_text("model: res2net50_14w_8s\nlr: 0.1\n")
+    args = ["convert", str(src), "--model", ARCH, "--to-hub-folder", str(out),
+            "--metric", "top1=12.5", "--classes", str(tmp_path / "classes.txt"),
+            "--recipe", str(tmp_path / "recipe.yaml")]
+    assert main(args) == 0
+    loaded = res2net.create_model(f"local-dir:{out}")
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    assert loaded.hub_config["label_names"] == list("vwxyz")
+    card = (out / "README.md").read_text()
+    assert "| top1 | 12.5 |" in card and "```yaml\nmodel: res2net50_14w_8s\nlr: 0.1\n```" in card
+    assert main(["convert", str(src), "--model", ARCH]) == 2
+    assert "give either DST" in capsys.readouterr().err
