@@ -92,10 +92,10 @@ class EvalTransform:
 
         return eval_transform(
             self.image_resize,
-            self.crop_pct,
-            self.interpolation,
-            [255 * m for m in self.mean],
-            [255 * s for s in self.std],
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+            mean=[255 * m for m in self.mean],
+            std=[255 * s for s in self.std],
         )
 
 
