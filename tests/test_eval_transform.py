@@ -203,7 +203,8 @@ def test_nan_loss_ends_in_one_line_with_exit_code_1(
 def test_shard_index_missing_a_key_is_one_line(tmp_path: Path, capsys) -> None:
     index = tmp_path / "wds" / "val" / "index.json"
     index.parent.mkdir(parents=True)
-    index.write_text(json.dumps({"format": INDEX_FORMAT, "version": 1, "total": 1, "shards": []}))
+    shard = {"name": "val-000000.tar", "count": 1}
+    index.write_text(json.dumps({"format": INDEX_FORMAT, "version": 1, "total": 1, "shards": [shard]}))
     assert (
         main(
             [
@@ -221,7 +222,7 @@ def test_shard_index_missing_a_key_is_one_line(tmp_path: Path, capsys) -> None:
         == 2
     )
     err = capsys.readouterr().err.strip()
-    assert "lacks the key 'classes'" in err and len(err.splitlines()) == 1
+    assert "'classes' must be a list" in err and len(err.splitlines()) == 1
 
 
 def test_non_utf8_class_name_fails_before_validation(

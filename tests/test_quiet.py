@@ -36,8 +36,8 @@ def test_distribute_note_is_left_to_the_run() -> None:
 
 def test_step_log_lines_give_the_whole_run_eta(caplog) -> None:
     caplog.set_level(logging.INFO)
-    reporter = StepReporter(4, 0, 2, desc="epoch 1/3", later_steps=8)
+    reporter = StepReporter(4, desc="epoch 1/3", later_steps=8)
     for step in range(1, 5):
-        reporter.update(step, 2, 0.5, 0.1)
+        reporter.update(step, 2, 0.5 if step % 2 == 0 else None, 0.1)  # a loss at log intervals
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("ETA" in ln and "(run " in ln for ln in lines)

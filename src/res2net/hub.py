@@ -17,6 +17,7 @@ folder is untrusted: the config is size-capped and checked key by key, the weigh
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import tempfile
@@ -211,7 +212,7 @@ def push_to_hub(
             raise RuntimeError(
                 f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload"
             ) from None
-        except (HfHubHTTPError, OSError) as e:
+        except (HfHubHTTPError, OSError, *_http_client_errors()) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RuntimeError(
                 f"could not push to {repo_id} ({reason}); check the network and your token "
@@ -219,6 +220,19 @@ def push_to_hub(
                 "and upload it later"
             ) from None
     return str(getattr(info, "commit_url", info))
+
+
+def _http_client_errors() -> tuple[type[Exception], ...]:
+    """The connection errors of the HTTP client huggingface_hub uses (httpx, httpx2 or requests,
+    depending on its release), so that an unreachable Hub is one line, not a traceback."""
+    errors: list[type[Exception]] = []
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"),
+                         ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _split_revision(spec: str) -> tuple[str, str | None]:

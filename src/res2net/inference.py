@@ -13,6 +13,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data import load_image
 from .factory import create_model
+from .guards import check_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.layers import res2_forward
@@ -78,8 +79,8 @@ def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
             if not inside:
                 raise FileNotFoundError(f"no images in folder '{path}'")
             found += [(f, f.relative_to(path).with_suffix("")) for f in sorted(inside)]
-        elif path.is_file():
-            found.append((path, Path(path.stem)))
+        elif path.exists():  # a file; a FIFO or device is refused before anything reads it
+            found.append((check_regular_file(path, "image"), Path(path.stem)))
         else:
             raise FileNotFoundError(f"no such image or folder: '{path}'")
     return found

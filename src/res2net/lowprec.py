@@ -13,6 +13,7 @@ layers, and nearly all of a Res2Net's work is in convolutions.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def quantize_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
             f"precision='int8' needs torchao ({e}): pip install 'res2net[lowprec]'"
         ) from None
 
+    # Inductor's int8 convolution lowering copies a tensor with torch.tensor(t) and warns about
+    # it at every compile: PyTorch's own note, nothing the user can act on.
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor",
+                            category=UserWarning, module=r"torch\._inductor")
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(
