@@ -15,8 +15,8 @@ The figure helpers (`overlay`, `save_cam_figure`) draw with matplotlib.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
         ) from None
 
 
-def _normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _normalize_maps(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """(N, h, w) raw maps -> (N, H, W): ReLU, bilinear upsampling, each map divided by its max."""
     maps = F.interpolate(F.relu(maps).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
     maps = maps.squeeze(1)

@@ -503,7 +503,7 @@ def load_config(
         values[key] = _coerce(key, value, _FIELD_TYPES[key], where)
         sources[key] = where
     if path is not None and sources.get("data_dir") == f"in {path}":
-        _refuse_commands(values, path)
+        _refuse_commands(values, os.fspath(path))
     try:
         return Config(**values)
     except ConfigError as e:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
 from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
 from .models.layers import channels_last_on_cpu
-from .weights.loading import load_checkpoint
 from .weights.entry import get_weights
+from .weights.loading import load_checkpoint
 from .weights.pretrained import download_weights
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ def calibration_batches(
         files = image_files(source)
         n = min(max_images, len(files))
         files = [files[i * len(files) // n] for i in range(n)]
-        transform = eval_transform(image_size, crop_pct)
+        transform = eval_transform(image_size, crop_pct=crop_pct)
         images = torch.stack([transform(load_image(f)) for f in files])
         return list(images.split(batch_size))
     batches = list(source.split(batch_size)) if isinstance(source, torch.Tensor) else list(source)

@@ -13,9 +13,10 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 HELP = "prepare data: pack a folder into WebDataset shards (shard), verify a dataset (check)"
 
@@ -114,8 +115,7 @@ def _progress_line(split: str, done: int, total: int) -> None:
 
 
 def _decode_error(item: tuple[str, Any, int | None]) -> str | None:
-    from ..data import DataError, load_image
-    from ..data import decode_image
+    from ..data import DataError, decode_image, load_image
 
     name, payload, max_pixels = item
     kw = {} if max_pixels is None else {"max_pixels": max_pixels}

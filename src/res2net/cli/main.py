@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from ..extras import MissingExtra
 from . import benchmark as benchmark_cmd
 from . import cam as cam_cmd
 from . import convert as convert_cmd
@@ -19,7 +20,6 @@ from . import saliency as saliency_cmd
 from . import serve as serve_cmd
 from . import train as train_cmd
 from . import validate as validate_cmd
-from ..extras import MissingExtra
 
 # Exit codes (README, "Exit codes"): 0 success (also a run stopped by SIGTERM/Ctrl-C after
 # saving), 1 training stopped on a NaN/inf loss, 2 bad input or environment (one line on

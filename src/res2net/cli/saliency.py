@@ -54,7 +54,13 @@ def _print_metrics(name: str, m: dict[str, float]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..saliency import SaliencyFolder, evaluate_saliency, saliency_res2net, save_saliency_model, train_saliency
+    from ..saliency import (
+        SaliencyFolder,
+        evaluate_saliency,
+        saliency_res2net,
+        save_saliency_model,
+        train_saliency,
+    )
 
     torch.manual_seed(args.seed)
     dataset = SaliencyFolder(args.data, image_size=args.image_size, train=True)
@@ -74,8 +80,8 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..data import load_image
-    from ..saliency import load_saliency_model, predict_saliency
     from ..inference import find_images
+    from ..saliency import load_saliency_model, predict_saliency
 
     files = find_images(args.images)
     model, meta = load_saliency_model(args.weights, args.device)

@@ -164,16 +164,16 @@ class CheckpointManager:
             raise ValueError(f"{self.index_path}: not valid JSON ({short(str(e), 120)}); {fix}") from None
         if not isinstance(entries, list):
             raise ValueError(f"{self.index_path}: expected a list of checkpoints; {fix}")
-        for i, e in enumerate(entries):
+        for i, entry in enumerate(entries):
             ok = (
-                isinstance(e, dict)
-                and type(e.get("epoch")) is int
-                and e.get("file") == self.epoch_file(e["epoch"]).name
-                and (e.get("top1") is None or type(e.get("top1")) in (int, float))
+                isinstance(entry, dict)
+                and type(entry.get("epoch")) is int
+                and entry.get("file") == self.epoch_file(entry["epoch"]).name
+                and (entry.get("top1") is None or type(entry.get("top1")) in (int, float))
             )
             if not ok:
                 raise ValueError(
-                    f"{self.index_path}: entry {i} ({short(json.dumps(e), 80)}) is not "
+                    f"{self.index_path}: entry {i} ({short(json.dumps(entry), 80)}) is not "
                     f'{{"epoch": N, "file": "{self.prefix}-NNN.pt", "top1": X}}; {fix}'
                 )
         return entries

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def evaluate(
     result = EvalResult(class_total=zeros.clone(), class_correct=zeros.clone())
     k = min(5, num_classes)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     with stop_signals_blocked():  # loader workers start here
         batch_iter = iter(batches)
     shown = progress_bar(batch_iter, total=total, desc="validation", enabled=progress, unit="batch")

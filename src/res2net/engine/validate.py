@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..config import Config
 from ..data import ImageFolderDataset, build_shard_loader, cap_workers, is_shard_dir

@@ -76,7 +76,7 @@ class Res2NetBase(nn.Module):
             return [maps[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self) -> nn.Module:
+    def get_classifier(self) -> nn.Module | None:
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:

@@ -8,7 +8,7 @@ Parameter names follow timm's DLA (`base_layer`, `level0`..`level5`, `tree1`, `t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -105,8 +105,8 @@ class DlaTree(nn.Module):
         self.project: nn.Module = nn.Identity()
         norm_layer, act_layer = block_kw["norm_layer"], block_kw["act_layer"]
         if levels == 1:
-            self.tree1 = DlaBottle2neck(in_channels, out_channels, stride, drop_path=drop_paths.pop(0), **block_kw)
-            self.tree2 = DlaBottle2neck(out_channels, out_channels, 1, drop_path=drop_paths.pop(0), **block_kw)
+            self.tree1: nn.Module = DlaBottle2neck(in_channels, out_channels, stride, drop_path=drop_paths.pop(0), **block_kw)
+            self.tree2: nn.Module = DlaBottle2neck(out_channels, out_channels, 1, drop_path=drop_paths.pop(0), **block_kw)
             if in_channels != out_channels:
                 self.project = nn.Sequential(
                     nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), norm_layer(out_channels)

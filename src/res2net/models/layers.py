@@ -5,11 +5,10 @@ net families expose."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-
 
 NormLayer = Callable[[int], nn.Module]
 """Builds a normalisation layer for a channel count (`nn.BatchNorm2d`, `FrozenBatchNorm2d`...)."""
@@ -31,8 +30,8 @@ def channels_last_on_cpu(module: nn.Module, args: tuple[torch.Tensor, ...]) -> t
 def res2_forward(
     x: torch.Tensor,
     width: int,
-    convs: Sequence[nn.Module],
-    bns: Sequence[nn.Module],
+    convs: Sequence[nn.Module] | nn.ModuleList,
+    bns: Sequence[nn.Module] | nn.ModuleList,
     pool: nn.Module | None,
     stage_first: bool,
     act: Callable[[torch.Tensor], torch.Tensor],
@@ -75,7 +74,9 @@ def init_weights(module: nn.Module, zero_init_last: bool) -> None:
     if zero_init_last:
         for m in module.modules():
             if hasattr(m, "bn3"):
-                nn.init.zeros_(m.bn3.weight)
+                weight = m.get_submodule("bn3").weight
+                assert isinstance(weight, torch.Tensor)
+                nn.init.zeros_(weight)
 
 
 def check_out_indices(out_indices: Sequence[int]) -> tuple[int, ...]:

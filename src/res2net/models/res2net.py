@@ -7,7 +7,7 @@ Parameter names follow the official repository and timm (`conv1`, `bn1`, `layer1
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -104,6 +104,12 @@ class Res2Net(Res2NetBase):
     (called with a channel count) and `act_layer` (called with `inplace=True`) build every
     normalisation and activation: `FrozenBatchNorm2d` for detection, for example."""
 
+    # the four stages, added with add_module in __init__
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self,
         layers: Sequence[int],
@@ -133,7 +139,7 @@ class Res2Net(Res2NetBase):
             raise ValueError(f"layers={list(layers)} is invalid: give four positive block counts")
 
         if deep_stem:
-            self.conv1 = nn.Sequential(
+            self.conv1: nn.Module = nn.Sequential(
                 nn.Conv2d(in_chans, 32, kernel_size=3, stride=2, padding=1, bias=False),
                 norm_layer(32),
                 act_layer(inplace=True),

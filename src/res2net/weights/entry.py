@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -92,10 +93,10 @@ class EvalTransform:
 
         return eval_transform(
             self.image_resize,
-            self.crop_pct,
-            self.interpolation,
-            [255 * m for m in self.mean],
-            [255 * s for s in self.std],
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+            mean=[255 * m for m in self.mean],
+            std=[255 * s for s in self.std],
         )
 
 

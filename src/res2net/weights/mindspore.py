@@ -26,7 +26,8 @@ import binascii
 import itertools
 import math
 import os
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -283,7 +284,8 @@ def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]
         if pending is not None and dims is not None and pending[0] == tag:
             if pending[1] != dims or pending[2] != tensor_type:
                 raise _Bad(f"the slices of entry {tag!r} disagree on dims or tensor_type")
-            pending[3].append(content)  # type: ignore[arg-type]
+            assert content is not None  # dims and content are None together (a map tensor)
+            pending[3].append(content)
             continue
         if pending is not None:
             finish(*pending)
@@ -293,7 +295,8 @@ def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]
                 seen.add(tag)
                 skipped.append(tag)
             continue
-        pending = (tag, dims, tensor_type, [content])  # type: ignore[list-item]
+        assert tensor_type is not None and content is not None
+        pending = (tag, dims, tensor_type, [content])
     if pending is not None:
         finish(*pending)
     if not tensors and not skipped:
@@ -367,7 +370,7 @@ def write_mindspore_checkpoint(path: str | os.PathLike, tensors: dict[str, torch
     def write(f: BinaryIO) -> None:
         for name, t in entries:
             dims = list(t.shape) if t.dim() > 0 else [0]
-            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            raw = t.reshape(-1).view(torch.uint8).numpy().data
             step = max(_CHUNK_BYTES - _CHUNK_BYTES % t.element_size(), t.element_size())
             for start in range(0, max(len(raw), 1), step):
                 _write_entry(f, name, dims, _TORCH_TO_MS[t.dtype], raw[start : start + step])
