@@ -11,6 +11,7 @@ from torch import nn
 
 from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
+from .models.base import Res2NetBase
 from .models.layers import channels_last_on_cpu
 from .weights.entry import get_weights
 from .weights.loading import load_checkpoint
@@ -31,7 +32,7 @@ def create_model(
     out_indices: Sequence[int] = (1, 2, 3, 4),
     cpu_channels_last: bool = True,
     **kwargs: Any,
-) -> nn.Module:
+) -> Res2NetBase:
     """Build model `name` (see `list_models()`), optionally with weights.
 
     - `pretrained`: True (default source) or a source name ("mindcv", "official", "timm",
@@ -59,8 +60,10 @@ def create_model(
                 f"{name}: a Hub model brings its weights; "
                 "drop pretrained/checkpoint_path/features_only"
             )
-        classes = {} if num_classes is _NOT_GIVEN else {"num_classes": num_classes}
-        return load_from_hub(name, **classes, cpu_channels_last=cpu_channels_last, **kwargs)
+        hub_classes = None if num_classes is _NOT_GIVEN else num_classes
+        return load_from_hub(
+            name, num_classes=hub_classes, cpu_channels_last=cpu_channels_last, **kwargs
+        )
     resolve_name(name)
     if pretrained and checkpoint_path is not None:
         raise ValueError("give either pretrained= or checkpoint_path=, not both")
@@ -84,12 +87,12 @@ def create_model(
 
 
 def create_backbone(
-    backbone: str | nn.Module,
+    backbone: str | Res2NetBase,
     out_indices: Sequence[int],
     checkpoint_path: str | Path | None = None,
     pretrained: bool | str = False,
     **model_kwargs: Any,
-) -> nn.Module:
+) -> Res2NetBase:
     """A features_only trunk for detection, segmentation and saliency heads: built from a model
     name (with optional weights and architecture keyword arguments), or an already built
     features_only model, which is returned as is."""

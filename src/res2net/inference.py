@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
     return [str(i) for i in range(num_classes)]
 
 
-def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
+def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     """(image path, name relative to its folder without suffix) for image files and for every
     image inside folders (recursively). A missing path, or a folder without images, is an error."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -150,17 +151,31 @@ def concat_convs(convs: list[nn.Conv2d]) -> nn.Conv2d:
     fused = nn.Conv2d(
         first.in_channels * len(convs),
         first.out_channels * len(convs),
-        kernel_size=first.kernel_size,
-        stride=first.stride,
-        padding=first.padding,
-        dilation=first.dilation,
+        kernel_size=_pair(first.kernel_size),
+        stride=_pair(first.stride),
+        padding=first.padding if isinstance(first.padding, str) else _pair(first.padding),
+        dilation=_pair(first.dilation),
         groups=first.groups * len(convs),
         bias=first.bias is not None,
     )
     fused.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]), requires_grad=False)
     if first.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]), requires_grad=False)
+        biases = [c.bias.detach() for c in convs if c.bias is not None]  # all have one, as first
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
     return fused
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's stored geometry (typed tuple[int, ...]) as the (h, w) its constructor takes."""
+    height, width = value
+    return height, width
+
+
+def _fold(conv: nn.Module, norm: nn.Module) -> nn.Conv2d:
+    """`fuse_conv_bn_eval` on a block's conv and norm layer. torch types `norm` as a BatchNorm,
+    but it reads only running_mean/var, eps, weight and bias, which `FrozenBatchNorm2d` has too."""
+    assert isinstance(conv, nn.Conv2d)
+    return fuse_conv_bn_eval(conv, norm)  # type: ignore[arg-type]  # see the docstring
 
 
 def fold_batchnorms(module: nn.Module) -> None:
@@ -171,8 +186,9 @@ def fold_batchnorms(module: nn.Module) -> None:
     for m in list(module.modules()):
         if isinstance(m, nn.Sequential):
             for i in range(len(m) - 1):
-                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
-                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
+                first, second = m[i], m[i + 1]
+                if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
+                    m[i] = fuse_conv_bn_eval(first, second)
                     m[i + 1] = nn.Identity()
         for conv_name, bn_name in (("conv", "bn"), ("conv1", "bn1")):
             conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
@@ -199,14 +215,14 @@ class FusedRes2Block(nn.Module):
     def __init__(self, block: Bottle2neck | DlaBottle2neck) -> None:
         super().__init__()
         self.stage_first = block.stage_first
-        self.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
-        convs = [fuse_conv_bn_eval(c, b) for c, b in zip(block.convs, block.bns)]
+        self.conv1 = _fold(block.conv1, block.bn1)
+        convs = [_fold(c, b) for c, b in zip(block.convs, block.bns)]
         # the grouped conv reads all the channels the separate convs read, as one group of res2_forward
         self.width = block.width * len(convs) if block.stage_first else block.width
         self.convs = nn.ModuleList([concat_convs(convs)] if block.stage_first else convs)
         self.no_bns = (nn.Identity(),) * len(self.convs)  # folded into the convs
         self.pool = block.pool
-        self.conv3 = fuse_conv_bn_eval(block.conv3, block.bn3)
+        self.conv3 = _fold(block.conv3, block.bn3)
         self.downsample = getattr(block, "downsample", None)
         if self.downsample is not None:
             fold_batchnorms(self.downsample)
@@ -274,6 +290,7 @@ def optimize_for_inference(
     if precision == "bf16":
         optimized = to_bf16(optimized)
     elif precision == "int8":
+        assert calibration is not None  # refused above
         return FrozenCompiled(quantize_int8(optimized, calibration_batches(calibration)))
     return FrozenCompiled(optimized) if compile else optimized
 

@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -212,13 +213,14 @@ def benchmark_model(
             model = optimize_for_inference(
                 model, precision=precision, calibration=calibration, compile=compile
             )
+            infer: Callable[[torch.Tensor], Any] = model
         else:
             model = model.to(memory_format=memory_format)
-            model = torch.compile(model) if compile else model
+            infer = torch.compile(model) if compile else model
 
         def step() -> None:
             with torch.inference_mode(), autocast:
-                model(x)
+                infer(x)
 
     else:
         model.train().to(memory_format=memory_format)

@@ -302,7 +302,7 @@ def _index_problem(info: Any) -> str | None:
             return f"shard {k} is not an object"
         name = shard.get("name")
         try:
-            check_name(name)
+            name = check_name(name)
         except DataError as e:
             return str(e)
         if name in seen:
@@ -543,7 +543,7 @@ class ShardSample(NamedTuple):
     """One raw sample: its position in the split (index order), shard URL, key, label field and
     image bytes (None when the sample has no image member)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field may shadow tuple.index; typeshed objects
     shard: str
     key: str
     cls: bytes | None
@@ -662,7 +662,10 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             )
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     key, held = None, 0
-    with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|") as tar:  # "r|": no decompression
+    # "r|": no decompression. The stream mode calls only read(), which is all _Prefixed has;
+    # typeshed asks for the whole file interface.
+    prefixed = _Prefixed(head, stream)
+    with tarfile.open(fileobj=prefixed, mode="r|") as tar:  # type: ignore[call-overload]
         for member in tar:
             if not member.isreg() or member.name.startswith("__"):
                 continue

@@ -22,17 +22,20 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 
 from ..config import Config
+from ..schema import OnBadImage
 from ..data import (
     BadImageReport,
     ImageFolderDataset,
+    ShardLoader,
     build_loader,
     build_shard_loader,
     cap_workers,
@@ -110,12 +113,15 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
         mean=cfg.mean, std=cfg.std,
     )
     workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
+    on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
+    train_loader: ShardLoader | DataLoader[Any]
+    val_loader: ShardLoader | DataLoader[Any] | None
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
         if cfg.aug_repeats > 1:
             raise ValueError("aug_repeats is not supported with sharded data; use an image folder")
-        shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
+        shard_kw: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=on_bad_image,
                         batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed)
         train_loader, _ = build_shard_loader(
             cfg.data_dir, transform=train_tf, training=True, split=cfg.train_split,
@@ -130,7 +136,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
             )
         return train_loader, train_ds, val_loader
     train_ds = ImageFolderDataset(
-        cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=cfg.on_bad_image,
+        cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=on_bad_image,
         num_samples=cfg.num_samples, seed=cfg.seed,
     )
     train_loader = build_loader(
@@ -141,7 +147,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     if cfg.val_while_train:
         val_ds = ImageFolderDataset(
             cfg.data_dir, cfg.val_split, transform=eval_tf, class_to_idx=train_ds.class_to_idx,
-            on_bad_image=cfg.on_bad_image,
+            on_bad_image=on_bad_image,
         )
         val_loader = eval_loader(val_ds, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
     return train_loader, train_ds, val_loader
@@ -491,8 +497,9 @@ def train_one_epoch(
             images, labels, weight = _micro_batch(batch, bad, dist)
             if images is None:
                 continue
-            sync = contextlib.nullcontext()
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if dist.enabled and micro < accum - 1:
+                assert isinstance(parts.train_model, nn.parallel.DistributedDataParallel)
                 sync = parts.train_model.no_sync()
             with sync:
                 loss = _forward_backward(cfg, state, parts, images, labels, weight=weight)

@@ -297,8 +297,10 @@ def load_checkpoint(
         )
     head_fits = not mismatched_head and set(head_keys) == set(own_head)
     if reset_head and not head_fits:
-        n_file = next((f"{state[k].shape[0]} classes" for k in head_keys if k.endswith("weight")), "none")
-        n_model = f"{getattr(model, 'num_classes', '?')} classes" if own_head else "none"
+        file_head = next(
+            (f"{state[k].shape[0]} classes" for k in head_keys if k.endswith("weight")), "none"
+        )
+        model_head = f"{getattr(model, 'num_classes', '?')} classes" if own_head else "none"
         for k in head_keys:
             state.pop(k)
         for k in own_head:
@@ -306,7 +308,7 @@ def load_checkpoint(
         report.head_reset = True
         log.warning(
             "%s: classifier not loaded (checkpoint's: %s, model's: %s), the model's stays freshly initialised; "
-            "all other weights loaded", path, n_file, n_model,
+            "all other weights loaded", path, file_head, model_head,
         )
 
     _check_tensors(path, state)
