@@ -28,7 +28,8 @@ import logging
 import os
 import random
 import signal
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

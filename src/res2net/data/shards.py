@@ -58,16 +58,17 @@ import random
 import re
 import shlex
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .folders import (
     DEFAULT_MAX_PIXELS,
     DataError,
@@ -77,7 +78,6 @@ from .folders import (
     decode_image,
     image_for,
 )
-from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .loader import _epoch_generator, _seed_all, ignore_stop_signals
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..schema import OnBadImage
 from ..data import (
     BadImageReport,
     ImageFolderDataset,
@@ -47,13 +46,14 @@ from ..data import (
 from ..data.loader import stop_signals_blocked
 from ..factory import create_model
 from ..profile import count_params
+from ..schema import OnBadImage
 from . import distributed
 from .checkpoint import CheckpointManager, RunLock, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
-from .tracking import Trackers, parse_backends
 from .schedules import LrSchedule
+from .tracking import Trackers, parse_backends
 
 log = logging.getLogger("res2net.train")
 

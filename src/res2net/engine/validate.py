@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..schema import OnBadImage
 from ..data import (
     ImageFolderDataset,
     ShardLoader,
@@ -22,6 +21,7 @@ from ..data import (
     is_shard_dir,
 )
 from ..factory import create_model
+from ..schema import OnBadImage
 from ..weights.entry import (
     EVAL_KEYS,
     EvalTransform,

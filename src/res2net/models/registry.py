@@ -9,7 +9,6 @@ import difflib
 import fnmatch
 from typing import Any
 
-
 from .base import Res2NetBase
 from .dla import DLA
 from .res2net import Res2Net
