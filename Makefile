@@ -40,4 +40,4 @@ soak: $(STAMP)
 	@$(BIN)/python -m tests.soak --figures $(VENV)/soak-figures.json --tests-log $(VENV)/soak-tests.log
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -72,7 +72,10 @@ def create_model(
     if num_classes < 0:
         raise ValueError(f"num_classes={num_classes} is invalid: it must be >= 0")
     model = build_model(
-        name, num_classes=num_classes, out_indices=tuple(out_indices) if features_only else None, **kwargs
+        name,
+        num_classes=num_classes,
+        out_indices=tuple(out_indices) if features_only else None,
+        **kwargs,
     )
     model.pretrained_weights = None  # its published entry, as timm's pretrained_cfg
     if cpu_channels_last:
@@ -82,7 +85,9 @@ def create_model(
         checkpoint_path = download_weights(weights.entry())
         model.pretrained_weights = weights
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, strict=not features_only, reset_head=explicit_classes)
+        load_checkpoint(
+            model, checkpoint_path, strict=not features_only, reset_head=explicit_classes
+        )
     return model
 
 
@@ -100,7 +105,9 @@ def create_backbone(
         if checkpoint_path is not None or pretrained:
             raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
         if getattr(backbone, "fc", None) is not None:
-            raise ValueError("the backbone model has a classifier: build it with features_only=True")
+            raise ValueError(
+                "the backbone model has a classifier: build it with features_only=True"
+            )
         return backbone
     return create_model(
         backbone,

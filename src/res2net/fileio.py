@@ -85,7 +85,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             if full:
                 reason = f"{os.strerror(errno.ENOSPC)}; {reason}"
-            raise OSError(f"could not write {path} ({reason}); the previous file there, if any, is intact") from e
+            raise OSError(
+                f"could not write {path} ({reason}); the previous file there, if any, is intact"
+            ) from e
         raise
     fsync_directory(path.parent)
 

@@ -43,13 +43,17 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
     if classes:
         path = Path(classes)
         if path.is_dir():
-            names = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            names = sorted(
+                p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
         elif path.is_file():
             names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         else:
             raise FileNotFoundError(f"--classes {classes!r} is neither a folder nor a file")
         if len(names) != num_classes:
-            raise ValueError(f"--classes gives {len(names)} names but the model has {num_classes} classes")
+            raise ValueError(
+                f"--classes gives {len(names)} names but the model has {num_classes} classes"
+            )
         return names
     if ckpt_path:
         try:
@@ -130,7 +134,12 @@ def predict(
     log.info(describe_sources(spec, where))
     if not ckpt_path and not pretrained:
         log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
-    model = create_model(model_name, num_classes=num_classes, checkpoint_path=ckpt_path, pretrained=pretrained or False).eval()
+    model = create_model(
+        model_name,
+        num_classes=num_classes,
+        checkpoint_path=ckpt_path,
+        pretrained=pretrained or False,
+    ).eval()
     names = class_names(classes, num_classes, ckpt_path)
     transform = spec.transform()
     out = []
@@ -217,7 +226,8 @@ class FusedRes2Block(nn.Module):
         self.stage_first = block.stage_first
         self.conv1 = _fold(block.conv1, block.bn1)
         convs = [_fold(c, b) for c, b in zip(block.convs, block.bns)]
-        # the grouped conv reads all the channels the separate convs read, as one group of res2_forward
+        # the grouped conv reads all the channels the separate convs read, as one group of
+        # res2_forward
         self.width = block.width * len(convs) if block.stage_first else block.width
         self.convs = nn.ModuleList([concat_convs(convs)] if block.stage_first else convs)
         self.no_bns = (nn.Identity(),) * len(self.convs)  # folded into the convs
@@ -234,7 +244,9 @@ class FusedRes2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.relu_(self.conv1(x))
-        out = res2_forward(out, self.width, self.convs, self.no_bns, self.pool, self.stage_first, torch.relu_)
+        out = res2_forward(
+            out, self.width, self.convs, self.no_bns, self.pool, self.stage_first, torch.relu_
+        )
         out = self.conv3(out)
         if self.downsample is not None:
             shortcut = self.downsample(x)
@@ -281,9 +293,13 @@ def optimize_for_inference(
     optimized = copy.deepcopy(model).eval()
     _replace_blocks(optimized)
     fold_batchnorms(optimized)
-    left = [n for n, m in optimized.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    left = [
+        n for n, m in optimized.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     if left:
-        raise ValueError(f"cannot fold these BatchNorm layers (no conv before them): {', '.join(left)}")
+        raise ValueError(
+            f"cannot fold these BatchNorm layers (no conv before them): {', '.join(left)}"
+        )
     optimized.requires_grad_(False)
     if channels_last:
         optimized = optimized.to(memory_format=torch.channels_last)

@@ -37,12 +37,16 @@ def count_flops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> i
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, batch_size: int = 1, image_size: int = 224, repeats: int = 5, warmup: int = 1) -> float:
+def time_forward(
+    model: nn.Module, batch_size: int = 1, image_size: int = 224, repeats: int = 5, warmup: int = 1
+) -> float:
     """Median wall-clock milliseconds of an eval forward pass, after `warmup` untimed passes."""
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    return statistics.median(time_calls(lambda: model(x), device, warmup=max(1, warmup), repeats=repeats)[1])
+    return statistics.median(
+        time_calls(lambda: model(x), device, warmup=max(1, warmup), repeats=repeats)[1]
+    )
 
 
 # ---- benchmarking: the seed table's columns (model, params, cards, batch, resolution, jit level,
@@ -75,7 +79,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> tuple[float, list[float]]:
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> tuple[float, list[float]]:
     """Seconds of the first call (compilation included), and milliseconds of each of `repeats`
     calls made after `warmup` untimed ones (the first call counts as a warm-up)."""
     start = time.perf_counter()
@@ -95,7 +101,10 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, 
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], device: torch.device | str = "cpu", warmup: int = 1, rounds: int = 5
+    candidates: dict[str, Callable[[], object]],
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    rounds: int = 5,
 ) -> dict[str, list[float]]:
     """Milliseconds of each call of each candidate, taking turns (one call of each per round)
     so that load from other processes affects them alike; `warmup` untimed calls each first."""
@@ -115,12 +124,15 @@ def time_interleaved(
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, str | int]:
-    """What the numbers were measured on: CPU model, cores, torch threads and version, accelerator."""
+    """What the numbers were measured on: CPU model, cores, torch threads and version,
+    accelerator."""
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
     info: dict[str, str | int] = {
@@ -227,7 +239,9 @@ def benchmark_model(
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         train_model: nn.Module = model
         if cards > 1:
-            train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         forward = torch.compile(train_model) if compile else train_model
         num_classes = getattr(model, "num_classes", 1000) or 1000
         target = torch.randint(0, num_classes, (batch_size,), device=device)

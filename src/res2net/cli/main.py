@@ -46,12 +46,18 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="res2net", description="Res2Net models: train, validate, convert, inspect.", allow_abbrev=False
+        prog="res2net",
+        description="Res2Net models: train, validate, convert, inspect.",
+        allow_abbrev=False,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show debug logging and full tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False))
+        module.add_parser(
+            sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False)
+        )
     return parser
 
 

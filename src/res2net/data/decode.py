@@ -65,7 +65,9 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
         self.interpolation = InterpolationMode(self.interpolation)  # the default is a str
         if self.interpolation not in TENSOR_INTERPOLATIONS:
             names = ", ".join(m.value for m in TENSOR_INTERPOLATIONS)
-            raise ValueError(f"{type(self).__name__} supports {names}, not {self.interpolation.value}")
+            raise ValueError(
+                f"{type(self).__name__} supports {names}, not {self.interpolation.value}"
+            )
 
     def forward(self, image: EncodedImage | Image.Image | Tensor) -> tv_tensors.Image:
         if isinstance(image, EncodedImage):

@@ -185,7 +185,9 @@ def read_file(path: str | os.PathLike) -> bytes:
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`."""
     with decoding(name):
         return finish_image(open_image(data, name, max_pixels), name)
@@ -235,7 +237,9 @@ class EncodedImage(NamedTuple):
     max_pixels: int | None
 
 
-def image_for(transform: Callable | None, data: bytes, name: str, max_pixels: int | None) -> EncodedImage | Image.Image:
+def image_for(
+    transform: Callable | None, data: bytes, name: str, max_pixels: int | None
+) -> EncodedImage | Image.Image:
     """What a dataset hands `transform`: the bytes when it (or the first step of its
     `v2.Compose`) has `takes_encoded` set, such as `DecodeRandomResizedCrop`; otherwise the
     decoded RGB PIL image (`DataError` naming `name` when it cannot be decoded)."""

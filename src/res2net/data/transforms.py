@@ -187,7 +187,9 @@ def train_transform(
     if fast_decode and interp in TENSOR_INTERPOLATIONS:
         crop_type = DecodeRandomResizedCrop
     elif fast_decode:
-        logger.info("fast_decode does not support %s interpolation; decoding with PIL", interp.value)
+        logger.info(
+            "fast_decode does not support %s interpolation; decoding with PIL", interp.value
+        )
     steps: list[Any] = [
         crop_type(image_resize, scale=scale, ratio=ratio, interpolation=interp, antialias=True)
     ]

@@ -93,18 +93,23 @@ def validate(
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
-            dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=on_bad_image)
+            dataset = ImageFolderDataset(
+                cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=on_bad_image
+            )
             loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
             n_images = len(dataset)
         n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes and not report.class_map:
             raise ValueError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
-                f"{dataset.num_classes} class folders; validate on data with the checkpoint's classes"
+                f"{dataset.num_classes} class folders; validate on data with the checkpoint's "
+                "classes"
             )
         if per_class_csv is not None and dist.is_main:
             check_csv_target(Path(per_class_csv), dataset.classes)
-        model: nn.Module = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
+        model: nn.Module = create_model(
+            cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path
+        )
         outputs = n_ckpt or dataset.num_classes
         mapped = None
         if report.class_map:
@@ -116,7 +121,14 @@ def validate(
             model = TTAModel(model, report.tta, int(settings["image_resize"]))
         model = model.to(dist.device)
         if dist.is_main:
-            log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, n_images, cfg.val_split)
+            log.info(
+                "validating %s (%s, %s) on %d images of %s",
+                cfg.model,
+                ckpt_path,
+                fmt,
+                n_images,
+                cfg.val_split,
+            )
         amp = cfg.amp_dtype(dist.device.type, validation=True)
         wants_report = report.report_dir or report.real_labels or report.results_csv
         if wants_report and dist.world_size > 1:

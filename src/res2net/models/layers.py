@@ -16,7 +16,9 @@ ActLayer = Callable[..., nn.Module]
 """Builds an activation; called with `inplace=True` (`nn.ReLU`, `nn.SiLU`...)."""
 
 
-def channels_last_on_cpu(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def channels_last_on_cpu(
+    module: nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
     """Forward pre-hook that `create_model` installs by default: a 4-d CPU input is made
     channels_last, the layout in which oneDNN's convolutions (and BatchNorm, ReLU and pooling)
     run natively, so a training step or forward pass is measurably faster (docs/benchmarks.md);
