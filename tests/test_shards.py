@@ -174,7 +174,7 @@ def run_epoch(shards, epoch, rank, world_size, num_workers, training=True, batch
         shards, transform=ToTensor(), batch_size=batch_size, num_workers=num_workers, seed=7, training=training, rank=rank,
         world_size=world_size, split=split, on_bad_image="skip", pin_memory=False, **kw,
     )
-    loader.sampler.set_epoch(epoch, start=start)
+    loader.set_epoch(epoch, start=start)
     batches = list(loader)
     assert len(batches) == steps - start // batch_size == len(loader) - start // batch_size
     return batches
@@ -265,7 +265,7 @@ def test_bad_image_is_flagged_not_fatal(tmp_path):
     out = tmp_path / "out"
     write_shards(data, out, splits=("train",), shard_size=4)
     loader, _ = build_shard_loader(out, transform=ToTensor(), batch_size=4, num_workers=2, split="train", on_bad_image="skip", pin_memory=False)
-    loader.sampler.set_epoch(0)
+    loader.set_epoch(0)
     report = BadImageReport(loader.dataset)
     kept = 0
     for batch in loader:

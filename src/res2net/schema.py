@@ -58,16 +58,21 @@ LR_SCALES: tuple[str, ...] = get_args(LrScale)
 ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)
 JIT_LEVELS: tuple[str, ...] = get_args(JitLevel)
 
-# The options each policy understands (timm's/MindCV's letters): m magnitude, n ops, mstd
-# magnitude noise, mmax magnitude cap, inc increasing severity, w width, d depth, a alpha,
-# b blend, p probability.
+# The options MindCV's parser accepts for each policy (others fail there): m magnitude, n ops,
+# mstd magnitude noise, mmax magnitude cap, inc increasing severity, w op weights, d depth,
+# a alpha. mstd is accepted but without effect (see data.transforms.auto_augment_transform).
 _AA_OPTIONS = {
-    "randaug": {"m", "n", "mstd", "mmax", "inc", "w", "p"},
-    "autoaug": {"mstd", "inc"},
-    "autoaugr": {"mstd", "inc"},
-    "trivialaugwide": set(),
-    "augmix": {"m", "w", "d", "a", "b", "mstd", "inc"},
-    "3a": set(),
+    "randaug": {"m", "n", "mstd", "mmax", "inc", "w"},
+    "autoaug": {"mstd"},
+    "autoaugr": {"mstd"},
+    "3a": {"mstd"},
+    "trivialaugwide": {"m"},
+    "augmix": {"m", "w", "d", "a"},
+}
+# The magnitudes each policy's m supports (AugMix's severity starts at 1; TrivialAugmentWide
+# divides by m, so 0 is no magnitude at all): (lowest, highest, default), mmax may raise highest.
+_AA_MAGNITUDES: dict[str, tuple[float, float, float]] = {
+    "randaug": (0, 10, 10), "augmix": (1, 10, 3), "trivialaugwide": (1, 31, 31)
 }
 
 
@@ -93,9 +98,12 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
                              f"({', '.join(sorted(_AA_OPTIONS[name])) or 'none'})")
         params[match.group(1)] = float(match.group(2))
         i += 1
-    low = 1 if name == "augmix" else 0  # AugMix's severity starts at 1
-    if not low <= params.get("m", 9 if low == 0 else 3) <= 10:
-        raise ValueError(f"auto_augment {spec!r}: magnitude m must be in {low}..10")
+    low, high, default = _AA_MAGNITUDES.get(name, (0, 10, 10))
+    high = max(high, params.get("mmax", high))  # RandAugment clips at mmax, 10 by default
+    if not low <= params.get("m", default) <= high:
+        raise ValueError(f"auto_augment {spec!r}: magnitude m must be in {low}..{high:g}")
+    if name == "randaug" and params.get("w", 0) != 0:
+        raise ValueError(f"auto_augment {spec!r}: w must be 0 (MindCV has one set of op weights)")
     return name, params
 
 
@@ -134,7 +142,7 @@ HELP: dict[str, dict[str, str]] = {
                         "used without auto_augment",
         "interpolation": "resize interpolation: " + ", ".join(INTERPOLATIONS),
         "auto_augment": "policy: randaug-m9-n2-mstd0.5-inc1, autoaug(-mstd0.5), autoaugr, "
-                        "trivialaugwide, augmix-m3-w3, 3a; None: off",
+                        "trivialaugwide(-m31), augmix-m3-w3, 3a; None: off",
         "aug_splits": "AugMix splits with a JSD loss: not implemented, 0 only",
         "re_prob": "random erasing probability",
         "re_scale": "random erasing area range",

@@ -14,7 +14,17 @@ from .folders import (
     subset,
     walk_files,
 )
-from .loader import EpochSampler, SeededDataset, build_loader, cap_workers
+from .loader import (
+    EpochLoader,
+    EpochSampler,
+    FolderLoader,
+    SeededDataset,
+    build_loader,
+    cap_workers,
+    epoch_generator,
+    seed_all,
+    seeded_rngs,
+)
 from .shards import (
     ShardDataset,
     ShardIndex,
@@ -42,7 +52,9 @@ __all__ = [
     "IMAGENET_STD",
     "BadImageReport",
     "DataError",
+    "EpochLoader",
     "EpochSampler",
+    "FolderLoader",
     "ImageFolderDataset",
     "MixupCutmix",
     "SeededDataset",
@@ -53,6 +65,7 @@ __all__ = [
     "build_loader",
     "build_shard_loader",
     "decode_image",
+    "epoch_generator",
     "eval_transform",
     "expected_tree",
     "find_split",
@@ -61,6 +74,8 @@ __all__ = [
     "iter_shard_samples",
     "load_image",
     "mixup_cutmix",
+    "seed_all",
+    "seeded_rngs",
     "subset",
     "train_transform",
     "walk_files",

@@ -76,8 +76,9 @@ def _layout_error(data_dir: Path, split: str, problem: str) -> DataError:
     return DataError(f"{problem}. Expected:\n{expected_tree(data_dir, splits)}")
 
 
-def _visible_entries(folder: Path) -> list[os.DirEntry]:
-    # Hidden entries (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg") are never data.
+def visible_entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder` by name, hidden ones left out: ".DS_Store",
+    ".ipynb_checkpoints", macOS "._x.jpg" are never data."""
     with os.scandir(folder) as it:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
 
@@ -96,7 +97,7 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path:
         raise _layout_error(root, split, f"data_dir '{root}' does not exist")
     if not root.is_dir():
         raise _layout_error(root, split, f"data_dir '{root}' is not a folder")
-    entries = _visible_entries(root)
+    entries = visible_entries(root)
     if not entries:
         raise _layout_error(root, split, f"data_dir '{root}' is empty")
     split_dir = root / split
@@ -104,7 +105,7 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path:
         raise _layout_error(
             root, split, f"data_dir '{root}' has no '{split}' folder (found: {_found(entries)})"
         )
-    if not any(e.is_dir() for e in _visible_entries(split_dir)):
+    if not any(e.is_dir() for e in visible_entries(split_dir)):
         raise _layout_error(root, split, f"'{split_dir}' has no class folders")
     return split_dir
 
@@ -237,6 +238,13 @@ class EncodedImage(NamedTuple):
     max_pixels: int | None
 
 
+def substitute_image(name: str | os.PathLike) -> Image.Image:
+    """The black image that stands in for unreadable `name` under `on_bad_image: skip` (the
+    sample is flagged invalid; the transform gives it the usual shape)."""
+    logger.debug("bad image replaced by a substitute: %s", name, exc_info=True)
+    return Image.new("RGB", (256, 256))
+
+
 def image_for(
     transform: Callable | None, data: bytes, name: str, max_pixels: int | None
 ) -> EncodedImage | Image.Image:
@@ -321,7 +329,7 @@ class ImageFolderDataset(DatasetFolder):
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         """Class folders of the split (hidden ones ignored), or the fixed `class_to_idx`."""
-        folders = [e.name for e in _visible_entries(Path(directory)) if e.is_dir()]
+        folders = [e.name for e in visible_entries(Path(directory)) if e.is_dir()]
         mapping = self._fixed_class_to_idx
         if mapping is None:
             return folders, {name: i for i, name in enumerate(folders)}
@@ -390,9 +398,8 @@ class ImageFolderDataset(DatasetFolder):
         except DataError:
             if self.on_bad_image == "error":
                 raise
-            logger.debug("bad image replaced by a substitute: %s", path, exc_info=True)
             valid = False
-            image = Image.new("RGB", (256, 256))  # black; the transform gives it the usual shape
+            image = substitute_image(path)
             if self.transform is not None:
                 image = self.transform(image)
         if self.target_transform is not None:

@@ -8,7 +8,7 @@ and transforms that sample (and, in the main process, restores them afterwards).
 
 * the same seed gives the same order and the same augmented images run to run, with any
   `num_workers` (0 included) and with persistent workers;
-* resuming at epoch k (calling `loader.sampler.set_epoch(k)` before iterating, as on every
+* resuming at epoch k (calling `loader.set_epoch(k)` before iterating, as on every
   epoch) reproduces epoch k's order and augmentations exactly;
 * loading data never moves the training loop's own RNG state;
 * with several ranks, each sample keeps its augmentation whatever rank it lands on.
@@ -29,7 +29,7 @@ import os
 import random
 import signal
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -55,7 +55,8 @@ def cap_workers(requested: int, *, announce: bool = True) -> int:
     return cores
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch `epoch`'s order and sample seeds."""
     # SeedSequence mixes (seed, epoch) so that nearby pairs give unrelated streams
     # (seed + epoch, as DistributedSampler does, would make (0, 1) equal (1, 0)).
     state = np.random.SeedSequence([seed % 2**32, epoch % 2**32]).generate_state(2, np.uint32)
@@ -117,7 +118,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def indices(self) -> list[int]:
         """This rank's dataset indices for the current epoch, in order (from position 0)."""
-        return self._order(_epoch_generator(self.seed, self.epoch)).tolist()
+        return self._order(epoch_generator(self.seed, self.epoch)).tolist()
 
     def _order(self, g: torch.Generator) -> torch.Tensor:
         n = self.num_samples
@@ -140,7 +141,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return (torch.arange(total) % size)[self.rank :: r][: len(self)]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = _epoch_generator(self.seed, self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         if self.repeats > 1:
             # One seed per position of the repeated order: every copy is augmented anew.
             order = self._order(g).tolist()
@@ -188,11 +189,56 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are dropped
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
+    """Seed torch's CPU, Python's and NumPy's RNGs."""
     # torch.default_generator, not torch.manual_seed: CPU only, and ~100x faster per call.
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """The block runs with torch's CPU, Python's and NumPy's RNGs seeded by `seed`; in the main
+    process their previous states are restored afterwards. A DataLoader worker's RNGs are its
+    own: nothing to restore (saving NumPy's state alone would cost ~50 us per sample)."""
+    if get_worker_info() is not None:
+        seed_all(seed)
+        yield
+        return
+    torch_state = torch.get_rng_state()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        seed_all(seed)
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class EpochLoader(Protocol):
+    """What the training loop needs of a loader, folder (`build_loader`) or shards
+    (`build_shard_loader`): the batches of one epoch, chosen by `set_epoch` (`start`: samples
+    of this rank to skip, when resuming mid-epoch), their number, and the dataset."""
+
+    dataset: Any
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
+
+
+class FolderLoader(DataLoader):
+    """`build_loader`'s DataLoader: an `EpochLoader` whose `set_epoch` selects the epoch of its
+    `EpochSampler`."""
+
+    sampler: EpochSampler
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start=start)
 
 
 class SeededDataset(Dataset):
@@ -210,21 +256,8 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, sample_seed = key
-        if get_worker_info() is not None:
-            # A worker process's RNGs are its own: nothing to restore (saving NumPy's state
-            # alone would cost ~50 us per sample).
-            _seed_all(sample_seed)
+        with seeded_rngs(sample_seed):
             return self.dataset[index]
-        torch_state = torch.get_rng_state()
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        try:
-            _seed_all(sample_seed)
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not set yet (e.g. while unpickling in a worker)
@@ -245,10 +278,10 @@ def build_loader(
     persistent_workers: bool | None = None,
     collate_fn: Any = None,
     aug_repeats: int = 0,
-) -> DataLoader:
+) -> FolderLoader:
     """A DataLoader over `dataset` whose order and augmentations depend only on (seed, epoch).
 
-    Call `loader.sampler.set_epoch(epoch)` before iterating each epoch (resume included).
+    Call `loader.set_epoch(epoch)` before iterating each epoch (resume included).
     `distributed=True` splits every epoch across the ranks of the initialized default process
     group (`torch.distributed`); each rank gets len(dataset) / world_size samples, rounded up
     by repeating a few. `pin_memory` defaults to CUDA being available and `persistent_workers`
@@ -274,7 +307,7 @@ def build_loader(
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
-    return DataLoader(
+    return FolderLoader(
         SeededDataset(dataset),
         batch_size=batch_size,
         sampler=sampler,

@@ -74,11 +74,12 @@ from .folders import (
     DataError,
     ImageFolderDataset,
     OnBadImage,
-    _visible_entries,
     decode_image,
     image_for,
+    substitute_image,
+    visible_entries,
 )
-from .loader import _epoch_generator, _seed_all, ignore_stop_signals
+from .loader import epoch_generator, ignore_stop_signals, seeded_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -482,7 +483,7 @@ def write_shards(
     class_to_idx = None
     class_root = data_dir / class_split
     if class_root.is_dir():
-        names = [e.name for e in _visible_entries(class_root) if e.is_dir()]
+        names = [e.name for e in visible_entries(class_root) if e.is_dir()]
         class_to_idx = {name: i for i, name in enumerate(names)}
     results: dict[str, dict[str, Any]] = {}
     for split in splits:
@@ -858,7 +859,7 @@ class ShardDataset(IterableDataset):
         n = len(self.index.counts)
         if not self.shuffle:
             return list(range(n))
-        return torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch)).tolist()
+        return torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)).tolist()
 
     def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
         """(shard, skip, take) pieces that logical worker `worker` of `num_workers` reads this
@@ -928,9 +929,8 @@ class ShardDataset(IterableDataset):
         except DataError:
             if self.on_bad_image == "error":
                 raise
-            logger.debug("bad image replaced by a substitute: %s", name, exc_info=True)
             valid = False
-            image, target = self._apply(Image.new("RGB", (256, 256)), target, sample.index)
+            image, target = self._apply(substitute_image(name), target, sample.index)
         if self.on_bad_image == "error":
             return image, target
         return image, target, valid, sample.index
@@ -949,21 +949,10 @@ class ShardDataset(IterableDataset):
         if self.transform is None and self.target_transform is None:
             return image, target
 
-        def run() -> tuple[Any, Any]:
-            _seed_all(_mixed_seed(self.seed, self.epoch, index))
+        with seeded_rngs(_mixed_seed(self.seed, self.epoch, index)):
             out_image = self.transform(image) if self.transform is not None else image
             out_target = self.target_transform(target) if self.target_transform is not None else target
-            return out_image, out_target
-
-        if get_worker_info() is not None:
-            return run()
-        torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        try:
-            return run()
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        return out_image, out_target
 
     def __repr__(self) -> str:
         return (
@@ -982,9 +971,9 @@ def _process_group() -> tuple[int, int]:
 
 
 class ShardLoader:
-    """Batches of a `ShardDataset`, with the interface the training loop uses on `build_loader`'s
-    DataLoader: `len(loader)` (batches per epoch), `loader.sampler.set_epoch(epoch, start=...)`
-    and `loader.dataset`. Workers are started for each epoch (they learn the epoch that way)."""
+    """Batches of a `ShardDataset`; an `EpochLoader` like `build_loader`'s: `len(loader)`
+    (batches per epoch), `set_epoch(epoch, start=...)`, iteration and `dataset`. Workers are
+    started for each epoch (they learn the epoch that way)."""
 
     def __init__(
         self,
@@ -994,7 +983,6 @@ class ShardLoader:
         collate_fn: Any = None,
     ) -> None:
         self.dataset = dataset
-        self.sampler = dataset  # `set_epoch(epoch, start)`, as EpochSampler's
         self.batch_size = dataset.batch_size
         self.num_workers = num_workers
         self._loader = DataLoader(

@@ -2,18 +2,23 @@
 
 `train_transform` and `eval_transform` follow MindCV's `transforms_imagenet_train/_eval`: the same
 steps in the same order, with mean/std in MindCV's 0..255 units. Both map an RGB PIL image to a
-float32 CHW tensor. `mixup_cutmix` is the batch-level step (MindCV's `mixup`, `cutmix`,
-`cutmix_prob` keys) applied by the training loop after collation.
+float32 CHW tensor. The auto_augment policies are MindCV's, built from timm's implementation
+(MindCV's is a port of it) and run on PIL images. `mixup_cutmix` is the batch-level step
+(MindCV's `mixup`, `cutmix`, `cutmix_prob` keys) applied by the training loop after collation.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from timm.data import auto_augment as timm_aa
 from torch import Tensor
 from torch.nn import functional as F
 from torchvision import tv_tensors
@@ -77,81 +82,163 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
     ]
 
 
+# MindCV's RandAugment op lists (mindcv/data/auto_augment.py) in timm's op names: timm's own lists
+# add SolarizeAdd, and MindCV's translations are relative to the image size (timm's "...Rel").
+_RAND_OPS = [
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
+    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+]
+_RAND_INCREASING_OPS = [
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+]
+# MindCV's op weights for "w0" (its _RAND_CHOICE_WEIGHTS_0; timm 1.x dropped the "w" option)
+_RAND_WEIGHTS = {
+    "Rotate": 0.3, "ShearX": 0.2, "ShearY": 0.2, "TranslateXRel": 0.1, "TranslateYRel": 0.1,
+    "Color": 0.025, "Sharpness": 0.025, "AutoContrast": 0.025, "Solarize": 0.005,
+    "Contrast": 0.005, "Brightness": 0.005, "Equalize": 0.005, "Posterize": 0.005, "Invert": 0.0,
+}
+# MindCV's policy names -> timm's
+_AUTOAUG_POLICIES = {"autoaug": "original", "autoaugr": "originalr", "3a": "3a"}
+# PIL's affine transforms resample with nearest, bilinear or bicubic only; MindCV uses bilinear
+# for the names MindSpore's Inter lacks (box, hamming, lanczos)
+_PIL_RESAMPLE = {
+    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+}
+
+
+def auto_augment_hparams(
+    interpolation: str | InterpolationMode = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    image_resize: int | Sequence[int] = 224,
+) -> dict[str, Any]:
+    """The hparams MindCV's `create_transforms` hands its auto-augment policies: the fill color
+    (`img_mean`, the mean in 0..255), `translate_const` and the recipe's interpolation."""
+    interp = interpolation_mode(interpolation)
+    if interp not in _PIL_RESAMPLE:
+        logger.info("auto_augment: rotations, shears and translations use bilinear, not %s",
+                    interp.value)
+    size_min = min(image_resize) if isinstance(image_resize, Sequence) else image_resize
+    return {
+        "translate_const": int(size_min * 0.45),
+        "img_mean": tuple(min(255, round(m)) for m in mean),
+        "interpolation": _PIL_RESAMPLE.get(interp, Image.Resampling.BILINEAR),
+    }
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize keeping at least one bit: Pillow refuses 0 (which timm's increasing
+    posterize asks for at magnitude 10), and MindCV keeps at least one bit too."""
+    return timm_aa.posterize(img, max(bits_to_keep, 1), **kwargs)
+
+
+def _keep_a_bit(ops: Sequence[Any]) -> None:
+    """Give timm's posterize ops `_posterize`, on these instances only."""
+    for op in ops:
+        if op.aug_fn is timm_aa.posterize:
+            op.aug_fn = _posterize
+
+
+class TrivialAugmentWide:
+    """MindCV's TrivialAugmentWide on PIL images, with timm's ops (MindCV's differs from
+    torchvision's and timm has none): one of MindCV's 14 RandAugment ops, always applied, at a
+    magnitude drawn uniformly from [0, 1] of its range: rotate +-135 degrees, shear +-0.99,
+    translate 0..0.15 of the size (never negative, as in MindCV), color/contrast/brightness/
+    sharpness 0.01..2, posterize to 2..8 bits, solarize above 0..255. `m` only scales the draw
+    (MindCV divides the magnitude by it again)."""
+
+    def __init__(self, magnitude: int = 31, hparams: dict[str, Any] | None = None) -> None:
+        self.magnitude = magnitude
+        self.kwargs = {
+            "fillcolor": (hparams or {}).get("img_mean", (128, 128, 128)),
+            "resample": (hparams or {}).get("interpolation", Image.Resampling.BILINEAR),
+        }
+
+    @staticmethod
+    def _signed(value: float) -> float:
+        return -value if random.random() > 0.5 else value  # MindCV's _randomly_negate
+
+    def _args(self, name: str, level: float) -> tuple[float, ...]:
+        if name == "Rotate":
+            return (self._signed(level * 135.0),)
+        if name in ("ShearX", "ShearY"):
+            return (self._signed(level * 0.99),)
+        if name in ("TranslateXRel", "TranslateYRel"):
+            return (level * 0.15,)
+        if name == "Posterize":
+            return (int(level * 6) + 2,)
+        if name == "Solarize":
+            return (int(level * 255),)
+        if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+            return (level * 1.99 + 0.01,)
+        return ()
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        name = _RAND_OPS[np.random.randint(len(_RAND_OPS))]
+        level = min(max(random.uniform(0, self.magnitude), 0.0), self.magnitude) / self.magnitude
+        op = timm_aa.NAME_TO_OP[name]  # timm's table of ops has no usable type
+        return op(img, *self._args(name, level), **self.kwargs)  # type: ignore[operator]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(magnitude={self.magnitude})"
+
+
 def auto_augment_transform(
     spec: str,
     interpolation: str | InterpolationMode = "bilinear",
-    fill: Sequence[int] | None = None,
-) -> v2.Transform:
-    """torchvision's policy for a MindCV/timm auto_augment string.
+    mean: Sequence[float] = IMAGENET_MEAN,
+    image_resize: int | Sequence[int] = 224,
+) -> Callable[[Image.Image], Image.Image]:
+    """The PIL-image transform MindCV builds for an auto_augment string, from timm's
+    implementation (which MindCV's is a port of), with MindCV's arguments (see
+    `auto_augment_hparams`) and MindCV's quirks:
 
-    * "randaug-m9-n2-..." -> RandAugment(num_ops=n (2), magnitude=m (9)) with 11 magnitude bins,
-      so that m counts tenths of the maximum strength as in MindCV/timm (torchvision's default of
-      31 bins would make m9 about a third as strong).
-    * "autoaug...", "autoaugr..." -> AutoAugment(IMAGENET).
-    * "trivialaug...", "trivialaugwide..." -> TrivialAugmentWide().
-    * "augmix-m3-w3-d-1" -> AugMix(severity=m, mixture_width=w, chain_depth=d).
-    * "3a" -> one of grayscale, solarize(128), gaussian blur (DeiT III's 3-Augment).
-
-    Options torchvision has no equivalent for (mstd, inc, mmax, w of randaug, ...) are accepted
-    and ignored, with a log message.
+    * "randaug-m9-n2-inc1-mmax10-w0": MindCV's 14 ops (timm's without SolarizeAdd), each applied
+      with probability 0.5; magnitude noise is always 0.5 (MindCV presets it before reading
+      `mstd`, so `mstd` has no effect), `inc` with any value selects the increasing ops.
+    * "autoaug", "autoaugr", "3a" (mstd as above): timm's "original", "originalr", "3a".
+    * "augmix-m3-w3-d-1-a1": timm's AugMix with MindCV's translate_pct 0.3 and uniform magnitudes.
+    * "trivialaugwide-m31": MindCV's own `TrivialAugmentWide`.
     """
     name, params = parse_auto_augment(spec)
-    interp = interpolation_mode(interpolation)
-    if interp not in (
-        InterpolationMode.NEAREST,
-        InterpolationMode.BILINEAR,
-        InterpolationMode.BICUBIC,
-    ):
-        interp = InterpolationMode.BILINEAR  # rotations and shears support only these three
-    fill_arg: Any = list(fill) if fill is not None else None
-    used: set[str] = set()
-
-    def take(key: str, default: float) -> float:
-        used.add(key)
-        return params.get(key, default)
-
-    if name == "randaug":
-        t: v2.Transform = v2.RandAugment(
-            num_ops=int(take("n", 2)),
-            magnitude=int(take("m", 9)),
-            num_magnitude_bins=11,
-            interpolation=interp,
-            fill=fill_arg,
+    hparams = auto_augment_hparams(interpolation, mean=mean, image_resize=image_resize)
+    if name == "trivialaugwide":
+        return TrivialAugmentWide(int(params.get("m", 31)), hparams=hparams)
+    if name == "augmix":
+        hparams.update(translate_pct=0.3, magnitude_std=float("inf"))
+        ops = timm_aa.augmix_ops(magnitude=int(params.get("m", 3)), hparams=hparams)
+        _keep_a_bit(ops)
+        return timm_aa.AugMixAugment(
+            ops,
+            alpha=params.get("a", 1.0),
+            width=int(params.get("w", 3)),
+            depth=int(params.get("d", -1)),
         )
-    elif name in ("autoaug", "autoaugr"):
-        t = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interp, fill=fill_arg)
-    elif name == "trivialaugwide":
-        t = v2.TrivialAugmentWide(interpolation=interp, fill=fill_arg)
-    elif name == "augmix":
-        if interp == InterpolationMode.BICUBIC:
-            # torchvision's AugMix works on tensors, which it rotates and shears with
-            # nearest or bilinear only
-            logger.info("auto_augment %r: bilinear instead of bicubic for AugMix", spec)
-            interp = InterpolationMode.BILINEAR
-        t = v2.AugMix(
-            severity=int(take("m", 3)),
-            mixture_width=int(take("w", 3)),
-            chain_depth=int(take("d", -1)),
-            interpolation=interp,
-            fill=fill_arg,
-        )
-    else:  # "3a"
-        t = v2.RandomChoice(
-            [
-                v2.Grayscale(num_output_channels=3),
-                v2.RandomSolarize(threshold=128, p=1.0),
-                v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0)),
-            ]
-        )
-    ignored = sorted(set(params) - used)
-    if ignored or name == "autoaugr":
-        logger.info(
-            "auto_augment %r: %s not reproduced by torchvision's %s",
-            spec,
-            ", ".join(ignored) if ignored else "increasing posterize",
-            type(t).__name__,
-        )
-    return t
+    hparams["magnitude_std"] = 0.5
+    if name in _AUTOAUG_POLICIES:
+        policy = timm_aa.auto_augment_policy(_AUTOAUG_POLICIES[name], hparams)
+        for sub_policy in policy:
+            _keep_a_bit(sub_policy)
+        return timm_aa.AutoAugment(policy)
+    if "mmax" in params:
+        hparams["magnitude_max"] = int(params["mmax"])
+    ops = _RAND_INCREASING_OPS if "inc" in params else _RAND_OPS
+    weights = None
+    if "w" in params:
+        weights = np.array([_RAND_WEIGHTS[op] for op in _RAND_OPS])
+        weights = weights / weights.sum()
+    ra_ops = timm_aa.rand_augment_ops(
+        magnitude=int(params.get("m", 10)), prob=0.5, hparams=hparams, transforms=ops
+    )
+    _keep_a_bit(ra_ops)
+    return timm_aa.RandAugment(
+        ra_ops,
+        num_layers=int(params.get("n", 2)),
+        choice_weights=weights,
+    )
 
 
 def train_transform(
@@ -198,11 +285,13 @@ def train_transform(
     if vflip > 0:
         steps.append(v2.RandomVerticalFlip(p=vflip))
     if auto_augment:
-        fill = [min(255, round(m)) for m in mean]
-        if crop_type is DecodeRandomResizedCrop and interp == InterpolationMode.BICUBIC:
-            # torchvision rotates and shears tensors with nearest/bilinear only; PIL has bicubic
-            steps.append(v2.ToPILImage())
-        steps.append(auto_augment_transform(auto_augment, interpolation=interp, fill=fill))
+        if crop_type is DecodeRandomResizedCrop:
+            steps.append(v2.ToPILImage())  # MindCV's policies are timm's, which work on PIL images
+        steps.append(
+            auto_augment_transform(
+                auto_augment, interpolation=interp, mean=mean, image_resize=image_resize
+            )
+        )
     elif color_jitter:
         factors = (
             (float(color_jitter),) * 3

@@ -20,6 +20,7 @@ import math
 import signal
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -28,13 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..data import (
     BadImageReport,
     ImageFolderDataset,
-    ShardLoader,
     build_loader,
     build_shard_loader,
     cap_workers,
@@ -43,7 +42,8 @@ from ..data import (
     mixup_cutmix,
     train_transform,
 )
-from ..data.loader import stop_signals_blocked
+from ..data.loader import EpochLoader, stop_signals_blocked
+from ..data.shards import ShardDataset
 from ..factory import create_model
 from ..profile import count_params
 from ..schema import OnBadImage
@@ -97,7 +97,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, Any]:
+def build_loaders(
+    cfg: Config, dist: distributed.DistInfo
+) -> tuple[EpochLoader, ImageFolderDataset | ShardDataset, Iterable[Any] | None]:
     """(train loader, train dataset, val loader or None) for an ImageNet-style folder or a
     folder/URL of WebDataset shards. Train: MindCV's train transform, this rank's share of each
     epoch. Val: the eval transform, the training classes, every image exactly once over ranks."""
@@ -114,8 +116,8 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     )
     workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
     on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
-    train_loader: ShardLoader | DataLoader[Any]
-    val_loader: ShardLoader | DataLoader[Any] | None
+    train_loader: EpochLoader
+    val_loader: Iterable[Any] | None
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
             raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
@@ -153,7 +155,7 @@ def build_loaders(cfg: Config, dist: distributed.DistInfo) -> tuple[Any, Any, An
     return train_loader, train_ds, val_loader
 
 
-def check_num_classes(cfg: Config, dataset: ImageFolderDataset) -> int:
+def check_num_classes(cfg: Config, dataset: ImageFolderDataset | ShardDataset) -> int:
     """The class count to build the model with; a recipe that disagrees with the data is an error."""
     if cfg.num_classes is not None and cfg.num_classes != dataset.num_classes:
         raise ValueError(
@@ -455,7 +457,7 @@ def train_one_epoch(
     state: TrainState,
     *,
     parts: StepParts,
-    loader: Any,
+    loader: EpochLoader,
     bad: BadImageReport,
     metrics: MetricsLog,
     stop: Any,
@@ -473,7 +475,7 @@ def train_one_epoch(
     epoch = state.epoch
     set_train_mode(state.model, cfg.freeze_bn)
     state.optimizer.zero_grad(set_to_none=True)
-    loader.sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
+    loader.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
     reporter = StepReporter(steps * accum, start_step=state.batch_in_epoch, enabled=dist.is_main,
                             desc=f"epoch {epoch + 1}/{cfg.epoch_size}",
                             later_steps=(cfg.epoch_size - epoch - 1) * steps * accum)
