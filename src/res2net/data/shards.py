@@ -257,7 +257,10 @@ class ShardIndex:
             shuffled=bool(info.get("shuffled", False)),
         )
         if index.total != info.get("total", index.total):
-            raise DataError(f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says {info['total']}")
+            raise DataError(
+                f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says "
+                f"{info['total']}"
+            )
         if index.total == 0:
             raise DataError(f"'{index_url}' lists no samples")
         if not is_url(location):
@@ -558,10 +561,14 @@ _META_FIELDS = ("cls", "json", "txt")
 def _to_raw(index: int, url: str, sample: dict[str, Any]) -> ShardSample:
     image_fields = [k for k in sample if not k.startswith("__") and k not in _META_FIELDS]
     ext = image_fields[0] if image_fields else None
-    return ShardSample(index, url, sample["__key__"], sample.get("cls"), ext, sample[ext] if ext else None)
+    return ShardSample(
+        index, url, sample["__key__"], sample.get("cls"), ext, sample[ext] if ext else None
+    )
 
 
-def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int) -> Iterator[ShardSample]:
+def _read_shard(
+    index: ShardIndex, shard: int, skip: int, take: int, offset: int
+) -> Iterator[ShardSample]:
     """Samples skip .. skip+take-1 of one shard (the first `skip` are streamed past, not kept)."""
     wds = _webdataset()
     url = index.url(index.names[shard])
@@ -683,7 +690,9 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             yield {"fname": member.name, "data": data, "__url__": url}
 
 
-def iter_shard_samples(data_dir: str | os.PathLike, split: str | None = None) -> Iterator[ShardSample]:
+def iter_shard_samples(
+    data_dir: str | os.PathLike, split: str | None = None
+) -> Iterator[ShardSample]:
     """Every sample of a split's shards, raw, in index order (`split` None: `data_dir` is the
     split's shard folder)."""
     index = ShardIndex.load(data_dir, split)
@@ -710,7 +719,11 @@ class _SampleNames(Sequence):
 
 
 def _mixed_seed(*values: int) -> int:
-    return int(np.random.SeedSequence([v % 2**32 for v in values]).generate_state(2, np.uint32).view(np.uint64)[0])
+    return int(
+        np.random.SeedSequence([v % 2**32 for v in values])
+        .generate_state(2, np.uint32)
+        .view(np.uint64)[0]
+    )
 
 
 Segment = tuple[int, int, int]  # (shard, skip, take)
@@ -796,7 +809,8 @@ class ShardDataset(IterableDataset):
             unknown = [c for c in self.index.classes if c not in class_to_idx]
             if unknown:
                 raise DataError(
-                    f"shards of '{self.index.location}' have classes that are not in the given classes: "
+                    f"shards of '{self.index.location}' have classes that are not in the given "
+                    "classes: "
                     f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
                 )
             self.class_to_idx = dict(class_to_idx)
@@ -806,7 +820,8 @@ class ShardDataset(IterableDataset):
         if self.shuffle and not self.index.shuffled:
             logger.warning(
                 "shards of %s were written in folder order: each holds few classes, so shuffled "
-                "reading mixes poorly; write training shards with `res2net data shard` (it shuffles)",
+                "reading mixes poorly; write training shards with `res2net data shard` (it "
+                "shuffles)",
                 self.index.location,
             )
 
@@ -848,7 +863,9 @@ class ShardDataset(IterableDataset):
         """Select the epoch the next iteration streams; `start` (a multiple of `batch_size`:
         batches done x batch size) skips this rank's batches already done when resuming."""
         if start < 0 or start % self.batch_size:
-            raise ValueError(f"start must be a multiple of batch_size {self.batch_size} and >= 0, not {start}")
+            raise ValueError(
+                f"start must be a multiple of batch_size {self.batch_size} and >= 0, not {start}"
+            )
         self.epoch = epoch
         self.start = start
 
@@ -900,7 +917,8 @@ class ShardDataset(IterableDataset):
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[tuple[Any, ...]]:
         """The items logical worker `worker` of `num_workers` yields this epoch (after the
-        batches skipped by `set_epoch(..., start)`). `__iter__` calls it in each DataLoader worker."""
+        batches skipped by `set_epoch(..., start)`). `__iter__` calls it in each DataLoader
+        worker."""
         done = self.start // self.batch_size
         skip = max(0, -(-(done - worker) // num_workers)) * self.batch_size
         offsets = self.index.offsets
@@ -951,13 +969,17 @@ class ShardDataset(IterableDataset):
 
         with seeded_rngs(_mixed_seed(self.seed, self.epoch, index)):
             out_image = self.transform(image) if self.transform is not None else image
-            out_target = self.target_transform(target) if self.target_transform is not None else target
+            out_target = (
+                self.target_transform(target) if self.target_transform is not None else target
+            )
         return out_image, out_target
 
     def __repr__(self) -> str:
         return (
-            f"ShardDataset({self.index.location!r}, {len(self.index.names)} shards, {self.total} samples, "
-            f"{self.num_classes} classes, rank {self.rank}/{self.world_size}, {self.num_batches} batches of "
+            f"ShardDataset({self.index.location!r}, {len(self.index.names)} shards, {self.total} "
+            "samples, "
+            f"{self.num_classes} classes, rank {self.rank}/{self.world_size}, {self.num_batches} "
+            "batches of "
             f"{self.batch_size}, training={self.training})"
         )
 
