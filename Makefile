@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow soak clean
+.PHONY: demo lint test test-slow soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@$(BIN)/res2net demo
 
-test: $(STAMP)
+# Lint and type-check src/ (settings in pyproject.toml); `make test` stops here on the first finding.
+lint: $(STAMP)
+	@$(BIN)/ruff check src
+	@$(BIN)/mypy
+
+test: lint
 	@$(BIN)/python -m pytest
 
 test-slow: $(STAMP)
@@ -35,4 +40,4 @@ soak: $(STAMP)
 	@$(BIN)/python -m tests.soak --figures $(VENV)/soak-figures.json --tests-log $(VENV)/soak-tests.log
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -15,8 +15,8 @@ The figure helpers (`overlay`, `save_cam_figure`) draw with matplotlib.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
         ) from None
 
 
-def _normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _normalize_maps(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """(N, h, w) raw maps -> (N, H, W): ReLU, bilinear upsampling, each map divided by its max."""
     maps = F.interpolate(F.relu(maps).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
     maps = maps.squeeze(1)
@@ -57,7 +57,9 @@ def _normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return maps / peak[:, None, None]
 
 
-def _targets(logits: torch.Tensor, target_class: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+def _targets(
+    logits: torch.Tensor, target_class: int | Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
     """Class index per image: the given one(s), or the top-scoring class."""
     if target_class is None:
         return logits.argmax(dim=1)
@@ -115,7 +117,9 @@ def class_activation_map(
     models it equals Grad-CAM at the last stage."""
     fc = getattr(model, "fc", None)
     if not isinstance(fc, (nn.Linear, nn.Conv2d)):
-        raise ValueError("CAM needs a model with its classifier (a global-pool + linear/1x1-conv head)")
+        raise ValueError(
+            "CAM needs a model with its classifier (a global-pool + linear/1x1-conv head)"
+        )
     feats = model.forward_features(images)
     logits = model.forward_head(feats)
     targets = _targets(logits, target_class)
@@ -135,7 +139,9 @@ def denormalize(
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def overlay(image: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(
+    image: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = 0.5, cmap: str = "jet"
+) -> np.ndarray:
     """Blend a (H, W) map in 0..1 over an (H, W, 3) uint8 picture with a colour map."""
     from matplotlib import colormaps
 

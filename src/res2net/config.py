@@ -236,7 +236,9 @@ class Config:
     on_bad_image: str = "skip"  # "skip" (log and skip unreadable images) or "error"
     min_readable_images: float = 0.5  # an epoch fails when a smaller fraction of its images decode
     overwrite: bool = False  # a fresh run may delete the run files already in ckpt_save_dir
-    fast_decode: bool = True  # train crops decoded at reduced size, resized as tensors (data/decode.py)
+    fast_decode: bool = (
+        True  # train crops decoded at reduced size, resized as tensors (data/decode.py)
+    )
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "mps"
     zero_init_last: bool = False  # start each residual branch at zero (last BN weight 0)
     sync_bn: bool = False  # distributed: BatchNorm statistics over the global batch (CUDA only)
@@ -503,7 +505,7 @@ def load_config(
         values[key] = _coerce(key, value, _FIELD_TYPES[key], where)
         sources[key] = where
     if path is not None and sources.get("data_dir") == f"in {path}":
-        _refuse_commands(values, path)
+        _refuse_commands(values, os.fspath(path))
     try:
         return Config(**values)
     except ConfigError as e:
@@ -810,7 +812,11 @@ def _validate(c: Config) -> None:
     check(c.log_interval >= 1, "log_interval", "must be >= 1")
     check(c.seed >= 0, "seed", "must be >= 0")
     choice("jit_level", JIT_LEVELS)
-    check(math.isfinite(c.dist_timeout) and c.dist_timeout > 0, "dist_timeout", "must be a positive number of seconds")
+    check(
+        math.isfinite(c.dist_timeout) and c.dist_timeout > 0,
+        "dist_timeout",
+        "must be a positive number of seconds",
+    )
     # dataset
     choice("dataset", ("imagenet",))
     check(not c.dataset_download, "dataset_download",
@@ -836,7 +842,9 @@ def _validate(c: Config) -> None:
         try:
             parse_auto_augment(c.auto_augment)
         except ValueError as e:
-            raise ConfigError(f"config key 'auto_augment' is invalid: {e}", key="auto_augment") from None
+            raise ConfigError(
+                f"config key 'auto_augment' is invalid: {e}", key="auto_augment"
+            ) from None
     check(c.aug_splits == 0, "aug_splits", "must be 0 (AugMix splits with a JSD loss are not "
           "implemented; auto_augment 'augmix' is)")
     probability("re_prob")

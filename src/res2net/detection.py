@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -64,7 +65,9 @@ def freeze_stages(model: nn.Module, trainable_layers: int, last_stage: int = 4) 
     [stem, stage1..stage4], as torchvision does for ResNets; stages after `last_stage` are
     unused by the backbone and frozen too."""
     if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_layers={trainable_layers} is invalid: choose 0..5 (of stem + 4 stages)")
+        raise ValueError(
+            f"trainable_layers={trainable_layers} is invalid: choose 0..5 (of stem + 4 stages)"
+        )
     stem, stages = _stem_and_stages(model)
     parts = [stem, *((s,) for s in stages)][5 - trainable_layers :]
     used = set(stem) | set(stages[:last_stage])
@@ -89,7 +92,10 @@ class Res2NetFPN(nn.Module):
         super().__init__()
         layers = tuple(int(i) for i in returned_layers)
         if not layers or any(i < 1 or i > 4 for i in layers) or list(layers) != sorted(set(layers)):
-            raise ValueError(f"returned_layers={tuple(returned_layers)} is invalid: give increasing stages in 1..4")
+            raise ValueError(
+                f"returned_layers={tuple(returned_layers)} is invalid: give increasing stages in "
+                "1..4"
+            )
         self.body = body
         self.returned_layers = layers
         self.in_channels_list = [body.feature_info[i]["num_chs"] for i in layers]
@@ -161,7 +167,9 @@ def fasterrcnn_res2net50_fpn(
 ) -> FasterRCNN:
     """torchvision's Faster R-CNN on a Res2Net-50 FPN backbone (stages 1-4 + max-pool level).
     Other keyword arguments go to `FasterRCNN` (min_size, max_size, box_score_thresh, ...)."""
-    fpn = res2net_fpn_backbone(backbone, trainable_layers, norm, (1, 2, 3, 4), checkpoint_path, pretrained=pretrained)
+    fpn = res2net_fpn_backbone(
+        backbone, trainable_layers, norm, (1, 2, 3, 4), checkpoint_path, pretrained=pretrained
+    )
     return FasterRCNN(fpn, num_classes=num_classes, **kwargs)
 
 
@@ -177,7 +185,9 @@ def maskrcnn_res2net50_fpn(
 ) -> MaskRCNN:
     """torchvision's Mask R-CNN on a Res2Net-50 FPN backbone. Other keyword arguments go to
     `MaskRCNN`."""
-    fpn = res2net_fpn_backbone(backbone, trainable_layers, norm, (1, 2, 3, 4), checkpoint_path, pretrained=pretrained)
+    fpn = res2net_fpn_backbone(
+        backbone, trainable_layers, norm, (1, 2, 3, 4), checkpoint_path, pretrained=pretrained
+    )
     return MaskRCNN(fpn, num_classes=num_classes, **kwargs)
 
 

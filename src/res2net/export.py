@@ -8,9 +8,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -46,11 +46,15 @@ def compare_outputs(
         )
     abs_err = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
     rel_err = max(
-        ((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)).item() for g, w in zip(got, want)
+        ((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)).item()
+        for g, w in zip(got, want)
     )
     check = ExportCheck(path, batch_size, abs_err, rel_err)
     if not rel_err <= rtol:
-        raise RuntimeError(f"{path}: exported outputs differ from PyTorch's: max abs {abs_err:.3g}, max rel {rel_err:.3g} > {rtol:g}")
+        raise RuntimeError(
+            f"{path}: exported outputs differ from PyTorch's: max abs {abs_err:.3g}, max rel "
+            f"{rel_err:.3g} > {rtol:g}"
+        )
     return check
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
 from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
+from .models.base import Res2NetBase
 from .models.layers import channels_last_on_cpu
-from .weights.loading import load_checkpoint
 from .weights.entry import get_weights
+from .weights.loading import load_checkpoint
 from .weights.pretrained import download_weights
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def create_model(
     out_indices: Sequence[int] = (1, 2, 3, 4),
     cpu_channels_last: bool = True,
     **kwargs: Any,
-) -> nn.Module:
+) -> Res2NetBase:
     """Build model `name` (see `list_models()`), optionally with weights.
 
     - `pretrained`: True (default source) or a source name ("mindcv", "official", "timm",
@@ -58,8 +60,10 @@ def create_model(
                 f"{name}: a Hub model brings its weights; "
                 "drop pretrained/checkpoint_path/features_only"
             )
-        classes = {} if num_classes is _NOT_GIVEN else {"num_classes": num_classes}
-        return load_from_hub(name, **classes, cpu_channels_last=cpu_channels_last, **kwargs)
+        hub_classes = None if num_classes is _NOT_GIVEN else num_classes
+        return load_from_hub(
+            name, num_classes=hub_classes, cpu_channels_last=cpu_channels_last, **kwargs
+        )
     resolve_name(name)
     if pretrained and checkpoint_path is not None:
         raise ValueError("give either pretrained= or checkpoint_path=, not both")
@@ -68,7 +72,10 @@ def create_model(
     if num_classes < 0:
         raise ValueError(f"num_classes={num_classes} is invalid: it must be >= 0")
     model = build_model(
-        name, num_classes=num_classes, out_indices=tuple(out_indices) if features_only else None, **kwargs
+        name,
+        num_classes=num_classes,
+        out_indices=tuple(out_indices) if features_only else None,
+        **kwargs,
     )
     model.pretrained_weights = None  # its published entry, as timm's pretrained_cfg
     if cpu_channels_last:
@@ -78,17 +85,19 @@ def create_model(
         checkpoint_path = download_weights(weights.entry())
         model.pretrained_weights = weights
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, strict=not features_only, reset_head=explicit_classes)
+        load_checkpoint(
+            model, checkpoint_path, strict=not features_only, reset_head=explicit_classes
+        )
     return model
 
 
 def create_backbone(
-    backbone: str | nn.Module,
+    backbone: str | Res2NetBase,
     out_indices: Sequence[int],
     checkpoint_path: str | Path | None = None,
     pretrained: bool | str = False,
     **model_kwargs: Any,
-) -> nn.Module:
+) -> Res2NetBase:
     """A features_only trunk for detection, segmentation and saliency heads: built from a model
     name (with optional weights and architecture keyword arguments), or an already built
     features_only model, which is returned as is."""
@@ -96,7 +105,9 @@ def create_backbone(
         if checkpoint_path is not None or pretrained:
             raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
         if getattr(backbone, "fc", None) is not None:
-            raise ValueError("the backbone model has a classifier: build it with features_only=True")
+            raise ValueError(
+                "the backbone model has a classifier: build it with features_only=True"
+            )
         return backbone
     return create_model(
         backbone,

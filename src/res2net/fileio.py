@@ -6,8 +6,9 @@ import errno
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 # `.NAME.PID.HEX.tmp`: a temporary file of `atomic_write` (or `temporary_path`) for NAME
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
@@ -28,7 +29,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     it carries this process's own id (a previous process with the same id, e.g. after a
     container restart: this process has no write under way when it calls this). Files of live
     processes are left alone; readers never look at temporary files anyway."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(Path(directory).iterdir())
     except OSError:
@@ -84,7 +85,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             if full:
                 reason = f"{os.strerror(errno.ENOSPC)}; {reason}"
-            raise OSError(f"could not write {path} ({reason}); the previous file there, if any, is intact") from e
+            raise OSError(
+                f"could not write {path} ({reason}); the previous file there, if any, is intact"
+            ) from e
         raise
     fsync_directory(path.parent)
 

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import reprlib
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any
 
 # Seconds a network call may wait for a connection or for the next bytes.
 NETWORK_TIMEOUT = 30.0
@@ -71,7 +73,7 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
-def open_regular_file(path: str | os.PathLike, what: str = "file") -> BinaryIO:
+def open_regular_file(path: str | os.PathLike, what: str = "file") -> io.BufferedReader:
     """Open `path` for binary reading, refusing anything but a regular file (checked on the
     open descriptor, so a file swapped after a check is caught too)."""
     check_regular_file(path, what)
@@ -108,7 +110,7 @@ def interruptible() -> Iterator[None]:
     def handle(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"interrupted by signal {signal.Signals(signum).name}")
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, handle)

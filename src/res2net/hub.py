@@ -21,13 +21,15 @@ import importlib
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
 from .guards import read_regular_file
 from .models import resolve_name
+from .models.base import Res2NetBase
 from .weights.convert import DEFAULT_EVAL, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
@@ -344,7 +346,7 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
 
 def load_from_hub(
     name: str, *, num_classes: int | None = None, cache_dir: str | Path | None = None, **kwargs: Any
-) -> nn.Module:
+) -> Res2NetBase:
     """The model behind `hf-hub:org/name[@rev]` or `local-dir:/path`, with its weights; the
     folder's config is kept as `model.hub_config` (label names, eval transform).
     `num_classes` other than the folder's gives a new head (fine-tuning)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,13 +44,17 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
     if classes:
         path = Path(classes)
         if path.is_dir():
-            names = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            names = sorted(
+                p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
         elif path.is_file():
             names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         else:
             raise FileNotFoundError(f"--classes {classes!r} is neither a folder nor a file")
         if len(names) != num_classes:
-            raise ValueError(f"--classes gives {len(names)} names but the model has {num_classes} classes")
+            raise ValueError(
+                f"--classes gives {len(names)} names but the model has {num_classes} classes"
+            )
         return names
     if ckpt_path:
         try:
@@ -63,7 +68,7 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
     return [str(i) for i in range(num_classes)]
 
 
-def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
+def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     """(image path, name relative to its folder without suffix) for image files and for every
     image inside folders (recursively). A missing path, or a folder without images, is an error."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -130,7 +135,12 @@ def predict(
     log.info(describe_sources(spec, where))
     if not ckpt_path and not pretrained:
         log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
-    model = create_model(model_name, num_classes=num_classes, checkpoint_path=ckpt_path, pretrained=pretrained or False).eval()
+    model = create_model(
+        model_name,
+        num_classes=num_classes,
+        checkpoint_path=ckpt_path,
+        pretrained=pretrained or False,
+    ).eval()
     names = class_names(classes, num_classes, ckpt_path)
     transform = spec.transform()
     out = []
@@ -151,17 +161,31 @@ def concat_convs(convs: list[nn.Conv2d]) -> nn.Conv2d:
     fused = nn.Conv2d(
         first.in_channels * len(convs),
         first.out_channels * len(convs),
-        kernel_size=first.kernel_size,
-        stride=first.stride,
-        padding=first.padding,
-        dilation=first.dilation,
+        kernel_size=_pair(first.kernel_size),
+        stride=_pair(first.stride),
+        padding=first.padding if isinstance(first.padding, str) else _pair(first.padding),
+        dilation=_pair(first.dilation),
         groups=first.groups * len(convs),
         bias=first.bias is not None,
     )
     fused.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]), requires_grad=False)
     if first.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]), requires_grad=False)
+        biases = [c.bias.detach() for c in convs if c.bias is not None]  # all have one, as first
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
     return fused
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's stored geometry (typed tuple[int, ...]) as the (h, w) its constructor takes."""
+    height, width = value
+    return height, width
+
+
+def _fold(conv: nn.Module, norm: nn.Module) -> nn.Conv2d:
+    """`fuse_conv_bn_eval` on a block's conv and norm layer. torch types `norm` as a BatchNorm,
+    but it reads only running_mean/var, eps, weight and bias, which `FrozenBatchNorm2d` has too."""
+    assert isinstance(conv, nn.Conv2d)
+    return fuse_conv_bn_eval(conv, norm)  # type: ignore[arg-type]  # see the docstring
 
 
 def fold_batchnorms(module: nn.Module) -> None:
@@ -172,8 +196,9 @@ def fold_batchnorms(module: nn.Module) -> None:
     for m in list(module.modules()):
         if isinstance(m, nn.Sequential):
             for i in range(len(m) - 1):
-                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
-                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
+                first, second = m[i], m[i + 1]
+                if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
+                    m[i] = fuse_conv_bn_eval(first, second)
                     m[i + 1] = nn.Identity()
         for conv_name, bn_name in (("conv", "bn"), ("conv1", "bn1")):
             conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
@@ -200,14 +225,15 @@ class FusedRes2Block(nn.Module):
     def __init__(self, block: Bottle2neck | DlaBottle2neck) -> None:
         super().__init__()
         self.stage_first = block.stage_first
-        self.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
-        convs = [fuse_conv_bn_eval(c, b) for c, b in zip(block.convs, block.bns)]
-        # the grouped conv reads all the channels the separate convs read, as one group of res2_forward
+        self.conv1 = _fold(block.conv1, block.bn1)
+        convs = [_fold(c, b) for c, b in zip(block.convs, block.bns)]
+        # the grouped conv reads all the channels the separate convs read, as one group of
+        # res2_forward
         self.width = block.width * len(convs) if block.stage_first else block.width
         self.convs = nn.ModuleList([concat_convs(convs)] if block.stage_first else convs)
         self.no_bns = (nn.Identity(),) * len(self.convs)  # folded into the convs
         self.pool = block.pool
-        self.conv3 = fuse_conv_bn_eval(block.conv3, block.bn3)
+        self.conv3 = _fold(block.conv3, block.bn3)
         self.downsample = getattr(block, "downsample", None)
         if self.downsample is not None:
             fold_batchnorms(self.downsample)
@@ -219,7 +245,9 @@ class FusedRes2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.relu_(self.conv1(x))
-        out = res2_forward(out, self.width, self.convs, self.no_bns, self.pool, self.stage_first, torch.relu_)
+        out = res2_forward(
+            out, self.width, self.convs, self.no_bns, self.pool, self.stage_first, torch.relu_
+        )
         out = self.conv3(out)
         if self.downsample is not None:
             shortcut = self.downsample(x)
@@ -266,15 +294,20 @@ def optimize_for_inference(
     optimized = copy.deepcopy(model).eval()
     _replace_blocks(optimized)
     fold_batchnorms(optimized)
-    left = [n for n, m in optimized.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    left = [
+        n for n, m in optimized.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     if left:
-        raise ValueError(f"cannot fold these BatchNorm layers (no conv before them): {', '.join(left)}")
+        raise ValueError(
+            f"cannot fold these BatchNorm layers (no conv before them): {', '.join(left)}"
+        )
     optimized.requires_grad_(False)
     if channels_last:
         optimized = optimized.to(memory_format=torch.channels_last)
     if precision == "bf16":
         optimized = to_bf16(optimized)
     elif precision == "int8":
+        assert calibration is not None  # refused above
         return FrozenCompiled(quantize_int8(optimized, calibration_batches(calibration)))
     return FrozenCompiled(optimized) if compile else optimized
 

@@ -7,8 +7,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,12 +37,16 @@ def count_flops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> i
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, batch_size: int = 1, image_size: int = 224, repeats: int = 5, warmup: int = 1) -> float:
+def time_forward(
+    model: nn.Module, batch_size: int = 1, image_size: int = 224, repeats: int = 5, warmup: int = 1
+) -> float:
     """Median wall-clock milliseconds of an eval forward pass, after `warmup` untimed passes."""
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    return statistics.median(time_calls(lambda: model(x), device, warmup=max(1, warmup), repeats=repeats)[1])
+    return statistics.median(
+        time_calls(lambda: model(x), device, warmup=max(1, warmup), repeats=repeats)[1]
+    )
 
 
 # ---- benchmarking: the seed table's columns (model, params, cards, batch, resolution, jit level,
@@ -74,7 +79,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> tuple[float, list[float]]:
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> tuple[float, list[float]]:
     """Seconds of the first call (compilation included), and milliseconds of each of `repeats`
     calls made after `warmup` untimed ones (the first call counts as a warm-up)."""
     start = time.perf_counter()
@@ -94,7 +101,10 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, 
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], device: torch.device | str = "cpu", warmup: int = 1, rounds: int = 5
+    candidates: dict[str, Callable[[], object]],
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    rounds: int = 5,
 ) -> dict[str, list[float]]:
     """Milliseconds of each call of each candidate, taking turns (one call of each per round)
     so that load from other processes affects them alike; `warmup` untimed calls each first."""
@@ -114,12 +124,15 @@ def time_interleaved(
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, str | int]:
-    """What the numbers were measured on: CPU model, cores, torch threads and version, accelerator."""
+    """What the numbers were measured on: CPU model, cores, torch threads and version,
+    accelerator."""
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
     info: dict[str, str | int] = {
@@ -212,20 +225,23 @@ def benchmark_model(
             model = optimize_for_inference(
                 model, precision=precision, calibration=calibration, compile=compile
             )
+            infer: Callable[[torch.Tensor], Any] = model
         else:
             model = model.to(memory_format=memory_format)
-            model = torch.compile(model) if compile else model
+            infer = torch.compile(model) if compile else model
 
         def step() -> None:
             with torch.inference_mode(), autocast:
-                model(x)
+                infer(x)
 
     else:
         model.train().to(memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         train_model: nn.Module = model
         if cards > 1:
-            train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         forward = torch.compile(train_model) if compile else train_model
         num_classes = getattr(model, "num_classes", 1000) or 1000
         target = torch.randint(0, num_classes, (batch_size,), device=device)

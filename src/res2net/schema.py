@@ -70,8 +70,10 @@ _AA_OPTIONS = {
     "augmix": {"m", "w", "d", "a"},
 }
 # The magnitudes each policy's m supports (AugMix's severity starts at 1; TrivialAugmentWide
-# divides by m, so 0 is no magnitude at all).
-_AA_MAGNITUDES = {"randaug": (0, 10, 10), "augmix": (1, 10, 3), "trivialaugwide": (1, 31, 31)}
+# divides by m, so 0 is no magnitude at all): (lowest, highest, default), mmax may raise highest.
+_AA_MAGNITUDES: dict[str, tuple[float, float, float]] = {
+    "randaug": (0, 10, 10), "augmix": (1, 10, 3), "trivialaugwide": (1, 31, 31)
+}
 
 
 def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:

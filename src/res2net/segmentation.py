@@ -74,7 +74,9 @@ def deeplabv3_res2net50(
 ) -> DeepLabV3:
     """torchvision's DeepLabV3 (ASPP head, rates for the output stride) on a dilated Res2Net-50.
     `checkpoint_path`/`pretrained` load ImageNet weights into the backbone."""
-    body = segmentation_backbone(backbone, output_stride, checkpoint_path, pretrained, **model_kwargs)
+    body = segmentation_backbone(
+        backbone, output_stride, checkpoint_path, pretrained, **model_kwargs
+    )
     rates = ATROUS_RATES.get(body.output_stride, ATROUS_RATES[8])
     aux = FCNHead(body.aux_channels, num_classes) if aux_loss else None
     return DeepLabV3(body, DeepLabHead(body.out_channels, num_classes, rates), aux)
@@ -92,6 +94,8 @@ def fcn_res2net50(
 ) -> FCN:
     """torchvision's FCN (a 3x3-conv head) on a dilated Res2Net-50.
     `checkpoint_path`/`pretrained` load ImageNet weights into the backbone."""
-    body = segmentation_backbone(backbone, output_stride, checkpoint_path, pretrained, **model_kwargs)
+    body = segmentation_backbone(
+        backbone, output_stride, checkpoint_path, pretrained, **model_kwargs
+    )
     aux = FCNHead(body.aux_channels, num_classes) if aux_loss else None
     return FCN(body, FCNHead(body.out_channels, num_classes), aux)

@@ -31,12 +31,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import torch
@@ -216,7 +217,7 @@ class Metrics:
 
 
 def _static(name: str) -> bytes:
-    return resources.files("res2net").joinpath("static", name).read_bytes()
+    return resources.files("res2net").joinpath("static").joinpath(name).read_bytes()
 
 
 PAGES = {
@@ -265,6 +266,7 @@ class Server(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 address
         return f"http://{host}:{port}"
 
 
@@ -275,8 +277,10 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.socket_timeout_s  # every read and write of the socket
         super().setup()
+        # every read and write of the socket (what the base class does with a `timeout` class
+        # attribute, here per server)
+        self.connection.settimeout(self.server.limits.socket_timeout_s)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -456,7 +460,7 @@ class Handler(BaseHTTPRequestHandler):
                 )
                 raise RequestError(status, str(e)) from None
         futures = [self.server.batcher.submit(x) for x in tensors]
-        results = []
+        results: list[dict[str, Any]] = []
         for future in futures:
             probs = future.result(timeout=limits.result_timeout_s)
             p, idx = probs.topk(topk)

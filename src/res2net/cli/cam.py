@@ -15,17 +15,33 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="image files or folders (every image inside, recursively)")
+    p.add_argument(
+        "images", nargs="+", help="image files or folders (every image inside, recursively)"
+    )
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
-    p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format (without them: random weights)")
-    p.add_argument("--pretrained", help="download published weights from this source (mindcv, official, timm)")
+    p.add_argument(
+        "--ckpt_path", "--ckpt-path", help="weights in any format (without them: random weights)"
+    )
+    p.add_argument(
+        "--pretrained", help="download published weights from this source (mindcv, official, timm)"
+    )
     p.add_argument("--class", dest="target_class", type=int,
                    help="class index to explain (default: each image's top class)")
-    p.add_argument("--layer",
-                   help="stage to explain: layer1..layer4 (ResNet-style), level2..level5 (DLA); default: the last")
-    p.add_argument("--method", choices=("gradcam", "cam"), default="gradcam", help="cam works on the last stage only")
+    p.add_argument(
+        "--layer",
+        help="stage to explain: layer1..layer4 (ResNet-style), level2..level5 (DLA); default: the "
+             "last",
+    )
+    p.add_argument(
+        "--method",
+        choices=("gradcam", "cam"),
+        default="gradcam",
+        help="cam works on the last stage only",
+    )
     p.add_argument("--out", default="cam", help="output folder (default: ./cam)")
-    p.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file")
+    p.add_argument(
+        "--classes", help="class names: a training folder (one subfolder per class) or a text file"
+    )
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--image_resize", "--image-resize", type=int,
                    help="eval crop size (default: the checkpoint's, else 224)")
@@ -49,11 +65,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..weights.entry import describe_sources
 
     if args.method == "cam" and args.layer is not None:
-        raise ValueError("--method cam uses the last stage only; drop --layer or use --method gradcam")
+        raise ValueError(
+            "--method cam uses the last stage only; drop --layer or use --method gradcam"
+        )
     files = find_images(args.images)
     num_classes = _num_classes(args.ckpt_path)
     if not args.ckpt_path and not args.pretrained:
-        log.warning("no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing")
+        log.warning(
+            "no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing"
+        )
     model = create_model(args.model, num_classes=num_classes, checkpoint_path=args.ckpt_path,
                          pretrained=args.pretrained or False)
     model = model.to(args.device).eval()
@@ -78,6 +98,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
         explained = args.target_class if args.target_class is not None else int(idx[0])
         title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
-        written = save_cam_figure(out_dir / rel.parent / f"{rel.name}_cam.png", denormalize(x)[0], maps[0], top, title)
+        written = save_cam_figure(
+            out_dir / rel.parent / f"{rel.name}_cam.png", denormalize(x)[0], maps[0], top, title
+        )
         print(written)
     return 0

@@ -13,9 +13,10 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 HELP = "prepare data: pack a folder into WebDataset shards (shard), verify a dataset (check)"
 
@@ -26,23 +27,37 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     shard = sub.add_parser(
         "shard",
-        help="pack SRC_DIR/<split>/<class>/<image> into OUT_DIR/<split>/<split>-NNNNNN.tar + index.json",
+        help="pack SRC_DIR/<split>/<class>/<image> into OUT_DIR/<split>/<split>-NNNNNN.tar + "
+             "index.json",
         description="Pack an ImageNet-style folder into WebDataset tar shards. Images are copied "
         "byte for byte; training splits are shuffled once so that every shard mixes classes.",
         allow_abbrev=False,
     )
     shard.add_argument("src_dir", help="ImageNet-style folder: SRC_DIR/<split>/<class>/<image>")
     shard.add_argument("out_dir", help="where OUT_DIR/<split>/ shard folders are written")
-    shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    shard.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
     shard.add_argument("--max-bytes", type=_size, default=None,
                        help="also cap shard size, e.g. 500M, 1G, 2GiB (default: no cap)")
-    shard.add_argument("--splits", type=_splits, default=("train", "val"), help="comma-separated splits (default train,val)")
+    shard.add_argument(
+        "--splits",
+        type=_splits,
+        default=("train", "val"),
+        help="comma-separated splits (default train,val)",
+    )
     shard.add_argument("--max-size", "--max_size", type=int, default=None,
                        help="re-encode images whose longer side exceeds N pixels as JPEG "
                        "(quality 90) with that longer side, as FFCV does (default: copy bytes)")
-    shard.add_argument("--seed", type=int, default=0, help="seed of the training splits' one shuffle (default 0)")
-    shard.add_argument("--shuffle-splits", type=_splits, default=("train",),
-                       help="splits shuffled when written (default train); others keep folder order")
+    shard.add_argument(
+        "--seed", type=int, default=0, help="seed of the training splits' one shuffle (default 0)"
+    )
+    shard.add_argument(
+        "--shuffle-splits",
+        type=_splits,
+        default=("train",),
+        help="splits shuffled when written (default train); others keep folder order",
+    )
 
     check = sub.add_parser(
         "check",
@@ -53,11 +68,29 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "Exit status 1 when a problem is found.",
         allow_abbrev=False,
     )
-    check.add_argument("dir", help="DIR/<split>/<class>/<image>, or DIR/<split>/index.json + shards")
-    check.add_argument("--splits", type=_splits, default=("train", "val"), help="comma-separated splits (default train,val)")
-    check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
-    check.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit (default: the loader's)")
-    check.add_argument("--per-class", action="store_true", help="print every class's count (default: up to 20 classes)")
+    check.add_argument(
+        "dir", help="DIR/<split>/<class>/<image>, or DIR/<split>/index.json + shards"
+    )
+    check.add_argument(
+        "--splits",
+        type=_splits,
+        default=("train", "val"),
+        help="comma-separated splits (default train,val)",
+    )
+    check.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes"
+    )
+    check.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="decompression-bomb limit (default: the loader's)",
+    )
+    check.add_argument(
+        "--per-class",
+        action="store_true",
+        help="print every class's count (default: up to 20 classes)",
+    )
 
 
 def _splits(text: str) -> tuple[str, ...]:
@@ -67,7 +100,17 @@ def _splits(text: str) -> tuple[str, ...]:
     return splits
 
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 
 
 def _size(text: str) -> int:
@@ -99,8 +142,10 @@ def shard_summary(split: str, index: dict[str, Any]) -> str:
     most = max(s["count"] for s in shards)
     order = "shuffled" if index["shuffled"] else "in folder order"
     return (
-        f"{split}: {index['total']:,} images, {len(index['classes'])} classes -> {len(shards)} shards "
-        f"(up to {most} image{'s' if most != 1 else ''} each, {order}) in {index['dir']} ({_human(size)})"
+        f"{split}: {index['total']:,} images, {len(index['classes'])} classes -> {len(shards)} "
+        "shards "
+        f"(up to {most} image{'s' if most != 1 else ''} each, {order}) in {index['dir']} "
+        f"({_human(size)})"
     )
 
 
@@ -114,8 +159,7 @@ def _progress_line(split: str, done: int, total: int) -> None:
 
 
 def _decode_error(item: tuple[str, Any, int | None]) -> str | None:
-    from ..data import DataError, load_image
-    from ..data import decode_image
+    from ..data import DataError, decode_image, load_image
 
     name, payload, max_pixels = item
     kw = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -131,14 +175,22 @@ def _decode_error(item: tuple[str, Any, int | None]) -> str | None:
     return None
 
 
-def _decode_errors(items: Iterable[tuple[str, Any]], workers: int, max_pixels: int | None) -> Iterator[tuple[str, str]]:
+def _decode_errors(
+    items: Iterable[tuple[str, Any]], workers: int, max_pixels: int | None
+) -> Iterator[tuple[str, str]]:
     """(name, error) of every item that does not decode; payloads are paths or bytes. Items are
     taken in chunks so that shard bytes never pile up in memory."""
     it = iter(items)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        while chunk := [(name, payload, max_pixels) for name, payload in _take(it, _CHUNK * max(1, workers))]:
-            results = pool.map(_decode_error, chunk, chunksize=16) if pool is not None else map(_decode_error, chunk)
+        while chunk := [
+            (name, payload, max_pixels) for name, payload in _take(it, _CHUNK * max(1, workers))
+        ]:
+            results = (
+                pool.map(_decode_error, chunk, chunksize=16)
+                if pool is not None
+                else map(_decode_error, chunk)
+            )
             for (name, _, _), error in zip(chunk, results):
                 if error is not None:
                     yield name, error
@@ -166,8 +218,18 @@ def check_split(data_dir: str | os.PathLike, split: str, class_to_idx: dict[str,
     from ..data import DataError, ImageFolderDataset
     from ..data.shards import ShardIndex, is_shard_dir, iter_shard_samples
 
-    row: dict[str, Any] = {"split": split, "kind": "folder", "shards": None, "images": 0, "classes": [],
-                           "per_class": {}, "empty": [], "missing": [], "bad": [], "error": None}
+    row: dict[str, Any] = {
+        "split": split,
+        "kind": "folder",
+        "shards": None,
+        "images": 0,
+        "classes": [],
+        "per_class": {},
+        "empty": [],
+        "missing": [],
+        "bad": [],
+        "error": None,
+    }
     try:
         if is_shard_dir(data_dir, split):
             row["kind"] = "shards"
@@ -193,11 +255,19 @@ def check_split(data_dir: str | os.PathLike, split: str, class_to_idx: dict[str,
             row["bad"] = unlabelled + bad
             present = {c for i, c in enumerate(classes) if counts.get(i, 0) > 0}
         else:
-            dataset = ImageFolderDataset(data_dir, split, class_to_idx=class_to_idx, allow_empty=True)
+            dataset = ImageFolderDataset(
+                data_dir, split, class_to_idx=class_to_idx, allow_empty=True
+            )
             classes = list(dataset.classes)
             counts = Counter(dataset.targets)
-            present = {e.name for e in os.scandir(dataset.root) if e.is_dir() and not e.name.startswith(".")}
-            row["bad"] = list(_decode_errors(((p, p) for p, _ in dataset.samples), workers, max_pixels))
+            present = {
+                e.name
+                for e in os.scandir(dataset.root)
+                if e.is_dir() and not e.name.startswith(".")
+            }
+            row["bad"] = list(
+                _decode_errors(((p, p) for p, _ in dataset.samples), workers, max_pixels)
+            )
     except DataError as e:
         row["error"] = str(e)
         return row
@@ -221,9 +291,13 @@ def format_check(row: dict[str, Any], per_class: bool = False) -> list[str]:
     if per_class or len(counts) <= 20:
         lines.append("  " + ", ".join(f"{name} {n}" for name, n in row["per_class"].items()))
     if row["empty"]:
-        lines.append(f"  class folders without images ({len(row['empty'])}): {', '.join(row['empty'][:20])}")
+        lines.append(
+            f"  class folders without images ({len(row['empty'])}): {', '.join(row['empty'][:20])}"
+        )
     if row["missing"]:
-        lines.append(f"  note: no images of {len(row['missing'])} classes: {', '.join(row['missing'][:20])}")
+        lines.append(
+            f"  note: no images of {len(row['missing'])} classes: {', '.join(row['missing'][:20])}"
+        )
     if row["bad"]:
         lines.append(f"  {len(row['bad'])} images cannot be decoded:")
         lines += [f"    {name}: {error}" for name, error in row["bad"]]
@@ -235,9 +309,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from ..data.shards import write_shards
 
         progress = _progress_line if sys.stderr.isatty() else None
-        results = write_shards(args.src_dir, args.out_dir, args.splits, args.shard_size, args.max_bytes,
-                               args.seed, shuffle_splits=args.shuffle_splits, progress=progress,
-                               max_size=args.max_size)
+        results = write_shards(
+            args.src_dir,
+            args.out_dir,
+            args.splits,
+            args.shard_size,
+            args.max_bytes,
+            args.seed,
+            shuffle_splits=args.shuffle_splits,
+            progress=progress,
+            max_size=args.max_size,
+        )
         for split, index in results.items():
             print(shard_summary(split, index))
         return 0

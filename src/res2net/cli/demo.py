@@ -38,7 +38,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if result.interrupted:
         return 0
     if result.best_path is None:
-        raise RuntimeError("training ended without a validated checkpoint (is val_while_train off?)")
+        raise RuntimeError(
+            "training ended without a validated checkpoint (is val_while_train off?)"
+        )
     weights = keep_best_weights(Path(cfg.ckpt_save_dir), result.best_path)
     report(cfg, weights, result.row)
     if result.plot_path is not None:

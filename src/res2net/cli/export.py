@@ -16,10 +16,24 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="file to write, e.g. res2net50.onnx or res2net50.pt2")
     p.add_argument("--format", choices=FORMATS, required=True)
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
-    p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format (default: random weights)")
-    p.add_argument("--num_classes", "--num-classes", type=int, help="classifier size (default: the checkpoint's, else 1000)")
-    p.add_argument("--image_resize", "--image-resize", type=int, default=224, help="square input size")
-    p.add_argument("--features_only", "--features-only", action="store_true", help="export the feature maps instead of logits")
+    p.add_argument(
+        "--ckpt_path", "--ckpt-path", help="weights in any format (default: random weights)"
+    )
+    p.add_argument(
+        "--num_classes",
+        "--num-classes",
+        type=int,
+        help="classifier size (default: the checkpoint's, else 1000)",
+    )
+    p.add_argument(
+        "--image_resize", "--image-resize", type=int, default=224, help="square input size"
+    )
+    p.add_argument(
+        "--features_only",
+        "--features-only",
+        action="store_true",
+        help="export the feature maps instead of logits",
+    )
     p.add_argument("--dynamic_size", "--dynamic-size", action="store_true",
                    help="dynamic height and width too (any size from 32 px), not only the batch")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -51,14 +65,22 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    model = create_model(args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs).eval()
+    model = create_model(
+        args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs
+    ).eval()
     if args.precision == "int8":
         check = _export_int8(args, model)
     else:
         rtol = 1e-4 if args.rtol is None else args.rtol
         if args.format == "onnx":
-            check = export_onnx(model, args.out, image_size=args.image_resize, rtol=rtol,
-                                dynamic_size=args.dynamic_size, verbose=getattr(args, "verbose", False))
+            check = export_onnx(
+                model,
+                args.out,
+                image_size=args.image_resize,
+                rtol=rtol,
+                dynamic_size=args.dynamic_size,
+                verbose=getattr(args, "verbose", False),
+            )
         else:
             check = export_program(model, args.out, image_size=args.image_resize, rtol=rtol,
                                    dynamic_size=args.dynamic_size)

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from ..extras import MissingExtra
 from . import benchmark as benchmark_cmd
 from . import cam as cam_cmd
 from . import convert as convert_cmd
@@ -19,7 +20,6 @@ from . import saliency as saliency_cmd
 from . import serve as serve_cmd
 from . import train as train_cmd
 from . import validate as validate_cmd
-from ..extras import MissingExtra
 
 # Exit codes (README, "Exit codes"): 0 success (also a run stopped by SIGTERM/Ctrl-C after
 # saving), 1 training stopped on a NaN/inf loss, 2 bad input or environment (one line on
@@ -46,12 +46,18 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="res2net", description="Res2Net models: train, validate, convert, inspect.", allow_abbrev=False
+        prog="res2net",
+        description="Res2Net models: train, validate, convert, inspect.",
+        allow_abbrev=False,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show debug logging and full tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False))
+        module.add_parser(
+            sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False)
+        )
     return parser
 
 

@@ -13,8 +13,17 @@ HELP = "list the model zoo: parameters, GFLOPs, published top-1"
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter on model names, e.g. 'res2net50*'")
-    p.add_argument("--time", action="store_true", help="also measure forward ms (batch 1, 224x224) on this machine")
+    p.add_argument(
+        "pattern",
+        nargs="?",
+        default="*",
+        help="shell-style filter on model names, e.g. 'res2net50*'",
+    )
+    p.add_argument(
+        "--time",
+        action="store_true",
+        help="also measure forward ms (batch 1, 224x224) on this machine",
+    )
     p.add_argument("--names", action="store_true", help="print only the names, aliases included")
 
 
@@ -43,12 +52,15 @@ def zoo_rows(pattern: str = "*", measure_time: bool = False) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of `zoo_rows`."""
     timed = rows and "forward_ms" in rows[0]
-    head = "| model | MindCV name | params (M) | GFLOPs@224 | best published top-1 |" + (" forward ms (bs 1) |" if timed else "")
+    head = "| model | MindCV name | params (M) | GFLOPs@224 | best published top-1 |" + (
+        " forward ms (bs 1) |" if timed else ""
+    )
     sep = "|---|---|---:|---:|---:|" + ("---:|" if timed else "")
     lines = [head, sep]
     for r in rows:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
-        line = f"| {r['name']} | {', '.join(r['aliases']) or '-'} | {r['params_m']:.2f} | {r['gflops']:.2f} | {top1} |"
+        aliases = ", ".join(r["aliases"]) or "-"
+        line = f"| {r['name']} | {aliases} | {r['params_m']:.2f} | {r['gflops']:.2f} | {top1} |"
         if timed:
             line += f" {r['forward_ms']:.1f} |"
         lines.append(line)

@@ -13,8 +13,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="image files or folders (every image inside, recursively)")
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
     p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format")
-    p.add_argument("--pretrained", help="download published weights from this source (mindcv, official, timm)")
-    p.add_argument("--classes", help="class names: a training folder (one subfolder per class) or a text file, one per line")
+    p.add_argument(
+        "--pretrained", help="download published weights from this source (mindcv, official, timm)"
+    )
+    p.add_argument(
+        "--classes",
+        help="class names: a training folder (one subfolder per class) or a text file, one per "
+             "line",
+    )
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--image_resize", "--image-resize", type=int,
                    help="eval crop size (default: the checkpoint's, else 224)")
@@ -27,8 +33,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..inference import predict
 
-    results = predict(args.images, args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained,
-                      classes=args.classes, topk=args.topk, image_resize=args.image_resize, crop_pct=args.crop_pct)
+    results = predict(
+        args.images,
+        args.model,
+        ckpt_path=args.ckpt_path,
+        pretrained=args.pretrained,
+        classes=args.classes,
+        topk=args.topk,
+        image_resize=args.image_resize,
+        crop_pct=args.crop_pct,
+    )
     for path, top in results:
         if args.json:
             print(json.dumps({"image": path, "top": [{"class": c, "prob": p} for c, p in top]}))

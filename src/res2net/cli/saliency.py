@@ -18,14 +18,31 @@ def _device() -> str:
 def add_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="saliency_command", required=True, metavar="ACTION")
 
-    t = sub.add_parser("train", help="train a saliency model", allow_abbrev=False,
-                       description="Train a saliency model on DIR/images/*.jpg + DIR/masks/*.png (same stems).")
+    t = sub.add_parser(
+        "train",
+        help="train a saliency model",
+        allow_abbrev=False,
+        description="Train a saliency model on DIR/images/*.jpg + DIR/masks/*.png (same stems).",
+    )
     t.add_argument("--data", required=True, help="training folder with images/ and masks/")
-    t.add_argument("--val", help="validation folder with images/ and masks/ (MAE and max F after training)")
-    t.add_argument("--model", default="res2net50", help="backbone architecture name (default res2net50)")
-    t.add_argument("--ckpt_path", "--ckpt-path", help="ImageNet weights for the backbone, any format")
-    t.add_argument("--pretrained", help="download published backbone weights from this source (mindcv, official, timm)")
-    t.add_argument("--out", default="saliency.pth", help="where to write the trained model (default saliency.pth)")
+    t.add_argument(
+        "--val", help="validation folder with images/ and masks/ (MAE and max F after training)"
+    )
+    t.add_argument(
+        "--model", default="res2net50", help="backbone architecture name (default res2net50)"
+    )
+    t.add_argument(
+        "--ckpt_path", "--ckpt-path", help="ImageNet weights for the backbone, any format"
+    )
+    t.add_argument(
+        "--pretrained",
+        help="download published backbone weights from this source (mindcv, official, timm)",
+    )
+    t.add_argument(
+        "--out",
+        default="saliency.pth",
+        help="where to write the trained model (default saliency.pth)",
+    )
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch_size", "--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-4)
@@ -36,34 +53,62 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=_device())
 
-    pr = sub.add_parser("predict", help="write saliency masks for images", allow_abbrev=False,
-                        description="Write one grayscale PNG mask (0..255) per image, same size as the image.")
-    pr.add_argument("images", nargs="+", help="image files or folders (every image inside, recursively)")
+    pr = sub.add_parser(
+        "predict",
+        help="write saliency masks for images",
+        allow_abbrev=False,
+        description="Write one grayscale PNG mask (0..255) per image, same size as the image.",
+    )
+    pr.add_argument(
+        "images", nargs="+", help="image files or folders (every image inside, recursively)"
+    )
     pr.add_argument("--weights", required=True, help="a model written by `res2net saliency train`")
     pr.add_argument("--out", default="saliency", help="output folder (default ./saliency)")
     pr.add_argument("--device", default=_device())
 
-    e = sub.add_parser("eval", help="MAE and max F-measure on an image/mask folder", allow_abbrev=False)
+    e = sub.add_parser(
+        "eval", help="MAE and max F-measure on an image/mask folder", allow_abbrev=False
+    )
     e.add_argument("--data", required=True, help="folder with images/ and masks/")
     e.add_argument("--weights", required=True, help="a model written by `res2net saliency train`")
     e.add_argument("--device", default=_device())
 
 
 def _print_metrics(name: str, m: dict[str, float]) -> None:
-    print(f"{name}: MAE {m['mae']:.4f}  max F (beta^2=0.3) {m['max_f']:.4f}  ({m['images']} images)")
+    print(
+        f"{name}: MAE {m['mae']:.4f}  max F (beta^2=0.3) {m['max_f']:.4f}  ({m['images']} images)"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..saliency import SaliencyFolder, evaluate_saliency, saliency_res2net, save_saliency_model, train_saliency
+    from ..saliency import (
+        SaliencyFolder,
+        evaluate_saliency,
+        saliency_res2net,
+        save_saliency_model,
+        train_saliency,
+    )
 
     torch.manual_seed(args.seed)
     dataset = SaliencyFolder(args.data, image_size=args.image_size, train=True)
     model = saliency_res2net(args.model, decoder_channels=args.decoder_channels,
                              checkpoint_path=args.ckpt_path, pretrained=args.pretrained or False)
-    history = train_saliency(model, dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, device=args.device, workers=args.workers, seed=args.seed)
+    history = train_saliency(
+        model,
+        dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+    )
     path = save_saliency_model(args.out, model, args.model, args.image_size)
-    print(f"trained {args.epochs} epoch(s) on {len(dataset)} images: loss {history[0]:.4f} -> {history[-1]:.4f}")
+    print(
+        f"trained {args.epochs} epoch(s) on {len(dataset)} images: loss {history[0]:.4f} -> "
+        f"{history[-1]:.4f}"
+    )
     print(f"saved {path}")
     if args.val:
         _print_metrics(args.val, evaluate_saliency(model, args.val, args.image_size, args.device))
@@ -74,8 +119,8 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..data import load_image
-    from ..saliency import load_saliency_model, predict_saliency
     from ..inference import find_images
+    from ..saliency import load_saliency_model, predict_saliency
 
     files = find_images(args.images)
     model, meta = load_saliency_model(args.weights, args.device)

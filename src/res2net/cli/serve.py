@@ -69,7 +69,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..serve import Server, ServeLimits, load_classifier, serve_forever
+    from ..serve import ServeLimits, Server, load_classifier, serve_forever
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: give 0..65535")

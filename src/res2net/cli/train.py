@@ -15,7 +15,9 @@ log = logging.getLogger("res2net.train")
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = keys_help()
-    p.add_argument("-c", "--config", help="recipe YAML (MindCV keys), e.g. configs/res2net/res2net_50_gpu.yaml")
+    p.add_argument(
+        "-c", "--config", help="recipe YAML (MindCV keys), e.g. configs/res2net/res2net_50_gpu.yaml"
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

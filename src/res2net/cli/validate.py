@@ -14,7 +14,9 @@ ACCEPTS_EXTRA = True
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="recipe YAML (MindCV keys)")
-    p.add_argument("--per_class_csv", "--per-class-csv", help="write per-class top-1 to this CSV file")
+    p.add_argument(
+        "--per_class_csv", "--per-class-csv", help="write per-class top-1 to this CSV file"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     r = p.add_argument_group("reports (see README: Evaluation reports)")
     r.add_argument(
@@ -22,7 +24,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="write confusion.png, per_class.csv (precision/recall), confused_pairs.csv and "
         "summary.json here",
     )
-    r.add_argument("--tta", choices=("flip", "five_crop", "ten_crop"), help="test-time augmentation")
+    r.add_argument(
+        "--tta", choices=("flip", "five_crop", "ten_crop"), help="test-time augmentation"
+    )
     r.add_argument(
         "--class_map", "--class-map",
         help="the model's class names, one per line (line i = output i): score each class folder "

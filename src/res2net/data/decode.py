@@ -56,6 +56,7 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
     Supports the interpolations in `TENSOR_INTERPOLATIONS`; antialiasing is always on."""
 
     takes_encoded = True  # datasets hand it `EncodedImage`s (see `folders.image_for`)
+    interpolation: InterpolationMode
 
     def __init__(self, size: int | tuple[int, int], *args: Any, **kwargs: Any) -> None:
         if kwargs.pop("antialias", True) is not True:
@@ -64,16 +65,17 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
         self.interpolation = InterpolationMode(self.interpolation)  # the default is a str
         if self.interpolation not in TENSOR_INTERPOLATIONS:
             names = ", ".join(m.value for m in TENSOR_INTERPOLATIONS)
-            raise ValueError(f"{type(self).__name__} supports {names}, not {self.interpolation.value}")
+            raise ValueError(
+                f"{type(self).__name__} supports {names}, not {self.interpolation.value}"
+            )
 
-    def forward(self, image: EncodedImage | Image.Image | Tensor) -> tv_tensors.Image:  # type: ignore[override]
+    def forward(self, image: EncodedImage | Image.Image | Tensor) -> tv_tensors.Image:
         if isinstance(image, EncodedImage):
             with decoding(image.name):
                 return self._decode_crop(image)
-        if isinstance(image, Image.Image):
-            image = TF.pil_to_tensor(image)
-        height, width = image.shape[-2:]
-        return self._crop_resize(image, self._box(height, width))
+        tensor: Tensor = TF.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+        height, width = tensor.shape[-2:]
+        return self._crop_resize(tensor, self._box(height, width))
 
     def _box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, height, width) of a random crop of a `height` x `width` image, drawn

@@ -30,8 +30,9 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path:
     return split_dir
 
 
-def walk_files(top: str | os.PathLike) -> Iterator[str]:
+def walk_files(top: str | os.PathLike[str]) -> Iterator[str]:
     """Paths of all visible regular files under `top` (no named pipes or devices, whose open()
     could block for ever), in sorted order, following symlinks but entering
     each real folder once and never a folder that contains `top`: a symlink loop, or two links
@@ -185,7 +186,9 @@ def read_file(path: str | os.PathLike) -> bytes:
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`."""
     with decoding(name):
         return finish_image(open_image(data, name, max_pixels), name)
@@ -242,11 +245,14 @@ def substitute_image(name: str | os.PathLike) -> Image.Image:
     return Image.new("RGB", (256, 256))
 
 
-def image_for(transform: Callable | None, data: bytes, name: str, max_pixels: int | None) -> EncodedImage | Image.Image:
+def image_for(
+    transform: Callable | None, data: bytes, name: str, max_pixels: int | None
+) -> EncodedImage | Image.Image:
     """What a dataset hands `transform`: the bytes when it (or the first step of its
     `v2.Compose`) has `takes_encoded` set, such as `DecodeRandomResizedCrop`; otherwise the
     decoded RGB PIL image (`DataError` naming `name` when it cannot be decoded)."""
-    first = transform.transforms[0] if getattr(transform, "transforms", None) else transform
+    steps = getattr(transform, "transforms", None)
+    first = steps[0] if steps else transform
     if getattr(first, "takes_encoded", False):
         return EncodedImage(data, name, max_pixels)
     return decode_image(data, name, max_pixels)
@@ -282,6 +288,8 @@ class ImageFolderDataset(DatasetFolder):
 
     Hidden files and folders (names starting with ".") are ignored.
     """
+
+    samples: list[tuple[str, int]]  # (path, class index), set by DatasetFolder
 
     def __init__(
         self,
@@ -333,7 +341,7 @@ class ImageFolderDataset(DatasetFolder):
             )
         return sorted(mapping, key=mapping.__getitem__), dict(mapping)
 
-    def make_dataset(  # type: ignore[override]
+    def make_dataset(
         self,
         directory: str | os.PathLike,
         class_to_idx: dict[str, int],

@@ -28,7 +28,8 @@ import logging
 import os
 import random
 import signal
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -205,7 +206,8 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         seed_all(seed)
         yield
         return
-    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         seed_all(seed)
         yield

@@ -58,27 +58,27 @@ import random
 import re
 import shlex
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .folders import (
     DEFAULT_MAX_PIXELS,
     DataError,
     ImageFolderDataset,
     OnBadImage,
-    substitute_image,
-    visible_entries,
     decode_image,
     image_for,
+    substitute_image,
+    visible_entries,
 )
-from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .loader import epoch_generator, ignore_stop_signals, seeded_rngs
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,10 @@ class ShardIndex:
             shuffled=bool(info.get("shuffled", False)),
         )
         if index.total != info.get("total", index.total):
-            raise DataError(f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says {info['total']}")
+            raise DataError(
+                f"'{index_url}' is inconsistent: shard counts add up to {index.total}, total says "
+                f"{info['total']}"
+            )
         if index.total == 0:
             raise DataError(f"'{index_url}' lists no samples")
         if not is_url(location):
@@ -303,7 +306,7 @@ def _index_problem(info: Any) -> str | None:
             return f"shard {k} is not an object"
         name = shard.get("name")
         try:
-            check_name(name)
+            name = check_name(name)
         except DataError as e:
             return str(e)
         if name in seen:
@@ -544,7 +547,7 @@ class ShardSample(NamedTuple):
     """One raw sample: its position in the split (index order), shard URL, key, label field and
     image bytes (None when the sample has no image member)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field may shadow tuple.index; typeshed objects
     shard: str
     key: str
     cls: bytes | None
@@ -558,10 +561,14 @@ _META_FIELDS = ("cls", "json", "txt")
 def _to_raw(index: int, url: str, sample: dict[str, Any]) -> ShardSample:
     image_fields = [k for k in sample if not k.startswith("__") and k not in _META_FIELDS]
     ext = image_fields[0] if image_fields else None
-    return ShardSample(index, url, sample["__key__"], sample.get("cls"), ext, sample[ext] if ext else None)
+    return ShardSample(
+        index, url, sample["__key__"], sample.get("cls"), ext, sample[ext] if ext else None
+    )
 
 
-def _read_shard(index: ShardIndex, shard: int, skip: int, take: int, offset: int) -> Iterator[ShardSample]:
+def _read_shard(
+    index: ShardIndex, shard: int, skip: int, take: int, offset: int
+) -> Iterator[ShardSample]:
     """Samples skip .. skip+take-1 of one shard (the first `skip` are streamed past, not kept)."""
     wds = _webdataset()
     url = index.url(index.names[shard])
@@ -663,7 +670,10 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             )
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     key, held = None, 0
-    with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|") as tar:  # "r|": no decompression
+    # "r|": no decompression. The stream mode calls only read(), which is all _Prefixed has;
+    # typeshed asks for the whole file interface.
+    prefixed = _Prefixed(head, stream)
+    with tarfile.open(fileobj=prefixed, mode="r|") as tar:  # type: ignore[call-overload]
         for member in tar:
             if not member.isreg() or member.name.startswith("__"):
                 continue
@@ -680,7 +690,9 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             yield {"fname": member.name, "data": data, "__url__": url}
 
 
-def iter_shard_samples(data_dir: str | os.PathLike, split: str | None = None) -> Iterator[ShardSample]:
+def iter_shard_samples(
+    data_dir: str | os.PathLike, split: str | None = None
+) -> Iterator[ShardSample]:
     """Every sample of a split's shards, raw, in index order (`split` None: `data_dir` is the
     split's shard folder)."""
     index = ShardIndex.load(data_dir, split)
@@ -707,7 +719,11 @@ class _SampleNames(Sequence):
 
 
 def _mixed_seed(*values: int) -> int:
-    return int(np.random.SeedSequence([v % 2**32 for v in values]).generate_state(2, np.uint32).view(np.uint64)[0])
+    return int(
+        np.random.SeedSequence([v % 2**32 for v in values])
+        .generate_state(2, np.uint32)
+        .view(np.uint64)[0]
+    )
 
 
 Segment = tuple[int, int, int]  # (shard, skip, take)
@@ -793,7 +809,8 @@ class ShardDataset(IterableDataset):
             unknown = [c for c in self.index.classes if c not in class_to_idx]
             if unknown:
                 raise DataError(
-                    f"shards of '{self.index.location}' have classes that are not in the given classes: "
+                    f"shards of '{self.index.location}' have classes that are not in the given "
+                    "classes: "
                     f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
                 )
             self.class_to_idx = dict(class_to_idx)
@@ -803,7 +820,8 @@ class ShardDataset(IterableDataset):
         if self.shuffle and not self.index.shuffled:
             logger.warning(
                 "shards of %s were written in folder order: each holds few classes, so shuffled "
-                "reading mixes poorly; write training shards with `res2net data shard` (it shuffles)",
+                "reading mixes poorly; write training shards with `res2net data shard` (it "
+                "shuffles)",
                 self.index.location,
             )
 
@@ -845,7 +863,9 @@ class ShardDataset(IterableDataset):
         """Select the epoch the next iteration streams; `start` (a multiple of `batch_size`:
         batches done x batch size) skips this rank's batches already done when resuming."""
         if start < 0 or start % self.batch_size:
-            raise ValueError(f"start must be a multiple of batch_size {self.batch_size} and >= 0, not {start}")
+            raise ValueError(
+                f"start must be a multiple of batch_size {self.batch_size} and >= 0, not {start}"
+            )
         self.epoch = epoch
         self.start = start
 
@@ -897,7 +917,8 @@ class ShardDataset(IterableDataset):
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[tuple[Any, ...]]:
         """The items logical worker `worker` of `num_workers` yields this epoch (after the
-        batches skipped by `set_epoch(..., start)`). `__iter__` calls it in each DataLoader worker."""
+        batches skipped by `set_epoch(..., start)`). `__iter__` calls it in each DataLoader
+        worker."""
         done = self.start // self.batch_size
         skip = max(0, -(-(done - worker) // num_workers)) * self.batch_size
         offsets = self.index.offsets
@@ -948,13 +969,17 @@ class ShardDataset(IterableDataset):
 
         with seeded_rngs(_mixed_seed(self.seed, self.epoch, index)):
             out_image = self.transform(image) if self.transform is not None else image
-            out_target = self.target_transform(target) if self.target_transform is not None else target
+            out_target = (
+                self.target_transform(target) if self.target_transform is not None else target
+            )
         return out_image, out_target
 
     def __repr__(self) -> str:
         return (
-            f"ShardDataset({self.index.location!r}, {len(self.index.names)} shards, {self.total} samples, "
-            f"{self.num_classes} classes, rank {self.rank}/{self.world_size}, {self.num_batches} batches of "
+            f"ShardDataset({self.index.location!r}, {len(self.index.names)} shards, {self.total} "
+            "samples, "
+            f"{self.num_classes} classes, rank {self.rank}/{self.world_size}, {self.num_batches} "
+            "batches of "
             f"{self.batch_size}, training={self.training})"
         )
 

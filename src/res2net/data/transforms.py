@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +179,8 @@ class TrivialAugmentWide:
     def __call__(self, img: Image.Image) -> Image.Image:
         name = _RAND_OPS[np.random.randint(len(_RAND_OPS))]
         level = min(max(random.uniform(0, self.magnitude), 0.0), self.magnitude) / self.magnitude
-        return timm_aa.NAME_TO_OP[name](img, *self._args(name, level), **self.kwargs)
+        op = timm_aa.NAME_TO_OP[name]  # timm's table of ops has no usable type
+        return op(img, *self._args(name, level), **self.kwargs)  # type: ignore[operator]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(magnitude={self.magnitude})"
@@ -272,7 +274,9 @@ def train_transform(
     if fast_decode and interp in TENSOR_INTERPOLATIONS:
         crop_type = DecodeRandomResizedCrop
     elif fast_decode:
-        logger.info("fast_decode does not support %s interpolation; decoding with PIL", interp.value)
+        logger.info(
+            "fast_decode does not support %s interpolation; decoding with PIL", interp.value
+        )
     steps: list[Any] = [
         crop_type(image_resize, scale=scale, ratio=ratio, interpolation=interp, antialias=True)
     ]

@@ -75,7 +75,10 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     state = torchfile.load(path, "training checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a res2net training checkpoint (use it as weights with --ckpt_path instead)")
+        raise ValueError(
+            f"{path}: not a res2net training checkpoint (use it as weights with --ckpt_path "
+            "instead)"
+        )
     return state
 
 
@@ -104,7 +107,10 @@ class CheckpointManager:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise OSError(f"ckpt_save_dir {str(self.directory)!r} is not writable ({e.strerror or e}); choose another with --ckpt_save_dir") from None
+            raise OSError(
+                f"ckpt_save_dir {str(self.directory)!r} is not writable ({e.strerror or e}); "
+                "choose another with --ckpt_save_dir"
+            ) from None
 
     def remove_stale_files(self) -> list[Path]:
         """Remove the temporary files of writes that a killed process never finished."""
@@ -161,19 +167,21 @@ class CheckpointManager:
             text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
             entries = json.loads(text)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ValueError(f"{self.index_path}: not valid JSON ({short(str(e), 120)}); {fix}") from None
+            raise ValueError(
+                f"{self.index_path}: not valid JSON ({short(str(e), 120)}); {fix}"
+            ) from None
         if not isinstance(entries, list):
             raise ValueError(f"{self.index_path}: expected a list of checkpoints; {fix}")
-        for i, e in enumerate(entries):
+        for i, entry in enumerate(entries):
             ok = (
-                isinstance(e, dict)
-                and type(e.get("epoch")) is int
-                and e.get("file") == self.epoch_file(e["epoch"]).name
-                and (e.get("top1") is None or type(e.get("top1")) in (int, float))
+                isinstance(entry, dict)
+                and type(entry.get("epoch")) is int
+                and entry.get("file") == self.epoch_file(entry["epoch"]).name
+                and (entry.get("top1") is None or type(entry.get("top1")) in (int, float))
             )
             if not ok:
                 raise ValueError(
-                    f"{self.index_path}: entry {i} ({short(json.dumps(e), 80)}) is not "
+                    f"{self.index_path}: entry {i} ({short(json.dumps(entry), 80)}) is not "
                     f'{{"epoch": N, "file": "{self.prefix}-NNN.pt", "top1": X}}; {fix}'
                 )
         return entries
@@ -188,14 +196,22 @@ class CheckpointManager:
             save_checkpoint(state, self.last)
         return self.last
 
-    def save_epoch(self, state: dict[str, Any], epoch: int, top1: float | None, *, is_best: bool = False) -> Path:
+    def save_epoch(
+        self, state: dict[str, Any], epoch: int, top1: float | None, *, is_best: bool = False
+    ) -> Path:
         """Write the epoch checkpoint for `epoch` (1-based), `best.pt` when `is_best`, apply
         the policy, and write `last.pt` last; returns the epoch checkpoint's path."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.epoch_file(epoch)
-        entries = [e for e in self._index() if e["epoch"] != epoch] + [{"epoch": epoch, "file": path.name, "top1": top1}]
+        entries = [e for e in self._index() if e["epoch"] != epoch] + [
+            {"epoch": epoch, "file": path.name, "top1": top1}
+        ]
         if self.policy == "top_k":
-            ranked = sorted(entries, key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]), reverse=True)
+            ranked = sorted(
+                entries,
+                key=lambda e: (e["top1"] is not None, e["top1"] or 0.0, e["epoch"]),
+                reverse=True,
+            )
         else:
             ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
         keep, drop = ranked[: self.keep_max], ranked[self.keep_max :]
@@ -216,7 +232,12 @@ class CheckpointManager:
         return path
 
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
-        atomic_write(self.index_path, lambda f: f.write(json.dumps(sorted(entries, key=lambda e: e["epoch"]), indent=1).encode()))
+        atomic_write(
+            self.index_path,
+            lambda f: f.write(
+                json.dumps(sorted(entries, key=lambda e: e["epoch"]), indent=1).encode()
+            ),
+        )
 
     def _link(self, source: Path, path: Path) -> None:
         """Atomically give `path` the bytes of `source`: a hard link where the filesystem has
@@ -232,7 +253,10 @@ class CheckpointManager:
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise OSError(f"could not write {path} ({e.strerror or e}); the previous file there, if any, is intact") from e
+            raise OSError(
+                f"could not write {path} ({e.strerror or e}); the previous file there, if any, is "
+                "intact"
+            ) from e
         fsync_directory(path.parent)
 
 

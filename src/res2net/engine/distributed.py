@@ -35,7 +35,9 @@ class DistInfo:
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto` -> this process's CUDA device when there is one, else the CPU."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but no CUDA device is available; use --device cpu")
@@ -82,8 +84,16 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 # what gloo and NCCL say when another rank died (connection lost) or hangs (timeout)
-_PEER_FAILURE = ("timed out", "timeout", "timing out", "connection closed by peer", "connection reset by peer",
-                 "broken pipe", "remote process exited", "communicator was aborted")
+_PEER_FAILURE = (
+    "timed out",
+    "timeout",
+    "timing out",
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "remote process exited",
+    "communicator was aborted",
+)
 
 
 def peer_failure(error: BaseException, info: DistInfo, timeout_s: float) -> RuntimeError | None:
@@ -96,7 +106,8 @@ def peer_failure(error: BaseException, info: DistInfo, timeout_s: float) -> Runt
         return None
     detail = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return RuntimeError(
-        f"rank {info.rank}: another rank died or did not answer within dist_timeout={timeout_s:g}s, so the job "
+        f"rank {info.rank}: another rank died or did not answer within "
+        f"dist_timeout={timeout_s:g}s, so the job "
         f"stops; continue from the last checkpoint with --resume auto [{detail}]"
     )
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -67,8 +67,10 @@ def evaluate(
     zeros = torch.zeros(num_classes, dtype=torch.long)
     result = EvalResult(class_total=zeros.clone(), class_correct=zeros.clone())
     k = min(5, num_classes)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    total = len(batches) if hasattr(batches, "__len__") else None
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+    total = len(batches) if isinstance(batches, Sized) else None
     with stop_signals_blocked():  # loader workers start here
         batch_iter = iter(batches)
     shown = progress_bar(batch_iter, total=total, desc="validation", enabled=progress, unit="batch")
@@ -126,7 +128,9 @@ def reduce_result(result: EvalResult, dist: DistInfo) -> EvalResult:
     if not dist.enabled:
         return result
     device = dist.device
-    counts = torch.tensor([result.n, result.correct1, result.correct5], dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [result.n, result.correct1, result.correct5], dtype=torch.float64, device=device
+    )
     counts = all_reduce_sum(counts, dist)
     loss = all_reduce_sum(torch.tensor([result.loss_sum], dtype=torch.float64, device=device), dist)
     total = all_reduce_sum(result.class_total.to(device), dist).cpu()

@@ -78,7 +78,8 @@ def param_groups(
     """Parameter groups with their ``weight_decay`` and ``lr_scale`` (1, or
     ``layer_decay ** (5 - layer_id)`` with layer-wise lr decay); see :func:`set_lr`."""
     no_decay = _no_decay_names(model, weight_decay_filter) if weight_decay else set()
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():

@@ -42,7 +42,14 @@ class StepReporter:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
 
     def update(self, step: int, n_images: int, loss: float | None, lr: float) -> None:
         """Record one finished step (`step`: batches done in the epoch). `loss` is None between
@@ -117,8 +124,12 @@ class MetricsLog:
         fresh one): the work after it is done again and its records written again."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line, record in self._lines()
-                if isinstance(step := record.get("global_step", 0), (int, float)) and step <= global_step]
+        kept = [
+            line
+            for line, record in self._lines()
+            if isinstance(step := record.get("global_step", 0), (int, float))
+            and step <= global_step
+        ]
         if len(kept) == len(self.path.read_text(errors="replace").splitlines()):
             return  # nothing to drop: the file stays as it is
         atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
@@ -160,7 +171,9 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path | None:
     axes[0].plot(x, [r["train_loss"] for r in epochs], marker="o", label="train")
     val = [r for r in epochs if r.get("val_loss") is not None]
     if val:
-        axes[0].plot([r["epoch"] for r in val], [r["val_loss"] for r in val], marker="o", label="val")
+        axes[0].plot(
+            [r["epoch"] for r in val], [r["val_loss"] for r in val], marker="o", label="val"
+        )
     axes[0].set(title="loss", xlabel="epoch")
     axes[0].legend()
     steps = [r for r in records if r.get("kind") == "step"]

@@ -20,9 +20,10 @@ import math
 import signal
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,13 +46,14 @@ from ..data.loader import EpochLoader, stop_signals_blocked
 from ..data.shards import ShardDataset
 from ..factory import create_model
 from ..profile import count_params
+from ..schema import OnBadImage
 from . import distributed
 from .checkpoint import CheckpointManager, RunLock, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
-from .tracking import Trackers, parse_backends
 from .schedules import LrSchedule
+from .tracking import Trackers, parse_backends
 
 log = logging.getLogger("res2net.train")
 
@@ -113,13 +115,24 @@ def build_loaders(
         mean=cfg.mean, std=cfg.std,
     )
     workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
+    on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
+    train_loader: EpochLoader
+    val_loader: Iterable[Any] | None
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
-            raise ValueError("num_samples is not supported with sharded data; shard a subset instead")
+            raise ValueError(
+                "num_samples is not supported with sharded data; shard a subset instead"
+            )
         if cfg.aug_repeats > 1:
             raise ValueError("aug_repeats is not supported with sharded data; use an image folder")
-        shard_kw = dict(rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
-                        batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed)
+        shard_kw: dict[str, Any] = dict(
+            rank=dist.rank,
+            world_size=dist.world_size,
+            on_bad_image=on_bad_image,
+            batch_size=cfg.batch_size,
+            num_workers=workers,
+            seed=cfg.seed,
+        )
         train_loader, _ = build_shard_loader(
             cfg.data_dir, transform=train_tf, training=True, split=cfg.train_split,
             shuffle=cfg.shuffle, drop_last=cfg.drop_remainder, **shard_kw,
@@ -133,7 +146,7 @@ def build_loaders(
             )
         return train_loader, train_ds, val_loader
     train_ds = ImageFolderDataset(
-        cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=cfg.on_bad_image,
+        cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=on_bad_image,
         num_samples=cfg.num_samples, seed=cfg.seed,
     )
     train_loader = build_loader(
@@ -144,18 +157,21 @@ def build_loaders(
     if cfg.val_while_train:
         val_ds = ImageFolderDataset(
             cfg.data_dir, cfg.val_split, transform=eval_tf, class_to_idx=train_ds.class_to_idx,
-            on_bad_image=cfg.on_bad_image,
+            on_bad_image=on_bad_image,
         )
         val_loader = eval_loader(val_ds, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
     return train_loader, train_ds, val_loader
 
 
 def check_num_classes(cfg: Config, dataset: ImageFolderDataset | ShardDataset) -> int:
-    """The class count to build the model with; a recipe that disagrees with the data is an error."""
+    """The class count to build the model with; a recipe that disagrees with the data is an
+    error."""
     if cfg.num_classes is not None and cfg.num_classes != dataset.num_classes:
         raise ValueError(
-            f"num_classes is {cfg.num_classes} but {cfg.data_dir}/{cfg.train_split} has {dataset.num_classes} "
-            f"class folders; pass --num_classes {dataset.num_classes} (a new classifier is trained) or fix the data"
+            f"num_classes is {cfg.num_classes} but {cfg.data_dir}/{cfg.train_split} has "
+            f"{dataset.num_classes} "
+            f"class folders; pass --num_classes {dataset.num_classes} (a new classifier is "
+            "trained) or fix the data"
         )
     return dataset.num_classes
 
@@ -290,7 +306,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     if steps_per_epoch < 1:
         raise ValueError(
             f"{len(train_ds)} training images give no full step of batch_size {cfg.batch_size} x "
-            f"{cfg.gradient_accumulation_steps} accumulation; lower --batch_size or set --drop_remainder False"
+            f"{cfg.gradient_accumulation_steps} accumulation; lower --batch_size or set "
+            "--drop_remainder False"
         )
     mixer = mixup_cutmix(
         num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_prob=cfg.cutmix_prob,
@@ -316,12 +333,21 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
         if device.type != "cuda":
-            raise ValueError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); use --freeze_bn True or --sync_bn False on CPU")
+            raise ValueError(
+                "sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); use --freeze_bn True or "
+                "--sync_bn False on CPU"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema else None
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema
+        else None
+    )
     train_model: nn.Module = model
     if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     forward = torch.compile(train_model) if cfg.use_compile(device.type) else train_model
 
     # ---- optimizer, schedule, precision
@@ -333,10 +359,18 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
                  f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
                  "; consider --lr_scale linear to scale lr with it")
     schedule = LrSchedule(
-        scheduler=cfg.scheduler, lr=cfg.lr * lr_factor, steps_per_epoch=steps_per_epoch,
-        min_lr=cfg.min_lr * lr_factor, warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_factor,
-        decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, milestones=cfg.multi_step_decay_milestones,
-        num_cycles=cfg.num_cycles, cycle_decay=cfg.cycle_decay, lr_epoch_stair=cfg.lr_epoch_stair,
+        scheduler=cfg.scheduler,
+        lr=cfg.lr * lr_factor,
+        steps_per_epoch=steps_per_epoch,
+        min_lr=cfg.min_lr * lr_factor,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_factor=cfg.warmup_factor,
+        decay_epochs=cfg.decay_epochs,
+        decay_rate=cfg.decay_rate,
+        milestones=cfg.multi_step_decay_milestones,
+        num_cycles=cfg.num_cycles,
+        cycle_decay=cfg.cycle_decay,
+        lr_epoch_stair=cfg.lr_epoch_stair,
         epochs=cfg.epoch_size,
     )
     optimizer = build_optimizer(
@@ -494,8 +528,9 @@ def train_one_epoch(
             images, labels, weight = _micro_batch(batch, bad, dist)
             if images is None:
                 continue
-            sync = contextlib.nullcontext()
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if dist.enabled and micro < accum - 1:
+                assert isinstance(parts.train_model, nn.parallel.DistributedDataParallel)
                 sync = parts.train_model.no_sync()
             with sync:
                 loss = _forward_backward(cfg, state, parts, images, labels, weight=weight)
@@ -681,7 +716,11 @@ def results_row(
         "batch size": cfg.batch_size,
         "resolution": f"{cfg.image_resize}x{cfg.image_resize}",
         "ms/step": round(ms_per_step, 2),
-        "img/s": round(cfg.batch_size * cards * cfg.gradient_accumulation_steps / (ms_per_step / 1000.0), 2) if ms_per_step else None,
+        "img/s": round(
+            cfg.batch_size * cards * cfg.gradient_accumulation_steps / (ms_per_step / 1000.0), 2
+        )
+        if ms_per_step
+        else None,
         "acc@top1": round(val.top1, 2) if val is not None else None,
         "acc@top5": round(val.top5, 2) if val is not None else None,
     }
@@ -691,7 +730,9 @@ def format_row(row: dict[str, Any]) -> str:
     """A Markdown table (header + one row) of `results_row`."""
     head = "| " + " | ".join(row) + " |"
     sep = "|" + "---|" * len(row)
-    return "\n".join([head, sep, "| " + " | ".join("-" if v is None else str(v) for v in row.values()) + " |"])
+    return "\n".join(
+        [head, sep, "| " + " | ".join("-" if v is None else str(v) for v in row.values()) + " |"]
+    )
 
 
 def _resume_path(cfg: Config, ckpts: CheckpointManager) -> Path | None:

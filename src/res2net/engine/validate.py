@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any, cast
+
+from torch import nn
+from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..data import ImageFolderDataset, build_shard_loader, cap_workers, is_shard_dir
+from ..data import (
+    ImageFolderDataset,
+    ShardLoader,
+    build_shard_loader,
+    cap_workers,
+    is_shard_dir,
+)
 from ..factory import create_model
+from ..schema import OnBadImage
 from ..weights.entry import (
     EVAL_KEYS,
     EvalTransform,
@@ -72,26 +83,33 @@ def validate(
         settings = spec.to_dict()
         transform = EvalTransform.from_dict(transform_settings(settings, report.tta)).transform()
         workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
+        on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
+        loader: ShardLoader | DataLoader[Any]
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
                 cfg.data_dir, transform=transform, batch_size=cfg.batch_size,
                 num_workers=workers, training=False, split=cfg.val_split,
-                rank=dist.rank, world_size=dist.world_size, on_bad_image=cfg.on_bad_image,
+                rank=dist.rank, world_size=dist.world_size, on_bad_image=on_bad_image,
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
-            dataset = ImageFolderDataset(cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=cfg.on_bad_image)
+            dataset = ImageFolderDataset(
+                cfg.data_dir, cfg.val_split, transform=transform, on_bad_image=on_bad_image
+            )
             loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
             n_images = len(dataset)
         n_ckpt = state_num_classes(state)
         if n_ckpt is not None and n_ckpt != dataset.num_classes and not report.class_map:
             raise ValueError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
-                f"{dataset.num_classes} class folders; validate on data with the checkpoint's classes"
+                f"{dataset.num_classes} class folders; validate on data with the checkpoint's "
+                "classes"
             )
         if per_class_csv is not None and dist.is_main:
             check_csv_target(Path(per_class_csv), dataset.classes)
-        model = create_model(cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path)
+        model: nn.Module = create_model(
+            cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path
+        )
         outputs = n_ckpt or dataset.num_classes
         mapped = None
         if report.class_map:
@@ -103,7 +121,14 @@ def validate(
             model = TTAModel(model, report.tta, int(settings["image_resize"]))
         model = model.to(dist.device)
         if dist.is_main:
-            log.info("validating %s (%s, %s) on %d images of %s", cfg.model, ckpt_path, fmt, n_images, cfg.val_split)
+            log.info(
+                "validating %s (%s, %s) on %d images of %s",
+                cfg.model,
+                ckpt_path,
+                fmt,
+                n_images,
+                cfg.val_split,
+            )
         amp = cfg.amp_dtype(dist.device.type, validation=True)
         wants_report = report.report_dir or report.real_labels or report.results_csv
         if wants_report and dist.world_size > 1:
@@ -118,6 +143,7 @@ def validate(
         )
         result = reduce_result(result, dist)
         if wants_report:
+            assert predictions is not None
             files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
             finish(
                 report, result, predictions, classes=dataset.classes, files=files,

@@ -3,11 +3,16 @@ classifier, and the feature-map ("features_only") mode used by detection and seg
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .layers import check_out_indices
+
+if TYPE_CHECKING:
+    from ..weights.entry import Weights
 
 
 class Res2NetBase(nn.Module):
@@ -20,6 +25,8 @@ class Res2NetBase(nn.Module):
 
     feature_info: list[dict[str, int]]
     num_features: int
+    pretrained_weights: Weights | None  # set by create_model: the published entry it loaded
+    hub_config: dict[str, Any]  # set by load_from_hub: the model folder's config.json
 
     def _build_head(
         self, num_classes: int, drop_rate: float, out_indices: tuple[int, ...] | None, conv_fc: bool
@@ -76,7 +83,7 @@ class Res2NetBase(nn.Module):
             return [maps[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self) -> nn.Module:
+    def get_classifier(self) -> nn.Module | None:
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:

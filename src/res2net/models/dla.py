@@ -8,7 +8,7 @@ Parameter names follow timm's DLA (`base_layer`, `level0`..`level5`, `tree1`, `t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -44,11 +44,23 @@ class DlaBottle2neck(nn.Module):
         self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
         self.bn1 = norm_layer(width * scale)
         self.convs = nn.ModuleList(
-            nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+            nn.Conv2d(
+                width,
+                width,
+                kernel_size=3,
+                stride=stride,
+                padding=1,
+                groups=cardinality,
+                bias=False,
+            )
             for _ in range(n_convs)
         )
         self.bns = nn.ModuleList(norm_layer(width) for _ in range(n_convs))
-        self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.stage_first and scale > 1 else None
+        self.pool = (
+            nn.AvgPool2d(kernel_size=3, stride=stride, padding=1)
+            if self.stage_first and scale > 1
+            else None
+        )
         self.conv3 = nn.Conv2d(width * scale, outplanes, kernel_size=1, bias=False)
         self.bn3 = norm_layer(outplanes)
         self.relu = act_layer(inplace=True)
@@ -57,7 +69,9 @@ class DlaBottle2neck(nn.Module):
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x if shortcut is None else shortcut
         out = self.relu(self.bn1(self.conv1(x)))
-        out = res2_forward(out, self.width, self.convs, self.bns, self.pool, self.stage_first, self.relu)
+        out = res2_forward(
+            out, self.width, self.convs, self.bns, self.pool, self.stage_first, self.relu
+        )
         out = self.drop_path(self.bn3(self.conv3(out)))
         out += shortcut  # in place: no new buffer (BatchNorm's backward does not need its output)
         return self.relu(out)
@@ -101,21 +115,36 @@ class DlaTree(nn.Module):
             root_dim += in_channels
         self.level_root = level_root
         # ceil_mode keeps odd sizes aligned with the strided convs (same result on even sizes)
-        self.downsample = nn.MaxPool2d(stride, stride=stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        self.downsample = (
+            nn.MaxPool2d(stride, stride=stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        )
         self.project: nn.Module = nn.Identity()
         norm_layer, act_layer = block_kw["norm_layer"], block_kw["act_layer"]
         if levels == 1:
-            self.tree1 = DlaBottle2neck(in_channels, out_channels, stride, drop_path=drop_paths.pop(0), **block_kw)
-            self.tree2 = DlaBottle2neck(out_channels, out_channels, 1, drop_path=drop_paths.pop(0), **block_kw)
+            self.tree1: nn.Module = DlaBottle2neck(
+                in_channels, out_channels, stride, drop_path=drop_paths.pop(0), **block_kw
+            )
+            self.tree2: nn.Module = DlaBottle2neck(
+                out_channels, out_channels, 1, drop_path=drop_paths.pop(0), **block_kw
+            )
             if in_channels != out_channels:
                 self.project = nn.Sequential(
-                    nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), norm_layer(out_channels)
+                    nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                    norm_layer(out_channels),
                 )
             self.root: DlaRoot | None = DlaRoot(root_dim, out_channels, norm_layer, act_layer)
         else:
-            self.tree1 = DlaTree(levels - 1, in_channels, out_channels, stride, block_kw, drop_paths)
+            self.tree1 = DlaTree(
+                levels - 1, in_channels, out_channels, stride, block_kw, drop_paths
+            )
             self.tree2 = DlaTree(
-                levels - 1, out_channels, out_channels, 1, block_kw, drop_paths, root_dim=root_dim + out_channels
+                levels - 1,
+                out_channels,
+                out_channels,
+                1,
+                block_kw,
+                drop_paths,
+                root_dim=root_dim + out_channels,
             )
             self.root = None
 
@@ -159,7 +188,9 @@ class DLA(Res2NetBase):
         if scale < 1:
             raise ValueError(f"scale={scale} is invalid: it must be >= 1")
         if output_stride != 32:
-            raise ValueError(f"output_stride={output_stride} is not supported by DLA models: use 32")
+            raise ValueError(
+                f"output_stride={output_stride} is not supported by DLA models: use 32"
+            )
         self.base_layer = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], kernel_size=7, stride=1, padding=3, bias=False),
             norm_layer(channels[0]),
@@ -171,17 +202,30 @@ class DLA(Res2NetBase):
         block_kw = dict(cardinality=cardinality, base_width=base_width, scale=scale, **norms)
         n_blocks = sum(2**n for n in levels[2:])  # a tree of depth n has 2**n blocks
         drop_paths = torch.linspace(0, drop_path_rate, n_blocks).tolist()
-        self.level2 = DlaTree(levels[2], channels[1], channels[2], 2, block_kw, drop_paths, level_root=False)
-        self.level3 = DlaTree(levels[3], channels[2], channels[3], 2, block_kw, drop_paths, level_root=True)
-        self.level4 = DlaTree(levels[4], channels[3], channels[4], 2, block_kw, drop_paths, level_root=True)
-        self.level5 = DlaTree(levels[5], channels[4], channels[5], 2, block_kw, drop_paths, level_root=True)
+        self.level2 = DlaTree(
+            levels[2], channels[1], channels[2], 2, block_kw, drop_paths, level_root=False
+        )
+        self.level3 = DlaTree(
+            levels[3], channels[2], channels[3], 2, block_kw, drop_paths, level_root=True
+        )
+        self.level4 = DlaTree(
+            levels[4], channels[3], channels[4], 2, block_kw, drop_paths, level_root=True
+        )
+        self.level5 = DlaTree(
+            levels[5], channels[4], channels[5], 2, block_kw, drop_paths, level_root=True
+        )
         self.feature_info = [dict(num_chs=channels[1], reduction=2)] + [
             dict(num_chs=c, reduction=2 ** (i + 2)) for i, c in enumerate(channels[2:])
         ]
         self.num_features = channels[-1]
 
         init_weights(self, zero_init_last)
-        self._build_head(num_classes, drop_rate, None if out_indices is None else tuple(out_indices), conv_fc=True)
+        self._build_head(
+            num_classes,
+            drop_rate,
+            None if out_indices is None else tuple(out_indices),
+            conv_fc=True,
+        )
 
     def forward_stages(self, x: torch.Tensor, last: int = 4) -> list[torch.Tensor]:
         x = self.level1(self.level0(self.base_layer(x)))
@@ -193,13 +237,26 @@ class DLA(Res2NetBase):
 
 
 def _conv_level(
-    inplanes: int, planes: int, n_convs: int, *, stride: int, norm_layer: NormLayer, act_layer: ActLayer
+    inplanes: int,
+    planes: int,
+    n_convs: int,
+    *,
+    stride: int,
+    norm_layer: NormLayer,
+    act_layer: ActLayer,
 ) -> nn.Sequential:
     """`n_convs` plain 3x3 conv + BN + ReLU layers, the first with `stride`."""
     modules: list[nn.Module] = []
     for i in range(n_convs):
         modules += [
-            nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride if i == 0 else 1, padding=1, bias=False),
+            nn.Conv2d(
+                inplanes,
+                planes,
+                kernel_size=3,
+                stride=stride if i == 0 else 1,
+                padding=1,
+                bias=False,
+            ),
             norm_layer(planes),
             act_layer(inplace=True),
         ]

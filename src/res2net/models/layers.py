@@ -5,11 +5,10 @@ net families expose."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-
 
 NormLayer = Callable[[int], nn.Module]
 """Builds a normalisation layer for a channel count (`nn.BatchNorm2d`, `FrozenBatchNorm2d`...)."""
@@ -17,7 +16,9 @@ ActLayer = Callable[..., nn.Module]
 """Builds an activation; called with `inplace=True` (`nn.ReLU`, `nn.SiLU`...)."""
 
 
-def channels_last_on_cpu(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def channels_last_on_cpu(
+    module: nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
     """Forward pre-hook that `create_model` installs by default: a 4-d CPU input is made
     channels_last, the layout in which oneDNN's convolutions (and BatchNorm, ReLU and pooling)
     run natively, so a training step or forward pass is measurably faster (docs/benchmarks.md);
@@ -31,8 +32,8 @@ def channels_last_on_cpu(module: nn.Module, args: tuple[torch.Tensor, ...]) -> t
 def res2_forward(
     x: torch.Tensor,
     width: int,
-    convs: Sequence[nn.Module],
-    bns: Sequence[nn.Module],
+    convs: Sequence[nn.Module] | nn.ModuleList,
+    bns: Sequence[nn.Module] | nn.ModuleList,
     pool: nn.Module | None,
     stage_first: bool,
     act: Callable[[torch.Tensor], torch.Tensor],
@@ -75,7 +76,9 @@ def init_weights(module: nn.Module, zero_init_last: bool) -> None:
     if zero_init_last:
         for m in module.modules():
             if hasattr(m, "bn3"):
-                nn.init.zeros_(m.bn3.weight)
+                weight = m.get_submodule("bn3").weight
+                assert isinstance(weight, torch.Tensor)
+                nn.init.zeros_(weight)
 
 
 def check_out_indices(out_indices: Sequence[int]) -> tuple[int, ...]:

@@ -9,8 +9,7 @@ import difflib
 import fnmatch
 from typing import Any
 
-from torch import nn
-
+from .base import Res2NetBase
 from .dla import DLA
 from .res2net import Res2Net
 
@@ -18,7 +17,7 @@ _R50, _R101, _R152 = (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
 _V1B = dict(deep_stem=True, avg_down=True)
 
 # name -> (class, architecture arguments)
-ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+ARCHITECTURES: dict[str, tuple[type[Res2NetBase], dict[str, Any]]] = {
     "res2net50_26w_4s": (Res2Net, dict(layers=_R50, base_width=26, scale=4)),
     "res2net50_26w_6s": (Res2Net, dict(layers=_R50, base_width=26, scale=6)),
     "res2net50_26w_8s": (Res2Net, dict(layers=_R50, base_width=26, scale=8)),
@@ -62,7 +61,7 @@ def resolve_name(name: str) -> str:
     raise ValueError(f"unknown model {name!r}.{hint} `res2net models` lists all names.")
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
+def build_model(name: str, **kwargs: Any) -> Res2NetBase:
     """Build the architecture called `name` with random weights. Keyword arguments are the
     model's own (num_classes, in_chans, drop_rate, drop_path_rate, zero_init_last,
     output_stride, out_indices)."""

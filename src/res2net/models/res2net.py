@@ -7,7 +7,7 @@ Parameter names follow the official repository and timm (`conv1`, `bn1`, `layer1
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,11 @@ class Bottle2neck(nn.Module):
             for _ in range(n_convs)
         )
         self.bns = nn.ModuleList(norm_layer(width) for _ in range(n_convs))
-        self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.stage_first and scale > 1 else None
+        self.pool = (
+            nn.AvgPool2d(kernel_size=3, stride=stride, padding=1)
+            if self.stage_first and scale > 1
+            else None
+        )
         self.conv3 = nn.Conv2d(width * scale, outplanes, kernel_size=1, bias=False)
         self.bn3 = norm_layer(outplanes)
         self.relu = act_layer(inplace=True)
@@ -72,7 +76,9 @@ class Bottle2neck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = res2_forward(out, self.width, self.convs, self.bns, self.pool, self.stage_first, self.relu)
+        out = res2_forward(
+            out, self.width, self.convs, self.bns, self.pool, self.stage_first, self.relu
+        )
         out = self.drop_path(self.bn3(self.conv3(out)))
         # the shortcut last and added in place: fewer large buffers alive at once, none new for
         # the sum (BatchNorm's backward does not need its output)
@@ -92,9 +98,13 @@ def _downsample(
         )
     pool_stride = stride if dilation == 1 else 1
     pool: nn.Module = (
-        nn.AvgPool2d(2, pool_stride, ceil_mode=True, count_include_pad=False) if pool_stride > 1 else nn.Identity()
+        nn.AvgPool2d(2, pool_stride, ceil_mode=True, count_include_pad=False)
+        if pool_stride > 1
+        else nn.Identity()
     )
-    return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, kernel_size=1, bias=False), norm_layer(outplanes))
+    return nn.Sequential(
+        pool, nn.Conv2d(inplanes, outplanes, kernel_size=1, bias=False), norm_layer(outplanes)
+    )
 
 
 class Res2Net(Res2NetBase):
@@ -103,6 +113,12 @@ class Res2Net(Res2NetBase):
     shortcuts); `output_stride` 16 or 8 replaces the last strides by dilation. `norm_layer`
     (called with a channel count) and `act_layer` (called with `inplace=True`) build every
     normalisation and activation: `FrozenBatchNorm2d` for detection, for example."""
+
+    # the four stages, added with add_module in __init__
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(
         self,
@@ -133,7 +149,7 @@ class Res2Net(Res2NetBase):
             raise ValueError(f"layers={list(layers)} is invalid: give four positive block counts")
 
         if deep_stem:
-            self.conv1 = nn.Sequential(
+            self.conv1: nn.Module = nn.Sequential(
                 nn.Conv2d(in_chans, 32, kernel_size=3, stride=2, padding=1, bias=False),
                 norm_layer(32),
                 act_layer(inplace=True),
@@ -161,7 +177,9 @@ class Res2Net(Res2NetBase):
             outplanes = planes * Bottle2neck.expansion
             downsample = None
             if stride != 1 or inplanes != outplanes:
-                downsample = _downsample(inplanes, outplanes, stride, dilation, avg_down, norm_layer)
+                downsample = _downsample(
+                    inplanes, outplanes, stride, dilation, avg_down, norm_layer
+                )
             blocks = []
             for j in range(n_blocks):
                 blocks.append(
@@ -186,7 +204,12 @@ class Res2Net(Res2NetBase):
         self.num_features = inplanes
 
         init_weights(self, zero_init_last)
-        self._build_head(num_classes, drop_rate, None if out_indices is None else tuple(out_indices), conv_fc=False)
+        self._build_head(
+            num_classes,
+            drop_rate,
+            None if out_indices is None else tuple(out_indices),
+            conv_fc=False,
+        )
         if self.fc is not None:
             init_weights(self.fc, zero_init_last=False)
 

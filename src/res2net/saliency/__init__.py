@@ -9,7 +9,13 @@ Data layout (one folder per split)::
 """
 
 from .data import SaliencyFolder, find_pairs
-from .engine import evaluate_saliency, load_saliency_model, predict_saliency, save_saliency_model, train_saliency
+from .engine import (
+    evaluate_saliency,
+    load_saliency_model,
+    predict_saliency,
+    save_saliency_model,
+    train_saliency,
+)
 from .losses import bce_iou_loss, iou_loss
 from .metrics import SaliencyMetrics, f_measure_curve, mae
 from .model import SaliencyDecoder, SaliencyNet, saliency_res2net

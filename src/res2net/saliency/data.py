@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -40,7 +41,8 @@ def find_pairs(root: str | os.PathLike) -> list[tuple[Path, Path]]:
     missing = [p.name for p in images if p.stem not in masks]
     if missing:
         raise DataError(
-            f"{len(missing)} images in '{images_dir}' have no mask of the same name in '{masks_dir}': "
+            f"{len(missing)} images in '{images_dir}' have no mask of the same name in "
+            f"'{masks_dir}': "
             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
     return [(p, masks[p.stem]) for p in images]
@@ -82,7 +84,9 @@ class SaliencyFolder(Dataset):
         image = load_image(image_path)
         mask = load_mask(mask_path)
         if mask.shape != (image.height, image.width):
-            mask_image = Image.fromarray(mask.numpy()).resize(image.size, Image.NEAREST)
+            mask_image = Image.fromarray(mask.numpy()).resize(image.size, Image.Resampling.NEAREST)
             mask = pil_to_tensor(mask_image)[0] > 0
-        x, m = self.transform(tv_tensors.Image(pil_to_tensor(image)), tv_tensors.Mask(mask[None].to(torch.uint8)))
+        x, m = self.transform(
+            tv_tensors.Image(pil_to_tensor(image)), tv_tensors.Mask(mask[None].to(torch.uint8))
+        )
         return x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor).float()

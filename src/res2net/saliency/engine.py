@@ -46,7 +46,9 @@ def train_saliency(
         generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) > batch_size,
     )
     model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
@@ -57,7 +59,9 @@ def train_saliency(
             images, masks = images.to(device), masks.to(device)
             loss = bce_iou_loss(model(images), masks)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"the loss is {loss.item()} at epoch {epoch + 1}: lower the learning rate")
+                raise RuntimeError(
+                    f"the loss is {loss.item()} at epoch {epoch + 1}: lower the learning rate"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -73,17 +77,25 @@ def train_saliency(
 
 @torch.no_grad()
 def predict_saliency(
-    model: SaliencyNet, image: Image.Image, image_size: int = 352, device: str | torch.device = "cpu"
+    model: SaliencyNet,
+    image: Image.Image,
+    image_size: int = 352,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """The saliency map (H, W) in 0..1 of an RGB PIL image, at the image's own size."""
     model.to(device).eval()
     x = saliency_transform(image_size)(image).unsqueeze(0).to(device)
-    logits = F.interpolate(model(x), size=(image.height, image.width), mode="bilinear", align_corners=False)
+    logits = F.interpolate(
+        model(x), size=(image.height, image.width), mode="bilinear", align_corners=False
+    )
     return torch.sigmoid(logits)[0, 0].cpu()
 
 
 def evaluate_saliency(
-    model: SaliencyNet, root: str | os.PathLike, image_size: int = 352, device: str | torch.device = "cpu"
+    model: SaliencyNet,
+    root: str | os.PathLike,
+    image_size: int = 352,
+    device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """MAE and max F-measure of `model` on the image/mask folder `root`, each map compared with
     its mask at the mask's own resolution: {"mae", "max_f", "images"}."""
@@ -92,12 +104,16 @@ def evaluate_saliency(
         gt = load_mask(mask_path)
         pred = predict_saliency(model, load_image(image_path), image_size, device)
         if pred.shape != gt.shape:
-            pred = F.interpolate(pred[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
+            pred = F.interpolate(
+                pred[None, None], size=gt.shape, mode="bilinear", align_corners=False
+            )[0, 0]
         metrics.update(pred.clamp(0, 1), gt)
     return metrics.compute()
 
 
-def save_saliency_model(path: str | os.PathLike, model: SaliencyNet, backbone: str, image_size: int) -> Path:
+def save_saliency_model(
+    path: str | os.PathLike, model: SaliencyNet, backbone: str, image_size: int
+) -> Path:
     """Write `model`'s weights with what `load_saliency_model` needs to rebuild it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

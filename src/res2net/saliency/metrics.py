@@ -26,14 +26,18 @@ def _as_maps(x: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"expected one-channel maps, got shape {tuple(x.shape)}")
         x = x[:, 0]
     if x.ndim != 3:
-        raise ValueError(f"expected (H, W), (N, H, W) or (N, 1, H, W) maps, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"expected (H, W), (N, H, W) or (N, 1, H, W) maps, got shape {tuple(x.shape)}"
+        )
     return x.flatten(1).float()
 
 
 def _check(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     p, g = _as_maps(pred), _as_maps(gt)
     if p.shape != g.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+        raise ValueError(
+            f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape"
+        )
     if bool((p < 0).any()) or bool((p > 1).any()):
         raise ValueError("saliency maps must be probabilities in 0..1 (apply sigmoid to logits)")
     return p, g > 0.5

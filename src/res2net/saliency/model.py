@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,9 @@ class SaliencyNet(nn.Module):
     def __init__(self, body: Res2NetBase, decoder_channels: int = 64) -> None:
         super().__init__()
         self.body = body
-        self.decoder = SaliencyDecoder([body.feature_info[i]["num_chs"] for i in (1, 2, 3, 4)], decoder_channels)
+        self.decoder = SaliencyDecoder(
+            [body.feature_info[i]["num_chs"] for i in (1, 2, 3, 4)], decoder_channels
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.body.forward_stages(x)[1:]
@@ -71,8 +74,11 @@ def saliency_res2net(
     """A saliency network on model `backbone` (a name, or a features_only model);
     `checkpoint_path`/`pretrained` load ImageNet weights into the trunk."""
     if isinstance(backbone, str) and checkpoint_path is None and not pretrained:
-        log.warning("%s trunk without ImageNet weights: saliency training from random weights "
-                    "rarely converges; pass checkpoint_path= (--ckpt_path) or pretrained=", backbone)
+        log.warning(
+            "%s trunk without ImageNet weights: saliency training from random weights "
+            "rarely converges; pass checkpoint_path= (--ckpt_path) or pretrained=",
+            backbone,
+        )
     body = create_backbone(backbone, (1, 2, 3, 4), checkpoint_path, pretrained, **model_kwargs)
     net = SaliencyNet(body, decoder_channels)
     net.register_forward_pre_hook(channels_last_on_cpu)  # the trunk's maps are read directly

@@ -25,7 +25,13 @@ from .pretrained import pretrained_entries
 
 DEFAULT_EVAL = {"image_resize": 224, "crop_pct": 0.875, "interpolation": "bilinear",
                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-TARGETS = {".safetensors": "safetensors", ".ckpt": "mindspore", ".pth": "torch", ".pt": "torch", ".bin": "torch"}
+TARGETS = {
+    ".safetensors": "safetensors",
+    ".ckpt": "mindspore",
+    ".pth": "torch",
+    ".pt": "torch",
+    ".bin": "torch",
+}
 
 
 def _num_classes(state: dict[str, torch.Tensor]) -> int:
@@ -54,13 +60,16 @@ def convert(
     src, dst = Path(src), Path(dst)
     target = TARGETS.get(dst.suffix.lower())
     if target is None:
-        raise ValueError(f"cannot tell the output format from {dst.name!r}: use one of {', '.join(TARGETS)}")
+        raise ValueError(
+            f"cannot tell the output format from {dst.name!r}: use one of {', '.join(TARGETS)}"
+        )
     state, fmt, _, metadata = read_checkpoint(src)
     name = model_name or metadata.get("arch")
     if model is None:
         if not name:
             raise ValueError(
-                f"{src}: the file does not name its architecture; pass --model NAME (see `res2net models`)"
+                f"{src}: the file does not name its architecture; pass --model NAME (see `res2net "
+                "models`)"
             )
         model = build_model(name, num_classes=_num_classes(state))
     name = name or type(model).__name__
@@ -90,14 +99,23 @@ def _metadata(
     by_file = next((e for e in entries if e["file_name"] == src.name), None)
     source = source or old.get("source") or (by_file["source"] if by_file else fmt)
     entry = by_file or next((e for e in entries if e["source"] == source), None)
-    eval_args = json.loads(old["eval"]) if "eval" in old else (entry["eval"] if entry else DEFAULT_EVAL)
+    eval_args = (
+        json.loads(old["eval"]) if "eval" in old else (entry["eval"] if entry else DEFAULT_EVAL)
+    )
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
         num_classes = _num_classes(model.state_dict())
-    return {"arch": name, "num_classes": str(num_classes), "source": source, "eval": json.dumps(eval_args)}
+    return {
+        "arch": name,
+        "num_classes": str(num_classes),
+        "source": source,
+        "eval": json.dumps(eval_args),
+    }
 
 
-def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     """Atomically write `state` as safetensors with string `metadata` in its header."""
     from safetensors.torch import save
 

@@ -42,7 +42,9 @@ MAX_SAFETENSORS_HEADER = 16 << 20
 MAX_IMAGE_SIZE = 4096
 MAX_CLASSES = 1 << 20
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-TRAIN_FORMAT = "res2net-train"  # engine/checkpoint.py's tag (not imported: weights/ is independent of engine/)
+TRAIN_FORMAT = (
+    "res2net-train"  # engine/checkpoint.py's tag (not imported: weights/ is independent of engine/)
+)
 
 
 @dataclass
@@ -82,11 +84,14 @@ def detect_format(path: str | Path) -> str:
         return "torch"
     what = "is empty" if not head else f"starts with {head[:8]!r}"
     raise ValueError(
-        f"{path}: not a checkpoint this library reads (torch .pth, .safetensors or MindSpore .ckpt): it {what}"
+        f"{path}: not a checkpoint this library reads (torch .pth, .safetensors or MindSpore "
+        f".ckpt): it {what}"
     )
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, list[str], dict[str, str]]:
+def read_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], str, list[str], dict[str, str]]:
     """Return (tensors, format, skipped entries, metadata) for a checkpoint file of any format.
 
     Wrappers (`{"state_dict": ...}`, `{"model": ...}`, this project's training checkpoints) and
@@ -180,13 +185,23 @@ def _eval_problem(settings: dict) -> str | None:
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     obj = torchfile.load(path)
     metadata: dict[str, str] = {}
-    if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT and isinstance(obj.get("model"), dict):
-        metadata = {k: str(obj[k]) for k in ("arch", "num_classes") if isinstance(obj.get(k), (str, int))}
+    if (
+        isinstance(obj, dict)
+        and obj.get("format") == TRAIN_FORMAT
+        and isinstance(obj.get("model"), dict)
+    ):
+        metadata = {
+            k: str(obj[k]) for k in ("arch", "num_classes") if isinstance(obj.get(k), (str, int))
+        }
         if isinstance(obj.get("config"), dict):  # the run's eval transform travels with its weights
             metadata["eval"] = _config_eval(obj["config"], path)
         # the EMA weights, when kept, are the ones training validated and ranked
         ema = obj.get("ema")
-        obj = {k: v for k, v in ema.items() if k != "n_averaged"} if isinstance(ema, dict) and ema else obj["model"]
+        obj = (
+            {k: v for k, v in ema.items() if k != "n_averaged"}
+            if isinstance(ema, dict) and ema
+            else obj["model"]
+        )
     while isinstance(obj, dict) and not _is_state_dict(obj):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -194,7 +209,8 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         obj = inner
     if not (isinstance(obj, dict) and _is_state_dict(obj)):
         raise ValueError(
-            f"{path}: holds no state dict (expected a dict of tensors, possibly under 'state_dict'/'model')"
+            f"{path}: holds no state dict (expected a dict of tensors, possibly under "
+            "'state_dict'/'model')"
         )
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
 
@@ -227,7 +243,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def _is_state_dict(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(k, str) for k in obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+    return (
+        bool(obj)
+        and all(isinstance(k, str) for k in obj)
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+    )
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -258,7 +278,13 @@ def mmpretrain_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             stem = _MM_STEM.fullmatch(key)
             if stem:
                 i, kind, rest = int(stem.group(1)), stem.group(2), stem.group(3)
-                module = f"conv1.{3 * i}" if kind == "conv" else "bn1" if i == 2 else f"conv1.{3 * i + 1}"
+                module = (
+                    f"conv1.{3 * i}"
+                    if kind == "conv"
+                    else "bn1"
+                    if i == 2
+                    else f"conv1.{3 * i + 1}"
+                )
                 key = f"{module}.{rest}"
         elif key.startswith("head.fc."):
             key = key[len("head.") :]
@@ -279,7 +305,9 @@ def load_checkpoint(
     are never required. On any error the model is left unchanged.
     """
     state, fmt, skipped, metadata = read_checkpoint(path)
-    if fmt == "mindspore" or any(k.endswith(".gamma") or k.startswith("classifier.") for k in state):
+    if fmt == "mindspore" or any(
+        k.endswith(".gamma") or k.startswith("classifier.") for k in state
+    ):
         state = mindcv_to_ours(state, model)
     report = LoadReport(path=str(path), format=fmt, skipped=skipped, metadata=metadata)
 
@@ -291,29 +319,38 @@ def load_checkpoint(
         n_file = state[mismatched_head[0]].shape[0]
         n_model = own[mismatched_head[0]].shape[0]
         raise ValueError(
-            f"{path}: the checkpoint's classifier has {n_file} classes but the model has {n_model}. "
+            f"{path}: the checkpoint's classifier has {n_file} classes but the model has "
+            f"{n_model}. "
             f"Build the model with num_classes={n_file} to use it as is, or ask for a new head "
-            "(create_model(..., num_classes=N, checkpoint_path=...) or load_checkpoint(..., reset_head=True))."
+            "(create_model(..., num_classes=N, checkpoint_path=...) or load_checkpoint(..., "
+            "reset_head=True))."
         )
     head_fits = not mismatched_head and set(head_keys) == set(own_head)
     if reset_head and not head_fits:
-        n_file = next((f"{state[k].shape[0]} classes" for k in head_keys if k.endswith("weight")), "none")
-        n_model = f"{getattr(model, 'num_classes', '?')} classes" if own_head else "none"
+        file_head = next(
+            (f"{state[k].shape[0]} classes" for k in head_keys if k.endswith("weight")), "none"
+        )
+        model_head = f"{getattr(model, 'num_classes', '?')} classes" if own_head else "none"
         for k in head_keys:
             state.pop(k)
         for k in own_head:
             state[k] = own[k]
         report.head_reset = True
         log.warning(
-            "%s: classifier not loaded (checkpoint's: %s, model's: %s), the model's stays freshly initialised; "
-            "all other weights loaded", path, n_file, n_model,
+            "%s: classifier not loaded (checkpoint's: %s, model's: %s), the model's stays freshly "
+            "initialised; "
+            "all other weights loaded",
+            path,
+            file_head,
+            model_head,
         )
 
     _check_tensors(path, state)
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             raise ValueError(
-                f"{path}: tensor {k!r} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}: "
+                f"{path}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
+                f"{tuple(own[k].shape)}: "
                 "the checkpoint is for a different architecture"
             )
         if k in own and v.is_floating_point():
@@ -327,12 +364,15 @@ def load_checkpoint(
     if strict and (report.missing or report.unexpected):
         raise ValueError(
             f"{path}: does not match the model: {len(report.missing)} missing keys "
-            f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected keys (e.g. {report.unexpected[:3]}). "
+            f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected keys (e.g. "
+            f"{report.unexpected[:3]}). "
             "Check the model name, or pass strict=False to load the matching part."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if skipped:
-        log.info("%s: skipped %d non-model entries (%s...)", path, len(skipped), ", ".join(skipped[:3]))
+        log.info(
+            "%s: skipped %d non-model entries (%s...)", path, len(skipped), ", ".join(skipped[:3])
+        )
     return report
 
 

@@ -4,7 +4,8 @@ A MindSpore checkpoint is one protobuf `Checkpoint` message::
 
     message Checkpoint  { repeated Value value = 1; }
     message Value       { string tag = 1; TensorProto tensor = 2; MapTensorProto maptensor = 3; }
-    message TensorProto { repeated int64 dims = 1; string tensor_type = 2; bytes tensor_content = 3; }
+    message TensorProto { repeated int64 dims = 1; string tensor_type = 2;
+                          bytes tensor_content = 3; }
 
 MindSpore writes each entry as its own serialized `Checkpoint` and concatenates them (which is
 the same message); a tensor over 512 MiB is split over consecutive entries with the same tag,
@@ -26,7 +27,8 @@ import binascii
 import itertools
 import math
 import os
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -190,7 +192,9 @@ def _text(value: int | memoryview, what: str) -> str:
         raise _Bad(f"{what} is not valid UTF-8") from None
 
 
-def _entries(buf: memoryview) -> Iterator[tuple[str, list[int], str, memoryview] | tuple[str, None, None, None]]:
+def _entries(
+    buf: memoryview,
+) -> Iterator[tuple[str, list[int], str, memoryview] | tuple[str, None, None, None]]:
     """(tag, dims, tensor_type, content) per `Value`; (tag, None, None, None) for a map tensor."""
     for field, wire, value in _fields(buf, 0, len(buf)):
         if field != 1:
@@ -221,7 +225,9 @@ def _entries(buf: memoryview) -> Iterator[tuple[str, list[int], str, memoryview]
         yield (tag, *_parse_tensor(tensor))
 
 
-def _shape(tag: str, dims: list[int], tensor_type: str, nbytes: int) -> tuple[list[int], torch.dtype]:
+def _shape(
+    tag: str, dims: list[int], tensor_type: str, nbytes: int
+) -> tuple[list[int], torch.dtype]:
     """The shape and dtype of an entry, after checking that its dims describe exactly `nbytes`."""
     dtype = _MS_TO_TORCH.get(tensor_type)
     if dtype is None:
@@ -237,13 +243,20 @@ def _shape(tag: str, dims: list[int], tensor_type: str, nbytes: int) -> tuple[li
         if count * itemsize > nbytes:  # stop before the product gets large
             break
     if count * itemsize != nbytes:
-        raise _Bad(f"entry {tag!r}: dims {dims[:8]} of {tensor_type} need {count * itemsize}+ bytes, not {nbytes}")
-    if count == 0 and math.prod(d for d in dims if d) > _MAX_EMPTY_EXTENT:  # keeps torch's strides in range
+        raise _Bad(
+            f"entry {tag!r}: dims {dims[:8]} of {tensor_type} need {count * itemsize}+ bytes, not "
+            f"{nbytes}"
+        )
+    if (
+        count == 0 and math.prod(d for d in dims if d) > _MAX_EMPTY_EXTENT
+    ):  # keeps torch's strides in range
         raise _Bad(f"entry {tag!r} is empty but has dims {dims[:8]}")
     return dims, dtype
 
 
-def _to_tensor(tag: str, dims: list[int], tensor_type: str, parts: list[memoryview]) -> torch.Tensor:
+def _to_tensor(
+    tag: str, dims: list[int], tensor_type: str, parts: list[memoryview]
+) -> torch.Tensor:
     dims, dtype = _shape(tag, dims, tensor_type, sum(len(p) for p in parts))
     if math.prod(dims) == 0:
         return torch.empty(dims, dtype=dtype)
@@ -283,7 +296,8 @@ def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]
         if pending is not None and dims is not None and pending[0] == tag:
             if pending[1] != dims or pending[2] != tensor_type:
                 raise _Bad(f"the slices of entry {tag!r} disagree on dims or tensor_type")
-            pending[3].append(content)  # type: ignore[arg-type]
+            assert content is not None  # dims and content are None together (a map tensor)
+            pending[3].append(content)
             continue
         if pending is not None:
             finish(*pending)
@@ -293,7 +307,8 @@ def _decode(data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], list[str]
                 seen.add(tag)
                 skipped.append(tag)
             continue
-        pending = (tag, dims, tensor_type, [content])  # type: ignore[list-item]
+        assert tensor_type is not None and content is not None
+        pending = (tag, dims, tensor_type, [content])
     if pending is not None:
         finish(*pending)
     if not tensors and not skipped:
@@ -315,7 +330,9 @@ def read_mindspore_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
     try:
         return _decode(data)
     except _Bad as e:
-        raise ValueError(f"{os.fspath(path)!s} is not a valid, complete MindSpore checkpoint: {e}") from None
+        raise ValueError(
+            f"{os.fspath(path)!s} is not a valid, complete MindSpore checkpoint: {e}"
+        ) from None
 
 
 def _key(field: int, wire: int) -> bytes:
@@ -335,7 +352,9 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _write_entry(f: BinaryIO, name: str, dims: list[int], tensor_type: str, content: memoryview) -> None:
+def _write_entry(
+    f: BinaryIO, name: str, dims: list[int], tensor_type: str, content: memoryview
+) -> None:
     """One `Checkpoint` holding one `Value`, streamed without copying `content`."""
     tag = name.encode("utf-8")
     type_b = tensor_type.encode("ascii")
@@ -343,7 +362,9 @@ def _write_entry(f: BinaryIO, name: str, dims: list[int], tensor_type: str, cont
     tensor_head += _key(2, 2) + _encode_varint(len(type_b)) + type_b
     tensor_head += _key(3, 2) + _encode_varint(len(content))
     tensor_len = len(tensor_head) + len(content)
-    value_head = _key(1, 2) + _encode_varint(len(tag)) + tag + _key(2, 2) + _encode_varint(tensor_len)
+    value_head = (
+        _key(1, 2) + _encode_varint(len(tag)) + tag + _key(2, 2) + _encode_varint(tensor_len)
+    )
     value_len = len(value_head) + tensor_len
     f.write(_key(1, 2) + _encode_varint(value_len) + value_head + tensor_head)
     f.write(content)
@@ -359,7 +380,10 @@ def write_mindspore_checkpoint(path: str | os.PathLike, tensors: dict[str, torch
     entries = []
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise TypeError(f"write_mindspore_checkpoint needs str -> torch.Tensor, got {type(name)} -> {type(t)}")
+            raise TypeError(
+                f"write_mindspore_checkpoint needs str -> torch.Tensor, got {type(name)} -> "
+                f"{type(t)}"
+            )
         if t.dtype not in _TORCH_TO_MS:
             raise ValueError(f"{name!r}: dtype {t.dtype} has no MindSpore checkpoint type")
         entries.append((name, t.detach().cpu().contiguous()))
@@ -367,7 +391,7 @@ def write_mindspore_checkpoint(path: str | os.PathLike, tensors: dict[str, torch
     def write(f: BinaryIO) -> None:
         for name, t in entries:
             dims = list(t.shape) if t.dim() > 0 else [0]
-            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            raw = t.reshape(-1).view(torch.uint8).numpy().data
             step = max(_CHUNK_BYTES - _CHUNK_BYTES % t.element_size(), t.element_size())
             for start in range(0, max(len(raw), 1), step):
                 _write_entry(f, name, dims, _TORCH_TO_MS[t.dtype], raw[start : start + step])
@@ -431,7 +455,10 @@ def mindcv_to_ours(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     0 for every BatchNorm whose statistics are given. Values are not cast."""
     out = {_rename(k, model, to_ours=True): v for k, v in state.items()}
     for key in model.state_dict():
-        if key.endswith(".num_batches_tracked") and key[: -len("num_batches_tracked")] + "running_mean" in out:
+        if (
+            key.endswith(".num_batches_tracked")
+            and key[: -len("num_batches_tracked")] + "running_mean" in out
+        ):
             out.setdefault(key, torch.zeros((), dtype=torch.long))
     return out
 
@@ -440,5 +467,7 @@ def ours_to_mindcv(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     """The inverse of `mindcv_to_ours`: `model`'s names to MindCV's, dropping BatchNorm
     `num_batches_tracked`."""
     return {
-        _rename(k, model, to_ours=False): v for k, v in state.items() if not k.endswith(".num_batches_tracked")
+        _rename(k, model, to_ours=False): v
+        for k, v in state.items()
+        if not k.endswith(".num_batches_tracked")
     }

@@ -131,7 +131,9 @@ def _progress_bar(total: int) -> Any:
     return tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024)
 
 
-def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None, progress: bool = False) -> Path:
+def download_weights(
+    entry: dict[str, Any], cache_dir: str | Path | None = None, progress: bool = False
+) -> Path:
     """The local path of `entry`'s file, downloading it if needed.
 
     Files live in `cache_dir` (default: `torch.hub.get_dir()/checkpoints`) under the entry's
@@ -139,7 +141,9 @@ def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None,
     entry has none); otherwise each URL is tried in order, the download written to a temporary
     file and renamed only once complete and verified. If every URL fails, one RuntimeError names
     them, with the causes, and says how to load the file by hand."""
-    directory = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    directory = (
+        Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    )
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / entry["file_name"]
     prefix = entry.get("sha256_prefix")
@@ -147,7 +151,9 @@ def download_weights(entry: dict[str, Any], cache_dir: str | Path | None = None,
     if target.is_file():
         if prefix is None or _sha256(target).startswith(prefix):
             return target
-        log.warning("%s: cached file does not match SHA-256 prefix %s; downloading it again", target, prefix)
+        log.warning(
+            "%s: cached file does not match SHA-256 prefix %s; downloading it again", target, prefix
+        )
 
     failures: list[str] = []
     offline = True

@@ -28,8 +28,9 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -81,6 +82,7 @@ _NOT_DENSE = {
 
 
 class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, not an array
+    proto: int  # set by the base class when it reads the PROTO opcode
     def __init__(self, file: BinaryIO, budget: int, storage_bytes: Callable[[str, int], None]):
         super().__init__(file)
         self.budget = budget
@@ -122,7 +124,7 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
             return _STORAGE_DTYPES[full]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        simple = {
+        simple: dict[str, Callable[..., Any]] = {
             "collections.OrderedDict": OrderedDict,
             "builtins.set": set,
             "builtins.frozenset": frozenset,
@@ -133,7 +135,7 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
         }
         if full in simple:
             return self._charged(simple[full])
-        rebuild = {
+        rebuild: dict[str, Callable[..., Any]] = {
             "torch._utils._rebuild_tensor": self._tensor,
             "torch._utils._rebuild_tensor_v2": self._tensor,
             "torch._utils._rebuild_tensor_v3": self._tensor,
