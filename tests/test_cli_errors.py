@@ -19,8 +19,16 @@ from tests.test_train import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 M = ["--model", "res2net50"]
-FAST = ["--batch_size", "2", "--epoch_size", "1", "--image_resize", "16",
-        "--num_parallel_workers", "0"]
+FAST = [
+    "--batch_size",
+    "2",
+    "--epoch_size",
+    "1",
+    "--image_resize",
+    "16",
+    "--num_parallel_workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["txt"].write_text("hello\n")
     out["garbage"].write_bytes(b"\x00\x01garbage" * 10)
     out["yaml"].write_text("lr: [1,\n")
-    for key, arch in (("r101", "res2net101"), ("w8", "res2net50_26w_8s"), ("r50", "res2net50")):
+    for key, arch in (
+        ("r101", "res2net101"),
+        ("w8", "res2net50_26w_8s"),
+        ("r50", "res2net50"),
+    ):
         torch.save(res2net.create_model(arch, num_classes=2).state_dict(), out[key])
     return out
 
@@ -58,7 +70,16 @@ CASES = {
     "train-bad-number": (["train", "--lr", "abc"], "'lr' expects a number"),
     "train-bad-range": (["train", "--batch_size", "-1"], "'batch_size' must be >= 1"),
     "train-unknown-model": (
-        ["train", "--model", "zzz", *FAST, "--data_dir", "{data}", "--ckpt_save_dir", "{t}/r1"],
+        [
+            "train",
+            "--model",
+            "zzz",
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_save_dir",
+            "{t}/r1",
+        ],
         "unknown model 'zzz'",
     ),
     "train-out-not-writable": (
@@ -66,21 +87,45 @@ CASES = {
         "is not writable",
     ),
     "train-resume-garbage": (
-        ["train", *M, *FAST, "--data_dir", "{data}", "--ckpt_save_dir", "{t}/r2",
-         "--resume", "{garbage}"],
+        [
+            "train",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_save_dir",
+            "{t}/r2",
+            "--resume",
+            "{garbage}",
+        ],
         "not a readable training checkpoint",
     ),
     "train-other-arch": (
-        ["train", *M, *FAST, "--data_dir", "{data}", "--ckpt_save_dir", "{t}/r3",
-         "--ckpt_path", "{r101}"],
+        [
+            "train",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_save_dir",
+            "{t}/r3",
+            "--ckpt_path",
+            "{r101}",
+        ],
         "does not match the model",
     ),
-    "validate-no-ckpt": (["validate", *M, "--data_dir", "{data}"], "give the checkpoint"),
-    "validate-ckpt-missing": (
-        ["validate", "--data_dir", "{data}", "--ckpt_path", "{t}/nope.pt"], "does not exist"
+    "validate-no-ckpt": (
+        ["validate", *M, "--data_dir", "{data}"],
+        "give the checkpoint",
     ),
-    "validate-ckpt-dir": (["validate", "--data_dir", "{data}", "--ckpt_path", "{t}"],
-                          "is a directory"),
+    "validate-ckpt-missing": (
+        ["validate", "--data_dir", "{data}", "--ckpt_path", "{t}/nope.pt"],
+        "does not exist",
+    ),
+    "validate-ckpt-dir": (
+        ["validate", "--data_dir", "{data}", "--ckpt_path", "{t}"],
+        "is a directory",
+    ),
     "validate-ckpt-garbage": (
         ["validate", "--data_dir", "{data}", "--ckpt_path", "{garbage}"],
         "not a checkpoint this library reads",
@@ -102,50 +147,117 @@ CASES = {
         "unknown model 'zzz'",
     ),
     "validate-class-map-missing": (
-        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{r50}",
-         "--class_map", "{t}/nope.txt"],
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{r50}",
+            "--class_map",
+            "{t}/nope.txt",
+        ],
         "does not exist",
     ),
     "validate-real-labels-not-json": (
-        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{r50}",
-         "--real_labels", "{txt}"],
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{r50}",
+            "--real_labels",
+            "{txt}",
+        ],
         "not valid JSON",
     ),
     "validate-csv-is-dir": (
-        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{r50}",
-         "--per_class_csv", "{t}"],
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{r50}",
+            "--per_class_csv",
+            "{t}",
+        ],
         "Is a directory",
     ),
-    "predict-image-missing": (["predict", "{t}/nope.png", *M], "no such image or folder"),
-    "predict-not-an-image": (["predict", "{txt}", *M], "not an image format Pillow knows"),
+    "predict-image-missing": (
+        ["predict", "{t}/nope.png", *M],
+        "no such image or folder",
+    ),
+    "predict-not-an-image": (
+        ["predict", "{txt}", *M],
+        "not an image format Pillow knows",
+    ),
     "predict-empty-folder": (["predict", "{empty}/val", *M], "no images in folder"),
-    "predict-bad-crop": (["predict", "{data}/val", *M, "--crop_pct", "5"], "crop_pct is 5.0"),
+    "predict-bad-crop": (
+        ["predict", "{data}/val", *M, "--crop_pct", "5"],
+        "crop_pct is 5.0",
+    ),
     "predict-classes-missing": (
-        ["predict", "{data}/val", *M, "--classes", "{t}/nope"], "neither a folder nor a file"
+        ["predict", "{data}/val", *M, "--classes", "{t}/nope"],
+        "neither a folder nor a file",
     ),
     "predict-unknown-source": (
-        ["predict", "{data}/val", *M, "--pretrained", "zzz"], "no 'zzz' weights"
+        ["predict", "{data}/val", *M, "--pretrained", "zzz"],
+        "no 'zzz' weights",
     ),
-    "predict-unknown-model": (["predict", "{data}/val", "--model", "zzz"], "unknown model"),
-    "convert-src-missing": (["convert", "{t}/nope.pt", "{t}/o.safetensors"], "does not exist"),
+    "predict-unknown-model": (
+        ["predict", "{data}/val", "--model", "zzz"],
+        "unknown model",
+    ),
+    "convert-src-missing": (
+        ["convert", "{t}/nope.pt", "{t}/o.safetensors"],
+        "does not exist",
+    ),
     "convert-src-dir": (["convert", "{t}", "{t}/o.safetensors", *M], "is a directory"),
-    "convert-src-garbage": (["convert", "{garbage}", "{t}/o.safetensors", *M],
-                            "not a checkpoint"),
-    "convert-dst-extension": (["convert", "{r50}", "{t}/o.xyz", *M],
-                              "cannot tell the output format"),
-    "convert-no-model": (["convert", "{r50}", "{t}/o.safetensors"], "pass --model NAME"),
-    "convert-other-arch": (["convert", "{w8}", "{t}/o.safetensors", *M],
-                           "different architecture"),
-    "convert-dst-not-writable": (["convert", "{r50}", "{txt}/o.safetensors", *M], "notes.txt"),
+    "convert-src-garbage": (
+        ["convert", "{garbage}", "{t}/o.safetensors", *M],
+        "not a checkpoint",
+    ),
+    "convert-dst-extension": (
+        ["convert", "{r50}", "{t}/o.xyz", *M],
+        "cannot tell the output format",
+    ),
+    "convert-no-model": (
+        ["convert", "{r50}", "{t}/o.safetensors"],
+        "pass --model NAME",
+    ),
+    "convert-other-arch": (
+        ["convert", "{w8}", "{t}/o.safetensors", *M],
+        "different architecture",
+    ),
+    "convert-dst-not-writable": (
+        ["convert", "{r50}", "{txt}/o.safetensors", *M],
+        "notes.txt",
+    ),
     "convert-bad-metric": (
-        ["convert", "{r50}", *M, "--to-hub-folder", "{t}/hub", "--metric", "x"], "KEY=VALUE"
+        ["convert", "{r50}", *M, "--to-hub-folder", "{t}/hub", "--metric", "x"],
+        "KEY=VALUE",
     ),
     "convert-recipe-missing": (
-        ["convert", "{r50}", *M, "--to-hub-folder", "{t}/hub2", "--recipe", "{t}/nope.yaml"],
+        [
+            "convert",
+            "{r50}",
+            *M,
+            "--to-hub-folder",
+            "{t}/hub2",
+            "--recipe",
+            "{t}/nope.yaml",
+        ],
         "nope.yaml",
     ),
-    "export-unknown-model": (["export", "{t}/m.onnx", "--format", "onnx", "--model", "zzz"],
-                             "unknown model"),
+    "export-unknown-model": (
+        ["export", "{t}/m.onnx", "--format", "onnx", "--model", "zzz"],
+        "unknown model",
+    ),
     "export-ckpt-garbage": (
         ["export", "{t}/m.onnx", "--format", "onnx", *M, "--ckpt_path", "{garbage}"],
         "not a checkpoint",
@@ -155,10 +267,12 @@ CASES = {
     "cam-image-missing": (["cam", "{t}/nope.png", *M], "no such image or folder"),
     "cam-unknown-model": (["cam", "{data}/val", "--model", "zzz"], "unknown model"),
     "saliency-image-missing": (
-        ["saliency", "predict", "{t}/nope.png", "--weights", "{r50}"], "no such image"
+        ["saliency", "predict", "{t}/nope.png", "--weights", "{r50}"],
+        "no such image",
     ),
     "saliency-not-a-folder": (
-        ["saliency", "train", "--data", "{t}/nope"], "is not a saliency folder"
+        ["saliency", "train", "--data", "{t}/nope"],
+        "is not a saliency folder",
     ),
     "data-missing": (["data", "check", "{t}/nope"], "is not a folder"),
     "data-file": (["data", "check", "{txt}"], "is not a folder"),
@@ -166,7 +280,10 @@ CASES = {
     "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
     "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),
     "models-no-match": (["models", "zzz*"], "no model matches"),
-    "demo-unknown-key": (["demo", "--epochs_zzz", "3"], "unknown config key 'epochs_zzz'"),
+    "demo-unknown-key": (
+        ["demo", "--epochs_zzz", "3"],
+        "unknown config key 'epochs_zzz'",
+    ),
 }
 
 
@@ -184,7 +301,9 @@ def test_bad_flag_value_is_argparse_usage_and_exit_code_2(files, capsys) -> None
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(files["data"] / "val"), *M, "--topk", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and err[-1].endswith("argument --topk: must be >= 1, got 0")
+    assert exc.value.code == 2 and err[-1].endswith(
+        "argument --topk: must be >= 1, got 0"
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,8 +315,13 @@ def test_bad_flag_value_is_argparse_usage_and_exit_code_2(files, capsys) -> None
 )
 def test_seed_scripts_end_in_one_line(script, argv, fragment, tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True,
-        text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, str(ROOT / script), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and fragment in err, err
