@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME")
     out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
     print(f"wrote {out}")
-    flags = "" if hub or args.dst.endswith(".safetensors") else eval_flags(args.src)
+    flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)
     if flags:
         print(f"note: {args.dst} cannot hold the eval transform (only .safetensors has a header); "
               f"validate it with {flags}")
