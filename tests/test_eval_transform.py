@@ -258,3 +258,31 @@ def test_hostile_eval_metadata_is_a_value_error(tmp_path: Path) -> None:
             EvalTransform.from_dict(bad)
     with pytest.raises(ValueError, match="malformed mean/std"):
         EvalTransform.from_config({"mean": 7})
+
+
+def _validate_json(ckpt: Path, data_dir: Path, flags: list[str], capsys) -> dict:
+    argv = ["validate", "--data_dir", str(data_dir), "--ckpt_path", str(ckpt), *flags]
+    assert main([*argv, "--num_parallel_workers", "0", "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_every_format_convert_writes_scores_the_same(
+    run_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The training checkpoint, its .safetensors and hub-folder conversions validate the same
+    with no flags; .ckpt/.pth (no header) with the flags `convert` prints for them."""
+    reference = _validate_json(run_ckpt, data_dir, [], capsys)
+    assert main(["convert", str(run_ckpt), str(tmp_path / "w.safetensors")]) == 0
+    assert main(["convert", str(run_ckpt), "--to-hub-folder", str(tmp_path / "hub")]) == 0
+    capsys.readouterr()
+    for ckpt in (tmp_path / "w.safetensors", tmp_path / "hub" / "model.safetensors"):
+        got = _validate_json(ckpt, data_dir, [], capsys)
+        assert (got["top1"], got["loss"]) == (reference["top1"], reference["loss"]), ckpt
+    for name in ("w.ckpt", "w.pth"):
+        assert main(["convert", str(run_ckpt), str(tmp_path / name)]) == 0
+        note = capsys.readouterr().out.strip().splitlines()[-1]
+        assert note.startswith("note: ") and "--image_resize 16 --crop_pct 1" in note
+        flags = note.split("validate it with ")[1].split()
+        got = _validate_json(tmp_path / name, data_dir, ["--model", "res2net50", *flags], capsys)
+        assert got["top1"] == reference["top1"], name
+        assert got["loss"] == pytest.approx(reference["loss"], abs=1e-6), name

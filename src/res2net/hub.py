@@ -203,6 +203,7 @@ def push_to_hub(
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(token=token)
+    failures: tuple[type[Exception], ...] = (HfHubHTTPError, OSError, *_http_client_errors())
     with tempfile.TemporaryDirectory() as tmp:
         save_to_folder(model, tmp, arch=arch, repo_name=repo_id, **folder_kwargs)
         try:
@@ -214,7 +215,7 @@ def push_to_hub(
             raise RuntimeError(
                 f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload"
             ) from None
-        except (HfHubHTTPError, OSError, *_http_client_errors()) as e:
+        except failures as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RuntimeError(
                 f"could not push to {repo_id} ({reason}); check the network and your token "

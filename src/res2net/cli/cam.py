@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .predict import positive_int
+
 HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classes", help="class names: a training folder (one subfolder per class) or a text file"
     )
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--image_resize", "--image-resize", type=int,
                    help="eval crop size (default: the checkpoint's, else 224)")
     p.add_argument("--crop_pct", "--crop-pct", type=float,

@@ -115,4 +115,28 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME")
     out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
     print(f"wrote {out}")
+    flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)
+    if flags:
+        print(f"note: {args.dst} cannot hold the eval transform (only .safetensors has a header); "
+              f"validate it with {flags}")
     return 0
+
+
+def eval_flags(src: str) -> str:
+    """The flags that give back `src`'s eval transform where it differs from the defaults, so
+    a `.ckpt` or `.pth` conversion scores what the checkpoint scores ("" when nothing differs)."""
+    from ..weights.entry import EvalTransform, checkpoint_eval_transform
+
+    found = checkpoint_eval_transform(src)
+    if found is None:
+        return ""
+    t, default = found[0], EvalTransform()
+    shown = {
+        "image_resize": str(t.image_resize),
+        "crop_pct": f"{t.crop_pct:g}",
+        "interpolation": t.interpolation,
+        "mean": "[" + ",".join(f"{v * 255:g}" for v in t.mean) + "]",  # recipes' 0..255 units
+        "std": "[" + ",".join(f"{v * 255:g}" for v in t.std) + "]",
+    }
+    differ = [k for k in shown if getattr(t, k) != getattr(default, k)]
+    return " ".join(f"--{k} {shown[k]}" for k in differ)

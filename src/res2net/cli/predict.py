@@ -8,6 +8,14 @@ import json
 HELP = "classify images: top-k classes with names (ImageNet's, or the training folder's)"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 would print no class at all)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+",
                    help="image files or folders (every image inside, recursively)")
@@ -21,7 +29,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="class names: a training folder (one subfolder per class) or a text file, one per "
              "line",
     )
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--image_resize", "--image-resize", type=int,
                    help="eval crop size (default: the checkpoint's, else 224)")
     p.add_argument("--crop_pct", "--crop-pct", type=float,

@@ -1,0 +1,327 @@
+"""Bad input and environment errors of every command end in one line on stderr and exit code 2
+(README, "Exit codes"), never a traceback: missing, unreadable or wrong-kind files, folders
+where files are expected and back, bad flag values, unknown models, another architecture's
+checkpoint, an output folder that cannot be written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import res2net
+from res2net.cli.main import main
+from tests.test_train import make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+M = ["--model", "res2net50"]
+FAST = [
+    "--batch_size",
+    "2",
+    "--epoch_size",
+    "1",
+    "--image_resize",
+    "16",
+    "--num_parallel_workers",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Named inputs: a tiny data folder, text, garbage, and checkpoints of two other models."""
+    t = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    out = {
+        "data": make_folder(t / "data", n_classes=2, per_class=2),
+        "empty": t / "empty",
+        "txt": t / "notes.txt",
+        "garbage": t / "garbage.pt",
+        "yaml": t / "bad.yaml",
+        "r101": t / "r101.pth",
+        "w8": t / "w8.pth",
+        "r50": t / "r50.pth",
+        "t": t,
+    }
+    (out["empty"] / "val").mkdir(parents=True)
+    out["txt"].write_text("hello\n")
+    out["garbage"].write_bytes(b"\x00\x01garbage" * 10)
+    out["yaml"].write_text("lr: [1,\n")
+    for key, arch in (
+        ("r101", "res2net101"),
+        ("w8", "res2net50_26w_8s"),
+        ("r50", "res2net50"),
+    ):
+        torch.save(res2net.create_model(arch, num_classes=2).state_dict(), out[key])
+    return out
+
+
+# (argv with {key} placeholders for `files`, a fragment of the expected message)
+CASES = {
+    "train-config-missing": (["train", "-c", "{t}/nope.yaml"], "config file not found"),
+    "train-config-dir": (["train", "-c", "{t}"], "is a directory"),
+    "train-config-bad-yaml": (["train", "-c", "{yaml}"], "invalid YAML"),
+    "train-config-not-mapping": (["train", "-c", "{txt}"], "expected a mapping"),
+    "train-unknown-key": (["train", "--lrr", "0.1"], "did you mean 'lr'"),
+    "train-bad-number": (["train", "--lr", "abc"], "'lr' expects a number"),
+    "train-bad-range": (["train", "--batch_size", "-1"], "'batch_size' must be >= 1"),
+    "train-unknown-model": (
+        [
+            "train",
+            "--model",
+            "zzz",
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_save_dir",
+            "{t}/r1",
+        ],
+        "unknown model 'zzz'",
+    ),
+    "train-out-not-writable": (
+        ["train", *M, *FAST, "--data_dir", "{data}", "--ckpt_save_dir", "{txt}/run"],
+        "is not writable",
+    ),
+    "train-resume-garbage": (
+        [
+            "train",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_save_dir",
+            "{t}/r2",
+            "--resume",
+            "{garbage}",
+        ],
+        "not a readable training checkpoint",
+    ),
+    "train-other-arch": (
+        [
+            "train",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_save_dir",
+            "{t}/r3",
+            "--ckpt_path",
+            "{r101}",
+        ],
+        "does not match the model",
+    ),
+    "validate-no-ckpt": (
+        ["validate", *M, "--data_dir", "{data}"],
+        "give the checkpoint",
+    ),
+    "validate-ckpt-missing": (
+        ["validate", "--data_dir", "{data}", "--ckpt_path", "{t}/nope.pt"],
+        "does not exist",
+    ),
+    "validate-ckpt-dir": (
+        ["validate", "--data_dir", "{data}", "--ckpt_path", "{t}"],
+        "is a directory",
+    ),
+    "validate-ckpt-garbage": (
+        ["validate", "--data_dir", "{data}", "--ckpt_path", "{garbage}"],
+        "not a checkpoint this library reads",
+    ),
+    "validate-ckpt-text": (
+        ["validate", "--data_dir", "{data}", "--ckpt_path", "{txt}"],
+        "not a checkpoint this library reads",
+    ),
+    "validate-other-arch": (
+        ["validate", *M, "--data_dir", "{data}", "--ckpt_path", "{r101}"],
+        "does not match the model",
+    ),
+    "validate-other-width": (
+        ["validate", *M, "--data_dir", "{data}", "--ckpt_path", "{w8}"],
+        "different architecture",
+    ),
+    "validate-unknown-model": (
+        ["validate", "--model", "zzz", "--data_dir", "{data}", "--ckpt_path", "{r50}"],
+        "unknown model 'zzz'",
+    ),
+    "validate-class-map-missing": (
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{r50}",
+            "--class_map",
+            "{t}/nope.txt",
+        ],
+        "does not exist",
+    ),
+    "validate-real-labels-not-json": (
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{r50}",
+            "--real_labels",
+            "{txt}",
+        ],
+        "not valid JSON",
+    ),
+    "validate-csv-is-dir": (
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{r50}",
+            "--per_class_csv",
+            "{t}",
+        ],
+        "Is a directory",
+    ),
+    "predict-image-missing": (
+        ["predict", "{t}/nope.png", *M],
+        "no such image or folder",
+    ),
+    "predict-not-an-image": (
+        ["predict", "{txt}", *M],
+        "not an image format Pillow knows",
+    ),
+    "predict-empty-folder": (["predict", "{empty}/val", *M], "no images in folder"),
+    "predict-bad-crop": (
+        ["predict", "{data}/val", *M, "--crop_pct", "5"],
+        "crop_pct is 5.0",
+    ),
+    "predict-classes-missing": (
+        ["predict", "{data}/val", *M, "--classes", "{t}/nope"],
+        "neither a folder nor a file",
+    ),
+    "predict-unknown-source": (
+        ["predict", "{data}/val", *M, "--pretrained", "zzz"],
+        "no 'zzz' weights",
+    ),
+    "predict-unknown-model": (
+        ["predict", "{data}/val", "--model", "zzz"],
+        "unknown model",
+    ),
+    "convert-src-missing": (
+        ["convert", "{t}/nope.pt", "{t}/o.safetensors"],
+        "does not exist",
+    ),
+    "convert-src-dir": (["convert", "{t}", "{t}/o.safetensors", *M], "is a directory"),
+    "convert-src-garbage": (
+        ["convert", "{garbage}", "{t}/o.safetensors", *M],
+        "not a checkpoint",
+    ),
+    "convert-dst-extension": (
+        ["convert", "{r50}", "{t}/o.xyz", *M],
+        "cannot tell the output format",
+    ),
+    "convert-no-model": (
+        ["convert", "{r50}", "{t}/o.safetensors"],
+        "pass --model NAME",
+    ),
+    "convert-other-arch": (
+        ["convert", "{w8}", "{t}/o.safetensors", *M],
+        "different architecture",
+    ),
+    "convert-dst-not-writable": (
+        ["convert", "{r50}", "{txt}/o.safetensors", *M],
+        "notes.txt",
+    ),
+    "convert-bad-metric": (
+        ["convert", "{r50}", *M, "--to-hub-folder", "{t}/hub", "--metric", "x"],
+        "KEY=VALUE",
+    ),
+    "convert-recipe-missing": (
+        [
+            "convert",
+            "{r50}",
+            *M,
+            "--to-hub-folder",
+            "{t}/hub2",
+            "--recipe",
+            "{t}/nope.yaml",
+        ],
+        "nope.yaml",
+    ),
+    "export-unknown-model": (
+        ["export", "{t}/m.onnx", "--format", "onnx", "--model", "zzz"],
+        "unknown model",
+    ),
+    "export-ckpt-garbage": (
+        ["export", "{t}/m.onnx", "--format", "onnx", *M, "--ckpt_path", "{garbage}"],
+        "not a checkpoint",
+    ),
+    "benchmark-unknown-model": (["benchmark", "--model", "zzz"], "unknown model"),
+    "benchmark-bad-batch": (["benchmark", *M, "--batch_size", "0"], "must be >= 1"),
+    "cam-image-missing": (["cam", "{t}/nope.png", *M], "no such image or folder"),
+    "cam-unknown-model": (["cam", "{data}/val", "--model", "zzz"], "unknown model"),
+    "saliency-image-missing": (
+        ["saliency", "predict", "{t}/nope.png", "--weights", "{r50}"],
+        "no such image",
+    ),
+    "saliency-not-a-folder": (
+        ["saliency", "train", "--data", "{t}/nope"],
+        "is not a saliency folder",
+    ),
+    "data-missing": (["data", "check", "{t}/nope"], "is not a folder"),
+    "data-file": (["data", "check", "{txt}"], "is not a folder"),
+    "serve-no-weights": (["serve", "--model", "zzz"], "give the weights"),
+    "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
+    "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),
+    "models-no-match": (["models", "zzz*"], "no model matches"),
+    "demo-unknown-key": (
+        ["demo", "--epochs_zzz", "3"],
+        "unknown config key 'epochs_zzz'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_code_2(case: str, files, capsys) -> None:
+    argv, fragment = CASES[case]
+    rc = main([a.format(**files) for a in argv])
+    err = capsys.readouterr().err.strip()
+    command = argv[0]
+    assert rc == 2 and err.startswith(f"res2net {command}: error: "), err
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_bad_flag_value_is_argparse_usage_and_exit_code_2(files, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(files["data"] / "val"), *M, "--topk", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].endswith(
+        "argument --topk: must be >= 1, got 0"
+    )
+
+
+@pytest.mark.parametrize(
+    "script, argv, fragment",
+    [
+        ("train.py", ["-c", "missing.yaml"], "config file not found"),
+        ("validate.py", ["--ckpt_path", "missing.pt"], "does not exist"),
+    ],
+)
+def test_seed_scripts_end_in_one_line(script, argv, fragment, tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and fragment in err, err
