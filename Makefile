@@ -21,6 +21,7 @@ demo: $(STAMP)
 # Lint and type-check src/ (settings in pyproject.toml); `make test` stops here on the first finding.
 lint: $(STAMP)
 	@$(BIN)/ruff check src
+	@$(BIN)/ruff format --check --quiet src
 	@$(BIN)/mypy
 
 test: lint

@@ -53,7 +53,12 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "Config", "ConfigError", "load_config", "given_keys", "keys_help", "REFERENCE_BATCH_SIZE",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "given_keys",
+    "keys_help",
+    "REFERENCE_BATCH_SIZE",
 ]
 
 #: Global batch size that ``lr`` refers to when ``lr_scale: linear`` (MindCV's Res2Net
@@ -367,29 +372,44 @@ class Config:
             if getattr(self, key) != getattr(d, key):
                 out.append(f"{key}: {getattr(self, key)!r} is ignored ({why})")
         if self.eps != d.eps and self.opt != "rmsprop":
-            out.append(f"eps: {self.eps:g} is used by rmsprop only, as in MindCV; "
-                       f"{self.opt} keeps its own epsilon")
+            out.append(
+                f"eps: {self.eps:g} is used by rmsprop only, as in MindCV; "
+                f"{self.opt} keeps its own epsilon"
+            )
         if self.opt == "nesterov" and not self.use_nesterov:
-            out.append("opt: 'nesterov' is momentum without Nesterov unless use_nesterov: True "
-                       "(as in MindCV)")
+            out.append(
+                "opt: 'nesterov' is momentum without Nesterov unless use_nesterov: True "
+                "(as in MindCV)"
+            )
         if self.filter_bias_and_bn is not None:
-            out.append(f"filter_bias_and_bn: {self.filter_bias_and_bn} (older MindCV key) -> "
-                       f"weight_decay_filter: {self.weight_decay_filter!r}")
+            out.append(
+                f"filter_bias_and_bn: {self.filter_bias_and_bn} (older MindCV key) -> "
+                f"weight_decay_filter: {self.weight_decay_filter!r}"
+            )
         if self.dynamic_loss_scale is not None:
-            out.append(f"dynamic_loss_scale: {self.dynamic_loss_scale} (older MindCV key) -> "
-                       f"loss_scale_type: {self.loss_scale_type!r}")
+            out.append(
+                f"dynamic_loss_scale: {self.dynamic_loss_scale} (older MindCV key) -> "
+                f"loss_scale_type: {self.loss_scale_type!r}"
+            )
         for key in ("amp_level", "val_amp_level"):
             level = getattr(self, key)
             if level != "O0":
-                extra = ("; MindSpore's O3 casts BatchNorm too, here it stays float32"
-                         if level == "O3" else "")
-                out.append(f"{key}: {level} -> torch.autocast in bfloat16 (CPU, and CUDA with "
-                           f"bf16 support) else float16; weights stay float32{extra}")
+                extra = (
+                    "; MindSpore's O3 casts BatchNorm too, here it stays float32"
+                    if level == "O3"
+                    else ""
+                )
+                out.append(
+                    f"{key}: {level} -> torch.autocast in bfloat16 (CPU, and CUDA with "
+                    f"bf16 support) else float16; weights stay float32{extra}"
+                )
         scaling_set = self.loss_scale != d.loss_scale or self.loss_scale_type != d.loss_scale_type
         if self.amp_level != "O0" and scaling_set:  # no GradScaler without autocast
-            out.append(f"loss_scale: {self.loss_scale:g} ({self.loss_scale_type}) -> dynamic "
-                       f"torch GradScaler starting at {self.grad_scaler_init_scale():g} when "
-                       "autocast runs in float16; unused in bfloat16/float32")
+            out.append(
+                f"loss_scale: {self.loss_scale:g} ({self.loss_scale_type}) -> dynamic "
+                f"torch GradScaler starting at {self.grad_scaler_init_scale():g} when "
+                "autocast runs in float16; unused in bfloat16/float32"
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -587,8 +607,10 @@ def _read_yaml(path: str) -> dict[Any, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of 'key: value' lines at the top level, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of 'key: value' lines at the top level, "
+            f"got {type(data).__name__}"
+        )
     return data
 
 
@@ -615,8 +637,10 @@ def _parse_argv(argv: list[str]) -> list[tuple[str, Any]]:
     while i < len(argv):
         token = argv[i]
         if not (token.startswith("--") or token == "-c"):
-            raise ConfigError(f"unexpected command-line argument {token!r}; "
-                              "options look like --key value or --key=value")
+            raise ConfigError(
+                f"unexpected command-line argument {token!r}; "
+                "options look like --key value or --key=value"
+            )
         name, eq, inline = token.lstrip("-").partition("=")
         key = _normalize_key(name)
         if eq:
@@ -819,8 +843,11 @@ def _validate(c: Config) -> None:
     )
     # dataset
     choice("dataset", ("imagenet",))
-    check(not c.dataset_download, "dataset_download",
-          "must be False: ImageNet-style folders are read from data_dir, never downloaded")
+    check(
+        not c.dataset_download,
+        "dataset_download",
+        "must be False: ImageNet-style folders are read from data_dir, never downloaded",
+    )
     check(c.num_parallel_workers >= 0, "num_parallel_workers", "must be >= 0")
     check(c.num_samples is None or c.num_samples >= 1, "num_samples", "must be None or >= 1")
     check(c.batch_size >= 1, "batch_size", "must be >= 1")
@@ -832,11 +859,16 @@ def _validate(c: Config) -> None:
     probability("vflip")
     cj = c.color_jitter
     cj_ok = cj is None or (
-        cj >= 0 if isinstance(cj, float)
+        cj >= 0
+        if isinstance(cj, float)
         else len(cj) in (3, 4) and min(cj) >= 0 and (len(cj) == 3 or cj[3] <= 0.5)
     )
-    check(cj_ok, "color_jitter", "must be None, a number >= 0, or 3-4 numbers >= 0 "
-          "[brightness, contrast, saturation(, hue <= 0.5)]")
+    check(
+        cj_ok,
+        "color_jitter",
+        "must be None, a number >= 0, or 3-4 numbers >= 0 "
+        "[brightness, contrast, saturation(, hue <= 0.5)]",
+    )
     choice("interpolation", INTERPOLATIONS)
     if c.auto_augment is not None:
         try:
@@ -845,13 +877,19 @@ def _validate(c: Config) -> None:
             raise ConfigError(
                 f"config key 'auto_augment' is invalid: {e}", key="auto_augment"
             ) from None
-    check(c.aug_splits == 0, "aug_splits", "must be 0 (AugMix splits with a JSD loss are not "
-          "implemented; auto_augment 'augmix' is)")
+    check(
+        c.aug_splits == 0,
+        "aug_splits",
+        "must be 0 (AugMix splits with a JSD loss are not implemented; auto_augment 'augmix' is)",
+    )
     probability("re_prob")
     span("re_scale")
     span("re_ratio")
-    check(not isinstance(c.re_value, str) or c.re_value == "random", "re_value",
-          "must be a pixel value or 'random'")
+    check(
+        not isinstance(c.re_value, str) or c.re_value == "random",
+        "re_value",
+        "must be a pixel value or 'random'",
+    )
     check(c.re_max_attempts >= 1, "re_max_attempts", "must be >= 1")
     check(len(c.mean) == c.in_channels, "mean", f"must have in_channels={c.in_channels} values")
     check(len(c.std) == c.in_channels, "std", f"must have in_channels={c.in_channels} values")
@@ -874,14 +912,20 @@ def _validate(c: Config) -> None:
     check(c.epoch_size >= 1, "epoch_size", "must be >= 1")
     check(0.0 < c.ema_decay < 1.0, "ema_decay", "must be in (0, 1)")
     check(c.clip_value > 0, "clip_value", "must be > 0")
-    check(c.layer_decay is None or 0.0 < c.layer_decay <= 1.0, "layer_decay",
-          "must be None or in (0, 1]")
+    check(
+        c.layer_decay is None or 0.0 < c.layer_decay <= 1.0,
+        "layer_decay",
+        "must be None or in (0, 1]",
+    )
     check(c.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
     # optimizer
     choice("opt", OPTIMIZERS)
-    check(not (c.opt == "adam" and c.use_nesterov), "use_nesterov",
-          "must be False with opt 'adam' (MindSpore's Nesterov Adam has no torch "
-          "counterpart; opt 'nadam' is the closest)")
+    check(
+        not (c.opt == "adam" and c.use_nesterov),
+        "use_nesterov",
+        "must be False with opt 'adam' (MindSpore's Nesterov Adam has no torch "
+        "counterpart; opt 'nadam' is the closest)",
+    )
     check(c.momentum >= 0, "momentum", "must be >= 0")
     check(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     choice("weight_decay_filter", WEIGHT_DECAY_FILTERS)
@@ -890,21 +934,36 @@ def _validate(c: Config) -> None:
     choice("scheduler", SCHEDULERS)
     check(c.lr > 0, "lr", "must be > 0")
     check(c.min_lr >= 0, "min_lr", "must be >= 0")
-    check(c.scheduler != "one_cycle" or c.min_lr > 0, "min_lr",
-          "must be > 0 with scheduler one_cycle (its final lr)")
+    check(
+        c.scheduler != "one_cycle" or c.min_lr > 0,
+        "min_lr",
+        "must be > 0 with scheduler one_cycle (its final lr)",
+    )
     check(c.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
     probability("warmup_factor")
-    check(c.decay_epochs >= (1 if c.scheduler == "step_decay" else 0), "decay_epochs",
-          "must be >= 1 for step_decay (>= 0 otherwise)")
+    check(
+        c.decay_epochs >= (1 if c.scheduler == "step_decay" else 0),
+        "decay_epochs",
+        "must be >= 1 for step_decay (>= 0 otherwise)",
+    )
     check(c.decay_rate > 0, "decay_rate", "must be > 0")
     ms = c.multi_step_decay_milestones
-    check(all(m >= 0 for m in ms) and list(ms) == sorted(set(ms)), "multi_step_decay_milestones",
-          "must be increasing epochs >= 0")
-    check(c.scheduler != "multi_step_decay" or len(ms) > 0, "multi_step_decay_milestones",
-          "must not be empty with scheduler multi_step_decay")
+    check(
+        all(m >= 0 for m in ms) and list(ms) == sorted(set(ms)),
+        "multi_step_decay_milestones",
+        "must be increasing epochs >= 0",
+    )
+    check(
+        c.scheduler != "multi_step_decay" or len(ms) > 0,
+        "multi_step_decay_milestones",
+        "must not be empty with scheduler multi_step_decay",
+    )
     for key, off in (("warmup_epochs", "0"), ("lr_epoch_stair", "False")):
-        check(c.scheduler not in ("one_cycle", "cyclic") or not getattr(c, key), key,
-              f"must be {off} with scheduler {c.scheduler} (as in MindCV)")
+        check(
+            c.scheduler not in ("one_cycle", "cyclic") or not getattr(c, key),
+            key,
+            f"must be {off} with scheduler {c.scheduler} (as in MindCV)",
+        )
     check(c.num_cycles >= 1, "num_cycles", "must be >= 1")
     check(c.cycle_decay > 0, "cycle_decay", "must be > 0")
     # loss
@@ -922,10 +981,16 @@ def _validate(c: Config) -> None:
     choice("on_bad_image", ON_BAD_IMAGE)
     probability("min_readable_images")
     trackers = [t.strip().lower() for t in c.log.split(",")] if c.log else []
-    check(all(t in ("mlflow", "wandb", "none") for t in trackers), "log",
-          "must be mlflow, wandb or both, comma-separated")
-    check(_DEVICE_RE.fullmatch(c.device) is not None, "device",
-          "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    check(
+        all(t in ("mlflow", "wandb", "none") for t in trackers),
+        "log",
+        "must be mlflow, wandb or both, comma-separated",
+    )
+    check(
+        _DEVICE_RE.fullmatch(c.device) is not None,
+        "device",
+        "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+    )
 
 
 def _check_limits(c: Config) -> None:

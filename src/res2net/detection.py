@@ -145,9 +145,12 @@ def res2net_fpn_backbone(
     body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)
     if norm == "frozen_bn":
         if isinstance(name, str) and checkpoint_path is None and not pretrained:
-            log.warning("%s backbone without weights: its frozen BatchNorm layers keep random "
-                        "statistics; pass checkpoint_path= or pretrained= (or norm='bn' to train "
-                        "from scratch)", name)
+            log.warning(
+                "%s backbone without weights: its frozen BatchNorm layers keep random "
+                "statistics; pass checkpoint_path= or pretrained= (or norm='bn' to train "
+                "from scratch)",
+                name,
+            )
         freeze_batchnorm(body)  # a model passed in built: its BatchNorms are swapped in place
     freeze_stages(body, trainable_layers, last_stage=max(returned_layers))
     fpn = Res2NetFPN(body, returned_layers, out_channels, extra_blocks)
@@ -204,8 +207,13 @@ def retinanet_res2net50_fpn(
     """torchvision's RetinaNet on a Res2Net-50 FPN backbone (stages 2-4 + P6, P7 from P5).
     Other keyword arguments go to `RetinaNet`."""
     fpn = res2net_fpn_backbone(
-        backbone, trainable_layers, norm, (2, 3, 4), checkpoint_path,
-        pretrained=pretrained, extra_blocks=LastLevelP6P7(256, 256),
+        backbone,
+        trainable_layers,
+        norm,
+        (2, 3, 4),
+        checkpoint_path,
+        pretrained=pretrained,
+        extra_blocks=LastLevelP6P7(256, 256),
     )
     return RetinaNet(fpn, num_classes=num_classes, **kwargs)
 
@@ -223,7 +231,12 @@ def fcos_res2net50_fpn(
     """torchvision's FCOS on a Res2Net-50 FPN backbone (stages 2-4 + P6, P7 from P5).
     Other keyword arguments go to `FCOS`."""
     fpn = res2net_fpn_backbone(
-        backbone, trainable_layers, norm, (2, 3, 4), checkpoint_path,
-        pretrained=pretrained, extra_blocks=LastLevelP6P7(256, 256),
+        backbone,
+        trainable_layers,
+        norm,
+        (2, 3, 4),
+        checkpoint_path,
+        pretrained=pretrained,
+        extra_blocks=LastLevelP6P7(256, 256),
     )
     return FCOS(fpn, num_classes=num_classes, **kwargs)

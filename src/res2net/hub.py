@@ -229,8 +229,11 @@ def _http_client_errors() -> tuple[type[Exception], ...]:
     """The connection errors of the HTTP client huggingface_hub uses (httpx, httpx2 or requests,
     depending on its release), so that an unreachable Hub is one line, not a traceback."""
     errors: list[type[Exception]] = []
-    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"),
-                         ("requests", "RequestException")):
+    for module, name in (
+        ("httpx", "HTTPError"),
+        ("httpx2", "HTTPError"),
+        ("requests", "RequestException"),
+    ):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -79,8 +79,9 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            inside = [Path(f) for f in walk_files(path)
-                      if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            inside = [
+                Path(f) for f in walk_files(path) if has_file_allowed_extension(f, IMG_EXTENSIONS)
+            ]
             if not inside:
                 raise FileNotFoundError(f"no images in folder '{path}'")
             found += [(f, f.relative_to(path).with_suffix("")) for f in sorted(inside)]
@@ -130,8 +131,13 @@ def predict(
     weights' own."""
     files = find_images(images)
     num_classes = (checkpoint_num_classes(ckpt_path) if ckpt_path else None) or 1000
-    spec, where = model_eval_transform(model_name, ckpt_path=ckpt_path, pretrained=pretrained,
-                                       image_resize=image_resize, crop_pct=crop_pct)
+    spec, where = model_eval_transform(
+        model_name,
+        ckpt_path=ckpt_path,
+        pretrained=pretrained,
+        image_resize=image_resize,
+        crop_pct=crop_pct,
+    )
     log.info(describe_sources(spec, where))
     if not ckpt_path and not pretrained:
         log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")

@@ -135,8 +135,12 @@ def quantize_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
 
     # Inductor's int8 convolution lowering copies a tensor with torch.tensor(t) and warns about
     # it at every compile: PyTorch's own note, nothing the user can act on.
-    warnings.filterwarnings("ignore", message="To copy construct from a tensor",
-                            category=UserWarning, module=r"torch\._inductor")
+    warnings.filterwarnings(
+        "ignore",
+        message="To copy construct from a tensor",
+        category=UserWarning,
+        module=r"torch\._inductor",
+    )
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(

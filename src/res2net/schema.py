@@ -12,25 +12,61 @@ import re
 from typing import Literal, get_args
 
 __all__ = [
-    "Optimizer", "Scheduler", "Interpolation", "AutoAugment", "Loss", "AmpLevel",
-    "OPTIMIZERS", "SCHEDULERS", "INTERPOLATIONS", "AUTO_AUGMENTS", "LOSSES", "AMP_LEVELS",
-    "parse_auto_augment", "HELP",
+    "Optimizer",
+    "Scheduler",
+    "Interpolation",
+    "AutoAugment",
+    "Loss",
+    "AmpLevel",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "INTERPOLATIONS",
+    "AUTO_AUGMENTS",
+    "LOSSES",
+    "AMP_LEVELS",
+    "parse_auto_augment",
+    "HELP",
 ]
 
 #: MindCV's ``create_optimizer`` names (matched case-insensitively).
 Optimizer = Literal[
-    "sgd", "momentum", "nesterov", "adam", "adamw", "lion", "nadam", "adan", "rmsprop",
-    "adagrad", "lamb",
+    "sgd",
+    "momentum",
+    "nesterov",
+    "adam",
+    "adamw",
+    "lion",
+    "nadam",
+    "adan",
+    "rmsprop",
+    "adagrad",
+    "lamb",
 ]
 #: MindCV's ``create_scheduler`` names.
 Scheduler = Literal[
-    "constant", "cosine_decay", "warmup_cosine_decay", "step_decay", "multi_step_decay",
-    "exponential_decay", "polynomial_decay", "one_cycle", "cyclic",
+    "constant",
+    "cosine_decay",
+    "warmup_cosine_decay",
+    "step_decay",
+    "multi_step_decay",
+    "exponential_decay",
+    "polynomial_decay",
+    "one_cycle",
+    "cyclic",
 ]
 #: MindSpore's ``Inter`` names and PIL's (``pilcubic``/``antialias`` are MindSpore's).
 Interpolation = Literal[
-    "nearest", "bilinear", "linear", "bicubic", "cubic", "pilcubic", "area", "box", "hamming",
-    "lanczos", "antialias",
+    "nearest",
+    "bilinear",
+    "linear",
+    "bicubic",
+    "cubic",
+    "pilcubic",
+    "area",
+    "box",
+    "hamming",
+    "lanczos",
+    "antialias",
 ]
 #: auto_augment policy families; options follow as "-m9-n2-mstd0.5-inc1" (see parse_auto_augment).
 AutoAugment = Literal["randaug", "autoaug", "autoaugr", "trivialaugwide", "augmix", "3a"]
@@ -72,7 +108,9 @@ _AA_OPTIONS = {
 # The magnitudes each policy's m supports (AugMix's severity starts at 1; TrivialAugmentWide
 # divides by m, so 0 is no magnitude at all): (lowest, highest, default), mmax may raise highest.
 _AA_MAGNITUDES: dict[str, tuple[float, float, float]] = {
-    "randaug": (0, 10, 10), "augmix": (1, 10, 3), "trivialaugwide": (1, 31, 31)
+    "randaug": (0, 10, 10),
+    "augmix": (1, 10, 3),
+    "trivialaugwide": (1, 31, 31),
 }
 
 
@@ -84,8 +122,10 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
     if name == "trivialaug":
         name = "trivialaugwide"
     if name not in _AA_OPTIONS:
-        raise ValueError(f"unknown auto_augment policy {name!r} in {spec!r}; use one of "
-                         f"{', '.join(AUTO_AUGMENTS)} (e.g. 'randaug-m9-mstd0.5-inc1')")
+        raise ValueError(
+            f"unknown auto_augment policy {name!r} in {spec!r}; use one of "
+            f"{', '.join(AUTO_AUGMENTS)} (e.g. 'randaug-m9-mstd0.5-inc1')"
+        )
     params: dict[str, float] = {}
     i = 0
     while i < len(parts):
@@ -94,8 +134,10 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
             part, i = f"{part}-{parts[i + 1]}", i + 1  # "d-1": a negative value
         match = re.fullmatch(r"([a-z]+)(-?\d+(?:\.\d+)?)", part)
         if match is None or match.group(1) not in _AA_OPTIONS[name]:
-            raise ValueError(f"auto_augment {spec!r}: option {part!r} is not one {name} accepts "
-                             f"({', '.join(sorted(_AA_OPTIONS[name])) or 'none'})")
+            raise ValueError(
+                f"auto_augment {spec!r}: option {part!r} is not one {name} accepts "
+                f"({', '.join(sorted(_AA_OPTIONS[name])) or 'none'})"
+            )
         params[match.group(1)] = float(match.group(2))
         i += 1
     low, high, default = _AA_MAGNITUDES.get(name, (0, 10, 10))
@@ -139,10 +181,10 @@ HELP: dict[str, dict[str, str]] = {
         "hflip": "horizontal flip probability",
         "vflip": "vertical flip probability",
         "color_jitter": "brightness/contrast/saturation factor, or [b, c, s(, hue)]; "
-                        "used without auto_augment",
+        "used without auto_augment",
         "interpolation": "resize interpolation: " + ", ".join(INTERPOLATIONS),
         "auto_augment": "policy: randaug-m9-n2-mstd0.5-inc1, autoaug(-mstd0.5), autoaugr, "
-                        "trivialaugwide(-m31), augmix-m3-w3, 3a; None: off",
+        "trivialaugwide(-m31), augmix-m3-w3, 3a; None: off",
         "aug_splits": "AugMix splits with a JSD loss: not implemented, 0 only",
         "re_prob": "random erasing probability",
         "re_scale": "random erasing area range",
@@ -156,7 +198,7 @@ HELP: dict[str, dict[str, str]] = {
         "cutmix": "cutmix beta(alpha, alpha); 0: off",
         "cutmix_prob": "probability that a batch is mixed (mixup and/or cutmix)",
         "aug_repeats": "repeated augmentation: each image drawn this many times per epoch "
-                       "(0/1: off)",
+        "(0/1: off)",
     },
     "Model parameters": {
         "model": "model name (res2net models)",
@@ -178,7 +220,7 @@ HELP: dict[str, dict[str, str]] = {
         "clip_grad": "clip the gradient norm",
         "clip_value": "gradient norm limit with clip_grad",
         "layer_decay": "layer-wise lr decay: lr x layer_decay^(5 - k) for stem(0), "
-                       "layer1..4, head(5)",
+        "layer1..4, head(5)",
         "gradient_accumulation_steps": "batches accumulated per optimizer step",
     },
     "Optimizer parameters": {
@@ -187,7 +229,7 @@ HELP: dict[str, dict[str, str]] = {
         "weight_decay": "weight decay",
         "use_nesterov": "Nesterov momentum (sgd, momentum, nesterov)",
         "weight_decay_filter": "no decay for: disable (none), auto (norm layers), "
-                               "norm_and_bias (norm layers and biases)",
+        "norm_and_bias (norm layers and biases)",
         "filter_bias_and_bn": "older MindCV key: True -> weight_decay_filter norm_and_bias",
         "eps": "rmsprop's epsilon (MindCV passes it to rmsprop only)",
     },

@@ -29,9 +29,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="infer: use res2net.optimize_for_inference (with --compile: frozen weights)",
     )
     p.add_argument("--amp", action="store_true", help="autocast to bfloat16")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                   help="infer: optimize_for_inference(precision=...) (int8 calibrated on random "
-                   "batches, always compiled); train: bf16 = --amp")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="infer: optimize_for_inference(precision=...) (int8 calibrated on random "
+        "batches, always compiled); train: bf16 = --amp",
+    )
     p.add_argument(
         "--channels_last",
         "--channels-last",

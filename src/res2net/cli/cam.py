@@ -27,12 +27,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pretrained", help="download published weights from this source (mindcv, official, timm)"
     )
-    p.add_argument("--class", dest="target_class", type=int,
-                   help="class index to explain (default: each image's top class)")
+    p.add_argument(
+        "--class",
+        dest="target_class",
+        type=int,
+        help="class index to explain (default: each image's top class)",
+    )
     p.add_argument(
         "--layer",
         help="stage to explain: layer1..layer4 (ResNet-style), level2..level5 (DLA); default: the "
-             "last",
+        "last",
     )
     p.add_argument(
         "--method",
@@ -45,11 +49,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--classes", help="class names: a training folder (one subfolder per class) or a text file"
     )
     p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--image_resize", "--image-resize", type=int,
-                   help="eval crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--crop_pct", "--crop-pct", type=float,
-                   help="crop fraction of the resized image (default: the checkpoint's, "
-                   "else 0.875)")
+    p.add_argument(
+        "--image_resize",
+        "--image-resize",
+        type=int,
+        help="eval crop size (default: the checkpoint's, else 224)",
+    )
+    p.add_argument(
+        "--crop_pct",
+        "--crop-pct",
+        type=float,
+        help="crop fraction of the resized image (default: the checkpoint's, else 0.875)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -76,13 +87,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         log.warning(
             "no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing"
         )
-    model = create_model(args.model, num_classes=num_classes, checkpoint_path=args.ckpt_path,
-                         pretrained=args.pretrained or False)
+    model = create_model(
+        args.model,
+        num_classes=num_classes,
+        checkpoint_path=args.ckpt_path,
+        pretrained=args.pretrained or False,
+    )
     model = model.to(args.device).eval()
     names = class_names(args.classes, num_classes, args.ckpt_path)
     spec, where = model_eval_transform(
-        args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained,
-        image_resize=args.image_resize, crop_pct=args.crop_pct,
+        args.model,
+        ckpt_path=args.ckpt_path,
+        pretrained=args.pretrained,
+        image_resize=args.image_resize,
+        crop_pct=args.crop_pct,
     )
     log.info(describe_sources(spec, where))
     transform = spec.transform()

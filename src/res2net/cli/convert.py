@@ -117,8 +117,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"wrote {out}")
     flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)
     if flags:
-        print(f"note: {args.dst} cannot hold the eval transform (only .safetensors has a header); "
-              f"validate it with {flags}")
+        print(
+            f"note: {args.dst} cannot hold the eval transform (only .safetensors has a header); "
+            f"validate it with {flags}"
+        )
     return 0
 
 

@@ -28,7 +28,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     shard = sub.add_parser(
         "shard",
         help="pack SRC_DIR/<split>/<class>/<image> into OUT_DIR/<split>/<split>-NNNNNN.tar + "
-             "index.json",
+        "index.json",
         description="Pack an ImageNet-style folder into WebDataset tar shards. Images are copied "
         "byte for byte; training splits are shuffled once so that every shard mixes classes.",
         allow_abbrev=False,
@@ -38,17 +38,26 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     shard.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
     )
-    shard.add_argument("--max-bytes", type=_size, default=None,
-                       help="also cap shard size, e.g. 500M, 1G, 2GiB (default: no cap)")
+    shard.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=None,
+        help="also cap shard size, e.g. 500M, 1G, 2GiB (default: no cap)",
+    )
     shard.add_argument(
         "--splits",
         type=_splits,
         default=("train", "val"),
         help="comma-separated splits (default train,val)",
     )
-    shard.add_argument("--max-size", "--max_size", type=int, default=None,
-                       help="re-encode images whose longer side exceeds N pixels as JPEG "
-                       "(quality 90) with that longer side, as FFCV does (default: copy bytes)")
+    shard.add_argument(
+        "--max-size",
+        "--max_size",
+        type=int,
+        default=None,
+        help="re-encode images whose longer side exceeds N pixels as JPEG "
+        "(quality 90) with that longer side, as FFCV does (default: copy bytes)",
+    )
     shard.add_argument(
         "--seed", type=int, default=0, help="seed of the training splits' one shuffle (default 0)"
     )
@@ -208,8 +217,13 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
     return out
 
 
-def check_split(data_dir: str | os.PathLike, split: str, class_to_idx: dict[str, int] | None = None,
-                workers: int = 1, max_pixels: int | None = None) -> dict[str, Any]:
+def check_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    class_to_idx: dict[str, int] | None = None,
+    workers: int = 1,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
     """Counts and problems of one split, a folder or shards. Keys: split, kind ('folder' or
     'shards'), shards (their number, or None), images, classes (names in class-index order),
     per_class ({name: images}), empty (class folders without images: a problem), missing

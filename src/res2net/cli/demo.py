@@ -19,8 +19,12 @@ DEMO_RECIPE = Path(__file__).resolve().parents[1] / "data" / "res2net_digits.yam
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=str(DEMO_RECIPE),
-                   help="demo recipe (default: the packaged configs/demo/res2net_digits.yaml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=str(DEMO_RECIPE),
+        help="demo recipe (default: the packaged configs/demo/res2net_digits.yaml)",
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -59,8 +63,10 @@ def report(cfg: Config, weights: Path, row: dict[str, Any]) -> None:
         accuracy = {"acc@top1": round(val.top1, 2), "acc@top5": round(val.top5, 2)}
         print(format_row(dict(row, **accuracy)))
     size_mb = weights.stat().st_size / 1e6
-    print(f"best weights: {weights} ({size_mb:.0f} MB; validated: top-1 {val.top1:.2f}% "
-          f"on {val.n} images)")
+    print(
+        f"best weights: {weights} ({size_mb:.0f} MB; validated: top-1 {val.top1:.2f}% "
+        f"on {val.n} images)"
+    )
 
 
 def keep_best_weights(ckpt_dir: Path, best: Path) -> Path:

@@ -34,18 +34,34 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="export the feature maps instead of logits",
     )
-    p.add_argument("--dynamic_size", "--dynamic-size", action="store_true",
-                   help="dynamic height and width too (any size from 32 px), not only the batch")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="show the exporter's own progress lines and warnings")
-    p.add_argument("--rtol", type=float, default=None,
-                   help="largest accepted max relative error against PyTorch "
-                   "(default 1e-4; int8: 0.1)")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="int8: static per-channel QDQ ONNX for onnxruntime, calibrated on "
-                   "--calibration")
-    p.add_argument("--calibration",
-                   help="int8: folder of typical input images (e.g. the training set)")
+    p.add_argument(
+        "--dynamic_size",
+        "--dynamic-size",
+        action="store_true",
+        help="dynamic height and width too (any size from 32 px), not only the batch",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the exporter's own progress lines and warnings",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="largest accepted max relative error against PyTorch (default 1e-4; int8: 0.1)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: static per-channel QDQ ONNX for onnxruntime, calibrated on --calibration",
+    )
+    p.add_argument(
+        "--calibration", help="int8: folder of typical input images (e.g. the training set)"
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -82,8 +98,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 verbose=getattr(args, "verbose", False),
             )
         else:
-            check = export_program(model, args.out, image_size=args.image_resize, rtol=rtol,
-                                   dynamic_size=args.dynamic_size)
+            check = export_program(
+                model,
+                args.out,
+                image_size=args.image_resize,
+                rtol=rtol,
+                dynamic_size=args.dynamic_size,
+            )
     side = args.image_resize
     size = "dynamic height/width" if args.dynamic_size else f"{side}x{side}"
     print(
@@ -98,5 +119,6 @@ def _export_int8(args: argparse.Namespace, model: nn.Module) -> ExportCheck:
     """An int8 QDQ ONNX file calibrated on the images of --calibration."""
     from ..export import export_onnx_int8
     from ..lowprec import calibration_batches
+
     batches = calibration_batches(args.calibration, image_size=args.image_resize)
     return export_onnx_int8(model, args.out, batches, rtol=0.1 if args.rtol is None else args.rtol)

@@ -17,8 +17,9 @@ def positive_int(text: str) -> int:
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+",
-                   help="image files or folders (every image inside, recursively)")
+    p.add_argument(
+        "images", nargs="+", help="image files or folders (every image inside, recursively)"
+    )
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
     p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format")
     p.add_argument(
@@ -27,14 +28,21 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classes",
         help="class names: a training folder (one subfolder per class) or a text file, one per "
-             "line",
+        "line",
     )
     p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--image_resize", "--image-resize", type=int,
-                   help="eval crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--crop_pct", "--crop-pct", type=float,
-                   help="crop fraction of the resized image (default: the checkpoint's, "
-                   "else 0.875)")
+    p.add_argument(
+        "--image_resize",
+        "--image-resize",
+        type=int,
+        help="eval crop size (default: the checkpoint's, else 224)",
+    )
+    p.add_argument(
+        "--crop_pct",
+        "--crop-pct",
+        type=float,
+        help="crop fraction of the resized image (default: the checkpoint's, else 0.875)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON lines")
 
 

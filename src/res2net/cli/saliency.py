@@ -91,8 +91,12 @@ def _train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     dataset = SaliencyFolder(args.data, image_size=args.image_size, train=True)
-    model = saliency_res2net(args.model, decoder_channels=args.decoder_channels,
-                             checkpoint_path=args.ckpt_path, pretrained=args.pretrained or False)
+    model = saliency_res2net(
+        args.model,
+        decoder_channels=args.decoder_channels,
+        checkpoint_path=args.ckpt_path,
+        pretrained=args.pretrained or False,
+    )
     history = train_saliency(
         model,
         dataset,

@@ -20,7 +20,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     r = p.add_argument_group("reports (see README: Evaluation reports)")
     r.add_argument(
-        "--report_dir", "--report-dir",
+        "--report_dir",
+        "--report-dir",
         help="write confusion.png, per_class.csv (precision/recall), confused_pairs.csv and "
         "summary.json here",
     )
@@ -28,12 +29,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--tta", choices=("flip", "five_crop", "ten_crop"), help="test-time augmentation"
     )
     r.add_argument(
-        "--class_map", "--class-map",
+        "--class_map",
+        "--class-map",
         help="the model's class names, one per line (line i = output i): score each class folder "
         "against the output of its name",
     )
     r.add_argument(
-        "--real_labels", "--real-labels",
+        "--real_labels",
+        "--real-labels",
         help="ReaL-style labels JSON (timm's real.json): also report the accuracy against every "
         "image's set of correct labels",
     )
@@ -49,19 +52,29 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(args.config, extra)
     if not cfg.ckpt_path:
         raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
-    report = ReportOptions(report_dir=args.report_dir, tta=args.tta, class_map=args.class_map,
-                           real_labels=args.real_labels, results_csv=args.results_csv)
-    result = validate(cfg, cfg.ckpt_path, args.per_class_csv, report,
-                      given=given_keys(args.config, extra))
+    report = ReportOptions(
+        report_dir=args.report_dir,
+        tta=args.tta,
+        class_map=args.class_map,
+        real_labels=args.real_labels,
+        results_csv=args.results_csv,
+    )
+    result = validate(
+        cfg, cfg.ckpt_path, args.per_class_csv, report, given=given_keys(args.config, extra)
+    )
     if int(os.environ.get("RANK", "0")) != 0:  # distributed: rank 0 reports
         return 0
     if args.json:
         print(json.dumps({"model": cfg.model, "ckpt_path": cfg.ckpt_path, **result.as_dict()}))
     else:
-        print(f"{cfg.model}  {cfg.ckpt_path}: top-1 {result.top1:.2f}  top-5 {result.top5:.2f}  "
-              f"loss {result.loss:.4f}  ({result.n} images)")
+        print(
+            f"{cfg.model}  {cfg.ckpt_path}: top-1 {result.top1:.2f}  top-5 {result.top5:.2f}  "
+            f"loss {result.loss:.4f}  ({result.n} images)"
+        )
         if "real_top1" in result.extra:
             real = result.extra
-            print(f"  ReaL labels: top-1 {real['real_top1']:.2f}  top-5 {real['real_top5']:.2f}  "
-                  f"({real['real_images']} images with labels)")
+            print(
+                f"  ReaL labels: top-1 {real['real_top1']:.2f}  top-5 {real['real_top5']:.2f}  "
+                f"({real['real_images']} images with labels)"
+            )
     return 0

@@ -70,8 +70,12 @@ def write_digits_folder(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        pairs = progress_bar(enumerate(zip(images, labels, strict=True)), total=len(labels),
-                             desc=f"writing {root}", unit="image")
+        pairs = progress_bar(
+            enumerate(zip(images, labels, strict=True)),
+            total=len(labels),
+            desc=f"writing {root}",
+            unit="image",
+        )
         for i, (image, label) in pairs:
             folder = tmp / ("val" if is_val[i] else "train") / str(int(label))
             folder.mkdir(parents=True, exist_ok=True)

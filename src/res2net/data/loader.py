@@ -50,8 +50,9 @@ def cap_workers(requested: int, *, announce: bool = True) -> int:
         return requested
     if announce and (requested, cores) not in _capped_notes:
         _capped_notes.add((requested, cores))
-        log.info("num_parallel_workers %d > %d CPU cores here: using %d workers",
-                 requested, cores, cores)
+        log.info(
+            "num_parallel_workers %d > %d CPU cores here: using %d workers", requested, cores, cores
+        )
     return cores
 
 

@@ -110,9 +110,21 @@ _COMPRESSED = {
 # curl for http(s) shards: give up on a connection after NETWORK_TIMEOUT seconds and on a
 # transfer that stalls (under 1 byte/s) for as long, whatever the server does.
 _CURL = [
-    "curl", "--connect-timeout", str(int(NETWORK_TIMEOUT)),
-    "--speed-limit", "1", "--speed-time", str(int(NETWORK_TIMEOUT)),
-    "--retry", "3", "--retry-delay", "2", "-f", "-s", "-L", "--",
+    "curl",
+    "--connect-timeout",
+    str(int(NETWORK_TIMEOUT)),
+    "--speed-limit",
+    "1",
+    "--speed-time",
+    str(int(NETWORK_TIMEOUT)),
+    "--retry",
+    "3",
+    "--retry-delay",
+    "2",
+    "-f",
+    "-s",
+    "-L",
+    "--",
 ]
 
 
@@ -609,7 +621,7 @@ def _open_stream(url: str) -> Any:
     wds = _webdataset()
     scheme = url.split(":", 1)[0].lower() if is_url(url) else ""
     if not scheme or scheme == "file":
-        path = url[len("file://"):] if scheme else url
+        path = url[len("file://") :] if scheme else url
         return open_regular_file(path, "shard file")
     if scheme in ("http", "https"):
         from webdataset.gopen import Pipe
@@ -652,8 +664,11 @@ class _Prefixed:
 
     def read(self, size: int = -1) -> bytes:
         if self.head:
-            out, self.head = (self.head, b"") if size < 0 or size >= len(self.head) else (
-                self.head[:size], self.head[size:])
+            out, self.head = (
+                (self.head, b"")
+                if size < 0 or size >= len(self.head)
+                else (self.head[:size], self.head[size:])
+            )
             return out
         return self.stream.read(size)
 

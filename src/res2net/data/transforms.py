@@ -85,19 +85,53 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
 # MindCV's RandAugment op lists (mindcv/data/auto_augment.py) in timm's op names: timm's own lists
 # add SolarizeAdd, and MindCV's translations are relative to the image size (timm's "...Rel").
 _RAND_OPS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
-    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 ]
 _RAND_INCREASING_OPS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 ]
 # MindCV's op weights for "w0" (its _RAND_CHOICE_WEIGHTS_0; timm 1.x dropped the "w" option)
 _RAND_WEIGHTS = {
-    "Rotate": 0.3, "ShearX": 0.2, "ShearY": 0.2, "TranslateXRel": 0.1, "TranslateYRel": 0.1,
-    "Color": 0.025, "Sharpness": 0.025, "AutoContrast": 0.025, "Solarize": 0.005,
-    "Contrast": 0.005, "Brightness": 0.005, "Equalize": 0.005, "Posterize": 0.005, "Invert": 0.0,
+    "Rotate": 0.3,
+    "ShearX": 0.2,
+    "ShearY": 0.2,
+    "TranslateXRel": 0.1,
+    "TranslateYRel": 0.1,
+    "Color": 0.025,
+    "Sharpness": 0.025,
+    "AutoContrast": 0.025,
+    "Solarize": 0.005,
+    "Contrast": 0.005,
+    "Brightness": 0.005,
+    "Equalize": 0.005,
+    "Posterize": 0.005,
+    "Invert": 0.0,
 }
 # MindCV's policy names -> timm's
 _AUTOAUG_POLICIES = {"autoaug": "original", "autoaugr": "originalr", "3a": "3a"}
@@ -119,8 +153,9 @@ def auto_augment_hparams(
     (`img_mean`, the mean in 0..255), `translate_const` and the recipe's interpolation."""
     interp = interpolation_mode(interpolation)
     if interp not in _PIL_RESAMPLE:
-        logger.info("auto_augment: rotations, shears and translations use bilinear, not %s",
-                    interp.value)
+        logger.info(
+            "auto_augment: rotations, shears and translations use bilinear, not %s", interp.value
+        )
     size_min = min(image_resize) if isinstance(image_resize, Sequence) else image_resize
     return {
         "translate_const": int(size_min * 0.45),

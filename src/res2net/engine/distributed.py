@@ -56,8 +56,11 @@ def setup(distribute: bool, device: str, timeout_s: float = 600.0) -> DistInfo:
         raise ValueError(f"dist_timeout is {timeout_s}; it must be a positive number of seconds")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         script = os.path.basename(sys.argv[0]) or "train.py"
-        log.info("distribute: True but not launched by torchrun: running one process "
-                 "(for more: torchrun --nproc_per_node N %s ...)", script)
+        log.info(
+            "distribute: True but not launched by torchrun: running one process "
+            "(for more: torchrun --nproc_per_node N %s ...)",
+            script,
+        )
         return DistInfo(0, 1, 0, pick_device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

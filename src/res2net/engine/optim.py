@@ -43,8 +43,10 @@ def _no_decay_names(model: nn.Module, weight_decay_filter: str) -> set[str]:
     "auto" exempts normalization layers (its default filter: gamma and beta), "norm_and_bias"
     also every bias."""
     if weight_decay_filter not in WEIGHT_DECAY_FILTERS:
-        raise ValueError(f"weight_decay_filter={weight_decay_filter!r} is unknown; choose one of "
-                         f"{', '.join(WEIGHT_DECAY_FILTERS)}")
+        raise ValueError(
+            f"weight_decay_filter={weight_decay_filter!r} is unknown; choose one of "
+            f"{', '.join(WEIGHT_DECAY_FILTERS)}"
+        )
     if weight_decay_filter == "disable":
         return set()
     names = set()
@@ -91,8 +93,11 @@ def param_groups(
         decay = name not in no_decay
         if (lid, decay) not in groups:
             scale = 1.0 if layer_decay is None else layer_decay ** (NUM_LAYER_GROUPS - 1 - lid)
-            groups[(lid, decay)] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                    "lr_scale": scale}
+            groups[(lid, decay)] = {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+            }
         groups[(lid, decay)]["params"].append(p)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
@@ -120,8 +125,12 @@ def build_optimizer(
     opt = opt.lower()
     if opt not in OPTIMIZERS:
         raise ValueError(f"opt={opt!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-    groups = param_groups(model, weight_decay=weight_decay,
-                          weight_decay_filter=weight_decay_filter, layer_decay=layer_decay)
+    groups = param_groups(
+        model,
+        weight_decay=weight_decay,
+        weight_decay_filter=weight_decay_filter,
+        layer_decay=layer_decay,
+    )
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if opt in ("sgd", "momentum", "nesterov"):
@@ -137,11 +146,13 @@ def build_optimizer(
     from timm import optim as timm_optim
 
     if opt == "rmsprop":
-        return timm_optim.RMSpropTF(groups, lr=lr, alpha=0.9, eps=eps, momentum=momentum,
-                                    lr_in_momentum=True)
+        return timm_optim.RMSpropTF(
+            groups, lr=lr, alpha=0.9, eps=eps, momentum=momentum, lr_in_momentum=True
+        )
     if opt == "lion":
         return timm_optim.Lion(groups, lr=lr, betas=(0.9, 0.99))
     if opt == "adan":
         return timm_optim.Adan(groups, lr=lr, betas=(0.98, 0.92, 0.99), eps=1e-8)
-    return timm_optim.Lamb(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=None,
-                           always_adapt=True)
+    return timm_optim.Lamb(
+        groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=None, always_adapt=True
+    )

@@ -65,12 +65,26 @@ class StepReporter:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}",
-                                     run_eta=run_eta, refresh=False)
+                self.bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{lr:.3g}",
+                    img_s=f"{rate:.1f}",
+                    run_eta=run_eta,
+                    refresh=False,
+                )
         elif loss is not None:
             eta = _hms((self.total - step) * per_step)
-            log.info("%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)", self.desc,
-                     step, self.total, loss, lr, rate, eta, run_eta)
+            log.info(
+                "%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)",
+                self.desc,
+                step,
+                self.total,
+                loss,
+                lr,
+                rate,
+                eta,
+                run_eta,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

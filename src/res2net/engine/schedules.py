@@ -57,11 +57,13 @@ class LrSchedule:
     def __post_init__(self) -> None:
         name = self.scheduler
         if name not in SCHEDULERS:
-            raise ValueError(f"scheduler={name!r} is unknown; choose one of "
-                             f"{', '.join(SCHEDULERS)}")
+            raise ValueError(
+                f"scheduler={name!r} is unknown; choose one of {', '.join(SCHEDULERS)}"
+            )
         if self.steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch must be >= 1 "
-                             "(is the dataset smaller than one batch?)")
+            raise ValueError(
+                "steps_per_epoch must be >= 1 (is the dataset smaller than one batch?)"
+            )
         if name in _NEEDS_EPOCHS and self.epochs is None:
             raise ValueError(f"scheduler {name} needs the number of epochs")
         if name in ("one_cycle", "cyclic") and (self.warmup_epochs > 0 or self.lr_epoch_stair):
@@ -69,8 +71,10 @@ class LrSchedule:
         if name == "polynomial_decay" and self._main_epochs() < 1:
             raise ValueError("polynomial_decay needs epoch_size > warmup_epochs")
         if name == "cyclic" and self._cyclic_half() < 1:
-            raise ValueError(f"cyclic: {self.num_cycles} cycles do not fit in "
-                             f"{self._main_steps()} steps; lower num_cycles")
+            raise ValueError(
+                f"cyclic: {self.num_cycles} cycles do not fit in "
+                f"{self._main_steps()} steps; lower num_cycles"
+            )
         if name == "one_cycle" and self.min_lr <= 0:
             raise ValueError("one_cycle needs min_lr > 0")
 

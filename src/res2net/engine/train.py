@@ -104,15 +104,28 @@ def build_loaders(
     folder/URL of WebDataset shards. Train: MindCV's train transform, this rank's share of each
     epoch. Val: the eval transform, the training classes, every image exactly once over ranks."""
     train_tf = train_transform(
-        cfg.image_resize, scale=cfg.scale, ratio=cfg.ratio, interpolation=cfg.interpolation,
-        hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
-        auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, re_scale=cfg.re_scale,
-        re_ratio=cfg.re_ratio, re_value=cfg.re_value, mean=cfg.mean, std=cfg.std,
+        cfg.image_resize,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        interpolation=cfg.interpolation,
+        hflip=cfg.hflip,
+        vflip=cfg.vflip,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.auto_augment,
+        re_prob=cfg.re_prob,
+        re_scale=cfg.re_scale,
+        re_ratio=cfg.re_ratio,
+        re_value=cfg.re_value,
+        mean=cfg.mean,
+        std=cfg.std,
         fast_decode=cfg.fast_decode,
     )
     eval_tf = eval_transform(
-        cfg.image_resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-        mean=cfg.mean, std=cfg.std,
+        cfg.image_resize,
+        crop_pct=cfg.crop_pct,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
     )
     workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
     on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
@@ -134,29 +147,51 @@ def build_loaders(
             seed=cfg.seed,
         )
         train_loader, _ = build_shard_loader(
-            cfg.data_dir, transform=train_tf, training=True, split=cfg.train_split,
-            shuffle=cfg.shuffle, drop_last=cfg.drop_remainder, **shard_kw,
+            cfg.data_dir,
+            transform=train_tf,
+            training=True,
+            split=cfg.train_split,
+            shuffle=cfg.shuffle,
+            drop_last=cfg.drop_remainder,
+            **shard_kw,
         )
         train_ds = train_loader.dataset
         val_loader = None
         if cfg.val_while_train:
             val_loader, _ = build_shard_loader(
-                cfg.data_dir, transform=eval_tf, training=False, split=cfg.val_split,
-                class_to_idx=train_ds.class_to_idx, **shard_kw,
+                cfg.data_dir,
+                transform=eval_tf,
+                training=False,
+                split=cfg.val_split,
+                class_to_idx=train_ds.class_to_idx,
+                **shard_kw,
             )
         return train_loader, train_ds, val_loader
     train_ds = ImageFolderDataset(
-        cfg.data_dir, cfg.train_split, transform=train_tf, on_bad_image=on_bad_image,
-        num_samples=cfg.num_samples, seed=cfg.seed,
+        cfg.data_dir,
+        cfg.train_split,
+        transform=train_tf,
+        on_bad_image=on_bad_image,
+        num_samples=cfg.num_samples,
+        seed=cfg.seed,
     )
     train_loader = build_loader(
-        train_ds, batch_size=cfg.batch_size, shuffle=cfg.shuffle, drop_remainder=cfg.drop_remainder,
-        num_workers=workers, seed=cfg.seed, distributed=dist.enabled, aug_repeats=cfg.aug_repeats,
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        drop_remainder=cfg.drop_remainder,
+        num_workers=workers,
+        seed=cfg.seed,
+        distributed=dist.enabled,
+        aug_repeats=cfg.aug_repeats,
     )
     val_loader = None
     if cfg.val_while_train:
         val_ds = ImageFolderDataset(
-            cfg.data_dir, cfg.val_split, transform=eval_tf, class_to_idx=train_ds.class_to_idx,
+            cfg.data_dir,
+            cfg.val_split,
+            transform=eval_tf,
+            class_to_idx=train_ds.class_to_idx,
             on_bad_image=on_bad_image,
         )
         val_loader = eval_loader(val_ds, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
@@ -219,7 +254,9 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> None:
 
 def checkpoint_manager(cfg: Config) -> CheckpointManager:
     return CheckpointManager(
-        cfg.ckpt_save_dir, prefix=cfg.model, keep_max=cfg.keep_checkpoint_max,
+        cfg.ckpt_save_dir,
+        prefix=cfg.model,
+        keep_max=cfg.keep_checkpoint_max,
         policy=cfg.ckpt_save_policy,
     )
 
@@ -310,7 +347,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             "--drop_remainder False"
         )
     mixer = mixup_cutmix(
-        num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_prob=cfg.cutmix_prob,
+        num_classes,
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        cutmix_prob=cfg.cutmix_prob,
         label_smoothing=cfg.label_smoothing,
     )
 
@@ -355,9 +395,13 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     lr_factor = cfg.lr_scale_factor(world)
     global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
     if dist.is_main and global_batch != 256 and (lr_factor != 1 or cfg.opt in SGD_FAMILY):
-        log.info("global batch is %d (recipe reference: 256)%s", global_batch,
-                 f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)" if lr_factor != 1 else
-                 "; consider --lr_scale linear to scale lr with it")
+        log.info(
+            "global batch is %d (recipe reference: 256)%s",
+            global_batch,
+            f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)"
+            if lr_factor != 1
+            else "; consider --lr_scale linear to scale lr with it",
+        )
     schedule = LrSchedule(
         scheduler=cfg.scheduler,
         lr=cfg.lr * lr_factor,
@@ -374,20 +418,35 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         epochs=cfg.epoch_size,
     )
     optimizer = build_optimizer(
-        model, opt=cfg.opt, lr=schedule(0), weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-        nesterov=cfg.use_nesterov, eps=cfg.eps, weight_decay_filter=cfg.weight_decay_filter,
+        model,
+        opt=cfg.opt,
+        lr=schedule(0),
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.use_nesterov,
+        eps=cfg.eps,
+        weight_decay_filter=cfg.weight_decay_filter,
         layer_decay=cfg.layer_decay,
     )
     scaler = torch.amp.GradScaler(
-        device.type, init_scale=cfg.grad_scaler_init_scale(),
+        device.type,
+        init_scale=cfg.grad_scaler_init_scale(),
         enabled=cfg.use_grad_scaler(device.type),
     )
-    meta = {"arch": cfg.model, "num_classes": num_classes, "classes": train_ds.classes,
-            "config": cfg.to_dict()}
+    meta = {
+        "arch": cfg.model,
+        "num_classes": num_classes,
+        "classes": train_ds.classes,
+        "config": cfg.to_dict(),
+    }
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, ema=ema, meta=meta)
     parts = StepParts(
-        train_model=train_model, forward=forward, schedule=schedule,
-        loss_fn=_loss(cfg, mixer is not None), mixer=mixer, amp_dtype=cfg.amp_dtype(device.type),
+        train_model=train_model,
+        forward=forward,
+        schedule=schedule,
+        loss_fn=_loss(cfg, mixer is not None),
+        mixer=mixer,
+        amp_dtype=cfg.amp_dtype(device.type),
         dist=dist,
     )
 
@@ -396,13 +455,22 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         # --resume, or MindCV's resume_opt with ckpt_path: weights, optimizer and position
         state.load_state_dict(load_training_state(resume_path))
         if dist.is_main:
-            log.info("resumed from %s at epoch %d, step %d",
-                     resume_path, state.epoch + 1, state.global_step)
+            log.info(
+                "resumed from %s at epoch %d, step %d",
+                resume_path,
+                state.epoch + 1,
+                state.global_step,
+            )
 
     trackers = None
     if dist.is_main and parse_backends(cfg.log):
-        trackers = Trackers(Path(cfg.ckpt_save_dir), parse_backends(cfg.log), uri=cfg.log_uri,
-                            project=cfg.log_project, run_name=Path(cfg.ckpt_save_dir).name)
+        trackers = Trackers(
+            Path(cfg.ckpt_save_dir),
+            parse_backends(cfg.log),
+            uri=cfg.log_uri,
+            project=cfg.log_project,
+            run_name=Path(cfg.ckpt_save_dir).name,
+        )
         trackers.params(cfg.to_dict())
     metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main, trackers=trackers)
     metrics.rewind(state.global_step)  # work after the checkpoint is redone, not logged twice
@@ -413,25 +481,47 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     last_val: EvalResult | None = None
     start_epoch = state.epoch
     if dist.is_main and start_epoch >= cfg.epoch_size:
-        log.info("the run in %s has finished its %d epochs: nothing to train",
-                 cfg.ckpt_save_dir, cfg.epoch_size)
+        log.info(
+            "the run in %s has finished its %d epochs: nothing to train",
+            cfg.ckpt_save_dir,
+            cfg.epoch_size,
+        )
 
     while state.epoch < cfg.epoch_size:
         interrupted = train_one_epoch(
-            cfg, state, parts=parts, loader=train_loader, bad=bad, metrics=metrics, stop=stop,
+            cfg,
+            state,
+            parts=parts,
+            loader=train_loader,
+            bad=bad,
+            metrics=metrics,
+            stop=stop,
             step_times=step_times,
         )
         if interrupted:
             if dist.is_main:
                 path = ckpts.save_last(state.state_dict())
-                log.info("stopped at epoch %d, step %d: saved %s; continue with --resume auto",
-                         state.epoch + 1, state.batch_in_epoch, path)
+                log.info(
+                    "stopped at epoch %d, step %d: saved %s; continue with --resume auto",
+                    state.epoch + 1,
+                    state.batch_in_epoch,
+                    path,
+                )
             distributed.barrier(dist)
             break
-        last_val = end_epoch(
-            cfg, state, lr=schedule(max(state.global_step - 1, 0)), val_loader=val_loader, bad=bad,
-            ckpts=ckpts, metrics=metrics, dist=dist,
-        ) or last_val
+        last_val = (
+            end_epoch(
+                cfg,
+                state,
+                lr=schedule(max(state.global_step - 1, 0)),
+                val_loader=val_loader,
+                bad=bad,
+                ckpts=ckpts,
+                metrics=metrics,
+                dist=dist,
+            )
+            or last_val
+        )
 
     result = TrainResult(
         ckpt_dir=Path(cfg.ckpt_save_dir),
@@ -505,9 +595,13 @@ def train_one_epoch(
     set_train_mode(state.model, cfg.freeze_bn)
     state.optimizer.zero_grad(set_to_none=True)
     loader.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
-    reporter = StepReporter(steps * accum, start_step=state.batch_in_epoch, enabled=dist.is_main,
-                            desc=f"epoch {epoch + 1}/{cfg.epoch_size}",
-                            later_steps=(cfg.epoch_size - epoch - 1) * steps * accum)
+    reporter = StepReporter(
+        steps * accum,
+        start_step=state.batch_in_epoch,
+        enabled=dist.is_main,
+        desc=f"epoch {epoch + 1}/{cfg.epoch_size}",
+        later_steps=(cfg.epoch_size - epoch - 1) * steps * accum,
+    )
     carried = state.sums if dist.is_main else new_epoch_sums()  # rank 0 holds the saved sums
     loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
     counts = {k: int(carried[k]) for k in ("loss_n", "images", "bad")}
@@ -553,8 +647,15 @@ def train_one_epoch(
             finite.check()  # the host syncs: at log intervals and at the end of the epoch
             loss_value = last_loss.item()
             if at_log:
-                metrics.write({"kind": "step", "epoch": epoch + 1, "global_step": state.global_step,
-                               "loss": loss_value, "lr": lr})
+                metrics.write(
+                    {
+                        "kind": "step",
+                        "epoch": epoch + 1,
+                        "global_step": state.global_step,
+                        "loss": loss_value,
+                        "lr": lr,
+                    }
+                )
         reporter.update(state.batch_in_epoch, trained * dist.world_size, loss_value, lr)
         if _agreed_stop(stop.requested, dist, device):
             interrupted = True
@@ -563,11 +664,19 @@ def train_one_epoch(
     del batches  # the loader's workers end with the epoch (unless persistent)
     finite.check()  # never a checkpoint after a NaN
     totals = distributed.all_reduce_sum(
-        torch.tensor([loss_sum.item(), counts["loss_n"], counts["images"], counts["bad"]],
-                     dtype=torch.float64, device=device), dist,
+        torch.tensor(
+            [loss_sum.item(), counts["loss_n"], counts["images"], counts["bad"]],
+            dtype=torch.float64,
+            device=device,
+        ),
+        dist,
     ).tolist()
-    state.sums = {"loss_sum": totals[0], "loss_n": int(totals[1]), "images": int(totals[2]),
-                  "bad": int(totals[3])}
+    state.sums = {
+        "loss_sum": totals[0],
+        "loss_n": int(totals[1]),
+        "images": int(totals[2]),
+        "bad": int(totals[3]),
+    }
     return interrupted
 
 
@@ -596,8 +705,13 @@ def _micro_batch(
 
 
 def _forward_backward(
-    cfg: Config, state: TrainState, parts: StepParts, images: torch.Tensor, labels: torch.Tensor,
-    *, weight: bool,
+    cfg: Config,
+    state: TrainState,
+    parts: StepParts,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weight: bool,
 ) -> torch.Tensor:
     """One micro-batch: forward, loss, scaled backward (gradients add up over the step)."""
     device = parts.dist.device
@@ -653,16 +767,25 @@ def end_epoch(
             f"{msg or 'see the warnings above'}. "
             f"Fix or remove the files in {cfg.data_dir}; no checkpoint of this epoch was written"
         )
-    record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "global_step": state.global_step,
-                              "train_loss": sums["loss_sum"] / max(sums["loss_n"], 1), "lr": lr}
+    record: dict[str, Any] = {
+        "kind": "epoch",
+        "epoch": epoch,
+        "global_step": state.global_step,
+        "train_loss": sums["loss_sum"] / max(sums["loss_n"], 1),
+        "lr": lr,
+    }
     val = None
     if val_loader is not None and (epoch % cfg.val_interval == 0 or epoch == cfg.epoch_size):
         eval_model = state.ema.module if state.ema is not None else state.model
         val = reduce_result(
             evaluate(
-                eval_model, val_loader, device=dist.device, num_classes=state.meta["num_classes"],
+                eval_model,
+                val_loader,
+                device=dist.device,
+                num_classes=state.meta["num_classes"],
                 amp_dtype=cfg.amp_dtype(dist.device.type, validation=True),
-                channels_last=cfg.channels_last, progress=dist.is_main,
+                channels_last=cfg.channels_last,
+                progress=dist.is_main,
             ),
             dist,
         )
@@ -681,8 +804,9 @@ def end_epoch(
         val_text = ""
         if top1 is not None:
             val_text = f"  val top-1 {top1:.2f}  top-5 {record['val_top5']:.2f}"
-        log.info("epoch %d/%d  train loss %.4f%s",
-                 epoch, cfg.epoch_size, record["train_loss"], val_text)
+        log.info(
+            "epoch %d/%d  train loss %.4f%s", epoch, cfg.epoch_size, record["train_loss"], val_text
+        )
     distributed.barrier(dist)
     return val
 
@@ -750,10 +874,12 @@ def _loss(cfg: Config, soft_targets: bool) -> Any:
     or MindCV's BCE on (smoothed) one-hot targets."""
     smoothing = 0.0 if soft_targets else cfg.label_smoothing
     if cfg.loss == "BCE":
+
         def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if targets.ndim == 1:
                 n = logits.shape[1]
                 targets = F.one_hot(targets, n).float() * (1 - smoothing) + smoothing / n
             return F.binary_cross_entropy_with_logits(logits, targets, reduction=cfg.reduction)
+
         return bce
     return nn.CrossEntropyLoss(label_smoothing=smoothing, reduction=cfg.reduction)

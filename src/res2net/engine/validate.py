@@ -44,8 +44,9 @@ from .report import (
 log = logging.getLogger("res2net.validate")
 
 
-def eval_settings(cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] | None = None
-                  ) -> tuple[EvalTransform, dict[str, str]]:
+def eval_settings(
+    cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] | None = None
+) -> tuple[EvalTransform, dict[str, str]]:
     """The eval transform for `ckpt_path` and where each value came from: keys `given` on the
     command line, then those the recipe sets, then the checkpoint's own (training config,
     `.safetensors` metadata, pretrained table), then the defaults. Without `given` (a `Config`
@@ -57,8 +58,9 @@ def eval_settings(cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] |
     flags = {k: run[k] for k in EVAL_KEYS if given.get(k) == "command line"}
     recipe = {k: run[k] for k in EVAL_KEYS if k in given and given[k] != "command line"}
     recipe_name = next((given[k] for k in recipe), "recipe")
-    return resolve_eval_transform(flags=flags, recipe=recipe, checkpoint=checkpoint,
-                                  recipe_name=recipe_name)
+    return resolve_eval_transform(
+        flags=flags, recipe=recipe, checkpoint=checkpoint, recipe_name=recipe_name
+    )
 
 
 def validate(
@@ -87,9 +89,15 @@ def validate(
         loader: ShardLoader | DataLoader[Any]
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(
-                cfg.data_dir, transform=transform, batch_size=cfg.batch_size,
-                num_workers=workers, training=False, split=cfg.val_split,
-                rank=dist.rank, world_size=dist.world_size, on_bad_image=on_bad_image,
+                cfg.data_dir,
+                transform=transform,
+                batch_size=cfg.batch_size,
+                num_workers=workers,
+                training=False,
+                split=cfg.val_split,
+                rank=dist.rank,
+                world_size=dist.world_size,
+                on_bad_image=on_bad_image,
             )
             dataset, n_images = loader.dataset, loader.dataset.total
         else:
@@ -138,17 +146,30 @@ def validate(
             )
         predictions: list | None = [] if wants_report else None
         result = evaluate(
-            model, loader, device=dist.device, num_classes=dataset.num_classes, amp_dtype=amp,
-            channels_last=cfg.channels_last, predictions=predictions, progress=dist.is_main,
+            model,
+            loader,
+            device=dist.device,
+            num_classes=dataset.num_classes,
+            amp_dtype=amp,
+            channels_last=cfg.channels_last,
+            predictions=predictions,
+            progress=dist.is_main,
         )
         result = reduce_result(result, dist)
         if wants_report:
             assert predictions is not None
             files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
             finish(
-                report, result, predictions, classes=dataset.classes, files=files,
-                real_outputs=mapped, num_outputs=outputs, model_name=cfg.model,
-                param_count=params, settings=settings,
+                report,
+                result,
+                predictions,
+                classes=dataset.classes,
+                files=files,
+                real_outputs=mapped,
+                num_outputs=outputs,
+                model_name=cfg.model,
+                param_count=params,
+                settings=settings,
             )
         if per_class_csv is not None and dist.is_main:
             write_per_class(result, dataset.classes, Path(per_class_csv))

@@ -22,7 +22,8 @@ LAYOUT = "DIR/images/<name>.jpg with DIR/masks/<name>.png (same stem; white = sa
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
     )
 

@@ -42,8 +42,12 @@ def train_saliency(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=cap_workers(workers),
-        generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) > batch_size,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=cap_workers(workers),
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=len(dataset) > batch_size,
     )
     model.to(device).train()
     optimizer = torch.optim.AdamW(
@@ -52,8 +56,11 @@ def train_saliency(
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        reporter = StepReporter(len(loader), desc=f"epoch {epoch + 1}/{epochs}",
-                                later_steps=(epochs - epoch - 1) * len(loader))
+        reporter = StepReporter(
+            len(loader),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            later_steps=(epochs - epoch - 1) * len(loader),
+        )
         log_every = max(1, len(loader) // 4)
         for step, (images, masks) in enumerate(loader, start=1):
             images, masks = images.to(device), masks.to(device)

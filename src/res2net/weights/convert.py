@@ -23,8 +23,13 @@ from .loading import load_checkpoint, read_checkpoint, state_num_classes
 from .mindspore import ours_to_mindcv, write_mindspore_checkpoint
 from .pretrained import pretrained_entries
 
-DEFAULT_EVAL = {"image_resize": 224, "crop_pct": 0.875, "interpolation": "bilinear",
-                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DEFAULT_EVAL = {
+    "image_resize": 224,
+    "crop_pct": 0.875,
+    "interpolation": "bilinear",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
 TARGETS = {
     ".safetensors": "safetensors",
     ".ckpt": "mindspore",

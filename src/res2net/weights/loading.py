@@ -393,7 +393,10 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
     if bad:
         log.warning(
             "%s: %d tensors hold NaN or Inf values (%s%s); the model will compute NaN",
-            path, len(bad), ", ".join(bad[:5]), ", ..." if len(bad) > 5 else "",
+            path,
+            len(bad),
+            ", ".join(bad[:5]),
+            ", ..." if len(bad) > 5 else "",
         )
 
 

@@ -83,6 +83,7 @@ _NOT_DENSE = {
 
 class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, not an array
     proto: int  # set by the base class when it reads the PROTO opcode
+
     def __init__(self, file: BinaryIO, budget: int, storage_bytes: Callable[[str, int], None]):
         super().__init__(file)
         self.budget = budget
