@@ -95,17 +95,21 @@ def candidates(root: Path) -> dict[str, Dataset]:
 
 def shard_epochs(root: Path, max_sizes: list[int], batch_size: int) -> dict[str, Callable[[], None]]:
     """Recipe "basic" read from WebDataset shards written by `write_shards(max_size=N)` (images
-    re-encoded with a bounded longer side, as FFCV stores them), fast_decode on."""
+    with a bounded longer side, as FFCV stores them: JPEG, or raw RGB pixels), fast_decode on."""
     out: dict[str, Callable[[], None]] = {}
     for max_size in max_sizes:
-        shard_dir = root.parent / f"{root.name}-shards-{max_size}"
-        write_shards(root, shard_dir, splits=("train",), max_size=max_size)
-        loader, _ = build_shard_loader(
-            shard_dir, train_transform(224, fast_decode=True), batch_size, split="train"
-        )
-        out[f"basic: res2net shards max_size={max_size}, fast_decode=True"] = lambda loader=loader: [
-            None for _ in loader
-        ]
+        for raw in (False, True):
+            shard_dir = root.parent / f"{root.name}-shards-{max_size}{'-raw' if raw else ''}"
+            write_shards(root, shard_dir, splits=("train",), max_size=max_size, raw=raw)
+            loader, _ = build_shard_loader(
+                shard_dir,
+                transform=train_transform(224, color_jitter=None, fast_decode=True),
+                batch_size=batch_size,
+                split="train",
+            )
+            size = sum(f.stat().st_size for f in (shard_dir / "train").glob("*.tar")) / 2**20
+            name = f"basic: res2net shards max_size={max_size}{', raw' if raw else ''} ({size:.0f} MiB)"
+            out[name] = lambda loader=loader: [None for _ in loader]
     return out
 
 

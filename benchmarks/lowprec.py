@@ -199,7 +199,7 @@ def accuracy(args: argparse.Namespace) -> dict:
     model = res2net.create_model(
         args.model, num_classes=checkpoint_num_classes(args.ckpt), checkpoint_path=args.ckpt
     ).eval()
-    transform = eval_transform(args.image_size, args.crop_pct)
+    transform = eval_transform(args.image_size, crop_pct=args.crop_pct)
     val = ImageFolderDataset(args.data_dir, "val", transform=transform)
     batches = list(DataLoader(val, batch_size=args.batch_size, shuffle=False))
     calibration = calibration_batches(

@@ -71,7 +71,9 @@ def build_folder(root: Path, per_photo: int) -> int:
     return build_corpus(root, per_photo=per_photo, seed=0)
 
 
-def timm_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
+def timm_command(
+    args: argparse.Namespace, data: Path, out: Path, num_classes: int, channels_last: bool = False
+) -> list[str]:
     return [
         sys.executable,
         "-c",
@@ -128,7 +130,17 @@ def timm_command(args: argparse.Namespace, data: Path, out: Path, num_classes: i
         "1",
         "--seed",
         "0",
-    ] + (["--amp", "--amp-dtype", "bfloat16", "--channels-last"] if args.bf16 else [])
+    ] + (
+        ["--amp", "--amp-dtype", "bfloat16", "--channels-last"]
+        if args.bf16
+        else ["--channels-last"] if channels_last else []
+    )
+
+
+def timm_channels_last_command(
+    args: argparse.Namespace, data: Path, out: Path, num_classes: int
+) -> list[str]:
+    return timm_command(args, data, out, num_classes, channels_last=True)
 
 
 def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
@@ -221,6 +233,11 @@ def main() -> None:
         action="store_true",
         help="bf16 autocast in both (timm: --amp --amp-dtype bfloat16 --channels-last), as on GPUs",
     )
+    parser.add_argument(
+        "--timm_channels_last",
+        action="store_true",
+        help="also run timm's script with --channels-last (ours uses channels_last on CPU)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not args.timm_train.is_file():
@@ -239,14 +256,16 @@ def main() -> None:
             size: n // args.batch_size for size, n in images.items()
         }  # both drop the last partial batch
         commands = {"timm train.py": timm_command, "res2net train": ours_command}
+        if args.timm_channels_last:
+            commands["timm train.py --channels-last"] = timm_channels_last_command
         seconds: dict[str, dict[str, list[float]]] = {
             name: {"small": [], "large": []} for name in commands
         }
         load = [os.getloadavg()]
         for r in range(args.rounds):
             for size in ("small", "large"):
-                for name, make in commands.items():
-                    out = tmp / f"out-{r}-{size}-{name.split()[0]}"
+                for i, (name, make) in enumerate(commands.items()):
+                    out = tmp / f"out-{r}-{size}-{i}"
                     shutil.rmtree(out, ignore_errors=True)
                     log = tmp / f"{out.name}.log"
                     seconds[name][size].append(
@@ -272,10 +291,14 @@ def main() -> None:
         ]
         best = extra_images / (min(runs["large"]) - min(runs["small"]))
         result["img_s"][name] = {"per_round": per_round, "best_runs": best}
-    ours, timm_ = result["img_s"]["res2net train"], result["img_s"]["timm train.py"]
+    ours = result["img_s"]["res2net train"]
     result["ratio"] = {
-        "best_runs": ours["best_runs"] / timm_["best_runs"],
-        "per_round": [o / t for o, t in zip(ours["per_round"], timm_["per_round"])],
+        f"res2net train / {name}": {
+            "best_runs": ours["best_runs"] / peer["best_runs"],
+            "per_round": [o / t for o, t in zip(ours["per_round"], peer["per_round"])],
+        }
+        for name, peer in result["img_s"].items()
+        if name.startswith("timm")
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -59,6 +59,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "(quality 90) with that longer side, as FFCV does (default: copy bytes)",
     )
     shard.add_argument(
+        "--raw",
+        action="store_true",
+        help="with --max-size: store every image as uncompressed RGB pixels (PPM), read "
+        "without decoding; about 10x the bytes of JPEG",
+    )
+    shard.add_argument(
         "--seed", type=int, default=0, help="seed of the training splits' one shuffle (default 0)"
     )
     shard.add_argument(
@@ -333,6 +339,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             shuffle_splits=args.shuffle_splits,
             progress=progress,
             max_size=args.max_size,
+            raw=args.raw,
         )
         for split, index in results.items():
             print(shard_summary(split, index))

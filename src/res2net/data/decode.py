@@ -10,7 +10,8 @@ image. `DecodeRandomResizedCrop` is the same random resized crop taking the enco
   1/8 size by libjpeg's DCT scaling (PIL's draft mode), which skips most of the decoding work;
 * otherwise JPEGs are decoded by torchvision's libjpeg-turbo decoder straight into a tensor
   with PIL's pixels (with the crop below, 0.95 against 1.25 ms through PIL on ImageNet-sized
-  photos); other formats go through PIL as before;
+  photos); uncompressed RGB pixels (binary PPM, as `data shard --raw` stores them) are read
+  straight from their bytes; other formats go through PIL as before;
 * the box is cut from the uint8 tensor and resized with torch's antialiased uint8 kernels,
   about three times faster than PIL's resize.
 
@@ -24,7 +25,7 @@ import warnings
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -90,13 +91,14 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
         if rotated:
             width, height = height, width
         box = self._box(height, width)
-        pixels = None
-        if im.format == "JPEG" and (reduction := self._reduction(box)) > 1:
-            im.draft("RGB", (im.width // reduction, im.height // reduction))
-            pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
-            box = _scale_box(box, reduction, pixels.shape[-2:])
-        elif im.format == "JPEG" and decode_jpeg is not None:
-            pixels = _decode_jpeg(encoded.data)
+        pixels = _raw_rgb(im, encoded.data)
+        if pixels is None and im.format == "JPEG":
+            if (reduction := self._reduction(box)) > 1:
+                im.draft("RGB", (im.width // reduction, im.height // reduction))
+                pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
+                box = _scale_box(box, reduction, pixels.shape[-2:])
+            elif decode_jpeg is not None:
+                pixels = _decode_jpeg(encoded.data)
         if pixels is None:  # other formats, or a JPEG torchvision cannot decode: PIL decides
             pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
         return self._crop_resize(pixels, box)
@@ -118,6 +120,23 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
             mode = InterpolationMode.NEAREST_EXACT
         out = TF.resize(crop, list(self.size), interpolation=mode, antialias=True)
         return tv_tensors.Image(out)
+
+
+def _raw_rgb(im: Image.Image, data: bytes) -> Tensor | None:
+    """The pixels of an uncompressed 8-bit RGB image (binary PPM, as `data shard --raw` writes)
+    read straight from its bytes, HWC viewed as CHW; None for any other image, or one whose
+    bytes are short (PIL then reports it)."""
+    if im.format != "PPM" or not isinstance(im, ImageFile.ImageFile) or len(im.tile) != 1:
+        return None
+    tile = im.tile[0]
+    if tile.codec_name != "raw" or tile.args not in ("RGB", ("RGB", 0, 1)):
+        return None
+    width, height = im.size
+    end = tile.offset + width * height * 3
+    if len(data) < end:
+        return None
+    pixels = torch.frombuffer(bytearray(data[tile.offset : end]), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1)
 
 
 def _decode_jpeg(data: bytes) -> Tensor | None:

@@ -433,17 +433,25 @@ class _ShardSink:
             self._writer = self._file = None
 
 
-def bounded_image(name: str, ext: str, data: bytes, max_size: int) -> tuple[str, bytes]:
+def bounded_image(
+    name: str, ext: str, data: bytes, max_size: int, *, raw: bool = False
+) -> tuple[str, bytes]:
     """The image as (extension, bytes) with its longer side at most `max_size`: re-encoded as
-    a JPEG (quality 90) when larger, else unchanged. `DataError` naming the file when it
-    cannot be decoded."""
+    a JPEG (quality 90) when larger, else unchanged; with `raw`, always stored as uncompressed
+    8-bit RGB pixels (binary PPM, upright), which training reads without decoding.
+    `DataError` naming the file when it cannot be decoded."""
     im = decode_image(data, name)
-    if max(im.size) <= max_size:
+    if max(im.size) <= max_size and not raw:
         return ext, data
-    scale = max_size / max(im.size)
-    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    if max(im.size) > max_size:
+        scale = max_size / max(im.size)
+        size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     out = io.BytesIO()
-    im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0).save(out, "JPEG", quality=90)
+    if raw:
+        im.save(out, "PPM")
+        return "ppm", out.getvalue()
+    im.save(out, "JPEG", quality=90)
     return "jpg", out.getvalue()
 
 
@@ -459,6 +467,7 @@ def write_shards(
     shuffle_splits: Sequence[str] = ("train",),
     progress: Callable[[str, int, int], None] | None = None,
     max_size: int | None = None,
+    raw: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Pack `data_dir/<split>/<class>/<image>` into `out_dir/<split>/<split>-NNNNNN.tar` shards.
 
@@ -480,6 +489,9 @@ def write_shards(
         max_size: re-encode every image whose longer side exceeds this many pixels as a JPEG
             (quality 90) with that longer side, as FFCV's `max_resolution` does: training then
             decodes fewer pixels. Images within the bound are copied as they are.
+        raw: with `max_size`, store every image as uncompressed RGB pixels (binary PPM, which
+            PIL and most image libraries open) instead: training skips JPEG decoding, at about
+            ten times the bytes of a JPEG of the same size (FFCV's raw mode).
 
     Returns ``{split: index}``, each index being the content of the `index.json` written, plus
     ``"dir"``: the split's shard folder. Images are copied byte for byte, not decoded: bad ones
@@ -491,6 +503,10 @@ def write_shards(
         raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
     if max_size is not None and max_size < 16:
         raise ValueError(f"max_size must be >= 16 pixels, not {max_size}")
+    if raw and max_size is None:
+        raise ValueError(
+            "raw pixels need a max_size (e.g. 256): a full-size ImageNet image is ~0.5 MB raw"
+        )
     data_dir = Path(data_dir).expanduser()
     out = Path(out_dir).expanduser()
     if out.resolve() == data_dir.resolve():
@@ -526,7 +542,7 @@ def write_shards(
                 with open(path, "rb") as f:
                     data = f.read()
                 if max_size is not None:
-                    ext, data = bounded_image(path, ext, data, max_size)
+                    ext, data = bounded_image(path, ext, data, max_size, raw=raw)
                 sink.write(key, target, ext, data)
             shards = sink.close()
             if progress is not None:
