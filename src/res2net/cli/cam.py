@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .predict import positive_int
+from .predict import add_eval_flags
 
 HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
 
@@ -45,22 +45,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="cam works on the last stage only",
     )
     p.add_argument("--out", default="cam", help="output folder (default: ./cam)")
-    p.add_argument(
-        "--classes", help="class names: a training folder (one subfolder per class) or a text file"
-    )
-    p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument(
-        "--image_resize",
-        "--image-resize",
-        type=int,
-        help="eval crop size (default: the checkpoint's, else 224)",
-    )
-    p.add_argument(
-        "--crop_pct",
-        "--crop-pct",
-        type=float,
-        help="crop fraction of the resized image (default: the checkpoint's, else 0.875)",
-    )
+    add_eval_flags(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -25,6 +25,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pretrained", help="download published weights from this source (mindcv, official, timm)"
     )
+    add_eval_flags(p)
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `predict` and `cam` share: class names, how many top classes, and the
+    evaluation transform's size when the checkpoint's is not wanted."""
     p.add_argument(
         "--classes",
         help="class names: a training folder (one subfolder per class) or a text file, one per "
@@ -43,7 +50,6 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         type=float,
         help="crop fraction of the resized image (default: the checkpoint's, else 0.875)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON lines")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
