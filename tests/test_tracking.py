@@ -107,6 +107,21 @@ def test_mlflow_and_wandb_offline(data_dir, tmp_path, monkeypatch):
     assert result.best_path is not None
 
 
+def test_a_crashed_run_is_marked_failed(data_dir, tmp_path, monkeypatch):
+    import res2net.engine.train as train_module
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setattr(train_module, "train_one_epoch", crash)
+    uri = (tmp_path / "mlruns").as_uri()
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny_config(data_dir, run_dir, "--log", "mlflow", "--log_uri", uri))
+    assert mlflow_run(uri, run_dir)[1].info.status == "FAILED"
+
+
 def test_bad_tracker_and_unreachable_uri_fail_before_training(data_dir, tmp_path):
     with pytest.raises(ValueError, match="config key .log. must be mlflow, wandb"):
         tiny_config(data_dir, tmp_path / "r", "--log", "comet")

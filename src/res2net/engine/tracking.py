@@ -132,9 +132,7 @@ class MlflowTracker:
         self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def close(self, status: str) -> None:
-        self.client.set_terminated(
-            self.run_id, status="FINISHED" if status == "finished" else "KILLED"
-        )
+        self.client.set_terminated(self.run_id, status=status.upper())  # FINISHED/KILLED/FAILED
 
 
 class WandbTracker:
@@ -233,3 +231,7 @@ class Trackers:
         if best is not None and best.is_file() and not interrupted:
             self._each("artifact", best, "checkpoints")
         self._each("close", "killed" if interrupted else "finished")
+
+    def fail(self) -> None:
+        """Close every run as failed (training raised), so that none stays marked running."""
+        self._each("close", "failed")

@@ -487,41 +487,46 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             cfg.epoch_size,
         )
 
-    while state.epoch < cfg.epoch_size:
-        interrupted = train_one_epoch(
-            cfg,
-            state,
-            parts=parts,
-            loader=train_loader,
-            bad=bad,
-            metrics=metrics,
-            stop=stop,
-            step_times=step_times,
-        )
-        if interrupted:
-            if dist.is_main:
-                path = ckpts.save_last(state.state_dict())
-                log.info(
-                    "stopped at epoch %d, step %d: saved %s; continue with --resume auto",
-                    state.epoch + 1,
-                    state.batch_in_epoch,
-                    path,
-                )
-            distributed.barrier(dist)
-            break
-        last_val = (
-            end_epoch(
+    try:
+        while state.epoch < cfg.epoch_size:
+            interrupted = train_one_epoch(
                 cfg,
                 state,
-                lr=schedule(max(state.global_step - 1, 0)),
-                val_loader=val_loader,
+                parts=parts,
+                loader=train_loader,
                 bad=bad,
-                ckpts=ckpts,
                 metrics=metrics,
-                dist=dist,
+                stop=stop,
+                step_times=step_times,
             )
-            or last_val
-        )
+            if interrupted:
+                if dist.is_main:
+                    path = ckpts.save_last(state.state_dict())
+                    log.info(
+                        "stopped at epoch %d, step %d: saved %s; continue with --resume auto",
+                        state.epoch + 1,
+                        state.batch_in_epoch,
+                        path,
+                    )
+                distributed.barrier(dist)
+                break
+            last_val = (
+                end_epoch(
+                    cfg,
+                    state,
+                    lr=schedule(max(state.global_step - 1, 0)),
+                    val_loader=val_loader,
+                    bad=bad,
+                    ckpts=ckpts,
+                    metrics=metrics,
+                    dist=dist,
+                )
+                or last_val
+            )
+    except BaseException:  # a crash or a second signal: the tracked run says so
+        if trackers is not None:
+            trackers.fail()
+        raise
 
     result = TrainResult(
         ckpt_dir=Path(cfg.ckpt_save_dir),
