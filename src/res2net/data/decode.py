@@ -135,7 +135,7 @@ def _raw_rgb(im: Image.Image, data: bytes) -> Tensor | None:
     end = tile.offset + width * height * 3
     if len(data) < end:
         return None
-    pixels = torch.frombuffer(bytearray(data[tile.offset : end]), dtype=torch.uint8)
+    pixels = torch.frombuffer(bytearray(memoryview(data)[tile.offset : end]), dtype=torch.uint8)
     return pixels.view(height, width, 3).permute(2, 0, 1)
 
 
