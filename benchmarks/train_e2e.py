@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from data_pipeline import build_corpus
@@ -74,6 +75,9 @@ def build_folder(root: Path, per_photo: int) -> int:
 def timm_command(
     args: argparse.Namespace, data: Path, out: Path, num_classes: int, channels_last: bool = False
 ) -> list[str]:
+    flags = ["--amp", "--amp-dtype", "bfloat16"] if args.bf16 else []
+    if args.bf16 or channels_last:
+        flags.append("--channels-last")
     return [
         sys.executable,
         "-c",
@@ -130,17 +134,7 @@ def timm_command(
         "1",
         "--seed",
         "0",
-    ] + (
-        ["--amp", "--amp-dtype", "bfloat16", "--channels-last"]
-        if args.bf16
-        else ["--channels-last"] if channels_last else []
-    )
-
-
-def timm_channels_last_command(
-    args: argparse.Namespace, data: Path, out: Path, num_classes: int
-) -> list[str]:
-    return timm_command(args, data, out, num_classes, channels_last=True)
+    ] + flags
 
 
 def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
@@ -257,7 +251,7 @@ def main() -> None:
         }  # both drop the last partial batch
         commands = {"timm train.py": timm_command, "res2net train": ours_command}
         if args.timm_channels_last:
-            commands["timm train.py --channels-last"] = timm_channels_last_command
+            commands["timm train.py --channels-last"] = partial(timm_command, channels_last=True)
         seconds: dict[str, dict[str, list[float]]] = {
             name: {"small": [], "large": []} for name in commands
         }
