@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,15 @@ def bad_tree(tmp_path) -> tuple[Path, dict[str, tuple[str, Path]]]:
         **{k: ("good", p) for k, p in good.items()},
         **{k: ("bad", p) for k, p in bad.items()},
     }
+
+
+def rng_states() -> tuple:
+    """torch's CPU, Python's and NumPy's global RNG states, comparable with `==`."""
+    key = np.random.get_state()[1].tobytes()
+    return torch.get_rng_state().numpy().tobytes(), random.getstate(), key
+
+
+def draws() -> list[float]:
+    """One draw from each global RNG (torch, Python, NumPy): a transform's output that shows
+    how it was seeded."""
+    return [torch.rand(()).item(), random.random(), float(np.random.rand())]

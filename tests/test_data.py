@@ -30,7 +30,7 @@ from res2net.data import (
 )
 from res2net.data.demo import MARKER
 
-from .conftest import rgb
+from .conftest import draws, rgb, rng_states
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -346,6 +346,29 @@ def test_loader_same_batches_with_workers(digits):
             epoch_batches(serial, epoch), epoch_batches(parallel, epoch), strict=True
         ):
             assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+class Draws:
+    """A transform whose output is a draw from each RNG: shows how the sample was seeded."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.tensor(draws(), dtype=torch.float64)
+
+
+def test_seeded_per_sample_and_main_rngs_untouched(digits):
+    ds = ImageFolderDataset(digits, "val", Draws(), num_samples=40)
+    serial = build_loader(ds, batch_size=16, seed=3)
+    states = rng_states()
+    batches = epoch_batches(serial, 1)
+    assert rng_states() == states  # every RNG of the training loop is where it was
+    parallel = build_loader(ds, batch_size=16, seed=3, num_workers=2)
+    for (x0, _), (x1, _) in zip(batches, epoch_batches(parallel, 1), strict=True):
+        assert torch.equal(x0, x1)
+    # a sample read alone gets the augmentation it gets in its batch
+    key = list(serial.sampler)[0]
+    assert torch.equal(serial.dataset[key][0], batches[0][0][0])
+    assert rng_states() == states
+    assert len({tuple(x.tolist()) for x in batches[0][0]}) == 16
 
 
 def test_sampler_order_and_ranks():

@@ -31,6 +31,8 @@ from res2net.data import (  # noqa: E402
     write_shards,
 )
 
+from .conftest import draws, rng_states  # noqa: E402
+
 CLASSES = ("cat", "dog", "eel")
 PER_CLASS = 7  # 21 images per split: shards of 5 hold 5, 5, 5, 5, 1
 
@@ -74,10 +76,10 @@ def pixels(image: Image.Image) -> tuple:
 
 
 class ToTensor:
-    """Pixel sum and a random draw: a batchable transform whose output shows its seeding."""
+    """Pixel sum and a draw from each RNG: a batchable transform whose output shows its seeding."""
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return torch.tensor([float(np.asarray(image).sum()), torch.rand(()).item()])
+        return torch.tensor([float(np.asarray(image).sum()), *draws()], dtype=torch.float64)
 
 
 def indices(batches) -> list[int]:
@@ -215,9 +217,9 @@ def test_augmentation_depends_on_sample_not_on_workers(shards):
     two = by_index(run_epoch(shards, 2, 0, 1, 2))
     assert one == two and len(one) == 21
     assert one != by_index(run_epoch(shards, 3, 0, 1, 0))  # a new epoch, new augmentations
-    state = torch.get_rng_state()
+    states = rng_states()
     run_epoch(shards, 2, 0, 1, 0)
-    assert torch.equal(state, torch.get_rng_state())  # the training loop's RNG is untouched
+    assert rng_states() == states  # the training loop's RNGs are untouched
 
 
 @pytest.mark.parametrize("shard_size", [5, 100])  # 5 shards, and 1 shard for 4 readers

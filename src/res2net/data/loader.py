@@ -199,23 +199,30 @@ def seed_all(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """The block runs with torch's CPU, Python's and NumPy's RNGs seeded by `seed`; in the main
-    process their previous states are restored afterwards. A DataLoader worker's RNGs are its
-    own: nothing to restore (saving NumPy's state alone would cost ~50 us per sample)."""
+def rngs_restored() -> Iterator[None]:
+    """The block may reseed torch's CPU, Python's and NumPy's RNGs: in the main process their
+    previous states are restored afterwards. A DataLoader worker's RNGs are its own: nothing to
+    restore. Saving and restoring NumPy's state costs ~50 us, so datasets do it once per batch."""
     if get_worker_info() is not None:
-        seed_all(seed)
         yield
         return
     torch_state = torch.get_rng_state()
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        seed_all(seed)
         yield
     finally:
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """The block runs with torch's CPU, Python's and NumPy's RNGs seeded by `seed`; in the main
+    process their previous states are restored afterwards (see `rngs_restored`)."""
+    with rngs_restored():
+        seed_all(seed)
+        yield
 
 
 class EpochLoader(Protocol):
@@ -259,6 +266,16 @@ class SeededDataset(Dataset):
         index, sample_seed = key
         with seeded_rngs(sample_seed):
             return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch (DataLoader asks for whole batches): each sample as `__getitem__` reads it,
+        the main process's RNG states saved and restored once for the batch."""
+        samples = []
+        with rngs_restored():
+            for index, sample_seed in keys:
+                seed_all(sample_seed)
+                samples.append(self.dataset[index])
+        return samples
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not set yet (e.g. while unpickling in a worker)

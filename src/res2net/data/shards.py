@@ -79,7 +79,7 @@ from .folders import (
     substitute_image,
     visible_entries,
 )
-from .loader import epoch_generator, ignore_stop_signals, seeded_rngs
+from .loader import epoch_generator, ignore_stop_signals, rngs_restored, seed_all
 
 logger = logging.getLogger(__name__)
 
@@ -962,8 +962,13 @@ class ShardDataset(IterableDataset):
             wds = _webdataset()
             rng = random.Random(_mixed_seed(self.seed, self.epoch, self.rank, worker, 0x5EED))
             raw = iter(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw))
-        for sample in itertools.islice(raw, skip, None):
-            yield self._item(sample)
+        samples = itertools.islice(raw, skip, None)
+        # A batch at a time: in the main process the RNG states are saved and restored once per
+        # batch (see `_apply`), and the loop never runs between a batch's samples anyway.
+        while batch := list(itertools.islice(samples, self.batch_size)):
+            with rngs_restored():
+                items = [self._item(sample) for sample in batch]
+            yield from items
 
     def _item(self, sample: ShardSample) -> tuple[Any, ...]:
         name = f"{sample.shard}:{sample.key}"
@@ -994,15 +999,13 @@ class ShardDataset(IterableDataset):
         return target if self._label_map is None else self._label_map[target]
 
     def _apply(self, image: Any, target: Any, index: int) -> tuple[Any, Any]:
-        # As `SeededDataset`: augmentations seeded per sample; the main process's RNGs restored.
+        # As `SeededDataset`: augmentations seeded per sample (`iter_worker` restores the main
+        # process's RNGs after each batch).
         if self.transform is None and self.target_transform is None:
             return image, target
-
-        with seeded_rngs(_mixed_seed(self.seed, self.epoch, index)):
-            out_image = self.transform(image) if self.transform is not None else image
-            out_target = (
-                self.target_transform(target) if self.target_transform is not None else target
-            )
+        seed_all(_mixed_seed(self.seed, self.epoch, index))
+        out_image = self.transform(image) if self.transform is not None else image
+        out_target = self.target_transform(target) if self.target_transform is not None else target
         return out_image, out_target
 
     def __repr__(self) -> str:
