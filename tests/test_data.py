@@ -301,6 +301,25 @@ def test_mixup_cutmix_off_and_never_applied():
     assert torch.allclose(targets, expected)
 
 
+def test_normalized_float_is_todtype_then_normalize():
+    from res2net.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NormalizedFloat
+
+    step = NormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)
+    reference = v2.Compose(
+        [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]),
+        ]
+    )
+    hwc = torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8)
+    image = v2.functional.to_image(hwc.numpy())  # a CHW view of HWC memory, as ToImage gives
+    out = step(image)
+    assert out.is_contiguous() and out.dtype == torch.float32 and type(out) is type(image)
+    torch.testing.assert_close(out, reference(image), rtol=1e-6, atol=1e-6)
+    as_float = v2.functional.to_dtype(image, torch.float32, scale=True)
+    torch.testing.assert_close(step(as_float), reference(image), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # loaders
 
