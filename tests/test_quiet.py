@@ -8,6 +8,7 @@ import logging
 from res2net.config import load_config
 from res2net.data import cap_workers
 from res2net.data import loader as loader_mod
+from res2net.engine import progress
 from res2net.engine.progress import StepReporter
 
 DEMO = "src/res2net/data/res2net_digits.yaml"
@@ -38,6 +39,18 @@ def test_step_log_lines_give_the_whole_run_eta(caplog) -> None:
     caplog.set_level(logging.INFO)
     reporter = StepReporter(4, desc="epoch 1/3", later_steps=8)
     for step in range(1, 5):
-        reporter.update(step, 2, 0.5 if step % 2 == 0 else None, 0.1)  # a loss at log intervals
+        loss = 0.5 if step % 2 == 0 else None  # a loss at log intervals
+        reporter.update(step, 2, loss, 0.1, data_wait=0.0)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("ETA" in ln and "(run " in ln for ln in lines)
+    assert all("data wait 0%" in ln for ln in lines) and reporter.wait_share() == 0
+
+
+def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    clock = iter([100.0, 104.0, 104.0])  # the reporter's start, the step's end, the question
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    reporter = StepReporter(4)
+    reporter.update(1, 2, 0.5, 0.1, data_wait=1.0)  # 4 s in, 1 s of it waiting for input
+    assert reporter.wait_share() == 0.25
+    assert "data wait 25%" in caplog.records[-1].getMessage()

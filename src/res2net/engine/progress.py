@@ -17,10 +17,10 @@ log = logging.getLogger("res2net.train")
 
 
 class StepReporter:
-    """Shows training steps: a tqdm bar (loss, lr, img/s, ETA of the epoch and of the whole run)
-    when stderr is a terminal, else a log line whenever the loop passes a loss (at its log
-    intervals). Only the main process (rank 0) reports. `later_steps`: the steps of the epochs
-    after this one."""
+    """Shows training steps: a tqdm bar (loss, lr, img/s, the share of time spent waiting for
+    input, ETA of the epoch and of the whole run) when stderr is a terminal, else a log line
+    whenever the loop passes a loss (at its log intervals). Only the main process (rank 0)
+    reports. `later_steps`: the steps of the epochs after this one."""
 
     def __init__(
         self,
@@ -38,6 +38,7 @@ class StepReporter:
         self.bar = None
         self.images = 0
         self.steps = 0
+        self.waited: float | None = None  # seconds spent waiting for input, when timed
         self.t0 = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -51,40 +52,55 @@ class StepReporter:
                 leave=False,
             )
 
-    def update(self, step: int, n_images: int, loss: float | None, lr: float) -> None:
-        """Record one finished step (`step`: batches done in the epoch). `loss` is None between
-        log intervals (reading it would make the CPU wait for the device): nothing is shown."""
+    def update(
+        self,
+        step: int,
+        n_images: int,
+        loss: float | None,
+        lr: float,
+        *,
+        data_wait: float | None = None,
+    ) -> None:
+        """Record one finished step (`step`: batches done in the epoch; `data_wait`: seconds it
+        waited for its batches, shown when given). `loss` is None between log intervals
+        (reading it would make the CPU wait for the device): nothing is shown."""
         if not self.enabled:
             return
         self.images += n_images
         self.steps += 1
+        if data_wait is not None:
+            self.waited = (self.waited or 0.0) + data_wait
         elapsed = max(1e-9, time.perf_counter() - self.t0)
         rate = self.images / elapsed
+        wait = None if self.waited is None else f"{100 * self.waited / elapsed:.0f}%"
         per_step = elapsed / self.steps
         run_eta = _hms((self.total - step + self.later) * per_step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if loss is not None:
-                self.bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    lr=f"{lr:.3g}",
-                    img_s=f"{rate:.1f}",
-                    run_eta=run_eta,
-                    refresh=False,
-                )
+                shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img_s": f"{rate:.1f}"}
+                if wait is not None:
+                    shown["data_wait"] = wait
+                self.bar.set_postfix(shown, refresh=False, run_eta=run_eta)
         elif loss is not None:
             eta = _hms((self.total - step) * per_step)
             log.info(
-                "%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s (run %s)",
+                "%s step %d/%d  loss %.4f  lr %.4g  %.1f img/s%s  ETA %s (run %s)",
                 self.desc,
                 step,
                 self.total,
                 loss,
                 lr,
                 rate,
+                "" if wait is None else f"  data wait {wait}",
                 eta,
                 run_eta,
             )
+
+    def wait_share(self) -> float:
+        """The share of this epoch's time (since this reporter started) spent waiting for
+        input: near 0 when the loader keeps up, near 1 when it is the bottleneck."""
+        return (self.waited or 0.0) / max(1e-9, time.perf_counter() - self.t0)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -618,9 +618,11 @@ def train_one_epoch(
     for step in range(state.batch_in_epoch // accum, steps):
         lr = parts.schedule(state.global_step)
         set_lr(state.optimizer, lr)
-        last_loss, trained = None, 0
+        last_loss, trained, data_wait = None, 0, 0.0
         for micro in range(accum):
+            t_fetch = time.perf_counter()
             batch = next(batches)
+            data_wait += time.perf_counter() - t_fetch
             state.batch_in_epoch += 1
             counts["images"] += len(batch[1])
             counts["bad"] += len(batch[1]) - len(_valid(batch))
@@ -651,17 +653,20 @@ def train_one_epoch(
         if (at_log or step == steps - 1) and last_loss is not None:
             finite.check()  # the host syncs: at log intervals and at the end of the epoch
             loss_value = last_loss.item()
-            if at_log:
-                metrics.write(
-                    {
-                        "kind": "step",
-                        "epoch": epoch + 1,
-                        "global_step": state.global_step,
-                        "loss": loss_value,
-                        "lr": lr,
-                    }
-                )
-        reporter.update(state.batch_in_epoch, trained * dist.world_size, loss_value, lr)
+        reporter.update(
+            state.batch_in_epoch, trained * dist.world_size, loss_value, lr, data_wait=data_wait
+        )
+        if at_log and loss_value is not None:
+            metrics.write(
+                {
+                    "kind": "step",
+                    "epoch": epoch + 1,
+                    "global_step": state.global_step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "data_wait": reporter.wait_share(),
+                }
+            )
         if _agreed_stop(stop.requested, dist, device):
             interrupted = True
             break
