@@ -28,8 +28,8 @@ default. When no GPU is present, a short launcher sets `args.device = "cpu"` and
     python benchmarks/train_e2e.py --timm_train /path/to/timm/train.py \\
         --out benchmarks/results/train-e2e-cpu2.json
     # one GPU (ours picks CUDA by itself, timm's script too): larger batch, more workers, bf16
-    python benchmarks/train_e2e.py --timm_train train.py --batch_size 128 --workers 16 --bf16 \\
-        --small 64 --large 256 --out benchmarks/results/train-e2e-gpu.json
+    python benchmarks/train_e2e.py --timm_train train.py --batch_size 128 --workers 15 --bf16 \\
+        --small 64 --large 64 --large_copies 80 --out benchmarks/results/train-e2e-gpu.json
 """
 
 from __future__ import annotations
@@ -64,20 +64,33 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_folder(root: Path, per_photo: int) -> int:
-    """`root/train/<photo>/*.jpg` with `per_photo` crops each, `root/val` with one each."""
+def build_folder(root: Path, per_photo: int, copies: int = 1) -> int:
+    """`root/train/<photo>/*.jpg` with `per_photo` crops each, each file there `copies` times
+    (hard links: a GPU-sized epoch without encoding tens of thousands of JPEGs), `root/val`
+    with one each."""
     build_corpus(root / "val-src", per_photo=1, seed=1)
     (root / "val-src" / "train").rename(root / "val")
     (root / "val-src").rmdir()
-    return build_corpus(root, per_photo=per_photo, seed=0)
+    count = build_corpus(root, per_photo=per_photo, seed=0)
+    for image in list((root / "train").glob("*/*.jpg")):
+        for k in range(1, copies):
+            os.link(image, image.with_name(f"{image.stem}-{k}.jpg"))
+    return count * copies
 
 
 def timm_command(
-    args: argparse.Namespace, data: Path, out: Path, num_classes: int, channels_last: bool = False
+    args: argparse.Namespace,
+    data: Path,
+    out: Path,
+    num_classes: int,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     flags = ["--amp", "--amp-dtype", "bfloat16"] if args.bf16 else []
     if args.bf16 or channels_last:
         flags.append("--channels-last")
+    if compile:
+        flags.append("--torchcompile")
     return [
         sys.executable,
         "-c",
@@ -221,6 +234,12 @@ def main() -> None:
     parser.add_argument(
         "--large", type=int, default=16, help="images per class in the large training folder"
     )
+    parser.add_argument(
+        "--large_copies",
+        type=int,
+        default=1,
+        help="each image of the large folder this many times (hard links), for GPU-sized epochs",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--bf16",
@@ -232,6 +251,15 @@ def main() -> None:
         action="store_true",
         help="also run timm's script with --channels-last (ours uses channels_last on CPU)",
     )
+    parser.add_argument(
+        "--timm_compile",
+        action="store_true",
+        help="also run timm's script with --torchcompile (ours compiles on CUDA: the recipe's "
+        "mode 0)",
+    )
+    parser.add_argument(
+        "--keep_logs", type=Path, help="copy each run's output here (ours shows its data wait)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not args.timm_train.is_file():
@@ -242,8 +270,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-e2e-") as tmp:
         tmp = Path(tmp)
         images = {
-            size: build_folder(tmp / f"data-{size}", getattr(args, size))
-            for size in ("small", "large")
+            "small": build_folder(tmp / "data-small", args.small),
+            "large": build_folder(tmp / "data-large", args.large, args.large_copies),
         }
         num_classes = len(list((tmp / "data-small" / "train").iterdir()))
         steps = {
@@ -252,6 +280,8 @@ def main() -> None:
         commands = {"timm train.py": timm_command, "res2net train": ours_command}
         if args.timm_channels_last:
             commands["timm train.py --channels-last"] = partial(timm_command, channels_last=True)
+        if args.timm_compile:
+            commands["timm train.py --torchcompile"] = partial(timm_command, compile=True)
         seconds: dict[str, dict[str, list[float]]] = {
             name: {"small": [], "large": []} for name in commands
         }
@@ -265,6 +295,9 @@ def main() -> None:
                     seconds[name][size].append(
                         run_once(make(args, tmp / f"data-{size}", out, num_classes), log)
                     )
+                    if args.keep_logs:
+                        args.keep_logs.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(log, args.keep_logs / f"{out.name}.log")
                     print(f"round {r}: {name} {size}: {seconds[name][size][-1]:.1f} s", flush=True)
             load.append(os.getloadavg())
 

@@ -50,3 +50,11 @@ def test_train_e2e_command_is_a_valid_recipe(scripts, tmp_path):
     assert argv[1:4] == ["-m", "res2net.cli.main", "train"]
     cfg = load_config(None, argv[4:])
     assert (cfg.num_classes, cfg.batch_size, cfg.amp_level) == (9, 8, "O2")
+
+
+def test_train_e2e_large_folder_holds_each_image_copies_times(scripts, tmp_path):
+    _, train_e2e = scripts
+    assert train_e2e.build_folder(tmp_path / "data", per_photo=1, copies=3) == 27
+    files = sorted((tmp_path / "data" / "train").glob("*/*.jpg"))
+    assert len(files) == 27 and len(list((tmp_path / "data" / "val").glob("*/*.jpg"))) == 9
+    assert files[0].read_bytes() == files[1].read_bytes()  # the same image, linked
