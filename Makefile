@@ -20,8 +20,8 @@ demo: $(STAMP)
 
 # Lint and type-check src/ (settings in pyproject.toml); `make test` stops here on the first finding.
 lint: $(STAMP)
-	@$(BIN)/ruff check src
-	@$(BIN)/ruff format --check --quiet src
+	@$(BIN)/ruff check src benchmarks
+	@$(BIN)/ruff format --check --quiet src benchmarks
 	@$(BIN)/mypy
 
 test: lint

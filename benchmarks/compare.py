@@ -23,8 +23,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # an empty cache: compile times are cold ones
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
@@ -38,7 +38,13 @@ from torch.nn import functional as F
 
 import res2net
 from res2net.export import export_onnx
-from res2net.profile import conv_gemm_gflops, count_flops, machine_info, matmul_gflops, time_interleaved
+from res2net.profile import (
+    conv_gemm_gflops,
+    count_flops,
+    machine_info,
+    matmul_gflops,
+    time_interleaved,
+)
 
 NAME, TIMM_NAME = "res2net50_26w_4s", "res2net50_26w_4s"
 CL = torch.channels_last
@@ -66,7 +72,9 @@ def ort_session(path: Path) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def summarize(times: dict[str, list[float]], batch: int, flops_per_step: float, roofline: float) -> dict[str, dict]:
+def summarize(
+    times: dict[str, list[float]], batch: int, flops_per_step: float, roofline: float
+) -> dict[str, dict]:
     """Best and median ms, img/s and achieved GFLOP/s (and its share of `roofline`) per candidate."""
     out = {}
     for name, ms in times.items():
@@ -88,7 +96,9 @@ def first_call_s(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_inference(timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rounds: int, compile: bool, tmp: Path) -> tuple[dict, dict]:
+def bench_inference(
+    timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rounds: int, compile: bool, tmp: Path
+) -> tuple[dict, dict]:
     timm_model.eval()
     ours.eval()
     timm_cl = timm.create_model(TIMM_NAME).eval()
@@ -100,8 +110,13 @@ def bench_inference(timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rou
     export_s: dict[str, float] = {}
     start = time.perf_counter()
     torch.onnx.export(
-        timm_model, (x,), str(tmp / "timm.onnx"), dynamo=True, input_names=["image"],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},), verbose=False,
+        timm_model,
+        (x,),
+        str(tmp / "timm.onnx"),
+        dynamo=True,
+        input_names=["image"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+        verbose=False,
     )
     export_s["onnxruntime (timm ONNX)"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -116,7 +131,9 @@ def bench_inference(timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rou
         "onnxruntime (timm ONNX)": lambda: torch.from_numpy(timm_ort.run(None, {"image": x_np})[0]),
         "res2net eager": lambda: ours(x),
         "res2net optimize_for_inference": lambda: optimized(x),
-        "onnxruntime (res2net ONNX)": lambda: torch.from_numpy(ours_ort.run(None, {"image": x_np})[0]),
+        "onnxruntime (res2net ONNX)": lambda: torch.from_numpy(
+            ours_ort.run(None, {"image": x_np})[0]
+        ),
     }
     compile_s: dict[str, float] = {}
     with torch.inference_mode():
@@ -131,14 +148,17 @@ def bench_inference(timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rou
             )
         reference = timm_model(x)
         errors = {
-            name: ((fn() - reference).abs().max() / reference.abs().max()).item() for name, fn in candidates.items()
+            name: ((fn() - reference).abs().max() / reference.abs().max()).item()
+            for name, fn in candidates.items()
         }
         times = time_interleaved(candidates, warmup=1, rounds=rounds)
     extra = {"compile_s": compile_s, "export_s": export_s, "max_rel_err_vs_timm_eager": errors}
     return times, extra
 
 
-def bench_training(timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+def bench_training(
+    timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, rounds: int
+) -> dict[str, list[float]]:
     target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
 
     def step_fn(model: nn.Module, inp: torch.Tensor) -> Callable[[], None]:
@@ -157,19 +177,32 @@ def bench_training(timm_model: nn.Module, ours: nn.Module, x: torch.Tensor, roun
     timm_cl.load_state_dict(timm_model.state_dict())
     candidates = {
         "timm train step": step_fn(timm_model, x),
-        "timm train step, channels_last": step_fn(timm_cl.to(memory_format=CL), x.contiguous(memory_format=CL)),
+        "timm train step, channels_last": step_fn(
+            timm_cl.to(memory_format=CL), x.contiguous(memory_format=CL)
+        ),
         "res2net train step": step_fn(ours, x),
     }
     return time_interleaved(candidates, warmup=1, rounds=rounds)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=8, help="timed calls of each candidate (best and median reported)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="timed calls of each candidate (best and median reported)",
+    )
     parser.add_argument("--train_rounds", type=int, default=5)
-    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile candidates (about a minute each)")
+    parser.add_argument(
+        "--no_compile",
+        action="store_true",
+        help="skip the torch.compile candidates (about a minute each)",
+    )
     parser.add_argument("--skip", choices=("inference", "training"), help="run only the other part")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     args = parser.parse_args()
@@ -192,15 +225,22 @@ def main() -> None:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "gflop_per_image": flops / args.batch_size / 1e9,
-        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "allocator_env": {
+            k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"
+        },
         "matmul_gflop_s": matmul_gflops(n=2048, repeats=5),
         "conv_gemm_gflop_s": conv_gemm_gflops(n=1024, repeats=5),
     }
     roofline = result["matmul_gflop_s"]
     if args.skip != "inference":
         with tempfile.TemporaryDirectory() as tmp:
-            times, extra = bench_inference(timm_model, ours, x, args.rounds, not args.no_compile, Path(tmp))
-        result["inference"] = {"candidates": summarize(times, args.batch_size, flops, roofline), **extra}
+            times, extra = bench_inference(
+                timm_model, ours, x, args.rounds, not args.no_compile, Path(tmp)
+            )
+        result["inference"] = {
+            "candidates": summarize(times, args.batch_size, flops, roofline),
+            **extra,
+        }
     if args.skip != "training":
         times = bench_training(timm_model, ours, x, args.train_rounds)
         # a training step is about 3 forward passes of FLOPs (forward, input and weight gradients)

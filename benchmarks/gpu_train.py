@@ -19,16 +19,17 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import timm
 import torch
+from compare import TIMM_NAME, randomize_bn
 from torch import nn
 from torch.nn import functional as F
 
 import res2net
-from compare import TIMM_NAME, randomize_bn
 from res2net.profile import machine_info, synchronize, time_interleaved
 
 CL = torch.channels_last
@@ -38,6 +39,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def grad_of(parameter: nn.Parameter) -> torch.Tensor:
+    """A parameter's gradient, flattened (every parameter gets one in these steps)."""
+    assert parameter.grad is not None
+    return parameter.grad.flatten()
 
 
 def model_pair(device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -73,7 +80,13 @@ def checks(device: torch.device) -> list[tuple[str, float, float]]:
         ours.eval()
         reference = peer(x)
         out.append(("eval logits vs timm (fp32)", rel(ours(x), reference), 1e-4))
-        out.append(("optimize_for_inference vs eval (fp32)", rel(res2net.optimize_for_inference(ours)(x), reference), 1e-4))
+        out.append(
+            (
+                "optimize_for_inference vs eval (fp32)",
+                rel(res2net.optimize_for_inference(ours)(x), reference),
+                1e-4,
+            )
+        )
 
     def step(model: nn.Module, dtype: torch.dtype, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
         model = model.to(dtype).train()
@@ -83,20 +96,41 @@ def checks(device: torch.device) -> list[tuple[str, float, float]]:
             loss = F.cross_entropy(model(inp), target)
         loss.backward()
         grads = dict(model.named_parameters())
-        return loss.detach(), torch.cat([grads[name].grad.flatten() for name in sorted(grads)])
+        return loss.detach(), torch.cat([grad_of(grads[name]) for name in sorted(grads)])
 
     # BatchNorm statistics move with every step: each model takes its steps from the same state
-    state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("peer", peer), ("ours", ours))}
+    state = {
+        name: {k: v.clone() for k, v in m.state_dict().items()}
+        for name, m in (("peer", peer), ("ours", ours))
+    }
     results = {}
     for label, dtype, amp in (("fp64", torch.float64, False), ("bf16", torch.float32, True)):
         for name, model in (("peer", peer), ("ours", ours)):
             model.load_state_dict(state[name])
             results[name, label] = step(model, dtype, amp)
-    out.append(("train loss vs timm (fp64)", rel(results["ours", "fp64"][0], results["peer", "fp64"][0]), 1e-10))
-    out.append(("train gradients vs timm (fp64)", rel(results["ours", "fp64"][1], results["peer", "fp64"][1]), 1e-8))
+    out.append(
+        (
+            "train loss vs timm (fp64)",
+            rel(results["ours", "fp64"][0], results["peer", "fp64"][0]),
+            1e-10,
+        )
+    )
+    out.append(
+        (
+            "train gradients vs timm (fp64)",
+            rel(results["ours", "fp64"][1], results["peer", "fp64"][1]),
+            1e-8,
+        )
+    )
     peer_error = rel(results["peer", "bf16"][0], results["peer", "fp64"][0])
     ours_error = rel(results["ours", "bf16"][0], results["ours", "fp64"][0])
-    out.append(("bf16 autocast train loss vs fp64 (bound: timm's error x 1.5 + 1e-3)", ours_error, 1.5 * peer_error + 1e-3))
+    out.append(
+        (
+            "bf16 autocast train loss vs fp64 (bound: timm's error x 1.5 + 1e-3)",
+            ours_error,
+            1.5 * peer_error + 1e-3,
+        )
+    )
     return out
 
 
@@ -104,7 +138,9 @@ def interleaved(
     candidates: dict[str, Callable[[], None]], rounds: int, steps: int, device: torch.device
 ) -> dict[str, list[float]]:
     """ms per call of each candidate, per round of `steps` calls; candidates take turns."""
-    batches = {name: (lambda fn=fn: [fn() for _ in range(steps)]) for name, fn in candidates.items()}
+    batches = {
+        name: (lambda fn=fn: [fn() for _ in range(steps)]) for name, fn in candidates.items()
+    }
     times = time_interleaved(batches, device, warmup=0, rounds=rounds)
     return {name: [ms / steps for ms in round_ms] for name, round_ms in times.items()}
 
@@ -121,10 +157,15 @@ def train_candidates(
     for compile in compiles:
         for name, model in zip(("timm", "res2net"), model_pair(device)):
             model = model.to(memory_format=CL).train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4
+            )
             run_model = torch.compile(model) if compile else model
 
-            def step(run_model: nn.Module = run_model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            def step(
+                run_model: Callable[..., torch.Tensor] = run_model,
+                optimizer: torch.optim.Optimizer = optimizer,
+            ) -> None:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     loss = F.cross_entropy(run_model(x), target)
                 optimizer.zero_grad(set_to_none=True)
@@ -142,9 +183,14 @@ def train_candidates(
             for _ in range(3):
                 step()
             synchronize(device)
-            peak_gib[label] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            peak_gib[label] = (
+                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            )
             candidates[label] = step
-            print(f"ready: {label} (first step {first_s[label]:.1f} s, peak {peak_gib[label]:.1f} GiB)", flush=True)
+            print(
+                f"ready: {label} (first step {first_s[label]:.1f} s, peak {peak_gib[label]:.1f} GiB)",
+                flush=True,
+            )
     return candidates, first_s, peak_gib
 
 
@@ -171,7 +217,7 @@ def infer_candidates(device: torch.device, batch: int) -> dict[str, Callable[[],
     return candidates
 
 
-def summary(times: dict[str, list[float]], batch: int) -> dict[str, dict[str, float]]:
+def summary(times: dict[str, list[float]], batch: int) -> dict[str, dict[str, Any]]:
     return {
         name: {
             "median_ms": statistics.median(ms),
@@ -190,7 +236,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="steps per round and candidate")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
-    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile candidates and check")
+    parser.add_argument(
+        "--no_compile", action="store_true", help="skip the torch.compile candidates and check"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -211,17 +259,27 @@ def main() -> None:
     compiles = (False,) if args.no_compile else (False, True)
     candidates, first_s, peak = train_candidates(device, args.batch_size, compiles)
     record.update(first_step_s=first_s, peak_gib=peak)
-    record["train"] = summary(interleaved(candidates, args.rounds, args.steps, device), args.batch_size)
+    record["train"] = summary(
+        interleaved(candidates, args.rounds, args.steps, device), args.batch_size
+    )
     save()
     del candidates
-    infer = interleaved(infer_candidates(device, args.infer_batch_size), args.rounds, args.steps, device)
+    infer = interleaved(
+        infer_candidates(device, args.infer_batch_size), args.rounds, args.steps, device
+    )
     record["infer"] = summary(infer, args.infer_batch_size)
     save()
     if not args.no_compile:
         try:
             record["checks"].append(compiled_check(device))
         except Exception as e:  # reported with the other checks rather than losing the tables
-            record["checks"].append((f"optimize_for_inference(compile=True) failed: {type(e).__name__}: {e}"[:300], float("nan"), 1e-4))
+            record["checks"].append(
+                (
+                    f"optimize_for_inference(compile=True) failed: {type(e).__name__}: {e}"[:300],
+                    float("nan"),
+                    1e-4,
+                )
+            )
         save()
     report(record, args.batch_size, args.infer_batch_size)
 
@@ -232,7 +290,9 @@ def report(record: dict, batch: int, infer_batch: int) -> None:
         print(f"| {name} | {value:.2e} | {bound:.1e} {'ok' if value < bound else 'FAILED'} |")
     train, first_s, peak = record["train"], record["first_step_s"], record["peak_gib"]
     print(f"\nTraining, batch {batch}, 224x224, on {record['machine'].get('accelerator', 'cpu')}")
-    print("| candidate | median ms/step | best | img/s (median) | first step s | peak GiB | vs timm, same settings |")
+    print(
+        "| candidate | median ms/step | best | img/s (median) | first step s | peak GiB | vs timm, same settings |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in train.items():
         peer = train[name.replace("res2net", "timm")]
@@ -245,7 +305,9 @@ def report(record: dict, batch: int, infer_batch: int) -> None:
     print("| candidate | median ms | img/s | vs timm |\n|---|---:|---:|---:|")
     base = infer["timm infer, bf16 + channels_last"]["median_ms"]
     for name, r in infer.items():
-        print(f"| {name} | {r['median_ms']:.1f} | {r['img_s']:.0f} | {base / r['median_ms']:.2f}x |")
+        print(
+            f"| {name} | {r['median_ms']:.1f} | {r['img_s']:.0f} | {base / r['median_ms']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

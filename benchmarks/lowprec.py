@@ -28,10 +28,12 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # an empty cache: compile times are cold ones
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
@@ -64,8 +66,8 @@ def speed(args: argparse.Namespace) -> dict:
     randomize_bn(timm_model)
     ours = res2net.create_model(NAME).eval()
     ours.load_state_dict(timm_model.state_dict())
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         build_corpus(tmp / "photos", per_photo=4)
         images = calibration_batches(
             tmp / "photos", batch_size=args.batch_size, max_images=5 * args.batch_size
@@ -95,12 +97,8 @@ def speed(args: argparse.Namespace) -> dict:
         "onnxruntime int8 (timm ONNX, quantize_static)": lambda: torch.from_numpy(
             ort_int8.run(None, {"image": x_np})[0]
         ),
-        "res2net fp32": res2net.optimize_for_inference(ours).__call__,
-        "res2net int8": ours_int8.__call__,
-    }
-    candidates = {
-        name: (lambda f=f: f(x)) if name.startswith("res2net") else f
-        for name, f in candidates.items()
+        "res2net fp32": partial(res2net.optimize_for_inference(ours), x),
+        "res2net int8": partial(ours_int8, x),
     }
     if bf16 := res2net.lowprec.bf16_supported():
         bf16_model = res2net.optimize_for_inference(ours, precision="bf16")
@@ -196,8 +194,11 @@ def accuracy(args: argparse.Namespace) -> dict:
     from res2net.data import ImageFolderDataset, eval_transform
     from res2net.weights.loading import checkpoint_num_classes
 
+    num_classes = checkpoint_num_classes(args.ckpt)
+    if num_classes is None:
+        sys.exit(f"{args.ckpt}: no classifier in this checkpoint, so nothing to classify with")
     model = res2net.create_model(
-        args.model, num_classes=checkpoint_num_classes(args.ckpt), checkpoint_path=args.ckpt
+        args.model, num_classes=num_classes, checkpoint_path=args.ckpt
     ).eval()
     transform = eval_transform(args.image_size, crop_pct=args.crop_pct)
     val = ImageFolderDataset(args.data_dir, "val", transform=transform)

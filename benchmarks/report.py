@@ -35,7 +35,10 @@ def table(part: dict, baseline: str) -> str:
 
 
 def targets(result: dict) -> str:
-    lines = ["| ours | peer | speed-up, best rounds | speed-up, medians | target |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| ours | peer | speed-up, best rounds | speed-up, medians | target |",
+        "|---|---|---:|---:|---:|",
+    ]
     for part, ours, peer, target in TARGETS:
         c = result.get(part, {}).get("candidates", {})
         if ours not in c or peer not in c:
@@ -65,26 +68,37 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlim(0, max(values) * 1.12)
         ax.invert_yaxis()
         ax.set_xlabel("images / s (best round, higher is better)")
-        ax.set_title(f"Res2Net-50 {part}, batch {result['batch_size']}, {result['image_size']}px, fp32")
+        ax.set_title(
+            f"Res2Net-50 {part}, batch {result['batch_size']}, {result['image_size']}px, fp32"
+        )
     m = result["machine"]
-    fig.suptitle(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; gray: peers, orange: res2net", fontsize=9)
+    fig.suptitle(
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; gray: peers, orange: res2net",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("results", type=Path)
     parser.add_argument("--png", type=Path, help="write the bar chart here")
     args = parser.parse_args()
     result = json.loads(args.results.read_text())
     m = result["machine"]
-    print(f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
-          f"timm {result['timm']}, onnxruntime {result['onnxruntime']}; load average before/after "
-          f"{result['load_before'][0]:.2f}/{result['load_after'][0]:.2f}.")
-    print(f"fp32 GEMM rooflines: torch.mm 2048^3 {result['matmul_gflop_s']:.0f} GFLOP/s, the same product as a "
-          f"1x1 convolution (oneDNN, 1024^3) {result['conv_gemm_gflop_s']:.0f} GFLOP/s; "
-          f"{result['gflop_per_image']:.2f} GFLOP per image at {result['image_size']}px.")
+    print(
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
+        f"timm {result['timm']}, onnxruntime {result['onnxruntime']}; load average before/after "
+        f"{result['load_before'][0]:.2f}/{result['load_after'][0]:.2f}."
+    )
+    print(
+        f"fp32 GEMM rooflines: torch.mm 2048^3 {result['matmul_gflop_s']:.0f} GFLOP/s, the same product as a "
+        f"1x1 convolution (oneDNN, 1024^3) {result['conv_gemm_gflop_s']:.0f} GFLOP/s; "
+        f"{result['gflop_per_image']:.2f} GFLOP per image at {result['image_size']}px."
+    )
     print(f"Allocator settings: {result['allocator_env'] or 'defaults'}.\n")
     print(targets(result) + "\n")
     if "inference" in result:

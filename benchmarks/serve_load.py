@@ -56,6 +56,7 @@ def start_server(weights: Path, device: str, max_batch: int) -> tuple[subprocess
         "5",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()

@@ -267,8 +267,8 @@ def main() -> None:
             f"--timm_train {args.timm_train}: no such file (a copy of timm's repository train.py)"
         )
 
-    with tempfile.TemporaryDirectory(prefix="train-e2e-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="train-e2e-") as tmp_name:
+        tmp = Path(tmp_name)
         images = {
             "small": build_folder(tmp / "data-small", args.small),
             "large": build_folder(tmp / "data-large", args.large, args.large_copies),
