@@ -181,6 +181,38 @@ def test_missing_length_and_slow_clients_are_cut_off(server):
     assert request(server, "GET", "/health")[0] == 200  # still serving
 
 
+def test_idle_connections_are_capped_and_get_a_503(weights):
+    """Clients that open connections and send nothing hold a thread each until the socket
+    timeout: beyond `max_connections` the server answers 503 at once and starts no thread."""
+    classifier = load_classifier(model_name=f"local-dir:{weights}")
+    limits = ServeLimits(max_connections=2, socket_timeout_s=20.0)
+    srv = Server(("127.0.0.1", 0), classifier, limits=limits)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    host, port = srv.server_address[:2]
+    threads = threading.active_count()
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both accepted, each by its handler thread
+        for _ in range(10):
+            with socket.create_connection((host, port), timeout=10) as s:
+                head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503 ")
+                assert "too many open connections" in json.loads(body)["error"]
+        assert threading.active_count() <= threads + 2
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10  # the handler threads see the closed sockets and end
+    while time.monotonic() < deadline:
+        status, _ = request(srv, "GET", "/health")
+        if status == 200:
+            break
+        time.sleep(0.1)
+    assert status == 200
+    srv.shutdown()
+    srv.server_close()
+
+
 def test_batcher_refuses_beyond_its_queue():
     release = threading.Event()
     batcher = MicroBatcher(

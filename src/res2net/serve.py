@@ -17,14 +17,15 @@ Endpoints:
 Every request is untrusted: bodies need a `Content-Length` and are capped (`max_body_bytes`),
 batches are capped (`max_batch_images`), images are decoded by the project's `decode_image`
 (allowed formats only, `max_pixels` read from the header before decoding), sockets time out,
-concurrent requests and queued images are bounded (503 beyond), and every failure is a JSON
-error with a 4xx/5xx status, never a traceback.
+open connections (one thread each), concurrent requests and queued images are bounded (503
+beyond), and every failure is a JSON error with a 4xx/5xx status, never a traceback.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
@@ -58,6 +59,7 @@ class ServeLimits:
     max_pixels: int = 40_000_000
     max_topk: int = 20
     max_concurrent: int = 64  # requests being handled; more get 503
+    max_connections: int = 256  # open connections, one thread each; more get 503 and are closed
     max_queue: int = 256  # images waiting for the model; more get 503
     socket_timeout_s: float = 30.0
     result_timeout_s: float = 60.0
@@ -233,6 +235,13 @@ SECURITY_HEADERS = {
 }
 
 
+_TOO_MANY = json.dumps({"error": "too many open connections; retry shortly"}).encode()
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_MANY), _TOO_MANY)
+)
+
+
 class Server(ThreadingHTTPServer):
     """The HTTP server, holding the classifier, the batcher, the limits and the metrics."""
 
@@ -257,7 +266,31 @@ class Server(ThreadingHTTPServer):
         )
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
+        self.connections = threading.BoundedSemaphore(self.limits.max_connections)
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, while fewer than `max_connections` are open; beyond,
+        a 503 and the connection closed at once, so that clients holding idle connections
+        cannot make the server start threads without bound."""
+        if not self.connections.acquire(blocking=False):
+            self.metrics.record(int(HTTPStatus.SERVICE_UNAVAILABLE), None)
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(TOO_MANY_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else will give the slot back
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
     def server_close(self) -> None:
         super().server_close()
