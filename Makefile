@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@$(BIN)/res2net demo
 
-# Lint and type-check src/ (settings in pyproject.toml); `make test` stops here on the first finding.
+# Lint and type-check src/ and benchmarks/ (settings in pyproject.toml); `make test` stops here on the first finding.
 lint: $(STAMP)
 	@$(BIN)/ruff check src benchmarks
 	@$(BIN)/ruff format --check --quiet src benchmarks

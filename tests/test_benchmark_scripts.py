@@ -58,3 +58,13 @@ def test_train_e2e_large_folder_holds_each_image_copies_times(scripts, tmp_path)
     files = sorted((tmp_path / "data" / "train").glob("*/*.jpg"))
     assert len(files) == 27 and len(list((tmp_path / "data" / "val").glob("*/*.jpg"))) == 9
     assert files[0].read_bytes() == files[1].read_bytes()  # the same image, linked
+
+
+def test_train_e2e_timm_flags_match_the_variant(scripts, tmp_path):
+    _, train_e2e = scripts
+    args = argparse.Namespace(batch_size=128, workers=15, bf16=True, timm_train=Path("train.py"))
+    argv = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9, compile=True)
+    assert argv[-5:] == ["--amp", "--amp-dtype", "bfloat16", "--channels-last", "--torchcompile"]
+    args.bf16 = False
+    plain = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9)
+    assert not {"--amp", "--channels-last", "--torchcompile"} & set(plain)
