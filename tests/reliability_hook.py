@@ -70,8 +70,8 @@ def main() -> int:
     real_update = progress.StepReporter.update
     hang_rank, _, hang_step = os.environ.get("RELIABILITY_HANG", "").partition(":")
 
-    def update(self, step, *args):
-        real_update(self, step, *args)
+    def update(self, step, *args, **kwargs):
+        real_update(self, step, *args, **kwargs)
         event("step", str(step))
         if hang_step and os.environ.get("RANK") == hang_rank and step == int(hang_step):
             event("hang")

@@ -318,6 +318,9 @@ def test_normalized_float_is_todtype_then_normalize():
     torch.testing.assert_close(out, reference(image), rtol=1e-6, atol=1e-6)
     as_float = v2.functional.to_dtype(image, torch.float32, scale=True)
     torch.testing.assert_close(step(as_float), reference(image), rtol=1e-5, atol=1e-5)
+    gray = image[:1]  # one channel, three means: broadcast as torchvision does
+    torch.testing.assert_close(step(gray), reference(gray), rtol=1e-6, atol=1e-6)
+    assert eval_transform(16, crop_pct=1.0)(Image.new("L", (20, 20))).shape == (3, 16, 16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ HOOK = """
 import os, signal, sys
 from res2net.engine import progress
 real = progress.StepReporter.update
-def update(self, step, *args):
-    real(self, step, *args)
+def update(self, step, *args, **kwargs):
+    real(self, step, *args, **kwargs)
     if os.environ.get("RANK") == "1" and step == 1 and os.environ.get("STOP_AT_STEP_1"):
         os.kill(os.getpid(), signal.SIGTERM)  # one rank is stopped: all must stop together
 progress.StepReporter.update = update

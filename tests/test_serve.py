@@ -2,6 +2,7 @@
 on hostile requests, a clean stop on SIGTERM, and the web page in a real headless Chromium."""
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -181,36 +182,77 @@ def test_missing_length_and_slow_clients_are_cut_off(server):
     assert request(server, "GET", "/health")[0] == 200  # still serving
 
 
-def test_idle_connections_are_capped_and_get_a_503(weights):
-    """Clients that open connections and send nothing hold a thread each until the socket
-    timeout: beyond `max_connections` the server answers 503 at once and starts no thread."""
+@contextlib.contextmanager
+def serving(weights, **limits):
+    """A server with these `ServeLimits`, polling often (deadlines are checked between polls)."""
     classifier = load_classifier(model_name=f"local-dir:{weights}")
-    limits = ServeLimits(max_connections=2, socket_timeout_s=20.0)
-    srv = Server(("127.0.0.1", 0), classifier, limits=limits)
+    srv = Server(("127.0.0.1", 0), classifier, limits=ServeLimits(**limits))
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    host, port = srv.server_address[:2]
-    threads = threading.active_count()
-    idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]
     try:
-        time.sleep(0.3)  # both accepted, each by its handler thread
-        for _ in range(10):
-            with socket.create_connection((host, port), timeout=10) as s:
-                head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 503 ")
-                assert "too many open connections" in json.loads(body)["error"]
-        assert threading.active_count() <= threads + 2
+        yield srv
     finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_connections_beyond_the_cap_wait_and_start_no_thread(weights):
+    """Idle clients hold a thread each until their head deadline: beyond `max_connections`
+    the server accepts nothing more, so later clients wait (they are not refused or reset)."""
+    with serving(weights, max_connections=2, head_timeout_s=30) as srv:
+        threads = threading.active_count()
+        idle = [socket.create_connection(srv.server_address[:2], timeout=10) for _ in range(2)]
+        time.sleep(0.3)  # both accepted, each by its handler thread
+        waiting = socket.create_connection(srv.server_address[:2], timeout=0.5)
+        waiting.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            waiting.recv(100)  # not accepted while both slots are held
+        assert threading.active_count() <= threads + 2
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 10  # the handler threads see the closed sockets and end
-    while time.monotonic() < deadline:
-        status, _ = request(srv, "GET", "/health")
-        if status == 200:
-            break
-        time.sleep(0.1)
-    assert status == 200
-    srv.shutdown()
-    srv.server_close()
+        waiting.settimeout(10)
+        assert waiting.recv(100).startswith(b"HTTP/1.1 200 ")
+        waiting.close()
+
+
+def test_a_trickling_head_or_body_is_cut_at_its_deadline(weights):
+    """A socket timeout bounds each read; a client sending a byte at a time stays inside it.
+    The head must arrive within `head_timeout_s`, a body at `min_upload_bytes_per_s`."""
+    limits = dict(max_connections=1, socket_timeout_s=1.0, head_timeout_s=1.0)
+    with serving(weights, **limits, min_upload_bytes_per_s=1000) as srv:
+        host, port = srv.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\n")
+            start = time.monotonic()
+            with ThreadPoolExecutor(1) as pool:  # another client, waiting for the one slot
+                other = pool.submit(lambda: (request(srv, "GET", "/health")[0], time.monotonic()))
+                with contextlib.suppress(OSError):
+                    while time.monotonic() - start < 6:
+                        slow.sendall(b"X-a: b\r\n")  # never the blank line ending the head
+                        time.sleep(0.3)
+                status, answered = other.result()
+            assert status == 200 and answered - start < 4  # served while the trickle went on
+        with socket.create_connection((host, port), timeout=10) as slow:
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")
+            start = time.monotonic()
+            answer = b""
+            with contextlib.suppress(OSError):
+                while time.monotonic() - start < 8 and not answer:
+                    slow.sendall(b"x" * 50)  # 167 bytes/s: under the 1000 asked for
+                    time.sleep(0.3)
+                    slow.settimeout(0.01)
+                    with contextlib.suppress(TimeoutError):
+                        answer = slow.recv(4096)
+            assert b" 408 " in answer.split(b"\r\n")[0] and time.monotonic() - start < 6
+            assert b"1000 bytes/s" in answer
+
+
+def test_a_large_upload_waiting_for_a_slot_is_answered_not_reset(weights):
+    with serving(weights, max_connections=1, head_timeout_s=1.0) as srv:
+        idle = socket.create_connection(srv.server_address[:2], timeout=10)  # holds the slot
+        time.sleep(0.3)
+        status, answer = request(srv, "POST", "/predict", body=b"\0" * 3_000_000)
+        assert status == 415 and "image" in answer["error"]  # served once the idle one was cut
+        idle.close()
 
 
 def test_batcher_refuses_beyond_its_queue():

@@ -17,8 +17,10 @@ Endpoints:
 Every request is untrusted: bodies need a `Content-Length` and are capped (`max_body_bytes`),
 batches are capped (`max_batch_images`), images are decoded by the project's `decode_image`
 (allowed formats only, `max_pixels` read from the header before decoding), sockets time out,
-open connections (one thread each), concurrent requests and queued images are bounded (503
-beyond), and every failure is a JSON error with a 4xx/5xx status, never a traceback.
+requests must arrive in bounded time (the head within `head_timeout_s`, a body at a minimum
+rate), open connections are bounded (one thread each; more wait to be accepted), concurrent
+requests and queued images are bounded (503 beyond), and every failure is a JSON error with a
+4xx/5xx status, never a traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import io
 import json
 import logging
 import queue
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -59,7 +63,9 @@ class ServeLimits:
     max_pixels: int = 40_000_000
     max_topk: int = 20
     max_concurrent: int = 64  # requests being handled; more get 503
-    max_connections: int = 256  # open connections, one thread each; more get 503 and are closed
+    max_connections: int = 256  # open connections, one thread each; more wait to be accepted
+    head_timeout_s: float = 30.0  # the request line and headers, in all
+    min_upload_bytes_per_s: float = 100_000  # a body's average rate, after socket_timeout_s
     max_queue: int = 256  # images waiting for the model; more get 503
     socket_timeout_s: float = 30.0
     result_timeout_s: float = 60.0
@@ -235,17 +241,11 @@ SECURITY_HEADERS = {
 }
 
 
-_TOO_MANY = json.dumps({"error": "too many open connections; retry shortly"}).encode()
-TOO_MANY_CONNECTIONS = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_MANY), _TOO_MANY)
-)
-
-
 class Server(ThreadingHTTPServer):
     """The HTTP server, holding the classifier, the batcher, the limits and the metrics."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections waiting for a slot
 
     def __init__(
         self,
@@ -267,30 +267,66 @@ class Server(ThreadingHTTPServer):
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         self.connections = threading.BoundedSemaphore(self.limits.max_connections)
+        self.lock = threading.Lock()
+        self.open: set[Any] = set()  # accepted connections, each holding one of `connections`
+        self.deadlines: dict[Any, float] = {}  # connection -> when its request must be in
         super().__init__(address, Handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """A thread for the connection, while fewer than `max_connections` are open; beyond,
-        a 503 and the connection closed at once, so that clients holding idle connections
-        cannot make the server start threads without bound."""
-        if not self.connections.acquire(blocking=False):
-            self.metrics.record(int(HTTPStatus.SERVICE_UNAVAILABLE), None)
-            with contextlib.suppress(OSError):
-                request.settimeout(1.0)
-                request.sendall(TOO_MANY_CONNECTIONS)
-            self.shutdown_request(request)
-            return
+    def get_request(self) -> tuple[Any, Any]:
+        """Accepts a connection while fewer than `max_connections` are open. At the cap the
+        connection waits in the listen backlog until one closes: clients wait rather than being
+        refused, and idle ones cannot make the server start threads without bound."""
+        if not self.connections.acquire(timeout=0.05):
+            raise OSError("max_connections are open")  # socketserver: nothing accepted this round
         try:
-            super().process_request(request, client_address)
-        except BaseException:  # no thread started: nothing else will give the slot back
+            request, address = super().get_request()
+        except BaseException:
             self.connections.release()
             raise
+        with self.lock:
+            self.open.add(request)
+        return request, address
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
+    def shutdown_request(self, request: Any) -> None:
+        """Closes a connection and gives its slot back, once, whichever path closes it."""
+        super().shutdown_request(request)
+        with self.lock:
+            held = request in self.open
+            self.open.discard(request)
+            self.deadlines.pop(request, None)
+        if held:
             self.connections.release()
+
+    def read_by(self, request: Any, deadline: float | None) -> None:
+        """The `time.monotonic()` by which what the connection is sending must have arrived
+        (None: not reading)."""
+        with self.lock:
+            if deadline is None:
+                self.deadlines.pop(request, None)
+            else:
+                self.deadlines[request] = deadline
+
+    def service_actions(self) -> None:
+        """Between polls of `serve_forever`: a connection past its deadline has its reading side
+        shut, and its handler sees the input end. A socket timeout alone bounds each read, not
+        a request: a client sending a byte every few seconds would hold its thread for hours."""
+        now = time.monotonic()
+        with self.lock:
+            late = [request for request, deadline in self.deadlines.items() if deadline < now]
+            for request in late:
+                del self.deadlines[request]
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RD)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed: a client gone while it was answered is a debug line, any
+        other error is logged with its traceback (socketserver would print it to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("%s: connection lost (%s)", client_address, error)
+        else:
+            log.exception("connection from %s failed", client_address)
 
     def server_close(self) -> None:
         super().server_close()
@@ -314,6 +350,20 @@ class Handler(BaseHTTPRequestHandler):
         # every read and write of the socket (what the base class does with a `timeout` class
         # attribute, here per server)
         self.connection.settimeout(self.server.limits.socket_timeout_s)
+
+    def handle_one_request(self) -> None:
+        # the request line and headers (an idle keep-alive connection's wait included) within
+        # head_timeout_s in all; `parse_request` ends it, `_read_body` sets the body's
+        self.server.read_by(self.connection, time.monotonic() + self.server.limits.head_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.read_by(self.connection, None)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self.server.read_by(self.connection, None)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -424,13 +474,25 @@ class Handler(BaseHTTPRequestHandler):
             )
         if n == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "empty body: POST an image file")
+        limits = self.server.limits
+        allowed = limits.socket_timeout_s + n / limits.min_upload_bytes_per_s
+        deadline = time.monotonic() + allowed
+        self.server.read_by(self.connection, deadline)  # `Server.service_actions` enforces it
         try:
             body = self.rfile.read(n)
         except TimeoutError:
             raise RequestError(
                 HTTPStatus.REQUEST_TIMEOUT,
-                f"the body did not arrive within {self.server.limits.socket_timeout_s:g} s",
+                f"the body did not arrive within {limits.socket_timeout_s:g} s",
             ) from None
+        finally:
+            self.server.read_by(self.connection, None)
+        if len(body) < n and time.monotonic() >= deadline:
+            raise RequestError(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body did not arrive within {allowed:.0f} s (a body must arrive at "
+                f"{limits.min_upload_bytes_per_s:g} bytes/s after {limits.socket_timeout_s:g} s)",
+            )
         if len(body) < n:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
         return body

@@ -69,7 +69,8 @@ class NormalizedFloat(v2.Transform):
     image, 7% of a sample read from raw-pixel shards), and contiguous whatever the input's
     strides (`ToImage` gives a PIL image's pixels as an HWC-strided view)."""
 
-    _transformed_types = (tv_tensors.Image,)
+    # images, and a plain tensor taken as the image (torchvision's rule, as in `Normalize`)
+    _transformed_types = (tv_tensors.Image, v2.functional.is_pure_tensor)
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -81,7 +82,12 @@ class NormalizedFloat(v2.Transform):
             pixels = inpt.to(torch.float32, memory_format=torch.contiguous_format)
         else:  # other integer or float ranges, through torchvision's scaling
             pixels = v2.functional.to_dtype(inpt, torch.float32, scale=True).mul(255).contiguous()
-        return tv_tensors.wrap(pixels.mul_(self.scale).add_(self.shift), like=inpt)
+        scale, shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
+        if pixels.shape[-3] == scale.shape[0]:
+            normalized = pixels.mul_(scale).add_(shift)
+        else:  # e.g. one channel and three means: broadcast to three channels, as Normalize does
+            normalized = pixels * scale + shift
+        return tv_tensors.wrap(normalized, like=inpt)
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:

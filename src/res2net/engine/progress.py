@@ -97,11 +97,6 @@ class StepReporter:
                 run_eta,
             )
 
-    def wait_share(self) -> float:
-        """The share of this epoch's time (since this reporter started) spent waiting for
-        input: near 0 when the loader keeps up, near 1 when it is the bottleneck."""
-        return (self.waited or 0.0) / max(1e-9, time.perf_counter() - self.t0)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -653,20 +653,19 @@ def train_one_epoch(
         if (at_log or step == steps - 1) and last_loss is not None:
             finite.check()  # the host syncs: at log intervals and at the end of the epoch
             loss_value = last_loss.item()
+            if at_log:
+                metrics.write(
+                    {
+                        "kind": "step",
+                        "epoch": epoch + 1,
+                        "global_step": state.global_step,
+                        "loss": loss_value,
+                        "lr": lr,
+                    }
+                )
         reporter.update(
             state.batch_in_epoch, trained * dist.world_size, loss_value, lr, data_wait=data_wait
         )
-        if at_log and loss_value is not None:
-            metrics.write(
-                {
-                    "kind": "step",
-                    "epoch": epoch + 1,
-                    "global_step": state.global_step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "data_wait": reporter.wait_share(),
-                }
-            )
         if _agreed_stop(stop.requested, dist, device):
             interrupted = True
             break
