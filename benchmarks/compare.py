@@ -72,6 +72,19 @@ def ort_session(path: Path) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def export_timm_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """timm's model as ONNX with a dynamic batch, by torch's dynamo exporter: the peer file."""
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        dynamo=True,
+        input_names=["image"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+        verbose=False,
+    )
+
+
 def summarize(
     times: dict[str, list[float]], batch: int, flops_per_step: float, roofline: float
 ) -> dict[str, dict]:
@@ -109,15 +122,7 @@ def bench_inference(
 
     export_s: dict[str, float] = {}
     start = time.perf_counter()
-    torch.onnx.export(
-        timm_model,
-        (x,),
-        str(tmp / "timm.onnx"),
-        dynamo=True,
-        input_names=["image"],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-        verbose=False,
-    )
+    export_timm_onnx(timm_model, x, tmp / "timm.onnx")
     export_s["onnxruntime (timm ONNX)"] = time.perf_counter() - start
     start = time.perf_counter()
     export_onnx(ours, tmp / "res2net.onnx", image_size=x.shape[-1])

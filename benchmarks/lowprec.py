@@ -41,7 +41,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # an empty cache: compile times
 import onnxruntime
 import timm
 import torch
-from compare import ort_session, randomize_bn
+from compare import export_timm_onnx, ort_session, randomize_bn
 from data_pipeline import build_corpus
 
 import res2net
@@ -73,15 +73,7 @@ def speed(args: argparse.Namespace) -> dict:
             tmp / "photos", batch_size=args.batch_size, max_images=5 * args.batch_size
         )
         x, calibration = images[0], images[1:5]
-        torch.onnx.export(
-            timm_model,
-            (x,),
-            str(tmp / "timm.onnx"),
-            dynamo=True,
-            input_names=["image"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-            verbose=False,
-        )
+        export_timm_onnx(timm_model, x, tmp / "timm.onnx")
         start = time.perf_counter()
         quantize_onnx(tmp / "timm.onnx", tmp / "timm-int8.onnx", calibration)
         setup_s = {"onnxruntime int8 quantize_static": time.perf_counter() - start}
