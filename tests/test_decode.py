@@ -5,6 +5,8 @@ every image mode, and bad images handled as by `load_image`."""
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from res2net.config import Config
 from res2net.data import DataError, ImageFolderDataset, load_image, train_transform, write_digits_folder
 from res2net.data import decode
 from res2net.data.decode import DecodeRandomResizedCrop, _scale_box
-from res2net.data.folders import EncodedImage, image_for, read_file
+from res2net.data.folders import EncodedImage, decode_image, image_for, read_file
 from res2net.engine.distributed import DistInfo
 from res2net.engine.train import build_loaders
 
@@ -97,6 +99,54 @@ def test_exif_orientation_as_pil(tmp_path, size, orientation):
     got = DecodeRandomResizedCrop((64, 48), **whole)(encoded(path))
     assert got.shape == (3, 64, 48)
     assert levels(got, expected).float().mean() < (0.5 if size[0] < 500 else 2.5)
+
+
+def jpeg_bytes(**save_args) -> bytes:
+    """A 400x40 JPEG of noise, saved with `save_args` (exif=, xmp=)."""
+    out = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(out, "JPEG", quality=95, **save_args)
+    return out.getvalue()
+
+
+def orientation_in_xmp_only() -> bytes:
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    return jpeg_bytes(xmp=xmp)
+
+
+def exif_after_another_app1_segment() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = jpeg_bytes(exif=exif.tobytes())
+    payload = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+def orientation_as_big_endian_long() -> bytes:
+    ifd = struct.pack(">H", 1) + struct.pack(">HHII", 0x0112, 4, 1, 6) + struct.pack(">I", 0)
+    return jpeg_bytes(exif=b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd)
+
+
+@pytest.mark.parametrize(
+    "make", [orientation_in_xmp_only, exif_after_another_app1_segment, orientation_as_big_endian_long]
+)
+def test_orientation_is_the_one_pil_reads(make):
+    """torchvision's decoder finds the orientation in fewer places than PIL: the fast path
+    turns the pixels with the orientation PIL read, so both give the same upright image."""
+    data = make()
+    upright = decode_image(data, "x.jpg")
+    assert upright.size == (40, 400)
+    reference = v2.Compose([v2.RandomResizedCrop(32, antialias=True), v2.PILToTensor()])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = reference(upright)
+        torch.manual_seed(seed)
+        got = DecodeRandomResizedCrop(32)(EncodedImage(data, "x.jpg", None))
+        assert levels(got, expected).max() <= 1
 
 
 def test_every_mode_and_format_as_the_reference(bad_tree):

@@ -47,6 +47,8 @@ TENSOR_INTERPOLATIONS = (
 )
 _EXIF_ORIENTATION = 0x0112
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes at directly
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
+_FLIPS = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}  # dims, after any transpose
 
 
 class DecodeRandomResizedCrop(v2.RandomResizedCrop):
@@ -87,8 +89,8 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
     def _decode_crop(self, encoded: EncodedImage) -> tv_tensors.Image:
         im = open_image(encoded.data, encoded.name, encoded.max_pixels)
         width, height = im.size
-        rotated = _exif_orientation(im) in (5, 6, 7, 8)  # turned by 90 degrees
-        if rotated:
+        orientation = _exif_orientation(im)
+        if orientation in _TRANSPOSED:
             width, height = height, width
         box = self._box(height, width)
         pixels = _raw_rgb(im, encoded.data)
@@ -97,8 +99,8 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
                 im.draft("RGB", (im.width // reduction, im.height // reduction))
                 pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
                 box = _scale_box(box, reduction, pixels.shape[-2:])
-            elif decode_jpeg is not None:
-                pixels = _decode_jpeg(encoded.data)
+            elif decode_jpeg is not None and (stored := _decode_jpeg(encoded.data)) is not None:
+                pixels = _upright(stored, orientation)
         if pixels is None:  # other formats, or a JPEG torchvision cannot decode: PIL decides
             pixels = TF.pil_to_tensor(finish_image(im, encoded.name))
         return self._crop_resize(pixels, box)
@@ -140,17 +142,28 @@ def _raw_rgb(im: Image.Image, data: bytes) -> Tensor | None:
 
 
 def _decode_jpeg(data: bytes) -> Tensor | None:
-    """RGB pixels, upright per EXIF, by torchvision's libjpeg-turbo decoder (PIL's pixels);
-    None when it fails, so that PIL's decoder has the last word on whether the file is bad."""
+    """RGB pixels as stored, by torchvision's libjpeg-turbo decoder (PIL's pixels); None when
+    it fails, so that PIL's decoder has the last word on whether the file is bad. Not turned
+    upright here: torchvision reads the orientation from fewer places than PIL (not from XMP,
+    nor from an Exif segment after another APP1 one), so `_upright` applies PIL's."""
     with warnings.catch_warnings():
         # torchvision 0.29 announces that TorchCodec will take over its image decoders; until
         # then they serve, and PIL takes over where they are gone (see the import).
         warnings.simplefilter("ignore", DeprecationWarning)
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
-            return decode_jpeg(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            return decode_jpeg(buffer, mode=ImageReadMode.RGB)
         except RuntimeError:
             return None
+
+
+def _upright(pixels: Tensor, orientation: int) -> Tensor:
+    """CHW `pixels` as stored, turned upright for EXIF `orientation` as PIL's
+    `ImageOps.exif_transpose` turns an image (5-8: transposed, then flipped)."""
+    if orientation in _TRANSPOSED:
+        pixels = pixels.transpose(-2, -1)
+    flips = _FLIPS.get(orientation, ())
+    return pixels.flip(flips) if flips else pixels
 
 
 def _exif_orientation(im: Image.Image) -> int:
