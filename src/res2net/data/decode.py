@@ -48,7 +48,8 @@ TENSOR_INTERPOLATIONS = (
 _EXIF_ORIENTATION = 0x0112
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes at directly
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
-_FLIPS = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}  # dims, after any transpose
+# the dims each EXIF orientation flips, after the transpose of `_TRANSPOSED` ones
+_FLIPS = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}
 
 
 class DecodeRandomResizedCrop(v2.RandomResizedCrop):
