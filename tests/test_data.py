@@ -301,6 +301,24 @@ def test_mixup_cutmix_off_and_never_applied():
     assert torch.allclose(targets, expected)
 
 
+def test_an_image_file_is_read_within_a_bound(tmp_path):
+    import tracemalloc
+
+    from res2net.data.folders import MAX_IMAGE_BYTES
+
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.write(b"\xff\xd8\xff")
+        f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: a few kilobytes of disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=rf"huge.jpg' has {MAX_IMAGE_BYTES + 1} bytes, more than"):
+            load_image(huge)
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
+
+
 def test_normalized_float_is_todtype_then_normalize():
     from res2net.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NormalizedFloat
 

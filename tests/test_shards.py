@@ -5,8 +5,11 @@ every sample exactly once, URLs, bad images, interrupted writes and the `res2net
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
+import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -316,3 +319,66 @@ def test_cli_check_lists_problems(tmp_path, capsys):
     assert "2 problems found" in text
     assert cli("check", str(data), "--splits", "test") == 1
     assert "test: unusable" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile shards
+
+
+def tar_member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), kind
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def one_shard_split(root: Path, members: bytes, count: int) -> Path:
+    """`root/train`: one shard of these tar members, and an index that says `count` samples."""
+    split = root / "train"
+    split.mkdir(parents=True)
+    (split / "train-000000.tar").write_bytes(members + b"\0" * 1024)
+    shard = {"name": "train-000000.tar", "count": count, "bytes": len(members) + 1024}
+    index = {"format": "res2net-webdataset", "version": 1, "classes": ["a"], "shards": [shard]}
+    (split / "index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_a_huge_extended_tar_header_is_refused_at_once(tmp_path):
+    """tarfile reads a pax header whole, and parses it in quadratic time on Pythons without the
+    fix of CVE-2024-6232 (128 KB: about 10 s)."""
+    pax = tar_member("PaxHeader", b"1" * 128_000, tarfile.XHDTYPE)
+    root = one_shard_split(tmp_path, pax + tar_member("k.ppm", b"x"), count=1)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"train-000000.tar.*extended header of 128000 bytes"):
+        next(iter(ShardDataset(root, "train", training=False)))
+    assert time.monotonic() - start < 2
+
+
+def test_a_long_member_name_still_reads(tmp_path):
+    folder = make_folder(tmp_path / "data", splits=("train",))
+    long_dir = folder / "train" / "cat" / ("d" * 200)
+    long_dir.mkdir()
+    next(folder.glob("train/cat/*.png")).rename(long_dir / "img.png")  # a pax header per member
+    out = write_shards(folder, tmp_path / "out", splits=("train",))["train"]["dir"]
+    assert len(list(ShardDataset(out, None, training=False))) == 3 * PER_CLASS
+
+
+def test_an_absurd_sample_count_in_the_index_is_not_looped_over(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    sample = tar_member("k.png", png.getvalue()) + tar_member("k.cls", b"0")
+    root = one_shard_split(tmp_path, sample, count=10**12)
+    start = time.monotonic()
+    image, target = next(iter(ShardDataset(root, "train", training=False)))
+    assert image.size == (4, 4) and target == 0 and time.monotonic() - start < 5
+
+
+def test_the_writer_refuses_a_sample_the_reader_would(tmp_path):
+    from res2net.data.shards import MAX_SAMPLE_BYTES
+
+    folder = make_folder(tmp_path / "data", splits=("train",))
+    big = folder / "train" / "cat" / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(MAX_SAMPLE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(DataError, match=rf"big.png' has {MAX_SAMPLE_BYTES + 1} bytes; a shard sample"):
+        write_shards(folder, tmp_path / "out", splits=("train",))
+    assert not list((tmp_path / "out").rglob("*.tar"))  # nothing half-written is left

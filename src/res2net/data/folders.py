@@ -41,12 +41,14 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from ..guards import NotARegularFile, open_regular_file
+from ..guards import read_regular_file
 
 logger = logging.getLogger(__name__)
 
 # PIL's default `Image.MAX_IMAGE_PIXELS` (about 89.5 megapixels, a 9459 x 9459 image).
 DEFAULT_MAX_PIXELS = 89_478_485
+# An image file's bytes: room for DEFAULT_MAX_PIXELS of uncompressed RGBA (358 MB) and a header.
+MAX_IMAGE_BYTES = 512 << 20
 
 # Decoders tried on a file's content. Limited to raster formats so that a file named .jpg cannot
 # reach e.g. PIL's EPS plugin, which runs Ghostscript. (Camera MPO files open as JPEG.)
@@ -176,11 +178,12 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
 
 
 def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file; `DataError` naming it when it cannot be read."""
+    """The bytes of an image file; `DataError` naming it when it cannot be read, is not a
+    regular file (a named pipe or device) or holds more than MAX_IMAGE_BYTES (a sparse file
+    of any length takes a few kilobytes of disk)."""
     try:
-        with open_regular_file(path, "image") as f:  # a named pipe or device is refused
-            return f.read()
-    except NotARegularFile as e:
+        return read_regular_file(path, "image", max_bytes=MAX_IMAGE_BYTES)
+    except ValueError as e:  # NotARegularFile too
         raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e

@@ -49,6 +49,7 @@ learn the epoch).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import itertools
 import json
@@ -76,6 +77,7 @@ from .folders import (
     OnBadImage,
     decode_image,
     image_for,
+    read_file,
     substitute_image,
     visible_entries,
 )
@@ -98,6 +100,7 @@ MAX_INDEX_BYTES = 16 << 20
 MAX_SHARDS = 1 << 20
 MAX_CLASSES = 1 << 20
 MAX_SAMPLE_BYTES = 64 << 20  # all members of one sample together
+MAX_TAR_HEADER_BYTES = 8 << 10  # a pax or GNU long-name header: a name and a few fields
 # Shards are plain tar: compressed ones are refused (a small gzip member can expand to
 # gigabytes, and webdataset's `r|*` would decompress it without limit).
 _COMPRESSED = {
@@ -428,6 +431,10 @@ class _ShardSink:
 
     def abort(self) -> None:
         if self._writer is not None:
+            # the tar stream first: left open, it would write its end to a closed file when
+            # collected; a write that failed (disk full) may fail again, the file goes anyway
+            with contextlib.suppress(OSError):
+                self._writer.close()
             self._file.close()
             (self.split_dir / (self.shards[-1]["name"] + ".partial")).unlink(missing_ok=True)
             self._writer = self._file = None
@@ -539,10 +546,14 @@ def write_shards(
                 if key in keys:  # a.jpg next to a.png, or a.b.jpg next to a_b.jpg
                     key = next(f"{key}_{n}" for n in itertools.count(2) if f"{key}_{n}" not in keys)
                 keys.add(key)
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_file(path)
                 if max_size is not None:
                     ext, data = bounded_image(path, ext, data, max_size, raw=raw)
+                if len(data) + len(str(target)) > MAX_SAMPLE_BYTES:  # what a reader takes
+                    raise DataError(
+                        f"image '{path}' has {len(data)} bytes; a shard sample holds at most "
+                        f"{MAX_SAMPLE_BYTES}: shrink it, or write the shards with --max-size"
+                    )
                 sink.write(key, target, ext, data)
             shards = sink.close()
             if progress is not None:
@@ -689,6 +700,29 @@ class _Prefixed:
         return self.stream.read(size)
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar member whose extended header (pax, GNU long name) is refused beyond
+    MAX_TAR_HEADER_BYTES before tarfile reads it: tarfile reads such a header whole, and parses
+    a pax one in time quadratic in its size in Pythons before the fix of CVE-2024-6232."""
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.HeaderError(  # `_read_shard` names the shard
+                f"an extended header of {self.size} bytes (at most {MAX_TAR_HEADER_BYTES}); "
+                "not a shard `res2net data shard` writes"
+            )
+        return super()._proc_member(tar)  # type: ignore[misc]
+
+
+_EXTENDED_HEADERS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
 def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     """The regular members of an uncompressed tar stream as webdataset's `group_by_keys` wants
     them; DataError for a compressed shard or a sample larger than MAX_SAMPLE_BYTES."""
@@ -704,7 +738,9 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     # "r|": no decompression. The stream mode calls only read(), which is all _Prefixed has;
     # typeshed asks for the whole file interface.
     prefixed = _Prefixed(head, stream)
-    with tarfile.open(fileobj=prefixed, mode="r|") as tar:  # type: ignore[call-overload]
+    with tarfile.open(  # type: ignore[call-overload]
+        fileobj=prefixed, mode="r|", tarinfo=_BoundedTarInfo
+    ) as tar:
         for member in tar:
             if not member.isreg() or member.name.startswith("__"):
                 continue
@@ -914,10 +950,12 @@ class ShardDataset(IterableDataset):
         epoch, in order: logical worker w yields the rank's batches w, w + num_workers, ..."""
         b, steps = self.batch_size, self.num_batches
         first, _ = self._rank_span()
-        used = self.num_samples
-        sizes = [0] * num_workers
-        for k in range(steps):
-            sizes[k % num_workers] += min(b, used - k * b)
+        # batch k goes to worker k % num_workers; all are full but the last (counted, not
+        # looped over: an index may claim any number of samples)
+        sizes = [max(0, -(-(steps - w) // num_workers)) * b for w in range(num_workers)]
+        if steps:
+            last = steps - 1
+            sizes[last % num_workers] -= b - min(b, self.num_samples - last * b)
         begin = first + sum(sizes[:worker])
         return self._segments(begin, begin + sizes[worker])
 
