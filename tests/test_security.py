@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from res2net.cli.main import main as cli_main
 from res2net.config import ConfigError, load_config
-from res2net.data import DataError, ShardIndex, iter_shard_samples, load_image, write_shards
+from res2net.data import DataError, ShardDataset, ShardIndex, iter_shard_samples, load_image, write_shards
 from res2net.data import shards as shards_module
 from res2net.engine.checkpoint import CheckpointManager, deletable_checkpoint, load_training_state
 from res2net.guards import short
@@ -375,11 +375,16 @@ def test_compressed_shard_is_refused(tmp_path):
     one_line(str(info.value), shard, "gzip")
 
 
-def test_oversized_sample_is_refused(tmp_path, monkeypatch):
+def test_oversized_sample_is_a_bad_image_not_read(tmp_path, monkeypatch):
     root = _shard_folder(tmp_path)
     monkeypatch.setattr(shards_module, "MAX_SAMPLE_BYTES", 16)
-    with pytest.raises(DataError, match="holds more than 16 bytes"):
-        list(iter_shard_samples(root, "train"))
+    samples = list(iter_shard_samples(root, "train"))  # streamed past, never held
+    assert samples and all(s.data is None and s.problem == "holds more than 16 bytes" for s in samples)
+    assert [s.index for s in samples] == list(range(len(samples)))  # one sample each, in order
+    with pytest.raises(DataError, match=r"sample '.*' holds more than 16 bytes"):
+        next(iter(ShardDataset(root, "train", training=False)))
+    skipped = list(ShardDataset(root, "train", training=False, on_bad_image="skip"))
+    assert len(skipped) == len(samples) and not any(valid for _, _, valid, _ in skipped)
 
 
 def test_yaml_alias_bomb_answers_at_once(tmp_path):

@@ -260,7 +260,7 @@ def check_split(
                 raise DataError(f"classes not in the first split: {', '.join(unknown[:10])}")
             row["shards"] = len(index.names)
             counts: Counter[int] = Counter()
-            unlabelled: list[tuple[str, str]] = []
+            problems: list[tuple[str, str]] = []  # found without decoding
 
             def items() -> Iterator[tuple[str, Any]]:
                 for s in iter_shard_samples(data_dir, split):
@@ -268,11 +268,14 @@ def check_split(
                     try:
                         counts[int(s.cls)] += 1  # type: ignore[arg-type]
                     except (TypeError, ValueError):
-                        unlabelled.append((name, "no valid class label"))
+                        problems.append((name, "no valid class label"))
+                    if s.problem is not None:
+                        problems.append((name, s.problem))
+                        continue
                     yield name, s.data if s.data is not None else b""
 
             bad = list(_decode_errors(items(), workers, max_pixels))
-            row["bad"] = unlabelled + bad
+            row["bad"] = problems + bad
             present = {c for i, c in enumerate(classes) if counts.get(i, 0) > 0}
         else:
             dataset = ImageFolderDataset(

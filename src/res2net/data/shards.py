@@ -584,7 +584,8 @@ def write_shards(
 
 class ShardSample(NamedTuple):
     """One raw sample: its position in the split (index order), shard URL, key, label field and
-    image bytes (None when the sample has no image member)."""
+    image bytes (None when the sample has no image member, or is too large to read: `problem`
+    then says so)."""
 
     index: int  # type: ignore[assignment]  # a field may shadow tuple.index; typeshed objects
     shard: str
@@ -592,12 +593,17 @@ class ShardSample(NamedTuple):
     cls: bytes | None
     ext: str | None
     data: bytes | None
+    problem: str | None = None
 
 
 _META_FIELDS = ("cls", "json", "txt")
+_TOO_LARGE = "__too_large__"  # the field `_tar_files` puts in place of a sample's large members
 
 
 def _to_raw(index: int, url: str, sample: dict[str, Any]) -> ShardSample:
+    if _TOO_LARGE in sample:  # its members were skipped unread (see `_tar_files`)
+        problem = f"holds more than {MAX_SAMPLE_BYTES} bytes"
+        return ShardSample(index, url, sample["__key__"], sample.get("cls"), None, None, problem)
     image_fields = [k for k in sample if not k.startswith("__") and k not in _META_FIELDS]
     ext = image_fields[0] if image_fields else None
     return ShardSample(
@@ -725,7 +731,8 @@ _EXTENDED_HEADERS = (
 
 def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     """The regular members of an uncompressed tar stream as webdataset's `group_by_keys` wants
-    them; DataError for a compressed shard or a sample larger than MAX_SAMPLE_BYTES."""
+    them; DataError for a compressed shard. The members of a sample beyond MAX_SAMPLE_BYTES
+    are not read: the sample gets a `_TOO_LARGE` field instead, a bad image for the reader."""
     head = stream.read(8)
     for magic, kind in _COMPRESSED.items():
         if head.startswith(magic):
@@ -734,7 +741,7 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
                 "(re-run `res2net data shard`)"
             )
     base_plus_ext = _webdataset().tariterators.base_plus_ext
-    key, held = None, 0
+    key, held, too_large = None, 0, False
     # "r|": no decompression. The stream mode calls only read(), which is all _Prefixed has;
     # typeshed asks for the whole file interface.
     prefixed = _Prefixed(head, stream)
@@ -745,15 +752,17 @@ def _tar_files(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             if not member.isreg() or member.name.startswith("__"):
                 continue
             prefix, _ = base_plus_ext(member.name)
-            held = member.size + (held if prefix == key else 0)
+            if prefix != key:
+                held, too_large = 0, False
+            held += member.size
             key = prefix
-            if held > MAX_SAMPLE_BYTES:
-                raise DataError(
-                    f"shard '{url}': sample {short(prefix)} holds more than "
-                    f"{MAX_SAMPLE_BYTES} bytes"
-                )
-            data = tar.extractfile(member).read()
             tar.members = []  # a stream: forget members already read
+            if held > MAX_SAMPLE_BYTES:  # not read: tarfile streams past it to the next member
+                if not too_large:  # one mark per sample (a second would start a new sample)
+                    too_large = True
+                    yield {"fname": f"{prefix}.{_TOO_LARGE}", "data": held, "__url__": url}
+                continue
+            data = tar.extractfile(member).read()
             yield {"fname": member.name, "data": data, "__url__": url}
 
 
@@ -1012,6 +1021,8 @@ class ShardDataset(IterableDataset):
         name = f"{sample.shard}:{sample.key}"
         valid, target = True, 0
         try:
+            if sample.problem is not None:
+                raise DataError(f"sample '{name}' {sample.problem}")
             target = self._target(sample, name)
             if sample.data is None:
                 raise DataError(f"sample '{name}' has no image")
