@@ -382,3 +382,11 @@ def test_the_writer_refuses_a_sample_the_reader_would(tmp_path):
     with pytest.raises(DataError, match=rf"big.png' has {MAX_SAMPLE_BYTES + 1} bytes; a shard sample"):
         write_shards(folder, tmp_path / "out", splits=("train",))
     assert not list((tmp_path / "out").rglob("*.tar"))  # nothing half-written is left
+
+
+def test_check_lists_a_sample_too_large_to_read(shards, monkeypatch, capsys):
+    from res2net.data import shards as shards_module
+
+    monkeypatch.setattr(shards_module, "MAX_SAMPLE_BYTES", 64)  # every image here is larger
+    assert cli("check", str(shards), "--splits", "val", "--workers", "1") == 1
+    assert "holds more than 64 bytes" in capsys.readouterr().out
