@@ -4,6 +4,7 @@ last stage, a map that must land on a known spot, and `res2net cam` on scikit-im
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import res2net
 from res2net.cam import class_activation_map, denormalize, grad_cam, overlay, stage_names
 from res2net.cli import cam as cam_cli
 from res2net.data import eval_transform
@@ -160,3 +162,42 @@ def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
         cli(str(photos), "--model", "res2net50", "--method", "cam", "--layer", "layer2")
     with pytest.raises(FileNotFoundError):
         cli(str(tmp_path / "missing.jpg"), "--model", "res2net50")
+
+
+def test_cli_gives_same_named_images_their_own_figures(photos, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    shutil.copy(photos / "astronaut.jpg", tmp_path / "in" / "x.jpg")
+    shutil.copy(photos / "chelsea.png", tmp_path / "in" / "x.png")
+    torch.save(tiny_res2net(3).state_dict(), tmp_path / "tiny.pth")
+    args = ["--model", "res2net50", "--ckpt_path", str(tmp_path / "tiny.pth")]
+    with pytest.raises(ValueError):  # not a res2net50 checkpoint: refused, nothing written
+        cli(str(tmp_path / "in"), *args, "--out", str(tmp_path / "out"))
+    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    args = ["--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"), "--image_resize", "64"]
+    assert cli(str(tmp_path / "in"), *args, "--out", str(tmp_path / "out"), "--device", "cpu") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_cam.png", "x_cam_2.png"]
+
+
+def test_a_checkpoint_whose_classifier_does_not_load_is_refused(tmp_path, photos):
+    """Predicting with a freshly initialised classifier gives confident nonsense: refused."""
+    from res2net.inference import predict
+
+    state = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3).state_dict()
+    headless = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    torch.save(headless, tmp_path / "headless.pth")
+    with pytest.raises(ValueError, match="no classifier in this checkpoint"):
+        predict([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "headless.pth"))
+    torch.save({**state, "fc.weight": torch.zeros(5, 2048)}, tmp_path / "mixed.pth")  # bias: 3
+    with pytest.raises(ValueError, match="mixed.pth"):
+        predict([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "mixed.pth"))
+
+
+def test_a_model_folder_predicts_with_its_own_classes(tmp_path, photos):
+    from res2net.inference import predict
+
+    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
+    res2net.save_to_folder(model, tmp_path / "folder", arch="res2net50", classes=["cat", "dog", "eel"],
+                           eval_args={"image_resize": 64, "crop_pct": 1.0})
+    [(_, top)] = predict([str(photos / "chelsea.png")], f"local-dir:{tmp_path / 'folder'}", topk=5)
+    assert len(top) == 3 and {name for name, _ in top} == {"cat", "dog", "eel"}

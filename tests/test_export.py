@@ -105,3 +105,28 @@ def test_onnx_export_is_one_quiet_file_with_dynamic_size(tmp_path, capfd):
     (y,) = session.run(None, {"image": x.numpy()})
     with torch.no_grad():
         assert rel_err(torch.from_numpy(y), model(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_rejected_export_leaves_the_file_already_there(tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from res2net.export import export_program
+
+    out = tmp_path / f"model.{fmt}"
+    out.write_bytes(b"the previous good export")
+    export = export_onnx if fmt == "onnx" else export_program
+    with pytest.raises(RuntimeError, match="differ from PyTorch"):
+        export(tiny_res2net(), out, image_size=32, rtol=-1.0)  # every check fails
+    assert out.read_bytes() == b"the previous good export"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+    export(tiny_res2net(), out, image_size=32)
+    assert out.read_bytes() != b"the previous good export"
+
+
+def test_export_refuses_to_write_over_its_checkpoint(tmp_path):
+    ckpt = tmp_path / "w.pth"
+    torch.save(tiny_res2net().state_dict(), ckpt)
+    args = export_args(str(ckpt), "--format", "pt2", "--model", "res2net50", "--ckpt_path", str(ckpt))
+    with pytest.raises(ValueError, match="is the checkpoint to export"):
+        export_cmd.run(args, [])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .extras import require
+from .fileio import temporary_path
 
 FORMATS = ("onnx", "pt2")
 
@@ -104,6 +106,23 @@ def _quiet(verbose: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _replacing(path: Path, enabled: bool = True) -> Iterator[Path]:
+    """Where to write and check an export of `path`: a temporary file next to it, renamed over
+    `path` only when the block succeeds, so that a failed or rejected export leaves the file
+    already there intact. `enabled=False` (ONNX weights in a side file named after the model
+    file, which a rename would orphan) writes `path` itself."""
+    if not enabled:
+        yield path
+        return
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -131,25 +150,27 @@ def export_onnx(
     out_indices = getattr(model, "out_indices", None)
     output_names = ["logits"] if out_indices is None else [f"features{i}" for i in out_indices]
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    with torch.no_grad(), _quiet(verbose):
-        torch.onnx.export(
-            model,
-            (_example(model, 2, max(image_size, 64) if dynamic_size else image_size),),
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            input_names=["image"],
-            output_names=output_names,
-            dynamic_shapes=_dynamic_shapes(dynamic_size),
-            external_data=size >= ONNX_PROTO_LIMIT - (64 << 20),  # room for the graph itself
-            report=False,
-            verbose=verbose,
-        )
-        x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
-        want = _outputs(model(x))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = [torch.from_numpy(y) for y in session.run(None, {"image": x.float().cpu().numpy()})]
-    return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
+    external = size >= ONNX_PROTO_LIMIT - (64 << 20)  # room for the graph itself
+    with _replacing(path, enabled=not external) as target:
+        with torch.no_grad(), _quiet(verbose):
+            torch.onnx.export(
+                model,
+                (_example(model, 2, max(image_size, 64) if dynamic_size else image_size),),
+                str(target),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=output_names,
+                dynamic_shapes=_dynamic_shapes(dynamic_size),
+                external_data=external,
+                report=False,
+                verbose=verbose,
+            )
+            x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
+            want = _outputs(model(x))
+        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        got = [torch.from_numpy(y) for y in session.run(None, {"image": x.float().cpu().numpy()})]
+        return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
 
 
 def export_program(
@@ -166,15 +187,15 @@ def export_program(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _replacing(path) as target:
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
         shapes = _dynamic_shapes(dynamic_size)
         program = torch.export.export(model, (example,), dynamic_shapes=shapes)
-        torch.export.save(program, str(path))
+        torch.export.save(program, str(target))
         x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
         want = _outputs(model(x))
-        got = _outputs(torch.export.load(str(path)).module()(x))
-    return compare_outputs(path, x.shape[0], got, want, rtol)
+        got = _outputs(torch.export.load(str(target)).module()(x))
+        return compare_outputs(path, x.shape[0], got, want, rtol)
 
 
 def quantize_onnx(
@@ -235,10 +256,11 @@ def export_onnx_int8(
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.is_dir() else None) as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         export_onnx(model, fp32_path, image_size=image_size, opset=opset)
-        quantize_onnx(fp32_path, path, batches)
-    x = batches[0].float()
-    with torch.no_grad():
-        want = _outputs(model.eval()(x))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = [torch.from_numpy(y) for y in session.run(None, {"image": x.cpu().numpy()})]
-    return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
+        with _replacing(path) as target:
+            quantize_onnx(fp32_path, target, batches)
+            x = batches[0].float()
+            with torch.no_grad():
+                want = _outputs(model.eval()(x))
+            session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+            got = [torch.from_numpy(y) for y in session.run(None, {"image": x.cpu().numpy()})]
+            return compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)

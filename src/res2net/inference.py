@@ -17,6 +17,7 @@ from .factory import create_model
 from .guards import check_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
+from .models.base import Res2NetBase
 from .models.layers import res2_forward
 from .weights import torchfile
 from .weights.entry import (
@@ -114,6 +115,69 @@ def model_eval_transform(
     return resolve_eval_transform(flags=flags, checkpoint=checkpoint)
 
 
+def trained_model(
+    model_name: str, *, ckpt_path: str | None = None, pretrained: str | bool = False
+) -> Res2NetBase:
+    """The model to predict with, in eval mode: with the classifier of `ckpt_path` (which must
+    load whole: a classifier that does not fit the checkpoint's own shape is an error here, not
+    a freshly initialised one giving confident nonsense), the published weights', or a Hub
+    model's own (`hf-hub:`/`local-dir:` names, whose config is `model.hub_config`)."""
+    from .hub import is_hub_name
+    from .weights.loading import load_checkpoint
+
+    if is_hub_name(model_name):
+        if ckpt_path or pretrained:
+            raise ValueError(f"{model_name} brings its weights: drop --ckpt_path/--pretrained")
+        return create_model(model_name).eval()
+    if ckpt_path is None:
+        return create_model(model_name, pretrained=pretrained or False).eval()
+    num_classes = checkpoint_num_classes(ckpt_path)
+    if not num_classes:
+        raise ValueError(
+            f"{ckpt_path}: no classifier in this checkpoint, so nothing to predict classes with; "
+            "give a checkpoint of a whole classifier (a training checkpoint, or converted weights)"
+        )
+    model = create_model(model_name, num_classes=num_classes)
+    load_checkpoint(model, ckpt_path)  # strict, and no fresh classifier
+    return model.eval()
+
+
+def model_classes_and_transform(
+    model: Res2NetBase,
+    model_name: str,
+    *,
+    ckpt_path: str | None = None,
+    pretrained: str | bool = False,
+    classes: str | None = None,
+    image_resize: int | None = None,
+    crop_pct: float | None = None,
+) -> tuple[list[str], EvalTransform]:
+    """The class names and the eval transform of a `trained_model`: `classes` and the flags
+    when given, else what its weights carry (checkpoint, published entry, or Hub config)."""
+    hub_config = getattr(model, "hub_config", None)
+    if hub_config is not None:
+        from .hub import eval_args
+
+        stored = eval_args(hub_config)
+        flags = {k: v for k, v in (("image_resize", image_resize), ("crop_pct", crop_pct)) if v}
+        spec, where = resolve_eval_transform(
+            flags=flags, checkpoint=(EvalTransform.from_dict(stored, model_name), model_name)
+        )
+        labels = None if classes else hub_config.get("label_names")
+        names = labels or class_names(classes, model.num_classes)
+    else:
+        spec, where = model_eval_transform(
+            model_name,
+            ckpt_path=ckpt_path,
+            pretrained=pretrained,
+            image_resize=image_resize,
+            crop_pct=crop_pct,
+        )
+        names = class_names(classes, model.num_classes, ckpt_path)
+    log.info(describe_sources(spec, where))
+    return names, spec
+
+
 @torch.no_grad()
 def predict(
     images: list[str],
@@ -130,30 +194,24 @@ def predict(
     The transform is `model_eval_transform`'s: `image_resize`/`crop_pct` when given, else the
     weights' own."""
     files = find_images(images)
-    num_classes = (checkpoint_num_classes(ckpt_path) if ckpt_path else None) or 1000
-    spec, where = model_eval_transform(
+    model = trained_model(model_name, ckpt_path=ckpt_path, pretrained=pretrained)
+    if not ckpt_path and not pretrained and not hasattr(model, "hub_config"):
+        log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
+    names, spec = model_classes_and_transform(
+        model,
         model_name,
         ckpt_path=ckpt_path,
         pretrained=pretrained,
+        classes=classes,
         image_resize=image_resize,
         crop_pct=crop_pct,
     )
-    log.info(describe_sources(spec, where))
-    if not ckpt_path and not pretrained:
-        log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
-    model = create_model(
-        model_name,
-        num_classes=num_classes,
-        checkpoint_path=ckpt_path,
-        pretrained=pretrained or False,
-    ).eval()
-    names = class_names(classes, num_classes, ckpt_path)
     transform = spec.transform()
     out = []
     for path, _ in files:
         x = transform(load_image(path)).unsqueeze(0)
         probs = model(x).softmax(dim=1)[0]
-        p, idx = probs.topk(min(topk, num_classes))
+        p, idx = probs.topk(min(topk, len(names)))
         out.append((str(path), [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]))
     return out
 

@@ -590,7 +590,7 @@ def load_classifier(
     from .data import eval_transform
     from .factory import create_model
     from .hub import is_hub_name
-    from .inference import class_names
+    from .inference import class_names, trained_model
     from .weights.convert import DEFAULT_EVAL
     from .weights.loading import read_checkpoint, state_num_classes
 
@@ -614,7 +614,7 @@ def load_classifier(
         n = state_num_classes(state)
         if n is None:
             raise ValueError(f"{ckpt_path} has no classifier: serving needs one")
-        model = create_model(arch, num_classes=n, checkpoint_path=ckpt_path)
+        model = trained_model(arch, ckpt_path=ckpt_path)  # a classifier that fits, or an error
         if "eval" in metadata:
             settings.update(json.loads(metadata["eval"]))
         names = class_names(classes, n, ckpt_path)

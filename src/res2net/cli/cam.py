@@ -49,47 +49,45 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _num_classes(ckpt_path: str | None) -> int:
-    from ..weights.loading import checkpoint_num_classes
-
-    return (checkpoint_num_classes(ckpt_path) if ckpt_path else None) or 1000
+def _unused(path: Path, taken: set[Path]) -> Path:
+    """`path`, or `<stem>_2.png`, `_3`, ... when an earlier image of this run took that name
+    (x.png and x.jpg in one folder; a/x.png and b/x.png given as files)."""
+    candidate, n = path, 1
+    while candidate in taken:
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    taken.add(candidate)
+    return candidate
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
     from ..data import load_image
-    from ..factory import create_model
-    from ..inference import class_names, find_images, model_eval_transform
-    from ..weights.entry import describe_sources
+    from ..inference import find_images, model_classes_and_transform, trained_model
 
     if args.method == "cam" and args.layer is not None:
         raise ValueError(
             "--method cam uses the last stage only; drop --layer or use --method gradcam"
         )
     files = find_images(args.images)
-    num_classes = _num_classes(args.ckpt_path)
-    if not args.ckpt_path and not args.pretrained:
+    model = trained_model(args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained)
+    if not args.ckpt_path and not args.pretrained and not hasattr(model, "hub_config"):
         log.warning(
             "no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing"
         )
-    model = create_model(
-        args.model,
-        num_classes=num_classes,
-        checkpoint_path=args.ckpt_path,
-        pretrained=args.pretrained or False,
-    )
-    model = model.to(args.device).eval()
-    names = class_names(args.classes, num_classes, args.ckpt_path)
-    spec, where = model_eval_transform(
+    names, spec = model_classes_and_transform(
+        model,
         args.model,
         ckpt_path=args.ckpt_path,
         pretrained=args.pretrained,
+        classes=args.classes,
         image_resize=args.image_resize,
         crop_pct=args.crop_pct,
     )
-    log.info(describe_sources(spec, where))
+    model = model.to(args.device)
     transform = spec.transform()
     out_dir = Path(args.out)
+    taken: set[Path] = set()
     for path, rel in files:
         x = transform(load_image(path)).unsqueeze(0).to(args.device)
         if args.method == "cam":
@@ -99,12 +97,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             maps, logits = grad_cam(model, x, args.target_class, args.layer)
             layer = args.layer or "last stage"
         probs = logits.softmax(dim=1)[0]
-        p, idx = probs.topk(min(args.topk, num_classes))
+        p, idx = probs.topk(min(args.topk, len(names)))
         top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
         explained = args.target_class if args.target_class is not None else int(idx[0])
         title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
-        written = save_cam_figure(
-            out_dir / rel.parent / f"{rel.name}_cam.png", denormalize(x)[0], maps[0], top, title
-        )
+        target = _unused(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
+        written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
         print(written)
     return 0

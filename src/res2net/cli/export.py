@@ -4,6 +4,7 @@ checked against PyTorch at export time."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from torch import nn
 
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     if args.precision == "int8" and args.dynamic_size:
         raise ValueError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
+    if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
+        raise ValueError(f"{args.out} is the checkpoint to export: write the export elsewhere")
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path)
