@@ -153,3 +153,19 @@ def test_convert_cli_writes_a_hub_folder(trained, tmp_path, capsys):
     assert "| top1 | 12.5 |" in card and "```yaml\nmodel: res2net50_14w_8s\nlr: 0.1\n```" in card
     assert main(["convert", str(src), "--model", ARCH]) == 2
     assert "give either DST" in capsys.readouterr().err
+
+
+def test_a_folder_of_the_users_files_is_not_overwritten(trained, tmp_path):
+    model, folder = trained
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("MY NOTES")
+    (mine / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="already holds config.json, README.md and is not a model folder"):
+        res2net.save_to_folder(model, mine, arch=ARCH)
+    assert (mine / "README.md").read_text() == "MY NOTES" and sorted(p.name for p in mine.iterdir()) == [
+        "README.md", "config.json"]
+    again = tmp_path / "again"
+    shutil.copytree(folder, again)
+    res2net.save_to_folder(model, again, arch=ARCH, classes=list("vwxyz"))  # ours: replaced
+    assert read_config(again)["label_names"] == list("vwxyz")

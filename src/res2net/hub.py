@@ -154,8 +154,11 @@ def save_to_folder(
     source: str = "res2net",
     datasets: Sequence[str] = (),
 ) -> Path:
-    """Write `model` as `model.safetensors` + `config.json` + `README.md` into `folder`."""
+    """Write `model` as `model.safetensors` + `config.json` + `README.md` into `folder`: a new
+    or empty folder, or one this function wrote before (its files are replaced); any other
+    folder holding one of those names is refused, so that nothing of the user's is overwritten."""
     folder = Path(folder)
+    _check_replaceable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     num_classes = int(getattr(model, "num_classes", 0))
     if num_classes <= 0:
@@ -184,6 +187,26 @@ def save_to_folder(
     )
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """ValueError when `folder` holds a file `save_to_folder` would write and is not a model
+    folder it wrote (whose `model.safetensors` names its architecture)."""
+    names = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+    present = [n for n in names if (folder / n).exists()]
+    if not present:
+        return
+    from .weights.loading import read_metadata
+
+    try:
+        ours = "arch" in read_metadata(folder / WEIGHTS_NAME)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"{folder} already holds {', '.join(present)} and is not a model folder this package "
+            "wrote: choose a new or empty folder, so that nothing there is overwritten"
+        )
 
 
 def push_to_hub(
