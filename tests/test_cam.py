@@ -201,3 +201,21 @@ def test_a_model_folder_predicts_with_its_own_classes(tmp_path, photos):
                            eval_args={"image_resize": 64, "crop_pct": 1.0})
     [(_, top)] = predict([str(photos / "chelsea.png")], f"local-dir:{tmp_path / 'folder'}", topk=5)
     assert len(top) == 3 and {name for name, _ in top} == {"cat", "dog", "eel"}
+
+
+def test_predict_cli_goes_on_past_an_unreadable_image(tmp_path, photos, capsys):
+    from res2net.cli.main import main
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(photos / "chelsea.png", tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "b.png").write_bytes(b"")  # unreadable
+    shutil.copy(photos / "astronaut.jpg", tmp_path / "in" / "c\nfake 99.00%  line.jpg")
+    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    code = main(["predict", str(tmp_path / "in"), "--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"),
+                 "--image_resize", "64", "--topk", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "b.png" in err and "skipped" in err and "1 of 3 images could not be read" in err
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[0].endswith("a.png") and "c\\nfake" in lines[2]  # escaped name

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .data import load_image
+from .data import DataError, load_image
 from .factory import create_model
 from .guards import check_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
@@ -178,8 +179,15 @@ def model_classes_and_transform(
     return names, spec
 
 
-@torch.no_grad()
-def predict(
+class Prediction(NamedTuple):
+    """The top classes of one image file, or why it could not be read (`top` then empty)."""
+
+    image: str
+    top: list[tuple[str, float]]
+    error: str | None = None
+
+
+def iter_predictions(
     images: list[str],
     model_name: str,
     *,
@@ -189,11 +197,13 @@ def predict(
     topk: int = 5,
     image_resize: int | None = None,
     crop_pct: float | None = None,
-) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Top-`topk` (class name, probability) for each image file (and each image in folders).
-    The transform is `model_eval_transform`'s: `image_resize`/`crop_pct` when given, else the
-    weights' own."""
+) -> Iterator[Prediction]:
+    """Top-`topk` (class name, probability) of each image file (and each image in folders), one
+    at a time. An image found in a folder that cannot be read gives its error instead, and the
+    rest go on; an image file named in `images` is a `DataError`. The transform is
+    `model_eval_transform`'s: `image_resize`/`crop_pct` when given, else the weights' own."""
     files = find_images(images)
+    named = {Path(image) for image in images}
     model = trained_model(model_name, ckpt_path=ckpt_path, pretrained=pretrained)
     if not ckpt_path and not pretrained and not hasattr(model, "hub_config"):
         log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
@@ -207,12 +217,33 @@ def predict(
         crop_pct=crop_pct,
     )
     transform = spec.transform()
-    out = []
     for path, _ in files:
-        x = transform(load_image(path)).unsqueeze(0)
-        probs = model(x).softmax(dim=1)[0]
+        try:
+            image = load_image(path)
+        except DataError as e:
+            if path in named:
+                raise
+            yield Prediction(str(path), [], str(e))
+            continue
+        with torch.no_grad():
+            probs = model(transform(image).unsqueeze(0)).softmax(dim=1)[0]
         p, idx = probs.topk(min(topk, len(names)))
-        out.append((str(path), [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]))
+        top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
+        yield Prediction(str(path), top)
+
+
+def predict(
+    images: list[str],
+    model_name: str,
+    **kwargs: Any,
+) -> list[tuple[str, list[tuple[str, float]]]]:
+    """`iter_predictions` as a list of (image, top); `DataError` for the first image that
+    cannot be read, in a folder too. Keyword arguments as `iter_predictions`'."""
+    out = []
+    for prediction in iter_predictions(images, model_name, **kwargs):
+        if prediction.error is not None:
+            raise DataError(prediction.error)
+        out.append((prediction.image, prediction.top))
     return out
 
 

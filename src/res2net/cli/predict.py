@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 HELP = "classify images: top-k classes with names (ImageNet's, or the training folder's)"
 
@@ -53,9 +54,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..inference import predict
+    from ..inference import iter_predictions
 
-    results = predict(
+    predictions = iter_predictions(
         args.images,
         args.model,
         ckpt_path=args.ckpt_path,
@@ -65,11 +66,29 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         image_resize=args.image_resize,
         crop_pct=args.crop_pct,
     )
-    for path, top in results:
-        if args.json:
-            print(json.dumps({"image": path, "top": [{"class": c, "prob": p} for c, p in top]}))
+    done = unreadable = 0
+    for prediction in predictions:  # printed as they come: a long folder shows progress
+        done += 1
+        if prediction.error is not None:
+            unreadable += 1
+            print(f"res2net predict: skipped: {_one_line(prediction.error)}", file=sys.stderr)
+        elif args.json:
+            top = [{"class": c, "prob": p} for c, p in prediction.top]
+            print(json.dumps({"image": prediction.image, "top": top}), flush=True)
         else:
-            print(path)
-            for name, prob in top:
-                print(f"  {prob * 100:6.2f}%  {name}")
+            print(_one_line(prediction.image))
+            for name, prob in prediction.top:
+                print(f"  {prob * 100:6.2f}%  {_one_line(name)}", flush=True)
+    if unreadable:
+        print(
+            f"res2net predict: {unreadable} of {done} images could not be read (see above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable line: a file or class name with a newline or control character
+    (anyone can name a file so) is shown escaped, so it cannot pass for another result line."""
+    return text if text.isprintable() else ascii(text)[1:-1]
