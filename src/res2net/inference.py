@@ -7,7 +7,7 @@ import copy
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -235,12 +235,28 @@ def iter_predictions(
 def predict(
     images: list[str],
     model_name: str,
-    **kwargs: Any,
+    *,
+    ckpt_path: str | None = None,
+    pretrained: str | bool = False,
+    classes: str | None = None,
+    topk: int = 5,
+    image_resize: int | None = None,
+    crop_pct: float | None = None,
 ) -> list[tuple[str, list[tuple[str, float]]]]:
     """`iter_predictions` as a list of (image, top); `DataError` for the first image that
-    cannot be read, in a folder too. Keyword arguments as `iter_predictions`'."""
+    cannot be read, in a folder too."""
+    predictions = iter_predictions(
+        images,
+        model_name,
+        ckpt_path=ckpt_path,
+        pretrained=pretrained,
+        classes=classes,
+        topk=topk,
+        image_resize=image_resize,
+        crop_pct=crop_pct,
+    )
     out = []
-    for prediction in iter_predictions(images, model_name, **kwargs):
+    for prediction in predictions:
         if prediction.error is not None:
             raise DataError(prediction.error)
         out.append((prediction.image, prediction.top))
