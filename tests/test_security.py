@@ -350,7 +350,7 @@ def test_refusal_names_what_the_pickle_wanted_to_call(tmp_path, data, name):
             load(hostile)
         message = str(info.value)
         one_line(message, hostile, name)
-        assert "Unsupported operand" not in message and "weights_only=False" not in message
+        assert "Unsupported operand" not in message and "weights_only" not in message  # no torch hint
 
 
 def _shard_folder(tmp_path: Path) -> Path:
