@@ -181,25 +181,26 @@ def test_cli_gives_same_named_images_their_own_figures(photos, tmp_path, capsys)
 
 def test_a_checkpoint_whose_classifier_does_not_load_is_refused(tmp_path, photos):
     """Predicting with a freshly initialised classifier gives confident nonsense: refused."""
-    from res2net.inference import predict
+    from res2net.inference import iter_predictions
 
     state = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3).state_dict()
     headless = {k: v for k, v in state.items() if not k.startswith("fc.")}
     torch.save(headless, tmp_path / "headless.pth")
     with pytest.raises(ValueError, match="no classifier in this checkpoint"):
-        predict([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "headless.pth"))
+        next(iter_predictions([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "headless.pth")))
     torch.save({**state, "fc.weight": torch.zeros(5, 2048)}, tmp_path / "mixed.pth")  # bias: 3
     with pytest.raises(ValueError, match="mixed.pth"):
-        predict([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "mixed.pth"))
+        next(iter_predictions([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "mixed.pth")))
 
 
 def test_a_model_folder_predicts_with_its_own_classes(tmp_path, photos):
-    from res2net.inference import predict
+    from res2net.inference import iter_predictions
 
     model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
     res2net.save_to_folder(model, tmp_path / "folder", arch="res2net50", classes=["cat", "dog", "eel"],
                            eval_args={"image_resize": 64, "crop_pct": 1.0})
-    [(_, top)] = predict([str(photos / "chelsea.png")], f"local-dir:{tmp_path / 'folder'}", topk=5)
+    [(_, top, error)] = iter_predictions([str(photos / "chelsea.png")], f"local-dir:{tmp_path / 'folder'}", topk=5)
+    assert error is None
     assert len(top) == 3 and {name for name, _ in top} == {"cat", "dog", "eel"}
 
 

@@ -232,37 +232,6 @@ def iter_predictions(
         yield Prediction(str(path), top)
 
 
-def predict(
-    images: list[str],
-    model_name: str,
-    *,
-    ckpt_path: str | None = None,
-    pretrained: str | bool = False,
-    classes: str | None = None,
-    topk: int = 5,
-    image_resize: int | None = None,
-    crop_pct: float | None = None,
-) -> list[tuple[str, list[tuple[str, float]]]]:
-    """`iter_predictions` as a list of (image, top); `DataError` for the first image that
-    cannot be read, in a folder too."""
-    predictions = iter_predictions(
-        images,
-        model_name,
-        ckpt_path=ckpt_path,
-        pretrained=pretrained,
-        classes=classes,
-        topk=topk,
-        image_resize=image_resize,
-        crop_pct=crop_pct,
-    )
-    out = []
-    for prediction in predictions:
-        if prediction.error is not None:
-            raise DataError(prediction.error)
-        out.append((prediction.image, prediction.top))
-    return out
-
-
 def concat_convs(convs: list[nn.Conv2d]) -> nn.Conv2d:
     """One grouped conv equal to `convs` applied to consecutive channel slices of its input:
     the convs' weights (and biases) concatenated, groups = len(convs) * their groups."""
