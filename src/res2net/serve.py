@@ -587,49 +587,30 @@ def load_classifier(
     """The model of `ckpt_path` (any format; the architecture from the file or `model_name`) or
     of `model_name` alone (`hf-hub:...`, `local-dir:...`), with its class names and the eval
     transform stored with it (`image_resize`/`crop_pct` override it)."""
-    from .data import eval_transform
-    from .factory import create_model
     from .hub import is_hub_name
-    from .inference import class_names, trained_model
-    from .weights.convert import DEFAULT_EVAL
-    from .weights.loading import read_checkpoint, state_num_classes
+    from .inference import model_classes_and_transform, trained_model
+    from .weights.loading import read_metadata
 
-    settings: dict[str, Any] = dict(DEFAULT_EVAL)
     if model_name and is_hub_name(model_name):
-        if ckpt_path:
-            raise ValueError(f"{model_name} brings its weights: drop --ckpt_path")
-        from .hub import eval_args
-
-        model = create_model(model_name)
-        settings.update(eval_args(model.hub_config))
-        stored = None if classes else model.hub_config.get("label_names")
-        names = stored or class_names(classes, model.num_classes)
+        arch = model_name
     else:
         if not ckpt_path:
             raise ValueError("give the weights with --ckpt_path FILE (or --model hf-hub:ORG/NAME)")
-        state, _, _, metadata = read_checkpoint(ckpt_path)
-        arch = model_name or metadata.get("arch")
+        arch = model_name or read_metadata(ckpt_path).get("arch") or ""
         if not arch:
             raise ValueError(f"{ckpt_path} does not name its architecture; pass --model NAME")
-        n = state_num_classes(state)
-        if n is None:
-            raise ValueError(f"{ckpt_path} has no classifier: serving needs one")
-        model = trained_model(arch, ckpt_path=ckpt_path)  # a classifier that fits, or an error
-        if "eval" in metadata:
-            settings.update(json.loads(metadata["eval"]))
-        names = class_names(classes, n, ckpt_path)
-    settings.update(
-        {k: v for k, v in (("image_resize", image_resize), ("crop_pct", crop_pct)) if v is not None}
+    model = trained_model(arch, ckpt_path=ckpt_path)  # a classifier that fits, or an error
+    names, spec = model_classes_and_transform(
+        model,
+        arch,
+        ckpt_path=ckpt_path,
+        classes=classes,
+        image_resize=image_resize,
+        crop_pct=crop_pct,
     )
-    mean = tuple(255 * m for m in settings["mean"])
-    std = tuple(255 * s for s in settings["std"])
-    transform = eval_transform(
-        int(settings["image_resize"]),
-        crop_pct=float(settings["crop_pct"]),
-        interpolation=settings["interpolation"],
-        mean=mean,
-        std=std,
-    )
+    mean = tuple(255 * m for m in spec.mean)
+    std = tuple(255 * s for s in spec.std)
+    transform = spec.transform()
     dev = torch.device(device)
     model = model.to(dev).eval()
     return Classifier(
