@@ -7,7 +7,7 @@ import copy
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -99,18 +99,24 @@ def model_eval_transform(
     *,
     ckpt_path: str | Path | None = None,
     pretrained: str | bool = False,
+    hub_config: dict[str, Any] | None = None,
     image_resize: int | None = None,
     crop_pct: float | None = None,
 ) -> tuple[EvalTransform, dict[str, str]]:
     """The eval transform for a model's weights, with where each value came from: the values
     given here, then the checkpoint's own (training config, `.safetensors` metadata, pretrained
-    table) or the published weights', then the defaults."""
+    table), the published weights' or a Hub model's config (`model.hub_config`), then the
+    defaults."""
     checkpoint = None
     if ckpt_path is not None:
         checkpoint = checkpoint_eval_transform(ckpt_path, model_name)
     elif pretrained:
         weights = get_weights(model_name, pretrained)
         checkpoint = (weights.eval, f"pretrained {weights.source} {weights.file_name}")
+    elif hub_config is not None:
+        from .hub import eval_args
+
+        checkpoint = (EvalTransform.from_dict(eval_args(hub_config), model_name), model_name)
     given = (("image_resize", image_resize), ("crop_pct", crop_pct))
     flags = {k: v for k, v in given if v is not None}
     return resolve_eval_transform(flags=flags, checkpoint=checkpoint)
@@ -156,25 +162,16 @@ def model_classes_and_transform(
     """The class names and the eval transform of a `trained_model`: `classes` and the flags
     when given, else what its weights carry (checkpoint, published entry, or Hub config)."""
     hub_config = getattr(model, "hub_config", None)
-    if hub_config is not None:
-        from .hub import eval_args
-
-        stored = eval_args(hub_config)
-        flags = {k: v for k, v in (("image_resize", image_resize), ("crop_pct", crop_pct)) if v}
-        spec, where = resolve_eval_transform(
-            flags=flags, checkpoint=(EvalTransform.from_dict(stored, model_name), model_name)
-        )
-        labels = None if classes else hub_config.get("label_names")
-        names = labels or class_names(classes, model.num_classes)
-    else:
-        spec, where = model_eval_transform(
-            model_name,
-            ckpt_path=ckpt_path,
-            pretrained=pretrained,
-            image_resize=image_resize,
-            crop_pct=crop_pct,
-        )
-        names = class_names(classes, model.num_classes, ckpt_path)
+    spec, where = model_eval_transform(
+        model_name,
+        ckpt_path=ckpt_path,
+        pretrained=pretrained,
+        hub_config=hub_config,
+        image_resize=image_resize,
+        crop_pct=crop_pct,
+    )
+    labels = hub_config.get("label_names") if hub_config is not None and not classes else None
+    names = labels or class_names(classes, model.num_classes, ckpt_path)
     log.info(describe_sources(spec, where))
     return names, spec
 
