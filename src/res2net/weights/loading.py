@@ -297,12 +297,14 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load the weights in `path` (any supported format) into `model`, in place.
 
-    MindCV and OpenMMLab names are mapped to ours; values are cast to the model's dtypes. A
-    classifier whose shape differs from the model's is an error, unless `reset_head` is True:
-    then the model keeps its freshly initialised classifier, everything else is loaded, and one
-    warning says so (the start of fine-tuning). `strict` as in `nn.Module.load_state_dict`,
-    except that BatchNorm's `num_batches_tracked` counters, which other frameworks do not store,
-    are never required. On any error the model is left unchanged.
+    MindCV and OpenMMLab names are mapped to ours; values are cast to the model's dtypes. A file
+    none of whose tensors is one of the model's (empty, or another network's) is an error,
+    `strict` or not. A classifier whose shape differs from the model's is an error,
+    unless `reset_head` is True: then the model keeps its freshly initialised classifier,
+    everything else is loaded, and one warning says so (the start of fine-tuning). `strict` as
+    in `nn.Module.load_state_dict`, except that BatchNorm's `num_batches_tracked` counters,
+    which other frameworks do not store, are never required. On any error the model is left
+    unchanged.
     """
     state, fmt, skipped, metadata = read_checkpoint(path)
     if fmt == "mindspore" or any(
@@ -312,6 +314,14 @@ def load_checkpoint(
     report = LoadReport(path=str(path), format=fmt, skipped=skipped, metadata=metadata)
 
     own = model.state_dict()
+    if not any(k in own for k in state):
+        examples = short(list(state)[:3])
+        found = (
+            f"none of its {len(state)} tensors is one of the model's (e.g. {examples})"
+            if state
+            else "it holds no tensors"
+        )
+        raise ValueError(f"{path}: {found}; check the model name; nothing was loaded")
     head_keys = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)]
     own_head = [k for k in own if k.startswith(_CLASSIFIER_PREFIXES)]
     mismatched_head = [k for k in head_keys if k in own and own[k].shape != state[k].shape]
@@ -326,6 +336,7 @@ def load_checkpoint(
             "reset_head=True))."
         )
     head_fits = not mismatched_head and set(head_keys) == set(own_head)
+    heads = ""  # the two classifiers, for the warning once a new head is loaded
     if reset_head and not head_fits:
         file_head = next(
             (f"{state[k].shape[0]} classes" for k in head_keys if k.endswith("weight")), "none"
@@ -336,14 +347,7 @@ def load_checkpoint(
         for k in own_head:
             state[k] = own[k]
         report.head_reset = True
-        log.warning(
-            "%s: classifier not loaded (checkpoint's: %s, model's: %s), the model's stays freshly "
-            "initialised; "
-            "all other weights loaded",
-            path,
-            file_head,
-            model_head,
-        )
+        heads = f"checkpoint's: {file_head}, model's: {model_head}"
 
     _check_tensors(path, state)
     for k, v in state.items():
@@ -369,6 +373,18 @@ def load_checkpoint(
             "Check the model name, or pass strict=False to load the matching part."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if report.head_reset:  # said once loaded, so that it never precedes an error
+        rest = (
+            "all other weights loaded"
+            if not report.missing
+            else f"{len(report.missing)} other weights were not in the file"
+        )
+        log.warning(
+            "%s: classifier not loaded (%s), the model's stays freshly initialised; %s",
+            path,
+            heads,
+            rest,
+        )
     if skipped:
         log.info(
             "%s: skipped %d non-model entries (%s...)", path, len(skipped), ", ".join(skipped[:3])
