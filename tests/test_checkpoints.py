@@ -365,6 +365,23 @@ def test_new_head_warning_only_once_the_rest_has_loaded(tmp_path, source, caplog
     assert "classifier not loaded" in warning.getMessage() and "other weights were not in the file" in warning.getMessage()
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_non_float_values_for_float_weights_are_refused(tmp_path, source, dtype):
+    """Integers or bools where the model has float weights are no weights (they would be cast
+    silently); BatchNorm's integer counters stay accepted as integers."""
+    state = dict(source.state_dict())
+    assert state["bn1.num_batches_tracked"].dtype == torch.int64  # integer buffers load as before
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].to(dtype)
+    path = tmp_path / "ints.safetensors"
+    save_file(state, str(path))
+    model = tiny(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{path}: tensor 'layer1.0.conv1.weight' holds {dtype} values where the "
+                                         r"model's torch.float32 weights go; nothing was loaded"):
+        load_checkpoint(model, path)
+    assert_same_state(model, before)
+
+
 # --- hostile and damaged files ----------------------------------------------------------------
 
 

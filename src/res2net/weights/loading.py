@@ -297,9 +297,10 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load the weights in `path` (any supported format) into `model`, in place.
 
-    MindCV and OpenMMLab names are mapped to ours; values are cast to the model's dtypes. A file
-    none of whose tensors is one of the model's (empty, or another network's) is an error,
-    `strict` or not. A classifier whose shape differs from the model's is an error,
+    MindCV and OpenMMLab names are mapped to ours; floating-point values are cast to the model's
+    dtypes, and a tensor that is not floating-point where the model's is (integers, bools) is an
+    error. A file none of whose tensors is one of the model's (empty, or another network's) is
+    an error, `strict` or not. A classifier whose shape differs from the model's is an error,
     unless `reset_head` is True: then the model keeps its freshly initialised classifier,
     everything else is loaded, and one warning says so (the start of fine-tuning). `strict` as
     in `nn.Module.load_state_dict`, except that BatchNorm's `num_batches_tracked` counters,
@@ -356,6 +357,11 @@ def load_checkpoint(
                 f"{path}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                 f"{tuple(own[k].shape)}: "
                 "the checkpoint is for a different architecture"
+            )
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(
+                f"{path}: tensor {short(k)} holds {v.dtype} values where the model's "
+                f"{own[k].dtype} weights go; nothing was loaded"
             )
         if k in own and v.is_floating_point():
             state[k] = v.to(own[k].dtype)
