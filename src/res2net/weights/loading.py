@@ -422,15 +422,23 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def state_num_classes(state: dict[str, torch.Tensor]) -> int | None:
-    """Classifier size in a state dict read by `read_checkpoint` (our/timm `fc` or MindCV's
-    `classifier`), or None when it holds no classifier."""
+def state_num_classes(state: dict[str, torch.Tensor], path: str | Path) -> int | None:
+    """Classifier size in a state dict read from `path` by `read_checkpoint` (our/timm `fc` or
+    MindCV's `classifier`), or None when it holds no classifier. A weight that is not a
+    classes x features matrix with 1 to MAX_CLASSES rows is a ValueError: the model is built
+    with that many outputs, so an empty (N, 0) tensor must not size it."""
     for key in ("fc.weight", "classifier.weight"):
         if key in state:
-            return int(state[key].shape[0])
+            shape = tuple(state[key].shape)
+            if len(shape) != 2 or not 1 <= shape[0] <= MAX_CLASSES or shape[1] < 1:
+                raise ValueError(
+                    f"{path}: classifier {key!r} has shape {short(shape)}, not (classes, "
+                    f"features) with 1 to {MAX_CLASSES} classes"
+                )
+            return shape[0]
     return None
 
 
 def checkpoint_num_classes(path: str | Path) -> int | None:
     """Classifier size stored in a checkpoint file of any format, or None."""
-    return state_num_classes(read_checkpoint(path)[0])
+    return state_num_classes(read_checkpoint(path)[0], path)
