@@ -335,6 +335,53 @@ def test_num_batches_tracked_not_required(tmp_path, source):
     assert load_checkpoint(model, path).missing == []
 
 
+@pytest.mark.parametrize("content", ["empty", "foreign"])
+@pytest.mark.parametrize("how", ["strict", "reset_head", "features_only"])
+def test_a_file_with_none_of_the_models_tensors_is_refused_once(tmp_path, source, caplog, content, how):
+    """An empty safetensors header (`{}`) or another network's tensors: one error saying so, not
+    a warning that the rest loaded followed by hundreds of missing keys, nor a silent random
+    backbone where missing keys are allowed."""
+    path = tmp_path / f"{content}.safetensors"
+    save_file({} if content == "empty" else {"encoder.embed.weight": torch.ones(2)}, str(path))
+    model = tiny(seed=5, **({"num_classes": 0, "out_indices": (4,)} if how == "features_only" else {}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError) as err:
+        load_checkpoint(model, path, strict=how != "features_only", reset_head=how == "reset_head")
+    expected = "it holds no tensors" if content == "empty" else "none of its 1 tensors is one of the model's"
+    assert str(err.value).startswith(f"{path}: {expected}") and "nothing was loaded" in str(err.value)
+    assert caplog.records == []
+    assert_same_state(model, before)
+
+
+def test_new_head_warning_only_once_the_rest_has_loaded(tmp_path, source, caplog):
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("layer4.")}
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match="missing keys"):
+        load_checkpoint(tiny(num_classes=5), path, reset_head=True)
+    assert _warnings(caplog) == []  # no "all other weights loaded" before the error
+    load_checkpoint(tiny(num_classes=5), path, reset_head=True, strict=False)
+    (warning,) = _warnings(caplog)
+    assert "classifier not loaded" in warning.getMessage() and "other weights were not in the file" in warning.getMessage()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_non_float_values_for_float_weights_are_refused(tmp_path, source, dtype):
+    """Integers or bools where the model has float weights are no weights (they would be cast
+    silently); BatchNorm's integer counters stay accepted as integers."""
+    state = dict(source.state_dict())
+    assert state["bn1.num_batches_tracked"].dtype == torch.int64  # integer buffers load as before
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].to(dtype)
+    path = tmp_path / "ints.safetensors"
+    save_file(state, str(path))
+    model = tiny(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{path}: tensor 'layer1.0.conv1.weight' holds {dtype} values where the "
+                                         r"model's torch.float32 weights go; nothing was loaded"):
+        load_checkpoint(model, path)
+    assert_same_state(model, before)
+
+
 # --- hostile and damaged files ----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import res2net
 from res2net.cli.main import main
@@ -57,6 +58,16 @@ def files(tmp_path_factory) -> dict[str, Path]:
         ("r50", "res2net50"),
     ):
         torch.save(res2net.create_model(arch, num_classes=2).state_dict(), out[key])
+    out["headless"] = t / "headless.safetensors"  # a backbone: validating it would score a random head
+    save_file({"conv1.weight": torch.zeros(1)}, out["headless"])
+    out["hollow"] = t / "hollow.safetensors"  # a million classes in 0 bytes: must not size the model
+    save_file({"fc.weight": torch.zeros(10**6, 0), "fc.bias": torch.zeros(1)}, out["hollow"])
+    out["deep"] = t / "deep.json"
+    out["deep"].write_text("[" * 100_000 + "]" * 100_000)
+    out["broken"] = t / "broken"
+    for name in ("a", "b"):
+        (out["broken"] / "val" / name).mkdir(parents=True)
+        (out["broken"] / "val" / name / "1.png").write_text("not an image")
     return out
 
 
@@ -186,7 +197,19 @@ CASES = {
             "--per_class_csv",
             "{t}",
         ],
-        "Is a directory",
+        "is a directory: name a file to write",
+    ),
+    "validate-ckpt-no-classifier": (
+        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{headless}"],
+        "no classifier in this checkpoint, so nothing to validate",
+    ),
+    "validate-ckpt-hollow-classifier": (
+        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{hollow}", "--class_map", "{txt}"],
+        "classifier 'fc.weight' has shape (1000000, 0)",
+    ),
+    "validate-no-decodable-image": (
+        ["validate", *M, *FAST, "--data_dir", "{broken}", "--ckpt_path", "{r50}"],
+        "none of the 2 images of",
     ),
     "predict-image-missing": (
         ["predict", "{t}/nope.png", *M],
@@ -281,6 +304,7 @@ CASES = {
     "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
     "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),
     "models-no-match": (["models", "zzz*"], "no model matches"),
+    "models-names-no-match": (["models", "--names", "zzz*"], "no model matches 'zzz*'"),
     "demo-unknown-key": (
         ["demo", "--epochs_zzz", "3"],
         "unknown config key 'epochs_zzz'",
@@ -296,6 +320,55 @@ def test_bad_input_is_one_line_and_exit_code_2(case: str, files, capsys) -> None
     command = argv[0]
     assert rc == 2 and err.startswith(f"res2net {command}: error: "), err
     assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    "flag, target, fragment",
+    [
+        ("--per_class_csv", "{t}", "--per_class_csv '{t}' is a directory: name a file to write"),
+        ("--per_class_csv", "{r50}", "--per_class_csv '{r50}' is the checkpoint"),
+        ("--results_csv", "{t}", "--results_csv '{t}' is a directory: name a file to write"),
+        ("--results_csv", "{txt}", "--results_csv {txt}: has other columns"),
+        ("--report_dir", "{txt}", "--report_dir '{txt}' is a file: name a folder"),
+        ("--real_labels", "{deep}", "--real_labels {deep}: JSON nested too deeply"),
+    ],
+)
+def test_validate_checks_its_outputs_before_validating(files, capsys, monkeypatch, flag, target, fragment):
+    """A wrong output or report input fails at once, not after the whole validation, and the
+    files named are left as they were."""
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("validated before the outputs were checked")
+
+    monkeypatch.setattr("res2net.engine.validate.evaluate", evaluate)
+    before = {k: files[k].read_bytes() for k in ("r50", "txt")}
+    argv = ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{r50}", flag, target]
+    assert main([a.format(**files) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"res2net validate: error: {fragment.format(**files)}" in err, err
+    assert before == {k: files[k].read_bytes() for k in ("r50", "txt")}
+
+
+def test_validate_says_how_many_images_it_could_not_score(files, tmp_path, capsys, caplog):
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=2, splits=("val",))
+    (data / "val" / "class0" / "broken.png").write_text("not an image")
+    argv = ["validate", *M, *FAST, "--data_dir", str(data), "--ckpt_path", str(files["r50"])]
+    assert main(argv) == 0
+    assert "1 of the 5 images failed to decode and were not scored; the results are over the other 4" in caplog.text
+    assert "(4 images)" in capsys.readouterr().out
+
+
+def test_class_folder_names_are_quoted_in_messages(files, tmp_path, capsys):
+    """A class folder named with terminal control characters cannot drive the terminal."""
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=1, splits=("val",))
+    (data / "val" / "class1").rename(data / "val" / "evil\x1b[2J\x07")
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("class0\nclass1\n")
+    argv = ["validate", *M, *FAST, "--data_dir", str(data), "--ckpt_path", str(files["r50"]),
+            "--class_map", str(class_map)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no line for the data's class folder(s) 'evil\\x1b[2J\\x07'" in err and "\x1b" not in err, err
 
 
 def test_bad_flag_value_is_argparse_usage_and_exit_code_2(files, capsys) -> None:

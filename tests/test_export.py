@@ -130,3 +130,32 @@ def test_export_refuses_to_write_over_its_checkpoint(tmp_path):
     args = export_args(str(ckpt), "--format", "pt2", "--model", "res2net50", "--ckpt_path", str(ckpt))
     with pytest.raises(ValueError, match="is the checkpoint to export"):
         export_cmd.run(args, [])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_to_a_directory_is_refused_before_any_work(tmp_path, fmt, monkeypatch, capsys):
+    from res2net.cli.main import main
+
+    def no_model(name, **kw):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr("res2net.factory.create_model", no_model)
+    out = tmp_path / f"out.{fmt}"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    assert main(["export", str(out), "--format", fmt, "--model", "res2net50"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"res2net export: error: export output '{out}' is a directory: name a file to write\n"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name] and (out / "mine.txt").read_text() == "kept"
+    below_a_file = tmp_path / "file.txt"
+    below_a_file.write_text("x")
+    assert main(["export", str(below_a_file / "m.pt2"), "--format", fmt, "--model", "res2net50"]) == 2
+    assert "a folder on its path is a file" in capsys.readouterr().err
+
+
+def test_pt2_export_prints_nothing(tmp_path, capfd):
+    from res2net.export import export_program
+
+    export_program(tiny_res2net(num_classes=3), tmp_path / "m.pt2", image_size=32)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # no torch warning about the temporary name

@@ -3,7 +3,10 @@ read back by `create_model("local-dir:...")`, by `create_model("hf-hub:...")` th
 huggingface_hub's cache (offline: nothing is uploaded or downloaded), and by timm."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ import torch
 import res2net
 from res2net.cli.main import main
 from res2net.hub import read_config
+
+from .conftest import rgb
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ARCH = "res2net50_14w_8s"
@@ -104,6 +109,21 @@ def test_timm_loads_our_folder_and_gives_our_logits(trained, hub_cache):
 def test_missing_from_cache_offline_is_one_clear_error(hub_cache):
     with pytest.raises(RuntimeError, match="not in the Hub cache.*offline"):
         res2net.create_model("hf-hub:me/not-there")
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    """A file not in the cache and a Hub that refuses connections (HF_ENDPOINT on the discard
+    port): one line, and none of huggingface_hub's retry lines (five tries, about 25 s)."""
+    rgb(tmp_path / "img.png", size=(32, 32))
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-m", "res2net.cli.main", "predict", "--model", "hf-hub:x/y",
+                           str(tmp_path / "img.png")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(
+        "res2net predict: error: x/y: config.json is not in the Hub cache and "
+        "http://127.0.0.1:9/x/y/resolve/main/config.json cannot be reached"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_push_offline_fails_clearly_and_uploads_nothing(trained, monkeypatch):

@@ -208,4 +208,4 @@ def test_class_map_and_real_labels(setup, tmp_path, capsys):
     # a class folder the map does not name: one clear line
     (tmp_path / "map.txt").write_text("z_class0\nx\ny\n")
     assert main(args) == 2
-    assert "no line for the data's class folder(s) z_class2" in capsys.readouterr().err
+    assert "no line for the data's class folder(s) 'z_class2'" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from torch import nn
 
 from .extras import require
 from .fileio import temporary_path
+from .guards import check_output_file
 
 FORMATS = ("onnx", "pt2")
 
@@ -144,7 +145,7 @@ def export_onnx(
     require("onnxscript", "export", "ONNX export")
     onnxruntime = require("onnxruntime", "export", "ONNX export")
 
-    path = Path(path)
+    path = check_output_file(path, "export output")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     out_indices = getattr(model, "out_indices", None)
@@ -184,17 +185,19 @@ def export_program(
     """Save `torch.export.export(model)` (eval mode, dynamic batch, and height/width with
     `dynamic_size`) with `torch.export.save`, load it back and compare its outputs with the
     model's on a batch of another size."""
-    path = Path(path)
+    path = check_output_file(path, "export output")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     with torch.no_grad(), _replacing(path) as target:
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
         shapes = _dynamic_shapes(dynamic_size)
         program = torch.export.export(model, (example,), dynamic_shapes=shapes)
-        torch.export.save(program, str(target))
+        with target.open("wb") as f:  # a file object: torch warns on names not ending in .pt2
+            torch.export.save(program, f)
         x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
         want = _outputs(model(x))
-        got = _outputs(torch.export.load(str(target)).module()(x))
+        with target.open("rb") as f:
+            got = _outputs(torch.export.load(f).module()(x))
         return compare_outputs(path, x.shape[0], got, want, rtol)
 
 
@@ -251,7 +254,7 @@ def export_onnx_int8(
 
     import onnxruntime
 
-    path = Path(path)
+    path = check_output_file(path, "export output")
     image_size = batches[0].shape[-1]
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.is_dir() else None) as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"

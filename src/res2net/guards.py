@@ -4,6 +4,8 @@
   pipe would block `open()` forever and `/dev/zero` would be read until memory runs out; the
   file is opened non-blocking and checked with `fstat`, so nothing waits and no race with a
   swapped file is possible.
+- `check_output_file`: an output argument must name a file (new, or a regular file to
+  replace), checked before the work whose result it receives, not after.
 - `short`: values quoted in error messages are truncated, so that a hostile value (a YAML
   alias bomb, a megabyte-long name) cannot make the message itself the attack.
 - `interruptible`: SIGTERM and Ctrl-C raise at once inside a network wait, even where the
@@ -70,6 +72,26 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
         raise ValueError(f"{what} '{path}' cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
         raise NotARegularFile(f"{what} '{path}' is {_kind(mode)}, not a regular file")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """`path` as a Path when a file can be written there: nothing there yet, or a regular file
+    to replace; ValueError naming it when it is a directory, pipe, device or socket, or when
+    a folder on its way is a file."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError:
+        raise ValueError(
+            f"{what} '{path}' cannot be written: a folder on its path is a file"
+        ) from None
+    except OSError as e:
+        raise ValueError(f"{what} '{path}' cannot be checked ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} '{path}' is {_kind(mode)}: name a file to write")
     return path
 
 

@@ -284,6 +284,7 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
     repo_id, revision = _split_revision(spec)
     paths = []
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
+        _check_reachable(repo_id, filename, revision, cache_dir)
         try:
             paths.append(
                 Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
@@ -301,6 +302,30 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
     if paths[0].parent != paths[1].parent:
         raise RuntimeError(f"{repo_id}: config and weights come from different snapshots")
     return paths[0].parent
+
+
+def _check_reachable(
+    repo_id: str, filename: str, revision: str | None, cache_dir: str | Path | None
+) -> None:
+    """For a file not in the Hub cache, one HEAD request without retries, so that an unreachable
+    Hub fails at once: `hf_hub_download` retries such a file for about 25 s, logging each try."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
+        return  # hf_hub_download reads the cache, or says the file is not there
+    url = hf_hub_url(repo_id, filename, revision=revision)
+    try:
+        get_hf_file_metadata(url)
+    except HfHubHTTPError:
+        return  # the Hub answered (no such repo, no access...): hf_hub_download says so
+    except _http_client_errors() as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(
+            f"{repo_id}: {filename} is not in the Hub cache and {url} cannot be reached "
+            f"({reason}); connect once to download it, or use local-dir:PATH"
+        ) from None
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

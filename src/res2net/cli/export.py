@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ..export import FORMATS, ExportCheck
+from ..guards import check_output_file
 
 HELP = "export to ONNX (checked in onnxruntime) or a torch.export program (.pt2); dynamic batch"
 
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     if args.precision == "int8" and args.dynamic_size:
         raise ValueError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
+    check_output_file(args.out, "export output")  # before the minutes an export can take
     if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
         raise ValueError(f"{args.out} is the checkpoint to export: write the export elsewhere")
     num_classes = args.num_classes

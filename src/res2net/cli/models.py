@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 
+from ..guards import short
 from ..models import ALIASES, ARCHITECTURES, build_model, list_models
 from ..profile import count_flops, count_params, time_forward
 from ..weights.pretrained import pretrained_entries
@@ -68,11 +69,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    names = list_models(args.pattern)
+    if not names:  # checked first, so that --names does not print an empty line and succeed
+        raise ValueError(
+            f"no model matches {short(args.pattern)}; `res2net models --names` lists them"
+        )
     if args.names:
-        print("\n".join(list_models(args.pattern)))
+        print("\n".join(names))
         return 0
-    rows = zoo_rows(args.pattern, measure_time=args.time)
-    if not rows:
-        raise ValueError(f"no model matches {args.pattern!r}; `res2net models --names` lists them")
-    print(format_table(rows))
+    print(format_table(zoo_rows(args.pattern, measure_time=args.time)))
     return 0

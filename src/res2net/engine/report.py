@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from ..fileio import atomic_write
+from ..guards import check_output_file, short
 from .evaluate import EvalResult
 
 log = logging.getLogger("res2net.validate")
@@ -140,9 +141,10 @@ def class_map_indices(path: str | Path, data_classes: Sequence[str], num_outputs
         )
     index = {name: i for i, name in enumerate(names)}
     missing = [c for c in data_classes if c not in index]
-    if missing:
+    if missing:  # folder names quoted: they may hold control characters
         raise ValueError(
-            f"--class_map {path}: no line for the data's class folder(s) {', '.join(missing[:5])}"
+            f"--class_map {path}: no line for the data's class folder(s) "
+            + ", ".join(short(c) for c in missing[:5])
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         )
     return [index[c] for c in data_classes]
@@ -156,6 +158,8 @@ def read_real_labels(
         data = json.loads(_read_limited(Path(path), "--real_labels"))
     except json.JSONDecodeError as e:
         raise ValueError(f"--real_labels {path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"--real_labels {path}: JSON nested too deeply") from None
     if isinstance(data, list):
         data = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(data)}
     if not isinstance(data, dict):
@@ -293,21 +297,39 @@ def real_accuracy(
     }
 
 
+def check_targets(options: ReportOptions) -> None:
+    """Before any validation, so that a bad target does not waste it: `--report_dir` is a
+    folder (created now), `--results_csv` a file, new or holding the results columns."""
+    if options.report_dir:
+        directory = Path(options.report_dir)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"--report_dir {str(directory)!r} is a file: name a folder")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"--report_dir {str(directory)!r} cannot be created ({e.strerror or e})"
+            ) from None
+    if options.results_csv:
+        path = check_output_file(options.results_csv, "--results_csv")
+        _check_results_columns(path)
+
+
 def finish(
     options: ReportOptions,
     result: EvalResult,
     predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     *,
     classes: Sequence[str],
-    files: Sequence[str] | None,
+    real: list[list[int] | None] | None,
     real_outputs: Sequence[int] | None,
-    num_outputs: int,
     model_name: str,
     param_count: int,
     settings: dict[str, Any],
 ) -> EvalResult:
     """Write the report files and the results row; ReaL accuracy goes into `result.extra`.
 
+    `real`: each image's ReaL labels (`read_real_labels`, read before the validation);
     `real_outputs`: for each scored class, the model output it stands for (the class map), so
     that ReaL labels, which name model outputs, are compared with the right predictions."""
     if not predictions:
@@ -315,15 +337,10 @@ def finish(
     topk = torch.cat([p[0] for p in predictions])
     labels = torch.cat([p[1] for p in predictions])
     valid = torch.cat([p[2] for p in predictions])
-    if options.real_labels:
-        if files is None or len(files) != len(labels):
-            raise ValueError(
-                "--real_labels needs an image folder evaluated in one process (not shards)"
-            )
+    if real is not None:
         mapped = (
             topk if real_outputs is None else torch.as_tensor(list(real_outputs))[topk.clamp_min(0)]
         )
-        real = read_real_labels(options.real_labels, files, num_outputs)
         result.extra.update(real_accuracy(mapped, valid, real))
     if options.report_dir:
         write_report(Path(options.report_dir), labels[valid], topk[valid][:, 0], classes, result)
@@ -393,14 +410,20 @@ def _results_row(
     ]
 
 
-def append_results_row(path: Path, row: list[Any]) -> None:
-    """Append `row` to the results CSV (written with its header when new or empty)."""
+def _check_results_columns(path: Path) -> bytes:
+    """The results CSV's bytes (empty when new); ValueError when it has other columns."""
     old = path.read_bytes() if path.is_file() else b""
     if old and not old.startswith(",".join(RESULTS_COLUMNS).encode()):
         raise ValueError(
             f"--results_csv {path}: has other columns than {','.join(RESULTS_COLUMNS)}; "
             "give a new file"
         )
+    return old
+
+
+def append_results_row(path: Path, row: list[Any]) -> None:
+    """Append `row` to the results CSV (written with its header when new or empty)."""
+    old = _check_results_columns(path)
     new = old if old else _csv_bytes(RESULTS_COLUMNS, [])
     atomic_write(
         path, lambda f: f.write(new + _csv_bytes(RESULTS_COLUMNS, [row]).split(b"\n", 1)[1])

@@ -4,6 +4,7 @@ checkpoints) on an ImageNet-style val split, with the checkpoint's own eval tran
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..data import (
     is_shard_dir,
 )
 from ..factory import create_model
+from ..fileio import atomic_write
+from ..guards import check_output_file
 from ..schema import OnBadImage
 from ..weights.entry import (
     EVAL_KEYS,
@@ -29,15 +32,17 @@ from ..weights.entry import (
     describe_sources,
     resolve_eval_transform,
 )
-from ..weights.loading import read_checkpoint, state_num_classes
+from ..weights.loading import load_checkpoint, read_checkpoint, state_num_classes
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .report import (
     ClassMapHead,
     ReportOptions,
     TTAModel,
+    check_targets,
     class_map_indices,
     finish,
+    read_real_labels,
     transform_settings,
 )
 
@@ -106,22 +111,36 @@ def validate(
             )
             loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
             n_images = len(dataset)
-        n_ckpt = state_num_classes(state)
-        if n_ckpt is not None and n_ckpt != dataset.num_classes and not report.class_map:
+        n_ckpt = state_num_classes(state, ckpt_path)
+        if n_ckpt is None:
+            raise ValueError(
+                f"{ckpt_path}: no classifier in this checkpoint, so nothing to validate; give a "
+                "checkpoint of a whole classifier (a training checkpoint, or converted weights)"
+            )
+        if n_ckpt != dataset.num_classes and not report.class_map:
             raise ValueError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
                 f"{dataset.num_classes} class folders; validate on data with the checkpoint's "
                 "classes"
             )
-        if per_class_csv is not None and dist.is_main:
-            check_csv_target(Path(per_class_csv), dataset.classes)
-        model: nn.Module = create_model(
-            cfg.model, num_classes=n_ckpt or dataset.num_classes, checkpoint_path=ckpt_path
-        )
-        outputs = n_ckpt or dataset.num_classes
+        if dist.is_main:  # outputs checked before the work whose results they receive
+            if per_class_csv is not None:
+                check_csv_target(Path(per_class_csv), dataset.classes, ckpt_path)
+            check_targets(report)
+        model: nn.Module = create_model(cfg.model, num_classes=n_ckpt)
+        load_checkpoint(model, ckpt_path)  # strict: a classifier that does not fit is an error
+        outputs = n_ckpt
         mapped = None
         if report.class_map:
             mapped = class_map_indices(report.class_map, dataset.classes, outputs)
+        real = None
+        if report.real_labels:
+            files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
+            if files is None:
+                raise ValueError(
+                    "--real_labels needs an image folder evaluated in one process (not shards)"
+                )
+            real = read_real_labels(report.real_labels, files, outputs)
         params = sum(p.numel() for p in model.parameters())
         if mapped is not None:
             model = ClassMapHead(model, mapped)
@@ -156,17 +175,28 @@ def validate(
             progress=dist.is_main,
         )
         result = reduce_result(result, dist)
+        if result.n == 0:
+            raise ValueError(
+                f"none of the {n_images} images of {cfg.data_dir}/{cfg.val_split} could be "
+                "decoded: nothing was validated"
+            )
+        if result.n < n_images and dist.is_main:  # on_bad_image: skip
+            log.warning(
+                "%d of the %d images failed to decode and were not scored; the results are over "
+                "the other %d",
+                n_images - result.n,
+                n_images,
+                result.n,
+            )
         if wants_report:
             assert predictions is not None
-            files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
             finish(
                 report,
                 result,
                 predictions,
                 classes=dataset.classes,
-                files=files,
+                real=real,
                 real_outputs=mapped,
-                num_outputs=outputs,
                 model_name=cfg.model,
                 param_count=params,
                 settings=settings,
@@ -178,8 +208,9 @@ def validate(
         distributed.teardown(dist)
 
 
-def check_csv_target(path: Path, classes: list[str]) -> None:
-    """Before any validation: the class names can be written as UTF-8 and the folder exists."""
+def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> None:
+    """Before any validation: the class names can be written as UTF-8, and `path` is a file
+    (new, or one to replace) in an existing folder, not the checkpoint itself."""
     for name in classes:
         try:
             name.encode("utf-8")
@@ -188,14 +219,19 @@ def check_csv_target(path: Path, classes: list[str]) -> None:
                 f"--per_class_csv: the class folder name {name!r} is not valid UTF-8; rename it "
                 "(or drop --per_class_csv)"
             ) from None
+    check_output_file(path, "--per_class_csv")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--per_class_csv: the folder of {str(path)!r} does not exist")
+    if path.exists() and path.samefile(ckpt_path):
+        raise ValueError(f"--per_class_csv {str(path)!r} is the checkpoint: write it elsewhere")
 
 
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
-    """CSV of per-class top-1: class, images, correct, top1 (%)."""
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "images", "correct", "top1"])
-        for name, n, c in zip(classes, result.class_total.tolist(), result.class_correct.tolist()):
-            w.writerow([name, n, c, f"{100.0 * c / n:.2f}" if n else ""])
+    """CSV of per-class top-1: class, images, correct, top1 (%), written whole or not at all."""
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["class", "images", "correct", "top1"])
+    for name, n, c in zip(classes, result.class_total.tolist(), result.class_correct.tolist()):
+        w.writerow([name, n, c, f"{100.0 * c / n:.2f}" if n else ""])
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))

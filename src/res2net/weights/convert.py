@@ -39,8 +39,8 @@ TARGETS = {
 }
 
 
-def _num_classes(state: dict[str, torch.Tensor]) -> int:
-    n = state_num_classes(state)
+def _num_classes(state: dict[str, torch.Tensor], path: str | Path) -> int:
+    n = state_num_classes(state, path)
     if n is None:
         raise ValueError("the checkpoint has no classifier (fc/classifier) to size the model from")
     return n
@@ -76,7 +76,7 @@ def convert(
                 f"{src}: the file does not name its architecture; pass --model NAME (see `res2net "
                 "models`)"
             )
-        model = build_model(name, num_classes=_num_classes(state))
+        model = build_model(name, num_classes=_num_classes(state, src))
     name = name or type(model).__name__
     load_checkpoint(model, src)  # maps names and checks every shape
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -109,7 +109,7 @@ def _metadata(
     )
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
-        num_classes = _num_classes(model.state_dict())
+        num_classes = _num_classes(model.state_dict(), src)
     return {
         "arch": name,
         "num_classes": str(num_classes),

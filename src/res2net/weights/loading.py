@@ -297,12 +297,15 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load the weights in `path` (any supported format) into `model`, in place.
 
-    MindCV and OpenMMLab names are mapped to ours; values are cast to the model's dtypes. A
-    classifier whose shape differs from the model's is an error, unless `reset_head` is True:
-    then the model keeps its freshly initialised classifier, everything else is loaded, and one
-    warning says so (the start of fine-tuning). `strict` as in `nn.Module.load_state_dict`,
-    except that BatchNorm's `num_batches_tracked` counters, which other frameworks do not store,
-    are never required. On any error the model is left unchanged.
+    MindCV and OpenMMLab names are mapped to ours; floating-point values are cast to the model's
+    dtypes, and a tensor that is not floating-point where the model's is (integers, bools) is an
+    error. A file none of whose tensors is one of the model's (empty, or another network's) is
+    an error, `strict` or not. A classifier whose shape differs from the model's is an error,
+    unless `reset_head` is True: then the model keeps its freshly initialised classifier,
+    everything else is loaded, and one warning says so (the start of fine-tuning). `strict` as
+    in `nn.Module.load_state_dict`, except that BatchNorm's `num_batches_tracked` counters,
+    which other frameworks do not store, are never required. On any error the model is left
+    unchanged.
     """
     state, fmt, skipped, metadata = read_checkpoint(path)
     if fmt == "mindspore" or any(
@@ -312,6 +315,14 @@ def load_checkpoint(
     report = LoadReport(path=str(path), format=fmt, skipped=skipped, metadata=metadata)
 
     own = model.state_dict()
+    if not any(k in own for k in state):
+        examples = short(list(state)[:3])
+        found = (
+            f"none of its {len(state)} tensors is one of the model's (e.g. {examples})"
+            if state
+            else "it holds no tensors"
+        )
+        raise ValueError(f"{path}: {found}; check the model name; nothing was loaded")
     head_keys = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)]
     own_head = [k for k in own if k.startswith(_CLASSIFIER_PREFIXES)]
     mismatched_head = [k for k in head_keys if k in own and own[k].shape != state[k].shape]
@@ -326,6 +337,7 @@ def load_checkpoint(
             "reset_head=True))."
         )
     head_fits = not mismatched_head and set(head_keys) == set(own_head)
+    heads = ""  # the two classifiers, for the warning once a new head is loaded
     if reset_head and not head_fits:
         file_head = next(
             (f"{state[k].shape[0]} classes" for k in head_keys if k.endswith("weight")), "none"
@@ -336,14 +348,7 @@ def load_checkpoint(
         for k in own_head:
             state[k] = own[k]
         report.head_reset = True
-        log.warning(
-            "%s: classifier not loaded (checkpoint's: %s, model's: %s), the model's stays freshly "
-            "initialised; "
-            "all other weights loaded",
-            path,
-            file_head,
-            model_head,
-        )
+        heads = f"checkpoint's: {file_head}, model's: {model_head}"
 
     _check_tensors(path, state)
     for k, v in state.items():
@@ -352,6 +357,11 @@ def load_checkpoint(
                 f"{path}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                 f"{tuple(own[k].shape)}: "
                 "the checkpoint is for a different architecture"
+            )
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(
+                f"{path}: tensor {short(k)} holds {v.dtype} values where the model's "
+                f"{own[k].dtype} weights go; nothing was loaded"
             )
         if k in own and v.is_floating_point():
             state[k] = v.to(own[k].dtype)
@@ -369,6 +379,18 @@ def load_checkpoint(
             "Check the model name, or pass strict=False to load the matching part."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if report.head_reset:  # said once loaded, so that it never precedes an error
+        rest = (
+            "all other weights loaded"
+            if not report.missing
+            else f"{len(report.missing)} other weights were not in the file"
+        )
+        log.warning(
+            "%s: classifier not loaded (%s), the model's stays freshly initialised; %s",
+            path,
+            heads,
+            rest,
+        )
     if skipped:
         log.info(
             "%s: skipped %d non-model entries (%s...)", path, len(skipped), ", ".join(skipped[:3])
@@ -400,15 +422,23 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def state_num_classes(state: dict[str, torch.Tensor]) -> int | None:
-    """Classifier size in a state dict read by `read_checkpoint` (our/timm `fc` or MindCV's
-    `classifier`), or None when it holds no classifier."""
+def state_num_classes(state: dict[str, torch.Tensor], path: str | Path) -> int | None:
+    """Classifier size in a state dict read from `path` by `read_checkpoint` (our/timm `fc` or
+    MindCV's `classifier`), or None when it holds no classifier. A weight that is not a
+    classes x features matrix with 1 to MAX_CLASSES rows is a ValueError: the model is built
+    with that many outputs, so an empty (N, 0) tensor must not size it."""
     for key in ("fc.weight", "classifier.weight"):
         if key in state:
-            return int(state[key].shape[0])
+            shape = tuple(state[key].shape)
+            if len(shape) != 2 or not 1 <= shape[0] <= MAX_CLASSES or shape[1] < 1:
+                raise ValueError(
+                    f"{path}: classifier {key!r} has shape {short(shape)}, not (classes, "
+                    f"features) with 1 to {MAX_CLASSES} classes"
+                )
+            return shape[0]
     return None
 
 
 def checkpoint_num_classes(path: str | Path) -> int | None:
     """Classifier size stored in a checkpoint file of any format, or None."""
-    return state_num_classes(read_checkpoint(path)[0])
+    return state_num_classes(read_checkpoint(path)[0], path)
