@@ -239,6 +239,22 @@ def test_bad_images_skipped_and_reported(bad_tree):
     assert report.summary() is None
 
 
+def test_bad_image_names_are_escaped_in_the_summary(tmp_path):
+    """A file name with a newline or terminal escape cannot fake a log line or move the cursor."""
+    folder = tmp_path / "train" / "cls"
+    folder.mkdir(parents=True)
+    (folder / "x\nINFO fake\x1b[2J.jpg").write_bytes(b"not a jpeg")
+    ds = ImageFolderDataset(
+        tmp_path, "train", transform=eval_transform(16, crop_pct=1.0), on_bad_image="skip"
+    )
+    report = BadImageReport(ds)
+    for batch in build_loader(ds, batch_size=1, shuffle=False, seed=0):
+        report.filter(batch)
+    message = report.summary()
+    assert message is not None and message.isprintable()
+    assert "x\\nINFO fake\\x1b[2J.jpg" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # transforms
 

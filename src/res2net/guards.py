@@ -40,6 +40,13 @@ def short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: str) -> str:
+    """`text` as one printable line: a file or class name with a newline or control character
+    (anyone can name a file so) is shown escaped, so that it cannot pass for another line of
+    output or move the terminal's cursor."""
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
 class NotARegularFile(FileNotFoundError, ValueError):
     """A path that names a directory, pipe, device or socket where a file was expected (a
     FileNotFoundError, as no such file exists there, and a ValueError, as the input is wrong)."""

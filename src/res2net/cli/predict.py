@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..guards import printable
+
 HELP = "classify images: top-k classes with names (ImageNet's, or the training folder's)"
 
 
@@ -71,14 +73,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         done += 1
         if prediction.error is not None:
             unreadable += 1
-            print(f"res2net predict: skipped: {_one_line(prediction.error)}", file=sys.stderr)
+            print(f"res2net predict: skipped: {printable(prediction.error)}", file=sys.stderr)
         elif args.json:
             top = [{"class": c, "prob": p} for c, p in prediction.top]
             print(json.dumps({"image": prediction.image, "top": top}), flush=True)
         else:
-            print(_one_line(prediction.image))
+            print(printable(prediction.image))
             for name, prob in prediction.top:
-                print(f"  {prob * 100:6.2f}%  {_one_line(name)}", flush=True)
+                print(f"  {prob * 100:6.2f}%  {printable(name)}", flush=True)
     if unreadable:
         print(
             f"res2net predict: {unreadable} of {done} images could not be read (see above)",
@@ -86,9 +88,3 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
         return 1
     return 0
-
-
-def _one_line(text: str) -> str:
-    """`text` as one printable line: a file or class name with a newline or control character
-    (anyone can name a file so) is shown escaped, so it cannot pass for another result line."""
-    return text if text.isprintable() else ascii(text)[1:-1]

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from ..guards import read_regular_file
+from ..guards import printable, read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -487,7 +487,7 @@ class BadImageReport:
         bad = torch.as_tensor(index)[~valid].tolist()
         self.count += len(bad)
         for i in bad[: max(0, self.keep - len(self.first))]:
-            self.first.append(self.samples[i][0] if self.samples is not None else f"#{i}")
+            self.first.append(printable(self.samples[i][0]) if self.samples is not None else f"#{i}")
         return images[valid], targets[valid]
 
     def summary(self) -> str | None:
