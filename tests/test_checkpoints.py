@@ -22,7 +22,14 @@ from res2net.engine.checkpoint import save_checkpoint
 from res2net.fileio import atomic_write
 from res2net.models import ARCHITECTURES, Res2Net
 from res2net.weights.convert import convert
-from res2net.weights.loading import detect_format, load_checkpoint, mmpretrain_to_ours, read_checkpoint
+from res2net.weights.loading import (
+    checkpoint_num_classes,
+    detect_format,
+    load_checkpoint,
+    mmpretrain_to_ours,
+    model_features,
+    read_checkpoint,
+)
 from res2net.weights.mindspore import read_mindspore_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mindcv"
@@ -571,3 +578,18 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(OSError, match=r"could not write .*f\.bin \(disk full\)"):
         atomic_write(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_classifier_features_known_for_every_architecture_without_building_it():
+    """`model_features` builds on the meta device; it must agree with a real build."""
+    for name in ARCHITECTURES:
+        assert model_features(name) == res2net.create_model(name, num_classes=3).num_features, name
+    assert model_features("hf-hub:org/name") is None  # a Hub model brings its own config
+
+
+def test_class_count_of_a_dla_checkpoint_whose_classifier_is_a_1x1_conv(tmp_path):
+    model = res2net.create_model("dla60_res2net", num_classes=7)
+    save_file(model.state_dict(), tmp_path / "dla.safetensors")
+    assert checkpoint_num_classes(tmp_path / "dla.safetensors", "dla60_res2net") == 7
+    with pytest.raises(ValueError, match="takes 1024 features where res2net50 has 2048"):
+        checkpoint_num_classes(tmp_path / "dla.safetensors", "res2net50")

@@ -62,6 +62,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_file({"conv1.weight": torch.zeros(1)}, out["headless"])
     out["hollow"] = t / "hollow.safetensors"  # a million classes in 0 bytes: must not size the model
     save_file({"fc.weight": torch.zeros(10**6, 0), "fc.bias": torch.zeros(1)}, out["hollow"])
+    out["narrow"] = t / "narrow.safetensors"  # 2^20 classes of 1 feature: 8 GiB once built
+    save_file({"fc.weight": torch.zeros(1 << 20, 1), "fc.bias": torch.zeros(1 << 20)}, out["narrow"])
     out["deep"] = t / "deep.json"
     out["deep"].write_text("[" * 100_000 + "]" * 100_000)
     out["broken"] = t / "broken"
@@ -206,6 +208,14 @@ CASES = {
     "validate-ckpt-hollow-classifier": (
         ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{hollow}", "--class_map", "{txt}"],
         "classifier 'fc.weight' has shape (1000000, 0)",
+    ),
+    "validate-ckpt-narrow-classifier": (
+        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{narrow}", "--class_map", "{txt}"],
+        "takes 1 features where res2net50 has 2048",
+    ),
+    "predict-ckpt-narrow-classifier": (
+        ["predict", "{t}/notes.txt", *M, "--ckpt_path", "{narrow}"],
+        "takes 1 features where res2net50 has 2048",
     ),
     "validate-no-decodable-image": (
         ["validate", *M, *FAST, "--data_dir", "{broken}", "--ckpt_path", "{r50}"],

@@ -138,7 +138,7 @@ def trained_model(
         return create_model(model_name).eval()
     if ckpt_path is None:
         return create_model(model_name, pretrained=pretrained or False).eval()
-    num_classes = checkpoint_num_classes(ckpt_path)
+    num_classes = checkpoint_num_classes(ckpt_path, model_name)
     if not num_classes:
         raise ValueError(
             f"{ckpt_path}: no classifier in this checkpoint, so nothing to predict classes with; "

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"{args.out} is the checkpoint to export: write the export elsewhere")
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
-        num_classes = checkpoint_num_classes(args.ckpt_path)
+        num_classes = checkpoint_num_classes(args.ckpt_path, args.model)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = create_model(
         args.model, checkpoint_path=args.ckpt_path, features_only=args.features_only, **kwargs

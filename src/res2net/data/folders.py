@@ -487,7 +487,9 @@ class BadImageReport:
         bad = torch.as_tensor(index)[~valid].tolist()
         self.count += len(bad)
         for i in bad[: max(0, self.keep - len(self.first))]:
-            self.first.append(printable(self.samples[i][0]) if self.samples is not None else f"#{i}")
+            self.first.append(
+                printable(self.samples[i][0]) if self.samples is not None else f"#{i}"
+            )
         return images[valid], targets[valid]
 
     def summary(self) -> str | None:

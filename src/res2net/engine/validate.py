@@ -111,7 +111,7 @@ def validate(
             )
             loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
             n_images = len(dataset)
-        n_ckpt = state_num_classes(state, ckpt_path)
+        n_ckpt = state_num_classes(state, ckpt_path, cfg.model)
         if n_ckpt is None:
             raise ValueError(
                 f"{ckpt_path}: no classifier in this checkpoint, so nothing to validate; give a "

@@ -201,7 +201,7 @@ class DLA(Res2NetBase):
         self.level1 = _conv_level(channels[0], channels[1], levels[1], stride=2, **norms)
         block_kw = dict(cardinality=cardinality, base_width=base_width, scale=scale, **norms)
         n_blocks = sum(2**n for n in levels[2:])  # a tree of depth n has 2**n blocks
-        drop_paths = torch.linspace(0, drop_path_rate, n_blocks).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, n_blocks, device="cpu").tolist()
         self.level2 = DlaTree(
             levels[2], channels[1], channels[2], 2, block_kw, drop_paths, level_root=False
         )

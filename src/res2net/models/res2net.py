@@ -164,7 +164,7 @@ class Res2Net(Res2NetBase):
         self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        block_dprs = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        block_dprs = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()
         inplanes, net_stride, dilation = 64, 4, 1
         self.feature_info = [dict(num_chs=64, reduction=2)]
         for i, (n_blocks, planes) in enumerate(zip(layers, (64, 128, 256, 512))):

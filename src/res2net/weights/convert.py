@@ -39,8 +39,8 @@ TARGETS = {
 }
 
 
-def _num_classes(state: dict[str, torch.Tensor], path: str | Path) -> int:
-    n = state_num_classes(state, path)
+def _num_classes(state: dict[str, torch.Tensor], path: str | Path, name: str | None) -> int:
+    n = state_num_classes(state, path, name)
     if n is None:
         raise ValueError("the checkpoint has no classifier (fc/classifier) to size the model from")
     return n
@@ -76,7 +76,7 @@ def convert(
                 f"{src}: the file does not name its architecture; pass --model NAME (see `res2net "
                 "models`)"
             )
-        model = build_model(name, num_classes=_num_classes(state, src))
+        model = build_model(name, num_classes=_num_classes(state, src, name))
     name = name or type(model).__name__
     load_checkpoint(model, src)  # maps names and checks every shape
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -109,7 +109,7 @@ def _metadata(
     )
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
-        num_classes = _num_classes(model.state_dict(), src)
+        num_classes = _num_classes(model.state_dict(), src, None)
     return {
         "arch": name,
         "num_classes": str(num_classes),

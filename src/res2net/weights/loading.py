@@ -422,23 +422,50 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def state_num_classes(state: dict[str, torch.Tensor], path: str | Path) -> int | None:
+def state_num_classes(
+    state: dict[str, torch.Tensor], path: str | Path, model_name: str | None = None
+) -> int | None:
     """Classifier size in a state dict read from `path` by `read_checkpoint` (our/timm `fc` or
-    MindCV's `classifier`), or None when it holds no classifier. A weight that is not a
-    classes x features matrix with 1 to MAX_CLASSES rows is a ValueError: the model is built
-    with that many outputs, so an empty (N, 0) tensor must not size it."""
+    MindCV's `classifier`), or None when it holds no classifier. The model is then built with
+    that many outputs, so the weight is checked first: (classes, features), or DLA's 1x1 conv
+    (classes, features, 1, 1), with 1 to MAX_CLASSES classes; and with `model_name` (a zoo
+    name), its features must be that architecture's, so that a small file cannot make the
+    model allocate a classifier far larger than the one it holds. ValueError otherwise."""
     for key in ("fc.weight", "classifier.weight"):
-        if key in state:
-            shape = tuple(state[key].shape)
-            if len(shape) != 2 or not 1 <= shape[0] <= MAX_CLASSES or shape[1] < 1:
-                raise ValueError(
-                    f"{path}: classifier {key!r} has shape {short(shape)}, not (classes, "
-                    f"features) with 1 to {MAX_CLASSES} classes"
-                )
-            return shape[0]
+        if key not in state:
+            continue
+        shape = tuple(state[key].shape)
+        matrix = len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))
+        if not matrix or not 1 <= shape[0] <= MAX_CLASSES or shape[1] < 1:
+            raise ValueError(
+                f"{path}: classifier {key!r} has shape {short(shape)}, not (classes, "
+                f"features) with 1 to {MAX_CLASSES} classes"
+            )
+        features = model_features(model_name) if model_name else None
+        if features is not None and shape[1] != features:
+            raise ValueError(
+                f"{path}: classifier {key!r} takes {shape[1]} features where {model_name} has "
+                f"{features}: the checkpoint is for another architecture; check the model name"
+            )
+        return shape[0]
     return None
 
 
-def checkpoint_num_classes(path: str | Path) -> int | None:
-    """Classifier size stored in a checkpoint file of any format, or None."""
-    return state_num_classes(read_checkpoint(path)[0], path)
+def model_features(model_name: str) -> int | None:
+    """Channels a zoo architecture's classifier takes (built on the meta device: no memory,
+    no initialisation), or None for a name outside the zoo (a Hub model brings its own)."""
+    from ..models import build_model
+    from ..models.registry import resolve_name
+
+    try:
+        resolve_name(model_name)
+    except ValueError:
+        return None
+    with torch.device("meta"):
+        return build_model(model_name, num_classes=0).num_features
+
+
+def checkpoint_num_classes(path: str | Path, model_name: str | None = None) -> int | None:
+    """Classifier size stored in a checkpoint file of any format, or None; checked as in
+    `state_num_classes`."""
+    return state_num_classes(read_checkpoint(path)[0], path, model_name)
