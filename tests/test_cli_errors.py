@@ -313,6 +313,14 @@ CASES = {
     "serve-no-weights": (["serve", "--model", "zzz"], "give the weights"),
     "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
     "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),
+    "serve-no-connections": (
+        ["serve", "--ckpt_path", "{r50}", "--max_connections", "0"],
+        "--max_connections 0: give a positive number",
+    ),
+    "serve-timeout-nan": (
+        ["serve", "--ckpt_path", "{r50}", "--timeout_s", "nan"],
+        "--timeout_s nan: give a positive number",
+    ),
     "models-no-match": (["models", "zzz*"], "no model matches"),
     "models-names-no-match": (["models", "--names", "zzz*"], "no model matches 'zzz*'"),
     "demo-unknown-key": (

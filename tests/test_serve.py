@@ -274,6 +274,28 @@ def test_batcher_refuses_beyond_its_queue():
         batcher.close()
 
 
+def test_cli_limit_flags_reach_the_server(weights, monkeypatch):
+    import res2net.serve as serving
+    from res2net.cli.main import main as cli_main
+
+    seen = {}
+
+    class NoServer:
+        url = "http://127.0.0.1:0"
+
+        def __init__(self, address, classifier, *, limits, max_batch, max_wait_ms):
+            seen.update(limits=limits, max_batch=max_batch)
+
+    monkeypatch.setattr(serving, "Server", NoServer)
+    monkeypatch.setattr(serving, "serve_forever", lambda server: None)
+    flags = ["--max_concurrent", "3", "--max_connections", "5", "--max_queue", "7"]
+    argv = ["serve", "--model", f"local-dir:{weights}", *flags, "--timeout_s", "2.5"]
+    assert cli_main(argv) == 0
+    limits = seen["limits"]
+    assert (limits.max_concurrent, limits.max_connections, limits.max_queue) == (3, 5, 7)
+    assert limits.socket_timeout_s == limits.head_timeout_s == 2.5
+
+
 def test_cli_serves_and_stops_on_sigterm(weights, tmp_path):
     ckpt = weights / "model.safetensors"  # the architecture and eval transform come from the file
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

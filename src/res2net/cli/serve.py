@@ -66,6 +66,35 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max_pixels", "--max-pixels", type=int, default=40_000_000, help="largest image (pixels)"
     )
+    p.add_argument(
+        "--max_concurrent",
+        "--max-concurrent",
+        type=int,
+        default=64,
+        help="requests handled at once; more get 503",
+    )
+    p.add_argument(
+        "--max_connections",
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections (one thread each); more wait to be accepted",
+    )
+    p.add_argument(
+        "--max_queue",
+        "--max-queue",
+        type=int,
+        default=256,
+        help="images waiting for the model; more get 503",
+    )
+    p.add_argument(
+        "--timeout_s",
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        help="a client's time for each socket read or write, and for its request line and "
+        "headers in all",
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -73,15 +102,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: give 0..65535")
-    if (
-        args.max_batch < 1
-        or args.max_batch_images < 1
-        or args.max_pixels < 1
-        or args.max_body_mb <= 0
-    ):
-        raise ValueError(
-            "--max_batch, --max_batch_images, --max_pixels and --max_body_mb must be positive"
-        )
+    counts = ("max_batch", "max_batch_images", "max_pixels", "max_concurrent", "max_connections")
+    for name in (*counts, "max_queue", "max_body_mb", "timeout_s"):
+        value = getattr(args, name)
+        if not value > 0 or value == float("inf"):  # NaN fails `> 0` too
+            raise ValueError(f"--{name} {value}: give a positive number")
     classifier = load_classifier(
         ckpt_path=args.ckpt_path,
         model_name=args.model,
@@ -94,6 +119,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_batch_images=args.max_batch_images,
         max_pixels=args.max_pixels,
+        max_concurrent=args.max_concurrent,
+        max_connections=args.max_connections,
+        max_queue=args.max_queue,
+        socket_timeout_s=args.timeout_s,
+        head_timeout_s=args.timeout_s,
     )
     server = Server(
         (args.host, args.port),
