@@ -35,12 +35,22 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     """The flags `predict` and `cam` share: class names, how many top classes, and the
     evaluation transform's size when the checkpoint's is not wanted."""
+    add_classes_flag(p)
+    p.add_argument("--topk", type=positive_int, default=5)
+    add_transform_flags(p)
+
+
+def add_classes_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classes",
         help="class names: a training folder (one subfolder per class) or a text file, one per "
         "line",
     )
-    p.add_argument("--topk", type=positive_int, default=5)
+
+
+def add_transform_flags(p: argparse.ArgumentParser) -> None:
+    """The evaluation transform's size, when the checkpoint's is not wanted (predict, cam,
+    serve)."""
     p.add_argument(
         "--image_resize",
         "--image-resize",

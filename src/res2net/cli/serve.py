@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .predict import add_classes_flag, add_transform_flags
+
 HELP = (
     "serve a classifier over HTTP: POST images to /predict (top-k JSON, Grad-CAM), a web page at /"
 )
@@ -21,7 +23,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="architecture name, or hf-hub:ORG/NAME / local-dir:PATH (weights included)"
     )
-    p.add_argument("--classes", help="class names: a training folder or a text file, one per line")
+    add_classes_flag(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -29,12 +31,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
-    p.add_argument(
-        "--image_resize", "--image-resize", type=int, help="override the stored eval image size"
-    )
-    p.add_argument(
-        "--crop_pct", "--crop-pct", type=float, help="override the stored eval crop fraction"
-    )
+    add_transform_flags(p)
     p.add_argument(
         "--max_batch",
         "--max-batch",
