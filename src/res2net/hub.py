@@ -405,7 +405,6 @@ def load_from_hub(
     safetensors, and without `num_classes` their classifier must have the config's class count
     before a model is built with it: a small config cannot size a huge classifier."""
     from .factory import create_model
-
     from .weights.loading import checkpoint_num_classes, detect_format
 
     folder = hub_folder(name, cache_dir)
