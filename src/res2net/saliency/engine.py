@@ -156,11 +156,9 @@ def load_saliency_model(
     backbone, channels, size = meta.values()
     if not isinstance(backbone, str) or backbone not in list_models():
         raise ValueError(f"'{path}': 'backbone' must be a model name, got {short(backbone)}")
-    for key, value, top in (("decoder_channels", channels, None), ("image_size", size, MAX_SIZE)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"'{path}': {key!r} must be a positive integer, got {short(value)}")
-        if top is not None and value > top:
-            raise ValueError(f"'{path}': {key!r} is {value}, more than the {top} allowed")
+    channels = _count(path, "decoder_channels", channels)
+    if _count(path, "image_size", size) > MAX_SIZE:
+        raise ValueError(f"'{path}': 'image_size' is {size}, more than the {MAX_SIZE} allowed")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"'{path}': 'state_dict' must be a dict of tensors")
     with torch.device("meta"):
@@ -176,6 +174,13 @@ def load_saliency_model(
     model = _build(backbone, channels)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _count(path: str | os.PathLike, key: str, value: Any) -> int:
+    """`value` when it is a positive integer; else ValueError naming the file and the key."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"'{path}': {key!r} must be a positive integer, got {short(value)}")
+    return value
 
 
 def _build(backbone: str, decoder_channels: int) -> SaliencyNet:
