@@ -189,3 +189,30 @@ def test_a_folder_of_the_users_files_is_not_overwritten(trained, tmp_path):
     shutil.copytree(folder, again)
     res2net.save_to_folder(model, again, arch=ARCH, classes=list("vwxyz"))  # ours: replaced
     assert read_config(again)["label_names"] == list("vwxyz")
+
+
+def test_config_classes_must_match_the_weights_before_the_model_is_built(
+    trained, tmp_path, monkeypatch
+):
+    """A 1 KB config.json claiming a million classes must not size a 8 GB classifier: the
+    weights' own classifier is read first, and the two must agree."""
+    folder = tmp_path / "big"
+    shutil.copytree(trained[1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_classes=1_000_000, label_names=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    built = []
+    monkeypatch.setattr(
+        "res2net.factory.build_model", lambda name, **kw: built.append(kw) or 1 / 0
+    )
+    with pytest.raises(ValueError, match=r"config.json.*1000000.*5 classes"):
+        res2net.create_model(f"local-dir:{folder}")
+    assert not built
+
+
+def test_folder_weights_are_read_as_safetensors_only(trained, tmp_path):
+    folder = tmp_path / "pickle"
+    shutil.copytree(trained[1], folder)
+    torch.save(trained[0].state_dict(), folder / "model.safetensors")  # a pickle in its place
+    with pytest.raises(ValueError, match="model.safetensors.*safetensors"):
+        res2net.create_model(f"local-dir:{folder}")

@@ -241,7 +241,7 @@ def _demo_output(root: Path) -> None:
     torch.save({"format": "res2net-train", "arch": cfg.model, "num_classes": 10,
                 "classes": [str(i) for i in range(10)], "model": model.state_dict(), "ema": None,
                 "config": cfg.to_dict()}, run / "best.pt")
-    keep_best_weights(run, run / "best.pt")
+    keep_best_weights(run, run / "best.pt", prefix=cfg.model)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from res2net.cli import saliency as saliency_cli
 from res2net.data import DataError
+from res2net import create_model
 from res2net.models import Res2Net
 from res2net.saliency import (
     SaliencyFolder,
@@ -170,6 +171,36 @@ def test_load_rejects_other_files(tmp_path):
         load_saliency_model(tmp_path / "other.pth")
 
 
+def _saved(tmp_path: Path, **change) -> Path:
+    """A saliency checkpoint of a res2net50 trunk with its entries replaced by `change`."""
+    model = saliency_res2net(create_model("res2net50", features_only=True), decoder_channels=8)
+    meta = {"backbone": "res2net50", "decoder_channels": 8, "image_size": 32}
+    ckpt = {"kind": "res2net-saliency", **meta, "state_dict": model.state_dict()} | change
+    path = tmp_path / "sal.pth"
+    torch.save({k: v for k, v in ckpt.items() if v is not None}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"backbone": None}, "'backbone'"),
+        ({"backbone": 5}, "'backbone'"),
+        ({"backbone": "local-dir:/tmp"}, "'backbone'"),
+        ({"decoder_channels": "64"}, "'decoder_channels'"),
+        ({"decoder_channels": 10**6}, "decoder"),  # would build a 36 TB decoder
+        ({"image_size": 10**6}, "'image_size'"),  # would resize each image to 10^12 pixels
+        ({"image_size": 0}, "'image_size'"),
+        ({"state_dict": {}}, "missing"),
+        ({"state_dict": [1]}, "'state_dict'"),
+    ],
+)
+def test_load_refuses_damaged_metadata_in_one_line(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message) as e:
+        load_saliency_model(_saved(tmp_path, **change))
+    assert len(str(e.value).splitlines()) == 1 and "sal.pth" in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -200,3 +231,28 @@ def test_cli_train_predict_eval(disks, tmp_path, capsys):
     assert cli("eval", "--data", str(disks), "--weights", str(weights), "--device", "cpu") == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "MAE" in line and "(8 images)" in line
+
+
+@pytest.mark.parametrize("out", ["folder", "r50.pth"])
+def test_cli_train_checks_out_before_training(disks, tmp_path, monkeypatch, out):
+    ckpt = tmp_path / "r50.pth"
+    torch.save(create_model("res2net50").state_dict(), ckpt)
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr("res2net.saliency.train_saliency", lambda *a, **kw: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="--out"):
+        cli("train", "--data", str(disks), "--ckpt_path", str(ckpt), "--out", str(tmp_path / out),
+            "--image_size", "32", "--device", "cpu")
+    assert ckpt.is_file()
+
+
+def test_cli_predict_never_overwrites_an_input_or_an_earlier_mask(tmp_path, capsys):
+    weights = _saved(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (16, 12), "red").save(photos / "a.png")
+    Image.new("RGB", (16, 12), "blue").save(photos / "a.jpg")
+    before = (photos / "a.png").read_bytes()
+    assert cli("predict", str(photos), "--weights", str(weights), "--out", str(photos), "--device", "cpu") == 0
+    assert (photos / "a.png").read_bytes() == before
+    written = capsys.readouterr().out.split()
+    assert len(set(written)) == 2 and all(Image.open(p).mode == "L" for p in written)

@@ -401,14 +401,26 @@ def load_from_hub(
 ) -> Res2NetBase:
     """The model behind `hf-hub:org/name[@rev]` or `local-dir:/path`, with its weights; the
     folder's config is kept as `model.hub_config` (label names, eval transform).
-    `num_classes` other than the folder's gives a new head (fine-tuning)."""
+    `num_classes` other than the folder's gives a new head (fine-tuning). The weights must be
+    safetensors, and without `num_classes` their classifier must have the config's class count
+    before a model is built with it: a small config cannot size a huge classifier."""
     from .factory import create_model
+    from .weights.loading import checkpoint_num_classes, detect_format
 
     folder = hub_folder(name, cache_dir)
     config = read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} there")
+    if detect_format(weights) != "safetensors":
+        raise ValueError(f"{weights}: not a safetensors file; a model folder's weights must be")
+    if num_classes is None:  # the config's count sizes the classifier: checked against the file's
+        n = checkpoint_num_classes(weights, config["architecture"])
+        if n != config["num_classes"]:
+            raise ValueError(
+                f"{folder / CONFIG_NAME}: 'num_classes' is {config['num_classes']} but the "
+                f"classifier in {WEIGHTS_NAME} has {n or 'no'} classes; the folder is inconsistent"
+            )
     classes = {} if num_classes is None else {"num_classes": num_classes}
     model = create_model(
         config["architecture"],

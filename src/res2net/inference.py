@@ -94,6 +94,19 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
+def unused_path(path: Path, taken: set[Path]) -> Path:
+    """`path`, or `<stem>_2<suffix>`, `_3`, ... when `taken` (resolved paths: the run's inputs
+    and its earlier outputs) holds it, so that an output never replaces an input image or an
+    earlier output of the same run (x.png and x.jpg in one folder; a/x.png and b/x.png given
+    as files). The chosen path is added to `taken`."""
+    candidate, n = path, 1
+    while candidate.resolve() in taken:
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    taken.add(candidate.resolve())
+    return candidate
+
+
 def model_eval_transform(
     model_name: str,
     *,

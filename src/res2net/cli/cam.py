@@ -49,21 +49,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _unused(path: Path, taken: set[Path]) -> Path:
-    """`path`, or `<stem>_2.png`, `_3`, ... when an earlier image of this run took that name
-    (x.png and x.jpg in one folder; a/x.png and b/x.png given as files)."""
-    candidate, n = path, 1
-    while candidate in taken:
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    taken.add(candidate)
-    return candidate
-
-
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
     from ..data import load_image
-    from ..inference import find_images, model_classes_and_transform, trained_model
+    from ..inference import (
+        find_images,
+        model_classes_and_transform,
+        trained_model,
+        unused_path,
+    )
 
     if args.method == "cam" and args.layer is not None:
         raise ValueError(
@@ -87,7 +81,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     model = model.to(args.device)
     transform = spec.transform()
     out_dir = Path(args.out)
-    taken: set[Path] = set()
+    taken = {path.resolve() for path, _ in files}  # never written over
     for path, rel in files:
         x = transform(load_image(path)).unsqueeze(0).to(args.device)
         if args.method == "cam":
@@ -101,7 +95,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
         explained = args.target_class if args.target_class is not None else int(idx[0])
         title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
-        target = _unused(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
+        target = unused_path(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
         written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
         print(written)
     return 0

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise RuntimeError(
             "training ended without a validated checkpoint (is val_while_train off?)"
         )
-    weights = keep_best_weights(Path(cfg.ckpt_save_dir), result.best_path)
+    weights = keep_best_weights(Path(cfg.ckpt_save_dir), result.best_path, prefix=cfg.model)
     report(cfg, weights, result.row)
     if result.plot_path is not None:
         print(f"plot: {Path(result.plot_path)}")
@@ -69,14 +69,18 @@ def report(cfg: Config, weights: Path, row: dict[str, Any]) -> None:
     )
 
 
-def keep_best_weights(ckpt_dir: Path, best: Path) -> Path:
+def keep_best_weights(ckpt_dir: Path, best: Path, *, prefix: str) -> Path:
     """Replace the run's training checkpoints (weights, optimizer state, EMA: three times the
     model's size each) by the best weights alone, as `best.safetensors` with the run's
-    architecture, classes count and eval transform in its header. The logs and plot stay."""
+    architecture, classes count and eval transform in its header. Only the files the run wrote
+    go (`last.pt`, `best.pt`, its `<prefix>-NNN.pt` epoch files): other `.pt` files in a
+    folder given as --ckpt_save_dir stay, as do the logs and plot."""
+    from ..engine.checkpoint import CheckpointManager
     from ..weights.convert import convert
 
     out = convert(best, ckpt_dir / "best.safetensors", source="res2net demo")
-    for path in ckpt_dir.glob("*.pt"):
-        path.unlink()
+    run = CheckpointManager(ckpt_dir, prefix=prefix)
+    for path in [run.last, run.best, *run.epoch_files()]:
+        path.unlink(missing_ok=True)
     (ckpt_dir / "checkpoints.json").unlink(missing_ok=True)  # it listed the removed epoch files
     return out

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..guards import check_output_file
+
 HELP = "salient object detection: train on image/mask folders, predict masks, evaluate MAE / max F"
 
 
@@ -89,6 +91,9 @@ def _train(args: argparse.Namespace) -> int:
         train_saliency,
     )
 
+    check_output_file(args.out, "--out")  # before the training whose result it receives
+    if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
+        raise ValueError(f"--out {args.out} is the backbone checkpoint: write the model elsewhere")
     torch.manual_seed(args.seed)
     dataset = SaliencyFolder(args.data, image_size=args.image_size, train=True)
     model = saliency_res2net(
@@ -123,14 +128,15 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..data import load_image
-    from ..inference import find_images
+    from ..inference import find_images, unused_path
     from ..saliency import load_saliency_model, predict_saliency
 
     files = find_images(args.images)
     model, meta = load_saliency_model(args.weights, args.device)
+    taken = {path.resolve() for path, _ in files}  # never written over
     for path, rel in files:
         prob = predict_saliency(model, load_image(path), meta["image_size"], args.device)
-        out = Path(args.out) / rel.parent / f"{rel.name}.png"
+        out = unused_path(Path(args.out) / rel.parent / f"{rel.name}.png", taken)
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((prob * 255).round().to(torch.uint8).numpy()).save(out)
         print(out)

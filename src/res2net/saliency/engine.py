@@ -15,6 +15,9 @@ from torch.utils.data import DataLoader
 from ..data import cap_workers, load_image
 from ..engine.progress import StepReporter
 from ..factory import create_model
+from ..fileio import atomic_write
+from ..guards import check_output_file, short
+from ..models import list_models
 from ..weights import torchfile
 from .data import SaliencyFolder, find_pairs, load_mask, saliency_transform
 from .losses import bce_iou_loss
@@ -24,6 +27,7 @@ from .model import SaliencyNet, saliency_res2net
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "res2net-saliency"
+MAX_SIZE = 4096  # largest image_size a saved model may ask for
 
 
 def train_saliency(
@@ -121,19 +125,18 @@ def evaluate_saliency(
 def save_saliency_model(
     path: str | os.PathLike, model: SaliencyNet, backbone: str, image_size: int
 ) -> Path:
-    """Write `model`'s weights with what `load_saliency_model` needs to rebuild it."""
-    path = Path(path)
+    """Write `model`'s weights with what `load_saliency_model` needs to rebuild it, atomically:
+    an interrupted save leaves an earlier file at `path` as it was."""
+    path = check_output_file(path, "saliency model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "kind": CHECKPOINT_KIND,
-            "backbone": backbone,
-            "decoder_channels": model.decoder.predict.in_channels,
-            "image_size": image_size,
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
+    ckpt = {
+        "kind": CHECKPOINT_KIND,
+        "backbone": backbone,
+        "decoder_channels": model.decoder.predict.in_channels,
+        "image_size": image_size,
+        "state_dict": model.state_dict(),
+    }
+    atomic_write(path, lambda f: torch.save(ckpt, f))
     return path
 
 
@@ -141,12 +144,47 @@ def load_saliency_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[SaliencyNet, dict[str, Any]]:
     """A saliency network saved by `save_saliency_model`, in eval mode, with its metadata
-    (backbone, decoder_channels, image_size)."""
+    (backbone, decoder_channels, image_size). The file is untrusted: its metadata is checked,
+    and the network is first built on the meta device to compare every shape with the file's,
+    so that what is allocated is never more than the file holds. ValueError naming the file
+    and the key otherwise."""
     ckpt = torchfile.load(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
-    trunk = create_model(ckpt["backbone"], features_only=True)  # the saved weights fill it
-    model = saliency_res2net(trunk, decoder_channels=ckpt["decoder_channels"])
-    model.load_state_dict(ckpt["state_dict"])
-    meta = {k: ckpt[k] for k in ("backbone", "decoder_channels", "image_size")}
+    meta = {k: ckpt.get(k) for k in ("backbone", "decoder_channels", "image_size")}
+    state = ckpt.get("state_dict")
+    backbone, channels, size = meta.values()
+    if not isinstance(backbone, str) or backbone not in list_models():
+        raise ValueError(f"'{path}': 'backbone' must be a model name, got {short(backbone)}")
+    channels = _count(path, "decoder_channels", channels)
+    if _count(path, "image_size", size) > MAX_SIZE:
+        raise ValueError(f"'{path}': 'image_size' is {size}, more than the {MAX_SIZE} allowed")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"'{path}': 'state_dict' must be a dict of tensors")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in _build(backbone, channels).state_dict().items()}
+    missing = [k for k in shapes if k not in state]
+    wrong = [k for k in state if k not in shapes or state[k].shape != shapes[k]]
+    if missing or wrong:
+        raise ValueError(
+            f"'{path}': does not match a {backbone} saliency network with {channels} decoder "
+            f"channels: {len(missing)} missing tensors (e.g. {short(missing[:2])}), "
+            f"{len(wrong)} unexpected or of another shape (e.g. {short(wrong[:2])})"
+        )
+    model = _build(backbone, channels)
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _count(path: str | os.PathLike, key: str, value: Any) -> int:
+    """`value` when it is a positive integer; else ValueError naming the file and the key."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"'{path}': {key!r} must be a positive integer, got {short(value)}")
+    return value
+
+
+def _build(backbone: str, decoder_channels: int) -> SaliencyNet:
+    """The untrained network `load_saliency_model` fills (trunk without weights, no warning)."""
+    return saliency_res2net(
+        create_model(backbone, features_only=True), decoder_channels=decoder_channels
+    )
