@@ -31,6 +31,7 @@ from .guards import read_regular_file
 from .models import resolve_name
 from .models.base import Res2NetBase
 from .weights.convert import DEFAULT_EVAL, write_safetensors
+from .weights.loading import MAX_CLASSES
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -38,7 +39,6 @@ CARD_NAME = "README.md"
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 LOCAL_PREFIX = "local-dir:"
 MAX_CONFIG_BYTES = 8 << 20  # room for 100k label names; anything larger is not a config
-MAX_CLASSES = 1_000_000
 
 
 def is_hub_name(name: str) -> bool:
