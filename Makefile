@@ -20,8 +20,8 @@ demo: $(STAMP)
 
 # Lint and type-check src/ and benchmarks/ (settings in pyproject.toml); `make test` stops here on the first finding.
 lint: $(STAMP)
-	@$(BIN)/ruff check src benchmarks
-	@$(BIN)/ruff format --check --quiet src benchmarks
+	@$(BIN)/ruff check src benchmarks tests
+	@$(BIN)/ruff format --check --quiet src benchmarks tests
 	@$(BIN)/mypy
 
 test: lint

@@ -63,7 +63,10 @@ def main() -> None:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
                 if step["kind"] == "python":
-                    exec(compile(step["code"], f"README block {step['id']}", "exec"), {"__name__": "__main__"})
+                    exec(
+                        compile(step["code"], f"README block {step['id']}", "exec"),
+                        {"__name__": "__main__"},
+                    )
                     rc = 0
                 else:
                     rc = _run_shell(step["code"])
@@ -71,8 +74,14 @@ def main() -> None:
                 traceback.print_exc()
                 rc = 1
         sys.argv = list(own_argv)  # a script step replaced it
-        results.append({"id": step["id"], "rc": rc, "output": out.getvalue(),
-                        "seconds": round(time.perf_counter() - start, 1)})
+        results.append(
+            {
+                "id": step["id"],
+                "rc": rc,
+                "output": out.getvalue(),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
         with open(result_path, "w") as f:  # as we go: a crash still reports the steps before
             json.dump(results, f)
 

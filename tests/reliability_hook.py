@@ -4,7 +4,8 @@ Used by tests/test_reliability.py to stop a training process at an exact point. 
 a small architecture, `res2net_tiny` (a Res2Net with one block per stage), and reads:
 
 - RELIABILITY_TRACE=FILE: append one line per event ("start", "step N", "eval", "save NAME",
-  "replace NAME", "returned" when train() has returned) to FILE, with unbuffered O_APPEND writes that survive a SIGKILL.
+  "replace NAME", "returned" when train() has returned) to FILE, with unbuffered O_APPEND
+  writes that survive a SIGKILL.
 - RELIABILITY_KILL=POINT:N: SIGKILL this process at the N-th occurrence of POINT:
   `backward` (inside the N-th backward pass: mid-step), `eval` (in the N-th validation, after
   its first batch), `save` (in the N-th checkpoint `torch.save`, after half its bytes reached
@@ -31,7 +32,9 @@ def main() -> int:
     from res2net.engine import train as train_mod
     from res2net.models import ARCHITECTURES, Res2Net
 
-    ARCHITECTURES.setdefault("res2net_tiny", (Res2Net, dict(layers=(1, 1, 1, 1), base_width=4, scale=4)))
+    ARCHITECTURES.setdefault(
+        "res2net_tiny", (Res2Net, dict(layers=(1, 1, 1, 1), base_width=4, scale=4))
+    )
     trace_path = os.environ.get("RELIABILITY_TRACE")
     trace_fd = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if trace_path else None
     point, _, nth = os.environ.get("RELIABILITY_KILL", "").rpartition(":")

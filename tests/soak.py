@@ -82,7 +82,13 @@ def soak(epochs: int, workers: int, warmup: int) -> dict[str, Any]:
     def write(self, record):
         real_write(self, record)
         if record.get("kind") == "epoch":
-            samples.append({"epoch": record["epoch"], "seconds": round(time.perf_counter() - t0, 2), **sample()})
+            samples.append(
+                {
+                    "epoch": record["epoch"],
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    **sample(),
+                }
+            )
 
     progress.MetricsLog.write = write
     # non-persistent training workers: two new worker processes every epoch
@@ -90,9 +96,21 @@ def soak(epochs: int, workers: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="res2net-soak-") as tmp:
         data = make_folder(Path(tmp) / "data")
         before = sample()
-        cfg = load_config(None, train_args(data, Path(tmp) / "run", "--epoch_size", str(epochs),
-                                           "--num_parallel_workers", str(workers), "--warmup_epochs", "2",
-                                           "--decay_epochs", str(epochs)))
+        cfg = load_config(
+            None,
+            train_args(
+                data,
+                Path(tmp) / "run",
+                "--epoch_size",
+                str(epochs),
+                "--num_parallel_workers",
+                str(workers),
+                "--warmup_epochs",
+                "2",
+                "--decay_epochs",
+                str(epochs),
+            ),
+        )
         train_mod.train(cfg)
         after = sample()
     steady = [s for s in samples if s["epoch"] > warmup]
@@ -105,16 +123,25 @@ def soak(epochs: int, workers: int, warmup: int) -> dict[str, Any]:
         "rss_slope_kib_per_epoch": round(slope(xs, [s["rss_kib"] for s in steady]), 1),
         "rss_first_last_kib": [steady[0]["rss_kib"], steady[-1]["rss_kib"]],
         "open_fds_slope_per_epoch": round(slope(xs, [s["open_fds"] for s in steady]), 3),
-        "open_fds_min_max": [min(s["open_fds"] for s in steady), max(s["open_fds"] for s in steady)],
+        "open_fds_min_max": [
+            min(s["open_fds"] for s in steady),
+            max(s["open_fds"] for s in steady),
+        ],
         "open_fds_first_last": [steady[0]["open_fds"], steady[-1]["open_fds"]],
-        "epochs_with_more_fds_than_first": sum(s["open_fds"] > steady[0]["open_fds"] for s in steady),
+        "epochs_with_more_fds_than_first": sum(
+            s["open_fds"] > steady[0]["open_fds"] for s in steady
+        ),
         "threads_min_max": [min(s["threads"] for s in steady), max(s["threads"] for s in steady)],
         "children_after_epochs_max": max(s["children"] for s in steady),
         "before": before,
         "after": after,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    return {"summary": summary, "samples": samples, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
+    return {
+        "summary": summary,
+        "samples": samples,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -132,9 +159,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     k = summary["rss_slope_kib_per_epoch"]
     mid_x = sum(x["epoch"] for x in steady) / len(steady)
     mid_y = sum(x["rss_kib"] for x in steady) / len(steady)
-    a.plot([steady[0]["epoch"], steady[-1]["epoch"]],
-           [(mid_y + k * (e - mid_x)) / 1024 for e in (steady[0]["epoch"], steady[-1]["epoch"])],
-           "--", label=f"fit: {k:+.1f} KiB/epoch")
+    a.plot(
+        [steady[0]["epoch"], steady[-1]["epoch"]],
+        [(mid_y + k * (e - mid_x)) / 1024 for e in (steady[0]["epoch"], steady[-1]["epoch"])],
+        "--",
+        label=f"fit: {k:+.1f} KiB/epoch",
+    )
     lo, hi = min(x["rss_kib"] for x in s) / 1024, max(x["rss_kib"] for x in s) / 1024
     pad = max(8.0, hi - lo)  # a flat line looks flat; growth of a few MiB still shows
     a.set_ylim(lo - pad, hi + pad)
@@ -166,8 +196,15 @@ def hypothesis_cases(log: str) -> dict[str, int]:
     return cases
 
 
-PHASES = {"start": "setup", "step": "training step", "backward": "training step", "eval": "validation",
-          "save": "checkpoint write", "replace": "between checkpoint renames", "returned": "after train() returned"}
+PHASES = {
+    "start": "setup",
+    "step": "training step",
+    "backward": "training step",
+    "eval": "validation",
+    "save": "checkpoint write",
+    "replace": "between checkpoint renames",
+    "returned": "after train() returned",
+}
 
 
 def _phases(events) -> dict[str, int]:
@@ -179,12 +216,21 @@ def _phases(events) -> dict[str, int]:
 
 
 def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+    return (
+        ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+    )
 
 
-def figures_block(soak_result: dict[str, Any], figures: dict[str, Any], cases: dict[str, int], passed: str) -> str:
+def figures_block(
+    soak_result: dict[str, Any], figures: dict[str, Any], cases: dict[str, int], passed: str
+) -> str:
     s = soak_result["summary"]
-    lines = [BEGIN, "", f"Last `make soak`: {time.strftime('%Y-%m-%d')}, {soak_result['machine']}. {passed}", ""]
+    lines = [
+        BEGIN,
+        "",
+        f"Last `make soak`: {time.strftime('%Y-%m-%d')}, {soak_result['machine']}. {passed}",
+        "",
+    ]
     hook = figures.get("sigkill_hook_points", [])
     rand = figures.get("sigkill_random", {})
     kills = rand.get("kills", [])
@@ -193,45 +239,69 @@ def figures_block(soak_result: dict[str, Any], figures: dict[str, Any], cases: d
         for h in hook:
             kind = PHASES.get(h["point"].split(":")[0], h["point"])
             kinds[kind] = kinds.get(kind, 0) + 1
-        lines.append(f"- SIGKILL at {len(hook)} hook points ({_counts(kinds)}) of a 2-epoch run, one run each: all "
-                     f"resumed to the uninterrupted run's final state, bit for bit.")
+        lines.append(
+            f"- SIGKILL at {len(hook)} hook points ({_counts(kinds)}) of a 2-epoch run, one run "
+            "each: all resumed to the uninterrupted run's final state, bit for bit."
+        )
     if kills:
-        lines.append(f"- SIGKILL at {len(kills)} random moments in {len({k['chain'] for k in kills})} chains of runs "
-                     f"(seed {rand.get('seed')}; uniform over the {rand.get('process_seconds', 0):.1f} s from the hooks' "
-                     f"start to the end of train()); landed in: {_counts(_phases(k['died_in'] for k in kills))}. Every chain "
-                     f"ended bit for bit as the uninterrupted run.")
+        chains = len({k["chain"] for k in kills})
+        seconds = rand.get("process_seconds", 0)
+        landed = _counts(_phases(k["died_in"] for k in kills))
+        lines.append(
+            f"- SIGKILL at {len(kills)} random moments in {chains} chains of runs "
+            f"(seed {rand.get('seed')}; uniform over the {seconds:.1f} s from the hooks' "
+            f"start to the end of train()); landed in: {landed}. Every chain "
+            "ended bit for bit as the uninterrupted run."
+        )
     stops = figures.get("sigterm_random", {}).get("stops", [])
     if stops:
         worst = max(x["seconds_to_exit"] for x in stops)
-        lines.append(f"- SIGTERM at {len(stops)} random moments (seed {figures['sigterm_random']['seed']}; landed in: "
-                     f"{_counts(_phases(x['during'] for x in stops))}): exit code 0 within {worst:.1f} s of the "
-                     f"signal (the test's bound: 60 s); each resumed bit for bit.")
+        seed = figures["sigterm_random"]["seed"]
+        landed = _counts(_phases(x["during"] for x in stops))
+        lines.append(
+            f"- SIGTERM at {len(stops)} random moments (seed {seed}; landed in: "
+            f"{landed}): exit code 0 within {worst:.1f} s of the "
+            "signal (the test's bound: 60 s); each resumed bit for bit."
+        )
     for sig in ("SIGTERM", "SIGINT"):
         if f"group_{sig}" in figures:
             g = figures[f"group_{sig}"]
-            lines.append(f"- {sig} to the whole process group, 2 DataLoader workers: exit code {g['exit_code']} "
-                         f"{g['seconds_to_exit']:.1f} s after the signal; resumed bit for bit.")
+            lines.append(
+                f"- {sig} to the whole process group, 2 DataLoader workers: exit code "
+                f"{g['exit_code']} {g['seconds_to_exit']:.1f} s after the signal; resumed bit for "
+                "bit."
+            )
     if "sigterm_torchrun" in figures:
         t = figures["sigterm_torchrun"]
-        lines.append(f"- torchrun, 2 CPU ranks with 2 workers each, SIGTERM to the whole group: both ranks stopped "
-                     f"at the same step boundary and wrote last.pt; the job ended {t['seconds_to_exit']:.1f} s after "
-                     f"the signal (launcher exit code {t['launcher_exit_code']}); resumed to the same weights.")
+        lines.append(
+            "- torchrun, 2 CPU ranks with 2 workers each, SIGTERM to the whole group: both ranks "
+            "stopped at the same step boundary and wrote last.pt; the job ended "
+            f"{t['seconds_to_exit']:.1f} s after the signal (launcher exit code "
+            f"{t['launcher_exit_code']}); resumed to the same weights."
+        )
     for fault in ("hang", "die"):
         if f"dist_{fault}" in figures:
             d = figures[f"dist_{fault}"]
             what = "hangs after step 1" if fault == "hang" else "is SIGKILLed in step 2"
-            lines.append(f"- torchrun, 2 CPU processes, `--dist_timeout 20`, rank 1 {what}: the job ended "
-                         f"with exit code {d['exit_code']} after {d['seconds_to_end']:.0f} s (process start included).")
+            lines.append(
+                f"- torchrun, 2 CPU processes, `--dist_timeout 20`, rank 1 {what}: the job ended "
+                f"with exit code {d['exit_code']} after {d['seconds_to_end']:.0f} s (process start "
+                "included)."
+            )
     for test, n in sorted(cases.items()):
         lines.append(f"- Hypothesis: {n:,} passing cases in `{test}`.")
+    rss_first, rss_last = (kib / 1024 for kib in s["rss_first_last_kib"])
+    fds_first, fds_last = s["open_fds_first_last"]
+    threads_min, threads_max = s["threads_min_max"]
     lines.append(
-        f"- Soak: {s['epochs']} epochs, {s['worker_starts']} DataLoader worker starts, {s['seconds']:.0f} s. "
-        f"RSS slope {s['rss_slope_kib_per_epoch']:+.1f} KiB/epoch after epoch {s['warmup_epochs_excluded']} "
-        f"({s['rss_first_last_kib'][0] / 1024:.0f} -> {s['rss_first_last_kib'][1] / 1024:.0f} MiB); open files "
-        f"{s['open_fds_first_last'][0]} -> {s['open_fds_first_last'][1]} (slope {s['open_fds_slope_per_epoch']:+.3f}/epoch; "
-        f"{s['epochs_with_more_fds_than_first']} epochs sampled with more, at most {s['open_fds_min_max'][1]}); "
-        f"threads {s['threads_min_max'][0]}-{s['threads_min_max'][1]}; at most {s['children_after_epochs_max']} "
-        f"child processes left after an epoch. Plot: [soak.png](soak.png), data: [soak.json](soak.json)."
+        f"- Soak: {s['epochs']} epochs, {s['worker_starts']} DataLoader worker starts, "
+        f"{s['seconds']:.0f} s. RSS slope {s['rss_slope_kib_per_epoch']:+.1f} KiB/epoch after "
+        f"epoch {s['warmup_epochs_excluded']} ({rss_first:.0f} -> {rss_last:.0f} MiB); open files "
+        f"{fds_first} -> {fds_last} (slope {s['open_fds_slope_per_epoch']:+.3f}/epoch; "
+        f"{s['epochs_with_more_fds_than_first']} epochs sampled with more, at most "
+        f"{s['open_fds_min_max'][1]}); threads {threads_min}-{threads_max}; at most "
+        f"{s['children_after_epochs_max']} child processes left after an epoch. Plot: "
+        "[soak.png](soak.png), data: [soak.json](soak.json)."
     )
     lines += ["", END]
     return "\n".join(lines)
@@ -242,24 +312,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5, help="first epochs left out of the slopes")
-    p.add_argument("--max-rss-slope", type=float, default=64.0, help="KiB per epoch that fails the soak")
+    p.add_argument(
+        "--max-rss-slope", type=float, default=64.0, help="KiB per epoch that fails the soak"
+    )
     p.add_argument("--figures", type=Path, help="JSON the slow tests wrote (RELIABILITY_FIGURES)")
-    p.add_argument("--tests-log", type=Path, help="output of the slow tests (for the hypothesis statistics)")
+    p.add_argument(
+        "--tests-log", type=Path, help="output of the slow tests (for the hypothesis statistics)"
+    )
     p.add_argument("--docs", type=Path, default=DOCS)
     args = p.parse_args(argv)
 
     result = soak(args.epochs, args.workers, args.warmup)
     s = result["summary"]
     # a leak is a trend: a descriptor or thread still closing when one epoch is sampled is not
-    fds_ok = s["open_fds_slope_per_epoch"] <= 0.01 and s["open_fds_first_last"][1] <= s["open_fds_first_last"][0]
-    ok = s["rss_slope_kib_per_epoch"] <= args.max_rss_slope and fds_ok and s["children_after_epochs_max"] == 0
+    fds_ok = (
+        s["open_fds_slope_per_epoch"] <= 0.01
+        and s["open_fds_first_last"][1] <= s["open_fds_first_last"][0]
+    )
+    ok = (
+        s["rss_slope_kib_per_epoch"] <= args.max_rss_slope
+        and fds_ok
+        and s["children_after_epochs_max"] == 0
+    )
     s["verdict"] = "pass" if ok else "FAIL"
     args.docs.mkdir(exist_ok=True)
     (args.docs / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.docs / "soak.png")
-    figures = json.loads(args.figures.read_text()) if args.figures and args.figures.is_file() else {}
+    figures = (
+        json.loads(args.figures.read_text()) if args.figures and args.figures.is_file() else {}
+    )
     log = args.tests_log.read_text() if args.tests_log and args.tests_log.is_file() else ""
-    summary_line = next((line.strip("= ") for line in reversed(log.splitlines()) if " passed" in line), "")
+    summary_line = next(
+        (line.strip("= ") for line in reversed(log.splitlines()) if " passed" in line), ""
+    )
     passed = f"Slow tests: {summary_line}." if summary_line else ""
     doc = args.docs / "reliability.md"
     if doc.is_file() and BEGIN in doc.read_text():
@@ -268,9 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         tail = rest.split(END, 1)[1]
         doc.write_text(head + figures_block(result, figures, hypothesis_cases(log), passed) + tail)
     print(json.dumps(s, indent=1))
-    print(f"soak: {s['verdict']}: RSS {s['rss_slope_kib_per_epoch']:+.1f} KiB/epoch (limit {args.max_rss_slope}), "
-          f"open files {s['open_fds_first_last'][0]} -> {s['open_fds_first_last'][1]} "
-          f"({s['open_fds_slope_per_epoch']:+.3f}/epoch), child processes left {s['children_after_epochs_max']}")
+    print(
+        f"soak: {s['verdict']}: RSS {s['rss_slope_kib_per_epoch']:+.1f} KiB/epoch (limit "
+        f"{args.max_rss_slope}), open files {s['open_fds_first_last'][0]} -> "
+        f"{s['open_fds_first_last'][1]} ({s['open_fds_slope_per_epoch']:+.3f}/epoch), child "
+        f"processes left {s['children_after_epochs_max']}"
+    )
     return 0 if ok else 1
 
 

@@ -38,15 +38,31 @@ IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3
 
 # MindCV's RandAugment op names (its TranslateX/Y are relative: timm's TranslateX/YRel)
 MINDCV_RAND_OPS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
-    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 ]
 
 
 def mindcv_hparams(resample=Image.Resampling.BICUBIC, **extra):
     """What MindCV's create_transforms hands the policy for a SIZE crop, ImageNet mean."""
-    return dict(translate_const=int(SIZE * 0.45), img_mean=tuple(min(255, round(m)) for m in
-                IMAGENET_MEAN), interpolation=resample, **extra)
+    return dict(
+        translate_const=int(SIZE * 0.45),
+        img_mean=tuple(min(255, round(m)) for m in IMAGENET_MEAN),
+        interpolation=resample,
+        **extra,
+    )
 
 
 def timm_randaug(config: str, **extra):
@@ -63,16 +79,21 @@ REFERENCES = {
     "randaug-m9-n2-mstd0.5-inc1": lambda: timm_randaug("rand-m9-n2-inc1"),
     "randaug-m9-mstd101-mmax8": lambda: timm_randaug("rand-m9", magnitude_max=8),  # mstd ignored
     "autoaug": lambda: timm_aa.auto_augment_transform(
-        "original", mindcv_hparams(magnitude_std=0.5)),
+        "original", mindcv_hparams(magnitude_std=0.5)
+    ),
     "autoaugr": lambda: timm_aa.auto_augment_transform(
-        "originalr", mindcv_hparams(magnitude_std=0.5)),
+        "originalr", mindcv_hparams(magnitude_std=0.5)
+    ),
     "autoaug-mstd2": lambda: timm_aa.auto_augment_transform(
-        "original", mindcv_hparams(magnitude_std=0.5)),
+        "original", mindcv_hparams(magnitude_std=0.5)
+    ),
     "3a": lambda: timm_aa.auto_augment_transform("3a", mindcv_hparams(magnitude_std=0.5)),
     "augmix": lambda: timm_aa.augment_and_mix_transform(
-        "augmix", mindcv_hparams(translate_pct=0.3)),
+        "augmix", mindcv_hparams(translate_pct=0.3)
+    ),
     "augmix-m5-w4-d2-a0.5": lambda: timm_aa.augment_and_mix_transform(
-        "augmix-m5-w4-d2-a0.5", mindcv_hparams(translate_pct=0.3)),
+        "augmix-m5-w4-d2-a0.5", mindcv_hparams(translate_pct=0.3)
+    ),
 }
 
 
@@ -111,18 +132,24 @@ def test_posterize_keeps_at_least_one_bit():
     """timm's increasing posterize asks for 0 bits at magnitude 10 (m9 with noise reaches it);
     Pillow refuses 0 bits, and MindCV keeps at least one."""
     for spec in ("randaug-m10-inc1", "augmix-m10"):
-        op = next(op for op in auto_augment_transform(spec).ops
-                  if op.name == "PosterizeIncreasing")
+        op = next(op for op in auto_augment_transform(spec).ops if op.name == "PosterizeIncreasing")
         op.prob, op.magnitude_std = 1.0, 0.0
         assert op(IMAGE).tobytes() == ImageOps.posterize(IMAGE, 1).tobytes()
 
 
-@pytest.mark.parametrize("interpolation, resample", [
-    ("nearest", Image.Resampling.NEAREST), ("bilinear", Image.Resampling.BILINEAR),
-    ("linear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC),
-    ("cubic", Image.Resampling.BICUBIC), ("pilcubic", Image.Resampling.BICUBIC),
-    ("lanczos", Image.Resampling.BILINEAR), ("area", Image.Resampling.BILINEAR),
-])
+@pytest.mark.parametrize(
+    "interpolation, resample",
+    [
+        ("nearest", Image.Resampling.NEAREST),
+        ("bilinear", Image.Resampling.BILINEAR),
+        ("linear", Image.Resampling.BILINEAR),
+        ("bicubic", Image.Resampling.BICUBIC),
+        ("cubic", Image.Resampling.BICUBIC),
+        ("pilcubic", Image.Resampling.BICUBIC),
+        ("lanczos", Image.Resampling.BILINEAR),
+        ("area", Image.Resampling.BILINEAR),
+    ],
+)
 def test_fill_and_interpolation_are_mindcvs(interpolation, resample):
     mean = (10.4, 300.0, 127.5)  # MindCV: min(255, round(m))
     for spec in ("randaug-m9", "autoaug", "augmix"):
@@ -141,8 +168,11 @@ def test_trivialaugwide_is_mindcvs(monkeypatch):
     never negates it), enhance 0.01..2, posterize to 2..8 bits, solarize 0..255."""
     calls = defaultdict(list)
     for name in MINDCV_RAND_OPS:
-        monkeypatch.setitem(timm_aa.NAME_TO_OP, name,
-                            lambda img, *args, _n=name, **kw: calls[_n].append((args, kw)) or img)
+        monkeypatch.setitem(
+            timm_aa.NAME_TO_OP,
+            name,
+            lambda img, *args, _n=name, **kw: calls[_n].append((args, kw)) or img,
+        )
     ta = auto_augment_transform("trivialaugwide-m20", interpolation="bicubic")
     random.seed(0)
     np.random.seed(0)
@@ -152,8 +182,14 @@ def test_trivialaugwide_is_mindcvs(monkeypatch):
     kw = {"fillcolor": (124, 116, 104), "resample": Image.Resampling.BICUBIC}
     assert all(k == kw for c in calls.values() for _, k in c)
     # posterize: int(l * 6) + 2 bits, 8 only at l = 1
-    ranges = {"Rotate": (-135, 135), "ShearX": (-0.99, 0.99), "TranslateXRel": (0, 0.15),
-              "Color": (0.01, 2.0), "Posterize": (2, 7), "Solarize": (0, 255)}
+    ranges = {
+        "Rotate": (-135, 135),
+        "ShearX": (-0.99, 0.99),
+        "TranslateXRel": (0, 0.15),
+        "Color": (0.01, 2.0),
+        "Posterize": (2, 7),
+        "Solarize": (0, 255),
+    }
     for name, (low, high) in ranges.items():
         values = [args[0] for args, _ in calls[name]]
         assert low <= min(values) and max(values) <= high, name
@@ -170,8 +206,13 @@ def test_tensor_path_runs_the_same_policy_on_pil(interpolation, single_thread):
     """fast_decode's uint8 tensor goes through PIL for the policy only: the same output as the
     PIL path under the same seeds (the crop here is the whole image, so both crops are exact)."""
     for spec in FORMS:
-        kwargs = {"interpolation": interpolation, "auto_augment": spec, "hflip": 0.0,
-                  "scale": (1.0, 1.0), "ratio": (1.0, 1.0)}
+        kwargs = {
+            "interpolation": interpolation,
+            "auto_augment": spec,
+            "hflip": 0.0,
+            "scale": (1.0, 1.0),
+            "ratio": (1.0, 1.0),
+        }
         fast = train_transform(SIZE, fast_decode=True, **kwargs)
         slow = train_transform(SIZE, fast_decode=False, **kwargs)
         assert isinstance(fast.transforms[1], v2.ToPILImage)
@@ -181,16 +222,34 @@ def test_tensor_path_runs_the_same_policy_on_pil(interpolation, single_thread):
 
 
 def test_pil_path_applies_the_reference_policy(single_thread):
-    t = train_transform(SIZE, interpolation="bicubic", auto_augment="randaug-m9-mstd0.5-inc1",
-                        hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    t = train_transform(
+        SIZE,
+        interpolation="bicubic",
+        auto_augment="randaug-m9-mstd0.5-inc1",
+        hflip=0.0,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+    )
     reference = v2.Compose([timm_randaug("rand-m9-inc1"), *t.transforms[2:]])
     for got, want in zip(draws(t), draws(reference)):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("spec", ["randaug-p0.5", "autoaug-inc1", "augmix-mstd0.5", "augmix-b1",
-                                  "trivialaugwide-m0", "trivialaugwide-m32", "3a-m5",
-                                  "randaug-m11", "randaug-m15-mmax12", "randaug-w1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "randaug-p0.5",
+        "autoaug-inc1",
+        "augmix-mstd0.5",
+        "augmix-b1",
+        "trivialaugwide-m0",
+        "trivialaugwide-m32",
+        "3a-m5",
+        "randaug-m11",
+        "randaug-m15-mmax12",
+        "randaug-w1",
+    ],
+)
 def test_options_mindcv_refuses_are_refused(spec):
     with pytest.raises(ValueError, match="auto_augment"):
         parse_auto_augment(spec)

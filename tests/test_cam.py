@@ -19,7 +19,6 @@ from res2net.cli import cam as cam_cli
 from res2net.data import eval_transform
 from res2net.models import DLA, Res2Net
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -30,8 +29,12 @@ def tiny_res2net(num_classes: int = 10) -> Res2Net:
 
 def tiny_dla(num_classes: int = 10) -> DLA:
     torch.manual_seed(0)
-    return DLA(levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 32, 64, 128, 256), base_width=16,
-               num_classes=num_classes).eval()
+    return DLA(
+        levels=(1, 1, 1, 1, 1, 1),
+        channels=(8, 16, 32, 64, 128, 256),
+        base_width=16,
+        num_classes=num_classes,
+    ).eval()
 
 
 def check_maps(maps: torch.Tensor, n: int, size: int) -> None:
@@ -52,7 +55,9 @@ def test_grad_cam_on_every_stage(make):
         assert logits.shape == (2, 10)
     assert stage_names(model)[-1] in ("layer4", "level5")
     # the default is the last stage
-    torch.testing.assert_close(grad_cam(model, x)[0], grad_cam(model, x, layer=stage_names(model)[-1])[0])
+    torch.testing.assert_close(
+        grad_cam(model, x)[0], grad_cam(model, x, layer=stage_names(model)[-1])[0]
+    )
 
 
 @pytest.mark.parametrize("make", [tiny_res2net, tiny_dla])
@@ -136,13 +141,32 @@ def cli(*argv: str) -> int:
 def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
     torch.manual_seed(0)
     classes = ["cat", "coffee", "person"]
-    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)  # res2net50, 3 classes
+    model = Res2Net(
+        layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3
+    )  # res2net50, 3 classes
     torch.save(model.state_dict(), tmp_path / "r50_3.pth")
     (tmp_path / "classes.txt").write_text("\n".join(classes))
     out = tmp_path / "out"
-    assert cli(str(photos), "--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"),
-               "--classes", str(tmp_path / "classes.txt"), "--layer", "layer3", "--out", str(out),
-               "--image_resize", "96", "--device", "cpu") == 0
+    assert (
+        cli(
+            str(photos),
+            "--model",
+            "res2net50",
+            "--ckpt_path",
+            str(tmp_path / "r50_3.pth"),
+            "--classes",
+            str(tmp_path / "classes.txt"),
+            "--layer",
+            "layer3",
+            "--out",
+            str(out),
+            "--image_resize",
+            "96",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == ["astronaut_cam.png", "chelsea_cam.png", "more/coffee_cam.png"]
     assert sorted(capsys.readouterr().out.split()) == sorted(str(out / w) for w in written)
@@ -153,9 +177,26 @@ def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
             assert rgb.std() > 20  # a picture, not a blank page
 
     # one file, CAM, a chosen class
-    assert cli(str(photos / "chelsea.png"), "--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"),
-               "--method", "cam", "--class", "0", "--out", str(tmp_path / "one"), "--image_resize", "96",
-               "--device", "cpu") == 0
+    assert (
+        cli(
+            str(photos / "chelsea.png"),
+            "--model",
+            "res2net50",
+            "--ckpt_path",
+            str(tmp_path / "r50_3.pth"),
+            "--method",
+            "cam",
+            "--class",
+            "0",
+            "--out",
+            str(tmp_path / "one"),
+            "--image_resize",
+            "96",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["chelsea_cam.png"]
 
     with pytest.raises(ValueError, match="last stage"):
@@ -174,7 +215,14 @@ def test_cli_gives_same_named_images_their_own_figures(photos, tmp_path, capsys)
         cli(str(tmp_path / "in"), *args, "--out", str(tmp_path / "out"))
     model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
     torch.save(model.state_dict(), tmp_path / "r50_3.pth")
-    args = ["--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"), "--image_resize", "64"]
+    args = [
+        "--model",
+        "res2net50",
+        "--ckpt_path",
+        str(tmp_path / "r50_3.pth"),
+        "--image_resize",
+        "64",
+    ]
     assert cli(str(tmp_path / "in"), *args, "--out", str(tmp_path / "out"), "--device", "cpu") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_cam.png", "x_cam_2.png"]
 
@@ -187,19 +235,34 @@ def test_a_checkpoint_whose_classifier_does_not_load_is_refused(tmp_path, photos
     headless = {k: v for k, v in state.items() if not k.startswith("fc.")}
     torch.save(headless, tmp_path / "headless.pth")
     with pytest.raises(ValueError, match="no classifier in this checkpoint"):
-        next(iter_predictions([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "headless.pth")))
+        next(
+            iter_predictions(
+                [str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "headless.pth")
+            )
+        )
     torch.save({**state, "fc.weight": torch.zeros(5, 2048)}, tmp_path / "mixed.pth")  # bias: 3
     with pytest.raises(ValueError, match="mixed.pth"):
-        next(iter_predictions([str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "mixed.pth")))
+        next(
+            iter_predictions(
+                [str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "mixed.pth")
+            )
+        )
 
 
 def test_a_model_folder_predicts_with_its_own_classes(tmp_path, photos):
     from res2net.inference import iter_predictions
 
     model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
-    res2net.save_to_folder(model, tmp_path / "folder", arch="res2net50", classes=["cat", "dog", "eel"],
-                           eval_args={"image_resize": 64, "crop_pct": 1.0})
-    [(_, top, error)] = iter_predictions([str(photos / "chelsea.png")], f"local-dir:{tmp_path / 'folder'}", topk=5)
+    res2net.save_to_folder(
+        model,
+        tmp_path / "folder",
+        arch="res2net50",
+        classes=["cat", "dog", "eel"],
+        eval_args={"image_resize": 64, "crop_pct": 1.0},
+    )
+    [(_, top, error)] = iter_predictions(
+        [str(photos / "chelsea.png")], f"local-dir:{tmp_path / 'folder'}", topk=5
+    )
     assert error is None
     assert len(top) == 3 and {name for name, _ in top} == {"cat", "dog", "eel"}
 
@@ -213,8 +276,20 @@ def test_predict_cli_goes_on_past_an_unreadable_image(tmp_path, photos, capsys):
     shutil.copy(photos / "astronaut.jpg", tmp_path / "in" / "c\nfake 99.00%  line.jpg")
     model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
     torch.save(model.state_dict(), tmp_path / "r50_3.pth")
-    code = main(["predict", str(tmp_path / "in"), "--model", "res2net50", "--ckpt_path", str(tmp_path / "r50_3.pth"),
-                 "--image_resize", "64", "--topk", "1"])
+    code = main(
+        [
+            "predict",
+            str(tmp_path / "in"),
+            "--model",
+            "res2net50",
+            "--ckpt_path",
+            str(tmp_path / "r50_3.pth"),
+            "--image_resize",
+            "64",
+            "--topk",
+            "1",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1
     assert "b.png" in err and "skipped" in err and "1 of 3 images could not be read" in err

@@ -101,13 +101,27 @@ def _wrap(state: dict[str, torch.Tensor], how: str) -> object:
     if how in ("module.", "_orig_mod.", "module._orig_mod."):
         return {how + k: v for k, v in state.items()}
     if how == "timm-train":  # timm's training checkpoint: DDP prefixes under "state_dict"
-        return {"epoch": 3, "arch": "res2net", "state_dict": {"module." + k: v for k, v in state.items()}}
+        return {
+            "epoch": 3,
+            "arch": "res2net",
+            "state_dict": {"module." + k: v for k, v in state.items()},
+        }
     if how == "official":
         return {"state_dict": state}
     return {how: state, "epoch": 7}
 
 
-WRAPPINGS = ["plain", "state_dict", "model", "module", "module.", "_orig_mod.", "module._orig_mod.", "timm-train", "official"]
+WRAPPINGS = [
+    "plain",
+    "state_dict",
+    "model",
+    "module",
+    "module.",
+    "_orig_mod.",
+    "module._orig_mod.",
+    "timm-train",
+    "official",
+]
 
 
 @pytest.mark.parametrize("how", WRAPPINGS)
@@ -130,9 +144,20 @@ def test_legacy_torch_serialization(tmp_path, source):
 
 def test_training_checkpoint_loads_model_weights(tmp_path, source):
     path = tmp_path / "last.pt"
-    optimizer = {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
-    state = {"arch": "res2net50", "num_classes": 10, "classes": ["a", "b"], "model": source.state_dict(), "ema": None,
-             "optimizer": optimizer, "epoch": 2, "rng": {"torch": torch.get_rng_state()}}
+    optimizer = {
+        "state": {0: {"momentum_buffer": torch.ones(3)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
+    state = {
+        "arch": "res2net50",
+        "num_classes": 10,
+        "classes": ["a", "b"],
+        "model": source.state_dict(),
+        "ema": None,
+        "optimizer": optimizer,
+        "epoch": 2,
+        "rng": {"torch": torch.get_rng_state()},
+    }
     save_checkpoint(state, path)
     tensors, fmt, _, metadata = read_checkpoint(path)
     assert fmt == "torch" and metadata == {"arch": "res2net50", "num_classes": "10"}
@@ -148,7 +173,9 @@ def test_training_checkpoint_prefers_ema_weights(tmp_path, source):
         for p in ema.module.parameters():
             p.mul_(0.5)
     path = tmp_path / "best.pt"
-    save_checkpoint({"arch": "res2net50", "model": source.state_dict(), "ema": ema.state_dict()}, path)
+    save_checkpoint(
+        {"arch": "res2net50", "model": source.state_dict(), "ema": ema.state_dict()}, path
+    )
     model = tiny(seed=5)
     load_checkpoint(model, path)
     assert_same_state(model, ema.module.state_dict())
@@ -159,7 +186,10 @@ def test_safetensors_with_metadata(tmp_path, source):
     save_file(source.state_dict(), str(path), metadata={"arch": "res2net50", "source": "timm"})
     model = tiny(seed=5)
     report = load_checkpoint(model, path)
-    assert report.format == "safetensors" and report.metadata == {"arch": "res2net50", "source": "timm"}
+    assert report.format == "safetensors" and report.metadata == {
+        "arch": "res2net50",
+        "source": "timm",
+    }
     assert_same_state(model, source.state_dict())
 
 
@@ -210,8 +240,13 @@ def to_mmpretrain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     spells them: mmcv's `build_norm_layer` names BatchNorms `bn1`/`bn3` (as we do), the block's
     `convs`/`bns` lists match ours, the deep stem is `stem.{0,1,2}` of ConvModules (`.conv`,
     `.bn`), everything sits under `backbone.`, and the classifier is `head.fc`."""
-    ours_to_stem = {"conv1.0": "stem.0.conv", "conv1.1": "stem.0.bn", "conv1.3": "stem.1.conv",
-                    "conv1.4": "stem.1.bn", "conv1.6": "stem.2.conv"}
+    ours_to_stem = {
+        "conv1.0": "stem.0.conv",
+        "conv1.1": "stem.0.bn",
+        "conv1.3": "stem.1.conv",
+        "conv1.4": "stem.1.bn",
+        "conv1.6": "stem.2.conv",
+    }
     out = {}
     for k, v in state.items():
         module, _, leaf = k.rpartition(".")
@@ -247,7 +282,9 @@ def test_openmmlab_detection_backbone_loads_as_features(tmp_path, source, tiny_n
     path = tmp_path / "mmdet.pth"
     torch.save({"state_dict": mm}, path)
     model = res2net.create_model(tiny_name, checkpoint_path=path, features_only=True)
-    assert_same_state(model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")})
+    assert_same_state(
+        model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    )
 
 
 # --- classifier heads, strictness, architectures ---------------------------------------------
@@ -279,18 +316,24 @@ def test_reset_head_keeps_new_classifier_and_loads_the_rest(tmp_path, source, ca
         report = load_checkpoint(model, path, reset_head=True)
     assert report.head_reset
     assert_same_state(model, fresh_fc)
-    assert_same_state(model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")})
+    assert_same_state(
+        model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    )
     assert len(_warnings(caplog)) == 1 and "classifier" in _warnings(caplog)[0].getMessage()
 
 
 @pytest.mark.parametrize("num_classes", [5, 0])
-def test_create_model_with_other_num_classes_fine_tunes(tmp_path, source, tiny_name, caplog, num_classes):
+def test_create_model_with_other_num_classes_fine_tunes(
+    tmp_path, source, tiny_name, caplog, num_classes
+):
     path = tmp_path / "ten.pth"
     torch.save(source.state_dict(), path)
     with caplog.at_level(logging.INFO):
         model = res2net.create_model(tiny_name, num_classes=num_classes, checkpoint_path=path)
     assert model.num_classes == num_classes
-    assert_same_state(model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")})
+    assert_same_state(
+        model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    )
     if num_classes:
         assert model.fc.weight.shape == (5, source.num_features)
         assert not torch.equal(model.fc.weight[:5], source.fc.weight[:5])
@@ -305,7 +348,9 @@ def test_create_model_same_num_classes_loads_head(tmp_path, source, tiny_name, c
     assert_same_state(model, source.state_dict())
     assert _warnings(caplog) == []
     with pytest.raises(ValueError, match="classifier has 10 classes but the model has 1000"):
-        res2net.create_model(tiny_name, checkpoint_path=path)  # default 1000 classes: not a request for a new head
+        res2net.create_model(
+            tiny_name, checkpoint_path=path
+        )  # default 1000 classes: not a request for a new head
 
 
 def test_strict_mismatch_message_and_non_strict_report(tmp_path, source):
@@ -337,25 +382,38 @@ def test_other_architecture_named(tmp_path, source):
 
 def test_num_batches_tracked_not_required(tmp_path, source):
     path = tmp_path / "no_counters.pth"
-    torch.save({k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    torch.save(
+        {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")},
+        path,
+    )
     model = tiny(seed=5)
     assert load_checkpoint(model, path).missing == []
 
 
 @pytest.mark.parametrize("content", ["empty", "foreign"])
 @pytest.mark.parametrize("how", ["strict", "reset_head", "features_only"])
-def test_a_file_with_none_of_the_models_tensors_is_refused_once(tmp_path, source, caplog, content, how):
+def test_a_file_with_none_of_the_models_tensors_is_refused_once(
+    tmp_path, source, caplog, content, how
+):
     """An empty safetensors header (`{}`) or another network's tensors: one error saying so, not
     a warning that the rest loaded followed by hundreds of missing keys, nor a silent random
     backbone where missing keys are allowed."""
     path = tmp_path / f"{content}.safetensors"
     save_file({} if content == "empty" else {"encoder.embed.weight": torch.ones(2)}, str(path))
-    model = tiny(seed=5, **({"num_classes": 0, "out_indices": (4,)} if how == "features_only" else {}))
+    model = tiny(
+        seed=5, **({"num_classes": 0, "out_indices": (4,)} if how == "features_only" else {})
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.INFO), pytest.raises(ValueError) as err:
         load_checkpoint(model, path, strict=how != "features_only", reset_head=how == "reset_head")
-    expected = "it holds no tensors" if content == "empty" else "none of its 1 tensors is one of the model's"
-    assert str(err.value).startswith(f"{path}: {expected}") and "nothing was loaded" in str(err.value)
+    expected = (
+        "it holds no tensors"
+        if content == "empty"
+        else "none of its 1 tensors is one of the model's"
+    )
+    assert str(err.value).startswith(f"{path}: {expected}") and "nothing was loaded" in str(
+        err.value
+    )
     assert caplog.records == []
     assert_same_state(model, before)
 
@@ -369,7 +427,10 @@ def test_new_head_warning_only_once_the_rest_has_loaded(tmp_path, source, caplog
     assert _warnings(caplog) == []  # no "all other weights loaded" before the error
     load_checkpoint(tiny(num_classes=5), path, reset_head=True, strict=False)
     (warning,) = _warnings(caplog)
-    assert "classifier not loaded" in warning.getMessage() and "other weights were not in the file" in warning.getMessage()
+    assert (
+        "classifier not loaded" in warning.getMessage()
+        and "other weights were not in the file" in warning.getMessage()
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
@@ -383,8 +444,11 @@ def test_non_float_values_for_float_weights_are_refused(tmp_path, source, dtype)
     save_file(state, str(path))
     model = tiny(seed=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"{path}: tensor 'layer1.0.conv1.weight' holds {dtype} values where the "
-                                         r"model's torch.float32 weights go; nothing was loaded"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}: tensor 'layer1.0.conv1.weight' holds {dtype} values where the "
+        r"model's torch.float32 weights go; nothing was loaded",
+    ):
         load_checkpoint(model, path)
     assert_same_state(model, before)
 
@@ -476,12 +540,30 @@ def test_convert_round_trip_from_mindcv(tmp_path):
     load_checkpoint(reference, MINDCV_TINY)
     expected = _logits(reference)
 
-    st = convert(MINDCV_TINY, tmp_path / "tiny.safetensors", "res2net_tiny", source="mindcv", model=tiny(seed=1))
+    st = convert(
+        MINDCV_TINY,
+        tmp_path / "tiny.safetensors",
+        "res2net_tiny",
+        source="mindcv",
+        model=tiny(seed=1),
+    )
     tensors, fmt, _, meta = read_checkpoint(st)
     assert fmt == "safetensors" and all(v.dtype != torch.float16 for v in tensors.values())
-    assert meta["arch"] == "res2net_tiny" and meta["num_classes"] == "10" and meta["source"] == "mindcv"
-    assert set(json.loads(meta["eval"])) == {"image_resize", "crop_pct", "interpolation", "mean", "std"}
-    assert set(tensors) == set(reference.state_dict())  # num_batches_tracked included for load_state_dict
+    assert (
+        meta["arch"] == "res2net_tiny"
+        and meta["num_classes"] == "10"
+        and meta["source"] == "mindcv"
+    )
+    assert set(json.loads(meta["eval"])) == {
+        "image_resize",
+        "crop_pct",
+        "interpolation",
+        "mean",
+        "std",
+    }
+    assert set(tensors) == set(
+        reference.state_dict()
+    )  # num_batches_tracked included for load_state_dict
 
     ckpt = convert(st, tmp_path / "back.ckpt", model=tiny(seed=2))
     back, skipped = read_mindspore_checkpoint(ckpt)
@@ -509,11 +591,15 @@ def test_convert_cli_with_registry_name(tmp_path, tiny_name, capsys):
     reference = tiny(seed=5)
     load_checkpoint(reference, MINDCV_TINY)
     assert_same_state(model, reference.state_dict())
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["tiny.safetensors"]  # no temporaries left
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [
+        "tiny.safetensors"
+    ]  # no temporaries left
 
 
 def test_convert_training_checkpoint_names_its_architecture(tmp_path, source, tiny_name):
-    save_checkpoint({"arch": tiny_name, "num_classes": 10, "model": source.state_dict()}, tmp_path / "last.pt")
+    save_checkpoint(
+        {"arch": tiny_name, "num_classes": 10, "model": source.state_dict()}, tmp_path / "last.pt"
+    )
     out = convert(tmp_path / "last.pt", tmp_path / "final.safetensors")
     _, _, _, meta = read_checkpoint(out)
     assert meta["arch"] == tiny_name and meta["num_classes"] == "10"
@@ -523,11 +609,22 @@ def test_convert_metadata_from_pretrained_table(tmp_path, source, monkeypatch):
     """A file named like a published one gets that entry's source and eval transform."""
     from res2net.weights import convert as convert_module
 
-    entry = {"source": "official", "file_name": "tiny-0123abcd.pth", "eval": {"image_resize": 224, "crop_pct": 0.9,
-             "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}
+    entry = {
+        "source": "official",
+        "file_name": "tiny-0123abcd.pth",
+        "eval": {
+            "image_resize": 224,
+            "crop_pct": 0.9,
+            "interpolation": "bicubic",
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        },
+    }
     monkeypatch.setattr(convert_module, "pretrained_entries", lambda name: [entry])
     torch.save(source.state_dict(), tmp_path / entry["file_name"])
-    out = convert(tmp_path / entry["file_name"], tmp_path / "t.safetensors", "res2net_tiny", model=tiny())
+    out = convert(
+        tmp_path / entry["file_name"], tmp_path / "t.safetensors", "res2net_tiny", model=tiny()
+    )
     meta = read_checkpoint(out)[3]
     assert meta["source"] == "official" and json.loads(meta["eval"]) == entry["eval"]
 
@@ -540,17 +637,25 @@ def test_convert_metadata_from_pretrained_table(tmp_path, source, monkeypatch):
         (["{fixture}", "out.safetensors"], "pass --model NAME"),
         (["{fixture}", "out.safetensors", "--model", "res2net50"], "different architecture"),
         (["{fixture}", "out.safetensors", "--model", "res2net_nope"], "unknown model"),
-        (["{garbage}", "out.safetensors", "--model", "res2net50"], "not a checkpoint this library reads"),
+        (
+            ["{garbage}", "out.safetensors", "--model", "res2net50"],
+            "not a checkpoint this library reads",
+        ),
     ],
 )
 def test_convert_cli_errors_are_one_line(tmp_path, capsys, args, expected):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x01\x02 not a checkpoint")
     args = [a.format(fixture=MINDCV_TINY, garbage=garbage) for a in args]
-    args[:2] = [str(tmp_path / args[0]) if not os.path.isabs(args[0]) else args[0], str(tmp_path / args[1])]
+    args[:2] = [
+        str(tmp_path / args[0]) if not os.path.isabs(args[0]) else args[0],
+        str(tmp_path / args[1]),
+    ]
     assert cli_main(["convert", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("res2net convert: error:") and expected in err, err
+    assert err.count("\n") == 1 and err.startswith("res2net convert: error:") and expected in err, (
+        err
+    )
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -558,7 +663,10 @@ def test_convert_cli_refuses_hostile_file(tmp_path, capsys):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"fc.weight": torch.ones(1)}, "x": Payload(marker)}, path)
-    assert cli_main(["convert", str(path), str(tmp_path / "out.safetensors"), "--model", "res2net50"]) == 2
+    assert (
+        cli_main(["convert", str(path), str(tmp_path / "out.safetensors"), "--model", "res2net50"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refused" in err and str(path) in err, err
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

@@ -58,12 +58,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
         ("r50", "res2net50"),
     ):
         torch.save(res2net.create_model(arch, num_classes=2).state_dict(), out[key])
-    out["headless"] = t / "headless.safetensors"  # a backbone: validating it would score a random head
+    out["headless"] = (
+        t / "headless.safetensors"
+    )  # a backbone: validating it would score a random head
     save_file({"conv1.weight": torch.zeros(1)}, out["headless"])
-    out["hollow"] = t / "hollow.safetensors"  # a million classes in 0 bytes: must not size the model
+    out["hollow"] = (
+        t / "hollow.safetensors"
+    )  # a million classes in 0 bytes: must not size the model
     save_file({"fc.weight": torch.zeros(10**6, 0), "fc.bias": torch.zeros(1)}, out["hollow"])
     out["narrow"] = t / "narrow.safetensors"  # 2^20 classes of 1 feature: 8 GiB once built
-    save_file({"fc.weight": torch.zeros(1 << 20, 1), "fc.bias": torch.zeros(1 << 20)}, out["narrow"])
+    save_file(
+        {"fc.weight": torch.zeros(1 << 20, 1), "fc.bias": torch.zeros(1 << 20)}, out["narrow"]
+    )
     out["deep"] = t / "deep.json"
     out["deep"].write_text("[" * 100_000 + "]" * 100_000)
     out["broken"] = t / "broken"
@@ -206,11 +212,31 @@ CASES = {
         "no classifier in this checkpoint, so nothing to validate",
     ),
     "validate-ckpt-hollow-classifier": (
-        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{hollow}", "--class_map", "{txt}"],
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{hollow}",
+            "--class_map",
+            "{txt}",
+        ],
         "classifier 'fc.weight' has shape (1000000, 0)",
     ),
     "validate-ckpt-narrow-classifier": (
-        ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{narrow}", "--class_map", "{txt}"],
+        [
+            "validate",
+            *M,
+            *FAST,
+            "--data_dir",
+            "{data}",
+            "--ckpt_path",
+            "{narrow}",
+            "--class_map",
+            "{txt}",
+        ],
         "takes 1 features where res2net50 has 2048",
     ),
     "predict-ckpt-narrow-classifier": (
@@ -351,7 +377,9 @@ def test_bad_input_is_one_line_and_exit_code_2(case: str, files, capsys) -> None
         ("--real_labels", "{deep}", "--real_labels {deep}: JSON nested too deeply"),
     ],
 )
-def test_validate_checks_its_outputs_before_validating(files, capsys, monkeypatch, flag, target, fragment):
+def test_validate_checks_its_outputs_before_validating(
+    files, capsys, monkeypatch, flag, target, fragment
+):
     """A wrong output or report input fails at once, not after the whole validation, and the
     files named are left as they were."""
 
@@ -363,7 +391,9 @@ def test_validate_checks_its_outputs_before_validating(files, capsys, monkeypatc
     argv = ["validate", *M, *FAST, "--data_dir", "{data}", "--ckpt_path", "{r50}", flag, target]
     assert main([a.format(**files) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"res2net validate: error: {fragment.format(**files)}" in err, err
+    assert err.count("\n") == 1 and f"res2net validate: error: {fragment.format(**files)}" in err, (
+        err
+    )
     assert before == {k: files[k].read_bytes() for k in ("r50", "txt")}
 
 
@@ -372,7 +402,10 @@ def test_validate_says_how_many_images_it_could_not_score(files, tmp_path, capsy
     (data / "val" / "class0" / "broken.png").write_text("not an image")
     argv = ["validate", *M, *FAST, "--data_dir", str(data), "--ckpt_path", str(files["r50"])]
     assert main(argv) == 0
-    assert "1 of the 5 images failed to decode and were not scored; the results are over the other 4" in caplog.text
+    assert (
+        "1 of the 5 images failed to decode and were not scored; the results are over the other 4"
+        in caplog.text
+    )
     assert "(4 images)" in capsys.readouterr().out
 
 
@@ -382,20 +415,29 @@ def test_class_folder_names_are_quoted_in_messages(files, tmp_path, capsys):
     (data / "val" / "class1").rename(data / "val" / "evil\x1b[2J\x07")
     class_map = tmp_path / "classes.txt"
     class_map.write_text("class0\nclass1\n")
-    argv = ["validate", *M, *FAST, "--data_dir", str(data), "--ckpt_path", str(files["r50"]),
-            "--class_map", str(class_map)]
+    argv = [
+        "validate",
+        *M,
+        *FAST,
+        "--data_dir",
+        str(data),
+        "--ckpt_path",
+        str(files["r50"]),
+        "--class_map",
+        str(class_map),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "no line for the data's class folder(s) 'evil\\x1b[2J\\x07'" in err and "\x1b" not in err, err
+    assert (
+        "no line for the data's class folder(s) 'evil\\x1b[2J\\x07'" in err and "\x1b" not in err
+    ), err
 
 
 def test_bad_flag_value_is_argparse_usage_and_exit_code_2(files, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(files["data"] / "val"), *M, "--topk", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and err[-1].endswith(
-        "argument --topk: must be >= 1, got 0"
-    )
+    assert exc.value.code == 2 and err[-1].endswith("argument --topk: must be >= 1, got 0")
 
 
 @pytest.mark.parametrize(

@@ -72,10 +72,27 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
 def test_overrides_underscores_dashes_and_equals():
     cfg = load_config(
         str(RECIPES[2]),
-        ["--lr", "0.2", "--distribute", "False", "--scale", "[0.08, 1.0]", "--data-dir", "/x",
-         "--batch-size=64", "--ratio=0.5,2.0", "--num_classes", "None", "--ema",
-         "--ckpt_save_policy", "None", "--auto_augment", "randaug-m9-mstd0.5-inc1",
-         "--min_lr", "-0"],
+        [
+            "--lr",
+            "0.2",
+            "--distribute",
+            "False",
+            "--scale",
+            "[0.08, 1.0]",
+            "--data-dir",
+            "/x",
+            "--batch-size=64",
+            "--ratio=0.5,2.0",
+            "--num_classes",
+            "None",
+            "--ema",
+            "--ckpt_save_policy",
+            "None",
+            "--auto_augment",
+            "randaug-m9-mstd0.5-inc1",
+            "--min_lr",
+            "-0",
+        ],
     )
     assert cfg.lr == 0.2 and cfg.distribute is False and cfg.data_dir == "/x"
     assert cfg.batch_size == 64 and cfg.ratio == (0.5, 2.0) and cfg.scale == (0.08, 1.0)
@@ -83,8 +100,10 @@ def test_overrides_underscores_dashes_and_equals():
     assert cfg.auto_augment == "randaug-m9-mstd0.5-inc1"
 
 
-@pytest.mark.parametrize("text,expected", [("true", True), ("True", True), ("1", True),
-                                           ("false", False), ("False", False), ("0", False)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("true", True), ("True", True), ("1", True), ("false", False), ("False", False), ("0", False)],
+)
 def test_bool_spellings(text, expected):
     assert load_config(None, ["--shuffle", text]).shuffle is expected
 
@@ -105,8 +124,9 @@ def test_string_fields_keep_command_line_text():
     assert cfg.ckpt_path == "" and cfg.val_split == "2012" and cfg.model == "res2net101"
 
 
-@pytest.mark.parametrize("argv,needle", [(["data_dir", "/x"], "unexpected"),
-                                         (["--lr"], "needs a value")])
+@pytest.mark.parametrize(
+    "argv,needle", [(["data_dir", "/x"], "unexpected"), (["--lr"], "needs a value")]
+)
 def test_malformed_command_line(argv, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, argv)
@@ -126,20 +146,24 @@ def test_unknown_key_in_file_suggests_closest(tmp_path):
 def test_unknown_key_on_command_line_suggests_closest():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["--label_smothing", "0.1"])
-    assert str(e.value) == ("unknown config key 'label_smothing' (on the command line); "
-                            "did you mean 'label_smoothing'?")
+    assert str(e.value) == (
+        "unknown config key 'label_smothing' (on the command line); did you mean 'label_smoothing'?"
+    )
     with pytest.raises(ConfigError, match="unknown config key 'zzz' \\(on the command line\\)$"):
         load_config(None, ["--zzz", "1"])
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("lr", "abc", "a number"),
-    ("batch_size", "3.5", "an integer"),
-    ("distribute", "maybe", "a bool"),
-    ("scale", "[0.08]", "a list of 2 numbers"),
-    ("mean", "127", "a list of numbers"),
-    ("num_samples", "all", "an integer or None"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("lr", "abc", "a number"),
+        ("batch_size", "3.5", "an integer"),
+        ("distribute", "maybe", "a bool"),
+        ("scale", "[0.08]", "a list of 2 numbers"),
+        ("mean", "127", "a list of numbers"),
+        ("num_samples", "all", "an integer or None"),
+    ],
+)
 def test_type_errors_name_key_value_and_type(key, value, expected):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"--{key}", value])
@@ -155,18 +179,43 @@ def test_type_error_in_file_names_the_file(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("lr", "0"), ("batch_size", "0"), ("hflip", "1.5"), ("vflip", "-0.1"), ("re_prob", "2"),
-    ("label_smoothing", "1.0"), ("epoch_size", "0"), ("warmup_epochs", "-1"),
-    ("scale", "[1.0, 0.08]"), ("ratio", "[0, 1]"), ("crop_pct", "0"), ("crop_pct", "2.5"),
-    ("ema_decay", "1.0"), ("keep_checkpoint_max", "0"), ("ckpt_save_policy", "best"),
-    ("opt", "shampoo"), ("scheduler", "linear"), ("amp_level", "O4"), ("interpolation", "quad"),
-    ("auto_augment", "randaug-q9"), ("color_jitter", "[0.4, 0.4]"), ("dataset", "cifar10"),
-    ("mode", "2"), ("device", "gpu"), ("lr_scale", "sqrt"),
-    ("on_bad_image", "ignore"), ("loss", "focal"), ("mean", "[1, 2]"), ("loss_scale", "0.5"),
-    ("multi_step_decay_milestones", "[60, 30]"), ("aug_splits", "3"),
-    ("dataset_download", "True"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lr", "0"),
+        ("batch_size", "0"),
+        ("hflip", "1.5"),
+        ("vflip", "-0.1"),
+        ("re_prob", "2"),
+        ("label_smoothing", "1.0"),
+        ("epoch_size", "0"),
+        ("warmup_epochs", "-1"),
+        ("scale", "[1.0, 0.08]"),
+        ("ratio", "[0, 1]"),
+        ("crop_pct", "0"),
+        ("crop_pct", "2.5"),
+        ("ema_decay", "1.0"),
+        ("keep_checkpoint_max", "0"),
+        ("ckpt_save_policy", "best"),
+        ("opt", "shampoo"),
+        ("scheduler", "linear"),
+        ("amp_level", "O4"),
+        ("interpolation", "quad"),
+        ("auto_augment", "randaug-q9"),
+        ("color_jitter", "[0.4, 0.4]"),
+        ("dataset", "cifar10"),
+        ("mode", "2"),
+        ("device", "gpu"),
+        ("lr_scale", "sqrt"),
+        ("on_bad_image", "ignore"),
+        ("loss", "focal"),
+        ("mean", "[1, 2]"),
+        ("loss_scale", "0.5"),
+        ("multi_step_decay_milestones", "[60, 30]"),
+        ("aug_splits", "3"),
+        ("dataset_download", "True"),
+    ],
+)
 def test_range_errors_name_the_key(key, value):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"--{key}", value])
@@ -235,8 +284,21 @@ def test_notes_report_ignored_keys_only_when_set():
     for recipe in RECIPES:  # they set dataset_sink_mode: True, MindCV's default
         notes = "\n".join(load_config(str(recipe)).notes())
         assert "dataset_sink_mode" not in notes and "amp_level" in notes and "loss_scale" in notes
-    cfg = load_config(None, ["--dataset_sink_mode", "False", "--device_target", "GPU",
-                             "--jit_level", "O1", "--eval_shuffle", "True", "--mode", "1"])
+    cfg = load_config(
+        None,
+        [
+            "--dataset_sink_mode",
+            "False",
+            "--device_target",
+            "GPU",
+            "--jit_level",
+            "O1",
+            "--eval_shuffle",
+            "True",
+            "--mode",
+            "1",
+        ],
+    )
     notes = cfg.notes()
     for key in ("dataset_sink_mode", "device_target", "jit_level", "eval_shuffle"):
         assert any(line.startswith(key) for line in notes), key

@@ -328,7 +328,9 @@ def test_an_image_file_is_read_within_a_bound(tmp_path):
         f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: a few kilobytes of disk
     tracemalloc.start()
     try:
-        with pytest.raises(DataError, match=rf"huge.jpg' has {MAX_IMAGE_BYTES + 1} bytes, more than"):
+        with pytest.raises(
+            DataError, match=rf"huge.jpg' has {MAX_IMAGE_BYTES + 1} bytes, more than"
+        ):
             load_image(huge)
         assert tracemalloc.get_traced_memory()[1] < 16 << 20
     finally:

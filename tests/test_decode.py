@@ -16,8 +16,14 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from res2net.config import Config
-from res2net.data import DataError, ImageFolderDataset, load_image, train_transform, write_digits_folder
-from res2net.data import decode
+from res2net.data import (
+    DataError,
+    ImageFolderDataset,
+    decode,
+    load_image,
+    train_transform,
+    write_digits_folder,
+)
 from res2net.data.decode import DecodeRandomResizedCrop, _scale_box
 from res2net.data.folders import EncodedImage, decode_image, image_for, read_file
 from res2net.engine.distributed import DistInfo
@@ -46,12 +52,16 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # PIL and torch round differently: by one level (bilinear) or two (bicubic); nearest takes the
 # neighbouring row or column where the source position falls on a pixel edge.
-@pytest.mark.parametrize("interpolation, tolerance, share", [("bilinear", 1, 0), ("bicubic", 2, 0), ("nearest", 0, 0.1)])
+@pytest.mark.parametrize(
+    "interpolation, tolerance, share", [("bilinear", 1, 0), ("bicubic", 2, 0), ("nearest", 0, 0.1)]
+)
 def test_full_size_decode_gives_pils_pixels(tmp_path, interpolation, tolerance, share):
     path = photo(tmp_path / "a.jpg", (300, 200))
     mode = v2.InterpolationMode(interpolation)
     # output 112: no crop of a 300x200 image is twice that, so nothing is decoded at reduced size
-    reference = v2.Compose([v2.RandomResizedCrop(112, interpolation=mode, antialias=True), v2.PILToTensor()])
+    reference = v2.Compose(
+        [v2.RandomResizedCrop(112, interpolation=mode, antialias=True), v2.PILToTensor()]
+    )
     fast = DecodeRandomResizedCrop(112, interpolation=mode)
     for seed in range(12):
         torch.manual_seed(seed)
@@ -83,7 +93,9 @@ def test_reduced_size_decode_is_close(tmp_path):
         top, left, height, width = (r * v for v in _scale_box(box, r, (100, 125)))
         assert max(abs(a - b) for a, b in zip((top, left, height, width), box)) <= r / 2
         expected = v2.functional.pil_to_tensor(
-            full.crop((left, top, left + width, top + height)).resize((64, 64), Image.Resampling.BILINEAR)
+            full.crop((left, top, left + width, top + height)).resize(
+                (64, 64), Image.Resampling.BILINEAR
+            )
         )
         assert levels(got, expected).float().mean() < 2.5
 
@@ -95,7 +107,9 @@ def test_exif_orientation_as_pil(tmp_path, size, orientation):
     upright = load_image(path)  # PIL's exif_transpose
     h, w = upright.height, upright.width
     whole = dict(scale=(1.0, 1.0), ratio=(w / h, w / h))  # the box is the whole image
-    expected = v2.functional.pil_to_tensor(v2.RandomResizedCrop((64, 48), antialias=True, **whole)(upright))
+    expected = v2.functional.pil_to_tensor(
+        v2.RandomResizedCrop((64, 48), antialias=True, **whole)(upright)
+    )
     got = DecodeRandomResizedCrop((64, 48), **whole)(encoded(path))
     assert got.shape == (3, 64, 48)
     assert levels(got, expected).float().mean() < (0.5 if size[0] < 500 else 2.5)
@@ -132,7 +146,8 @@ def orientation_as_big_endian_long() -> bytes:
 
 
 @pytest.mark.parametrize(
-    "make", [orientation_in_xmp_only, exif_after_another_app1_segment, orientation_as_big_endian_long]
+    "make",
+    [orientation_in_xmp_only, exif_after_another_app1_segment, orientation_as_big_endian_long],
 )
 def test_orientation_is_the_one_pil_reads(make):
     """torchvision's decoder finds the orientation in fewer places than PIL: the fast path
@@ -177,7 +192,9 @@ def test_bad_images_raise_or_are_substituted(bad_tree):
     root, files = bad_tree
     tf = train_transform(16, color_jitter=None, fast_decode=True)
     for on_bad_image in ("error", "skip"):
-        ds = ImageFolderDataset(root, "train", transform=tf, on_bad_image=on_bad_image, max_pixels=5000)
+        ds = ImageFolderDataset(
+            root, "train", transform=tf, on_bad_image=on_bad_image, max_pixels=5000
+        )
         for i, (path, _) in enumerate(ds.samples):
             status = files[Path(path).stem][0]
             if on_bad_image == "error" and status == "bad":
@@ -197,7 +214,10 @@ def test_dataset_hands_bytes_only_to_transforms_that_decode(tmp_path):
     assert isinstance(image_for(slow, read_file(path), "a", None), Image.Image)
     assert isinstance(image_for(None, read_file(path), "a", None), Image.Image)
     # interpolations torch cannot resize uint8 tensors with keep the PIL pipeline
-    assert type(train_transform(16, interpolation="lanczos", fast_decode=True).transforms[0]) is v2.RandomResizedCrop
+    assert (
+        type(train_transform(16, interpolation="lanczos", fast_decode=True).transforms[0])
+        is v2.RandomResizedCrop
+    )
     with pytest.raises(ValueError, match="supports"):
         DecodeRandomResizedCrop(16, interpolation=v2.InterpolationMode.LANCZOS)
 
@@ -206,7 +226,12 @@ def test_training_uses_it_unless_switched_off(tmp_path):
     data = write_digits_folder(tmp_path / "digits")
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for fast in (True, False):
-        _, train_ds, _ = build_loaders(Config(data_dir=str(data), fast_decode=fast, val_while_train=False, num_parallel_workers=0), dist)
+        _, train_ds, _ = build_loaders(
+            Config(
+                data_dir=str(data), fast_decode=fast, val_while_train=False, num_parallel_workers=0
+            ),
+            dist,
+        )
         assert isinstance(train_ds.transform.transforms[0], DecodeRandomResizedCrop) == fast
         image, target, valid, _ = train_ds[0]
         assert image.shape == (3, 224, 224) and valid
@@ -225,7 +250,9 @@ def test_shards_decode_in_the_transform(tmp_path):
 
     def items(fast: bool) -> list[tuple]:
         tf = train_transform(48, color_jitter=0.4, fast_decode=fast)  # crops of < 96: full size
-        return list(ShardDataset(tmp_path / "shards", "train", transform=tf, seed=5, on_bad_image="skip"))
+        return list(
+            ShardDataset(tmp_path / "shards", "train", transform=tf, seed=5, on_bad_image="skip")
+        )
 
     fast, slow = items(True), items(False)
     assert [item[1:] for item in fast] == [item[1:] for item in slow]  # targets, valid, index

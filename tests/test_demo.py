@@ -8,8 +8,17 @@ from res2net.cli.demo import keep_best_weights
 
 
 def test_keep_best_weights_removes_only_the_runs_checkpoints(tmp_path, monkeypatch):
-    names = ["last.pt", "best.pt", "res2net50-001.pt", "res2net50-002.pt", "checkpoints.json",
-             "metrics.jsonl", "training.png", "mine.pt", "res2net101-001.pt"]
+    names = [
+        "last.pt",
+        "best.pt",
+        "res2net50-001.pt",
+        "res2net50-002.pt",
+        "checkpoints.json",
+        "metrics.jsonl",
+        "training.png",
+        "mine.pt",
+        "res2net101-001.pt",
+    ]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
 
@@ -20,4 +29,10 @@ def test_keep_best_weights_removes_only_the_runs_checkpoints(tmp_path, monkeypat
     monkeypatch.setattr("res2net.weights.convert.convert", convert)
     keep_best_weights(tmp_path, tmp_path / "best.pt", prefix="res2net50")
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["best.safetensors", "metrics.jsonl", "mine.pt", "res2net101-001.pt", "training.png"]
+    assert left == [
+        "best.safetensors",
+        "metrics.jsonl",
+        "mine.pt",
+        "res2net101-001.pt",
+        "training.png",
+    ]

@@ -32,7 +32,12 @@ def tiny_trunk() -> Res2Net:
 
 
 def tiny_dla() -> DLA:
-    return DLA(levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 32, 64, 128, 256), base_width=16, out_indices=(2, 3, 4))
+    return DLA(
+        levels=(1, 1, 1, 1, 1, 1),
+        channels=(8, 16, 32, 64, 128, 256),
+        base_width=16,
+        out_indices=(2, 3, 4),
+    )
 
 
 def trainable_roots(module: nn.Module) -> set[str]:
@@ -81,8 +86,9 @@ def test_trainable_layers_dla_and_unused_stages():
 
 
 def test_dla_backbone_with_p6p7():
-    fpn = res2net_fpn_backbone(tiny_dla(), returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(64, 64),
-                               out_channels=64)
+    fpn = res2net_fpn_backbone(
+        tiny_dla(), returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(64, 64), out_channels=64
+    )
     with torch.no_grad():
         out = fpn(torch.rand(1, 3, SIZE, SIZE))
     assert list(out) == ["0", "1", "2", "p6", "p7"]
@@ -144,9 +150,16 @@ def synthetic_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]
 
 
 RCNN_KW = dict(
-    min_size=SIZE, max_size=SIZE, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
-    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64,
-    box_batch_size_per_image=32, box_detections_per_img=10, box_score_thresh=0.0,
+    min_size=SIZE,
+    max_size=SIZE,
+    rpn_pre_nms_top_n_train=100,
+    rpn_post_nms_top_n_train=50,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=50,
+    rpn_batch_size_per_image=64,
+    box_batch_size_per_image=32,
+    box_detections_per_img=10,
+    box_score_thresh=0.0,
 )
 ONE_STAGE_KW = dict(min_size=SIZE, max_size=SIZE, detections_per_img=10, score_thresh=0.0)
 
@@ -155,7 +168,11 @@ DETECTORS = {
     "fasterrcnn": (fasterrcnn_res2net50_fpn, RCNN_KW, RCNN_LOSSES),
     "maskrcnn": (maskrcnn_res2net50_fpn, RCNN_KW, RCNN_LOSSES | {"loss_mask"}),
     "retinanet": (retinanet_res2net50_fpn, ONE_STAGE_KW, {"classification", "bbox_regression"}),
-    "fcos": (fcos_res2net50_fpn, ONE_STAGE_KW, {"classification", "bbox_regression", "bbox_ctrness"}),
+    "fcos": (
+        fcos_res2net50_fpn,
+        ONE_STAGE_KW,
+        {"classification", "bbox_regression", "bbox_ctrness"},
+    ),
 }
 
 
@@ -195,8 +212,16 @@ def test_detector_train_step_and_inference(kind):
         assert set(det) == expected_keys
         n = det["boxes"].shape[0]
         assert 0 < n <= 10
-        assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,) and det["labels"].shape == (n,)
-        assert det["labels"].dtype == torch.int64 and det["labels"].min() >= 0 and det["labels"].max() < 3
+        assert (
+            det["boxes"].shape == (n, 4)
+            and det["scores"].shape == (n,)
+            and det["labels"].shape == (n,)
+        )
+        assert (
+            det["labels"].dtype == torch.int64
+            and det["labels"].min() >= 0
+            and det["labels"].max() < 3
+        )
         assert det["boxes"].min() >= 0 and det["boxes"].max() <= SIZE
         if kind == "maskrcnn":
             assert det["masks"].shape == (n, 1, SIZE, SIZE)

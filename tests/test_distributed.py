@@ -31,25 +31,78 @@ sys.exit(main(sys.argv[1:]))
 
 
 def common_args(data_dir: Path, ckpt_dir: Path, batch_size: int) -> list[str]:
-    return ["train", "--model", "res2net50", "--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir),
-            "--image_resize", "16", "--crop_pct", "1.0", "--batch_size", str(batch_size), "--epoch_size", "2",
-            "--num_parallel_workers", "0", "--mode", "1", "--opt", "momentum", "--lr", "0.01",
-            "--warmup_epochs", "0", "--decay_epochs", "2", "--weight_decay", "1e-4", "--freeze_bn", "True",
-            "--val_while_train", "True", "--seed", "3", "--device", "cpu", "--dist_timeout", "120"]
+    return [
+        "train",
+        "--model",
+        "res2net50",
+        "--data_dir",
+        str(data_dir),
+        "--ckpt_save_dir",
+        str(ckpt_dir),
+        "--image_resize",
+        "16",
+        "--crop_pct",
+        "1.0",
+        "--batch_size",
+        str(batch_size),
+        "--epoch_size",
+        "2",
+        "--num_parallel_workers",
+        "0",
+        "--mode",
+        "1",
+        "--opt",
+        "momentum",
+        "--lr",
+        "0.01",
+        "--warmup_epochs",
+        "0",
+        "--decay_epochs",
+        "2",
+        "--weight_decay",
+        "1e-4",
+        "--freeze_bn",
+        "True",
+        "--val_while_train",
+        "True",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--dist_timeout",
+        "120",
+    ]
 
 
 def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "Grad strides do not match" not in proc.stderr  # CPU weights in the layout of their grads
+    assert (
+        "Grad strides do not match" not in proc.stderr
+    )  # CPU weights in the layout of their grads
     return proc
 
 
 def torchrun(hook: Path, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(hook), *args, "--distribute", "True"], env)
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(hook),
+            *args,
+            "--distribute",
+            "True",
+        ],
+        env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +141,25 @@ def test_distributed_eval_counts_every_image_once(runs):
     root, data, _ = runs
     records = [json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["kind"] == "epoch"][-1]
-    cfg = load_config(None, ["--model", "res2net50", "--data_dir", str(data), "--image_resize", "16",
-                             "--crop_pct", "1.0", "--batch_size", "4", "--num_parallel_workers", "0", "--device", "cpu"])
+    cfg = load_config(
+        None,
+        [
+            "--model",
+            "res2net50",
+            "--data_dir",
+            str(data),
+            "--image_resize",
+            "16",
+            "--crop_pct",
+            "1.0",
+            "--batch_size",
+            "4",
+            "--num_parallel_workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     alone = validate(cfg, root / "ddp" / "last.pt")
     assert final["val_n"] == alone.n == 15
     assert final["val_top1"] == alone.top1 and final["val_top5"] == alone.top5
@@ -98,7 +168,10 @@ def test_distributed_eval_counts_every_image_once(runs):
 
 def test_job_stopped_mid_epoch_resumes_to_the_same_weights(runs):
     root, _, stopped = runs
-    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (0, 1)  # every rank stopped after step 1
+    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (
+        0,
+        1,
+    )  # every rank stopped after step 1
     resumed, ddp = weights(root / "stopped" / "last.pt"), weights(root / "ddp" / "last.pt")
     for k in ddp:
         assert torch.equal(resumed[k], ddp[k]), k
@@ -110,7 +183,20 @@ def test_distribute_without_torchrun_runs_one_process(tmp_path):
 
     info = distributed.setup(True, "cpu")
     assert (info.rank, info.world_size, info.enabled) == (0, 1, False)
-    proc = subprocess.run([sys.executable, "-m", "res2net.cli.main", "train", "--data_dir", str(tmp_path),
-                           "--distribute", "True"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "res2net.cli.main",
+            "train",
+            "--data_dir",
+            str(tmp_path),
+            "--distribute",
+            "True",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2  # the empty data folder, not the missing torchrun
     assert "running one process" in proc.stderr and "torchrun --nproc_per_node" in proc.stderr

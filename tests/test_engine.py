@@ -17,12 +17,16 @@ from res2net.engine.schedules import LrSchedule
 
 
 def test_cosine_with_warmup_equals_formula():
-    s = LrSchedule("cosine_decay", lr=0.1, steps_per_epoch=10, min_lr=0.001, warmup_epochs=4, decay_epochs=196)
+    s = LrSchedule(
+        "cosine_decay", lr=0.1, steps_per_epoch=10, min_lr=0.001, warmup_epochs=4, decay_epochs=196
+    )
     assert s(0) == 0.0
     assert s(20) == pytest.approx(0.1 * 20 / 40)
     assert s(40) == pytest.approx(0.1)
     t, total = 1000 - 40, 1960
-    assert s(1000) == pytest.approx(0.001 + 0.5 * (0.1 - 0.001) * (1 + math.cos(math.pi * t / total)))
+    assert s(1000) == pytest.approx(
+        0.001 + 0.5 * (0.1 - 0.001) * (1 + math.cos(math.pi * t / total))
+    )
     assert s(40 + 1960) == pytest.approx(0.001)
     assert s(10_000) == pytest.approx(0.001)
 
@@ -30,19 +34,25 @@ def test_cosine_with_warmup_equals_formula():
 def test_warmup_factor_and_epoch_stair():
     s = LrSchedule("constant", lr=1.0, steps_per_epoch=4, warmup_epochs=1, warmup_factor=0.5)
     assert [s(i) for i in range(5)] == pytest.approx([0.5, 0.625, 0.75, 0.875, 1.0])
-    stair = LrSchedule("cosine_decay", lr=1.0, steps_per_epoch=4, decay_epochs=2, lr_epoch_stair=True)
+    stair = LrSchedule(
+        "cosine_decay", lr=1.0, steps_per_epoch=4, decay_epochs=2, lr_epoch_stair=True
+    )
     assert stair(5) == stair(4) == pytest.approx(0.5)
 
 
 def test_step_and_multi_step_decay():
     step = LrSchedule("step_decay", lr=1.0, steps_per_epoch=10, decay_epochs=2, decay_rate=0.5)
     assert [step(i) for i in (0, 19, 20, 40)] == pytest.approx([1.0, 1.0, 0.5, 0.25])
-    multi = LrSchedule("multi_step_decay", lr=1.0, steps_per_epoch=10, milestones=(1, 3), decay_rate=0.1)
+    multi = LrSchedule(
+        "multi_step_decay", lr=1.0, steps_per_epoch=10, milestones=(1, 3), decay_rate=0.1
+    )
     assert [multi(i) for i in (9, 10, 29, 30)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
 
 
 def test_cosine_cycles():
-    s = LrSchedule("cosine_decay", lr=1.0, steps_per_epoch=1, decay_epochs=10, num_cycles=2, cycle_decay=0.5)
+    s = LrSchedule(
+        "cosine_decay", lr=1.0, steps_per_epoch=1, decay_epochs=10, num_cycles=2, cycle_decay=0.5
+    )
     assert s(10) == pytest.approx(0.5) and s(20) == 0.0
 
 
@@ -54,8 +64,9 @@ def test_unknown_scheduler():
 def test_weight_decay_filter():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
-    opt = build_optimizer(model, opt="momentum", lr=0.1, weight_decay=1e-4,
-                          weight_decay_filter="norm_and_bias")
+    opt = build_optimizer(
+        model, opt="momentum", lr=0.1, weight_decay=1e-4, weight_decay_filter="norm_and_bias"
+    )
     decay, no_decay = opt.param_groups
     assert {p.ndim for p in decay["params"]} == {2, 4} and decay["weight_decay"] == 1e-4
     assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0

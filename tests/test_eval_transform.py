@@ -204,7 +204,9 @@ def test_shard_index_missing_a_key_is_one_line(tmp_path: Path, capsys) -> None:
     index = tmp_path / "wds" / "val" / "index.json"
     index.parent.mkdir(parents=True)
     shard = {"name": "val-000000.tar", "count": 1}
-    index.write_text(json.dumps({"format": INDEX_FORMAT, "version": 1, "total": 1, "shards": [shard]}))
+    index.write_text(
+        json.dumps({"format": INDEX_FORMAT, "version": 1, "total": 1, "shards": [shard]})
+    )
     assert (
         main(
             [
@@ -253,7 +255,12 @@ def test_non_utf8_class_name_fails_before_validation(
 
 
 def test_hostile_eval_metadata_is_a_value_error(tmp_path: Path) -> None:
-    for bad in ({"mean": 3}, {"image_resize": float("inf")}, {"std": [0.0, 1, 1]}, {"crop_pct": "x"}):
+    for bad in (
+        {"mean": 3},
+        {"image_resize": float("inf")},
+        {"std": [0.0, 1, 1]},
+        {"crop_pct": "x"},
+    ):
         with pytest.raises(ValueError):
             EvalTransform.from_dict(bad)
     with pytest.raises(ValueError, match="malformed mean/std"):

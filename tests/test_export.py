@@ -10,6 +10,7 @@ import torch
 from res2net.cli import export as export_cmd
 from res2net.export import compare_outputs, export_onnx
 from res2net.models import DLA, Res2Net
+
 from .test_models import randomize_bn, rel_err
 
 
@@ -25,7 +26,9 @@ def test_onnx_export_has_dynamic_batch_and_matches_torch(tmp_path):
     pytest.importorskip("onnxscript")
     model = tiny_res2net(num_classes=10)
     check = export_onnx(model, tmp_path / "tiny.onnx", image_size=32)
-    assert check.max_rel_err <= 1e-4 and check.batch_size != 2  # checked at another batch than traced
+    assert (
+        check.max_rel_err <= 1e-4 and check.batch_size != 2
+    )  # checked at another batch than traced
     session = ort.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
     assert inp.name == "image" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]
@@ -47,7 +50,10 @@ def test_onnx_export_of_a_dla_backbone(tmp_path):
 
 def test_export_check_fails_loudly_when_outputs_differ(tmp_path):
     want = [torch.ones(2, 10)]
-    assert compare_outputs(tmp_path, 2, [torch.ones(2, 10) * (1 + 1e-6)], want, rtol=1e-4).max_rel_err < 1e-4
+    assert (
+        compare_outputs(tmp_path, 2, [torch.ones(2, 10) * (1 + 1e-6)], want, rtol=1e-4).max_rel_err
+        < 1e-4
+    )
     with pytest.raises(RuntimeError, match="differ from PyTorch"):
         compare_outputs(tmp_path, 2, [torch.ones(2, 10) * 1.01], want, rtol=1e-4)
     with pytest.raises(RuntimeError, match="shapes"):
@@ -69,11 +75,25 @@ def test_export_cli_pt2_round_trip(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr("res2net.factory.create_model", create_tiny)
     out = tmp_path / "r50.pt2"
-    args = export_args(str(out), "--format", "pt2", "--model", "res2net50", "--image_resize", "32", "--num_classes", "7")
+    args = export_args(
+        str(out),
+        "--format",
+        "pt2",
+        "--model",
+        "res2net50",
+        "--image_resize",
+        "32",
+        "--num_classes",
+        "7",
+    )
     assert export_cmd.run(args, []) == 0
     assert built == dict(name="res2net50", checkpoint_path=None, features_only=False, num_classes=7)
     printed = capsys.readouterr().out
-    assert printed.startswith(f"wrote {out} (pt2") and "max abs error" in printed and "max rel error" in printed
+    assert (
+        printed.startswith(f"wrote {out} (pt2")
+        and "max abs error" in printed
+        and "max rel error" in printed
+    )
     assert torch.export.load(str(out)).module()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
@@ -82,8 +102,17 @@ def test_export_cli_onnx_with_checkpoint(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     model = Res2Net(layers=(3, 4, 6, 3), num_classes=5)
     torch.save(model.state_dict(), tmp_path / "w.pth")
-    args = export_args(str(tmp_path / "r50.onnx"), "--format", "onnx", "--model", "res2net50",
-                       "--ckpt_path", str(tmp_path / "w.pth"), "--image_resize", "64")
+    args = export_args(
+        str(tmp_path / "r50.onnx"),
+        "--format",
+        "onnx",
+        "--model",
+        "res2net50",
+        "--ckpt_path",
+        str(tmp_path / "w.pth"),
+        "--image_resize",
+        "64",
+    )
     assert export_cmd.run(args, []) == 0
     assert "max rel error" in capsys.readouterr().out
 
@@ -95,7 +124,9 @@ def test_onnx_export_is_one_quiet_file_with_dynamic_size(tmp_path, capfd):
     path = tmp_path / "any_size.onnx"
     check = export_onnx(model, path, image_size=32, dynamic_size=True)
     assert check.max_rel_err <= 1e-4
-    assert [p.name for p in tmp_path.iterdir()] == ["any_size.onnx"]  # weights inside, no .onnx.data
+    assert [p.name for p in tmp_path.iterdir()] == [
+        "any_size.onnx"
+    ]  # weights inside, no .onnx.data
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""  # no exporter chatter without verbose
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -127,7 +158,9 @@ def test_a_rejected_export_leaves_the_file_already_there(tmp_path, fmt):
 def test_export_refuses_to_write_over_its_checkpoint(tmp_path):
     ckpt = tmp_path / "w.pth"
     torch.save(tiny_res2net().state_dict(), ckpt)
-    args = export_args(str(ckpt), "--format", "pt2", "--model", "res2net50", "--ckpt_path", str(ckpt))
+    args = export_args(
+        str(ckpt), "--format", "pt2", "--model", "res2net50", "--ckpt_path", str(ckpt)
+    )
     with pytest.raises(ValueError, match="is the checkpoint to export"):
         export_cmd.run(args, [])
 
@@ -145,11 +178,18 @@ def test_export_to_a_directory_is_refused_before_any_work(tmp_path, fmt, monkeyp
     (out / "mine.txt").write_text("kept")
     assert main(["export", str(out), "--format", fmt, "--model", "res2net50"]) == 2
     err = capsys.readouterr().err
-    assert err == f"res2net export: error: export output '{out}' is a directory: name a file to write\n"
-    assert [p.name for p in tmp_path.iterdir()] == [out.name] and (out / "mine.txt").read_text() == "kept"
+    assert (
+        err
+        == f"res2net export: error: export output '{out}' is a directory: name a file to write\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [out.name] and (
+        out / "mine.txt"
+    ).read_text() == "kept"
     below_a_file = tmp_path / "file.txt"
     below_a_file.write_text("x")
-    assert main(["export", str(below_a_file / "m.pt2"), "--format", fmt, "--model", "res2net50"]) == 2
+    assert (
+        main(["export", str(below_a_file / "m.pt2"), "--format", fmt, "--model", "res2net50"]) == 2
+    )
     assert "a folder on its path is a file" in capsys.readouterr().err
 
 

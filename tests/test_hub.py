@@ -117,12 +117,26 @@ def test_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     rgb(tmp_path / "img.png", size=(32, 32))
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_OFFLINE", None)
-    proc = subprocess.run([sys.executable, "-m", "res2net.cli.main", "predict", "--model", "hf-hub:x/y",
-                           str(tmp_path / "img.png")], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "res2net.cli.main",
+            "predict",
+            "--model",
+            "hf-hub:x/y",
+            str(tmp_path / "img.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(
         "res2net predict: error: x/y: config.json is not in the Hub cache and "
-        "http://127.0.0.1:9/x/y/resolve/main/config.json cannot be reached"), proc.stderr
+        "http://127.0.0.1:9/x/y/resolve/main/config.json cannot be reached"
+    ), proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
 
 
@@ -161,9 +175,20 @@ def test_convert_cli_writes_a_hub_folder(trained, tmp_path, capsys):
     (tmp_path / "classes.txt").write_text("\n".join("vwxyz"))
     out = tmp_path / "out"
     (tmp_path / "recipe.yaml").write_text("model: res2net50_14w_8s\nlr: 0.1\n")
-    args = ["convert", str(src), "--model", ARCH, "--to-hub-folder", str(out),
-            "--metric", "top1=12.5", "--classes", str(tmp_path / "classes.txt"),
-            "--recipe", str(tmp_path / "recipe.yaml")]
+    args = [
+        "convert",
+        str(src),
+        "--model",
+        ARCH,
+        "--to-hub-folder",
+        str(out),
+        "--metric",
+        "top1=12.5",
+        "--classes",
+        str(tmp_path / "classes.txt"),
+        "--recipe",
+        str(tmp_path / "recipe.yaml"),
+    ]
     assert main(args) == 0
     loaded = res2net.create_model(f"local-dir:{out}")
     x = torch.randn(1, 3, 64, 64)
@@ -181,10 +206,13 @@ def test_a_folder_of_the_users_files_is_not_overwritten(trained, tmp_path):
     mine.mkdir()
     (mine / "README.md").write_text("MY NOTES")
     (mine / "config.json").write_text('{"mine": 1}')
-    with pytest.raises(ValueError, match="already holds config.json, README.md and is not a model folder"):
+    with pytest.raises(
+        ValueError, match="already holds config.json, README.md and is not a model folder"
+    ):
         res2net.save_to_folder(model, mine, arch=ARCH)
-    assert (mine / "README.md").read_text() == "MY NOTES" and sorted(p.name for p in mine.iterdir()) == [
-        "README.md", "config.json"]
+    assert (mine / "README.md").read_text() == "MY NOTES" and sorted(
+        p.name for p in mine.iterdir()
+    ) == ["README.md", "config.json"]
     again = tmp_path / "again"
     shutil.copytree(folder, again)
     res2net.save_to_folder(model, again, arch=ARCH, classes=list("vwxyz"))  # ours: replaced
@@ -202,9 +230,7 @@ def test_config_classes_must_match_the_weights_before_the_model_is_built(
     config.update(num_classes=1_000_000, label_names=None)
     (folder / "config.json").write_text(json.dumps(config))
     built = []
-    monkeypatch.setattr(
-        "res2net.factory.build_model", lambda name, **kw: built.append(kw) or 1 / 0
-    )
+    monkeypatch.setattr("res2net.factory.build_model", lambda name, **kw: built.append(kw) or 1 / 0)
     with pytest.raises(ValueError, match=r"config.json.*1000000.*5 classes"):
         res2net.create_model(f"local-dir:{folder}")
     assert not built

@@ -14,24 +14,39 @@ from res2net.cli import benchmark as benchmark_cmd
 from res2net.models import DLA, Res2Net
 from res2net.models.layers import channels_last_on_cpu
 from res2net.profile import benchmark_model, conv_gemm_gflops, machine_info, matmul_gflops
+
 from .test_models import randomize_bn, rel_err
 
 TINY = {
     "classic": lambda **kw: Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, **kw),
-    "v1b": lambda **kw: Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, deep_stem=True, avg_down=True, **kw),
-    "res2next": lambda **kw: Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, cardinality=4, **kw),
+    "v1b": lambda **kw: Res2Net(
+        layers=(1, 1, 1, 1), base_width=4, scale=4, deep_stem=True, avg_down=True, **kw
+    ),
+    "res2next": lambda **kw: Res2Net(
+        layers=(1, 1, 1, 1), base_width=4, scale=4, cardinality=4, **kw
+    ),
     "scale1": lambda **kw: Res2Net(layers=(1, 1, 1, 1), base_width=16, scale=1, **kw),
-    "scale2_os8": lambda **kw: Res2Net(layers=(2, 1, 1, 2), base_width=8, scale=2, output_stride=8, **kw),
+    "scale2_os8": lambda **kw: Res2Net(
+        layers=(2, 1, 1, 2), base_width=8, scale=2, output_stride=8, **kw
+    ),
     "dla": lambda **kw: DLA(levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 32, 64, 64, 128), **kw),
     "dla_next": lambda **kw: DLA(
-        levels=(1, 1, 1, 2, 2, 1), channels=(8, 16, 32, 64, 64, 128), base_width=8, cardinality=2, **kw
+        levels=(1, 1, 1, 2, 2, 1),
+        channels=(8, 16, 32, 64, 64, 128),
+        base_width=8,
+        cardinality=2,
+        **kw,
     ),
 }
 
 
 def tiny(kind: str, features: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    kw = dict(out_indices=(0, 1, 2, 3, 4) if kind != "dla" else (1, 4)) if features else dict(num_classes=10)
+    kw = (
+        dict(out_indices=(0, 1, 2, 3, 4) if kind != "dla" else (1, 4))
+        if features
+        else dict(num_classes=10)
+    )
     model = TINY[kind](**kw)
     randomize_bn(model)
     return model.eval()
@@ -81,7 +96,10 @@ def test_optimize_keeps_the_classifier_api():
     optimized = res2net.optimize_for_inference(tiny("classic"))
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert optimized.forward_head(optimized.forward_features(x), pre_logits=True).shape == (1, 2048)
+        assert optimized.forward_head(optimized.forward_features(x), pre_logits=True).shape == (
+            1,
+            2048,
+        )
 
 
 def test_optimize_rejects_unfoldable_batchnorm():
@@ -105,22 +123,34 @@ def timm_twin(kind: str) -> nn.Module:
     timm = pytest.importorskip("timm")
     if kind == "dla":
         return timm.models.dla.DLA(
-            levels=(1, 1, 1, 1, 1, 1), channels=(8, 16, 32, 64, 64, 128), num_classes=10,
-            block=timm.models.dla.DlaBottle2neck, base_width=28,
+            levels=(1, 1, 1, 1, 1, 1),
+            channels=(8, 16, 32, 64, 64, 128),
+            num_classes=10,
+            block=timm.models.dla.DlaBottle2neck,
+            base_width=28,
         )
     return timm.models.resnet.ResNet(
-        block=timm.models.res2net.Bottle2neck, layers=(1, 1, 1, 1), base_width=4, block_args=dict(scale=4), num_classes=10
+        block=timm.models.res2net.Bottle2neck,
+        layers=(1, 1, 1, 1),
+        base_width=4,
+        block_args=dict(scale=4),
+        num_classes=10,
     )
 
 
 @pytest.mark.parametrize(
     "kind, dtype, size, tol",
-    [("classic", torch.float32, 64, 1e-3), ("classic", torch.float64, 32, 1e-10), ("dla", torch.float64, 32, 1e-10)],
+    [
+        ("classic", torch.float32, 64, 1e-3),
+        ("classic", torch.float64, 32, 1e-10),
+        ("dla", torch.float64, 32, 1e-10),
+    ],
 )
 def test_training_step_matches_timm(kind, dtype, size, tol):
     """Our training path (channels_last on CPU, as `create_model` installs) computes timm's loss,
-    gradients and BatchNorm statistics. float64 shows the math is the same; in float32, train-mode
-    BatchNorm over the tiny DLA's smallest maps amplifies rounding differences beyond any tolerance."""
+    gradients and BatchNorm statistics. float64 shows the math is the same; in float32,
+    train-mode BatchNorm over the tiny DLA's smallest maps amplifies rounding differences beyond
+    any tolerance."""
     model = tiny(kind).train().to(dtype)
     model.register_forward_pre_hook(channels_last_on_cpu)
     ref = timm_twin(kind).train().to(dtype)
@@ -137,7 +167,9 @@ def test_training_step_matches_timm(kind, dtype, size, tol):
 def test_benchmark_measures_both_modes():
     model = tiny("classic")
     for mode in ("infer", "train"):
-        row = benchmark_model(model, "tiny", batch_size=2, image_size=32, mode=mode, warmup=1, repeats=2)
+        row = benchmark_model(
+            model, "tiny", batch_size=2, image_size=32, mode=mode, warmup=1, repeats=2
+        )
         assert row.mode == mode and row.ms_per_step > 0 and len(row.steps_ms) == 2
         assert row.img_per_s == pytest.approx(2000.0 / row.ms_per_step)
     assert machine_info()["cores"] >= 1
@@ -151,12 +183,30 @@ def benchmark_args(*argv: str) -> argparse.Namespace:
 
 
 def test_benchmark_cli_prints_markdown_and_json(capsys):
-    args = benchmark_args("--model", "res2net50", "--batch_size", "1", "--image_resize", "32", "--mode", "infer",
-                          "--optimize", "--warmup", "1", "--repeats", "1", "--device", "cpu")
+    args = benchmark_args(
+        "--model",
+        "res2net50",
+        "--batch_size",
+        "1",
+        "--image_resize",
+        "32",
+        "--mode",
+        "infer",
+        "--optimize",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert benchmark_cmd.run(args, []) == 0
     out = capsys.readouterr().out
     table, _, json_line = out.strip().rpartition("\n")
-    assert "| model name | params(M) | cards | batch size | resolution | jit level | graph compile | ms/step | img/s" in table
+    assert (
+        "| model name | params(M) | cards | batch size | resolution | jit level | graph compile "
+        "| ms/step | img/s" in table
+    )
     assert "| res2net50 | 25.70 | 1 | 1 | 32x32 | optimized |" in table
     assert "Machine: cpu" in table
     data = json.loads(json_line)

@@ -48,7 +48,13 @@ def _ld(field: int, payload: bytes, lie: int = 0) -> bytes:
     return _vi(field << 3 | 2) + _vi(max(0, len(payload) + lie)) + payload
 
 
-def _entry(tag: bytes, dims: list[int], ttype: bytes, content: bytes, lies: tuple[int, int, int] = (0, 0, 0)) -> bytes:
+def _entry(
+    tag: bytes,
+    dims: list[int],
+    ttype: bytes,
+    content: bytes,
+    lies: tuple[int, int, int] = (0, 0, 0),
+) -> bytes:
     tensor = b"".join(_vi(1 << 3) + _vi(d) for d in dims) + _ld(2, ttype) + _ld(3, content, lies[0])
     return _ld(1, _ld(1, tag) + _ld(2, tensor, lies[1]), lies[2])
 
@@ -98,11 +104,15 @@ def test_mapping_round_trip(kw):
     theirs = ours_to_mindcv(ours, model)
     assert not any(k.endswith("num_batches_tracked") for k in theirs)
     assert all(
-        k.startswith(("conv1.", "bn1.", "layer", "classifier.")) and "downsample" not in k and ".running_" not in k
+        k.startswith(("conv1.", "bn1.", "layer", "classifier."))
+        and "downsample" not in k
+        and ".running_" not in k
         for k in theirs
     )
     if kw:  # v1b: MindCV's stride-1 shortcut is [conv, bn], ours [Identity, conv, bn]
-        assert "layer1.0.down_sample.0.weight" in theirs and "layer2.0.down_sample.1.weight" in theirs
+        assert (
+            "layer1.0.down_sample.0.weight" in theirs and "layer2.0.down_sample.1.weight" in theirs
+        )
     back = mindcv_to_ours(theirs, model)
     assert set(back) == set(ours)
     for k, v in ours.items():
@@ -245,7 +255,18 @@ def test_string_entries_skipped_and_crc_checked(tmp_path):
         (b"\x0b\x0c", "wire type"),
         (_ld(1, _ld(1, b"\xff\xfe") + _ld(2, _ld(2, b"Int8") + _ld(3, b"\x01"))), "UTF-8"),
     ],
-    ids=["empty", "dims", "negative", "type", "content_len", "entry_len", "twice", "varint", "wire", "utf8"],
+    ids=[
+        "empty",
+        "dims",
+        "negative",
+        "type",
+        "content_len",
+        "entry_len",
+        "twice",
+        "varint",
+        "wire",
+        "utf8",
+    ],
 )
 def test_invalid_files_named_errors(tmp_path, data, why):
     path = tmp_path / "bad.ckpt"
@@ -290,7 +311,9 @@ SMALL = _small_valid()
 SMALL_TENSORS, SMALL_SKIPPED = ms._decode(SMALL)
 
 
-def _assert_only_value_error(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+def _assert_only_value_error(
+    path: Path, data: bytes
+) -> tuple[dict[str, torch.Tensor], list[str]] | None:
     path.write_bytes(data)
     try:
         tensors, skipped = read_mindspore_checkpoint(path)
@@ -314,14 +337,40 @@ def test_every_truncation(tmp_path):
             assert all(torch.equal(v, SMALL_TENSORS[k]) for k, v in tensors.items())
 
 
-_TENSOR_TYPES = [b"Float16", b"Float32", b"Float64", b"Int8", b"Int64", b"UInt8", b"Bool", b"BFloat16", b"str"]
+_TENSOR_TYPES = [
+    b"Float16",
+    b"Float32",
+    b"Float64",
+    b"Int8",
+    b"Int64",
+    b"UInt8",
+    b"Bool",
+    b"BFloat16",
+    b"str",
+]
 _ITEMSIZE = {
-    b"Float16": 2, b"Float32": 4, b"Float64": 8, b"Int8": 1, b"Int64": 8, b"UInt8": 1, b"Bool": 1, b"BFloat16": 2
+    b"Float16": 2,
+    b"Float32": 4,
+    b"Float64": 8,
+    b"Int8": 1,
+    b"Int64": 8,
+    b"UInt8": 1,
+    b"Bool": 1,
+    b"BFloat16": 2,
 }
 _JUNK_TYPES = [b"Int4", b"float32", b"", b"Float\xff", b"Float32\x00"]
 _HUGE = [2**31, 2**32, 2**40, 2**62, 2**63 - 1, -(2**63), -1]
 _LIES = [0] * 8 + [1, -1, 7, 2**31, 2**40, 2**63]
-_TOKENS = [b"\x0b", b"\x0c", b"\x0e", b"\x0f", b"\xff" * 11, b"\x00", b"\x08\x01", b"\x0d\x00\x00\x00\x00"]
+_TOKENS = [
+    b"\x0b",
+    b"\x0c",
+    b"\x0e",
+    b"\x0f",
+    b"\xff" * 11,
+    b"\x00",
+    b"\x08\x01",
+    b"\x0d\x00\x00\x00\x00",
+]
 
 
 @st.composite
@@ -336,8 +385,14 @@ def _crafted(draw) -> bytes:
             content = draw(st.binary(min_size=size, max_size=size))
         else:
             content = draw(st.binary(max_size=48))
-        tag = draw(st.sampled_from([b"w", b"b", b"w", b"b", b"global_step", b"moments.w", b"\xff\xfe"]))
-        lies = (draw(st.sampled_from(_LIES)), draw(st.sampled_from(_LIES)), draw(st.sampled_from(_LIES)))
+        tag = draw(
+            st.sampled_from([b"w", b"b", b"w", b"b", b"global_step", b"moments.w", b"\xff\xfe"])
+        )
+        lies = (
+            draw(st.sampled_from(_LIES)),
+            draw(st.sampled_from(_LIES)),
+            draw(st.sampled_from(_LIES)),
+        )
         out += draw(st.sampled_from([b""] * 4 + _TOKENS)) + _entry(tag, dims, ttype, content, lies)
     return out + draw(st.sampled_from([b""] * 4 + _TOKENS))
 

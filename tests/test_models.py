@@ -91,7 +91,9 @@ def test_dla_runs_at_odd_sizes():
 def test_aliases_are_the_same_networks():
     for alias, canonical in ALIASES.items():
         a, b = build_model(alias), build_model(canonical)
-        assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+        assert [(k, v.shape) for k, v in a.state_dict().items()] == [
+            (k, v.shape) for k, v in b.state_dict().items()
+        ]
 
 
 def test_list_models():
@@ -130,7 +132,9 @@ def test_dla_rejects_output_stride():
 
 
 def tiny(**kwargs) -> nn.Module:
-    return res2net.models.Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, num_classes=10, **kwargs)
+    return res2net.models.Res2Net(
+        layers=(1, 1, 1, 1), base_width=4, scale=4, num_classes=10, **kwargs
+    )
 
 
 @pytest.mark.parametrize("name", ["res2net50", "res2net50_v1b", "dla60_res2net"])
@@ -149,7 +153,9 @@ def test_features_only_strides_and_channels(name):
 
 def test_features_match_classifier_stages():
     model = tiny().eval()
-    feats = res2net.models.Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, out_indices=(0, 4)).eval()
+    feats = res2net.models.Res2Net(
+        layers=(1, 1, 1, 1), base_width=4, scale=4, out_indices=(0, 4)
+    ).eval()
     feats.load_state_dict(model.state_dict(), strict=False)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -160,14 +166,18 @@ def test_features_match_classifier_stages():
 
 @pytest.mark.parametrize("output_stride, expect", [(16, [4, 8, 16, 16]), (8, [4, 8, 8, 8])])
 def test_output_stride_by_dilation(output_stride, expect):
-    model = res2net.create_model("res2net50_v1b", features_only=True, output_stride=output_stride).eval()
+    model = res2net.create_model(
+        "res2net50_v1b", features_only=True, output_stride=output_stride
+    ).eval()
     assert model.feature_reductions == expect
     with torch.no_grad():
         maps = model(torch.randn(1, 3, 64, 64))
     assert [64 // m.shape[-1] for m in maps] == expect
     # dilation, not stride, keeps the receptive field growing
     d = 32 // output_stride
-    assert model.layer4[0].convs[0].dilation == (d // 2,) * 2  # the stage's first block keeps the previous one
+    assert (
+        model.layer4[0].convs[0].dilation == (d // 2,) * 2
+    )  # the stage's first block keeps the previous one
     assert model.layer4[1].convs[0].dilation == (d,) * 2
 
 
@@ -186,7 +196,9 @@ def test_head_api():
 
 
 def test_in_chans_dropout_drop_path():
-    model = res2net.create_model("res2net50_v1b", in_chans=1, num_classes=4, drop_rate=0.5, drop_path_rate=0.2)
+    model = res2net.create_model(
+        "res2net50_v1b", in_chans=1, num_classes=4, drop_rate=0.5, drop_path_rate=0.2
+    )
     assert model.conv1[0].in_channels == 1
     assert model.head_drop.p == 0.5
     assert model.layer4[-1].drop_path.p == pytest.approx(0.2)
@@ -217,7 +229,9 @@ def test_stage_first_block_pools_last_group():
 
 
 def test_scale_one_is_a_plain_bottleneck():
-    model = res2net.models.Res2Net(layers=(1, 1, 1, 1), base_width=64, scale=1, num_classes=10).eval()
+    model = res2net.models.Res2Net(
+        layers=(1, 1, 1, 1), base_width=64, scale=1, num_classes=10
+    ).eval()
     assert len(model.layer1[0].convs) == 1
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
@@ -248,7 +262,9 @@ def test_norm_and_act_layers_are_the_builders(name):
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in built.modules())
     n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in built.modules()) == n_norms
-    assert sum(isinstance(m, nn.SiLU) for m in built.modules()) == sum(isinstance(m, nn.ReLU) for m in plain.modules())
+    assert sum(isinstance(m, nn.SiLU) for m in built.modules()) == sum(
+        isinstance(m, nn.ReLU) for m in plain.modules()
+    )
     keys = {k for k in plain.state_dict() if not k.endswith("num_batches_tracked")}
     assert set(built.state_dict()) == keys
     built.load_state_dict(plain.state_dict())  # FrozenBatchNorm2d drops the counter itself
@@ -264,9 +280,12 @@ def test_cpu_layout_is_create_models_choice():
     """The classes compute in the caller's layout; `create_model` adds the channels_last hook
     on CPU unless told not to. Values are the same either way."""
     x = torch.randn(1, 3, 32, 32)
-    ours = res2net.create_model("res2net50", num_classes=4, features_only=True, out_indices=(1,)).eval()
-    kept = res2net.create_model("res2net50", num_classes=4, features_only=True, out_indices=(1,),
-                                cpu_channels_last=False).eval()
+    ours = res2net.create_model(
+        "res2net50", num_classes=4, features_only=True, out_indices=(1,)
+    ).eval()
+    kept = res2net.create_model(
+        "res2net50", num_classes=4, features_only=True, out_indices=(1,), cpu_channels_last=False
+    ).eval()
     kept.load_state_dict(ours.state_dict())
     plain = build_model("res2net50", num_classes=4, out_indices=(1,)).eval()
     plain.load_state_dict(ours.state_dict())

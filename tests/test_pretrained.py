@@ -22,7 +22,17 @@ from res2net.weights.pretrained import (
 
 TABLE = pt._table()
 ENTRIES = [(name, e) for name, entries in TABLE.items() for e in entries]
-REQUIRED = {"source", "urls", "file_name", "format", "license", "top1", "top5", "eval", "verified_from"}
+REQUIRED = {
+    "source",
+    "urls",
+    "file_name",
+    "format",
+    "license",
+    "top1",
+    "top5",
+    "eval",
+    "verified_from",
+}
 EVAL_KEYS = {"image_resize", "crop_pct", "interpolation", "mean", "std"}
 
 
@@ -35,7 +45,9 @@ def test_keys_are_canonical_registry_names() -> None:
     assert all(TABLE[name] for name in TABLE), "a model listed without entries"
 
 
-@pytest.mark.parametrize("name,entry", ENTRIES, ids=[f"{n}-{e['source']}-{e['file_name']}" for n, e in ENTRIES])
+@pytest.mark.parametrize(
+    "name,entry", ENTRIES, ids=[f"{n}-{e['source']}-{e['file_name']}" for n, e in ENTRIES]
+)
 def test_entry_schema(name: str, entry: dict) -> None:
     assert REQUIRED <= set(entry), REQUIRED - set(entry)
     assert entry["source"] in SOURCES
@@ -117,7 +129,10 @@ def test_default_source() -> None:
 def test_named_source() -> None:
     entry = select_entry("res2net50_26w_4s", "timm")
     assert entry["format"] == "safetensors"
-    assert entry["urls"][0] == "https://huggingface.co/timm/res2net50_26w_4s.in1k/resolve/main/model.safetensors"
+    assert (
+        entry["urls"][0]
+        == "https://huggingface.co/timm/res2net50_26w_4s.in1k/resolve/main/model.safetensors"
+    )
     assert select_entry("res2net50_14w_8s", "openmmlab")["sha256_prefix"] == "bc967bf1"
     with pytest.raises(ValueError, match=r"available sources: mindcv, official$"):
         select_entry("res2net50_v1b", "timm")
@@ -160,7 +175,9 @@ def _forbid_download(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pt, "fetch", fail)
 
 
-def test_download_verifies_and_caches(payload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_verifies_and_caches(
+    payload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src, digest = payload
     cache = tmp_path / "cache"
     entry = _entry([src.as_uri()], digest[:8])
@@ -172,14 +189,20 @@ def test_download_verifies_and_caches(payload, tmp_path: Path, monkeypatch: pyte
     assert download_weights(entry, cache_dir=cache) == path
 
 
-def test_download_without_prefix_reuses_any_cached_file(payload, tmp_path: Path, monkeypatch) -> None:
+def test_download_without_prefix_reuses_any_cached_file(
+    payload, tmp_path: Path, monkeypatch
+) -> None:
     src, _ = payload
     (tmp_path / "model-x.pth").write_bytes(b"already here")
     _forbid_download(monkeypatch)
-    assert download_weights(_entry([src.as_uri()]), cache_dir=tmp_path).read_bytes() == b"already here"
+    assert (
+        download_weights(_entry([src.as_uri()]), cache_dir=tmp_path).read_bytes() == b"already here"
+    )
 
 
-def test_download_default_cache_dir(payload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_default_cache_dir(
+    payload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src, digest = payload
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     path = download_weights(_entry([src.as_uri()], digest[:8]))
@@ -205,7 +228,9 @@ def test_stale_cached_file_is_replaced(payload, tmp_path: Path) -> None:
 def test_mirror_used_when_primary_fails(payload, tmp_path: Path) -> None:
     src, digest = payload
     missing = (tmp_path / "nowhere.bin").as_uri()
-    path = download_weights(_entry([missing, src.as_uri()], digest[:8]), cache_dir=tmp_path / "cache")
+    path = download_weights(
+        _entry([missing, src.as_uri()], digest[:8]), cache_dir=tmp_path / "cache"
+    )
     assert path.read_bytes() == src.read_bytes()
 
 

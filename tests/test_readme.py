@@ -37,16 +37,45 @@ SLOW_MARK = re.compile(r"<!--\s*readme-test slow:\s*(.+?)\s*-->")
 # `res2net serve` runs in the background for the curl lines after it, then is stopped
 SERVE_PORT = 8765
 SERVE_START = (
-    f"{sys.executable} -m res2net.cli.main {{args}} > serve.log 2>&1 < /dev/null & echo $! > serve.pid; "
+    f"{sys.executable} -m res2net.cli.main {{args}} > serve.log 2>&1 < /dev/null & "
+    "echo $! > serve.pid; "
     f"for i in $(seq 300); do curl -sf http://127.0.0.1:{SERVE_PORT}/health > /dev/null && exit 0; "
     "sleep 0.2; done; cat serve.log; exit 1"
 )
-PATHS = {"/path/to/imagenet": "imagenet", "/data/imagenet-wds": "imagenet-wds", "/data/imagenet": "imagenet"}
+PATHS = {
+    "/path/to/imagenet": "imagenet",
+    "/data/imagenet-wds": "imagenet-wds",
+    "/data/imagenet": "imagenet",
+}
 # the workspace's ImageNet stand-in has 3 classes
-TRAIN_TINY = ["--num_classes", "3", "--epoch_size", "1", "--batch_size", "2", "--image_resize", "32",
-              "--num_parallel_workers", "0", "--log_interval", "100"]
-DEMO_TINY = ["--epoch_size", "1", "--num_samples", "32", "--batch_size", "16", "--warmup_epochs", "0", "--decay_epochs", "1",
-             "--num_parallel_workers", "0"]
+TRAIN_TINY = [
+    "--num_classes",
+    "3",
+    "--epoch_size",
+    "1",
+    "--batch_size",
+    "2",
+    "--image_resize",
+    "32",
+    "--num_parallel_workers",
+    "0",
+    "--log_interval",
+    "100",
+]
+DEMO_TINY = [
+    "--epoch_size",
+    "1",
+    "--num_samples",
+    "32",
+    "--batch_size",
+    "16",
+    "--warmup_epochs",
+    "0",
+    "--decay_epochs",
+    "1",
+    "--num_parallel_workers",
+    "0",
+]
 
 
 @dataclass
@@ -82,7 +111,7 @@ def readme_blocks(text: str) -> list[Block]:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
             if lang in ("shell", "bash", "sh", "python"):
                 kind = "python" if lang == "python" else "shell"
-                blocks.append(Block(i + 1, kind, "\n".join(lines[i + 1:end]) + "\n", skip, slow))
+                blocks.append(Block(i + 1, kind, "\n".join(lines[i + 1 : end]) + "\n", skip, slow))
             skip = slow = None
             i = end
         elif line.startswith("    ") and (i == 0 or not lines[i - 1].strip()):
@@ -107,14 +136,18 @@ def command_lines(code: str) -> list[list[str]]:
 
 def heavy(argv: list[str]) -> bool:
     """A minute or more on 2 CPU cores: run under -m slow only."""
-    if argv[:2] == ["res2net", "demo"] or (argv[:2] == ["res2net", "benchmark"] and "--compile" in argv):
+    if argv[:2] == ["res2net", "demo"] or (
+        argv[:2] == ["res2net", "benchmark"] and "--compile" in argv
+    ):
         return True
     return argv[:2] == ["res2net", "export"] and "onnx" in argv
 
 
 def tiny(argv: list[str], n: int) -> list[list[str]]:
     """The commands that run for one README command line: its own, made small."""
-    argv = [next((a.replace(k, v, 1) for k, v in PATHS.items() if a.startswith(k)), a) for a in argv]
+    argv = [
+        next((a.replace(k, v, 1) for k, v in PATHS.items() if a.startswith(k)), a) for a in argv
+    ]
     if argv[0] == "make":
         steps = [["make", "-n", "-C", str(REPO), *argv[1:]]]
         if argv[1:] == ["demo"]:  # and the demo itself, tiny
@@ -129,15 +162,24 @@ def tiny(argv: list[str], n: int) -> list[list[str]]:
         return [argv + ["--num_parallel_workers", "0"]]
     if argv[:2] == ["res2net", "benchmark"]:
         i = argv.index("--batch_size")
-        return [argv[: i + 1] + ["2"] + argv[i + 2:] + ["--image_resize", "32", "--warmup", "1", "--repeats", "1"]]
+        return [
+            argv[: i + 1]
+            + ["2"]
+            + argv[i + 2 :]
+            + ["--image_resize", "32", "--warmup", "1", "--repeats", "1"]
+        ]
     if argv[:2] == ["res2net", "export"]:
         return [argv + ["--image_resize", "64"]]
     if argv[:3] == ["res2net", "saliency", "train"]:
-        return [argv + ["--epochs", "1", "--image_size", "64", "--batch_size", "2", "--workers", "0"]]
+        return [
+            argv + ["--epochs", "1", "--image_size", "64", "--batch_size", "2", "--workers", "0"]
+        ]
     if argv[:3] == ["res2net", "data", "check"]:
         return [argv + ["--workers", "1"]]
     if argv[:2] == ["res2net", "serve"]:
-        args = shlex.join([a if a != "8000" else str(SERVE_PORT) for a in argv[1:]] + ["--max_batch", "1"])
+        args = shlex.join(
+            [a if a != "8000" else str(SERVE_PORT) for a in argv[1:]] + ["--max_batch", "1"]
+        )
         return [["sh", "-c", SERVE_START.format(args=args)]]
     if argv[0] == "curl":
         calls = [[a.replace(":8000/", f":{SERVE_PORT}/") for a in argv]]
@@ -185,22 +227,44 @@ def _workspace(root: Path) -> Path:
         write_mindspore_checkpoint(root / name, ours_to_mindcv(full.state_dict(), full))
     (root / "ckpt").mkdir()
     config = Config(model="res2net50", image_resize=32, crop_pct=1.0).to_dict()
-    torch.save({"format": "res2net-train", "arch": "res2net50", "num_classes": 3,
-                "classes": ["class0", "class1", "class2"], "model": small.state_dict(), "ema": None,
-                "config": config}, root / "ckpt" / "best.pt")
+    torch.save(
+        {
+            "format": "res2net-train",
+            "arch": "res2net50",
+            "num_classes": 3,
+            "classes": ["class0", "class1", "class2"],
+            "model": small.state_dict(),
+            "ema": None,
+            "config": config,
+        },
+        root / "ckpt" / "best.pt",
+    )
     return root
 
 
 def _run(root: Path, steps: list[dict]) -> dict[str, dict]:
     plan, result = root / "plan.json", root / "result.json"
     plan.write_text(json.dumps({"workdir": str(root), "steps": steps}))
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.readme_runner", str(plan), str(result)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.readme_runner", str(plan), str(result)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
     done = json.loads(result.read_text()) if result.is_file() else []
     if len(done) != len(steps):
-        raise AssertionError(f"the runner stopped after {len(done)} of {len(steps)} steps:\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"the runner stopped after {len(done)} of {len(steps)} steps:\n{proc.stderr[-3000:]}"
+        )
     return {r["id"]: r for r in done}
 
 
@@ -219,7 +283,9 @@ def _steps(include_heavy: bool) -> list[dict]:
         for argv in command_lines(block.code):
             for cmd in tiny(argv, n):
                 if heavy(cmd) == include_heavy:
-                    steps.append({"id": f"{block.id}#{n}", "kind": "shell", "code": shlex.join(cmd)})
+                    steps.append(
+                        {"id": f"{block.id}#{n}", "kind": "shell", "code": shlex.join(cmd)}
+                    )
                 n += 1
     return steps
 
@@ -238,9 +304,18 @@ def _demo_output(root: Path) -> None:
     run = root / cfg.ckpt_save_dir
     run.mkdir(parents=True)
     model = create_model(cfg.model, num_classes=10)
-    torch.save({"format": "res2net-train", "arch": cfg.model, "num_classes": 10,
-                "classes": [str(i) for i in range(10)], "model": model.state_dict(), "ema": None,
-                "config": cfg.to_dict()}, run / "best.pt")
+    torch.save(
+        {
+            "format": "res2net-train",
+            "arch": cfg.model,
+            "num_classes": 10,
+            "classes": [str(i) for i in range(10)],
+            "model": model.state_dict(),
+            "ema": None,
+            "config": cfg.to_dict(),
+        },
+        run / "best.pt",
+    )
     keep_best_weights(run, run / "best.pt", prefix=cfg.model)
 
 
@@ -255,7 +330,11 @@ def _check(step: dict) -> None:
     out = step["output"]
     assert step["rc"] == 0, f"{step['id']} exited {step['rc']}:\n{out[-3000:]}"
     assert "Traceback" not in out, out[-3000:]
-    noise = [ln for ln in out.splitlines() if re.search(r"\w+Warning:|worker processes in total|Grad strides", ln)]
+    noise = [
+        ln
+        for ln in out.splitlines()
+        if re.search(r"\w+Warning:|worker processes in total|Grad strides", ln)
+    ]
     assert not noise, f"{step['id']} printed warnings the reader did not cause: {noise}"
 
 
@@ -292,4 +371,6 @@ def test_readme_heavy_commands(tmp_path: Path) -> None:
     path = tmp_path / re.search(r"best weights: (\S+)", demo["output"]).group(1)
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == ["best.safetensors", "metrics.jsonl", "training.png"], files
-    assert "(checkpoint best.safetensors)" in demo["output"]  # validated with the weights' transform
+    assert (
+        "(checkpoint best.safetensors)" in demo["output"]
+    )  # validated with the weights' transform

@@ -37,8 +37,22 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "res2net"
 # lr schedules: MindCV builds a list, warmup list + main list for epochs - warmup_epochs
 
 
-def mindcv_lrs(name, *, lr, spe, epochs, min_lr=0.0, warmup=0, wf=0.0, decay_epochs=10,
-               rate=0.9, milestones=(), cycles=1, cycle_decay=1.0, stair=False):
+def mindcv_lrs(
+    name,
+    *,
+    lr,
+    spe,
+    epochs,
+    min_lr=0.0,
+    warmup=0,
+    wf=0.0,
+    decay_epochs=10,
+    rate=0.9,
+    milestones=(),
+    cycles=1,
+    cycle_decay=1.0,
+    stair=False,
+):
     """MindCV's create_scheduler, as a list (restated from its dynamic_lr functions)."""
     out = []
     for i in range(spe * warmup):  # linear_lr (stair) / linear_refined_lr
@@ -52,8 +66,11 @@ def mindcv_lrs(name, *, lr, spe, epochs, min_lr=0.0, warmup=0, wf=0.0, decay_epo
             c, t = divmod(i, spe * decay_epochs)
             t = t // spe if stair else t / spe
             peak = lr * cycle_decay**c
-            out.append(min_lr if c >= cycles else
-                       min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * t / decay_epochs)))
+            out.append(
+                min_lr
+                if c >= cycles
+                else min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * t / decay_epochs))
+            )
         elif name == "step_decay":
             out.append(lr * rate ** math.floor((i // spe) / decay_epochs))
         elif name == "multi_step_decay":
@@ -69,6 +86,7 @@ def mindcv_lrs(name, *, lr, spe, epochs, min_lr=0.0, warmup=0, wf=0.0, decay_epo
 
             def cos(a, b, pct):
                 return b + (a - b) / 2 * (math.cos(math.pi * pct) + 1)
+
             out.append(cos(init, lr, i / up) if i <= up else cos(lr, min_lr, (i - up) / (end - up)))
         elif name == "cyclic":  # cyclic_lr(base_lr=min_lr, max_lr=lr, step_size_up=...)
             half = float(int(steps / cycles / 2))
@@ -90,38 +108,65 @@ SCHEDULE_CASES = [
 
 @pytest.mark.parametrize("name,warmup,stair", SCHEDULE_CASES)
 def test_lr_at_every_step_equals_mindcv(name, warmup, stair):
-    kw = dict(lr=0.5, min_lr=0.01, decay_epochs=3, rate=0.5, milestones=(1, 3),
-              cycles=2, cycle_decay=0.5)
+    kw = dict(
+        lr=0.5, min_lr=0.01, decay_epochs=3, rate=0.5, milestones=(1, 3), cycles=2, cycle_decay=0.5
+    )
     expected = mindcv_lrs(name, spe=3, epochs=9, warmup=warmup, wf=0.1, stair=stair, **kw)
-    s = LrSchedule(name, lr=0.5, steps_per_epoch=3, min_lr=0.01, warmup_epochs=warmup,
-                   warmup_factor=0.1, decay_epochs=3, decay_rate=0.5, milestones=(1, 3),
-                   num_cycles=2, cycle_decay=0.5, lr_epoch_stair=stair, epochs=9)
+    s = LrSchedule(
+        name,
+        lr=0.5,
+        steps_per_epoch=3,
+        min_lr=0.01,
+        warmup_epochs=warmup,
+        warmup_factor=0.1,
+        decay_epochs=3,
+        decay_rate=0.5,
+        milestones=(1, 3),
+        num_cycles=2,
+        cycle_decay=0.5,
+        lr_epoch_stair=stair,
+        epochs=9,
+    )
     assert [s(i) for i in range(27)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_multi_step_milestones_count_after_warmup():
     # MindCV's multi_step_lr runs for epochs - warmup_epochs: milestone 2 falls 2 epochs after
     # the 3 warmup epochs, at epoch 5 of the run.
-    s = LrSchedule("multi_step_decay", lr=1.0, steps_per_epoch=1, warmup_epochs=3,
-                   warmup_factor=0.0, milestones=(2, 4), decay_rate=0.1, epochs=10)
+    s = LrSchedule(
+        "multi_step_decay",
+        lr=1.0,
+        steps_per_epoch=1,
+        warmup_epochs=3,
+        warmup_factor=0.0,
+        milestones=(2, 4),
+        decay_rate=0.1,
+        epochs=10,
+    )
     assert [s(i) for i in range(10)] == pytest.approx(
-        [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.01])
+        [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.01]
+    )
 
 
 def test_one_cycle_and_cyclic_numbers():
     oc = LrSchedule("one_cycle", lr=1.0, steps_per_epoch=5, min_lr=1e-4, epochs=2)
     assert oc(0) == pytest.approx(0.04)  # lr / 25
-    assert oc(2) == pytest.approx(1.0)   # peak at 0.3 * 10 - 1 = step 2
+    assert oc(2) == pytest.approx(1.0)  # peak at 0.3 * 10 - 1 = step 2
     assert oc(9) == pytest.approx(1e-4)  # min_lr at the last step
     cy = LrSchedule("cyclic", lr=1.0, steps_per_epoch=4, min_lr=0.0, num_cycles=2, epochs=2)
     assert [cy(i) for i in range(8)] == pytest.approx([0, 0.5, 1, 0.5, 0, 0.5, 1, 0.5])
 
 
-@pytest.mark.parametrize("scheduler,key,value", [
-    ("one_cycle", "warmup_epochs", "2"), ("one_cycle", "lr_epoch_stair", "True"),
-    ("cyclic", "warmup_epochs", "1"), ("cyclic", "lr_epoch_stair", "True"),
-    ("one_cycle", "min_lr", "0"),
-])
+@pytest.mark.parametrize(
+    "scheduler,key,value",
+    [
+        ("one_cycle", "warmup_epochs", "2"),
+        ("one_cycle", "lr_epoch_stair", "True"),
+        ("cyclic", "warmup_epochs", "1"),
+        ("cyclic", "lr_epoch_stair", "True"),
+        ("one_cycle", "min_lr", "0"),
+    ],
+)
 def test_scheduler_refusals_name_the_key(scheduler, key, value):
     with pytest.raises(ConfigError, match=f"^config key '{key}'"):
         load_config(None, ["--scheduler", scheduler, "--warmup_epochs", "0", f"--{key}", value])
@@ -168,8 +213,9 @@ def test_layer_decay_scales_stem_stages_head():
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_mindcv_optimizer_steps(name):
     net = small_net()
-    opt = build_optimizer(net, opt=name.upper(), lr=0.01, weight_decay=1e-4,
-                          weight_decay_filter="norm_and_bias")
+    opt = build_optimizer(
+        net, opt=name.upper(), lr=0.01, weight_decay=1e-4, weight_decay_filter="norm_and_bias"
+    )
     before = [p.detach().clone() for p in net.parameters()]
     net(torch.randn(2, 3, 5, 5)).sum().backward()
     opt.step()
@@ -227,7 +273,8 @@ def test_label_smoothing_loss_as_mindcv():
     ce = train_mod._loss(load_config(None, ["--label_smoothing", "0.1"]), False)
     nll = -logp[torch.arange(2), labels]
     assert ce(logits, labels).item() == pytest.approx(
-        (0.9 * nll + 0.1 * -logp.mean(1)).mean().item(), rel=1e-6)
+        (0.9 * nll + 0.1 * -logp.mean(1)).mean().item(), rel=1e-6
+    )
     # BinaryCrossEntropySmooth: targets on = 1 - s + s / K, off = s / K
     bce = train_mod._loss(load_config(None, ["--label_smoothing", "0.3", "--loss", "bce"]), False)
     targets = torch.full((2, 3), 0.1)
@@ -245,8 +292,7 @@ def classify_mixes(mix, n=300):
     for _ in range(n):
         out, _ = mix(torch.cat([a, b]), torch.tensor([0, 1]))
         values = set(torch.round(out[0], decimals=5).flatten().tolist())
-        kind = ("none" if values == {0.0} else
-                "cutmix" if values <= {0.0, 1.0} else "mixup")
+        kind = "none" if values == {0.0} else "cutmix" if values <= {0.0, 1.0} else "mixup"
         counts[kind] += 1
     return {k: v / n for k, v in counts.items()}
 
@@ -263,8 +309,16 @@ def test_mixup_cutmix_switching_and_probability():
 
 def test_random_erasing_random_value_is_normal_noise():
     # re_value 'random': erased pixels are standard normal values (after normalization)
-    t = train_transform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0, color_jitter=None,
-                        re_prob=1.0, re_scale=(0.5, 0.5), re_value="random")
+    t = train_transform(
+        32,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        hflip=0,
+        color_jitter=None,
+        re_prob=1.0,
+        re_scale=(0.5, 0.5),
+        re_value="random",
+    )
     torch.manual_seed(0)
     out = t(Image.new("RGB", (32, 32), (124, 116, 104)))  # the mean: normalizes to ~0
     erased = out[out.abs() > 0.05]
@@ -280,11 +334,14 @@ def test_eval_resize_from_crop_pct(crop_pct, resize):
     assert t(Image.new("RGB", (300, 400))).shape == (3, 224, 224)
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("0.4", [(0.6, 1.4)] * 3 + [None]),
-    ("[0.3, 0.3, 0.3]", [(0.7, 1.3)] * 3 + [None]),
-    ("[0.4, 0.4, 0.4, 0.1]", [(0.6, 1.4)] * 3 + [(-0.1, 0.1)]),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("0.4", [(0.6, 1.4)] * 3 + [None]),
+        ("[0.3, 0.3, 0.3]", [(0.7, 1.3)] * 3 + [None]),
+        ("[0.4, 0.4, 0.4, 0.1]", [(0.6, 1.4)] * 3 + [(-0.1, 0.1)]),
+    ],
+)
 def test_color_jitter_forms(value, expected):
     cfg = load_config(None, ["--color_jitter", value])
     t = train_transform(16, color_jitter=cfg.color_jitter)
@@ -296,8 +353,17 @@ def test_color_jitter_forms(value, expected):
 # --------------------------------------------------------------------------------------------
 # every interpolation with every auto-augment policy, on the tensor and the PIL path
 
-AA_FORMS = ["randaug-m9-mstd0.5-inc1", "randaug-m7-mstd0.5", "randaug-m9-n2-mstd0.5-inc1",
-            "autoaug", "autoaugr", "autoaug-mstd0.5", "3a", "augmix", "trivialaugwide"]
+AA_FORMS = [
+    "randaug-m9-mstd0.5-inc1",
+    "randaug-m7-mstd0.5",
+    "randaug-m9-n2-mstd0.5-inc1",
+    "autoaug",
+    "autoaugr",
+    "autoaug-mstd0.5",
+    "3a",
+    "augmix",
+    "trivialaugwide",
+]
 
 
 def jpeg_bytes(size=40) -> bytes:
@@ -322,8 +388,9 @@ def test_every_interpolation_with_every_policy(interpolation, single_thread):
     data = jpeg_bytes()
     for fast in (True, False):
         for aa in AA_FORMS:
-            t = train_transform(16, interpolation=interpolation, auto_augment=aa,
-                                fast_decode=fast, re_prob=0.25)
+            t = train_transform(
+                16, interpolation=interpolation, auto_augment=aa, fast_decode=fast, re_prob=0.25
+            )
             image = image_for(t, data, "x.jpg", None)  # what the datasets hand the transform
             if fast and interpolation in ("nearest", "bilinear", "linear", "bicubic", "cubic"):
                 assert isinstance(image, EncodedImage)
@@ -375,8 +442,21 @@ def test_every_field_has_one_help_line():
 
 
 def test_ignored_keys_are_reported():
-    cfg = load_config(None, ["--aux_factor", "0.1", "--re_max_attempts", "1",
-                             "--eval_shuffle", "True", "--eps", "1e-3", "--opt", "adamw"])
+    cfg = load_config(
+        None,
+        [
+            "--aux_factor",
+            "0.1",
+            "--re_max_attempts",
+            "1",
+            "--eval_shuffle",
+            "True",
+            "--eps",
+            "1e-3",
+            "--opt",
+            "adamw",
+        ],
+    )
     notes = "\n".join(cfg.notes())
     for key in ("aux_factor", "re_max_attempts", "eval_shuffle", "eps"):
         assert f"{key}: " in notes
@@ -396,8 +476,10 @@ def test_help_lists_every_key_grouped(capsys):
 
 def test_mindcv_quirks_keep_working(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("weight_decay: 1e-5\nmin_lr: '1e-6'\nnum_classes: None\n"
-                      "color_jitter: [0.4, 0.4, 0.4]\nopt: 'SGD'\nloss: 'ce'\n")
+    recipe.write_text(
+        "weight_decay: 1e-5\nmin_lr: '1e-6'\nnum_classes: None\n"
+        "color_jitter: [0.4, 0.4, 0.4]\nopt: 'SGD'\nloss: 'ce'\n"
+    )
     cfg = load_config(recipe, ["--ema"])
     assert cfg.weight_decay == 1e-5 and cfg.min_lr == 1e-6 and cfg.num_classes is None
     assert cfg.ema is True and cfg.color_jitter == (0.4, 0.4, 0.4)
@@ -405,43 +487,82 @@ def test_mindcv_quirks_keep_working(tmp_path):
 
 # Every key and value (as YAML) that MindCV's 179 public recipes give, from their tally.
 RECIPE_VALUES = {
-    "distribute": ["True"], "num_parallel_workers": ["8", "16"], "dataset": ["'imagenet'"],
-    "shuffle": ["True"], "batch_size": ["32", "75", "320"], "keep_checkpoint_max": ["10", "100"],
-    "epoch_size": ["300", "90"], "dataset_sink_mode": ["True"],
-    "amp_level": ["'O2'", "'O3'", "'O0'"], "loss": ["'CE'", "'ce'"], "label_smoothing": ["0.1"],
-    "scheduler": ["'cosine_decay'", "'warmup_cosine_decay'", "'multi_step_decay'",
-                  "'step_decay'"],
+    "distribute": ["True"],
+    "num_parallel_workers": ["8", "16"],
+    "dataset": ["'imagenet'"],
+    "shuffle": ["True"],
+    "batch_size": ["32", "75", "320"],
+    "keep_checkpoint_max": ["10", "100"],
+    "epoch_size": ["300", "90"],
+    "dataset_sink_mode": ["True"],
+    "amp_level": ["'O2'", "'O3'", "'O0'"],
+    "loss": ["'CE'", "'ce'"],
+    "label_smoothing": ["0.1"],
+    "scheduler": ["'cosine_decay'", "'warmup_cosine_decay'", "'multi_step_decay'", "'step_decay'"],
     "lr": ["0.1", "0.0005"],
     "opt": ["'momentum'", "'adamw'", "'rmsprop'", "'sgd'", "'SGD'", "'lion'", "'AdamW'"],
-    "weight_decay": ["0.0001", "4e-05", "'1e-5'", "'5e-5'", "0.3"], "mode": ["0"],
-    "warmup_epochs": ["5", "0", "32"], "interpolation": ["'bilinear'", "'bicubic'"],
-    "decay_epochs": ["120", "295"], "image_resize": ["224", "256", "299", "240"],
-    "hflip": ["0.5"], "use_nesterov": ["False", "True"], "dataset_download": ["False"],
-    "pretrained": ["False"], "drop_remainder": ["True"],
+    "weight_decay": ["0.0001", "4e-05", "'1e-5'", "'5e-5'", "0.3"],
+    "mode": ["0"],
+    "warmup_epochs": ["5", "0", "32"],
+    "interpolation": ["'bilinear'", "'bicubic'"],
+    "decay_epochs": ["120", "295"],
+    "image_resize": ["224", "256", "299", "240"],
+    "hflip": ["0.5"],
+    "use_nesterov": ["False", "True"],
+    "dataset_download": ["False"],
+    "pretrained": ["False"],
+    "drop_remainder": ["True"],
     "min_lr": ["0.0", "1e-05", "1e-06", "'1e-10'", "'1e-6'", "3e-07", "'5e-6'"],
-    "scale": ["[0.08, 1.0]"], "ratio": ["[0.75, 1.333]", "[0.75, 1.33]"],
-    "crop_pct": ["0.875", "0.9", "0.95", "0.935", "0.96", "0.93", "0.925", "0.915", "0.87",
-                 "1.15"],
-    "momentum": ["0.9"], "loss_scale": ["1024", "16777216", "16777216.0", "1024.0", "300"],
-    "val_while_train": ["True"], "re_prob": ["0.25", "0.0", "1.0"],
-    "auto_augment": ["'randaug-m9-mstd0.5-inc1'", "'randaug-m9-mstd0.5'", "'autoaug'",
-                     "'randaug-m7-mstd0.5'", "'randaug-m7-mstd0.5-inc1'", "'autoaug-mstd0.5'",
-                     "'randaug-m9-n2-mstd0.5-inc1'"],
-    "mixup": ["0.8", "0.2"], "color_jitter": ["0.4", "[0.4, 0.4, 0.4]", "0.0", "[0.3, 0.3, 0.3]"],
-    "cutmix": ["1.0"], "loss_scale_type": ["'dynamic'", "'auto'", "'fixed'"],
-    "val_interval": ["1", "5"], "drop_path_rate": ["0.1", "0.0", "0.5"],
-    "drop_overflow_update": ["True"], "cutmix_prob": ["1.0", "0.0"],
-    "ckpt_save_policy": ["'top_k'", "'latest_k'"], "vflip": ["0.0"],
-    "eps": ["'1e-3'", "1e-08", "'1e-8'"], "warmup_factor": ["0.01", "0.002", "1.75e-05"],
-    "val_split": ["'val'"], "re_value": ["'random'"],
-    "decay_rate": ["0.1", "0.5", "0.01"], "weight_decay_filter": ["'auto'", "'norm_and_bias'"],
-    "drop_rate": ["0.2", "0.0", "0.25"], "val_amp_level": ["'O3'", "'O2'"],
-    "lr_epoch_stair": ["True", "False"], "ema": ["True", "False"], "ckpt_save_interval": ["1"],
-    "ema_decay": ["0.9995", "0.99996"], "log_interval": ["100"], "aug_repeats": ["3"],
-    "train_split": ["'train'"], "seed": ["1"],
-    "multi_step_decay_milestones": ["[30, 40, 50, 60, 70, 80, 85]"], "num_cycles": ["4", "2"],
-    "cycle_decay": ["1.0", "1"], "re_max_attempts": ["1"], "aux_factor": ["0.1"],
-    "re_ratio": ["[0.3, 3.333]"], "in_channels": ["3"], "gradient_accumulation_steps": ["2"],
+    "scale": ["[0.08, 1.0]"],
+    "ratio": ["[0.75, 1.333]", "[0.75, 1.33]"],
+    "crop_pct": ["0.875", "0.9", "0.95", "0.935", "0.96", "0.93", "0.925", "0.915", "0.87", "1.15"],
+    "momentum": ["0.9"],
+    "loss_scale": ["1024", "16777216", "16777216.0", "1024.0", "300"],
+    "val_while_train": ["True"],
+    "re_prob": ["0.25", "0.0", "1.0"],
+    "auto_augment": [
+        "'randaug-m9-mstd0.5-inc1'",
+        "'randaug-m9-mstd0.5'",
+        "'autoaug'",
+        "'randaug-m7-mstd0.5'",
+        "'randaug-m7-mstd0.5-inc1'",
+        "'autoaug-mstd0.5'",
+        "'randaug-m9-n2-mstd0.5-inc1'",
+    ],
+    "mixup": ["0.8", "0.2"],
+    "color_jitter": ["0.4", "[0.4, 0.4, 0.4]", "0.0", "[0.3, 0.3, 0.3]"],
+    "cutmix": ["1.0"],
+    "loss_scale_type": ["'dynamic'", "'auto'", "'fixed'"],
+    "val_interval": ["1", "5"],
+    "drop_path_rate": ["0.1", "0.0", "0.5"],
+    "drop_overflow_update": ["True"],
+    "cutmix_prob": ["1.0", "0.0"],
+    "ckpt_save_policy": ["'top_k'", "'latest_k'"],
+    "vflip": ["0.0"],
+    "eps": ["'1e-3'", "1e-08", "'1e-8'"],
+    "warmup_factor": ["0.01", "0.002", "1.75e-05"],
+    "val_split": ["'val'"],
+    "re_value": ["'random'"],
+    "decay_rate": ["0.1", "0.5", "0.01"],
+    "weight_decay_filter": ["'auto'", "'norm_and_bias'"],
+    "drop_rate": ["0.2", "0.0", "0.25"],
+    "val_amp_level": ["'O3'", "'O2'"],
+    "lr_epoch_stair": ["True", "False"],
+    "ema": ["True", "False"],
+    "ckpt_save_interval": ["1"],
+    "ema_decay": ["0.9995", "0.99996"],
+    "log_interval": ["100"],
+    "aug_repeats": ["3"],
+    "train_split": ["'train'"],
+    "seed": ["1"],
+    "multi_step_decay_milestones": ["[30, 40, 50, 60, 70, 80, 85]"],
+    "num_cycles": ["4", "2"],
+    "cycle_decay": ["1.0", "1"],
+    "re_max_attempts": ["1"],
+    "aux_factor": ["0.1"],
+    "re_ratio": ["[0.3, 3.333]"],
+    "in_channels": ["3"],
+    "gradient_accumulation_steps": ["2"],
 }
 
 
@@ -477,46 +598,120 @@ def jpeg_dir(tmp_path_factory) -> Path:
 # schedulers no public recipe uses), one training run per group.
 RECIPE_SHAPES = {
     "momentum-cosine-randaug-bicubic": dict(
-        opt="momentum", scheduler="cosine_decay", interpolation="bicubic",
-        auto_augment="randaug-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0,
-        cutmix_prob=1.0, loss="CE", weight_decay="1e-5", min_lr="1e-10", ema=True,
-        ema_decay=0.9995, amp_level="O2", loss_scale=1024, loss_scale_type="dynamic",
-        drop_overflow_update=True, val_amp_level="O3", mode=0, drop_path_rate=0.1),
+        opt="momentum",
+        scheduler="cosine_decay",
+        interpolation="bicubic",
+        auto_augment="randaug-m9-mstd0.5-inc1",
+        re_prob=0.25,
+        mixup=0.8,
+        cutmix=1.0,
+        cutmix_prob=1.0,
+        loss="CE",
+        weight_decay="1e-5",
+        min_lr="1e-10",
+        ema=True,
+        ema_decay=0.9995,
+        amp_level="O2",
+        loss_scale=1024,
+        loss_scale_type="dynamic",
+        drop_overflow_update=True,
+        val_amp_level="O3",
+        mode=0,
+        drop_path_rate=0.1,
+    ),
     "adamw-warmup_cosine-stair-re_random": dict(
-        opt="AdamW", scheduler="warmup_cosine_decay", warmup_factor=0.01, lr_epoch_stair=True,
-        interpolation="bicubic", auto_augment="randaug-m9-n2-mstd0.5-inc1",
-        color_jitter=[0.4, 0.4, 0.4], re_prob=1.0, re_value="random", re_ratio=[0.3, 3.333],
-        eps="1e-8", weight_decay_filter="auto", mixup=0.2, cutmix=1.0, cutmix_prob=0.0,
-        ratio=[0.75, 1.33], crop_pct=0.95),
+        opt="AdamW",
+        scheduler="warmup_cosine_decay",
+        warmup_factor=0.01,
+        lr_epoch_stair=True,
+        interpolation="bicubic",
+        auto_augment="randaug-m9-n2-mstd0.5-inc1",
+        color_jitter=[0.4, 0.4, 0.4],
+        re_prob=1.0,
+        re_value="random",
+        re_ratio=[0.3, 3.333],
+        eps="1e-8",
+        weight_decay_filter="auto",
+        mixup=0.2,
+        cutmix=1.0,
+        cutmix_prob=0.0,
+        ratio=[0.75, 1.33],
+        crop_pct=0.95,
+    ),
     "rmsprop-step-autoaug-aug_repeats": dict(
-        opt="rmsprop", eps="1e-3", scheduler="step_decay", decay_rate=0.97, decay_epochs=1,
-        interpolation="bilinear", auto_augment="autoaug", loss="ce", aug_repeats=3,
-        drop_rate=0.2, warmup_factor=1.75e-05, crop_pct=1.15),
+        opt="rmsprop",
+        eps="1e-3",
+        scheduler="step_decay",
+        decay_rate=0.97,
+        decay_epochs=1,
+        interpolation="bilinear",
+        auto_augment="autoaug",
+        loss="ce",
+        aug_repeats=3,
+        drop_rate=0.2,
+        warmup_factor=1.75e-05,
+        crop_pct=1.15,
+    ),
     "sgd-multistep-autoaug_mstd-accumulation": dict(
-        opt="SGD", scheduler="multi_step_decay", multi_step_decay_milestones=[1, 2],
-        decay_rate=0.1, auto_augment="autoaug-mstd0.5", interpolation="bicubic",
-        gradient_accumulation_steps=2, weight_decay_filter="norm_and_bias",
-        color_jitter=[0.3, 0.3, 0.3], ckpt_save_policy="top_k",
-        val_while_train=True, use_nesterov=True),
+        opt="SGD",
+        scheduler="multi_step_decay",
+        multi_step_decay_milestones=[1, 2],
+        decay_rate=0.1,
+        auto_augment="autoaug-mstd0.5",
+        interpolation="bicubic",
+        gradient_accumulation_steps=2,
+        weight_decay_filter="norm_and_bias",
+        color_jitter=[0.3, 0.3, 0.3],
+        ckpt_save_policy="top_k",
+        val_while_train=True,
+        use_nesterov=True,
+    ),
     "lion-randaug_m7-extras": dict(
-        opt="lion", lr=0.0001, auto_augment="randaug-m7-mstd0.5-inc1", interpolation="bilinear",
-        re_max_attempts=1, aux_factor=0.1, in_channels=3, color_jitter=0.0,
-        num_cycles=2, cycle_decay=1, dataset_download=False, train_split="train",
-        val_split="val", seed=1),
+        opt="lion",
+        lr=0.0001,
+        auto_augment="randaug-m7-mstd0.5-inc1",
+        interpolation="bilinear",
+        re_max_attempts=1,
+        aux_factor=0.1,
+        in_channels=3,
+        color_jitter=0.0,
+        num_cycles=2,
+        cycle_decay=1,
+        dataset_download=False,
+        train_split="train",
+        val_split="val",
+        seed=1,
+    ),
     "lamb-one_cycle-augmix-3a": dict(
-        opt="lamb", scheduler="one_cycle", warmup_epochs=0, auto_augment="augmix",
-        interpolation="bicubic", layer_decay=0.75),
+        opt="lamb",
+        scheduler="one_cycle",
+        warmup_epochs=0,
+        auto_augment="augmix",
+        interpolation="bicubic",
+        layer_decay=0.75,
+    ),
     "adan-cyclic-3a": dict(
-        opt="adan", scheduler="cyclic", warmup_epochs=0, auto_augment="3a", num_cycles=1,
-        interpolation="nearest"),
+        opt="adan",
+        scheduler="cyclic",
+        warmup_epochs=0,
+        auto_augment="3a",
+        num_cycles=1,
+        interpolation="nearest",
+    ),
     "nadam-exponential-trivialaug": dict(
-        opt="nadam", scheduler="exponential_decay", auto_augment="trivialaugwide",
-        interpolation="lanczos"),
+        opt="nadam",
+        scheduler="exponential_decay",
+        auto_augment="trivialaugwide",
+        interpolation="lanczos",
+    ),
     "adagrad-polynomial-autoaugr": dict(
-        opt="adagrad", scheduler="polynomial_decay", auto_augment="autoaugr",
-        interpolation="area", decay_rate=2.0),
-    "adam-constant-hue": dict(
-        opt="adam", scheduler="constant", color_jitter=[0.4, 0.4, 0.4, 0.1]),
+        opt="adagrad",
+        scheduler="polynomial_decay",
+        auto_augment="autoaugr",
+        interpolation="area",
+        decay_rate=2.0,
+    ),
+    "adam-constant-hue": dict(opt="adam", scheduler="constant", color_jitter=[0.4, 0.4, 0.4, 0.1]),
 }
 
 
@@ -531,12 +726,25 @@ def test_recipe_shapes_cover_optimizers_and_schedulers():
 def test_recipe_shape_trains_one_epoch(shape, jpeg_dir, tmp_path, single_thread):
     import yaml
 
-    recipe = {"model": "res2net50", "image_resize": 16, "batch_size": 4, "epoch_size": 1,
-              "warmup_epochs": 0, "num_parallel_workers": 0, "distribute": False,
-              "dataset_sink_mode": True, "ckpt_save_dir": str(tmp_path / "ckpt"),
-              "data_dir": str(jpeg_dir), "log_interval": 1, "label_smoothing": 0.1,
-              "scale": [0.08, 1.0], "hflip": 0.5, "momentum": 0.9, "lr": 0.01,
-              **RECIPE_SHAPES[shape]}
+    recipe = {
+        "model": "res2net50",
+        "image_resize": 16,
+        "batch_size": 4,
+        "epoch_size": 1,
+        "warmup_epochs": 0,
+        "num_parallel_workers": 0,
+        "distribute": False,
+        "dataset_sink_mode": True,
+        "ckpt_save_dir": str(tmp_path / "ckpt"),
+        "data_dir": str(jpeg_dir),
+        "log_interval": 1,
+        "label_smoothing": 0.1,
+        "scale": [0.08, 1.0],
+        "hflip": 0.5,
+        "momentum": 0.9,
+        "lr": 0.01,
+        **RECIPE_SHAPES[shape],
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cfg = load_config(path)

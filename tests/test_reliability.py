@@ -72,12 +72,51 @@ def record_figures(key: str, value: Any) -> None:
 
 def train_args(data_dir: Path, ckpt_dir: Path, *extra: str) -> list[str]:
     return [
-        "--model", "res2net_tiny", "--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir),
-        "--image_resize", "16", "--crop_pct", "1.0", "--batch_size", "4", "--epoch_size", str(EPOCHS),
-        "--num_parallel_workers", "0", "--mode", "1", "--device", "cpu", "--opt", "momentum", "--lr", "0.01",
-        "--warmup_epochs", "1", "--decay_epochs", "1", "--val_while_train", "True", "--ema", "True",
-        "--ema_decay", "0.9", "--hflip", "0.5", "--color_jitter", "0.2", "--seed", "7", "--log_interval", "1",
-        "--keep_checkpoint_max", "1", *extra,
+        "--model",
+        "res2net_tiny",
+        "--data_dir",
+        str(data_dir),
+        "--ckpt_save_dir",
+        str(ckpt_dir),
+        "--image_resize",
+        "16",
+        "--crop_pct",
+        "1.0",
+        "--batch_size",
+        "4",
+        "--epoch_size",
+        str(EPOCHS),
+        "--num_parallel_workers",
+        "0",
+        "--mode",
+        "1",
+        "--device",
+        "cpu",
+        "--opt",
+        "momentum",
+        "--lr",
+        "0.01",
+        "--warmup_epochs",
+        "1",
+        "--decay_epochs",
+        "1",
+        "--val_while_train",
+        "True",
+        "--ema",
+        "True",
+        "--ema_decay",
+        "0.9",
+        "--hflip",
+        "0.5",
+        "--color_jitter",
+        "0.2",
+        "--seed",
+        "7",
+        "--log_interval",
+        "1",
+        "--keep_checkpoint_max",
+        "1",
+        *extra,
     ]
 
 
@@ -120,21 +159,45 @@ def reference(tmp_path_factory) -> Reference:
 class Hooked:
     """One `res2net train` process with fault hooks; its log and event trace in files."""
 
-    def __init__(self, ref: Reference, ckpt: Path, *extra: str, env: dict[str, str] | None = None,
-                 torchrun: int = 0) -> None:
+    def __init__(
+        self,
+        ref: Reference,
+        ckpt: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        torchrun: int = 0,
+    ) -> None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         n = len(list(ckpt.parent.glob(f"{ckpt.name}.*.trace")))
         self.trace = ckpt.parent / f"{ckpt.name}.{n}.trace"
         self.log = ckpt.parent / f"{ckpt.name}.{n}.log"
-        env = {**os.environ, "RELIABILITY_TRACE": str(self.trace), "RELIABILITY_THREADS": str(THREADS),
-               "OMP_NUM_THREADS": str(THREADS),
-               "PYTHONUNBUFFERED": "1", **(env or {})}
+        env = {
+            **os.environ,
+            "RELIABILITY_TRACE": str(self.trace),
+            "RELIABILITY_THREADS": str(THREADS),
+            "OMP_NUM_THREADS": str(THREADS),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
         cmd = [sys.executable, str(HOOK), "train", *train_args(ref.data, ckpt, *extra)]
         if torchrun:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
-                   str(HOOK), "train", *train_args(ref.data, ckpt, *extra), "--distribute", "True"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(torchrun),
+                str(HOOK),
+                "train",
+                *train_args(ref.data, ckpt, *extra),
+                "--distribute",
+                "True",
+            ]
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.started = time.perf_counter()
 
     def events(self) -> list[str]:
@@ -144,7 +207,9 @@ class Hooked:
         deadline = time.perf_counter() + timeout
         while not any(e.startswith(event) for e in self.events()):
             if self.proc.poll() is not None:
-                raise AssertionError(f"process ended ({self.proc.returncode}) before {event!r}:\n{self.output()}")
+                raise AssertionError(
+                    f"process ended ({self.proc.returncode}) before {event!r}:\n{self.output()}"
+                )
             if time.perf_counter() > deadline:
                 raise AssertionError(f"no {event!r} within {timeout}s:\n{self.output()}")
             time.sleep(0.02)
@@ -255,7 +320,10 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_0_in_bounded_time(refe
         assert "--resume auto" in proc.output()
     train_here(reference.data, run, "--resume", "auto")
     assert_same_run(run, reference.ckpt)
-    record_figures("sigterm_fast", {"seed": seed, "seconds_to_exit": round(took, 2), "during": landed, "step": done})
+    record_figures(
+        "sigterm_fast",
+        {"seed": seed, "seconds_to_exit": round(took, 2), "during": landed, "step": done},
+    )
 
 
 def test_sigterm_during_setup_stops_at_the_first_step_boundary(reference, tmp_path, monkeypatch):
@@ -286,11 +354,20 @@ def test_sigkill_at_every_hook_point_resumes_bit_identical(reference, tmp_path):
     for e in traced.events():
         kind = {"step": "backward"}.get(e.split()[0], e.split()[0])
         counts[kind] = counts.get(kind, 0) + 1
-    points = [f"{kind}:{n}" for kind in ("backward", "eval", "save", "replace") for n in range(1, counts.get(kind, 0) + 1)]
+    points = [
+        f"{kind}:{n}"
+        for kind in ("backward", "eval", "save", "replace")
+        for n in range(1, counts.get(kind, 0) + 1)
+    ]
     assert len(points) >= EPOCHS * STEPS_PER_EPOCH + 6
     survived = []
     for point in points:
-        survived.append({"point": point, "died_in": kill_and_resume(reference, tmp_path / point.replace(":", "-"), point)})
+        survived.append(
+            {
+                "point": point,
+                "died_in": kill_and_resume(reference, tmp_path / point.replace(":", "-"), point),
+            }
+        )
     record_figures("sigkill_hook_points", survived)
 
 
@@ -327,7 +404,9 @@ def test_sigkill_at_random_times_repeatedly_resumes_bit_identical(reference, tmp
                 break
         train_here(reference.data, run, "--resume", "auto")
         assert_same_run(run, reference.ckpt), f"seed {seed}"
-    record_figures("sigkill_random", {"seed": seed, "kills": kills, "process_seconds": round(span, 2)})
+    record_figures(
+        "sigkill_random", {"seed": seed, "kills": kills, "process_seconds": round(span, 2)}
+    )
 
 
 @pytest.mark.slow
@@ -341,7 +420,9 @@ def test_sigterm_at_random_times(reference, tmp_path):
         proc.wait_for("step")
         took, landed = sigterm(proc, rng.uniform(0, reference.seconds), seed)
         state = load_training_state(run / "last.pt")
-        stops.append({"seconds_to_exit": round(took, 2), "during": landed, "step": state["global_step"]})
+        stops.append(
+            {"seconds_to_exit": round(took, 2), "during": landed, "step": state["global_step"]}
+        )
         train_here(reference.data, run, "--resume", "auto")
         assert_same_run(run, reference.ckpt)
     record_figures("sigterm_random", {"seed": seed, "stops": stops})
@@ -352,8 +433,15 @@ def test_stale_temporaries_removed_and_live_ones_kept(tmp_path):
     gone.wait()
     alive = subprocess.Popen(["sleep", "60"])
     try:
-        names = [f".last.pt.{gone.pid}.0badc0de.tmp", f".best.pt.{os.getpid()}.0123abcd.tmp",
-                 f".last.pt.{alive.pid}.89abcdef.tmp", "last.pt", ".hidden", "notes.tmp", ".x.12.nothex.tmp"]
+        names = [
+            f".last.pt.{gone.pid}.0badc0de.tmp",
+            f".best.pt.{os.getpid()}.0123abcd.tmp",
+            f".last.pt.{alive.pid}.89abcdef.tmp",
+            "last.pt",
+            ".hidden",
+            "notes.tmp",
+            ".x.12.nothex.tmp",
+        ]
         for name in names:
             (tmp_path / name).write_bytes(b"x")
         removed = remove_stale_temporaries(tmp_path)
@@ -369,20 +457,44 @@ def test_save_order_makes_last_pt_the_commit_point(tmp_path, monkeypatch, links)
     """The epoch file, best.pt and the index are written before last.pt (by hard link, or by
     copy where the filesystem has none), and the policy's drops happen before it too."""
     if not links:
-        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+        monkeypatch.setattr(
+            os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no links"))
+        )
     order = []
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst), order.append(Path(dst).name))[0])
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (real_replace(src, dst), order.append(Path(dst).name))[0]
+    )
     real_unlink = Path.unlink
-    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (order.append(f"-{self.name}"), real_unlink(self, missing_ok))[1])
+    monkeypatch.setattr(
+        Path,
+        "unlink",
+        lambda self, missing_ok=False: (
+            order.append(f"-{self.name}"),
+            real_unlink(self, missing_ok),
+        )[1],
+    )
     ckpts = CheckpointManager(tmp_path, prefix="m", keep_max=1)
     ckpts.save_epoch({"epoch": 1}, 1, 50.0, is_best=True)
     ckpts.save_epoch({"epoch": 2}, 2, 40.0)
-    assert order == ["m-001.pt", "best.pt", "checkpoints.json", "last.pt",
-                     "m-002.pt", "checkpoints.json", "-m-001.pt", "last.pt"]
+    assert order == [
+        "m-001.pt",
+        "best.pt",
+        "checkpoints.json",
+        "last.pt",
+        "m-002.pt",
+        "checkpoints.json",
+        "-m-001.pt",
+        "last.pt",
+    ]
     assert load_training_state(tmp_path / "last.pt")["epoch"] == 2
     assert load_training_state(tmp_path / "best.pt")["epoch"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "checkpoints.json", "last.pt", "m-002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt",
+        "checkpoints.json",
+        "last.pt",
+        "m-002.pt",
+    ]
     assert (os.stat(tmp_path / "last.pt").st_ino == os.stat(tmp_path / "m-002.pt").st_ino) == links
 
 
@@ -391,7 +503,8 @@ def test_save_order_makes_last_pt_the_commit_point(tmp_path, monkeypatch, links)
 
 @contextlib.contextmanager
 def mounted(*how: str, target: Path):
-    """`mount *how target` for the duration (root only); yields False where mounting is impossible."""
+    """`mount *how target` for the duration (root only); yields False where mounting is
+    impossible."""
     target.mkdir(parents=True, exist_ok=True)
     ok = False
     if os.geteuid() == 0:
@@ -409,7 +522,9 @@ def used_bytes(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def test_full_disk_during_checkpoint_keeps_the_previous_one(reference, tmp_path, capsys, monkeypatch):
+def test_full_disk_during_checkpoint_keeps_the_previous_one(
+    reference, tmp_path, capsys, monkeypatch
+):
     """ENOSPC while epoch 2 is saved (a real full tmpfs where root may mount one): a one-line
     error, exit code 2, last.pt of epoch 1 untouched, no temporary file; with space again,
     --resume auto ends as the uninterrupted run, even past a metrics line the full disk cut."""
@@ -434,7 +549,11 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(reference, tmp_path,
         capsys.readouterr()
         with tiny_registered():
             rc = cli_main(["train", *train_args(reference.data, run, "--resume", "auto")])
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("res2net train: error:")]
+        err = [
+            line
+            for line in capsys.readouterr().err.splitlines()
+            if line.startswith("res2net train: error:")
+        ]
         assert rc == 2 and len(err) == 1, err
         assert "No space left on device" in err[0] and "could not write" in err[0], err
         assert (run / "last.pt").read_bytes() == before
@@ -467,7 +586,10 @@ def test_read_only_ckpt_dir_fails_before_the_first_step(reference, tmp_path, mon
         work = []
         monkeypatch.setattr(train_mod, "create_model", lambda *a, **k: work.append("model built"))
         monkeypatch.setattr(train_mod, "StepReporter", lambda *a, **k: work.append("steps started"))
-        with pytest.raises(OSError, match=r"ckpt_save_dir .* is not writable \((Read-only file system|Permission denied)\)"):
+        with pytest.raises(
+            OSError,
+            match=r"ckpt_save_dir .* is not writable \((Read-only file system|Permission denied)\)",
+        ):
             train_here(reference.data, ckpt)
         assert work == [] and not list(ro.iterdir())
 
@@ -530,18 +652,30 @@ def test_named_pipe_in_data_folder_does_not_hang(tmp_path):
 
 def test_peer_failure_becomes_a_clear_error():
     two = DistInfo(0, 2, 0, torch.device("cpu"))
-    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation")
+    gloo = RuntimeError(
+        "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation"
+    )
     err = peer_failure(gloo, two, 20)
-    assert err is not None and "rank 0: another rank died or did not answer within dist_timeout=20s" in str(err)
+    assert (
+        err is not None
+        and "rank 0: another rank died or did not answer within dist_timeout=20s" in str(err)
+    )
     assert "--resume auto" in str(err) and "Timed out waiting" in str(err)
-    assert peer_failure(RuntimeError("Connection closed by peer [127.0.0.1]:1234"), two, 20) is not None
+    assert (
+        peer_failure(RuntimeError("Connection closed by peer [127.0.0.1]:1234"), two, 20)
+        is not None
+    )
     assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), two, 20) is None
-    assert peer_failure(RuntimeError("Timed out"), DistInfo(0, 1, 0, torch.device("cpu")), 20) is None
+    assert (
+        peer_failure(RuntimeError("Timed out"), DistInfo(0, 1, 0, torch.device("cpu")), 20) is None
+    )
 
 
 @pytest.mark.parametrize("timeout", [0.0, -5.0, float("inf"), float("nan")])
 def test_dist_timeout_must_be_finite_and_positive(timeout):
-    with pytest.raises(ValueError, match="dist_timeout is .*; it must be a positive number of seconds"):
+    with pytest.raises(
+        ValueError, match="dist_timeout is .*; it must be a positive number of seconds"
+    ):
         distributed.setup(True, "cpu", timeout)
 
 
@@ -549,9 +683,23 @@ def test_dist_timeout_must_be_finite_and_positive(timeout):
 @pytest.mark.parametrize("fault", ["hang", "die"])
 def test_dead_or_hung_rank_ends_the_job_within_the_timeout(reference, tmp_path, fault):
     """torchrun, 2 CPU processes, --dist_timeout 20: rank 1 sleeps for ever after step 1 (or is
-    SIGKILLed in step 2); rank 0 fails with a clear error and the job ends, non-zero, within 90 s."""
-    env = {"RELIABILITY_HANG": "1:1"} if fault == "hang" else {"RELIABILITY_KILL": "backward:2", "RELIABILITY_KILL_RANK": "1"}
-    proc = Hooked(reference, tmp_path / "run", "--dist_timeout", "20", "--freeze_bn", "True", env=env, torchrun=2)
+    SIGKILLed in step 2); rank 0 fails with a clear error and the job ends, non-zero, within
+    90 s."""
+    env = (
+        {"RELIABILITY_HANG": "1:1"}
+        if fault == "hang"
+        else {"RELIABILITY_KILL": "backward:2", "RELIABILITY_KILL_RANK": "1"}
+    )
+    proc = Hooked(
+        reference,
+        tmp_path / "run",
+        "--dist_timeout",
+        "20",
+        "--freeze_bn",
+        "True",
+        env=env,
+        torchrun=2,
+    )
     rc = proc.wait(timeout=180)
     took = time.perf_counter() - proc.started
     out = proc.output()
@@ -595,8 +743,9 @@ def accum_reference(reference, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("stop_after", [2, 4])  # mid-epoch, the end of epoch 1
-def test_accumulation_with_a_remainder_resumes_exactly(reference, accum_reference, tmp_path, monkeypatch,
-                                                       stop_after):
+def test_accumulation_with_a_remainder_resumes_exactly(
+    reference, accum_reference, tmp_path, monkeypatch, stop_after
+):
     """len(loader) % accumulation != 0: the left-over batch of each epoch is not read, so no
     gradient leaks into the next epoch; stopped and resumed, the run ends as the uninterrupted
     one: weights, files and metrics, the resumed epoch's train_loss included."""
@@ -605,14 +754,21 @@ def test_accumulation_with_a_remainder_resumes_exactly(reference, accum_referenc
     monkeypatch.undo()
     assert stopped.interrupted
     state = load_training_state(tmp_path / "run" / "last.pt")
-    assert state["global_step"] == stop_after and state["batch_in_epoch"] == 2 * (stop_after - 4 * state["epoch"])
+    assert state["global_step"] == stop_after and state["batch_in_epoch"] == 2 * (
+        stop_after - 4 * state["epoch"]
+    )
     train_here(reference.data, tmp_path / "run", *ACCUM, "--resume", "auto")
     assert_same_run(tmp_path / "run", accum_reference)
     assert load_training_state(accum_reference / "last.pt")["global_step"] == EPOCHS * 4
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
-                                 pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, id="SIGTERM"),
+        pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow),
+    ],
+)
 def test_signal_to_the_process_group_with_loader_workers(reference, tmp_path, sig):
     """SIGTERM (a scheduler) or SIGINT (Ctrl-C) sent to every process of the group, DataLoader
     workers included: the workers let the main process handle it; last.pt at the next step
@@ -633,7 +789,9 @@ def test_signal_to_the_process_group_with_loader_workers(reference, tmp_path, si
     assert state["batch_in_epoch"] == state["global_step"] - STEPS_PER_EPOCH * state["epoch"]
     train_here(reference.data, run, "--resume", "auto", "--num_parallel_workers", "2")
     assert_same_run(run, reference.ckpt)
-    record_figures(f"group_{signal.Signals(sig).name}", {"seconds_to_exit": round(took, 2), "exit_code": rc})
+    record_figures(
+        f"group_{signal.Signals(sig).name}", {"seconds_to_exit": round(took, 2), "exit_code": rc}
+    )
 
 
 @pytest.mark.slow
@@ -650,7 +808,10 @@ def test_sigterm_to_the_process_group_under_torchrun(reference, tmp_path):
     sent = time.perf_counter()
     os.killpg(proc.proc.pid, signal.SIGTERM)
     rc = proc.wait()
-    record_figures("sigterm_torchrun", {"launcher_exit_code": rc, "seconds_to_exit": round(time.perf_counter() - sent, 1)})
+    record_figures(
+        "sigterm_torchrun",
+        {"launcher_exit_code": rc, "seconds_to_exit": round(time.perf_counter() - sent, 1)},
+    )
     out = proc.output()
     assert "stopped at epoch" in out and "killed by signal" not in out, out
     assert proc.events().count("returned") == 2, proc.events()  # both ranks returned from train()
@@ -667,14 +828,22 @@ def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from res2net.engine.checkpoint import RunLock; "
-         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from res2net.engine.checkpoint import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.perf_counter()
-        with pytest.raises(RuntimeError, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "):
+        with pytest.raises(
+            RuntimeError, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "
+        ):
             train_here(reference.data, run)
         took = time.perf_counter() - t0
         assert took < 30  # at once, not after waiting
@@ -690,14 +859,18 @@ def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_
 def test_fresh_run_into_another_runs_folder_refuses_in_one_line(reference, tmp_path, capsys):
     run = tmp_path / "run"
     train_here(reference.data, run, "--epoch_size", "1")
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".res2net.lock"}
+    before = {
+        p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".res2net.lock"
+    }
     with tiny_registered():
         rc = cli_main(["train", *train_args(reference.data, run)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert "holds another run's files" in err[0] and "--resume auto" in err[0]
     assert "--ckpt_save_dir" in err[0] and "--overwrite True" in err[0]
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".res2net.lock"} == before
+    assert {
+        p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".res2net.lock"
+    } == before
     train_here(reference.data, run, "--overwrite", "True")  # explicitly: a new run from scratch
     assert_same_run(run, reference.ckpt)
 
@@ -711,7 +884,11 @@ def test_orphan_epoch_file_removed_and_index_checked_at_start(reference, tmp_pat
     train_here(reference.data, run, "--epoch_size", "1")
     work = []
     monkeypatch.setattr(train_mod, "create_model", lambda *a, **k: work.append("model built"))
-    for text in ["{not json", '[{"epoch": 1, "file": "../../etc/passwd", "top1": 1.0}]', '{"epoch": 1}']:
+    for text in [
+        "{not json",
+        '[{"epoch": 1, "file": "../../etc/passwd", "top1": 1.0}]',
+        '{"epoch": 1}',
+    ]:
         (run / "checkpoints.json").write_text(text)
         with pytest.raises(ValueError, match=r"checkpoints\.json: .*delete it"):
             train_here(reference.data, run, "--resume", "auto")
@@ -727,7 +904,9 @@ def test_epoch_with_too_few_readable_images_fails_with_the_report(tmp_path, caps
         rc = cli_main(["train", *train_args(data, tmp_path / "run", "--ema", "False")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2, err
-    assert re.search(r"only \d of 16 training images could be read \(min_readable_images 0\.5\)", err[-1]), err
+    assert re.search(
+        r"only \d of 16 training images could be read \(min_readable_images 0\.5\)", err[-1]
+    ), err
     assert "failed to decode and were skipped" in err[-1] and "train/class" in err[-1]
     assert not (tmp_path / "run" / "last.pt").exists()
     ok = train_here(data, tmp_path / "lenient", "--min_readable_images", "0.1", "--epoch_size", "1")
@@ -739,13 +918,33 @@ def test_batches_of_one_never_reach_batchnorm(tmp_path):
     image: skipped, not a BatchNorm error; the epoch's loss counts the images it trained on."""
     data = make_folder(tmp_path / "data", per_class=3)
     train_files = sorted((data / "train").rglob("*.png"))
-    result = train_here(data, tmp_path / "run", "--drop_remainder", "False", "--shuffle", "False",
-                        "--epoch_size", "1", "--min_readable_images", "0.1")
+    result = train_here(
+        data,
+        tmp_path / "run",
+        "--drop_remainder",
+        "False",
+        "--shuffle",
+        "False",
+        "--epoch_size",
+        "1",
+        "--min_readable_images",
+        "0.1",
+    )
     assert result.epochs_done == 1
     for path in train_files[1:4]:  # the first batch (no shuffle): one readable image left
         path.write_bytes(b"not an image")
-    result = train_here(data, tmp_path / "run2", "--drop_remainder", "False", "--shuffle", "False",
-                        "--epoch_size", "1", "--min_readable_images", "0.1")
+    result = train_here(
+        data,
+        tmp_path / "run2",
+        "--drop_remainder",
+        "False",
+        "--shuffle",
+        "False",
+        "--epoch_size",
+        "1",
+        "--min_readable_images",
+        "0.1",
+    )
     assert result.epochs_done == 1
     state = load_training_state(tmp_path / "run2" / "last.pt")
     assert state["global_step"] == 3
@@ -753,15 +952,39 @@ def test_batches_of_one_never_reach_batchnorm(tmp_path):
 
 def test_demo_run_twice_reports_the_finished_result(tmp_path, capsys):
     """The second `res2net demo` trains nothing: it finds its finished run and validates it."""
-    args = ["demo", "--data_dir", str(tmp_path / "digits"), "--ckpt_save_dir", str(tmp_path / "run"),
-            "--model", "res2net_tiny", "--epoch_size", "1", "--image_resize", "16", "--num_samples", "64",
-            "--batch_size", "16", "--num_parallel_workers", "0"]
+    args = [
+        "demo",
+        "--data_dir",
+        str(tmp_path / "digits"),
+        "--ckpt_save_dir",
+        str(tmp_path / "run"),
+        "--model",
+        "res2net_tiny",
+        "--epoch_size",
+        "1",
+        "--image_resize",
+        "16",
+        "--num_samples",
+        "64",
+        "--batch_size",
+        "16",
+        "--num_parallel_workers",
+        "0",
+    ]
     with tiny_registered():
         assert cli_main(args) == 0
         first = capsys.readouterr().out
-        before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".res2net.lock"}
+        before = {
+            p.name: p.stat().st_mtime_ns
+            for p in (tmp_path / "run").iterdir()
+            if p.name != ".res2net.lock"
+        }
         assert cli_main(args) == 0
     second = capsys.readouterr().out
     assert "| res2net_tiny |" in first and "validated: top-1" in first
     assert "already trained" in second and "validated: top-1" in second
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".res2net.lock"} == before
+    assert {
+        p.name: p.stat().st_mtime_ns
+        for p in (tmp_path / "run").iterdir()
+        if p.name != ".res2net.lock"
+    } == before

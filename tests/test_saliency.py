@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from res2net import create_model
 from res2net.cli import saliency as saliency_cli
 from res2net.data import DataError
-from res2net import create_model
 from res2net.models import Res2Net
 from res2net.saliency import (
     SaliencyFolder,
@@ -30,7 +30,6 @@ from res2net.saliency import (
     train_saliency,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -45,7 +44,9 @@ def write_disks(root: Path, n: int = 8, size: int = 64, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     for i in range(n):
-        cy, cx, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [int(rng.integers(size // 8, size // 4))]
+        cy, cx, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [
+            int(rng.integers(size // 8, size // 4))
+        ]
         disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         img = rng.integers(0, 100, (size, size, 3)).astype(np.uint8)
         img[disk] = rng.integers(200, 256, (int(disk.sum()), 3))
@@ -93,7 +94,9 @@ def test_max_f_averages_per_image_curves():
     out = m.compute()
     assert out["images"] == 2
     assert out["mae"] == pytest.approx(0.125)
-    assert out["max_f"] == pytest.approx((f_one + 1) / 2)  # max of the mean curve, not mean of maxima
+    assert out["max_f"] == pytest.approx(
+        (f_one + 1) / 2
+    )  # max of the mean curve, not mean of maxima
 
 
 def test_metrics_reject_bad_input():
@@ -109,7 +112,9 @@ def test_bce_iou_loss_values():
     target = torch.ones(1, 1, 2, 2)
     # p = 0.5 everywhere: intersection 2, union 4, IoU (2 + 1) / (4 + 1)
     assert iou_loss(torch.zeros(1, 1, 2, 2), target).item() == pytest.approx(0.4)
-    assert bce_iou_loss(torch.zeros(1, 1, 2, 2), target).item() == pytest.approx(np.log(2) + 0.4, rel=1e-5)
+    assert bce_iou_loss(torch.zeros(1, 1, 2, 2), target).item() == pytest.approx(
+        np.log(2) + 0.4, rel=1e-5
+    )
     sure = torch.where(target > 0, 20.0, -20.0)
     assert bce_iou_loss(sure, target).item() < 1e-6
 
@@ -158,7 +163,9 @@ def test_training_lowers_the_loss_and_metrics_follow(disks):
     assert len(history) == 6 and all(np.isfinite(history))
     assert history[-1] < 0.9 * history[0]
 
-    prob = predict_saliency(model, Image.open(disks / "images" / "disk0.jpg").convert("RGB"), image_size=64)
+    prob = predict_saliency(
+        model, Image.open(disks / "images" / "disk0.jpg").convert("RGB"), image_size=64
+    )
     assert prob.shape == (64, 64) and 0 <= prob.min() and prob.max() <= 1
     metrics = evaluate_saliency(model, disks, image_size=64)
     assert metrics["images"] == 8
@@ -213,16 +220,50 @@ def cli(*argv: str) -> int:
 
 def test_cli_train_predict_eval(disks, tmp_path, capsys):
     weights = tmp_path / "sal.pth"
-    assert cli("train", "--data", str(disks), "--val", str(disks), "--model", "res2net50", "--epochs", "1",
-               "--batch_size", "4", "--image_size", "64", "--workers", "0", "--lr", "1e-3",
-               "--out", str(weights), "--device", "cpu") == 0
+    assert (
+        cli(
+            "train",
+            "--data",
+            str(disks),
+            "--val",
+            str(disks),
+            "--model",
+            "res2net50",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "4",
+            "--image_size",
+            "64",
+            "--workers",
+            "0",
+            "--lr",
+            "1e-3",
+            "--out",
+            str(weights),
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "trained 1 epoch(s) on 8 images" in out and "max F (beta^2=0.3)" in out
     _, meta = load_saliency_model(weights)
     assert meta == {"backbone": "res2net50", "decoder_channels": 64, "image_size": 64}
 
-    assert cli("predict", str(disks / "images"), "--weights", str(weights), "--out", str(tmp_path / "pred"),
-               "--device", "cpu") == 0
+    assert (
+        cli(
+            "predict",
+            str(disks / "images"),
+            "--weights",
+            str(weights),
+            "--out",
+            str(tmp_path / "pred"),
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     masks = sorted((tmp_path / "pred").glob("*.png"))
     assert [p.name for p in masks] == [f"disk{i}.png" for i in range(8)]
     first = Image.open(masks[0])
@@ -240,8 +281,19 @@ def test_cli_train_checks_out_before_training(disks, tmp_path, monkeypatch, out)
     (tmp_path / "folder").mkdir()
     monkeypatch.setattr("res2net.saliency.train_saliency", lambda *a, **kw: pytest.fail("trained"))
     with pytest.raises(ValueError, match="--out"):
-        cli("train", "--data", str(disks), "--ckpt_path", str(ckpt), "--out", str(tmp_path / out),
-            "--image_size", "32", "--device", "cpu")
+        cli(
+            "train",
+            "--data",
+            str(disks),
+            "--ckpt_path",
+            str(ckpt),
+            "--out",
+            str(tmp_path / out),
+            "--image_size",
+            "32",
+            "--device",
+            "cpu",
+        )
     assert ckpt.is_file()
 
 
@@ -252,7 +304,19 @@ def test_cli_predict_never_overwrites_an_input_or_an_earlier_mask(tmp_path, caps
     Image.new("RGB", (16, 12), "red").save(photos / "a.png")
     Image.new("RGB", (16, 12), "blue").save(photos / "a.jpg")
     before = (photos / "a.png").read_bytes()
-    assert cli("predict", str(photos), "--weights", str(weights), "--out", str(photos), "--device", "cpu") == 0
+    assert (
+        cli(
+            "predict",
+            str(photos),
+            "--weights",
+            str(weights),
+            "--out",
+            str(photos),
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     assert (photos / "a.png").read_bytes() == before
     written = capsys.readouterr().out.split()
     assert len(set(written)) == 2 and all(Image.open(p).mode == "L" for p in written)

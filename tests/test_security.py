@@ -34,7 +34,14 @@ from safetensors.torch import save_file
 
 from res2net.cli.main import main as cli_main
 from res2net.config import ConfigError, load_config
-from res2net.data import DataError, ShardDataset, ShardIndex, iter_shard_samples, load_image, write_shards
+from res2net.data import (
+    DataError,
+    ShardDataset,
+    ShardIndex,
+    iter_shard_samples,
+    load_image,
+    write_shards,
+)
 from res2net.data import shards as shards_module
 from res2net.engine.checkpoint import CheckpointManager, deletable_checkpoint, load_training_state
 from res2net.guards import short
@@ -202,7 +209,9 @@ def test_planted_checkpoint_index_deletes_nothing_outside_its_own_files(tmp_path
         manager.save_epoch({"x": torch.ones(1)}, epoch=5, top1=None)
     assert notes.read_text() == "mine" and other.exists() and (ckpt / "tiny-004.pt").is_symlink()
     # a well-formed index naming a link: the link is never followed nor deleted
-    (ckpt / "checkpoints.json").write_text(json.dumps([{"epoch": 4, "file": "tiny-004.pt", "top1": None}]))
+    (ckpt / "checkpoints.json").write_text(
+        json.dumps([{"epoch": 4, "file": "tiny-004.pt", "top1": None}])
+    )
     manager.save_epoch({"x": torch.ones(1)}, epoch=5, top1=None)
     assert notes.read_text() == "mine" and (ckpt / "tiny-004.pt").is_symlink()
     # its own files still rotate
@@ -350,7 +359,9 @@ def test_refusal_names_what_the_pickle_wanted_to_call(tmp_path, data, name):
             load(hostile)
         message = str(info.value)
         one_line(message, hostile, name)
-        assert "Unsupported operand" not in message and "weights_only" not in message  # no torch hint
+        assert (
+            "Unsupported operand" not in message and "weights_only" not in message
+        )  # no torch hint
 
 
 def _shard_folder(tmp_path: Path) -> Path:
@@ -379,7 +390,9 @@ def test_oversized_sample_is_a_bad_image_not_read(tmp_path, monkeypatch):
     root = _shard_folder(tmp_path)
     monkeypatch.setattr(shards_module, "MAX_SAMPLE_BYTES", 16)
     samples = list(iter_shard_samples(root, "train"))  # streamed past, never held
-    assert samples and all(s.data is None and s.problem == "holds more than 16 bytes" for s in samples)
+    assert samples and all(
+        s.data is None and s.problem == "holds more than 16 bytes" for s in samples
+    )
     assert [s.index for s in samples] == list(range(len(samples)))  # one sample each, in order
     with pytest.raises(DataError, match=r"sample '.*' holds more than 16 bytes"):
         next(iter(ShardDataset(root, "train", training=False)))

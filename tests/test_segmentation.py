@@ -18,13 +18,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_trunk(output_stride: int) -> Res2Net:
-    return Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, output_stride=output_stride, out_indices=(3, 4))
+    return Res2Net(
+        layers=(1, 1, 1, 1), base_width=4, scale=4, output_stride=output_stride, out_indices=(3, 4)
+    )
 
 
 def test_backbone_from_name_is_dilated():
     body = segmentation_backbone("res2net50", output_stride=16)
     assert (body.out_channels, body.aux_channels, body.output_stride) == (2048, 1024, 16)
-    assert body.body.layer4[0].convs[0].stride == (1, 1) and body.body.layer4[1].convs[0].dilation == (2, 2)
+    assert body.body.layer4[0].convs[0].stride == (1, 1) and body.body.layer4[1].convs[
+        0
+    ].dilation == (2, 2)
     with torch.no_grad():
         out = body(torch.rand(1, 3, SIZE, SIZE))
     assert list(out) == ["out", "aux"]
@@ -36,7 +40,9 @@ def test_backbone_from_name_is_dilated():
 @pytest.mark.parametrize("output_stride, rate", [(8, 12), (16, 6)])
 def test_deeplabv3_train_step(output_stride, rate):
     torch.manual_seed(0)
-    model = deeplabv3_res2net50(5, output_stride=output_stride, aux_loss=True, backbone=tiny_trunk(output_stride))
+    model = deeplabv3_res2net50(
+        5, output_stride=output_stride, aux_loss=True, backbone=tiny_trunk(output_stride)
+    )
     assert isinstance(model, DeepLabV3)
     assert model.classifier[0].convs[1][0].dilation == (rate, rate)  # ASPP rates follow the stride
     with torch.no_grad():

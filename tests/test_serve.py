@@ -23,7 +23,7 @@ from PIL import Image
 
 import res2net
 from res2net.cam import denormalize, grad_cam, overlay
-from res2net.serve import MicroBatcher, Overloaded, Server, ServeLimits, load_classifier
+from res2net.serve import MicroBatcher, Overloaded, ServeLimits, Server, load_classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLASSES = ["cat", "dog", "<b>bird</b>"]  # markup in a name must show as text on the page

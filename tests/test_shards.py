@@ -99,7 +99,9 @@ def test_round_trip_same_bytes_and_labels(folder, shards):
         assert Counter((s.data, int(s.cls)) for s in raw) == folder_pairs(folder, split)
         # keys name the source files; extensions are the originals, lower-cased
         keys = {s.key: s.ext for s in raw}
-        assert keys["cat/img0"] == "png" and keys["dog/img1"] == "jpeg" and keys["eel/img_v2"] == "jpg"
+        assert (
+            keys["cat/img0"] == "png" and keys["dog/img1"] == "jpeg" and keys["eel/img_v2"] == "jpg"
+        )
         assert [s.index for s in raw] == list(range(21))
 
 
@@ -123,7 +125,9 @@ def test_index_json(folder, shards):
             assert (shards / split / s["name"]).stat().st_size == s["bytes"]
     labels = [int(s.cls) for s in iter_shard_samples(shards, "train")]
     assert any(len(set(labels[k : k + 5])) > 1 for k in range(0, 21, 5))  # shards mix classes
-    val_files = [Path(p).relative_to(folder / "val") for p, _ in ImageFolderDataset(folder, "val").samples]
+    val_files = [
+        Path(p).relative_to(folder / "val") for p, _ in ImageFolderDataset(folder, "val").samples
+    ]
     val_keys = [s.key for s in iter_shard_samples(shards, "val")]
     assert val_keys == [f"{f.parent}/{f.stem.replace('.', '_')}" for f in val_files]  # folder order
 
@@ -136,13 +140,21 @@ def test_writing_is_reproducible_and_replaces_old_shards(folder, tmp_path):
     names = sorted(p.name for p in (tmp_path / "b" / "train").iterdir())
     assert names == sorted(["index.json"] + [s["name"] for s in b["train"]["shards"]])
     for s in a["train"]["shards"]:
-        assert (tmp_path / "a/train" / s["name"]).read_bytes() == (tmp_path / "b/train" / s["name"]).read_bytes()
+        assert (tmp_path / "a/train" / s["name"]).read_bytes() == (
+            tmp_path / "b/train" / s["name"]
+        ).read_bytes()
 
 
 def test_max_bytes_caps_shards_and_progress_is_reported(folder, tmp_path):
     calls = []
-    index = write_shards(folder, tmp_path, splits=("val",), shard_size=1000, max_bytes=6000,
-                         progress=lambda *a: calls.append(a))["val"]
+    index = write_shards(
+        folder,
+        tmp_path,
+        splits=("val",),
+        shard_size=1000,
+        max_bytes=6000,
+        progress=lambda *a: calls.append(a),
+    )["val"]
     assert len(index["shards"]) > 1 and sum(s["count"] for s in index["shards"]) == 21
     assert all(s["bytes"] <= 6000 + 10240 for s in index["shards"])  # + tar's end-of-archive record
     assert calls[0] == ("val", 0, 21) and calls[-1] == ("val", 21, 21)
@@ -172,12 +184,32 @@ def test_is_shard_dir(folder, shards):
 # streaming
 
 
-def run_epoch(shards, epoch, rank, world_size, num_workers, training=True, batch_size=3, start=0,
-              split="default", **kw):
+def run_epoch(
+    shards,
+    epoch,
+    rank,
+    world_size,
+    num_workers,
+    training=True,
+    batch_size=3,
+    start=0,
+    split="default",
+    **kw,
+):
     split = ("train" if training else "val") if split == "default" else split
     loader, steps = build_shard_loader(
-        shards, transform=ToTensor(), batch_size=batch_size, num_workers=num_workers, seed=7, training=training, rank=rank,
-        world_size=world_size, split=split, on_bad_image="skip", pin_memory=False, **kw,
+        shards,
+        transform=ToTensor(),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=7,
+        training=training,
+        rank=rank,
+        world_size=world_size,
+        split=split,
+        on_bad_image="skip",
+        pin_memory=False,
+        **kw,
     )
     loader.set_epoch(epoch, start=start)
     batches = list(loader)
@@ -209,7 +241,9 @@ def test_resume_mid_epoch_gives_the_remaining_batches_in_order(shards):
         rest = run_epoch(shards, 1, 0, 2, 2, start=done * 3)
         assert len(rest) == len(full) - done
         for a, b in zip(full[done:], rest):
-            assert torch.equal(a[3], b[3]) and torch.equal(a[0], b[0])  # same samples, same augmentation
+            assert torch.equal(a[3], b[3]) and torch.equal(
+                a[0], b[0]
+            )  # same samples, same augmentation
 
 
 def test_augmentation_depends_on_sample_not_on_workers(shards):
@@ -234,7 +268,11 @@ def test_validation_sees_every_sample_exactly_once(folder, tmp_path, shard_size)
         seen += indices(batches)
     assert sorted(seen) == list(range(21))
     # and the same with three ranks, one worker each
-    seen = [i for rank in range(3) for i in indices(run_epoch(out, 0, rank, 3, 0, training=False, batch_size=4, split=None))]
+    seen = [
+        i
+        for rank in range(3)
+        for i in indices(run_epoch(out, 0, rank, 3, 0, training=False, batch_size=4, split=None))
+    ]
     assert sorted(seen) == list(range(21))
 
 
@@ -269,7 +307,15 @@ def test_bad_image_is_flagged_not_fatal(tmp_path):
     (data / "train" / "dog" / "img1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "out"
     write_shards(data, out, splits=("train",), shard_size=4)
-    loader, _ = build_shard_loader(out, transform=ToTensor(), batch_size=4, num_workers=2, split="train", on_bad_image="skip", pin_memory=False)
+    loader, _ = build_shard_loader(
+        out,
+        transform=ToTensor(),
+        batch_size=4,
+        num_workers=2,
+        split="train",
+        on_bad_image="skip",
+        pin_memory=False,
+    )
     loader.set_epoch(0)
     report = BadImageReport(loader.dataset)
     kept = 0
@@ -294,10 +340,25 @@ def cli(*argv: str) -> int:
 
 def test_cli_shard_and_check(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli("shard", str(folder), str(out), "--shard-size", "6", "--splits", "train,val", "--seed", "1") == 0
+    assert (
+        cli(
+            "shard",
+            str(folder),
+            str(out),
+            "--shard-size",
+            "6",
+            "--splits",
+            "train,val",
+            "--seed",
+            "1",
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("train: 21 images, 3 classes -> 4 shards") and "shuffled" in lines[0]
-    assert lines[1].startswith("val: 21 images, 3 classes -> 4 shards") and "folder order" in lines[1]
+    assert (
+        lines[1].startswith("val: 21 images, 3 classes -> 4 shards") and "folder order" in lines[1]
+    )
     assert ShardIndex.load(out, "train").counts == (6, 6, 6, 3)
 
     assert cli("check", str(folder), "--workers", "1") == 0
@@ -379,7 +440,9 @@ def test_the_writer_refuses_a_sample_the_reader_would(tmp_path):
     big = folder / "train" / "cat" / "big.png"
     with open(big, "wb") as f:
         f.truncate(MAX_SAMPLE_BYTES + 1)  # sparse: no disk used
-    with pytest.raises(DataError, match=rf"big.png' has {MAX_SAMPLE_BYTES + 1} bytes; a shard sample"):
+    with pytest.raises(
+        DataError, match=rf"big.png' has {MAX_SAMPLE_BYTES + 1} bytes; a shard sample"
+    ):
         write_shards(folder, tmp_path / "out", splits=("train",))
     assert not list((tmp_path / "out").rglob("*.tar"))  # nothing half-written is left
 

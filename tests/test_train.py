@@ -21,7 +21,9 @@ from res2net.engine.validate import validate
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_folder(root: Path, n_classes: int = 3, per_class: int = 6, splits=("train", "val")) -> Path:
+def make_folder(
+    root: Path, n_classes: int = 3, per_class: int = 6, splits=("train", "val")
+) -> Path:
     """A tiny ImageNet-style tree of 24x24 images: class c is a brighter c-th channel."""
     rng = np.random.default_rng(0)
     for split in splits:
@@ -44,11 +46,43 @@ def tiny_config(data_dir: Path, ckpt_dir: Path, *extra: str):
     return load_config(
         None,
         [
-            "--model", "res2net50", "--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir),
-            "--image_resize", "16", "--crop_pct", "1.0", "--batch_size", "4", "--epoch_size", "2",
-            "--num_parallel_workers", "0", "--opt", "momentum", "--lr", "0.01", "--warmup_epochs", "1",
-            "--decay_epochs", "1", "--mode", "1", "--val_while_train", "True", "--log_interval", "1",
-            "--hflip", "0.5", "--color_jitter", "0.2", "--seed", "7", *extra,
+            "--model",
+            "res2net50",
+            "--data_dir",
+            str(data_dir),
+            "--ckpt_save_dir",
+            str(ckpt_dir),
+            "--image_resize",
+            "16",
+            "--crop_pct",
+            "1.0",
+            "--batch_size",
+            "4",
+            "--epoch_size",
+            "2",
+            "--num_parallel_workers",
+            "0",
+            "--opt",
+            "momentum",
+            "--lr",
+            "0.01",
+            "--warmup_epochs",
+            "1",
+            "--decay_epochs",
+            "1",
+            "--mode",
+            "1",
+            "--val_while_train",
+            "True",
+            "--log_interval",
+            "1",
+            "--hflip",
+            "0.5",
+            "--color_jitter",
+            "0.2",
+            "--seed",
+            "7",
+            *extra,
         ],
     )
 
@@ -82,17 +116,39 @@ class StopAfter:
 
 
 def test_train_validate_and_outputs(data_dir, tmp_path, capsys):
-    cfg = tiny_config(data_dir, tmp_path / "run", "--ema", "True", "--ema_decay", "0.9", "--mixup", "0.2",
-                      "--label_smoothing", "0.1", "--clip_grad", "True")
+    cfg = tiny_config(
+        data_dir,
+        tmp_path / "run",
+        "--ema",
+        "True",
+        "--ema_decay",
+        "0.9",
+        "--mixup",
+        "0.2",
+        "--label_smoothing",
+        "0.1",
+        "--clip_grad",
+        "True",
+    )
     result = train(cfg)
     assert result.epochs_done == 2 and not result.interrupted
     assert result.best_path is not None and result.best_path.is_file()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all("val_top1" in r for r in epochs)
     assert any(r["kind"] == "step" for r in records)
     assert result.plot_path is not None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
-    assert set(result.row) >= {"model name", "params(M)", "cards", "batch size", "ms/step", "img/s", "acc@top1"}
+    assert set(result.row) >= {
+        "model name",
+        "params(M)",
+        "cards",
+        "batch size",
+        "ms/step",
+        "img/s",
+        "acc@top1",
+    }
     state = load_training_state(result.last_path)
     assert state["ema"] is not None and state["classes"] == ["class0", "class1", "class2"]
     val = validate(tiny_config(data_dir, tmp_path / "run"), result.best_path)
@@ -102,18 +158,56 @@ def test_train_validate_and_outputs(data_dir, tmp_path, capsys):
     from res2net.cli.main import main
 
     csv_path = tmp_path / "per_class.csv"
-    args = ["validate", "--model", "res2net50", "--data_dir", str(data_dir), "--image_resize", "16", "--crop_pct", "1.0",
-            "--num_parallel_workers", "0", "--ckpt_path", str(result.best_path), "--per_class_csv", str(csv_path), "--json"]
+    args = [
+        "validate",
+        "--model",
+        "res2net50",
+        "--data_dir",
+        str(data_dir),
+        "--image_resize",
+        "16",
+        "--crop_pct",
+        "1.0",
+        "--num_parallel_workers",
+        "0",
+        "--ckpt_path",
+        str(result.best_path),
+        "--per_class_csv",
+        str(csv_path),
+        "--json",
+    ]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == pytest.approx(val.top1) and printed["n"] == 18
     rows = csv_path.read_text().splitlines()
     assert rows[0] == "class,images,correct,top1" and len(rows) == 4
     image = next((data_dir / "val" / "class1").iterdir())
-    assert main(["predict", str(image), "--model", "res2net50", "--ckpt_path", str(result.best_path),
-                 "--image_resize", "16", "--crop_pct", "1.0", "--topk", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--model",
+                "res2net50",
+                "--ckpt_path",
+                str(result.best_path),
+                "--image_resize",
+                "16",
+                "--crop_pct",
+                "1.0",
+                "--topk",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     top = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top"]
-    assert len(top) == 2 and {t["class"] for t in top} <= {"class0", "class1", "class2"}  # names from the checkpoint
+    assert len(top) == 2 and {t["class"] for t in top} <= {
+        "class0",
+        "class1",
+        "class2",
+    }  # names from the checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +218,20 @@ def reference_run(data_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and after the epoch's last step
-def test_resume_after_stop_is_bit_identical(data_dir, tmp_path, monkeypatch, reference_run, stop_after):
-    monkeypatch.setattr(train_mod, "StopRequest", lambda: StopAfter(stop_after))  # 4 steps per epoch
+def test_resume_after_stop_is_bit_identical(
+    data_dir, tmp_path, monkeypatch, reference_run, stop_after
+):
+    monkeypatch.setattr(
+        train_mod, "StopRequest", lambda: StopAfter(stop_after)
+    )  # 4 steps per epoch
     stopped = train(tiny_config(data_dir, tmp_path / "resumed"))
     assert stopped.interrupted and stopped.epochs_done == 0
     state = load_training_state(tmp_path / "resumed" / "last.pt")
-    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, stop_after, stop_after)
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (
+        0,
+        stop_after,
+        stop_after,
+    )
     monkeypatch.undo()
 
     resumed = train(tiny_config(data_dir, tmp_path / "resumed", "--resume", "auto"))
@@ -153,9 +255,13 @@ def test_nan_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
         return lambda logits, targets: fn(logits, targets) * float("nan")
 
     monkeypatch.setattr(train_mod, "_loss", diverging)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, step 1 \(global step 4\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"loss is nan at epoch 2, step 1 \(global step 4\)"
+    ):
         train(tiny_config(data_dir, tmp_path / "run", "--epoch_size", "2", "--resume", "auto"))
-    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # the last good checkpoint is untouched
+    assert (
+        tmp_path / "run" / "last.pt"
+    ).read_bytes() == before  # the last good checkpoint is untouched
 
 
 def test_missing_data_dir_shows_expected_tree(tmp_path):
@@ -176,10 +282,32 @@ def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path):
         "from res2net.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    args = ["train", "--model", "res2net50", "--data_dir", str(data_dir), "--ckpt_save_dir", str(tmp_path / "run"),
-            "--image_resize", "16", "--batch_size", "4", "--epoch_size", "3", "--num_parallel_workers", "0",
-            "--mode", "1", "--opt", "momentum", "--lr", "0.01"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+    args = [
+        "train",
+        "--model",
+        "res2net50",
+        "--data_dir",
+        str(data_dir),
+        "--ckpt_save_dir",
+        str(tmp_path / "run"),
+        "--image_resize",
+        "16",
+        "--batch_size",
+        "4",
+        "--epoch_size",
+        "3",
+        "--num_parallel_workers",
+        "0",
+        "--mode",
+        "1",
+        "--opt",
+        "momentum",
+        "--lr",
+        "0.01",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     state = load_training_state(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
@@ -189,10 +317,31 @@ def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path):
 def test_recipe_runs_unchanged_given_data_dir(data_dir, tmp_path):
     """A shared MindCV recipe, only shrunk from the command line, goes through the whole path."""
     recipe = REPO / "tests" / "fixtures" / "mindcv_recipes" / "res2net_50_gpu.yaml"
-    cfg = load_config(str(recipe), ["--data_dir", str(data_dir), "--distribute", "False", "--num_classes", "3",
-                                    "--image_resize", "16", "--batch_size", "4", "--epoch_size", "1",
-                                    "--num_parallel_workers", "0", "--ckpt_save_dir", str(tmp_path / "run"),
-                                    "--mode", "1", "--amp_level", "O0"])
+    cfg = load_config(
+        str(recipe),
+        [
+            "--data_dir",
+            str(data_dir),
+            "--distribute",
+            "False",
+            "--num_classes",
+            "3",
+            "--image_resize",
+            "16",
+            "--batch_size",
+            "4",
+            "--epoch_size",
+            "1",
+            "--num_parallel_workers",
+            "0",
+            "--ckpt_save_dir",
+            str(tmp_path / "run"),
+            "--mode",
+            "1",
+            "--amp_level",
+            "O0",
+        ],
+    )
     result = train(cfg)
     assert result.epochs_done == 1
 
