@@ -336,6 +336,10 @@ CASES = {
     "data-missing": (["data", "check", "{t}/nope"], "is not a folder"),
     "data-file": (["data", "check", "{txt}"], "is not a folder"),
     "data-raw-unbounded": (["data", "shard", "{t}", "{t}/out", "--raw"], "raw pixels need"),
+    "benchmark-no-classes": (
+        ["benchmark", *M, "--num_classes", "0"],
+        "--num_classes 0: give 1 to 1048576",
+    ),
     "serve-no-weights": (["serve", "--model", "zzz"], "give the weights"),
     "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
     "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),

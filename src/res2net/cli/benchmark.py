@@ -81,6 +81,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..factory import create_model
     from ..profile import benchmark_model, machine_info
 
+    from ..weights.loading import MAX_CLASSES
+
     if (
         args.cards < 1
         or args.batch_size < 1
@@ -91,6 +93,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(
             "--cards, --batch_size, --repeats and --warmup must be >= 1, --image_resize >= 8"
         )
+    if not 1 <= args.num_classes <= MAX_CLASSES:  # 0 would time a headless model
+        raise ValueError(f"--num_classes {args.num_classes}: give 1 to {MAX_CLASSES}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.cards != world:
         raise ValueError(
