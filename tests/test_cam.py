@@ -227,6 +227,20 @@ def test_cli_gives_same_named_images_their_own_figures(photos, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_cam.png", "x_cam_2.png"]
 
 
+def test_cli_skips_an_unreadable_image_in_a_folder_and_exits_1(photos, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    shutil.copy(photos / "chelsea.png", tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "b.png").write_bytes(b"not a png")
+    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    ckpt = ["--ckpt_path", str(tmp_path / "r50_3.pth"), "--image_resize", "64"]
+    args = ["--model", "res2net50", *ckpt, "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert cli(str(tmp_path / "in"), *args) == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_cam.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "b.png" in err[-2] and "1 of 2 images could not be read" in err[-1]
+
+
 def test_a_checkpoint_whose_classifier_does_not_load_is_refused(tmp_path, photos):
     """Predicting with a freshly initialised classifier gives confident nonsense: refused."""
     from res2net.inference import iter_predictions

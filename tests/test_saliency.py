@@ -320,3 +320,22 @@ def test_cli_predict_never_overwrites_an_input_or_an_earlier_mask(tmp_path, caps
     assert (photos / "a.png").read_bytes() == before
     written = capsys.readouterr().out.split()
     assert len(set(written)) == 2 and all(Image.open(p).mode == "L" for p in written)
+
+
+def test_cli_predict_skips_an_unreadable_image_in_a_folder_and_exits_1(tmp_path, capsys):
+    """As `predict` does: the other images still get their masks; a file named on the command
+    line that cannot be read stops the run."""
+    weights = _saved(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (16, 12), "red").save(photos / "a.png")
+    (photos / "b.png").write_bytes(b"not a png")
+    Image.new("RGB", (16, 12), "blue").save(photos / "c.png")
+    out = tmp_path / "masks"
+    args = ["--weights", str(weights), "--out", str(out), "--device", "cpu"]
+    assert cli("predict", str(photos), *args) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "b.png" in err[0] and "1 of 3 images" in err[1]
+    with pytest.raises(DataError, match="b.png"):
+        cli("predict", str(photos / "b.png"), *args)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data import DataError, load_image
 from .factory import create_model
-from .guards import check_regular_file
+from .guards import check_regular_file, printable
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.base import Res2NetBase
@@ -92,6 +94,40 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
         else:
             raise FileNotFoundError(f"no such image or folder: '{path}'")
     return found
+
+
+class FoundImages:
+    """Loads the images `find_images` found, as `predict`, `cam` and `saliency predict` go
+    through them: an image inside a folder that cannot be read is skipped with one line on
+    stderr (the others still get their results), an image file named on the command line stops
+    the run with its `DataError`. `summary()` then says how many were skipped."""
+
+    def __init__(self, command: str, images: Sequence[str | Path]) -> None:
+        self.command = command
+        self.named = {Path(image) for image in images}
+        self.done = self.skipped = 0
+
+    def load(self, path: Path) -> Image.Image | None:
+        self.done += 1
+        try:
+            return load_image(path)
+        except DataError as e:
+            if path in self.named:
+                raise
+            self.skipped += 1
+            print(f"res2net {self.command}: skipped: {printable(str(e))}", file=sys.stderr)
+            return None
+
+    def exit_code(self) -> int:
+        """0, or 1 after one line on stderr when images were skipped."""
+        if not self.skipped:
+            return 0
+        print(
+            f"res2net {self.command}: {self.skipped} of {self.done} images could not be read "
+            "(see above)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def unused_path(path: Path, taken: set[Path]) -> Path:

@@ -51,8 +51,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
-    from ..data import load_image
     from ..inference import (
+        FoundImages,
         find_images,
         model_classes_and_transform,
         trained_model,
@@ -82,8 +82,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     transform = spec.transform()
     out_dir = Path(args.out)
     taken = {path.resolve() for path, _ in files}  # never written over
+    found = FoundImages("cam", args.images)
     for path, rel in files:
-        x = transform(load_image(path)).unsqueeze(0).to(args.device)
+        if (image := found.load(path)) is None:
+            continue
+        x = transform(image).unsqueeze(0).to(args.device)
         if args.method == "cam":
             maps, logits = class_activation_map(model, x, args.target_class)
             layer = "last stage"
@@ -98,4 +101,4 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         target = unused_path(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
         written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
         print(written)
-    return 0
+    return found.exit_code()

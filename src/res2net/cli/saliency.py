@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -127,20 +128,24 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from ..data import load_image
-    from ..inference import find_images, unused_path
+    from ..fileio import atomic_write
+    from ..inference import FoundImages, find_images, unused_path
     from ..saliency import load_saliency_model, predict_saliency
 
     files = find_images(args.images)
     model, meta = load_saliency_model(args.weights, args.device)
     taken = {path.resolve() for path, _ in files}  # never written over
+    found = FoundImages("saliency predict", args.images)
     for path, rel in files:
-        prob = predict_saliency(model, load_image(path), meta["image_size"], args.device)
+        if (image := found.load(path)) is None:
+            continue
+        prob = predict_saliency(model, image, meta["image_size"], args.device)
+        mask = Image.fromarray((prob * 255).round().to(torch.uint8).numpy())
         out = unused_path(Path(args.out) / rel.parent / f"{rel.name}.png", taken)
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((prob * 255).round().to(torch.uint8).numpy()).save(out)
-        print(out)
-    return 0
+        atomic_write(out, partial(mask.save, format="PNG"))
+        print(out, flush=True)
+    return found.exit_code()
 
 
 def _eval(args: argparse.Namespace) -> int:
