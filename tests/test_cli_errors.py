@@ -340,6 +340,14 @@ CASES = {
         ["benchmark", *M, "--num_classes", "0"],
         "--num_classes 0: give 1 to 1048576",
     ),
+    "saliency-train-no-epochs": (
+        ["saliency", "train", "--data", "{data}", "--epochs", "0"],
+        "--epochs 0: give 1 or more",
+    ),
+    "saliency-train-tiny-images": (
+        ["saliency", "train", "--data", "{data}", "--image_size", "8"],
+        "--image_size 8: give 32 to 4096",
+    ),
     "serve-no-weights": (["serve", "--model", "zzz"], "give the weights"),
     "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
     "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),

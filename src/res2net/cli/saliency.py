@@ -91,7 +91,13 @@ def _train(args: argparse.Namespace) -> int:
         save_saliency_model,
         train_saliency,
     )
+    from ..saliency.engine import MAX_SIZE
 
+    for name in ("epochs", "batch_size", "decoder_channels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: give 1 or more")
+    if not 32 <= args.image_size <= MAX_SIZE:
+        raise ValueError(f"--image_size {args.image_size}: give 32 to {MAX_SIZE}")
     check_output_file(args.out, "--out")  # before the training whose result it receives
     if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
         raise ValueError(f"--out {args.out} is the backbone checkpoint: write the model elsewhere")
