@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..guards import check_output_file
+from ..guards import check_output_file, printable
 
 HELP = "salient object detection: train on image/mask folders, predict masks, evaluate MAE / max F"
 
@@ -150,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
         out = unused_path(Path(args.out) / rel.parent / f"{rel.name}.png", taken)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, partial(mask.save, format="PNG"))
-        print(out, flush=True)
+        print(printable(str(out)), flush=True)
     return found.exit_code()
 
 
