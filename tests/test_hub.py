@@ -265,5 +265,21 @@ def test_validate_on_a_hub_model_checks_the_checkpoint_classifier_first(
     argv += ["--ckpt_path", str(narrow), "--class_map", str(class_map)]
     argv += ["--image_resize", "16", "--num_parallel_workers", "0"]
     assert main(argv) == 2
-    assert f"takes 1 features where local-dir:{trained[1]} has 2048" in capsys.readouterr().err
+    assert f"takes 1 features where {ARCH} has 2048" in capsys.readouterr().err
     assert not built
+
+
+def test_a_checkpoint_cannot_name_a_hub_model_as_its_architecture(trained, tmp_path, monkeypatch):
+    """A file's `arch` is untrusted: `convert` must not read a folder (or the Hub) it names."""
+    from safetensors.torch import save_file
+
+    from res2net.weights.convert import convert
+
+    src = tmp_path / "named.safetensors"
+    meta = {"arch": f"local-dir:{trained[1]}"}
+    save_file({"fc.weight": torch.zeros(5, 2048), "fc.bias": torch.zeros(5)}, src, metadata=meta)
+    read = []
+    monkeypatch.setattr("res2net.hub.read_config", lambda folder: read.append(folder) or 1 / 0)
+    with pytest.raises(ValueError, match="unknown model 'local-dir:"):
+        convert(src, tmp_path / "out.pth")
+    assert not read

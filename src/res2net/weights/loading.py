@@ -453,15 +453,10 @@ def state_num_classes(
 
 def model_features(model_name: str) -> int | None:
     """Channels a zoo architecture's classifier takes (built on the meta device: no memory,
-    no initialisation), or None for a name outside the zoo. A Hub name (`local-dir:`,
-    `hf-hub:`) is its config's architecture: `validate` sizes a Hub model's head from the
-    checkpoint it is given, which must not escape the check."""
-    from ..hub import hub_folder, is_hub_name, read_config
+    no initialisation), or None for a name outside the zoo (a Hub model brings its own)."""
     from ..models import build_model
     from ..models.registry import resolve_name
 
-    if is_hub_name(model_name):
-        model_name = read_config(hub_folder(model_name))["architecture"]
     try:
         resolve_name(model_name)
     except ValueError:
