@@ -309,3 +309,16 @@ def test_predict_cli_goes_on_past_an_unreadable_image(tmp_path, photos, capsys):
     assert "b.png" in err and "skipped" in err and "1 of 3 images could not be read" in err
     lines = out.splitlines()
     assert len(lines) == 4 and lines[0].endswith("a.png") and "c\\nfake" in lines[2]  # escaped name
+
+
+def test_cli_shows_a_crafted_file_name_escaped(photos, tmp_path, capsys):
+    """A file name inside a folder is anyone's: printed as the figure's path, its control
+    characters are escaped, as `predict` shows names, so it cannot drive the terminal."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(photos / "chelsea.png", tmp_path / "in" / "evil\x1b[2J\x07.png")
+    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    ckpt = ["--ckpt_path", str(tmp_path / "r50_3.pth"), "--image_resize", "64"]
+    args = ["--model", "res2net50", *ckpt, "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert cli(str(tmp_path / "in"), *args) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/out/evil\\x1b[2J\\x07_cam.png\n"

@@ -348,6 +348,18 @@ CASES = {
         ["saliency", "train", "--data", "{data}", "--image_size", "8"],
         "--image_size 8: give 32 to 4096",
     ),
+    "saliency-train-infinite-lr": (
+        ["saliency", "train", "--data", "{data}", "--lr", "inf"],
+        "--lr inf: give a positive finite number",
+    ),
+    "saliency-train-nan-weight-decay": (
+        ["saliency", "train", "--data", "{data}", "--weight_decay", "nan"],
+        "--weight_decay nan: give 0 or a positive finite number",
+    ),
+    "saliency-train-negative-workers": (
+        ["saliency", "train", "--data", "{data}", "--workers", "-1"],
+        "--workers -1: give 0 or more",
+    ),
     "serve-no-weights": (["serve", "--model", "zzz"], "give the weights"),
     "serve-ckpt-garbage": (["serve", "--ckpt_path", "{garbage}"], "not a checkpoint"),
     "serve-ckpt-missing": (["serve", "--ckpt_path", "{t}/nope.pt"], "does not exist"),

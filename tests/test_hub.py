@@ -242,3 +242,44 @@ def test_folder_weights_are_read_as_safetensors_only(trained, tmp_path):
     torch.save(trained[0].state_dict(), folder / "model.safetensors")  # a pickle in its place
     with pytest.raises(ValueError, match="model.safetensors.*safetensors"):
         res2net.create_model(f"local-dir:{folder}")
+
+
+def test_validate_on_a_hub_model_checks_the_checkpoint_classifier_first(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """`validate --model local-dir:DIR` sizes the Hub model's head from the checkpoint: a 4 MB
+    file with a (2^20, 1) classifier must be refused against DIR's architecture before an 8 GiB
+    head is built."""
+    from safetensors.torch import save_file
+
+    from .test_train import make_folder
+
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=1, splits=("val",))
+    narrow = tmp_path / "narrow.safetensors"
+    save_file({"fc.weight": torch.zeros(1 << 20, 1), "fc.bias": torch.zeros(1 << 20)}, narrow)
+    class_map = tmp_path / "classes.txt"  # past the class count check, as for ImageNet-A
+    class_map.write_text("class0\nclass1\n")
+    built = []
+    monkeypatch.setattr("res2net.factory.build_model", lambda name, **kw: built.append(kw) or 1 / 0)
+    argv = ["validate", "--model", f"local-dir:{trained[1]}", "--data_dir", str(data)]
+    argv += ["--ckpt_path", str(narrow), "--class_map", str(class_map)]
+    argv += ["--image_resize", "16", "--num_parallel_workers", "0"]
+    assert main(argv) == 2
+    assert f"takes 1 features where {ARCH} has 2048" in capsys.readouterr().err
+    assert not built
+
+
+def test_a_checkpoint_cannot_name_a_hub_model_as_its_architecture(trained, tmp_path, monkeypatch):
+    """A file's `arch` is untrusted: `convert` must not read a folder (or the Hub) it names."""
+    from safetensors.torch import save_file
+
+    from res2net.weights.convert import convert
+
+    src = tmp_path / "named.safetensors"
+    meta = {"arch": f"local-dir:{trained[1]}"}
+    save_file({"fc.weight": torch.zeros(5, 2048), "fc.bias": torch.zeros(5)}, src, metadata=meta)
+    read = []
+    monkeypatch.setattr("res2net.hub.read_config", lambda folder: read.append(folder) or 1 / 0)
+    with pytest.raises(ValueError, match="unknown model 'local-dir:"):
+        convert(src, tmp_path / "out.pth")
+    assert not read

@@ -339,3 +339,16 @@ def test_cli_predict_skips_an_unreadable_image_in_a_folder_and_exits_1(tmp_path,
     assert len(err) == 2 and "b.png" in err[0] and "1 of 3 images" in err[1]
     with pytest.raises(DataError, match="b.png"):
         cli("predict", str(photos / "b.png"), *args)
+
+
+def test_cli_predict_shows_a_crafted_file_name_escaped(tmp_path, capsys):
+    """A file name inside a folder is anyone's: printed as the mask's path, its control
+    characters are escaped, as `predict` shows names, so it cannot drive the terminal."""
+    weights = _saved(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (16, 12), "red").save(photos / "evil\x1b[2J\x07.png", format="PNG")
+    out = tmp_path / "masks"
+    args = ["--weights", str(weights), "--out", str(out), "--device", "cpu"]
+    assert cli("predict", str(photos), *args) == 0
+    assert capsys.readouterr().out == f"{out}/evil\\x1b[2J\\x07.png\n"

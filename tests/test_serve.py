@@ -296,6 +296,33 @@ def test_cli_limit_flags_reach_the_server(weights, monkeypatch):
     assert limits.socket_timeout_s == limits.head_timeout_s == 2.5
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max_wait_ms", "inf", "--max_wait_ms inf: give 0 to 10000"),
+        ("--max_wait_ms", "1e13", "--max_wait_ms 1e+13: give 0 to 10000"),
+        ("--max_wait_ms", "nan", "--max_wait_ms nan: give 0 to 10000"),
+        ("--timeout_s", "1e10", "--timeout_s 1e+10: give a positive number up to 86400"),
+    ],
+)
+def test_cli_refuses_waits_the_server_cannot_keep(
+    weights, monkeypatch, capsys, flag, value, message
+):
+    """A wait beyond what the threading and socket layers accept (about 1e10 s) would stop the
+    batcher thread at the first request (every request then times out) or fail every
+    connection: refused in one line before the model is loaded."""
+    import res2net.serve as serving
+    from res2net.cli.main import main as cli_main
+
+    def never(*args, **kwargs):
+        raise AssertionError("started with a wait it cannot keep")
+
+    monkeypatch.setattr(serving, "Server", never)
+    monkeypatch.setattr(serving, "load_classifier", never)
+    assert cli_main(["serve", "--model", f"local-dir:{weights}", flag, value]) == 2
+    assert capsys.readouterr().err == f"res2net serve: error: {message}\n"
+
+
 def test_cli_serves_and_stops_on_sigterm(weights, tmp_path):
     ckpt = weights / "model.safetensors"  # the architecture and eval transform come from the file
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -97,10 +97,11 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
 
 
 class FoundImages:
-    """Loads the images `find_images` found, as `predict`, `cam` and `saliency predict` go
-    through them: an image inside a folder that cannot be read is skipped with one line on
-    stderr (the others still get their results), an image file named on the command line stops
-    the run with its `DataError`. `summary()` then says how many were skipped."""
+    """Loads the images `find_images` found, for `cam` and `saliency predict`, as
+    `iter_predictions` does for `predict`: an image inside a folder that cannot be read is
+    skipped with one line on stderr (the others still get their results), an image file named
+    on the command line stops the run with its `DataError`. `exit_code()` then says how many
+    were skipped."""
 
     def __init__(self, command: str, images: Sequence[str | Path]) -> None:
         self.command = command

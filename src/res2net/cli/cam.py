@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..guards import printable
 from .predict import add_eval_flags
 
 HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
@@ -100,5 +101,5 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
         target = unused_path(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
         written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
-        print(written)
+        print(printable(str(written)), flush=True)
     return found.exit_code()

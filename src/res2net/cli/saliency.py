@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..guards import check_output_file
+from ..guards import check_output_file, printable
 
 HELP = "salient object detection: train on image/mask folders, predict masks, evaluate MAE / max F"
 
@@ -98,6 +99,12 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} {getattr(args, name)}: give 1 or more")
     if not 32 <= args.image_size <= MAX_SIZE:
         raise ValueError(f"--image_size {args.image_size}: give 32 to {MAX_SIZE}")
+    if not 0 < args.lr < math.inf:  # NaN fails too; inf would end the first step in NaN
+        raise ValueError(f"--lr {args.lr}: give a positive finite number")
+    if not 0 <= args.weight_decay < math.inf:
+        raise ValueError(f"--weight_decay {args.weight_decay}: give 0 or a positive finite number")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 or more")
     check_output_file(args.out, "--out")  # before the training whose result it receives
     if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
         raise ValueError(f"--out {args.out} is the backbone checkpoint: write the model elsewhere")
@@ -150,7 +157,7 @@ def _predict(args: argparse.Namespace) -> int:
         out = unused_path(Path(args.out) / rel.parent / f"{rel.name}.png", taken)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, partial(mask.save, format="PNG"))
-        print(out, flush=True)
+        print(printable(str(out)), flush=True)
     return found.exit_code()
 
 

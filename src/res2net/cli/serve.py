@@ -12,6 +12,8 @@ HELP = (
 )
 
 log = logging.getLogger("res2net.serve")
+MAX_TIMEOUT_S = 86_400  # a day, for a client's reads and writes
+MAX_WAIT_MS = 10_000  # a batch's wait for more images after its first
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -44,7 +46,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--max-wait-ms",
         type=float,
         default=5.0,
-        help="how long a batch waits for more images after its first",
+        help="how long a batch waits for more images after its first (0 to 10000)",
     )
     p.add_argument(
         "--max_body_mb",
@@ -90,7 +92,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="a client's time for each socket read or write, and for its request line and "
-        "headers in all",
+        "headers in all (at most 86400)",
     )
 
 
@@ -100,10 +102,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: give 0..65535")
     counts = ("max_batch", "max_batch_images", "max_pixels", "max_concurrent", "max_connections")
-    for name in (*counts, "max_queue", "max_body_mb", "timeout_s"):
+    for name in (*counts, "max_queue", "max_body_mb"):
         value = getattr(args, name)
         if not value > 0 or value == float("inf"):  # NaN fails `> 0` too
             raise ValueError(f"--{name} {value}: give a positive number")
+    # Waits the threading and socket layers can keep (they overflow near 1e10 s); a batch
+    # waiting longer than a request's 60 s for its result would answer nothing.
+    if not 0 < args.timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(
+            f"--timeout_s {args.timeout_s:g}: give a positive number up to {MAX_TIMEOUT_S}"
+        )
+    if not 0 <= args.max_wait_ms <= MAX_WAIT_MS:
+        raise ValueError(f"--max_wait_ms {args.max_wait_ms:g}: give 0 to {MAX_WAIT_MS}")
     classifier = load_classifier(
         ckpt_path=args.ckpt_path,
         model_name=args.model,

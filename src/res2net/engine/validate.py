@@ -24,6 +24,7 @@ from ..data import (
 from ..factory import create_model
 from ..fileio import atomic_write
 from ..guards import check_output_file
+from ..hub import hub_folder, is_hub_name, read_config
 from ..schema import OnBadImage
 from ..weights.entry import (
     EVAL_KEYS,
@@ -66,6 +67,16 @@ def eval_settings(
     return resolve_eval_transform(
         flags=flags, recipe=recipe, checkpoint=checkpoint, recipe_name=recipe_name
     )
+
+
+def architecture(model_name: str) -> str:
+    """The zoo architecture behind `model_name`: a Hub model's (`local-dir:`, `hf-hub:`) is its
+    config's. `validate` builds a Hub model with the checkpoint's class count, so the
+    checkpoint's classifier is checked against that architecture's features first. (Only for
+    the command line's name: a checkpoint's own `arch` never makes anything read a folder.)"""
+    if not is_hub_name(model_name):
+        return model_name
+    return str(read_config(hub_folder(model_name))["architecture"])
 
 
 def validate(
@@ -111,7 +122,7 @@ def validate(
             )
             loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
             n_images = len(dataset)
-        n_ckpt = state_num_classes(state, ckpt_path, cfg.model)
+        n_ckpt = state_num_classes(state, ckpt_path, architecture(cfg.model))
         if n_ckpt is None:
             raise ValueError(
                 f"{ckpt_path}: no classifier in this checkpoint, so nothing to validate; give a "
