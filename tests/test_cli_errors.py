@@ -58,13 +58,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
         ("r50", "res2net50"),
     ):
         torch.save(res2net.create_model(arch, num_classes=2).state_dict(), out[key])
-    out["headless"] = (
-        t / "headless.safetensors"
-    )  # a backbone: validating it would score a random head
+    # a backbone: validating it would score a random head
+    out["headless"] = t / "headless.safetensors"
     save_file({"conv1.weight": torch.zeros(1)}, out["headless"])
-    out["hollow"] = (
-        t / "hollow.safetensors"
-    )  # a million classes in 0 bytes: must not size the model
+    # a million classes in 0 bytes: must not size the model
+    out["hollow"] = t / "hollow.safetensors"
     save_file({"fc.weight": torch.zeros(10**6, 0), "fc.bias": torch.zeros(1)}, out["hollow"])
     out["narrow"] = t / "narrow.safetensors"  # 2^20 classes of 1 feature: 8 GiB once built
     save_file(
