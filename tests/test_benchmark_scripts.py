@@ -68,3 +68,44 @@ def test_train_e2e_timm_flags_match_the_variant(scripts, tmp_path):
     args.bf16 = False
     plain = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9)
     assert not {"--amp", "--channels-last", "--torchcompile"} & set(plain)
+
+
+@pytest.mark.slow
+def test_lowprec_accuracy_scores_each_precision_against_fp32(tmp_path, monkeypatch):
+    """The accuracy half of benchmarks/lowprec.py (fp32, bf16 where supported, int8 calibrated
+    on the train folder), end to end on a two-class folder: it compiles for a minute or two."""
+    import torch
+    from PIL import Image
+
+    import res2net
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import lowprec
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (36, 40, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    model = res2net.create_model("res2net50_14w_8s", num_classes=2)
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    args = argparse.Namespace(
+        model="res2net50_14w_8s",
+        ckpt=tmp_path / "model.pth",
+        data_dir=tmp_path / "data",
+        image_size=32,
+        crop_pct=1.0,
+        batch_size=4,
+    )
+    out = lowprec.accuracy(args)
+    assert out["val_images"] == 8 and out["calibration_images"] == 8
+    assert out["fp32"]["top1_minus_fp32"] == 0 and out["fp32"]["agreement_with_fp32"] == 100
+    precisions = ["int8"] + (["bf16"] if res2net.lowprec.bf16_supported() else [])
+    for name in precisions:
+        result = out[name]
+        assert 0 <= result["top1"] <= 100 and 0 <= result["agreement_with_fp32"] <= 100
+        assert result["top1_minus_fp32"] == result["top1"] - out["fp32"]["top1"]
