@@ -365,6 +365,10 @@ CASES = {
         ["serve", "--ckpt_path", "{r50}", "--max_connections", "0"],
         "--max_connections 0: give a positive number",
     ),
+    "serve-body-under-a-kib": (
+        ["serve", "--ckpt_path", "{r50}", "--max_body_mb", "1e-9"],
+        "--max_body_mb 1e-09: give at least 1 KiB",
+    ),
     "serve-timeout-nan": (
         ["serve", "--ckpt_path", "{r50}", "--timeout_s", "nan"],
         "--timeout_s nan: give a positive number",

@@ -114,6 +114,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     if not 0 <= args.max_wait_ms <= MAX_WAIT_MS:
         raise ValueError(f"--max_wait_ms {args.max_wait_ms:g}: give 0 to {MAX_WAIT_MS}")
+    max_body_bytes = int(args.max_body_mb * (1 << 20))
+    if max_body_bytes < 1024:  # smaller than any image: every request would get a 413
+        raise ValueError(f"--max_body_mb {args.max_body_mb:g}: give at least 1 KiB (0.001)")
     classifier = load_classifier(
         ckpt_path=args.ckpt_path,
         model_name=args.model,
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         crop_pct=args.crop_pct,
     )
     limits = ServeLimits(
-        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_body_bytes=max_body_bytes,
         max_batch_images=args.max_batch_images,
         max_pixels=args.max_pixels,
         max_concurrent=args.max_concurrent,
