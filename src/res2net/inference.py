@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data import DataError, load_image
 from .factory import create_model
-from .guards import check_regular_file, printable
+from .guards import check_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.base import Res2NetBase
@@ -96,39 +95,17 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-class FoundImages:
-    """Loads the images `find_images` found, for `cam` and `saliency predict`, as
-    `iter_predictions` does for `predict`: an image inside a folder that cannot be read is
-    skipped with one line on stderr (the others still get their results), an image file named
-    on the command line stops the run with its `DataError`. `exit_code()` then says how many
-    were skipped."""
-
-    def __init__(self, command: str, images: Sequence[str | Path]) -> None:
-        self.command = command
-        self.named = {Path(image) for image in images}
-        self.done = self.skipped = 0
-
-    def load(self, path: Path) -> Image.Image | None:
-        self.done += 1
-        try:
-            return load_image(path)
-        except DataError as e:
-            if path in self.named:
-                raise
-            self.skipped += 1
-            print(f"res2net {self.command}: skipped: {printable(str(e))}", file=sys.stderr)
-            return None
-
-    def exit_code(self) -> int:
-        """0, or 1 after one line on stderr when images were skipped."""
-        if not self.skipped:
-            return 0
-        print(
-            f"res2net {self.command}: {self.skipped} of {self.done} images could not be read "
-            "(see above)",
-            file=sys.stderr,
-        )
-        return 1
+def load_found_image(path: Path, named: set[Path]) -> Image.Image | str:
+    """`load_image(path)` for an image `find_images` found. For one inside a folder that cannot
+    be read, the reason instead: the caller skips it and the others still get their results.
+    An image file named on the command line (in `named`) that cannot be read raises its
+    `DataError`."""
+    try:
+        return load_image(path)
+    except DataError as e:
+        if path in named:
+            raise
+        return str(e)
 
 
 def unused_path(path: Path, taken: set[Path]) -> Path:
@@ -178,7 +155,8 @@ def trained_model(
     """The model to predict with, in eval mode: with the classifier of `ckpt_path` (which must
     load whole: a classifier that does not fit the checkpoint's own shape is an error here, not
     a freshly initialised one giving confident nonsense), the published weights', or a Hub
-    model's own (`hf-hub:`/`local-dir:` names, whose config is `model.hub_config`)."""
+    model's own (`hf-hub:`/`local-dir:` names, whose config is `model.hub_config`). Without
+    any of these it has random weights, and one warning says so."""
     from .hub import is_hub_name
     from .weights.loading import load_checkpoint
 
@@ -187,6 +165,8 @@ def trained_model(
             raise ValueError(f"{model_name} brings its weights: drop --ckpt_path/--pretrained")
         return create_model(model_name).eval()
     if ckpt_path is None:
+        if not pretrained:
+            log.warning("no --ckpt_path or --pretrained: random weights, its outputs mean nothing")
         return create_model(model_name, pretrained=pretrained or False).eval()
     num_classes = checkpoint_num_classes(ckpt_path, model_name)
     if not num_classes:
@@ -252,8 +232,6 @@ def iter_predictions(
     files = find_images(images)
     named = {Path(image) for image in images}
     model = trained_model(model_name, ckpt_path=ckpt_path, pretrained=pretrained)
-    if not ckpt_path and not pretrained and not hasattr(model, "hub_config"):
-        log.warning("no --ckpt_path or --pretrained: random weights, the classes mean nothing")
     names, spec = model_classes_and_transform(
         model,
         model_name,
@@ -265,12 +243,9 @@ def iter_predictions(
     )
     transform = spec.transform()
     for path, _ in files:
-        try:
-            image = load_image(path)
-        except DataError as e:
-            if path in named:
-                raise
-            yield Prediction(str(path), [], str(e))
+        image = load_found_image(path, named)
+        if isinstance(image, str):
+            yield Prediction(str(path), [], image)
             continue
         with torch.no_grad():
             probs = model(transform(image).unsqueeze(0)).softmax(dim=1)[0]

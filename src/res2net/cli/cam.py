@@ -4,17 +4,14 @@ class activation map and the top classes. A folder argument means every image in
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import torch
 
 from ..guards import printable
-from .predict import add_eval_flags
+from .predict import Skipped, add_eval_flags
 
 HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -53,8 +50,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
     from ..inference import (
-        FoundImages,
         find_images,
+        load_found_image,
         model_classes_and_transform,
         trained_model,
         unused_path,
@@ -66,10 +63,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     files = find_images(args.images)
     model = trained_model(args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained)
-    if not args.ckpt_path and not args.pretrained and not hasattr(model, "hub_config"):
-        log.warning(
-            "no --ckpt_path or --pretrained: random weights, the maps and classes mean nothing"
-        )
     names, spec = model_classes_and_transform(
         model,
         args.model,
@@ -83,9 +76,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     transform = spec.transform()
     out_dir = Path(args.out)
     taken = {path.resolve() for path, _ in files}  # never written over
-    found = FoundImages("cam", args.images)
+    named, skipped = {Path(image) for image in args.images}, Skipped("cam")
     for path, rel in files:
-        if (image := found.load(path)) is None:
+        image = load_found_image(path, named)
+        if isinstance(image, str):
+            skipped.add(image)
             continue
         x = transform(image).unsqueeze(0).to(args.device)
         if args.method == "cam":
@@ -102,4 +97,4 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         target = unused_path(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
         written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
         print(printable(str(written)), flush=True)
-    return found.exit_code()
+    return skipped.exit_code(len(files))

@@ -78,12 +78,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         image_resize=args.image_resize,
         crop_pct=args.crop_pct,
     )
-    done = unreadable = 0
+    done, skipped = 0, Skipped("predict")
     for prediction in predictions:  # printed as they come: a long folder shows progress
         done += 1
         if prediction.error is not None:
-            unreadable += 1
-            print(f"res2net predict: skipped: {printable(prediction.error)}", file=sys.stderr)
+            skipped.add(prediction.error)
         elif args.json:
             top = [{"class": c, "prob": p} for c, p in prediction.top]
             print(json.dumps({"image": prediction.image, "top": top}), flush=True)
@@ -91,10 +90,28 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             print(printable(prediction.image))
             for name, prob in prediction.top:
                 print(f"  {prob * 100:6.2f}%  {printable(name)}", flush=True)
-    if unreadable:
+    return skipped.exit_code(done)
+
+
+class Skipped:
+    """The images a command skipped (found in a folder, and unreadable): one line on stderr
+    each as it goes, then a count and exit code 1 at the end (`predict`, `cam`,
+    `saliency predict`)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.count = 0
+
+    def add(self, error: str) -> None:
+        self.count += 1
+        print(f"res2net {self.command}: skipped: {printable(error)}", file=sys.stderr)
+
+    def exit_code(self, total: int) -> int:
+        """0, or 1 after one line on stderr when images were skipped."""
+        if not self.count:
+            return 0
         print(
-            f"res2net predict: {unreadable} of {done} images could not be read (see above)",
+            f"res2net {self.command}: {self.count} of {total} images could not be read (see above)",
             file=sys.stderr,
         )
         return 1
-    return 0

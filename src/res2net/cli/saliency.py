@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..guards import check_output_file, printable
+from .predict import Skipped
 
 HELP = "salient object detection: train on image/mask folders, predict masks, evaluate MAE / max F"
 
@@ -142,15 +143,17 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..fileio import atomic_write
-    from ..inference import FoundImages, find_images, unused_path
+    from ..inference import find_images, load_found_image, unused_path
     from ..saliency import load_saliency_model, predict_saliency
 
     files = find_images(args.images)
     model, meta = load_saliency_model(args.weights, args.device)
     taken = {path.resolve() for path, _ in files}  # never written over
-    found = FoundImages("saliency predict", args.images)
+    named, skipped = {Path(image) for image in args.images}, Skipped("saliency predict")
     for path, rel in files:
-        if (image := found.load(path)) is None:
+        image = load_found_image(path, named)
+        if isinstance(image, str):
+            skipped.add(image)
             continue
         prob = predict_saliency(model, image, meta["image_size"], args.device)
         mask = Image.fromarray((prob * 255).round().to(torch.uint8).numpy())
@@ -158,7 +161,7 @@ def _predict(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, partial(mask.save, format="PNG"))
         print(printable(str(out)), flush=True)
-    return found.exit_code()
+    return skipped.exit_code(len(files))
 
 
 def _eval(args: argparse.Namespace) -> int:
