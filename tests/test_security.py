@@ -825,3 +825,20 @@ def test_fuzz_safetensors_headers(header, data, pad):
 @given(_HEADERS, st.binary(max_size=64), st.integers(0, 300))
 def test_fuzz_safetensors_headers_long(header, data, pad):
     _check_safetensors(header, data, pad)
+
+
+def test_an_output_may_not_be_the_file_it_is_made_from_by_any_name(tmp_path):
+    """`check_output_file(keep=...)`: the checkpoint itself, a symlink to it or a hard link to
+    it is refused as the output (writing it would destroy the input); another file is not."""
+    from res2net.guards import check_output_file
+
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights")
+    (tmp_path / "symlink.pth").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hardlink.pth")
+    for name in ("w.pth", "symlink.pth", "hardlink.pth"):
+        with pytest.raises(ValueError, match="is the checkpoint: write it elsewhere"):
+            check_output_file(tmp_path / name, "--out", keep=ckpt, kept="the checkpoint")
+    assert check_output_file(tmp_path / "new.onnx", "--out", keep=ckpt) == tmp_path / "new.onnx"
+    (tmp_path / "other.pth").write_bytes(b"x")
+    check_output_file(tmp_path / "other.pth", "--out", keep=ckpt)

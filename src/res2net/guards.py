@@ -82,10 +82,17 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    what: str = "output file",
+    *,
+    keep: str | os.PathLike | None = None,
+    kept: str = "the input",
+) -> Path:
     """`path` as a Path when a file can be written there: nothing there yet, or a regular file
-    to replace; ValueError naming it when it is a directory, pipe, device or socket, or when
-    a folder on its way is a file."""
+    to replace; ValueError naming it when it is a directory, pipe, device or socket, when a
+    folder on its way is a file, or when it is the file `keep` (described as `kept`: e.g. the
+    checkpoint the output is made from, which writing would destroy)."""
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -99,7 +106,17 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
         raise ValueError(f"{what} '{path}' cannot be checked ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
         raise ValueError(f"{what} '{path}' is {_kind(mode)}: name a file to write")
+    if keep is not None and _same_file(path, keep):
+        raise ValueError(f"{what} '{path}' is {kept}: write it elsewhere")
     return path
+
+
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` are one file (through links too); False when `b` does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def open_regular_file(path: str | os.PathLike, what: str = "file") -> io.BufferedReader:

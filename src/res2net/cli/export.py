@@ -4,7 +4,6 @@ checked against PyTorch at export time."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from torch import nn
 
@@ -79,9 +78,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     if args.precision == "int8" and args.dynamic_size:
         raise ValueError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
-    check_output_file(args.out, "export output")  # before the minutes an export can take
-    if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
-        raise ValueError(f"{args.out} is the checkpoint to export: write the export elsewhere")
+    # before the minutes an export can take
+    check_output_file(
+        args.out, "export output", keep=args.ckpt_path, kept="the checkpoint to export"
+    )
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path, args.model)

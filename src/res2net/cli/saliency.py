@@ -106,9 +106,8 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--weight_decay {args.weight_decay}: give 0 or a positive finite number")
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}: give 0 or more")
-    check_output_file(args.out, "--out")  # before the training whose result it receives
-    if args.ckpt_path and Path(args.out).resolve() == Path(args.ckpt_path).resolve():
-        raise ValueError(f"--out {args.out} is the backbone checkpoint: write the model elsewhere")
+    # before the training whose result it receives
+    check_output_file(args.out, "--out", keep=args.ckpt_path, kept="the backbone checkpoint")
     torch.manual_seed(args.seed)
     dataset = SaliencyFolder(args.data, image_size=args.image_size, train=True)
     model = saliency_res2net(

@@ -230,11 +230,9 @@ def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> N
                 f"--per_class_csv: the class folder name {name!r} is not valid UTF-8; rename it "
                 "(or drop --per_class_csv)"
             ) from None
-    check_output_file(path, "--per_class_csv")
+    check_output_file(path, "--per_class_csv", keep=ckpt_path, kept="the checkpoint")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--per_class_csv: the folder of {str(path)!r} does not exist")
-    if path.exists() and path.samefile(ckpt_path):
-        raise ValueError(f"--per_class_csv {str(path)!r} is the checkpoint: write it elsewhere")
 
 
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
