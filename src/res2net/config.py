@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
+from .errors import ConfigError
 from .guards import read_regular_file, short
 from .schema import (
     AMP_LEVELS,
@@ -97,14 +98,6 @@ LIMITS: dict[str, float] = {
     "dist_timeout": 7 * 24 * 3600.0,
 }
 _FALSE_STRINGS = ("false", "no", "off", "0")
-
-
-class ConfigError(ValueError):
-    """A config problem, in one line that names the key (``.key``) when there is one."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True)

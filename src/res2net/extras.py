@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .errors import Res2NetError
 
-class MissingExtra(ImportError):
+
+class MissingExtra(Res2NetError, ImportError):
     """An optional package is missing; the message names the `pip install` line."""
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import Res2NetError
+
 # Seconds a network call may wait for a connection or for the next bytes.
 NETWORK_TIMEOUT = 30.0
 
@@ -47,7 +49,7 @@ def printable(text: str) -> str:
     return text if text.isprintable() else ascii(text)[1:-1]
 
 
-class NotARegularFile(FileNotFoundError, ValueError):
+class NotARegularFile(Res2NetError, FileNotFoundError, ValueError):
     """A path that names a directory, pipe, device or socket where a file was expected (a
     FileNotFoundError, as no such file exists there, and a ValueError, as the input is wrong)."""
 

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from ..extras import MissingExtra
+from ..errors import Res2NetError
 from . import benchmark as benchmark_cmd
 from . import cam as cam_cmd
 from . import convert as convert_cmd
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"res2net {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, MissingExtra) as e:
+    except (Res2NetError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         if args.verbose:
             raise
         print(f"res2net {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ..errors import DataError
 from ..guards import printable, read_regular_file
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 
 
 OnBadImage = Literal["error", "skip"]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given: wrong folder layout or an unreadable image."""
 
 
 # ---------------------------------------------------------------------------------------------
