@@ -39,7 +39,7 @@ for name in "${steps[@]}"; do
             echo "no timm train.py at $timm_train: copy it there or set TIMM_TRAIN" >&2
             exit 2
         fi
-        python benchmarks/train_e2e.py --timm_train "$timm_train" --bf16 \
+        python benchmarks/train_e2e.py --timm_train "$timm_train" --precision bf16 \
             --batch_size 128 --workers $(($(nproc) - 1)) --small 64 --large 64 \
             --large_copies 80 --rounds 1 --timm_compile --keep_logs "$out/logs" \
             --out "$out/train-e2e-gpu.json"

@@ -8,16 +8,26 @@ The corpus is the one of benchmarks/data_pipeline.py (crops of scikit-image's an
 scikit-learn's sample photos re-encoded as JPEG at typical ImageNet sizes, one class per
 photo). Each trainer runs one epoch of Res2Net-50 (26w_4s) at 224x224 from scratch: random
 resized crop (0.08-1, 3/4-4/3, bilinear), horizontal flip 0.5, color jitter 0.4, no random
-erasing or mixup, label smoothing 0.1, SGD with momentum, cosine schedule without warm-up,
-fp32, then validates on one image per class and saves a checkpoint, as both do at an epoch's
-end. Images/s over the steady state is measured from the outside, independent of either
-trainer's own logging: each trainer runs on a small and a large training folder, and
+erasing, mixup or cutmix, label smoothing 0.1, SGD with momentum, cosine schedule without
+warm-up, then validates on one image per class and saves a checkpoint, as both do at an
+epoch's end. Images/s over the steady state is measured from the outside, independent of
+either trainer's own logging: each trainer runs on a small and a large training folder, and
 
     img/s = (large steps - small steps) * batch / (large run's seconds - small run's seconds)
 
 so start-up (imports, model creation, worker start, validation, checkpoint) cancels out. Runs
-take turns (timm small, ours small, timm large, ours large, per round) so that load from other
-processes hits both alike.
+take turns (every row on the small folder, then every row on the large one, per round) so that
+load from other processes hits all alike.
+
+Precision is set explicitly in both trainers, one row per precision: fp32 (ours
+`--amp_level O0`, whatever the recipe says; timm without `--amp`) and bf16 autocast (ours
+`--amp_level O2`; timm `--amp --amp-dtype bfloat16`). timm runs with and without
+`--channels-last` (ours computes in channels_last on CPU by default). Before anything runs,
+both command lines are read back the way each trainer reads them (ours through the package's
+config loader, recipe file included) and the benchmark refuses to start when any setting in
+COMPARED differs. The JSON records every flag, each trainer's effective settings and command,
+and the load average before and after every run; a run whose load exceeded QUIET_LOAD per
+core is marked `"quiet": false`, and its figures are not results.
 
 timm's script (the repository's version indexed here, which has no --device option) assumes
 CUDA: timm's `init_distributed_device` picks `cuda` when `args.device` is unset, and
@@ -25,11 +35,12 @@ CUDA: timm's `init_distributed_device` picks `cuda` when `args.device` is unset,
 default. When no GPU is present, a short launcher sets `args.device = "cpu"` and makes
 `torch.cuda.synchronize` a no-op; the script itself runs unchanged.
 
-    python benchmarks/train_e2e.py --timm_train /path/to/timm/train.py \\
+    python benchmarks/train_e2e.py --timm_train /path/to/timm/train.py --large 32 --rounds 3 \\
         --out benchmarks/results/train-e2e-cpu2.json
     # one GPU (ours picks CUDA by itself, timm's script too): larger batch, more workers, bf16
-    python benchmarks/train_e2e.py --timm_train train.py --batch_size 128 --workers 15 --bf16 \\
-        --small 64 --large 64 --large_copies 80 --out benchmarks/results/train-e2e-gpu.json
+    python benchmarks/train_e2e.py --timm_train train.py --batch_size 128 --workers 15 \\
+        --precision bf16 --small 64 --large 64 --large_copies 80 --timm_compile \\
+        --out benchmarks/results/train-e2e-gpu.json
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -62,6 +74,9 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 REPO = Path(__file__).resolve().parent.parent
+# The 1-minute load average, per core, up to which a run counts as quiet: the trainers' own
+# DataLoader workers and main processes bring it to about 0.85 per core on 2 cores.
+QUIET_LOAD = 0.85
 
 
 def build_folder(root: Path, per_photo: int, copies: int = 1) -> int:
@@ -78,16 +93,41 @@ def build_folder(root: Path, per_photo: int, copies: int = 1) -> int:
     return count * copies
 
 
+PRECISIONS = ("fp32", "bf16")
+# The settings both trainers must share for a row to compare like with like.
+COMPARED = (
+    "precision",
+    "val_precision",
+    "batch_size",
+    "workers",
+    "epochs",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "opt",
+    "label_smoothing",
+    "scale",
+    "ratio",
+    "hflip",
+    "color_jitter",
+    "re_prob",
+    "mixup",
+    "cutmix",
+    "interpolation",
+)
+
+
 def timm_command(
     args: argparse.Namespace,
     data: Path,
     out: Path,
     num_classes: int,
+    precision: str,
     channels_last: bool = False,
     compile: bool = False,
 ) -> list[str]:
-    flags = ["--amp", "--amp-dtype", "bfloat16"] if args.bf16 else []
-    if args.bf16 or channels_last:
+    flags = ["--amp", "--amp-dtype", "bfloat16"] if precision == "bf16" else []
+    if channels_last:
         flags.append("--channels-last")
     if compile:
         flags.append("--torchcompile")
@@ -131,6 +171,10 @@ def timm_command(
         "0.4",
         "--reprob",
         "0",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
         "--train-interpolation",
         "bilinear",
         "--workers",
@@ -150,7 +194,11 @@ def timm_command(
     ] + flags
 
 
-def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: int) -> list[str]:
+def ours_command(
+    args: argparse.Namespace, data: Path, out: Path, num_classes: int, precision: str
+) -> list[str]:
+    # The recipe says amp_level O3 (bf16): the level is always given, so fp32 means fp32.
+    level = "O2" if precision == "bf16" else "O0"
     return [
         sys.executable,
         "-m",
@@ -190,6 +238,10 @@ def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: i
         "0.4",
         "--re_prob",
         "0",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
         "--interpolation",
         "bilinear",
         "--num_parallel_workers",
@@ -204,7 +256,137 @@ def ours_command(args: argparse.Namespace, data: Path, out: Path, num_classes: i
         "1",
         "--seed",
         "0",
-    ] + (["--amp_level", "O2", "--val_amp_level", "O2"] if args.bf16 else [])
+        "--amp_level",
+        level,
+        "--val_amp_level",
+        level,
+    ]
+
+
+def ours_settings(command: list[str], device_type: str) -> dict:
+    """What `res2net train` will really do with `command`: its recipe file merged with the
+    command line, read by the package's own config loader (so a recipe default such as
+    `amp_level: O3` cannot slip past)."""
+    from res2net.config import load_config
+
+    cfg = load_config(None, command[4:])
+    dtypes = {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+    def precision(validation: bool) -> str:
+        dtype = cfg.amp_dtype(device_type, validation=validation)
+        return dtypes[None if dtype is None else str(dtype)]
+
+    return {
+        "precision": precision(False),
+        "val_precision": precision(True),
+        "batch_size": cfg.batch_size,
+        "workers": cfg.num_parallel_workers,
+        "epochs": cfg.epoch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "opt": "sgd" if cfg.opt == "momentum" else cfg.opt,
+        "label_smoothing": cfg.label_smoothing,
+        "scale": list(cfg.scale),
+        "ratio": list(cfg.ratio),
+        "hflip": cfg.hflip,
+        "color_jitter": cfg.color_jitter,
+        "re_prob": cfg.re_prob,
+        "mixup": cfg.mixup,
+        "cutmix": cfg.cutmix,
+        "interpolation": cfg.interpolation,
+        # on CPU the model computes in channels_last whatever the flag (create_model's hook)
+        "channels_last": cfg.channels_last or device_type == "cpu",
+        "compile": cfg.use_compile(device_type),
+    }
+
+
+def timm_settings(command: list[str]) -> dict:
+    """What timm's `train.py` will do with `command`, with train.py's own defaults for the
+    options not given (timm 1.0's train.py)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=2e-5)
+    p.add_argument("--opt", default="sgd")
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
+    p.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0])
+    p.add_argument("--hflip", type=float, default=0.5)
+    p.add_argument("--color-jitter", type=float, default=0.4)
+    p.add_argument("--reprob", type=float, default=0.0)
+    p.add_argument("--mixup", type=float, default=0.0)
+    p.add_argument("--cutmix", type=float, default=0.0)
+    p.add_argument("--train-interpolation", default="random")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp-dtype", default="float16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--torchcompile", nargs="?", const="inductor")
+    a, _ = p.parse_known_args(command[4:])
+    precision = {"bfloat16": "bf16", "float16": "fp16"}[a.amp_dtype] if a.amp else "fp32"
+    return {
+        "precision": precision,
+        "val_precision": precision,  # validate() runs under the same autocast
+        "batch_size": a.batch_size,
+        "workers": a.workers,
+        "epochs": a.epochs,
+        "lr": a.lr,
+        "momentum": a.momentum,
+        "weight_decay": a.weight_decay,
+        "opt": a.opt,
+        "label_smoothing": a.smoothing,
+        "scale": a.scale,
+        "ratio": a.ratio,
+        "hflip": a.hflip,
+        "color_jitter": a.color_jitter,
+        "re_prob": a.reprob,
+        "mixup": a.mixup,
+        "cutmix": a.cutmix,
+        "interpolation": a.train_interpolation,
+        "channels_last": a.channels_last,
+        "compile": a.torchcompile is not None,
+    }
+
+
+def check_like_for_like(ours: dict, peer: dict, peer_name: str) -> None:
+    """SystemExit naming every setting in COMPARED where the two trainers differ: such a row
+    would compare different work, not different trainers."""
+    differ = [
+        f"{k}: ours {ours[k]!r}, {peer_name} {peer[k]!r}" for k in COMPARED if ours[k] != peer[k]
+    ]
+    if differ:
+        sys.exit(
+            f"refusing to compare res2net train with {peer_name}: settings differ "
+            f"({'; '.join(differ)}); fix the commands in benchmarks/train_e2e.py"
+        )
+
+
+def trainers(
+    args: argparse.Namespace, device_type: str
+) -> dict[str, tuple[Callable[..., list[str]], dict]]:
+    """Every trainer to time, by row name ('<precision>: <trainer>'), with its command maker
+    and effective settings; refuses (SystemExit) any timm row that is not like for like."""
+    dummy = Path("data"), Path("out"), 9
+    rows: dict[str, tuple[Callable[..., list[str]], dict]] = {}
+    for precision in args.precision:
+        ours = partial(ours_command, precision=precision)
+        ours_set = ours_settings(ours(args, *dummy), device_type)
+        rows[f"{precision}: res2net train"] = (ours, ours_set)
+        variants = {"timm train.py": {}, "timm train.py --channels-last": {"channels_last": True}}
+        if args.timm_compile:
+            variants["timm train.py --channels-last --torchcompile"] = {
+                "channels_last": True,
+                "compile": True,
+            }
+        for name, options in variants.items():
+            make = partial(timm_command, precision=precision, **options)
+            peer_set = timm_settings(make(args, *dummy))
+            check_like_for_like(ours_set, peer_set, name)
+            rows[f"{precision}: {name}"] = (make, peer_set)
+    return rows
 
 
 def run_once(command: list[str], log: Path) -> float:
@@ -219,12 +401,51 @@ def run_once(command: list[str], log: Path) -> float:
     return seconds
 
 
+def bf16_available(device_type: str) -> bool:
+    from res2net.lowprec import bf16_supported
+
+    return bf16_supported(device_type)
+
+
+def img_s_and_ratios(
+    seconds: dict[str, dict[str, list[float]]], extra_images: int
+) -> tuple[dict, dict]:
+    """Steady-state images/s of each row (per round and from the best runs), and ours over each
+    timm row of the same precision."""
+    img_s = {}
+    for name, runs in seconds.items():
+        per_round = [
+            extra_images / (large - small) for small, large in zip(runs["small"], runs["large"])
+        ]
+        best = extra_images / (min(runs["large"]) - min(runs["small"]))
+        img_s[name] = {"per_round": per_round, "best_runs": best}
+    ratio = {}
+    for name, peer in img_s.items():
+        precision, trainer = name.split(": ", 1)
+        if not trainer.startswith("timm"):
+            continue
+        ours = img_s[f"{precision}: res2net train"]
+        ratio[f"{precision}: res2net train / {trainer}"] = {
+            "best_runs": ours["best_runs"] / peer["best_runs"],
+            "per_round": [o / t for o, t in zip(ours["per_round"], peer["per_round"])],
+        }
+    return img_s, ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--timm_train", type=Path, required=True, help="timm's train.py (from its repository)"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=list(PRECISIONS),
+        help="rows to run, each like for like: fp32 (ours --amp_level O0, timm without --amp) "
+        "and bf16 autocast (ours O2, timm --amp --amp-dtype bfloat16)",
     )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
@@ -242,20 +463,10 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="bf16 autocast in both (timm: --amp --amp-dtype bfloat16 --channels-last), as on GPUs",
-    )
-    parser.add_argument(
-        "--timm_channels_last",
-        action="store_true",
-        help="also run timm's script with --channels-last (ours uses channels_last on CPU)",
-    )
-    parser.add_argument(
         "--timm_compile",
         action="store_true",
-        help="also run timm's script with --torchcompile (ours compiles on CUDA: the recipe's "
-        "mode 0)",
+        help="also run timm's script with --channels-last --torchcompile (ours compiles on "
+        "CUDA: the recipe's mode 0)",
     )
     parser.add_argument(
         "--keep_logs", type=Path, help="copy each run's output here (ours shows its data wait)"
@@ -266,6 +477,15 @@ def main() -> None:
         sys.exit(
             f"--timm_train {args.timm_train}: no such file (a copy of timm's repository train.py)"
         )
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if "bf16" in args.precision and not bf16_available(device_type):
+        sys.exit(
+            f"--precision bf16: this {device_type} has no native bf16 math (emulated bf16 is "
+            "slower than fp32 and says nothing about either trainer): use --precision fp32"
+        )
+    rows = trainers(args, device_type)
 
     with tempfile.TemporaryDirectory(prefix="train-e2e-") as tmp_name:
         tmp = Path(tmp_name)
@@ -277,59 +497,63 @@ def main() -> None:
         steps = {
             size: n // args.batch_size for size, n in images.items()
         }  # both drop the last partial batch
-        commands = {"timm train.py": timm_command, "res2net train": ours_command}
-        if args.timm_channels_last:
-            commands["timm train.py --channels-last"] = partial(timm_command, channels_last=True)
-        if args.timm_compile:
-            commands["timm train.py --torchcompile"] = partial(timm_command, compile=True)
         seconds: dict[str, dict[str, list[float]]] = {
-            name: {"small": [], "large": []} for name in commands
+            name: {"small": [], "large": []} for name in rows
         }
-        load = [os.getloadavg()]
+        runs = []
         for r in range(args.rounds):
             for size in ("small", "large"):
-                for i, (name, make) in enumerate(commands.items()):
+                for i, (name, (make, _)) in enumerate(rows.items()):
                     out = tmp / f"out-{r}-{size}-{i}"
                     shutil.rmtree(out, ignore_errors=True)
                     log = tmp / f"{out.name}.log"
-                    seconds[name][size].append(
-                        run_once(make(args, tmp / f"data-{size}", out, num_classes), log)
+                    load_before = os.getloadavg()
+                    took = run_once(make(args, tmp / f"data-{size}", out, num_classes), log)
+                    seconds[name][size].append(took)
+                    runs.append(
+                        {
+                            "round": r,
+                            "size": size,
+                            "trainer": name,
+                            "seconds": took,
+                            "load_before": load_before,
+                            "load_after": os.getloadavg(),
+                        }
                     )
                     if args.keep_logs:
                         args.keep_logs.mkdir(parents=True, exist_ok=True)
                         shutil.copy(log, args.keep_logs / f"{out.name}.log")
-                    print(f"round {r}: {name} {size}: {seconds[name][size][-1]:.1f} s", flush=True)
-            load.append(os.getloadavg())
+                    print(f"round {r}: {name} {size}: {took:.1f} s", flush=True)
 
+    img_s, ratio = img_s_and_ratios(seconds, (steps["large"] - steps["small"]) * args.batch_size)
+    max_load = max(max(run["load_before"][0], run["load_after"][0]) for run in runs)
     result: dict = {
         "machine": machine_info(),
-        "load": load,
+        "device": device_type,
+        "flags": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "max_load_1min": max_load,
+        "quiet": max_load <= QUIET_LOAD * (os.cpu_count() or 1),
         "batch_size": args.batch_size,
         "workers": args.workers,
         "train_images": images,
         "steps": steps,
+        "trainers": {
+            name: {"settings": settings, "command": make(args, Path("DATA"), Path("OUT"), 9)[3:]}
+            for name, (make, settings) in rows.items()
+        },
+        "runs": runs,
         "seconds": seconds,
-        "img_s": {},
-    }
-    extra_images = (steps["large"] - steps["small"]) * args.batch_size
-    for name, runs in seconds.items():
-        per_round = [
-            extra_images / (large - small) for small, large in zip(runs["small"], runs["large"])
-        ]
-        best = extra_images / (min(runs["large"]) - min(runs["small"]))
-        result["img_s"][name] = {"per_round": per_round, "best_runs": best}
-    ours = result["img_s"]["res2net train"]
-    result["ratio"] = {
-        f"res2net train / {name}": {
-            "best_runs": ours["best_runs"] / peer["best_runs"],
-            "per_round": [o / t for o, t in zip(ours["per_round"], peer["per_round"])],
-        }
-        for name, peer in result["img_s"].items()
-        if name.startswith("timm")
+        "img_s": img_s,
+        "ratio": ratio,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["img_s"], indent=1), json.dumps(result["ratio"]))
+    print(json.dumps(result["img_s"], indent=1), json.dumps(result["ratio"], indent=1))
+    if not result["quiet"]:
+        print(
+            f"load average reached {max_load:.1f} on {os.cpu_count()} cores: not a quiet run, "
+            "so these figures are not results to publish"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ became keyword-only, and nothing noticed until a benchmark run)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,11 +46,97 @@ def test_train_e2e_command_is_a_valid_recipe(scripts, tmp_path):
     from res2net.config import load_config
 
     _, train_e2e = scripts
-    args = argparse.Namespace(batch_size=8, workers=2, bf16=True)
-    argv = train_e2e.ours_command(args, tmp_path / "data", tmp_path / "out", num_classes=9)
-    assert argv[1:4] == ["-m", "res2net.cli.main", "train"]
-    cfg = load_config(None, argv[4:])
-    assert (cfg.num_classes, cfg.batch_size, cfg.amp_level) == (9, 8, "O2")
+    args = argparse.Namespace(batch_size=8, workers=2)
+    for precision, level in (("fp32", "O0"), ("bf16", "O2")):
+        argv = train_e2e.ours_command(args, tmp_path / "data", tmp_path / "out", 9, precision)
+        assert argv[1:4] == ["-m", "res2net.cli.main", "train"]
+        cfg = load_config(None, argv[4:])
+        assert (cfg.num_classes, cfg.batch_size) == (9, 8)
+        assert (cfg.amp_level, cfg.val_amp_level) == (level, level)
+
+
+def test_train_e2e_refuses_the_recipes_bf16_against_timms_fp32(scripts, tmp_path):
+    """The recipe says amp_level O3: an fp32 row whose command leaves the level to the recipe
+    times bf16 autocast against timm's fp32, and must not run."""
+    _, train_e2e = scripts
+    args = argparse.Namespace(batch_size=8, workers=2, timm_train=Path("train.py"))
+    ours = train_e2e.ours_command(args, tmp_path / "data", tmp_path / "out", 9, "fp32")
+    at = ours.index("--amp_level")
+    del ours[at : at + 4]  # --amp_level O0 --val_amp_level O0
+    timm = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9, "fp32")
+    settings = train_e2e.ours_settings(ours, "cpu")
+    assert settings["precision"] == "bf16"
+    with pytest.raises(SystemExit, match="precision: ours 'bf16', timm train.py 'fp32'"):
+        train_e2e.check_like_for_like(settings, train_e2e.timm_settings(timm), "timm train.py")
+    batch_16 = argparse.Namespace(batch_size=16, workers=2, timm_train=Path("train.py"))
+    timm_16 = train_e2e.timm_command(batch_16, tmp_path / "data", tmp_path / "out", 9, "bf16")
+    with pytest.raises(SystemExit, match="batch_size: ours 8, timm train.py 16"):
+        train_e2e.check_like_for_like(settings, train_e2e.timm_settings(timm_16), "timm train.py")
+
+
+def test_train_e2e_rows_are_like_for_like_at_each_precision(scripts):
+    _, train_e2e = scripts
+    args = argparse.Namespace(
+        batch_size=8,
+        workers=2,
+        precision=["fp32", "bf16"],
+        timm_compile=True,
+        timm_train=Path("train.py"),
+    )
+    rows = train_e2e.trainers(args, "cpu")
+    assert list(rows) == [
+        f"{p}: {t}"
+        for p in ("fp32", "bf16")
+        for t in (
+            "res2net train",
+            "timm train.py",
+            "timm train.py --channels-last",
+            "timm train.py --channels-last --torchcompile",
+        )
+    ]
+    for name, (_, settings) in rows.items():
+        assert settings["precision"] == settings["val_precision"] == name.split(":")[0]
+        assert settings["channels_last"] == ("channels-last" in name or "res2net" in name)
+        assert settings["compile"] == ("torchcompile" in name)
+
+
+def test_train_e2e_json_records_flags_settings_load_and_ratios(scripts, tmp_path, monkeypatch):
+    """main() with the trainers' runs replaced by fixed times: 1 s + 0.1 s per step for timm,
+    0.08 s per step for ours, so ours is 1.25x timm's steady-state rate at both precisions."""
+    _, train_e2e = scripts
+
+    def fake_run(command, log):
+        steps = 4 if "data-small" in " ".join(command) else 16
+        return 1.0 + steps * (0.1 if "-c" in command[1:2] else 0.08)
+
+    monkeypatch.setattr(
+        train_e2e, "build_folder", lambda root, per_photo, copies=1: _classes(root, per_photo)
+    )
+    monkeypatch.setattr(train_e2e, "run_once", fake_run)
+    monkeypatch.setattr(train_e2e, "bf16_available", lambda device_type: True)
+    timm_train = tmp_path / "train.py"
+    timm_train.write_text("")
+    out = tmp_path / "e2e.json"
+    argv = ["train_e2e.py", "--timm_train", str(timm_train), "--small", "4", "--large", "16"]
+    monkeypatch.setattr(sys, "argv", argv + ["--rounds", "1", "--out", str(out)])
+    train_e2e.main()
+    result = json.loads(out.read_text())
+    assert result["flags"]["precision"] == ["fp32", "bf16"]
+    assert result["flags"]["batch_size"] == 8 and result["flags"]["timm_train"] == str(timm_train)
+    assert isinstance(result["quiet"], bool) and result["max_load_1min"] >= 0
+    assert len(result["runs"]) == 2 * 6  # small and large, 6 rows
+    assert all(len(run["load_before"]) == 3 for run in result["runs"])
+    assert result["trainers"]["fp32: res2net train"]["settings"]["precision"] == "fp32"
+    assert "--amp_level" in result["trainers"]["fp32: res2net train"]["command"]
+    assert result["steps"] == {"small": 4, "large": 18}
+    for precision in ("fp32", "bf16"):
+        ratio = result["ratio"][f"{precision}: res2net train / timm train.py"]
+        assert ratio["best_runs"] == pytest.approx(1.25)
+
+
+def _classes(root: Path, per_photo: int) -> int:
+    (root / "train" / "a").mkdir(parents=True)
+    return 9 * per_photo
 
 
 def test_train_e2e_large_folder_holds_each_image_copies_times(scripts, tmp_path):
@@ -62,11 +149,12 @@ def test_train_e2e_large_folder_holds_each_image_copies_times(scripts, tmp_path)
 
 def test_train_e2e_timm_flags_match_the_variant(scripts, tmp_path):
     _, train_e2e = scripts
-    args = argparse.Namespace(batch_size=128, workers=15, bf16=True, timm_train=Path("train.py"))
-    argv = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9, compile=True)
+    args = argparse.Namespace(batch_size=128, workers=15, timm_train=Path("train.py"))
+    argv = train_e2e.timm_command(
+        args, tmp_path / "data", tmp_path / "out", 9, "bf16", channels_last=True, compile=True
+    )
     assert argv[-5:] == ["--amp", "--amp-dtype", "bfloat16", "--channels-last", "--torchcompile"]
-    args.bf16 = False
-    plain = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9)
+    plain = train_e2e.timm_command(args, tmp_path / "data", tmp_path / "out", 9, "fp32")
     assert not {"--amp", "--channels-last", "--torchcompile"} & set(plain)
 
 
