@@ -6,15 +6,17 @@ one run, and accuracy of trained models against their fp32 selves.
 scikit-image's and scikit-learn's sample photos). Candidates, taking turns round by round:
 onnxruntime fp32 on timm's ONNX export; onnxruntime int8 on the same file quantized with
 `onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights, uint8 activations);
+OpenVINO on timm's model (`openvino.convert_model`) in fp32, in its default precision (bf16 on
+CPUs with native bf16 math) and in int8 quantized by NNCF (`nncf.quantize`, post-training);
 this package's `optimize_for_inference` fp32 (eager and compiled), bf16 (eager and compiled)
-and int8. Both int8 models are calibrated on the same 32 photos (4 batches of 8), which are
-not the timed batch.
+and int8. The three int8 models are calibrated on the same 32 photos (4 batches of 8), which
+are not the timed batch. Every peer runs with as many threads as torch, one request at a time.
 
 `accuracy`: a trained checkpoint evaluated on an ImageNet-style val folder in fp32, bf16 and
 int8 (calibrated on up to 64 images of the train folder): top-1 of each and top-1 agreement
 with fp32.
 
-    python benchmarks/lowprec.py speed --out benchmarks/results/lowprec-cpu2.json
+    python benchmarks/lowprec.py speed --rounds 10 --out benchmarks/results/lowprec-cpu2.json
     python benchmarks/lowprec.py plot benchmarks/results/lowprec-cpu2.json \\
         --train benchmarks/results/train-e2e-cpu2.json --png docs/lowprec.png
     python benchmarks/lowprec.py photos --out_dir data/photos   # then fine-tune on it (docs)
@@ -58,6 +60,48 @@ def timed_first_call(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def openvino_candidates(
+    model: torch.nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], bf16: bool
+) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, float], dict[str, str]]:
+    """OpenVINO on `model` (converted with `openvino.convert_model`): fp32, its CPU default
+    (bf16 where the CPU has native bf16 math) and NNCF post-training int8 calibrated on
+    `calibration`; each compiled for latency (one request) with as many threads as torch.
+    Also returns the setup seconds and the precision OpenVINO reports for each."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as e:
+        sys.exit(f"{e}: pip install 'res2net[openvino]' (or pass --no_openvino)")
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    start = time.perf_counter()
+    fp32_model = ov.convert_model(model, example_input=x)
+    setup_s = {"openvino convert_model": time.perf_counter() - start}
+    start = time.perf_counter()
+    dataset = nncf.Dataset([b.numpy() for b in calibration])
+    int8_model = nncf.quantize(fp32_model, dataset, subset_size=len(calibration))
+    setup_s["openvino NNCF int8 quantize"] = time.perf_counter() - start
+    compiled = {
+        "openvino fp32 (timm)": core.compile_model(
+            fp32_model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}
+        ),
+        "openvino int8 (timm, NNCF)": core.compile_model(int8_model, "CPU", config),
+    }
+    if bf16:  # no hint: OpenVINO's own default, bf16 on such CPUs
+        compiled["openvino bf16 (timm, its default)"] = core.compile_model(
+            fp32_model, "CPU", config
+        )
+    x_np = x.numpy()
+    precision = {
+        name: str(c.get_property("INFERENCE_PRECISION_HINT")) for name, c in compiled.items()
+    }
+
+    def runner(c: object) -> Callable[[], torch.Tensor]:
+        return lambda: torch.from_numpy(c(x_np)[0])  # type: ignore[operator]
+
+    return {name: runner(c) for name, c in compiled.items()}, setup_s, precision
+
+
 def speed(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)  # onnxruntime gets as many intra-op threads
@@ -92,7 +136,13 @@ def speed(args: argparse.Namespace) -> dict:
         "res2net fp32": partial(res2net.optimize_for_inference(ours), x),
         "res2net int8": partial(ours_int8, x),
     }
-    if bf16 := res2net.lowprec.bf16_supported():
+    bf16 = res2net.lowprec.bf16_supported()
+    openvino_precision = {}
+    if not args.no_openvino:
+        peers, seconds, openvino_precision = openvino_candidates(timm_model, x, calibration, bf16)
+        candidates.update(peers)
+        setup_s.update(seconds)
+    if bf16:
         bf16_model = res2net.optimize_for_inference(ours, precision="bf16")
         candidates["res2net bf16"] = lambda: bf16_model(x)
     if not args.no_compile:
@@ -136,6 +186,8 @@ def speed(args: argparse.Namespace) -> dict:
         "image_size": 224,
         "first_call_s": compile_s,
         "setup_s": setup_s,
+        "openvino_precision": openvino_precision,
+        "threads": torch.get_num_threads(),
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "candidates": rows,
@@ -144,11 +196,21 @@ def speed(args: argparse.Namespace) -> dict:
 
 
 def ratios(rows: dict) -> dict:
-    """Targets: speed of ours over the peer in the same run, best round and median."""
+    """Targets: speed of ours over the peer in the same run, best round and median; and, per
+    precision, ours' fastest candidate over the fastest peer (onnxruntime or OpenVINO)."""
     pairs = {
         "res2net int8 / onnxruntime int8": (
             "res2net int8",
             "onnxruntime int8 (timm ONNX, quantize_static)",
+        ),
+        "res2net int8 / openvino int8": ("res2net int8", "openvino int8 (timm, NNCF)"),
+        "res2net fp32 compiled / openvino fp32": (
+            "res2net fp32 compiled",
+            "openvino fp32 (timm)",
+        ),
+        "res2net bf16 compiled / openvino bf16": (
+            "res2net bf16 compiled",
+            "openvino bf16 (timm, its default)",
         ),
         "res2net bf16 / res2net fp32": ("res2net bf16", "res2net fp32"),
         "res2net bf16 compiled / res2net fp32 compiled": (
@@ -161,12 +223,24 @@ def ratios(rows: dict) -> dict:
             "onnxruntime fp32 (timm ONNX)",
         ),
     }
+    for precision in ("fp32", "bf16", "int8"):
+        ours = [n for n in rows if n.startswith(f"res2net {precision}")]
+        peers = [n for n in rows if not n.startswith("res2net") and f" {precision} " in f"{n} "]
+        if ours and peers:
+            for stat in ("best", "median"):
+                key = f"{stat}_ms"
+                pairs[f"res2net {precision} / best peer ({stat})"] = (
+                    min(ours, key=lambda n: rows[n][key]),
+                    min(peers, key=lambda n: rows[n][key]),
+                )
     out = {}
-    for label, (ours, peer) in pairs.items():
-        if ours in rows and peer in rows:
+    for label, (ours_name, peer) in pairs.items():
+        if ours_name in rows and peer in rows:
             out[label] = {
-                "best": rows[peer]["best_ms"] / rows[ours]["best_ms"],
-                "median": rows[peer]["median_ms"] / rows[ours]["median_ms"],
+                "best": rows[peer]["best_ms"] / rows[ours_name]["best_ms"],
+                "median": rows[peer]["median_ms"] / rows[ours_name]["median_ms"],
+                "ours": ours_name,
+                "peer": peer,
             }
     return out
 
@@ -282,6 +356,7 @@ def main() -> None:
     s.add_argument(
         "--no_compile", action="store_true", help="skip the compiled fp32/bf16 candidates"
     )
+    s.add_argument("--no_openvino", action="store_true", help="skip the OpenVINO candidates")
     a = sub.add_parser("accuracy")
     a.add_argument("--model", default="res2net50")
     a.add_argument("--ckpt", required=True)
@@ -308,8 +383,14 @@ def main() -> None:
         "machine": machine_info(),
         "onnxruntime": onnxruntime.__version__,
         "timm": timm.__version__,
+        "flags": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     result.update(speed(args) if args.part == "speed" else accuracy(args))
+    if args.part == "speed" and not args.no_openvino:
+        from importlib.metadata import version
+
+        result["openvino"] = version("openvino")
+        result["nncf"] = version("nncf")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("candidates",)}, indent=1))

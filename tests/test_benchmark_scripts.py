@@ -197,3 +197,62 @@ def test_lowprec_accuracy_scores_each_precision_against_fp32(tmp_path, monkeypat
         result = out[name]
         assert 0 <= result["top1"] <= 100 and 0 <= result["agreement_with_fp32"] <= 100
         assert result["top1_minus_fp32"] == result["top1"] - out["fp32"]["top1"]
+
+
+def test_lowprec_ratio_is_ours_fastest_over_the_fastest_peer(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import lowprec
+
+    def row(best, median):
+        return {"best_ms": best, "median_ms": median}
+
+    rows = {
+        "onnxruntime int8 (timm ONNX, quantize_static)": row(110.0, 115.0),
+        "openvino int8 (timm, NNCF)": row(90.0, 120.0),
+        "res2net int8": row(100.0, 100.0),
+        "openvino fp32 (timm)": row(200.0, 200.0),
+        "res2net fp32": row(250.0, 250.0),
+        "res2net fp32 compiled": row(180.0, 190.0),
+    }
+    out = lowprec.ratios(rows)
+    best, median = out["res2net int8 / best peer (best)"], out["res2net int8 / best peer (median)"]
+    assert best["peer"] == "openvino int8 (timm, NNCF)" and best["best"] == pytest.approx(0.9)
+    assert median["peer"] == "onnxruntime int8 (timm ONNX, quantize_static)"
+    assert median["median"] == pytest.approx(1.15)
+    fp32 = out["res2net fp32 / best peer (best)"]
+    assert fp32["ours"] == "res2net fp32 compiled" and fp32["best"] == pytest.approx(200 / 180)
+    assert "res2net bf16 / best peer (best)" not in out  # no bf16 candidates here
+
+
+def test_lowprec_openvino_peers_give_the_models_answers(monkeypatch):
+    """The OpenVINO candidates of `lowprec.py speed` (fp32, its default precision, NNCF int8)
+    on a tiny model: each returns the logits of the PyTorch model it was converted from."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    import res2net
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import lowprec
+
+    torch.manual_seed(0)
+    model = res2net.create_model("res2net50_14w_8s", num_classes=10).eval()
+    x = torch.rand(4, 3, 64, 64)
+    calibration = [torch.rand(4, 3, 64, 64) for _ in range(2)] + [x]
+    bf16 = res2net.lowprec.bf16_supported()
+    candidates, setup_s, precision = lowprec.openvino_candidates(model, x, calibration, bf16)
+    assert set(setup_s) == {"openvino convert_model", "openvino NNCF int8 quantize"}
+    assert precision["openvino fp32 (timm)"] == "<Type: 'float32'>"
+    with torch.no_grad():
+        want = model(x)
+    scale = want.abs().max()
+    bounds = {"fp32": 1e-4, "bf16": 0.05, "int8": 0.25}
+    assert len(candidates) == 2 + bf16
+    for name, run in candidates.items():
+        got = run()
+        assert got.shape == want.shape, name
+        error = ((got - want).abs().max() / scale).item()
+        assert error < bounds[name.split()[1]], (name, error)
