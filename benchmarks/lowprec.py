@@ -137,7 +137,7 @@ def speed(args: argparse.Namespace) -> dict:
         "res2net int8": partial(ours_int8, x),
     }
     bf16 = res2net.lowprec.bf16_supported()
-    openvino_precision = {}
+    openvino_precision: dict[str, str] = {}
     if not args.no_openvino:
         peers, seconds, openvino_precision = openvino_candidates(timm_model, x, calibration, bf16)
         candidates.update(peers)

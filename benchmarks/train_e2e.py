@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from data_pipeline import build_corpus
 
@@ -375,14 +376,16 @@ def trainers(
         ours = partial(ours_command, precision=precision)
         ours_set = ours_settings(ours(args, *dummy), device_type)
         rows[f"{precision}: res2net train"] = (ours, ours_set)
-        variants = {"timm train.py": {}, "timm train.py --channels-last": {"channels_last": True}}
+        variants = {  # name: (channels_last, compile)
+            "timm train.py": (False, False),
+            "timm train.py --channels-last": (True, False),
+        }
         if args.timm_compile:
-            variants["timm train.py --channels-last --torchcompile"] = {
-                "channels_last": True,
-                "compile": True,
-            }
-        for name, options in variants.items():
-            make = partial(timm_command, precision=precision, **options)
+            variants["timm train.py --channels-last --torchcompile"] = (True, True)
+        for name, (channels_last, compile) in variants.items():
+            make = partial(
+                timm_command, precision=precision, channels_last=channels_last, compile=compile
+            )
             peer_set = timm_settings(make(args, *dummy))
             check_like_for_like(ours_set, peer_set, name)
             rows[f"{precision}: {name}"] = (make, peer_set)
@@ -412,7 +415,7 @@ def img_s_and_ratios(
 ) -> tuple[dict, dict]:
     """Steady-state images/s of each row (per round and from the best runs), and ours over each
     timm row of the same precision."""
-    img_s = {}
+    img_s: dict[str, dict[str, Any]] = {}
     for name, runs in seconds.items():
         per_round = [
             extra_images / (large - small) for small, large in zip(runs["small"], runs["large"])
@@ -500,7 +503,7 @@ def main() -> None:
         seconds: dict[str, dict[str, list[float]]] = {
             name: {"small": [], "large": []} for name in rows
         }
-        runs = []
+        runs: list[dict[str, Any]] = []
         for r in range(args.rounds):
             for size in ("small", "large"):
                 for i, (name, (make, _)) in enumerate(rows.items()):
