@@ -199,3 +199,74 @@ def test_pt2_export_prints_nothing(tmp_path, capfd):
     export_program(tiny_res2net(num_classes=3), tmp_path / "m.pt2", image_size=32)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""  # no torch warning about the temporary name
+
+
+def test_openvino_export_runs_in_openvinos_runtime_like_torch(tmp_path):
+    ov = pytest.importorskip("openvino")
+    from res2net.export import export_openvino
+
+    model = tiny_res2net(num_classes=10)
+    out = tmp_path / "m.xml"
+    check = export_openvino(model, out, image_size=32, dynamic_size=True)
+    assert check.max_rel_err < 1e-4 and check.path == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
+    compiled = ov.Core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for shape in ((1, 3, 32, 32), (5, 3, 64, 48)):  # dynamic batch, height and width
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = model(x)
+        assert rel_err(torch.from_numpy(compiled(x.numpy())[0]), want) < 1e-4
+
+
+def test_export_cli_writes_openvino_for_an_xml_name(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(
+        "res2net.factory.create_model", lambda name, **kw: tiny_res2net(num_classes=4)
+    )
+    out = tmp_path / "r50.xml"
+    args = export_args(str(out), "--model", "res2net50", "--image_resize", "32")
+    assert export_cmd.run(args, []) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (openvino, fp32, dynamic batch")
+    assert (tmp_path / "r50.bin").is_file()
+
+
+def test_a_rejected_openvino_export_leaves_both_files_there(tmp_path):
+    pytest.importorskip("openvino")
+    from res2net.export import export_openvino
+
+    out = tmp_path / "model.xml"
+    out.write_bytes(b"the previous graph")
+    out.with_suffix(".bin").write_bytes(b"the previous weights")
+    with pytest.raises(RuntimeError, match="differ from PyTorch"):
+        export_openvino(tiny_res2net(), out, image_size=32, rtol=-1.0)  # every check fails
+    assert out.read_bytes() == b"the previous graph"
+    assert out.with_suffix(".bin").read_bytes() == b"the previous weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml"]
+
+
+def test_export_format_comes_from_the_extension_or_one_clear_error(tmp_path):
+    from res2net.errors import ConfigError
+    from res2net.export import export_openvino, format_for_path
+
+    assert [format_for_path(f"m{s}") for s in (".onnx", ".pt2", ".XML")] == [
+        "onnx",
+        "pt2",
+        "openvino",
+    ]
+    with pytest.raises(ConfigError, match=r"no format for the extension '\.bin'.*--format"):
+        format_for_path(tmp_path / "m.bin")
+    pytest.importorskip("openvino")
+    with pytest.raises(ConfigError, match="give a path ending in .xml"):
+        export_openvino(tiny_res2net(), tmp_path / "m.ir", image_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pt2_export_with_dynamic_size_runs_at_other_sizes(tmp_path):
+    from res2net.export import export_program
+
+    model = tiny_res2net(num_classes=10)
+    export_program(model, tmp_path / "m.pt2", image_size=32, dynamic_size=True)
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert rel_err(program(x), model(x)) < 1e-4

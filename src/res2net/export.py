@@ -1,6 +1,6 @@
 """Export a model for deployment: ONNX (checked against PyTorch with onnxruntime at export
-time) and `torch.export` programs (.pt2). Both keep the batch dimension dynamic, and height and
-width on request."""
+time), `torch.export` programs (.pt2) and OpenVINO IR (.xml + .bin, checked in OpenVINO's
+runtime). All keep the batch dimension dynamic, and height and width on request."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,11 +17,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .extras import require
 from .fileio import temporary_path
 from .guards import check_output_file
 
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "openvino")
+FORMAT_BY_SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".xml": "openvino"}
+
+
+def format_for_path(path: str | os.PathLike) -> str:
+    """The export format an output file name asks for, by its extension; ConfigError when the
+    extension names none."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMAT_BY_SUFFIX:
+        known = ", ".join(f"{s} ({f})" for s, f in FORMAT_BY_SUFFIX.items())
+        raise ConfigError(
+            f"export output '{path}': no format for the extension '{suffix}': use {known}, "
+            "or name one with --format",
+            key="format",
+        )
+    return FORMAT_BY_SUFFIX[suffix]
 
 
 @dataclass(frozen=True)
@@ -70,17 +87,26 @@ def _example(
     return torch.randn(*shape, device=weight.device, dtype=weight.dtype)
 
 
+def _check_input(model: nn.Module, image_size: int, dynamic_size: bool) -> torch.Tensor:
+    """The batch an export is checked on: 3 images (traced with 2), and with `dynamic_size` of
+    another height and width (both above 32 px, see `_dynamic_shapes`)."""
+    if dynamic_size:
+        return _example(model, 3, image_size + 32, max(image_size, 48))
+    return _example(model, 3, image_size)
+
+
 def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=65536)
 
 
 def _dynamic_shapes(dynamic_size: bool) -> tuple[dict[int, torch.export.Dim], ...]:
-    """Batch always dynamic; height and width too with `dynamic_size` (from 32 px, the stride;
-    traced at 64 px or more, since a 1x1 last stage would be specialised)."""
+    """Batch always dynamic; height and width too with `dynamic_size`, above 32 px (the
+    network's stride): at 32 px the last stage is 1x1, a case `torch.export` specialises and so
+    refuses to cover with one graph; traced at 64 px or more for the same reason."""
     dims = {0: _batch_dim()}
     if dynamic_size:
-        dims[2] = torch.export.Dim("height", min=32, max=8192)
-        dims[3] = torch.export.Dim("width", min=32, max=8192)
+        dims[2] = torch.export.Dim("height", min=33, max=8192)
+        dims[3] = torch.export.Dim("width", min=33, max=8192)
     return (dims,)
 
 
@@ -167,7 +193,7 @@ def export_onnx(
                 report=False,
                 verbose=verbose,
             )
-            x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
+            x = _check_input(model, image_size, dynamic_size)
             want = _outputs(model(x))
         session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
         got = [torch.from_numpy(y) for y in session.run(None, {"image": x.float().cpu().numpy()})]
@@ -194,11 +220,60 @@ def export_program(
         program = torch.export.export(model, (example,), dynamic_shapes=shapes)
         with target.open("wb") as f:  # a file object: torch warns on names not ending in .pt2
             torch.export.save(program, f)
-        x = _example(model, 3, image_size + 32 if dynamic_size else image_size, image_size)
+        x = _check_input(model, image_size, dynamic_size)
         want = _outputs(model(x))
         with target.open("rb") as f:
             got = _outputs(torch.export.load(f).module()(x))
         return compare_outputs(path, x.shape[0], got, want, rtol)
+
+
+def export_openvino(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int = 224,
+    rtol: float = 1e-4,
+    dynamic_size: bool = False,
+) -> ExportCheck:
+    """Write `model` (eval mode) as OpenVINO IR: the graph in `path` (which must end in .xml)
+    and the float32 weights beside it in the same name with .bin, converted from its
+    `torch.export` program (dynamic batch, and height/width with `dynamic_size`). The files are
+    read back by OpenVINO's runtime and run in float32 on the CPU on a batch of another size
+    (and another image size), against PyTorch; RuntimeError when the max relative error exceeds
+    `rtol`. Both files are replaced only when the check passes. Needs the `openvino` package
+    (`pip install 'res2net[openvino]'`)."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+
+    path = check_output_file(path, "export output")
+    if path.suffix.lower() != ".xml":
+        raise ConfigError(
+            f"export output '{path}': OpenVINO IR is a NAME.xml graph with its NAME.bin weights: "
+            "give a path ending in .xml",
+            key="format",
+        )
+    weights = check_output_file(path.with_suffix(".bin"), "export weights output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    with torch.no_grad():
+        example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_size)
+        )
+        converted = ov.convert_model(program)
+        x = _check_input(model, image_size, dynamic_size)
+        want = _outputs(model(x))
+    # Serialization insists on a .xml name and the runtime finds NAME.bin beside NAME.xml, so
+    # both are written in a temporary folder next to the outputs, checked, then renamed.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        tmp_xml = Path(tmp) / "model.xml"
+        ov.save_model(converted, tmp_xml, compress_to_fp16=False)
+        compiled = ov.Core().compile_model(str(tmp_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled(x.float().cpu().numpy())
+        got = [torch.from_numpy(result[i]) for i in range(len(want))]
+        check = compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
+        os.replace(tmp_xml.with_suffix(".bin"), weights)
+        os.replace(tmp_xml, path)
+        return check
 
 
 def quantize_onnx(
@@ -250,8 +325,6 @@ def export_onnx_int8(
     """Write `model` as an int8 QDQ ONNX file calibrated on `batches` (see `quantize_onnx`) and
     run it in onnxruntime on the first batch against PyTorch's fp32 outputs; RuntimeError when
     the max relative error exceeds `rtol` (int8 rounding moves logits by a few percent)."""
-    import tempfile
-
     import onnxruntime
 
     path = check_output_file(path, "export output")

@@ -1,5 +1,5 @@
-"""`res2net export --format onnx|pt2 --model NAME [--ckpt_path P] OUT`: a deployable file,
-checked against PyTorch at export time."""
+"""`res2net export [--format onnx|pt2|openvino] --model NAME [--ckpt_path P] OUT`: a deployable
+file, checked against PyTorch at export time; the format defaults to OUT's extension."""
 
 from __future__ import annotations
 
@@ -7,15 +7,24 @@ import argparse
 
 from torch import nn
 
-from ..export import FORMATS, ExportCheck
+from ..export import FORMATS, ExportCheck, format_for_path
 from ..guards import check_output_file
 
-HELP = "export to ONNX (checked in onnxruntime) or a torch.export program (.pt2); dynamic batch"
+HELP = (
+    "export to ONNX (checked in onnxruntime), a torch.export program (.pt2) or OpenVINO IR "
+    "(.xml + .bin, checked in OpenVINO); dynamic batch"
+)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="file to write, e.g. res2net50.onnx or res2net50.pt2")
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument(
+        "out", help="file to write, e.g. res2net50.onnx, res2net50.pt2 or res2net50.xml (OpenVINO)"
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="default: from OUT's extension (.onnx, .pt2, .xml: openvino)",
+    )
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
     p.add_argument(
         "--ckpt_path", "--ckpt-path", help="weights in any format (default: random weights)"
@@ -39,7 +48,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--dynamic_size",
         "--dynamic-size",
         action="store_true",
-        help="dynamic height and width too (any size from 32 px), not only the batch",
+        help="dynamic height and width too (any size above 32 px), not only the batch",
     )
     p.add_argument(
         "-v",
@@ -66,10 +75,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..export import export_onnx, export_program
+    from ..export import export_onnx, export_openvino, export_program
     from ..factory import create_model
     from ..weights.loading import checkpoint_num_classes
 
+    args.format = args.format or format_for_path(args.out)
     if args.precision == "int8" and args.format != "onnx":
         raise ValueError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
     if args.precision == "int8" and not args.calibration:
@@ -101,6 +111,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 rtol=rtol,
                 dynamic_size=args.dynamic_size,
                 verbose=getattr(args, "verbose", False),
+            )
+        elif args.format == "openvino":
+            check = export_openvino(
+                model,
+                args.out,
+                image_size=args.image_resize,
+                rtol=rtol,
+                dynamic_size=args.dynamic_size,
             )
         else:
             check = export_program(
