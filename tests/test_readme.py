@@ -8,10 +8,10 @@ placeholder paths (/data/imagenet, photos/, ...) at a small workspace holding im
 random-weight checkpoints under the README's file names, and runs `make X` as `make -n X` (the
 target exists; building a venv is not a test's job). Everything runs in one Python process
 (tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (the demo's
-training, ONNX export of Res2Net-50, benchmark --compile) run under `-m slow`; their blocks'
-other lines run here (`make -n demo`, and the demo's output made by its own functions for the
-blocks after it), and tests/test_export.py checks ONNX export (one quiet file, dynamic size) on
-a tiny net.
+training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile) run under `-m slow`;
+their blocks' other lines run here (`make -n demo`, and the demo's output made by its own
+functions for the blocks after it), and tests/test_export.py checks ONNX and OpenVINO export
+(one quiet file, dynamic size) on a tiny net.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def heavy(argv: list[str]) -> bool:
         argv[:2] == ["res2net", "benchmark"] and "--compile" in argv
     ):
         return True
-    return argv[:2] == ["res2net", "export"] and "onnx" in argv
+    return argv[:2] == ["res2net", "export"] and ("onnx" in argv or "openvino" in argv)
 
 
 def tiny(argv: list[str], n: int) -> list[list[str]]:
