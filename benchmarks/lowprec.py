@@ -13,8 +13,9 @@ and int8. The three int8 models are calibrated on the same 32 photos (4 batches 
 are not the timed batch. Every peer runs with as many threads as torch, one request at a time.
 
 `accuracy`: a trained checkpoint evaluated on an ImageNet-style val folder in fp32, bf16 and
-int8 (calibrated on up to 64 images of the train folder): top-1 of each and top-1 agreement
-with fp32.
+int8 (calibrated on up to 64 images of the train folder), and in OpenVINO (fp32, its default
+bf16, NNCF int8 on the same calibration images): top-1 of each and top-1 agreement with ours in
+fp32; `--max_drop 0.5` exits 1 when any is more than 0.5 points under it.
 
     python benchmarks/lowprec.py speed --rounds 10 --out benchmarks/results/lowprec-cpu2.json
     python benchmarks/lowprec.py plot benchmarks/results/lowprec-cpu2.json \\
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # an empty cache: compile times are cold ones
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
@@ -60,13 +62,14 @@ def timed_first_call(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def openvino_candidates(
-    model: torch.nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], bf16: bool
-) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, float], dict[str, str]]:
-    """OpenVINO on `model` (converted with `openvino.convert_model`): fp32, its CPU default
-    (bf16 where the CPU has native bf16 math) and NNCF post-training int8 calibrated on
-    `calibration`; each compiled for latency (one request) with as many threads as torch.
-    Also returns the setup seconds and the precision OpenVINO reports for each."""
+def openvino_models(
+    model: torch.nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], bf16: bool
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, float], dict[str, str]]:
+    """OpenVINO on `model` (converted with `openvino.convert_model`), by precision: fp32, its CPU
+    default (bf16 where the CPU has native bf16 math; only with `bf16`) and NNCF post-training
+    int8 calibrated on `calibration`; each compiled for latency (one request) with as many
+    threads as torch, taking and returning float32 tensors. Also returns the setup seconds and
+    the precision OpenVINO reports for each."""
     try:
         import nncf
         import openvino as ov
@@ -75,31 +78,33 @@ def openvino_candidates(
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     start = time.perf_counter()
-    fp32_model = ov.convert_model(model, example_input=x)
+    fp32_model = ov.convert_model(model, example_input=example)
     setup_s = {"openvino convert_model": time.perf_counter() - start}
     start = time.perf_counter()
     dataset = nncf.Dataset([b.numpy() for b in calibration])
     int8_model = nncf.quantize(fp32_model, dataset, subset_size=len(calibration))
     setup_s["openvino NNCF int8 quantize"] = time.perf_counter() - start
     compiled = {
-        "openvino fp32 (timm)": core.compile_model(
+        "fp32": core.compile_model(
             fp32_model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}
         ),
-        "openvino int8 (timm, NNCF)": core.compile_model(int8_model, "CPU", config),
+        "int8": core.compile_model(int8_model, "CPU", config),
     }
     if bf16:  # no hint: OpenVINO's own default, bf16 on such CPUs
-        compiled["openvino bf16 (timm, its default)"] = core.compile_model(
-            fp32_model, "CPU", config
-        )
-    x_np = x.numpy()
-    precision = {
-        name: str(c.get_property("INFERENCE_PRECISION_HINT")) for name, c in compiled.items()
-    }
+        compiled["bf16"] = core.compile_model(fp32_model, "CPU", config)
+    precision = {k: str(c.get_property("INFERENCE_PRECISION_HINT")) for k, c in compiled.items()}
 
-    def runner(c: object) -> Callable[[], torch.Tensor]:
-        return lambda: torch.from_numpy(c(x_np)[0])  # type: ignore[operator]
+    def runner(c: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.from_numpy(c(x.numpy())[0])
 
-    return {name: runner(c) for name, c in compiled.items()}, setup_s, precision
+    return {k: runner(c) for k, c in compiled.items()}, setup_s, precision
+
+
+OPENVINO_NAMES = {
+    "fp32": "openvino fp32 (timm)",
+    "bf16": "openvino bf16 (timm, its default)",
+    "int8": "openvino int8 (timm, NNCF)",
+}
 
 
 def speed(args: argparse.Namespace) -> dict:
@@ -139,8 +144,10 @@ def speed(args: argparse.Namespace) -> dict:
     bf16 = res2net.lowprec.bf16_supported()
     openvino_precision: dict[str, str] = {}
     if not args.no_openvino:
-        peers, seconds, openvino_precision = openvino_candidates(timm_model, x, calibration, bf16)
-        candidates.update(peers)
+        peers, seconds, by_precision = openvino_models(timm_model, x, calibration, bf16)
+        for precision, run in peers.items():
+            candidates[OPENVINO_NAMES[precision]] = partial(run, x)
+            openvino_precision[OPENVINO_NAMES[precision]] = by_precision[precision]
         setup_s.update(seconds)
     if bf16:
         bf16_model = res2net.optimize_for_inference(ours, precision="bf16")
@@ -275,12 +282,17 @@ def accuracy(args: argparse.Namespace) -> dict:
         crop_pct=args.crop_pct,
         batch_size=args.batch_size,
     )
-    candidates = {"fp32": res2net.optimize_for_inference(model)}
+    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "fp32": res2net.optimize_for_inference(model)
+    }
     if res2net.lowprec.bf16_supported():
         candidates["bf16"] = res2net.optimize_for_inference(model, precision="bf16")
     candidates["int8"] = res2net.optimize_for_inference(
         model, precision="int8", calibration=calibration
     )
+    if not args.no_openvino:
+        runs, _, _ = openvino_models(model, calibration[0], calibration, "bf16" in candidates)
+        candidates.update({f"openvino {k}": v for k, v in runs.items()})
     results, preds = {}, {}
     for name, m in candidates.items():
         results[name], preds[name] = top1(m, batches)
@@ -296,6 +308,15 @@ def accuracy(args: argparse.Namespace) -> dict:
             "agreement_with_fp32": (preds[name] == preds["fp32"]).float().mean().item() * 100.0,
         }
     return out
+
+
+def accuracy_failures(result: dict, max_drop: float) -> list[str]:
+    """Each candidate whose top-1 is more than `max_drop` points under ours in fp32."""
+    return [
+        f"{name} {row['top1']:.2f} ({row['top1_minus_fp32']:+.2f} points)"
+        for name, row in result.items()
+        if isinstance(row, dict) and row.get("top1_minus_fp32", 0.0) < -max_drop
+    ]
 
 
 def photos(args: argparse.Namespace) -> None:
@@ -364,6 +385,12 @@ def main() -> None:
     a.add_argument("--image_size", type=int, default=224)
     a.add_argument("--crop_pct", type=float, default=0.875)
     a.add_argument("--batch_size", type=int, default=32)
+    a.add_argument(
+        "--max_drop",
+        type=float,
+        help="exit 1 when any candidate's top-1 is more than this many points under fp32's",
+    )
+    a.add_argument("--no_openvino", action="store_true", help="skip the OpenVINO candidates")
     for p in (s, a):
         p.add_argument("--out", type=Path, required=True)
     ph = sub.add_parser("photos", help="write the photo set used to fine-tune a model")
@@ -394,6 +421,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("candidates",)}, indent=1))
+    if args.part == "accuracy" and args.max_drop is not None:
+        if failures := accuracy_failures(result, args.max_drop):
+            sys.exit(
+                f"top-1 more than {args.max_drop} points under fp32's: {', '.join(failures)} "
+                f"(result in {args.out})"
+            )
 
 
 if __name__ == "__main__":
