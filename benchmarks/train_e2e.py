@@ -8,8 +8,8 @@ The corpus is the one of benchmarks/data_pipeline.py (crops of scikit-image's an
 scikit-learn's sample photos re-encoded as JPEG at typical ImageNet sizes, one class per
 photo). Each trainer runs one epoch of Res2Net-50 (26w_4s) at 224x224 from scratch: random
 resized crop (0.08-1, 3/4-4/3, bilinear), horizontal flip 0.5, color jitter 0.4, no random
-erasing, mixup or cutmix, label smoothing 0.1, SGD with momentum, cosine schedule without
-warm-up, then validates on one image per class and saves a checkpoint, as both do at an
+erasing, mixup or cutmix, label smoothing 0.1, SGD with momentum (not Nesterov's) and weight
+decay on weights only (not biases or norm parameters), cosine schedule without warm-up, then validates on one image per class and saves a checkpoint, as both do at an
 epoch's end. Images/s over the steady state is measured from the outside, independent of
 either trainer's own logging: each trainer runs on a small and a large training folder, and
 
@@ -106,6 +106,8 @@ COMPARED = (
     "momentum",
     "weight_decay",
     "opt",
+    "nesterov",
+    "weight_decay_filter",
     "label_smoothing",
     "scale",
     "ratio",
@@ -151,7 +153,7 @@ def timm_command(
         "--warmup-epochs",
         "0",
         "--opt",
-        "sgd",
+        "momentum",  # timm's "sgd" is Nesterov's
         "--lr",
         "0.1",
         "--momentum",
@@ -227,6 +229,8 @@ def ours_command(
         "0.9",
         "--weight_decay",
         "1e-4",
+        "--weight_decay_filter",
+        "norm_and_bias",  # as timm's filter_bias_and_bn
         "--label_smoothing",
         "0.1",
         "--scale",
@@ -286,7 +290,9 @@ def ours_settings(command: list[str], device_type: str) -> dict:
         "lr": cfg.lr,
         "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay,
-        "opt": "sgd" if cfg.opt == "momentum" else cfg.opt,
+        "opt": "sgd" if cfg.opt in ("sgd", "momentum", "nesterov") else cfg.opt,
+        "nesterov": cfg.use_nesterov,
+        "weight_decay_filter": cfg.weight_decay_filter,
         "label_smoothing": cfg.label_smoothing,
         "scale": list(cfg.scale),
         "ratio": list(cfg.ratio),
@@ -337,7 +343,10 @@ def timm_settings(command: list[str]) -> dict:
         "lr": a.lr,
         "momentum": a.momentum,
         "weight_decay": a.weight_decay,
-        "opt": a.opt,
+        "opt": "sgd" if a.opt in ("sgd", "momentum", "nesterov") else a.opt,
+        "nesterov": a.opt in ("sgd", "nesterov"),  # timm's "sgd" is Nesterov's, "momentum" not
+        # train.py always leaves biases and norm parameters undecayed (filter_bias_and_bn)
+        "weight_decay_filter": "norm_and_bias",
         "label_smoothing": a.smoothing,
         "scale": a.scale,
         "ratio": a.ratio,

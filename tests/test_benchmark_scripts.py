@@ -73,6 +73,13 @@ def test_train_e2e_refuses_the_recipes_bf16_against_timms_fp32(scripts, tmp_path
     timm_16 = train_e2e.timm_command(batch_16, tmp_path / "data", tmp_path / "out", 9, "bf16")
     with pytest.raises(SystemExit, match="batch_size: ours 8, timm train.py 16"):
         train_e2e.check_like_for_like(settings, train_e2e.timm_settings(timm_16), "timm train.py")
+    ours_fp32 = train_e2e.ours_settings(
+        train_e2e.ours_command(args, tmp_path / "data", tmp_path / "out", 9, "fp32"), "cpu"
+    )
+    train_e2e.check_like_for_like(ours_fp32, train_e2e.timm_settings(timm), "timm train.py")
+    nesterov = [a if a != "momentum" else "sgd" for a in timm]  # timm's "sgd" is Nesterov's
+    with pytest.raises(SystemExit, match="nesterov: ours False, timm True"):
+        train_e2e.check_like_for_like(ours_fp32, train_e2e.timm_settings(nesterov), "timm")
 
 
 def test_train_e2e_rows_are_like_for_like_at_each_precision(scripts):
