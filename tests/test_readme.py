@@ -10,8 +10,8 @@ target exists; building a venv is not a test's job). Everything runs in one Pyth
 (tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (the demo's
 training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile) run under `-m slow`;
 their blocks' other lines run here (`make -n demo`, and the demo's output made by its own
-functions for the blocks after it), and tests/test_export.py checks ONNX and OpenVINO export
-(one quiet file, dynamic size) on a tiny net.
+functions for the blocks after it), and tests/test_export.py checks ONNX export (one quiet
+file, dynamic size) and OpenVINO export (dynamic size, in OpenVINO's runtime) on a tiny net.
 """
 
 from __future__ import annotations
