@@ -21,14 +21,14 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from res2net.config import IGNORED_KEYS, MAPPED_KEYS, Config, ConfigError, load_config
+from res2net.config import HELP, IGNORED_KEYS, MAPPED_KEYS, Config, ConfigError, load_config
 from res2net.data.folders import EncodedImage, image_for
 from res2net.data.loader import EpochSampler
 from res2net.data.transforms import eval_transform, mixup_cutmix, train_transform
 from res2net.engine.optim import build_optimizer, param_groups
 from res2net.engine.schedules import LrSchedule
 from res2net.engine.train import train
-from res2net.schema import AUTO_AUGMENTS, HELP, INTERPOLATIONS, OPTIMIZERS, SCHEDULERS
+from res2net.schema import AUTO_AUGMENTS, INTERPOLATIONS, OPTIMIZERS, SCHEDULERS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "res2net"
 
@@ -771,7 +771,6 @@ def test_recipe_shape_trains_one_epoch(shape, jpeg_dir, tmp_path, single_thread)
         "num_parallel_workers": 0,
         "distribute": False,
         "dataset_sink_mode": True,
-        "ckpt_save_dir": str(tmp_path / "ckpt"),
         "data_dir": str(jpeg_dir),
         "log_interval": 1,
         "label_smoothing": 0.1,
@@ -783,7 +782,7 @@ def test_recipe_shape_trains_one_epoch(shape, jpeg_dir, tmp_path, single_thread)
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    cfg = load_config(path)
+    cfg = load_config(path, ["--ckpt_save_dir", str(tmp_path / "ckpt")])  # outside: flag only
     assert cfg.fast_decode
     result = train(cfg)
     assert result.epochs_done == 1 and not result.interrupted

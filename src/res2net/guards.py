@@ -8,6 +8,8 @@
   replace), checked before the work whose result it receives, not after.
 - `short`: values quoted in error messages are truncated, so that a hostile value (a YAML
   alias bomb, a megabyte-long name) cannot make the message itself the attack.
+- `read_yaml`: a YAML file is read with a safe loader, after its size and its node count with
+  every alias expanded are known to be small (no "billion laughs").
 - `interruptible`: SIGTERM and Ctrl-C raise at once inside a network wait, even where the
   training loop has turned them into a "stop at the next step" flag.
 """
@@ -24,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import Res2NetError
+import yaml
+
+from .errors import ConfigError, Res2NetError
 
 # Seconds a network call may wait for a connection or for the next bytes.
 NETWORK_TIMEOUT = 30.0
@@ -38,7 +42,10 @@ _REPR.maxlevel = 3
 
 def short(value: Any, limit: int = 80) -> str:
     """`repr(value)` cut to about `limit` characters, without building the full repr."""
-    text = _REPR.repr(value)
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        text = f"<{type(value).__name__} too large to print>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -147,6 +154,85 @@ def read_regular_file(
         if max_bytes is not None and size > max_bytes:
             raise ValueError(f"{what} '{path}' has {size} bytes, more than the {max_bytes} allowed")
         return f.read(size if max_bytes is None else min(size, max_bytes) + 1)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps an integer too long for int() as text, so that the code reading
+    the value names its key, instead of failing without saying where."""
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            return self.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` read by the safe loader of `read_yaml` (one command-line value, say)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
+def read_yaml(path: str, what: str, max_bytes: int, max_nodes: int) -> Any:
+    """The document of YAML file `path`, read safely once it has at most `max_bytes` bytes and
+    `max_nodes` nodes with aliases expanded; any problem is a ConfigError naming the file."""
+    shown = printable(path)
+    try:
+        loader = _Loader(read_regular_file(path, what, max_bytes).decode("utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}, max_nodes) > max_nodes:
+                raise ConfigError(
+                    f"{shown}: more than {max_nodes} values once its aliases (*name) are "
+                    "expanded; a recipe is a flat list of keys"
+                )
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except FileNotFoundError as e:
+        missing = "does not exist" in str(e)
+        raise ConfigError(f"{what} not found: {shown}" if missing else str(e)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{shown}: not UTF-8 text") from None
+    except Res2NetError as e:
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e) if path in str(e) else f"{shown}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {shown}: {e.strerror or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{shown}: nested too deeply; a recipe is a flat list of keys") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f"{shown}: line {mark.line + 1}" if mark is not None else shown
+        problem = short(getattr(e, "problem", None) or str(e), 200).strip("'\"")
+        if "python/" in problem:
+            raise ConfigError(
+                f"{at}: Python-specific YAML tags (like !!python/object) are not allowed in "
+                "config files; write plain values"
+            ) from None
+        if isinstance(e, yaml.constructor.ConstructorError):
+            raise ConfigError(f"{at}: unsupported YAML tag: {problem}") from None
+        raise ConfigError(f"{at}: invalid YAML: {problem}") from None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], most: int) -> int:
+    """Nodes in `node` with every alias expanded, counted without expanding anything (each
+    shared node is counted once per use from its memoized size); a cycle counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = most + 1  # seen again before it is done: a cycle
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, most) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(
+            _expanded_size(k, sizes, most) + _expanded_size(v, sizes, most) for k, v in node.value
+        )
+    sizes[id(node)] = min(total, most + 1)
+    return sizes[id(node)]
 
 
 @contextlib.contextmanager

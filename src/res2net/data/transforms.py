@@ -25,29 +25,18 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from ..schema import parse_auto_augment
+from ..schema import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, parse_auto_augment
 from .decode import TENSOR_INTERPOLATIONS, DecodeRandomResizedCrop
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 DEFAULT_CROP_PCT = 0.875
 
-# MindCV's interpolation names (MindSpore's `Inter`) and PIL's, to torchvision modes.
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "linear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "cubic": InterpolationMode.BICUBIC,
-    "pilcubic": InterpolationMode.BICUBIC,
-    "area": InterpolationMode.BOX,
-    "box": InterpolationMode.BOX,
-    "hamming": InterpolationMode.HAMMING,
-    "lanczos": InterpolationMode.LANCZOS,
-    "antialias": InterpolationMode.LANCZOS,
-}
+# The schema's interpolation names (MindSpore's `Inter` and PIL's), in its order, to modes.
+_MODES = ("NEAREST", "BILINEAR", "BILINEAR", "BICUBIC", "BICUBIC", "BICUBIC", "BOX", "BOX")
+_INTERPOLATIONS = dict(
+    zip(INTERPOLATIONS, [InterpolationMode[m] for m in (*_MODES, "HAMMING", "LANCZOS", "LANCZOS")])
+)
 
 
 def interpolation_mode(name: str | InterpolationMode) -> InterpolationMode:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ from ..data.loader import EpochLoader, stop_signals_blocked
 from ..data.shards import ShardDataset
 from ..factory import create_model
 from ..profile import count_params
-from ..schema import OnBadImage
+from ..schema import REFERENCE_BATCH_SIZE
 from . import distributed
 from .checkpoint import CheckpointManager, RunLock, load_training_state
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
@@ -128,7 +128,7 @@ def build_loaders(
         std=cfg.std,
     )
     workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
-    on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
+    on_bad_image = cfg.on_bad_image
     train_loader: EpochLoader
     val_loader: Iterable[Any] | None
     if is_shard_dir(cfg.data_dir, cfg.train_split):
@@ -393,11 +393,14 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     # ---- optimizer, schedule, precision
     world = dist.world_size
     lr_factor = cfg.lr_scale_factor(world)
-    global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
-    if dist.is_main and global_batch != 256 and (lr_factor != 1 or cfg.opt in SGD_FAMILY):
+    global_batch = cfg.global_batch(world)
+    if dist.is_main and global_batch != REFERENCE_BATCH_SIZE and (
+        lr_factor != 1 or cfg.opt in SGD_FAMILY
+    ):
         log.info(
-            "global batch is %d (recipe reference: 256)%s",
+            "global batch is %d (recipe reference: %d)%s",
             global_batch,
+            REFERENCE_BATCH_SIZE,
             f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)"
             if lr_factor != 1
             else "; consider --lr_scale linear to scale lr with it",

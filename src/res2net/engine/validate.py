@@ -8,7 +8,7 @@ import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -25,7 +25,6 @@ from ..factory import create_model
 from ..fileio import atomic_write
 from ..guards import check_output_file
 from ..hub import hub_folder, is_hub_name, read_config
-from ..schema import OnBadImage
 from ..weights.entry import (
     EVAL_KEYS,
     EvalTransform,
@@ -101,7 +100,7 @@ def validate(
         settings = spec.to_dict()
         transform = EvalTransform.from_dict(transform_settings(settings, report.tta)).transform()
         workers = cap_workers(cfg.num_parallel_workers, announce=dist.is_main)
-        on_bad_image = cast(OnBadImage, cfg.on_bad_image)  # a choice Config has checked
+        on_bad_image = cfg.on_bad_image
         loader: ShardLoader | DataLoader[Any]
         if is_shard_dir(cfg.data_dir, cfg.val_split):
             loader, _ = build_shard_loader(

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..fileio import atomic_write
 from ..models import build_model
+from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
 from .loading import load_checkpoint, read_checkpoint, state_num_classes
 from .mindspore import ours_to_mindcv, write_mindspore_checkpoint
 from .pretrained import pretrained_entries
@@ -27,8 +28,8 @@ DEFAULT_EVAL = {
     "image_resize": 224,
     "crop_pct": 0.875,
     "interpolation": "bilinear",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN_01),
+    "std": list(IMAGENET_STD_01),
 }
 TARGETS = {
     ".safetensors": "safetensors",

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
 from .pretrained import pretrained_entries, select_entry
 
 EVAL_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
@@ -30,8 +31,8 @@ class EvalTransform:
     image_resize: int = 224
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN_01
+    std: tuple[float, ...] = IMAGENET_STD_01
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "eval transform") -> EvalTransform:
