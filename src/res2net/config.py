@@ -690,7 +690,8 @@ def _check_declared(c: Config, name: str) -> None:
         _fail(c, name, k.rule or "must be one of " + ", ".join(map(repr, choices)))
     numbers = value if isinstance(value, tuple) else (value,) if _is_number(value) else ()
     if k.limit is not None and any(v > k.limit for v in numbers):
-        _fail(c, name, f"must be at most {k.limit:g}")
+        _fail(c, name, f"must be at most {k.limit:g}" if isinstance(k.limit, float) else
+              f"must be at most {k.limit}")  # fmt: skip
     lo, hi = (k.ge, k.gt)[k.ge is None], (k.le, k.lt)[k.le is None]
     if isinstance(value, tuple) or not numbers or (lo is None and hi is None):
         return
