@@ -356,3 +356,27 @@ def test_every_shipped_recipe_loads_and_names_a_model():
 def test_dist_timeout_must_be_positive_and_finite(value):
     with pytest.raises(ConfigError, match="dist_timeout"):
         load_config(None, ["--dist_timeout", value])
+
+
+def test_readme_key_table_is_generated_from_the_declarations():
+    from res2net.config import keys_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- keys:begin -->\n")[1].split("<!-- keys:end -->")[0]
+    assert table == keys_table(), "README's key table is stale: paste config.keys_table() there"
+
+
+def test_help_states_trust_bounds_and_status(capsys):
+    from res2net.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert (
+        "--overwrite (default: False)\n" in out
+        and "files already in ckpt_save_dir; command line only" in out
+    )
+    assert "images per device per step [>= 1, <= 65536]" in out
+    assert (
+        "--dataset_sink_mode (default: True)\n      data sinking; ignored (MindSpore-only)" in out
+    )

@@ -94,7 +94,7 @@ def _hub(name: str) -> bool:
 
 _MS, _MA = "MindSpore-only", "MindSpore-only (ModelArts)"
 _CONTACTS = "chooses what is contacted and where run data goes"
-_RUNS_PROGRAM = "is a URL or command (reading it would run a program), not a local folder"
+_RUNS_PROGRAM = "is a URL or command (reading it would run a program)"
 _NO_DOWNLOAD = "must be False: ImageNet-style folders are read from data_dir, never downloaded"
 _NO_SPLITS = "must be 0 (AugMix splits with a JSD loss are not implemented; 'augmix' is)"
 
@@ -426,10 +426,14 @@ def _choices(name: str) -> tuple[Any, ...]:
     return (*typing.get_args(lit[0]), *[None] * (type(None) in args)) if lit else ()
 
 
-def _help_line(name: str) -> str:
+def _help_line(name: str, *, ignored: bool = True) -> str:
+    """The help text, the choices and bounds its declaration states, and why it is ignored."""
     k, choices = _KEYS[name], [c for c in _choices(name) if isinstance(c, str)]
     text = k.help + (": " + ", ".join(choices) if len(choices) > 1 else "")
-    return text + (f"; ignored ({k.ignored})" if k.ignored else "")
+    bounds = [f"{op} {_num(v)}" for op, v in ((">=", k.ge), (">", k.gt), ("<=", k.le),
+              ("<", k.lt), ("<=", k.limit)) if v is not None]  # fmt: skip
+    text += f" [{', '.join(bounds)}]" if bounds else ""
+    return text + (f"; ignored ({k.ignored})" if k.ignored and ignored else "")
 
 
 def keys_help() -> str:
@@ -451,7 +455,8 @@ def keys_table() -> str:
     for name, k in _KEYS.items():
         default = repr(_plain(getattr(_DEFAULTS, name)))
         where = f"not when it {k.trust}" if k.untrusted else "no" if k.trust else "yes"
-        cells = [f"`{name}`", f"`{default}`", _help_line(name), k.status(_GROUP[name]), where]
+        meaning, status = _help_line(name, ignored=False), k.status(_GROUP[name])
+        cells = [f"`{name}`", f"`{default}`", meaning, status, where]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
 
@@ -672,6 +677,10 @@ def _type_name(tp: Any) -> str:
     return f"a list of {item}" if args[1:] == (...,) else f"a list of {len(args)} {item}"
 
 
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -690,8 +699,7 @@ def _check_declared(c: Config, name: str) -> None:
         _fail(c, name, k.rule or "must be one of " + ", ".join(map(repr, choices)))
     numbers = value if isinstance(value, tuple) else (value,) if _is_number(value) else ()
     if k.limit is not None and any(v > k.limit for v in numbers):
-        _fail(c, name, f"must be at most {k.limit:g}" if isinstance(k.limit, float) else
-              f"must be at most {k.limit}")  # fmt: skip
+        _fail(c, name, f"must be at most {_num(k.limit)}")
     lo, hi = (k.ge, k.gt)[k.ge is None], (k.le, k.lt)[k.le is None]
     if isinstance(value, tuple) or not numbers or (lo is None and hi is None):
         return
