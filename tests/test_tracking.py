@@ -10,6 +10,7 @@ import pytest
 
 from res2net.engine.tracking import Trackers
 from res2net.engine.train import train
+from res2net.errors import ConfigError
 
 from .test_train import make_folder, tiny_config
 
@@ -122,10 +123,57 @@ def test_a_crashed_run_is_marked_failed(data_dir, tmp_path, monkeypatch):
     assert mlflow_run(uri, run_dir)[1].info.status == "FAILED"
 
 
+def test_a_stopped_run_is_marked_killed(data_dir, tmp_path, monkeypatch):
+    import res2net.engine.train as train_module
+
+    def second_signal(*args, **kwargs):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setattr(train_module, "train_one_epoch", second_signal)
+    uri = (tmp_path / "mlruns").as_uri()
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data_dir, run_dir, "--log", "mlflow", "--log_uri", uri))
+    assert mlflow_run(uri, run_dir)[1].info.status == "KILLED"
+
+
+def test_a_crash_before_the_first_step_is_marked_failed(data_dir, tmp_path, monkeypatch):
+    import res2net.engine.train as train_module
+
+    def crash(self, step):
+        raise OSError("disk full")
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setattr(train_module.MetricsLog, "rewind", crash)
+    uri = (tmp_path / "mlruns").as_uri()
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_config(data_dir, run_dir, "--log", "mlflow", "--log_uri", uri))
+    assert mlflow_run(uri, run_dir)[1].info.status == "FAILED"
+
+
+def test_wandb_refusal_is_one_line_and_fails_the_started_mlflow_run(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(ConfigError) as e:
+        Trackers(tmp_path, ["mlflow", "wandb"], uri=uri, project="team/\x1bproject")
+    message = str(e.value)
+    assert message.startswith("--log wandb: cannot start a run in project ") and "\n" not in message
+    assert "UsageError" in message and "\x1b" not in message and e.value.key == "log_project"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("team/\x1bproject").experiment_id)
+    assert run.info.status == "FAILED"
+
+
 def test_bad_tracker_and_unreachable_uri_fail_before_training(data_dir, tmp_path):
     with pytest.raises(ValueError, match="config key .log. must be mlflow, wandb"):
         tiny_config(data_dir, tmp_path / "r", "--log", "comet")
-    with pytest.raises(RuntimeError, match="cannot use tracking URI.*unreachable"):
+    with pytest.raises(ConfigError, match="cannot use tracking URI.*unreachable"):
         Trackers(
             tmp_path, ["mlflow"], uri="http://127.0.0.1:9/"
         )  # what train() opens before its first step

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..fileio import atomic_write
+from ..guards import printable, short
 
 log = logging.getLogger("res2net.train")
 
@@ -40,8 +42,8 @@ def parse_backends(spec: str) -> list[str]:
     ]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
-        raise ValueError(
-            f"log: unknown tracker {unknown[0]!r}; "
+        raise ConfigError(
+            f"log: unknown tracker {short(unknown[0])}; "
             f"use {', '.join(BACKENDS)} or both, comma-separated"
         )
     return list(dict.fromkeys(names))
@@ -69,8 +71,9 @@ def _probe(uri: str) -> None:
         return  # the server answers: MLflow itself judges the rest
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise RuntimeError(
-            f"--log mlflow: cannot use tracking URI {uri!r} (unreachable: {reason})"
+        raise ConfigError(
+            f"--log mlflow: cannot use tracking URI {short(uri)} (unreachable: {reason})",
+            key="log_uri",
         ) from None
 
 
@@ -81,8 +84,9 @@ class MlflowTracker:
         try:
             import mlflow
         except ImportError:
-            raise ValueError("--log mlflow needs MLflow: pip install 'res2net[tracking]'") from None
-        from mlflow.exceptions import MlflowException
+            raise ConfigError(
+                "--log mlflow needs MLflow: pip install 'res2net[tracking]'"
+            ) from None
 
         artifacts = None
         if not uri:
@@ -103,9 +107,10 @@ class MlflowTracker:
                 run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             else:
                 self.client.update_run(run_id, status="RUNNING")
-        except MlflowException as e:
-            raise RuntimeError(
-                f"--log mlflow: cannot use tracking URI {uri!r} ({str(e).splitlines()[0]})"
+        except Exception as e:  # MLflow's errors and its stores' (SQLAlchemy, HTTP)
+            raise ConfigError(
+                f"--log mlflow: cannot use tracking URI {short(uri)} ({_first_line(e)})",
+                key="log_uri",
             ) from None
         self.run_id = run_id
 
@@ -142,18 +147,24 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise ValueError(
+            raise ConfigError(
                 "--log wandb needs Weights & Biases: pip install 'res2net[tracking]'"
             ) from None
         self.wandb = wandb
-        self.run = wandb.init(
-            project=project,
-            name=run_name or None,
-            dir=str(directory),
-            id=run_id,
-            resume="allow" if run_id else None,
-            reinit="create_new",
-        )
+        try:
+            self.run = wandb.init(
+                project=project,
+                name=run_name or None,
+                dir=str(directory),
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="create_new",
+            )
+        except Exception as e:  # UsageError (no API key, a bad project name), network errors
+            raise ConfigError(
+                f"--log wandb: cannot start a run in project {short(project)} ({_first_line(e)})",
+                key="log_project",
+            ) from None
         self.run_id = self.run.id
 
     def params(self, params: dict[str, Any]) -> None:
@@ -191,11 +202,15 @@ class Trackers:
         self.state_path = directory / "tracking.json"
         ids = self._ids()
         self.active: dict[str, Any] = {}
-        for name in backends:
-            if name == "mlflow":
-                self.active[name] = MlflowTracker(uri, project, run_name, ids.get("mlflow"))
-            else:
-                self.active[name] = WandbTracker(directory, project, run_name, ids.get("wandb"))
+        try:
+            for name in backends:
+                if name == "mlflow":
+                    self.active[name] = MlflowTracker(uri, project, run_name, ids.get("mlflow"))
+                else:
+                    self.active[name] = WandbTracker(directory, project, run_name, ids.get("wandb"))
+        except BaseException:  # the trackers already started must not stay marked running
+            self.fail()
+            raise
         if self.active:
             new = {name: t.run_id for name, t in self.active.items()}
             atomic_write(
@@ -214,9 +229,7 @@ class Trackers:
             try:
                 getattr(tracker, what)(*args)
             except Exception as e:  # tracking is never worth losing a run for
-                log.warning(
-                    "%s tracking stopped (%s: %s); training goes on", name, type(e).__name__, e
-                )
+                log.warning("%s tracking stopped (%s); training goes on", name, _first_line(e))
                 del self.active[name]
 
     def params(self, params: dict[str, Any]) -> None:
@@ -232,6 +245,13 @@ class Trackers:
             self._each("artifact", best, "checkpoints")
         self._each("close", "killed" if interrupted else "finished")
 
-    def fail(self) -> None:
-        """Close every run as failed (training raised), so that none stays marked running."""
-        self._each("close", "failed")
+    def fail(self, *, stopped: bool = False) -> None:
+        """Close every run as failed (training raised) or killed (`stopped` by a signal or
+        Ctrl-C), so that none stays marked running."""
+        self._each("close", "killed" if stopped else "failed")
+
+
+def _first_line(e: BaseException) -> str:
+    """`e` as one printable line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return printable(f"{type(e).__name__}: {lines[0] if lines else ''}".strip(": "))

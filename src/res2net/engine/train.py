@@ -394,8 +394,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     world = dist.world_size
     lr_factor = cfg.lr_scale_factor(world)
     global_batch = cfg.global_batch(world)
-    if dist.is_main and global_batch != REFERENCE_BATCH_SIZE and (
-        lr_factor != 1 or cfg.opt in SGD_FAMILY
+    if (
+        dist.is_main
+        and global_batch != REFERENCE_BATCH_SIZE
+        and (lr_factor != 1 or cfg.opt in SGD_FAMILY)
     ):
         log.info(
             "global batch is %d (recipe reference: %d)%s",
@@ -475,22 +477,22 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
             run_name=Path(cfg.ckpt_save_dir).name,
         )
         trackers.params(cfg.to_dict())
-    metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main, trackers=trackers)
-    metrics.rewind(state.global_step)  # work after the checkpoint is redone, not logged twice
-    bad = BadImageReport(train_ds)
-    n_params = count_params(model)
-    step_times: list[float] = []
-    interrupted = False
-    last_val: EvalResult | None = None
-    start_epoch = state.epoch
-    if dist.is_main and start_epoch >= cfg.epoch_size:
-        log.info(
-            "the run in %s has finished its %d epochs: nothing to train",
-            cfg.ckpt_save_dir,
-            cfg.epoch_size,
-        )
-
     try:
+        metrics = MetricsLog(Path(cfg.ckpt_save_dir), enabled=dist.is_main, trackers=trackers)
+        metrics.rewind(state.global_step)  # work after the checkpoint is redone, not logged twice
+        bad = BadImageReport(train_ds)
+        n_params = count_params(model)
+        step_times: list[float] = []
+        interrupted = False
+        last_val: EvalResult | None = None
+        start_epoch = state.epoch
+        if dist.is_main and start_epoch >= cfg.epoch_size:
+            log.info(
+                "the run in %s has finished its %d epochs: nothing to train",
+                cfg.ckpt_save_dir,
+                cfg.epoch_size,
+            )
+
         while state.epoch < cfg.epoch_size:
             interrupted = train_one_epoch(
                 cfg,
@@ -526,26 +528,30 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
                 )
                 or last_val
             )
-    except BaseException:  # a crash or a second signal: the tracked run says so
-        if trackers is not None:
-            trackers.fail()
-        raise
 
-    result = TrainResult(
-        ckpt_dir=Path(cfg.ckpt_save_dir),
-        epochs_done=state.epoch,
-        interrupted=interrupted,
-        best_top1=state.best_top1,
-        last_path=ckpts.latest(),
-        best_path=ckpts.best if ckpts.best.is_file() else None,
-    )
-    if dist.is_main and not interrupted and state.epoch > start_epoch:
-        result.plot_path = plot_run(metrics.read(), Path(cfg.ckpt_save_dir) / "training.png")
-        ms = 1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
-        result.row = results_row(cfg, n_params=n_params, cards=world, ms_per_step=ms, val=last_val)
-    metrics.close()
-    if trackers is not None:
-        trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
+        result = TrainResult(
+            ckpt_dir=Path(cfg.ckpt_save_dir),
+            epochs_done=state.epoch,
+            interrupted=interrupted,
+            best_top1=state.best_top1,
+            last_path=ckpts.latest(),
+            best_path=ckpts.best if ckpts.best.is_file() else None,
+        )
+        if dist.is_main and not interrupted and state.epoch > start_epoch:
+            result.plot_path = plot_run(metrics.read(), Path(cfg.ckpt_save_dir) / "training.png")
+            ms = (
+                1000.0 * statistics.median(step_times[1:] or step_times) if step_times else math.nan
+            )
+            result.row = results_row(
+                cfg, n_params=n_params, cards=world, ms_per_step=ms, val=last_val
+            )
+        metrics.close()
+        if trackers is not None:
+            trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
+    except BaseException as e:  # a crash, or a second signal: the tracked run says so
+        if trackers is not None:
+            trackers.fail(stopped=isinstance(e, KeyboardInterrupt))
+        raise
     return result
 
 
