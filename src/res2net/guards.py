@@ -56,6 +56,11 @@ def printable(text: str) -> str:
     return text if text.isprintable() else ascii(text)[1:-1]
 
 
+def quoted(path: str | os.PathLike) -> str:
+    """`path` in single quotes for a message, control characters escaped (see `printable`)."""
+    return f"'{printable(os.fspath(path))}'"
+
+
 class NotARegularFile(Res2NetError, FileNotFoundError, ValueError):
     """A path that names a directory, pipe, device or socket where a file was expected (a
     FileNotFoundError, as no such file exists there, and a ValueError, as the input is wrong)."""
@@ -83,11 +88,11 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} '{path}' does not exist") from None
+        raise FileNotFoundError(f"{what} {quoted(path)} does not exist") from None
     except OSError as e:
-        raise ValueError(f"{what} '{path}' cannot be read ({e.strerror or e})") from None
+        raise ValueError(f"{what} {quoted(path)} cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise NotARegularFile(f"{what} '{path}' is {_kind(mode)}, not a regular file")
+        raise NotARegularFile(f"{what} {quoted(path)} is {_kind(mode)}, not a regular file")
     return path
 
 
@@ -109,14 +114,14 @@ def check_output_file(
         return path
     except NotADirectoryError:
         raise ValueError(
-            f"{what} '{path}' cannot be written: a folder on its path is a file"
+            f"{what} {quoted(path)} cannot be written: a folder on its path is a file"
         ) from None
     except OSError as e:
-        raise ValueError(f"{what} '{path}' cannot be checked ({e.strerror or e})") from None
+        raise ValueError(f"{what} {quoted(path)} cannot be checked ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} '{path}' is {_kind(mode)}: name a file to write")
+        raise ValueError(f"{what} {quoted(path)} is {_kind(mode)}: name a file to write")
     if keep is not None and _same_file(path, keep):
-        raise ValueError(f"{what} '{path}' is {kept}: write it elsewhere")
+        raise ValueError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     return path
 
 
@@ -136,7 +141,7 @@ def open_regular_file(path: str | os.PathLike, what: str = "file") -> io.Buffere
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotARegularFile(f"{what} '{path}' is {_kind(mode)}, not a regular file")
+            raise NotARegularFile(f"{what} {quoted(path)} is {_kind(mode)}, not a regular file")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -152,7 +157,9 @@ def read_regular_file(
     with open_regular_file(path, what) as f:
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
-            raise ValueError(f"{what} '{path}' has {size} bytes, more than the {max_bytes} allowed")
+            raise ValueError(
+                f"{what} {quoted(path)} has {size} bytes, more than the {max_bytes} allowed"
+            )
         return f.read(size if max_bytes is None else min(size, max_bytes) + 1)
 
 
