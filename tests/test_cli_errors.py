@@ -485,3 +485,41 @@ def test_seed_scripts_end_in_one_line(script, argv, fragment, tmp_path) -> None:
     )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_a_genuine_bug_keeps_its_traceback_and_exit_code_1(tmp_path, monkeypatch) -> None:
+    """Only the project's own error types are one line: a RuntimeError inside a command (a
+    shape bug, CUDA out of memory) is a bug, shown with Python's traceback."""
+    from res2net.cli import main as main_module
+
+    def bug(args, extra):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(main_module.COMMANDS["models"], "run", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["models"])
+    script = (
+        "import sys\nfrom res2net.cli import main as m\n"
+        "def bug(args, extra):\n"
+        "    raise RuntimeError('mat1 and mat2 shapes cannot be multiplied')\n"
+        "m.COMMANDS['models'].run = bug\nsys.exit(m.main(['models']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.strip().endswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_user_errors_print_no_control_characters(tmp_path, capsys) -> None:
+    evil = tmp_path / "run\x1b]0;owned\x07.yaml"
+    evil.write_text("batch_size: 0\n")
+    assert main(["train", "-c", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "run\\x1b]0;owned\\x07.yaml" in err, err

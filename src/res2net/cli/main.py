@@ -8,6 +8,7 @@ import signal
 import sys
 
 from ..errors import Res2NetError
+from ..guards import printable
 from . import benchmark as benchmark_cmd
 from . import cam as cam_cmd
 from . import convert as convert_cmd
@@ -22,8 +23,9 @@ from . import train as train_cmd
 from . import validate as validate_cmd
 
 # Exit codes (README, "Exit codes"): 0 success (also a run stopped by SIGTERM/Ctrl-C after
-# saving), 1 training stopped on a NaN/inf loss, 2 bad input or environment (one line on
-# stderr), 130 interrupted outside training. Genuine bugs keep Python's traceback (exit 1).
+# saving), 1 training stopped on a NaN/inf loss, 2 bad input or environment (the project's own
+# error types, `errors.Res2NetError`: one line on stderr), 130 interrupted outside training.
+# Any other exception is a genuine bug and keeps Python's traceback (exit 1).
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"res2net {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (Res2NetError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except Res2NetError as e:
         if args.verbose:
             raise
         print(f"res2net {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -92,10 +94,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _one_line(e: BaseException) -> str:
+    """The message of `e`, each line with control characters escaped (a file name cannot drive
+    the terminal); for an error raised in a DataLoader worker, its last line, the cause."""
     message = str(e).strip()
-    if message.startswith("Caught "):  # raised in a DataLoader worker: the cause is the last line
+    if message.startswith("Caught "):
         message = message.splitlines()[-1]
-    return message or type(e).__name__
+    return "\n".join(printable(line) for line in message.splitlines()) or type(e).__name__
 
 
 if __name__ == "__main__":
