@@ -443,7 +443,9 @@ def keys_help() -> str:
     for group, names in HELP.items():
         lines.append(f"\n{group}:")
         for name in names:
-            only = "; command line only" if _KEYS[name].trust else ""
+            k, only = _KEYS[name], ""
+            if k.trust:
+                only = "; command line only" + (f" when it {k.trust}" if k.untrusted else "")
             default = _plain(getattr(_DEFAULTS, name))
             lines.append(f"  --{name} (default: {default!r})\n      {_help_line(name)}{only}")
     return "\n".join(lines)
