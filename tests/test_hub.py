@@ -13,6 +13,7 @@ import torch
 
 import res2net
 from res2net.cli.main import main
+from res2net.errors import CheckpointError
 from res2net.hub import read_config
 
 from .conftest import rgb
@@ -107,7 +108,7 @@ def test_timm_loads_our_folder_and_gives_our_logits(trained, hub_cache):
 
 
 def test_missing_from_cache_offline_is_one_clear_error(hub_cache):
-    with pytest.raises(RuntimeError, match="not in the Hub cache.*offline"):
+    with pytest.raises(CheckpointError, match="not in the Hub cache.*offline"):
         res2net.create_model("hf-hub:me/not-there")
 
 
@@ -144,7 +145,7 @@ def test_push_offline_fails_clearly_and_uploads_nothing(trained, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
         res2net.push_to_hub(trained[0], "me/tiny-res2net", arch=ARCH)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 import res2net
+from res2net.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_hub_pretrained_offline_names_the_command_line_too(monkeypatch, tmp_path
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     try:
         torch.hub.load(str(REPO), "res2net50", source="local", pretrained=True)
-    except RuntimeError as e:
+    except CheckpointError as e:
         assert "offline" in str(e) and "--ckpt_path" in str(e) and "checkpoint_path=" in str(e)
     else:
         raise AssertionError("an offline download must fail")

@@ -10,6 +10,7 @@ from urllib.error import URLError
 import pytest
 import torch.hub
 
+from res2net.errors import CheckpointError
 from res2net.models import ALIASES, ARCHITECTURES
 from res2net.weights import pretrained as pt
 from res2net.weights.pretrained import (
@@ -212,7 +213,7 @@ def test_download_default_cache_dir(
 def test_wrong_hash_is_an_error(payload, tmp_path: Path) -> None:
     src, digest = payload
     wrong = "0" * 8 if not digest.startswith("0" * 8) else "f" * 8
-    with pytest.raises(RuntimeError, match="invalid hash value") as info:
+    with pytest.raises(CheckpointError, match="invalid hash value") as info:
         download_weights(_entry([src.as_uri()], wrong), cache_dir=tmp_path / "cache")
     assert src.as_uri() in str(info.value) and "checkpoint_path=" in str(info.value)
     assert list((tmp_path / "cache").iterdir()) == [], "a file that fails its hash must not be kept"
@@ -243,7 +244,7 @@ def test_offline_error_names_every_url(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(pt, "fetch", offline)
     urls = ["https://primary.example/model-x.pth", "https://mirror.example/model-x.pth"]
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(CheckpointError) as info:
         download_weights(_entry(urls, "abcdef12"), cache_dir=tmp_path)
     message = str(info.value)
     assert tried == urls

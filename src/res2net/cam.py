@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .errors import ConfigError
 from .models.base import Res2NetBase
 from .models.dla import DLA
 
@@ -43,7 +44,7 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(
+        raise ConfigError(
             f"the model has no layer {name!r}; its stages are {', '.join(stage_names(model))} "
             "(or give any submodule name, e.g. 'layer4.0.conv3')"
         ) from None
@@ -66,9 +67,9 @@ def _targets(
     t = torch.as_tensor(target_class, device=logits.device).long().reshape(-1)
     t = t.expand(logits.shape[0]) if t.numel() == 1 else t
     if t.numel() != logits.shape[0]:
-        raise ValueError(f"got {t.numel()} target classes for {logits.shape[0]} images")
+        raise ConfigError(f"got {t.numel()} target classes for {logits.shape[0]} images")
     if bool((t < 0).any()) or bool((t >= logits.shape[1]).any()):
-        raise ValueError(f"target class out of range: the model has {logits.shape[1]} classes")
+        raise ConfigError(f"target class out of range: the model has {logits.shape[1]} classes")
     return t
 
 
@@ -92,7 +93,7 @@ def grad_cam(
             x = images.detach().requires_grad_(True)  # a graph even when the weights are frozen
             logits = model(x)
             if not captured or not isinstance(captured[-1], torch.Tensor):
-                raise ValueError(f"layer {layer!r} produced no feature map in the forward pass")
+                raise ConfigError(f"layer {layer!r} produced no feature map in the forward pass")
             acts = captured[-1]
             targets = _targets(logits, target_class)
             score = logits.gather(1, targets[:, None]).sum()
@@ -117,7 +118,7 @@ def class_activation_map(
     models it equals Grad-CAM at the last stage."""
     fc = getattr(model, "fc", None)
     if not isinstance(fc, (nn.Linear, nn.Conv2d)):
-        raise ValueError(
+        raise ConfigError(
             "CAM needs a model with its classifier (a global-pool + linear/1x1-conv head)"
         )
     feats = model.forward_features(images)
@@ -147,7 +148,7 @@ def overlay(
 
     cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
     if cam.shape != image.shape[:2]:
-        raise ValueError(f"map shape {cam.shape} differs from the picture's {image.shape[:2]}")
+        raise ConfigError(f"map shape {cam.shape} differs from the picture's {image.shape[:2]}")
     heat = colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
     mixed = (1 - alpha) * image.astype(np.float64) / 255 + alpha * heat
     return (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)

@@ -25,6 +25,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from .errors import ConfigError
 from .factory import create_backbone
 from .models.base import Res2NetBase
 from .models.dla import DLA
@@ -65,7 +66,7 @@ def freeze_stages(model: nn.Module, trainable_layers: int, last_stage: int = 4) 
     [stem, stage1..stage4], as torchvision does for ResNets; stages after `last_stage` are
     unused by the backbone and frozen too."""
     if not 0 <= trainable_layers <= 5:
-        raise ValueError(
+        raise ConfigError(
             f"trainable_layers={trainable_layers} is invalid: choose 0..5 (of stem + 4 stages)"
         )
     stem, stages = _stem_and_stages(model)
@@ -92,7 +93,7 @@ class Res2NetFPN(nn.Module):
         super().__init__()
         layers = tuple(int(i) for i in returned_layers)
         if not layers or any(i < 1 or i > 4 for i in layers) or list(layers) != sorted(set(layers)):
-            raise ValueError(
+            raise ConfigError(
                 f"returned_layers={tuple(returned_layers)} is invalid: give increasing stages in "
                 "1..4"
             )
@@ -139,7 +140,7 @@ def res2net_fpn_backbone(
       go to the architecture (e.g. drop_path_rate).
     """
     if norm not in ("frozen_bn", "bn"):
-        raise ValueError(f"norm={norm!r} is invalid: choose 'frozen_bn' or 'bn'")
+        raise ConfigError(f"norm={norm!r} is invalid: choose 'frozen_bn' or 'bn'")
     if norm == "frozen_bn" and not isinstance(name, nn.Module):
         model_kwargs = dict(model_kwargs, norm_layer=FrozenBatchNorm2d)
     body = create_backbone(name, returned_layers, checkpoint_path, pretrained, **model_kwargs)

@@ -28,3 +28,7 @@ class CheckpointError(Res2NetError, ValueError):
 
 class FileRefused(Res2NetError, OSError):
     """A path the project will not read or write as asked (a link, a pipe, outside its folder)."""
+
+
+class MissingFile(FileRefused, FileNotFoundError):
+    """A file or folder the user named that does not exist (also a FileNotFoundError)."""

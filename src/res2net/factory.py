@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import CheckpointError
 from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
 from .models.base import Res2NetBase
@@ -56,7 +57,7 @@ def create_model(
     """
     if is_hub_name(name):
         if pretrained or checkpoint_path is not None or features_only:
-            raise ValueError(
+            raise CheckpointError(
                 f"{name}: a Hub model brings its weights; "
                 "drop pretrained/checkpoint_path/features_only"
             )
@@ -66,11 +67,11 @@ def create_model(
         )
     resolve_name(name)
     if pretrained and checkpoint_path is not None:
-        raise ValueError("give either pretrained= or checkpoint_path=, not both")
+        raise CheckpointError("give either pretrained= or checkpoint_path=, not both")
     explicit_classes = num_classes is not _NOT_GIVEN
     num_classes = 1000 if num_classes is _NOT_GIVEN else int(num_classes)
     if num_classes < 0:
-        raise ValueError(f"num_classes={num_classes} is invalid: it must be >= 0")
+        raise CheckpointError(f"num_classes={num_classes} is invalid: it must be >= 0")
     model = build_model(
         name,
         num_classes=num_classes,
@@ -103,9 +104,11 @@ def create_backbone(
     features_only model, which is returned as is."""
     if isinstance(backbone, nn.Module):
         if checkpoint_path is not None or pretrained:
-            raise ValueError("give checkpoint_path/pretrained with a model name, not with a model")
+            raise CheckpointError(
+                "give checkpoint_path/pretrained with a model name, not with a model"
+            )
         if getattr(backbone, "fc", None) is not None:
-            raise ValueError(
+            raise CheckpointError(
                 "the backbone model has a classifier: build it with features_only=True"
             )
         return backbone

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import FileRefused
+
 # `.NAME.PID.HEX.tmp`: a temporary file of `atomic_write` (or `temporary_path`) for NAME
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
@@ -85,7 +87,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             if full:
                 reason = f"{os.strerror(errno.ENOSPC)}; {reason}"
-            raise OSError(
+            raise FileRefused(
                 f"could not write {path} ({reason}); the previous file there, if any, is intact"
             ) from e
         raise

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Res2NetError
+from .errors import ConfigError, FileRefused, MissingFile, Res2NetError
 
 # Seconds a network call may wait for a connection or for the next bytes.
 NETWORK_TIMEOUT = 30.0
@@ -88,9 +88,9 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {quoted(path)} does not exist") from None
+        raise MissingFile(f"{what} {quoted(path)} does not exist") from None
     except OSError as e:
-        raise ValueError(f"{what} {quoted(path)} cannot be read ({e.strerror or e})") from None
+        raise ConfigError(f"{what} {quoted(path)} cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
         raise NotARegularFile(f"{what} {quoted(path)} is {_kind(mode)}, not a regular file")
     return path
@@ -113,16 +113,29 @@ def check_output_file(
     except FileNotFoundError:
         return path
     except NotADirectoryError:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {quoted(path)} cannot be written: a folder on its path is a file"
         ) from None
     except OSError as e:
-        raise ValueError(f"{what} {quoted(path)} cannot be checked ({e.strerror or e})") from None
+        raise ConfigError(f"{what} {quoted(path)} cannot be checked ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} {quoted(path)} is {_kind(mode)}: name a file to write")
+        raise ConfigError(f"{what} {quoted(path)} is {_kind(mode)}: name a file to write")
     if keep is not None and _same_file(path, keep):
-        raise ValueError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
+        raise ConfigError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     return path
+
+
+def make_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """`folder` created with its parents if need be; FileRefused naming it when it cannot be
+    (a file on its way, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileRefused(
+            f"{what} {quoted(folder)} cannot be created ({e.strerror or e})"
+        ) from None
+    return folder
 
 
 def _same_file(a: Path, b: str | os.PathLike) -> bool:
@@ -157,7 +170,7 @@ def read_regular_file(
     with open_regular_file(path, what) as f:
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
-            raise ValueError(
+            raise ConfigError(
                 f"{what} {quoted(path)} has {size} bytes, more than the {max_bytes} allowed"
             )
         return f.read(size if max_bytes is None else min(size, max_bytes) + 1)

@@ -27,7 +27,8 @@ from typing import Any
 
 from torch import nn
 
-from .guards import read_regular_file
+from .errors import CheckpointError, MissingFile
+from .guards import make_folder, read_regular_file
 from .models import resolve_name
 from .models.base import Res2NetBase
 from .weights.convert import DEFAULT_EVAL, write_safetensors
@@ -74,7 +75,7 @@ def timm_config(
     }
     if classes is not None:
         if len(classes) != num_classes:
-            raise ValueError(
+            raise CheckpointError(
                 f"got {len(classes)} class names for a model with {num_classes} classes"
             )
         config["label_names"] = [str(c) for c in classes]
@@ -159,10 +160,10 @@ def save_to_folder(
     folder holding one of those names is refused, so that nothing of the user's is overwritten."""
     folder = Path(folder)
     _check_replaceable(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     num_classes = int(getattr(model, "num_classes", 0))
     if num_classes <= 0:
-        raise ValueError("only classifiers can go to the Hub: the model has no classifier")
+        raise CheckpointError("only classifiers can go to the Hub: the model has no classifier")
     config = timm_config(arch, num_classes, eval_args=eval_args, classes=classes)
     ev = {**DEFAULT_EVAL, **(eval_args or {})}
     state = {
@@ -203,7 +204,7 @@ def _check_replaceable(folder: Path) -> None:
     except (OSError, ValueError):
         ours = False
     if not ours:
-        raise ValueError(
+        raise CheckpointError(
             f"{folder} already holds {', '.join(present)} and is not a model folder this package "
             "wrote: choose a new or empty folder, so that nothing there is overwritten"
         )
@@ -235,12 +236,12 @@ def push_to_hub(
                 repo_id=repo_id, folder_path=tmp, commit_message=commit_message
             )
         except OfflineModeIsEnabled:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload"
             ) from None
         except failures as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RuntimeError(
+            raise CheckpointError(
                 f"could not push to {repo_id} ({reason}); check the network and your token "
                 "(`hf auth login` or HF_TOKEN), or write the folder with save_to_folder "
                 "and upload it later"
@@ -275,7 +276,7 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
     if name.startswith(LOCAL_PREFIX):
         folder = Path(name[len(LOCAL_PREFIX) :]).expanduser()
         if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} there; is it a model folder?")
+            raise MissingFile(f"{folder}: no {CONFIG_NAME} there; is it a model folder?")
         return folder
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -290,17 +291,17 @@ def hub_folder(name: str, cache_dir: str | Path | None = None) -> Path:
                 Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
             )
         except LocalEntryNotFoundError:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{repo_id}: {filename} is not in the Hub cache and the Hub cannot be reached "
                 "(offline, or HF_HUB_OFFLINE=1); connect once to download it, or use local-dir:PATH"
             ) from None
         except (HfHubHTTPError, OSError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RuntimeError(
+            raise CheckpointError(
                 f"could not get {filename} of {repo_id} from the Hub ({reason})"
             ) from None
     if paths[0].parent != paths[1].parent:
-        raise RuntimeError(f"{repo_id}: config and weights come from different snapshots")
+        raise CheckpointError(f"{repo_id}: config and weights come from different snapshots")
     return paths[0].parent
 
 
@@ -322,7 +323,7 @@ def _check_reachable(
         return  # the Hub answered (no such repo, no access...): hf_hub_download says so
     except _http_client_errors() as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(
+        raise CheckpointError(
             f"{repo_id}: {filename} is not in the Hub cache and {url} cannot be reached "
             f"({reason}); connect once to download it, or use local-dir:PATH"
         ) from None
@@ -336,18 +337,20 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise ValueError(f"{path}: needs a JSON object with an 'architecture' name")
+        raise CheckpointError(f"{path}: needs a JSON object with an 'architecture' name")
     resolve_name(config["architecture"])  # unknown names fail listing the close ones
     n = config.get("num_classes")
     if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_CLASSES:
-        raise ValueError(f"{path}: 'num_classes' must be an integer in 1..{MAX_CLASSES}, not {n!r}")
+        raise CheckpointError(
+            f"{path}: 'num_classes' must be an integer in 1..{MAX_CLASSES}, not {n!r}"
+        )
     labels = config.get("label_names")
     if labels is not None and not (
         isinstance(labels, list) and len(labels) == n and all(isinstance(x, str) for x in labels)
     ):
-        raise ValueError(f"{path}: 'label_names' must be a list of {n} strings")
+        raise CheckpointError(f"{path}: 'label_names' must be a list of {n} strings")
     eval_args(config, path)  # checked now rather than when first used
     return config
 
@@ -356,7 +359,7 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
     """This package's eval-transform keys from a config's `pretrained_cfg` (timm's keys)."""
     cfg = config.get("pretrained_cfg") or {}
     if not isinstance(cfg, dict):
-        raise ValueError(f"{where}: 'pretrained_cfg' must be an object")
+        raise CheckpointError(f"{where}: 'pretrained_cfg' must be an object")
     out = dict(DEFAULT_EVAL)
     size = cfg.get("input_size")
     if size is not None:
@@ -367,14 +370,14 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
             and 16 <= size[1] <= 4096
             and size[1] == size[2]
         ):
-            raise ValueError(
+            raise CheckpointError(
                 f"{where}: 'input_size' must be [3, S, S] with 16 <= S <= 4096, not {size!r}"
             )
         out["image_resize"] = size[1]
     if "crop_pct" in cfg:
         pct = cfg["crop_pct"]
         if not isinstance(pct, (int, float)) or not 0 < pct <= 1:
-            raise ValueError(f"{where}: 'crop_pct' must be in (0, 1], not {pct!r}")
+            raise CheckpointError(f"{where}: 'crop_pct' must be in (0, 1], not {pct!r}")
         out["crop_pct"] = float(pct)
     if "interpolation" in cfg:
         from .data.transforms import interpolation_mode
@@ -389,9 +392,9 @@ def eval_args(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> dict[s
                 and len(v) == 3
                 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
             ):
-                raise ValueError(f"{where}: {key!r} must be three numbers, not {v!r}")
+                raise CheckpointError(f"{where}: {key!r} must be three numbers, not {v!r}")
             if key == "std" and min(v) <= 0:
-                raise ValueError(f"{where}: 'std' must be positive, not {v!r}")
+                raise CheckpointError(f"{where}: 'std' must be positive, not {v!r}")
             out[key] = [float(x) for x in v]
     return out
 
@@ -411,13 +414,15 @@ def load_from_hub(
     config = read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} there")
+        raise MissingFile(f"{folder}: no {WEIGHTS_NAME} there")
     if detect_format(weights) != "safetensors":
-        raise ValueError(f"{weights}: not a safetensors file; a model folder's weights must be")
+        raise CheckpointError(
+            f"{weights}: not a safetensors file; a model folder's weights must be"
+        )
     if num_classes is None:  # the config's count sizes the classifier: checked against the file's
         n = checkpoint_num_classes(weights, config["architecture"])
         if n != config["num_classes"]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{folder / CONFIG_NAME}: 'num_classes' is {config['num_classes']} but the "
                 f"classifier in {WEIGHTS_NAME} has {n or 'no'} classes; the folder is inconsistent"
             )

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data import DataError, load_image
+from .errors import MissingFile
 from .factory import create_model
 from .guards import check_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
@@ -53,9 +54,9 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
         elif path.is_file():
             names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         else:
-            raise FileNotFoundError(f"--classes {classes!r} is neither a folder nor a file")
+            raise MissingFile(f"--classes {classes!r} is neither a folder nor a file")
         if len(names) != num_classes:
-            raise ValueError(
+            raise DataError(
                 f"--classes gives {len(names)} names but the model has {num_classes} classes"
             )
         return names
@@ -86,12 +87,12 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
                 Path(f) for f in walk_files(path) if has_file_allowed_extension(f, IMG_EXTENSIONS)
             ]
             if not inside:
-                raise FileNotFoundError(f"no images in folder '{path}'")
+                raise MissingFile(f"no images in folder '{path}'")
             found += [(f, f.relative_to(path).with_suffix("")) for f in sorted(inside)]
         elif path.exists():  # a file; a FIFO or device is refused before anything reads it
             found.append((check_regular_file(path, "image"), Path(path.stem)))
         else:
-            raise FileNotFoundError(f"no such image or folder: '{path}'")
+            raise MissingFile(f"no such image or folder: '{path}'")
     return found
 
 
@@ -162,7 +163,7 @@ def trained_model(
 
     if is_hub_name(model_name):
         if ckpt_path or pretrained:
-            raise ValueError(f"{model_name} brings its weights: drop --ckpt_path/--pretrained")
+            raise DataError(f"{model_name} brings its weights: drop --ckpt_path/--pretrained")
         return create_model(model_name).eval()
     if ckpt_path is None:
         if not pretrained:
@@ -170,7 +171,7 @@ def trained_model(
         return create_model(model_name, pretrained=pretrained or False).eval()
     num_classes = checkpoint_num_classes(ckpt_path, model_name)
     if not num_classes:
-        raise ValueError(
+        raise DataError(
             f"{ckpt_path}: no classifier in this checkpoint, so nothing to predict classes with; "
             "give a checkpoint of a whole classifier (a training checkpoint, or converted weights)"
         )
@@ -392,7 +393,7 @@ def optimize_for_inference(
     """
     check_precision(precision)
     if precision == "int8" and calibration is None:
-        raise ValueError("precision='int8' needs calibration=: a folder of typical input images")
+        raise DataError("precision='int8' needs calibration=: a folder of typical input images")
     optimized = copy.deepcopy(model).eval()
     _replace_blocks(optimized)
     fold_batchnorms(optimized)
@@ -400,7 +401,7 @@ def optimize_for_inference(
         n for n, m in optimized.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
     ]
     if left:
-        raise ValueError(
+        raise DataError(
             f"cannot fold these BatchNorm layers (no conv before them): {', '.join(left)}"
         )
     optimized.requires_grad_(False)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigError, MissingFile
+
 PRECISIONS = ("fp32", "bf16", "int8")
 
 Calibration = str | os.PathLike | torch.Tensor | Iterable[torch.Tensor]
@@ -27,7 +29,7 @@ Calibration = str | os.PathLike | torch.Tensor | Iterable[torch.Tensor]
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
@@ -44,7 +46,7 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
 def check_bf16(device: torch.device | str = "cpu") -> None:
     """One clear line when bf16 would be emulated (slower than fp32) on `device`."""
     if not bf16_supported(device):
-        raise ValueError(
+        raise ConfigError(
             f"precision='bf16' needs native bfloat16 math and this {torch.device(device).type} has "
             "none (on CPUs: AVX-512 BF16 or AMX): use precision='fp32', or 'int8' on x86 CPUs"
         )
@@ -82,12 +84,10 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     from .data import walk_files
 
     if not Path(folder).is_dir():
-        raise FileNotFoundError(
-            f"calibration folder {str(folder)!r} does not exist or is not a folder"
-        )
+        raise MissingFile(f"calibration folder {str(folder)!r} does not exist or is not a folder")
     files = [f for f in walk_files(folder) if f.lower().endswith(IMG_EXTENSIONS)]
     if not files:
-        raise ValueError(
+        raise ConfigError(
             f"calibration folder {str(folder)!r} holds no images "
             f"({', '.join(IMG_EXTENSIONS[:4])}, ...): "
             "give a folder of typical inputs, e.g. the training images"
@@ -117,7 +117,7 @@ def calibration_batches(
         return list(images.split(batch_size))
     batches = list(source.split(batch_size)) if isinstance(source, torch.Tensor) else list(source)
     if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 4 for b in batches):
-        raise ValueError("calibration must be a folder of images, an NCHW tensor or NCHW batches")
+        raise ConfigError("calibration must be a folder of images, an NCHW tensor or NCHW batches")
     return batches
 
 
@@ -143,7 +143,7 @@ def quantize_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     )
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise ValueError(
+        raise ConfigError(
             f"precision='int8' runs on x86 CPUs (oneDNN int8 kernels), not {device.type}: "
             "move the model to the CPU, or use precision='bf16' on GPUs"
         )

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ConfigError
+
 
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters; BatchNorm statistics are buffers and not counted."""
@@ -199,14 +201,16 @@ def benchmark_model(
     random batches, which sets its speed but not meaningful accuracy) uses
     `optimize_for_inference(precision=...)`; in training "bf16" means autocast, as `amp`."""
     if mode not in ("train", "infer"):
-        raise ValueError(f"mode={mode!r} is invalid: choose train or infer")
+        raise ConfigError(f"mode={mode!r} is invalid: choose train or infer")
     if precision == "int8" and mode == "train":
-        raise ValueError("precision int8 applies to inference only: use --mode infer")
+        raise ConfigError("precision int8 applies to inference only: use --mode infer")
     if precision == "bf16" and mode == "train":
         amp = True
     optimize = optimize or (mode == "infer" and precision != "fp32")
     if optimize and mode == "train":
-        raise ValueError("optimize applies to inference only (optimize_for_inference is eval-only)")
+        raise ConfigError(
+            "optimize applies to inference only (optimize_for_inference is eval-only)"
+        )
     device = torch.device(device)
     params_m = count_params(model) / 1e6
     model = model.to(device)

@@ -2,14 +2,16 @@
 
 Every choice a recipe key accepts is a ``Literal`` here; ``config.Config`` declares its keys
 with these types, and the transforms, schedules and optimizers dispatch on the same names, so
-a name accepted by the config is a name the engine implements. This module imports nothing
-from the project: every layer may use it.
+a name accepted by the config is a name the engine implements. This module imports only the
+project's error types: every layer may use it.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Literal, get_args
+
+from .errors import ConfigError
 
 #: ImageNet's per-channel statistics in 0..1 units (torchvision, timm, published weights) ...
 IMAGENET_MEAN_01 = (0.485, 0.456, 0.406)
@@ -82,7 +84,7 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
     if name == "trivialaug":
         name = "trivialaugwide"
     if name not in _AA_OPTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown auto_augment policy {name!r} in {spec!r}; use one of "
             f"{', '.join(AUTO_AUGMENTS)} (e.g. 'randaug-m9-mstd0.5-inc1')"
         )
@@ -94,7 +96,7 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
             part, i = f"{part}-{parts[i + 1]}", i + 1  # "d-1": a negative value
         match = re.fullmatch(r"([a-z]+)(-?\d+(?:\.\d+)?)", part)
         if match is None or match.group(1) not in _AA_OPTIONS[name]:
-            raise ValueError(
+            raise ConfigError(
                 f"auto_augment {spec!r}: option {part!r} is not one {name} accepts "
                 f"({', '.join(sorted(_AA_OPTIONS[name])) or 'none'})"
             )
@@ -103,7 +105,7 @@ def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
     low, high, default = _AA_MAGNITUDES.get(name, (0, 10, 10))
     high = max(high, params.get("mmax", high))  # RandAugment clips at mmax, 10 by default
     if not low <= params.get("m", default) <= high:
-        raise ValueError(f"auto_augment {spec!r}: magnitude m must be in {low}..{high:g}")
+        raise ConfigError(f"auto_augment {spec!r}: magnitude m must be in {low}..{high:g}")
     if name == "randaug" and params.get("w", 0) != 0:
-        raise ValueError(f"auto_augment {spec!r}: w must be 0 (MindCV has one set of op weights)")
+        raise ConfigError(f"auto_augment {spec!r}: w must be 0 (MindCV has one set of op weights)")
     return name, params

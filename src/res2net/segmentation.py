@@ -19,6 +19,7 @@ from torchvision.models.segmentation import FCN, DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
+from .errors import ConfigError
 from .factory import create_backbone
 from .models.base import Res2NetBase
 from .models.layers import channels_last_on_cpu
@@ -54,7 +55,7 @@ def segmentation_backbone(
     whose own output stride is used) with optional ImageNet weights."""
     if not isinstance(backbone, nn.Module):
         if output_stride not in ATROUS_RATES:
-            raise ValueError(f"output_stride={output_stride} is invalid: choose 8 or 16")
+            raise ConfigError(f"output_stride={output_stride} is invalid: choose 8 or 16")
         model_kwargs["output_stride"] = output_stride
     body = create_backbone(backbone, (3, 4), checkpoint_path, pretrained, **model_kwargs)
     trunk = SegmentationBackbone(body)

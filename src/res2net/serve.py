@@ -50,6 +50,7 @@ from PIL import Image
 from torch import nn
 
 from .data import DataError, decode_image
+from .errors import ConfigError
 
 log = logging.getLogger("res2net.serve")
 
@@ -595,10 +596,10 @@ def load_classifier(
         arch = model_name
     else:
         if not ckpt_path:
-            raise ValueError("give the weights with --ckpt_path FILE (or --model hf-hub:ORG/NAME)")
+            raise ConfigError("give the weights with --ckpt_path FILE (or --model hf-hub:ORG/NAME)")
         arch = model_name or read_metadata(ckpt_path).get("arch") or ""
         if not arch:
-            raise ValueError(f"{ckpt_path} does not name its architecture; pass --model NAME")
+            raise ConfigError(f"{ckpt_path} does not name its architecture; pass --model NAME")
     model = trained_model(arch, ckpt_path=ckpt_path)  # a classifier that fits, or an error
     names, spec = model_classes_and_transform(
         model,

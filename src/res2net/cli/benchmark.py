@@ -8,6 +8,8 @@ import json
 import logging
 import os
 
+from ..errors import ConfigError
+
 HELP = "measure a training step or an inference pass: ms/step and img/s (Markdown and JSON)"
 
 
@@ -89,19 +91,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         or args.repeats < 1
         or args.warmup < 1
     ):
-        raise ValueError(
+        raise ConfigError(
             "--cards, --batch_size, --repeats and --warmup must be >= 1, --image_resize >= 8"
         )
     if not 1 <= args.num_classes <= MAX_CLASSES:  # 0 would time a headless model
-        raise ValueError(f"--num_classes {args.num_classes}: give 1 to {MAX_CLASSES}")
+        raise ConfigError(f"--num_classes {args.num_classes}: give 1 to {MAX_CLASSES}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.cards != world:
-        raise ValueError(
+        raise ConfigError(
             f"--cards {args.cards} but {world} process(es) run: start one process per card, "
             f"e.g. `torchrun --nproc_per_node {args.cards} -m res2net.cli.main benchmark ...`"
         )
     if args.cards > 1 and args.mode != "train":
-        raise ValueError("--cards > 1 measures data-parallel training: use --mode train")
+        raise ConfigError("--cards > 1 measures data-parallel training: use --mode train")
     info = distributed.setup(args.cards > 1, args.device)
     if info.device.type != "cuda":  # Inductor's CUDA probe warns of CUDA_HOME on CPU-only runs
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..guards import printable
 from .predict import Skipped, add_eval_flags
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     )
 
     if args.method == "cam" and args.layer is not None:
-        raise ValueError(
+        raise ConfigError(
             "--method cam uses the last stage only; drop --layer or use --method gradcam"
         )
     files = find_images(args.images)

@@ -8,6 +8,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..config import MAX_CONFIG_BYTES
+from ..errors import ConfigError
+from ..guards import quoted, read_regular_file
+
 HELP = (
     "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format "
     "follows DST's extension and holds float32 values), or into a Hugging Face Hub model "
@@ -64,7 +68,7 @@ def _metrics(pairs: list[str], published: dict) -> dict[str, float | str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--metric {pair!r}: write KEY=VALUE, e.g. top1=79.3")
+            raise ConfigError(f"--metric {pair!r}: write KEY=VALUE, e.g. top1=79.3")
         try:
             metrics[key] = float(value)
         except ValueError:
@@ -92,7 +96,7 @@ def to_hub(args: argparse.Namespace) -> str:
         classes=class_names(args.classes, num_classes, args.src),
         eval_args=json.loads(meta["eval"]),
         metrics=_metrics(args.metric, published),
-        recipe=Path(args.recipe).read_text(encoding="utf-8") if args.recipe else None,
+        recipe=_recipe_text(args.recipe) if args.recipe else None,
         license=args.license,
         source=meta["source"],
         datasets=["imagenet-1k"] if num_classes == 1000 else [],
@@ -107,12 +111,22 @@ def to_hub(args: argparse.Namespace) -> str:
     return ", ".join(written)
 
 
+def _recipe_text(path: str) -> str:
+    """The recipe to publish with the model, read like any recipe (bounded, UTF-8)."""
+    try:
+        return read_regular_file(path, "--recipe", MAX_CONFIG_BYTES).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--recipe {quoted(path)}: not UTF-8 text") from None
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..weights.convert import convert
 
     hub = args.hub_folder or args.repo_id
     if bool(args.dst) == bool(hub):
-        raise ValueError("give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME")
+        raise ConfigError(
+            "give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME"
+        )
     out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
     print(f"wrote {out}")
     flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)

@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingFile
+
 HELP = "prepare data: pack a folder into WebDataset shards (shard), verify a dataset (check)"
 
 _CHUNK = 256  # images decoded per round of the worker pool
@@ -349,7 +351,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
 
     if not Path(args.dir).expanduser().is_dir():
-        raise FileNotFoundError(f"'{args.dir}' is not a folder")
+        raise MissingFile(f"'{args.dir}' is not a folder")
     problems = 0
     reference: dict[str, int] | None = None  # the first split's classes index the others
     for split in args.splits:

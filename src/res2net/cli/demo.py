@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
+from ..errors import ConfigError
 
 HELP = "train and validate on the bundled digits dataset (the whole ImageNet code path, in minutes)"
 ACCEPTS_EXTRA = True
@@ -42,9 +43,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if result.interrupted:
         return 0
     if result.best_path is None:
-        raise RuntimeError(
-            "training ended without a validated checkpoint (is val_while_train off?)"
-        )
+        raise ConfigError("training ended without a validated checkpoint (is val_while_train off?)")
     weights = keep_best_weights(Path(cfg.ckpt_save_dir), result.best_path, prefix=cfg.model)
     report(cfg, weights, result.row)
     if result.plot_path is not None:

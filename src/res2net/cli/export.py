@@ -7,6 +7,7 @@ import argparse
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..export import FORMATS, ExportCheck, format_for_path
 from ..guards import check_output_file
 
@@ -81,13 +82,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     args.format = args.format or format_for_path(args.out)
     if args.precision == "int8" and args.format != "onnx":
-        raise ValueError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
+        raise ConfigError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
     if args.precision == "int8" and not args.calibration:
-        raise ValueError(
+        raise ConfigError(
             "--precision int8 needs --calibration DIR: a folder of typical input images"
         )
     if args.precision == "int8" and args.dynamic_size:
-        raise ValueError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
+        raise ConfigError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
     # before the minutes an export can take
     check_output_file(
         args.out, "export output", keep=args.ckpt_path, kept="the checkpoint to export"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 
+from ..errors import ConfigError
 from ..guards import short
 from ..models import ALIASES, ARCHITECTURES, build_model, list_models
 from ..profile import count_flops, count_params, time_forward
@@ -71,7 +72,7 @@ def format_table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     names = list_models(args.pattern)
     if not names:  # checked first, so that --names does not print an empty line and succeed
-        raise ValueError(
+        raise ConfigError(
             f"no model matches {short(args.pattern)}; `res2net models --names` lists them"
         )
     if args.names:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..guards import check_output_file, printable
 from .predict import Skipped
 
@@ -97,15 +98,15 @@ def _train(args: argparse.Namespace) -> int:
 
     for name in ("epochs", "batch_size", "decoder_channels"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} {getattr(args, name)}: give 1 or more")
+            raise ConfigError(f"--{name} {getattr(args, name)}: give 1 or more")
     if not 32 <= args.image_size <= MAX_SIZE:
-        raise ValueError(f"--image_size {args.image_size}: give 32 to {MAX_SIZE}")
+        raise ConfigError(f"--image_size {args.image_size}: give 32 to {MAX_SIZE}")
     if not 0 < args.lr < math.inf:  # NaN fails too; inf would end the first step in NaN
-        raise ValueError(f"--lr {args.lr}: give a positive finite number")
+        raise ConfigError(f"--lr {args.lr}: give a positive finite number")
     if not 0 <= args.weight_decay < math.inf:
-        raise ValueError(f"--weight_decay {args.weight_decay}: give 0 or a positive finite number")
+        raise ConfigError(f"--weight_decay {args.weight_decay}: give 0 or a positive finite number")
     if args.workers < 0:
-        raise ValueError(f"--workers {args.workers}: give 0 or more")
+        raise ConfigError(f"--workers {args.workers}: give 0 or more")
     # before the training whose result it receives
     check_output_file(args.out, "--out", keep=args.ckpt_path, kept="the backbone checkpoint")
     torch.manual_seed(args.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..errors import ConfigError
 from .predict import add_classes_flag, add_transform_flags
 
 HELP = (
@@ -100,23 +101,23 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..serve import ServeLimits, Server, load_classifier, serve_forever
 
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: give 0..65535")
+        raise ConfigError(f"--port {args.port}: give 0..65535")
     counts = ("max_batch", "max_batch_images", "max_pixels", "max_concurrent", "max_connections")
     for name in (*counts, "max_queue", "max_body_mb"):
         value = getattr(args, name)
         if not value > 0 or value == float("inf"):  # NaN fails `> 0` too
-            raise ValueError(f"--{name} {value}: give a positive number")
+            raise ConfigError(f"--{name} {value}: give a positive number")
     # Waits the threading and socket layers can keep (they overflow near 1e10 s); a batch
     # waiting longer than a request's 60 s for its result would answer nothing.
     if not 0 < args.timeout_s <= MAX_TIMEOUT_S:
-        raise ValueError(
+        raise ConfigError(
             f"--timeout_s {args.timeout_s:g}: give a positive number up to {MAX_TIMEOUT_S}"
         )
     if not 0 <= args.max_wait_ms <= MAX_WAIT_MS:
-        raise ValueError(f"--max_wait_ms {args.max_wait_ms:g}: give 0 to {MAX_WAIT_MS}")
+        raise ConfigError(f"--max_wait_ms {args.max_wait_ms:g}: give 0 to {MAX_WAIT_MS}")
     max_body_bytes = int(args.max_body_mb * (1 << 20))
     if max_body_bytes < 1024:  # smaller than any image: every request would get a 413
-        raise ValueError(f"--max_body_mb {args.max_body_mb:g}: give at least 1 KiB (0.001)")
+        raise ConfigError(f"--max_body_mb {args.max_body_mb:g}: give at least 1 KiB (0.001)")
     classifier = load_classifier(
         ckpt_path=args.ckpt_path,
         model_name=args.model,

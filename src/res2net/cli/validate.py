@@ -7,6 +7,7 @@ import json
 import os
 
 from ..config import given_keys, load_config
+from ..errors import ConfigError
 
 HELP = "validate a checkpoint of any format (MindSpore .ckpt, .pth, .safetensors) on the val split"
 ACCEPTS_EXTRA = True
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = load_config(args.config, extra)
     if not cfg.ckpt_path:
-        raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
+        raise ConfigError("give the checkpoint to validate with --ckpt_path FILE")
     report = ReportOptions(
         report_dir=args.report_dir,
         tta=args.tta,

@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import DataError
 from .folders import EncodedImage, decoding, finish_image, open_image
 
 try:
@@ -64,12 +65,12 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
 
     def __init__(self, size: int | tuple[int, int], *args: Any, **kwargs: Any) -> None:
         if kwargs.pop("antialias", True) is not True:
-            raise ValueError(f"{type(self).__name__} always antialiases")
+            raise DataError(f"{type(self).__name__} always antialiases")
         super().__init__(size, *args, antialias=True, **kwargs)
         self.interpolation = InterpolationMode(self.interpolation)  # the default is a str
         if self.interpolation not in TENSOR_INTERPOLATIONS:
             names = ", ".join(m.value for m in TENSOR_INTERPOLATIONS)
-            raise ValueError(
+            raise DataError(
                 f"{type(self).__name__} supports {names}, not {self.interpolation.value}"
             )
 

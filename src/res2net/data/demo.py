@@ -55,9 +55,9 @@ def write_digits_folder(
     to a temporary folder next to `root` and renamed into place, so `root` is either absent or
     complete, even with concurrent callers (e.g. one per rank)."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), not {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), not {val_fraction}")
     if upscale < 8:
-        raise ValueError(f"upscale must be >= 8 pixels, not {upscale}")
+        raise DataError(f"upscale must be >= 8 pixels, not {upscale}")
     root = Path(root).expanduser()
     params = {"val_fraction": val_fraction, "seed": seed, "upscale": upscale}
     if _is_complete(root, params):

@@ -309,7 +309,7 @@ class ImageFolderDataset(DatasetFolder):
         allow_empty: bool = False,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
+            raise DataError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
         self.data_dir = Path(data_dir).expanduser()
         self.split = split
         self._fixed_class_to_idx = class_to_idx
@@ -431,7 +431,7 @@ def subset(dataset: Dataset, num_samples: int | None, seed: int = 0) -> Dataset:
     if num_samples is None or num_samples >= n:
         return dataset
     if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, not {num_samples}")
+        raise DataError(f"num_samples must be >= 0, not {num_samples}")
     indices = _seeded_indices(n, num_samples, seed)
     if isinstance(dataset, ImageFolderDataset):
         out = copy.copy(dataset)

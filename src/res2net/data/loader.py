@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..errors import DataError
+
 log = logging.getLogger("res2net.data")
 _capped_notes: set[tuple[int, int]] = set()
 
@@ -91,9 +93,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         repeats: int = 1,
     ) -> None:
         if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, not {repeats}")
+            raise DataError(f"repeats must be >= 1, not {repeats}")
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), not {rank}")
+            raise DataError(f"rank must be in [0, {num_replicas}), not {rank}")
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
@@ -109,7 +111,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         skips that many of this rank's samples (resuming mid-epoch: batches done x batch size).
         `len()` still counts the whole epoch."""
         if start < 0:
-            raise ValueError(f"start must be >= 0, not {start}")
+            raise DataError(f"start must be >= 0, not {start}")
         self.epoch = epoch
         self.start = start
 

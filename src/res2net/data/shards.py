@@ -505,19 +505,19 @@ def write_shards(
     are found when read (`res2net data check` finds them beforehand).
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, not {shard_size}")
+        raise DataError(f"shard_size must be >= 1, not {shard_size}")
     if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
+        raise DataError(f"max_bytes must be >= 1, not {max_bytes}")
     if max_size is not None and max_size < 16:
-        raise ValueError(f"max_size must be >= 16 pixels, not {max_size}")
+        raise DataError(f"max_size must be >= 16 pixels, not {max_size}")
     if raw and max_size is None:
-        raise ValueError(
+        raise DataError(
             "raw pixels need a max_size (e.g. 256): a full-size ImageNet image is ~0.5 MB raw"
         )
     data_dir = Path(data_dir).expanduser()
     out = Path(out_dir).expanduser()
     if out.resolve() == data_dir.resolve():
-        raise ValueError("out_dir must differ from data_dir")
+        raise DataError("out_dir must differ from data_dir")
     class_to_idx = None
     class_root = data_dir / class_split
     if class_root.is_dir():
@@ -852,15 +852,15 @@ class ShardDataset(IterableDataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
+            raise DataError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+            raise DataError(f"batch_size must be >= 1, not {batch_size}")
         if rank is None or world_size is None:
             dist_rank, dist_world = _process_group()
             rank = dist_rank if rank is None else rank
             world_size = dist_world if world_size is None else world_size
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), not {rank}")
+            raise DataError(f"rank must be in [0, {world_size}), not {rank}")
         self.index = ShardIndex.load(data_dir, split)
         self.split = self.index.split
         self.transform = transform
@@ -939,7 +939,7 @@ class ShardDataset(IterableDataset):
         """Select the epoch the next iteration streams; `start` (a multiple of `batch_size`:
         batches done x batch size) skips this rank's batches already done when resuming."""
         if start < 0 or start % self.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"start must be a multiple of batch_size {self.batch_size} and >= 0, not {start}"
             )
         self.epoch = epoch
@@ -1042,7 +1042,7 @@ class ShardDataset(IterableDataset):
         try:
             target = int(sample.cls)  # type: ignore[arg-type]
             if not 0 <= target < len(self.index.classes):
-                raise ValueError(f"class {target} outside 0..{len(self.index.classes) - 1}")
+                raise DataError(f"class {target} outside 0..{len(self.index.classes) - 1}")
         except (TypeError, ValueError) as e:
             raise DataError(f"sample '{name}' has no valid class: {e}") from e
         return target if self._label_map is None else self._label_map[target]

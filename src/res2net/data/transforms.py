@@ -25,6 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from ..errors import DataError
 from ..schema import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, parse_auto_augment
 from .decode import TENSOR_INTERPOLATIONS, DecodeRandomResizedCrop
 
@@ -46,7 +47,7 @@ def interpolation_mode(name: str | InterpolationMode) -> InterpolationMode:
     try:
         return _INTERPOLATIONS[name.lower()]
     except KeyError:
-        raise ValueError(
+        raise DataError(
             f"unknown interpolation {name!r}; choose one of {', '.join(_INTERPOLATIONS)}"
         ) from None
 
@@ -336,7 +337,7 @@ def train_transform(
             else tuple(color_jitter)
         )
         if len(factors) not in (3, 4):
-            raise ValueError(f"color_jitter must be a number or 3-4 numbers, not {color_jitter!r}")
+            raise DataError(f"color_jitter must be a number or 3-4 numbers, not {color_jitter!r}")
         steps.append(v2.ColorJitter(*factors))
     steps += _normalize(mean, std)
     if re_prob > 0:
@@ -355,7 +356,7 @@ def eval_transform(
     """MindCV's evaluation pipeline: resize the shorter side to int(image_resize / crop_pct)
     (256 for 224 at 0.875), center crop image_resize, normalize (mean/std in 0..255 units)."""
     if not 0 < crop_pct <= 2:
-        raise ValueError(f"crop_pct must be in (0, 2], not {crop_pct}")
+        raise DataError(f"crop_pct must be in (0, 2], not {crop_pct}")
     interp = interpolation_mode(interpolation)
     return v2.Compose(
         [
@@ -396,9 +397,9 @@ class MixupCutmix:
             ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
             weights.append(switch_prob if mixup_alpha > 0 else 1.0)
         if not ops:
-            raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+            raise DataError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
         if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), not {label_smoothing}")
+            raise DataError(f"label_smoothing must be in [0, 1), not {label_smoothing}")
         self.num_classes = num_classes
         self.prob = prob
         self.label_smoothing = label_smoothing

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError, FileRefused
 from ..fileio import atomic_write, fsync_directory, remove_stale_temporaries, temporary_path
 from ..guards import read_regular_file, short
 from ..weights import torchfile
@@ -75,7 +76,7 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     state = torchfile.load(path, "training checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: not a res2net training checkpoint (use it as weights with --ckpt_path "
             "instead)"
         )
@@ -107,7 +108,7 @@ class CheckpointManager:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise OSError(
+            raise FileRefused(
                 f"ckpt_save_dir {str(self.directory)!r} is not writable ({e.strerror or e}); "
                 "choose another with --ckpt_save_dir"
             ) from None
@@ -167,11 +168,11 @@ class CheckpointManager:
             text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
             entries = json.loads(text)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.index_path}: not valid JSON ({short(str(e), 120)}); {fix}"
             ) from None
         if not isinstance(entries, list):
-            raise ValueError(f"{self.index_path}: expected a list of checkpoints; {fix}")
+            raise CheckpointError(f"{self.index_path}: expected a list of checkpoints; {fix}")
         for i, entry in enumerate(entries):
             ok = (
                 isinstance(entry, dict)
@@ -180,7 +181,7 @@ class CheckpointManager:
                 and (entry.get("top1") is None or type(entry.get("top1")) in (int, float))
             )
             if not ok:
-                raise ValueError(
+                raise CheckpointError(
                     f"{self.index_path}: entry {i} ({short(json.dumps(entry), 80)}) is not "
                     f'{{"epoch": N, "file": "{self.prefix}-NNN.pt", "top1": X}}; {fix}'
                 )
@@ -253,7 +254,7 @@ class CheckpointManager:
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise OSError(
+            raise FileRefused(
                 f"could not write {path} ({e.strerror or e}); the previous file there, if any, is "
                 "intact"
             ) from e
@@ -279,7 +280,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RuntimeError(
+            raise FileRefused(
                 f"ckpt_save_dir {str(self.path.parent)!r} is in use by another run ({holder}); "
                 "wait for it to finish or choose another --ckpt_save_dir"
             ) from None

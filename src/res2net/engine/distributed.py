@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, Res2NetError
+
 log = logging.getLogger("res2net.distributed")
 
 
@@ -40,7 +42,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         )
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but no CUDA device is available; use --device cpu")
+        raise ConfigError(f"device={name!r} but no CUDA device is available; use --device cpu")
     return device
 
 
@@ -53,7 +55,7 @@ def setup(distribute: bool, device: str, timeout_s: float = 600.0) -> DistInfo:
     if not distribute:
         return DistInfo(0, 1, 0, pick_device(device))
     if not 0 < timeout_s < float("inf"):  # NaN too: a job must never wait for ever
-        raise ValueError(f"dist_timeout is {timeout_s}; it must be a positive number of seconds")
+        raise ConfigError(f"dist_timeout is {timeout_s}; it must be a positive number of seconds")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         script = os.path.basename(sys.argv[0]) or "train.py"
         log.info(
@@ -99,7 +101,7 @@ _PEER_FAILURE = (
 )
 
 
-def peer_failure(error: BaseException, info: DistInfo, timeout_s: float) -> RuntimeError | None:
+def peer_failure(error: BaseException, info: DistInfo, timeout_s: float) -> Res2NetError | None:
     """A clear error for a collective call that failed because another rank died or hangs
     (None when `error` is something else)."""
     text = str(error)
@@ -108,7 +110,7 @@ def peer_failure(error: BaseException, info: DistInfo, timeout_s: float) -> Runt
     if not any(s in text.lower() for s in _PEER_FAILURE):
         return None
     detail = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return RuntimeError(
+    return Res2NetError(
         f"rank {info.rank}: another rank died or did not answer within "
         f"dist_timeout={timeout_s:g}s, so the job "
         f"stops; continue from the last checkpoint with --resume auto [{detail}]"

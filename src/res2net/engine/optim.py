@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..schema import OPTIMIZERS, WEIGHT_DECAY_FILTERS
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -49,7 +50,7 @@ def _no_decay_names(model: nn.Module, weight_decay_filter: str) -> set[str]:
     "auto" exempts normalization layers (its default filter: gamma and beta), "norm_and_bias"
     also every bias."""
     if weight_decay_filter not in WEIGHT_DECAY_FILTERS:
-        raise ValueError(
+        raise ConfigError(
             f"weight_decay_filter={weight_decay_filter!r} is unknown; choose one of "
             f"{', '.join(WEIGHT_DECAY_FILTERS)}"
         )
@@ -139,7 +140,7 @@ def build_optimizer(
     docstring), over :func:`param_groups`. `opt` is matched case-insensitively."""
     opt = opt.lower()
     if opt not in OPTIMIZERS:
-        raise ValueError(f"opt={opt!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"opt={opt!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     groups = param_groups(
         model,
         weight_decay=weight_decay,

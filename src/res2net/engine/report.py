@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import DataError, MissingFile
 from ..fileio import atomic_write
 from ..guards import check_output_file, short
 from .evaluate import EvalResult
@@ -68,7 +69,7 @@ class ReportOptions:
 
     def __post_init__(self) -> None:
         if self.tta is not None and self.tta not in TTA_MODES:
-            raise ValueError(f"--tta {self.tta!r}: choose one of {', '.join(TTA_MODES)}")
+            raise DataError(f"--tta {self.tta!r}: choose one of {', '.join(TTA_MODES)}")
 
 
 class TTAModel(nn.Module):
@@ -118,13 +119,13 @@ def transform_settings(settings: dict[str, Any], tta: str | None) -> dict[str, A
 
 def _read_limited(path: Path, what: str) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+        raise MissingFile(f"{what} {str(path)!r} does not exist")
     if path.stat().st_size > MAX_LABEL_FILE_BYTES:
-        raise ValueError(f"{what} {path}: larger than {MAX_LABEL_FILE_BYTES >> 20} MiB")
+        raise DataError(f"{what} {path}: larger than {MAX_LABEL_FILE_BYTES >> 20} MiB")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{what} {path}: not UTF-8 text") from None
+        raise DataError(f"{what} {path}: not UTF-8 text") from None
 
 
 def class_map_indices(path: str | Path, data_classes: Sequence[str], num_outputs: int) -> list[int]:
@@ -135,14 +136,14 @@ def class_map_indices(path: str | Path, data_classes: Sequence[str], num_outputs
         if line.strip()
     ]
     if len(names) != num_outputs:
-        raise ValueError(
+        raise DataError(
             f"--class_map {path}: names {len(names)} classes "
             f"but the model has {num_outputs} outputs"
         )
     index = {name: i for i, name in enumerate(names)}
     missing = [c for c in data_classes if c not in index]
     if missing:  # folder names quoted: they may hold control characters
-        raise ValueError(
+        raise DataError(
             f"--class_map {path}: no line for the data's class folder(s) "
             + ", ".join(short(c) for c in missing[:5])
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -157,13 +158,13 @@ def read_real_labels(
     try:
         data = json.loads(_read_limited(Path(path), "--real_labels"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"--real_labels {path}: not valid JSON ({e})") from None
+        raise DataError(f"--real_labels {path}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"--real_labels {path}: JSON nested too deeply") from None
+        raise DataError(f"--real_labels {path}: JSON nested too deeply") from None
     if isinstance(data, list):
         data = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(data)}
     if not isinstance(data, dict):
-        raise ValueError(
+        raise DataError(
             f"--real_labels {path}: expected a JSON list (ImageNet val order) or an object"
         )
     out: list[list[int] | None] = []
@@ -176,13 +177,13 @@ def read_real_labels(
                 for v in labels
             )
         ):
-            raise ValueError(
+            raise DataError(
                 f"--real_labels {path}: the entry of {Path(f).name} must be a list of class "
                 f"indices in 0..{num_outputs - 1}"
             )
         out.append(labels)
     if all(labels is None for labels in out):
-        raise ValueError(
+        raise DataError(
             f"--real_labels {path}: none of the {len(files)} images has an entry (names differ?)"
         )
     return out
@@ -303,11 +304,11 @@ def check_targets(options: ReportOptions) -> None:
     if options.report_dir:
         directory = Path(options.report_dir)
         if directory.exists() and not directory.is_dir():
-            raise ValueError(f"--report_dir {str(directory)!r} is a file: name a folder")
+            raise DataError(f"--report_dir {str(directory)!r} is a file: name a folder")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(
+            raise DataError(
                 f"--report_dir {str(directory)!r} cannot be created ({e.strerror or e})"
             ) from None
     if options.results_csv:
@@ -333,7 +334,7 @@ def finish(
     `real_outputs`: for each scored class, the model output it stands for (the class map), so
     that ReaL labels, which name model outputs, are compared with the right predictions."""
     if not predictions:
-        raise ValueError("no image was evaluated: nothing to report")
+        raise DataError("no image was evaluated: nothing to report")
     topk = torch.cat([p[0] for p in predictions])
     labels = torch.cat([p[1] for p in predictions])
     valid = torch.cat([p[2] for p in predictions])
@@ -414,7 +415,7 @@ def _check_results_columns(path: Path) -> bytes:
     """The results CSV's bytes (empty when new); ValueError when it has other columns."""
     old = path.read_bytes() if path.is_file() else b""
     if old and not old.startswith(",".join(RESULTS_COLUMNS).encode()):
-        raise ValueError(
+        raise DataError(
             f"--results_csv {path}: has other columns than {','.join(RESULTS_COLUMNS)}; "
             "give a new file"
         )

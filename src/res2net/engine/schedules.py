@@ -12,6 +12,7 @@ import math
 from bisect import bisect_right
 from dataclasses import KW_ONLY, dataclass, field
 
+from ..errors import ConfigError
 from ..schema import SCHEDULERS
 
 _NEEDS_EPOCHS = ("polynomial_decay", "one_cycle", "cyclic")
@@ -57,26 +58,26 @@ class LrSchedule:
     def __post_init__(self) -> None:
         name = self.scheduler
         if name not in SCHEDULERS:
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler={name!r} is unknown; choose one of {', '.join(SCHEDULERS)}"
             )
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 "steps_per_epoch must be >= 1 (is the dataset smaller than one batch?)"
             )
         if name in _NEEDS_EPOCHS and self.epochs is None:
-            raise ValueError(f"scheduler {name} needs the number of epochs")
+            raise ConfigError(f"scheduler {name} needs the number of epochs")
         if name in ("one_cycle", "cyclic") and (self.warmup_epochs > 0 or self.lr_epoch_stair):
-            raise ValueError(f"scheduler {name} allows neither warmup_epochs nor lr_epoch_stair")
+            raise ConfigError(f"scheduler {name} allows neither warmup_epochs nor lr_epoch_stair")
         if name == "polynomial_decay" and self._main_epochs() < 1:
-            raise ValueError("polynomial_decay needs epoch_size > warmup_epochs")
+            raise ConfigError("polynomial_decay needs epoch_size > warmup_epochs")
         if name == "cyclic" and self._cyclic_half() < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"cyclic: {self.num_cycles} cycles do not fit in "
                 f"{self._main_steps()} steps; lower num_cycles"
             )
         if name == "one_cycle" and self.min_lr <= 0:
-            raise ValueError("one_cycle needs min_lr > 0")
+            raise ConfigError("one_cycle needs min_lr > 0")
 
     def _main_epochs(self) -> int:
         return (self.epochs or 0) - self.warmup_epochs

@@ -44,6 +44,7 @@ from ..data import (
 )
 from ..data.loader import EpochLoader, stop_signals_blocked
 from ..data.shards import ShardDataset
+from ..errors import ConfigError
 from ..factory import create_model
 from ..profile import count_params
 from ..schema import REFERENCE_BATCH_SIZE
@@ -133,11 +134,11 @@ def build_loaders(
     val_loader: Iterable[Any] | None
     if is_shard_dir(cfg.data_dir, cfg.train_split):
         if cfg.num_samples is not None:
-            raise ValueError(
+            raise ConfigError(
                 "num_samples is not supported with sharded data; shard a subset instead"
             )
         if cfg.aug_repeats > 1:
-            raise ValueError("aug_repeats is not supported with sharded data; use an image folder")
+            raise ConfigError("aug_repeats is not supported with sharded data; use an image folder")
         shard_kw: dict[str, Any] = dict(
             rank=dist.rank,
             world_size=dist.world_size,
@@ -202,7 +203,7 @@ def check_num_classes(cfg: Config, dataset: ImageFolderDataset | ShardDataset) -
     """The class count to build the model with; a recipe that disagrees with the data is an
     error."""
     if cfg.num_classes is not None and cfg.num_classes != dataset.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"num_classes is {cfg.num_classes} but {cfg.data_dir}/{cfg.train_split} has "
             f"{dataset.num_classes} "
             f"class folders; pass --num_classes {dataset.num_classes} (a new classifier is "
@@ -240,7 +241,7 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> None:
         found = ckpts.run_files()
         if found and not cfg.overwrite:
             names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-            raise ValueError(
+            raise ConfigError(
                 f"ckpt_save_dir {cfg.ckpt_save_dir!r} holds another run's files ({names}); "
                 "continue it with --resume auto, choose a new --ckpt_save_dir, "
                 "or pass --overwrite True to delete them and start over"
@@ -341,7 +342,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
     num_classes = check_num_classes(cfg, train_ds)
     steps_per_epoch = len(train_loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{len(train_ds)} training images give no full step of batch_size {cfg.batch_size} x "
             f"{cfg.gradient_accumulation_steps} accumulation; lower --batch_size or set "
             "--drop_remainder False"
@@ -373,7 +374,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainR
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
         if device.type != "cuda":
-            raise ValueError(
+            raise ConfigError(
                 "sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); use --freeze_bn True or "
                 "--sync_bn False on CPU"
             )
@@ -779,7 +780,7 @@ def end_epoch(
     bad.reset()
     readable = sums["images"] - sums["bad"]
     if sums["images"] and readable < cfg.min_readable_images * sums["images"]:
-        raise ValueError(
+        raise ConfigError(
             f"epoch {epoch}: only {readable} of {sums['images']} training images could be read "
             f"(min_readable_images {cfg.min_readable_images:g}); "
             f"{msg or 'see the warnings above'}. "

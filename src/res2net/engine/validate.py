@@ -21,6 +21,7 @@ from ..data import (
     cap_workers,
     is_shard_dir,
 )
+from ..errors import ConfigError, MissingFile
 from ..factory import create_model
 from ..fileio import atomic_write
 from ..guards import check_output_file
@@ -123,12 +124,12 @@ def validate(
             n_images = len(dataset)
         n_ckpt = state_num_classes(state, ckpt_path, architecture(cfg.model))
         if n_ckpt is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{ckpt_path}: no classifier in this checkpoint, so nothing to validate; give a "
                 "checkpoint of a whole classifier (a training checkpoint, or converted weights)"
             )
         if n_ckpt != dataset.num_classes and not report.class_map:
-            raise ValueError(
+            raise ConfigError(
                 f"{ckpt_path} classifies {n_ckpt} classes but {cfg.data_dir}/{cfg.val_split} has "
                 f"{dataset.num_classes} class folders; validate on data with the checkpoint's "
                 "classes"
@@ -147,7 +148,7 @@ def validate(
         if report.real_labels:
             files = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else None
             if files is None:
-                raise ValueError(
+                raise ConfigError(
                     "--real_labels needs an image folder evaluated in one process (not shards)"
                 )
             real = read_real_labels(report.real_labels, files, outputs)
@@ -169,7 +170,7 @@ def validate(
         amp = cfg.amp_dtype(dist.device.type, validation=True)
         wants_report = report.report_dir or report.real_labels or report.results_csv
         if wants_report and dist.world_size > 1:
-            raise ValueError(
+            raise ConfigError(
                 "--report_dir/--real_labels/--results_csv need one process: "
                 "validate without --distribute"
             )
@@ -186,7 +187,7 @@ def validate(
         )
         result = reduce_result(result, dist)
         if result.n == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"none of the {n_images} images of {cfg.data_dir}/{cfg.val_split} could be "
                 "decoded: nothing was validated"
             )
@@ -225,13 +226,13 @@ def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> N
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(
+            raise ConfigError(
                 f"--per_class_csv: the class folder name {name!r} is not valid UTF-8; rename it "
                 "(or drop --per_class_csv)"
             ) from None
     check_output_file(path, "--per_class_csv", keep=ckpt_path, kept="the checkpoint")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"--per_class_csv: the folder of {str(path)!r} does not exist")
+        raise MissingFile(f"--per_class_csv: the folder of {str(path)!r} does not exist")
 
 
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from ..errors import ConfigError
 from .base import Res2NetBase
 from .layers import ActLayer, NormLayer, init_weights, res2_forward
 
@@ -186,9 +187,9 @@ class DLA(Res2NetBase):
     ) -> None:
         super().__init__()
         if scale < 1:
-            raise ValueError(f"scale={scale} is invalid: it must be >= 1")
+            raise ConfigError(f"scale={scale} is invalid: it must be >= 1")
         if output_stride != 32:
-            raise ValueError(
+            raise ConfigError(
                 f"output_stride={output_stride} is not supported by DLA models: use 32"
             )
         self.base_layer = nn.Sequential(

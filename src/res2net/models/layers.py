@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 NormLayer = Callable[[int], nn.Module]
 """Builds a normalisation layer for a channel count (`nn.BatchNorm2d`, `FrozenBatchNorm2d`...)."""
 ActLayer = Callable[..., nn.Module]
@@ -85,7 +87,7 @@ def check_out_indices(out_indices: Sequence[int]) -> tuple[int, ...]:
     """Validate `out_indices` (0 = stem at stride 2, 1..4 = stages at strides 4, 8, 16, 32)."""
     out = tuple(int(i) for i in out_indices)
     if not out or any(i < 0 or i > 4 for i in out) or len(set(out)) != len(out):
-        raise ValueError(
+        raise ConfigError(
             f"out_indices={tuple(out_indices)} is invalid: give distinct indices in 0..4 "
             "(0 = stem, stride 2; 1..4 = stages, strides 4, 8, 16, 32)"
         )

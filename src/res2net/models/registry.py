@@ -9,6 +9,7 @@ import difflib
 import fnmatch
 from typing import Any
 
+from ..errors import ConfigError
 from .base import Res2NetBase
 from .dla import DLA
 from .res2net import Res2Net
@@ -58,7 +59,7 @@ def resolve_name(name: str) -> str:
         return ALIASES[name]
     close = difflib.get_close_matches(name, list_models(), n=4, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} `res2net models` lists all names.")
+    raise ConfigError(f"unknown model {name!r}.{hint} `res2net models` lists all names.")
 
 
 def build_model(name: str, **kwargs: Any) -> Res2NetBase:
@@ -69,7 +70,7 @@ def build_model(name: str, **kwargs: Any) -> Res2NetBase:
     for key in [k for k in kwargs if k in arch]:  # scale, base_width...: the name fixes them
         value = kwargs.pop(key)
         if value != arch[key]:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}={value!r} is invalid for {name!r}: the name fixes {key}={arch[key]!r}; "
                 f"pick the model with the {key} you want (`res2net models` lists them)"
             )

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from ..errors import ConfigError
 from .base import Res2NetBase
 from .layers import ActLayer, NormLayer, init_weights, res2_forward
 
@@ -140,13 +141,13 @@ class Res2Net(Res2NetBase):
     ) -> None:
         super().__init__()
         if scale < 1:
-            raise ValueError(f"scale={scale} is invalid: it must be >= 1")
+            raise ConfigError(f"scale={scale} is invalid: it must be >= 1")
         if base_width < 1 or cardinality < 1:
-            raise ValueError(f"base_width={base_width} and cardinality={cardinality} must be >= 1")
+            raise ConfigError(f"base_width={base_width} and cardinality={cardinality} must be >= 1")
         if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride={output_stride} is invalid: choose 8, 16 or 32")
+            raise ConfigError(f"output_stride={output_stride} is invalid: choose 8, 16 or 32")
         if len(layers) != 4 or any(n < 1 for n in layers):
-            raise ValueError(f"layers={list(layers)} is invalid: give four positive block counts")
+            raise ConfigError(f"layers={list(layers)} is invalid: give four positive block counts")
 
         if deep_stem:
             self.conv1: nn.Module = nn.Sequential(

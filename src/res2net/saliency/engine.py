@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..data import cap_workers, load_image
 from ..engine.progress import StepReporter
+from ..errors import ConfigError
 from ..factory import create_model
 from ..fileio import atomic_write
 from ..guards import check_output_file, short
@@ -44,7 +45,7 @@ def train_saliency(
 ) -> list[float]:
     """Train `model` on `dataset` with AdamW and BCE + IoU loss; returns each epoch's mean loss."""
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -70,7 +71,7 @@ def train_saliency(
             images, masks = images.to(device), masks.to(device)
             loss = bce_iou_loss(model(images), masks)
             if not torch.isfinite(loss):
-                raise RuntimeError(
+                raise ConfigError(
                     f"the loss is {loss.item()} at epoch {epoch + 1}: lower the learning rate"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -150,23 +151,23 @@ def load_saliency_model(
     and the key otherwise."""
     ckpt = torchfile.load(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
+        raise ConfigError(f"'{path}' is not a saliency model saved by `res2net saliency train`")
     meta = {k: ckpt.get(k) for k in ("backbone", "decoder_channels", "image_size")}
     state = ckpt.get("state_dict")
     backbone, channels, size = meta.values()
     if not isinstance(backbone, str) or backbone not in list_models():
-        raise ValueError(f"'{path}': 'backbone' must be a model name, got {short(backbone)}")
+        raise ConfigError(f"'{path}': 'backbone' must be a model name, got {short(backbone)}")
     channels = _count(path, "decoder_channels", channels)
     if _count(path, "image_size", size) > MAX_SIZE:
-        raise ValueError(f"'{path}': 'image_size' is {size}, more than the {MAX_SIZE} allowed")
+        raise ConfigError(f"'{path}': 'image_size' is {size}, more than the {MAX_SIZE} allowed")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"'{path}': 'state_dict' must be a dict of tensors")
+        raise ConfigError(f"'{path}': 'state_dict' must be a dict of tensors")
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in _build(backbone, channels).state_dict().items()}
     missing = [k for k in shapes if k not in state]
     wrong = [k for k in state if k not in shapes or state[k].shape != shapes[k]]
     if missing or wrong:
-        raise ValueError(
+        raise ConfigError(
             f"'{path}': does not match a {backbone} saliency network with {channels} decoder "
             f"channels: {len(missing)} missing tensors (e.g. {short(missing[:2])}), "
             f"{len(wrong)} unexpected or of another shape (e.g. {short(wrong[:2])})"
@@ -179,7 +180,7 @@ def load_saliency_model(
 def _count(path: str | os.PathLike, key: str, value: Any) -> int:
     """`value` when it is a positive integer; else ValueError naming the file and the key."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"'{path}': {key!r} must be a positive integer, got {short(value)}")
+        raise ConfigError(f"'{path}': {key!r} must be a positive integer, got {short(value)}")
     return value
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
 BETA2 = 0.3
 
 
@@ -23,10 +25,10 @@ def _as_maps(x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.ndim == 4:
         if x.shape[1] != 1:
-            raise ValueError(f"expected one-channel maps, got shape {tuple(x.shape)}")
+            raise ConfigError(f"expected one-channel maps, got shape {tuple(x.shape)}")
         x = x[:, 0]
     if x.ndim != 3:
-        raise ValueError(
+        raise ConfigError(
             f"expected (H, W), (N, H, W) or (N, 1, H, W) maps, got shape {tuple(x.shape)}"
         )
     return x.flatten(1).float()
@@ -35,11 +37,11 @@ def _as_maps(x: torch.Tensor) -> torch.Tensor:
 def _check(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     p, g = _as_maps(pred), _as_maps(gt)
     if p.shape != g.shape:
-        raise ValueError(
+        raise ConfigError(
             f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape"
         )
     if bool((p < 0).any()) or bool((p > 1).any()):
-        raise ValueError("saliency maps must be probabilities in 0..1 (apply sigmoid to logits)")
+        raise ConfigError("saliency maps must be probabilities in 0..1 (apply sigmoid to logits)")
     return p, g > 0.5
 
 
@@ -91,6 +93,6 @@ class SaliencyMetrics:
 
     def compute(self) -> dict[str, float]:
         if self.count == 0:
-            raise ValueError("no images were added to the metrics")
+            raise ConfigError("no images were added to the metrics")
         curve = self.f_sum / self.count
         return {"mae": self.mae_sum / self.count, "max_f": float(curve.max()), "images": self.count}

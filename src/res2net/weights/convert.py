@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..fileio import atomic_write
+from ..guards import make_folder
 from ..models import build_model
 from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
 from .loading import load_checkpoint, read_checkpoint, state_num_classes
@@ -43,7 +45,9 @@ TARGETS = {
 def _num_classes(state: dict[str, torch.Tensor], path: str | Path, name: str | None) -> int:
     n = state_num_classes(state, path, name)
     if n is None:
-        raise ValueError("the checkpoint has no classifier (fc/classifier) to size the model from")
+        raise CheckpointError(
+            "the checkpoint has no classifier (fc/classifier) to size the model from"
+        )
     return n
 
 
@@ -66,14 +70,14 @@ def convert(
     src, dst = Path(src), Path(dst)
     target = TARGETS.get(dst.suffix.lower())
     if target is None:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot tell the output format from {dst.name!r}: use one of {', '.join(TARGETS)}"
         )
     state, fmt, _, metadata = read_checkpoint(src)
     name = model_name or metadata.get("arch")
     if model is None:
         if not name:
-            raise ValueError(
+            raise CheckpointError(
                 f"{src}: the file does not name its architecture; pass --model NAME (see `res2net "
                 "models`)"
             )
@@ -81,7 +85,7 @@ def convert(
     name = name or type(model).__name__
     load_checkpoint(model, src)  # maps names and checks every shape
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(dst.parent)
     if target == "safetensors":
         write_safetensors(dst, ours, _metadata(name, model, src, fmt, source, metadata))
     elif target == "mindspore":

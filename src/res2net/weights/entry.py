@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import CheckpointError
 from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
 from .pretrained import pretrained_entries, select_entry
 
@@ -51,7 +52,7 @@ class EvalTransform:
                     values[key] = tuple(float(v) for v in d[key])
         except (TypeError, ValueError, OverflowError):
             keys = ", ".join(k for k in EVAL_KEYS if k in d)
-            raise ValueError(f"{where}: malformed value among {keys}") from None
+            raise CheckpointError(f"{where}: malformed value among {keys}") from None
         out = cls(**values)
         out.check(where)
         return out
@@ -66,12 +67,12 @@ class EvalTransform:
                 if key in d:
                     d[key] = [float(v) / 255 for v in d[key]]
         except (TypeError, ValueError, OverflowError):
-            raise ValueError("training config: malformed mean/std") from None
+            raise CheckpointError("training config: malformed mean/std") from None
         return cls.from_dict(d, "training config")
 
     def check(self, where: str = "eval transform") -> None:
         def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"{where}: {key} {why}")
+            return CheckpointError(f"{where}: {key} {why}")
 
         if not 1 <= self.image_resize <= 8192:
             raise bad("image_resize", f"is {self.image_resize}; it must be in 1..8192")
@@ -177,9 +178,9 @@ def checkpoint_eval_transform(
         try:
             d = json.loads(metadata["eval"])
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: the 'eval' metadata is not JSON") from None
+            raise CheckpointError(f"{path}: the 'eval' metadata is not JSON") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: the 'eval' metadata is not a mapping")
+            raise CheckpointError(f"{path}: the 'eval' metadata is not a mapping")
         return EvalTransform.from_dict(d, f"{path} metadata"), f"checkpoint {path.name}"
     names = [model] if model else []
     for name in names:

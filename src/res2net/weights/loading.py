@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..guards import open_regular_file, short
 from . import torchfile
 from .mindspore import mindcv_to_ours, read_mindspore_checkpoint
@@ -83,7 +84,7 @@ def detect_format(path: str | Path) -> str:
     if last == b".":  # every pickle ends with STOP; protocols 0 and 1 have no leading marker
         return "torch"
     what = "is empty" if not head else f"starts with {head[:8]!r}"
-    raise ValueError(
+    raise CheckpointError(
         f"{path}: not a checkpoint this library reads (torch .pth, .safetensors or MindSpore "
         f".ckpt): it {what}"
     )
@@ -120,7 +121,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     with open_regular_file(path, "checkpoint") as f:
         header_bytes = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))[0]
     if header_bytes > MAX_SAFETENSORS_HEADER:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: its safetensors header claims {header_bytes} bytes, more than the "
             f"{MAX_SAFETENSORS_HEADER} a model's needs"
         )
@@ -129,7 +130,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({short(str(e), 200)})") from None
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file ({short(str(e), 200)})"
+        ) from None
     check_metadata(path, metadata)
     return state, metadata
 
@@ -140,7 +143,7 @@ def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     if "num_classes" in metadata:
         n = metadata["num_classes"]
         if not (n.isdigit() and len(n) < 10 and 1 <= int(n) <= MAX_CLASSES):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: metadata 'num_classes' must be a count from 1 to {MAX_CLASSES}, "
                 f"got {short(n)}"
             )
@@ -150,12 +153,14 @@ def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
         settings = json.loads(metadata["eval"])
     except (ValueError, RecursionError) as e:
         reason = short(str(e), 100)
-        raise ValueError(f"{path}: metadata 'eval' is not valid JSON ({reason})") from None
+        raise CheckpointError(f"{path}: metadata 'eval' is not valid JSON ({reason})") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{path}: metadata 'eval' must be a JSON object, got {short(settings)}")
+        raise CheckpointError(
+            f"{path}: metadata 'eval' must be a JSON object, got {short(settings)}"
+        )
     problem = _eval_problem(settings)
     if problem:
-        raise ValueError(f"{path}: metadata 'eval' {problem}")
+        raise CheckpointError(f"{path}: metadata 'eval' {problem}")
 
 
 def _eval_problem(settings: dict) -> str | None:
@@ -208,7 +213,7 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             break
         obj = inner
     if not (isinstance(obj, dict) and _is_state_dict(obj)):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: holds no state dict (expected a dict of tensors, possibly under "
             "'state_dict'/'model')"
         )
@@ -222,7 +227,9 @@ def _config_eval(config: dict, path: Path) -> str:
     try:
         return json.dumps(EvalTransform.from_config(config).to_dict())
     except ValueError as e:
-        raise ValueError(f"{path}: the training config's eval transform is invalid ({e})") from None
+        raise CheckpointError(
+            f"{path}: the training config's eval transform is invalid ({e})"
+        ) from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -238,7 +245,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             with safe_open(str(path), framework="pt") as f:
                 return dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
     return _read_torch(path)[1]
 
 
@@ -322,14 +329,14 @@ def load_checkpoint(
             if state
             else "it holds no tensors"
         )
-        raise ValueError(f"{path}: {found}; check the model name; nothing was loaded")
+        raise CheckpointError(f"{path}: {found}; check the model name; nothing was loaded")
     head_keys = [k for k in state if k.startswith(_CLASSIFIER_PREFIXES)]
     own_head = [k for k in own if k.startswith(_CLASSIFIER_PREFIXES)]
     mismatched_head = [k for k in head_keys if k in own and own[k].shape != state[k].shape]
     if mismatched_head and not reset_head:
         n_file = state[mismatched_head[0]].shape[0]
         n_model = own[mismatched_head[0]].shape[0]
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: the checkpoint's classifier has {n_file} classes but the model has "
             f"{n_model}. "
             f"Build the model with num_classes={n_file} to use it as is, or ask for a new head "
@@ -353,13 +360,13 @@ def load_checkpoint(
     _check_tensors(path, state)
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                 f"{tuple(own[k].shape)}: "
                 "the checkpoint is for a different architecture"
             )
         if k in own and own[k].is_floating_point() and not v.is_floating_point():
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: tensor {short(k)} holds {v.dtype} values where the model's "
                 f"{own[k].dtype} weights go; nothing was loaded"
             )
@@ -372,7 +379,7 @@ def load_checkpoint(
     report.missing = [k for k in own if k not in state]
     report.unexpected = [k for k in state if k not in own]
     if strict and (report.missing or report.unexpected):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: does not match the model: {len(report.missing)} missing keys "
             f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected keys (e.g. "
             f"{report.unexpected[:3]}). "
@@ -403,7 +410,7 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
     `load_state_dict` cannot fail half-way; a warning names the tensors with NaN or Inf."""
     for k, v in state.items():
         if v.layout != torch.strided or v.is_meta or v.is_quantized or v.device.type != "cpu":
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: tensor {short(k)} is not a dense CPU tensor ({v.layout}, "
                 f"device {v.device}); nothing was loaded"
             )
@@ -437,13 +444,13 @@ def state_num_classes(
         shape = tuple(state[key].shape)
         matrix = len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))
         if not matrix or not 1 <= shape[0] <= MAX_CLASSES or shape[1] < 1:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: classifier {key!r} has shape {short(shape)}, not (classes, "
                 f"features) with 1 to {MAX_CLASSES} classes"
             )
         features = model_features(model_name) if model_name else None
         if features is not None and shape[1] != features:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: classifier {key!r} takes {shape[1]} features where {model_name} has "
                 f"{features}: the checkpoint is for another architecture; check the model name"
             )

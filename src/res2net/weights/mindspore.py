@@ -33,6 +33,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..fileio import atomic_write
 from ..guards import open_regular_file
 
@@ -330,7 +331,7 @@ def read_mindspore_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
     try:
         return _decode(data)
     except _Bad as e:
-        raise ValueError(
+        raise CheckpointError(
             f"{os.fspath(path)!s} is not a valid, complete MindSpore checkpoint: {e}"
         ) from None
 
@@ -385,7 +386,7 @@ def write_mindspore_checkpoint(path: str | os.PathLike, tensors: dict[str, torch
                 f"{type(t)}"
             )
         if t.dtype not in _TORCH_TO_MS:
-            raise ValueError(f"{name!r}: dtype {t.dtype} has no MindSpore checkpoint type")
+            raise CheckpointError(f"{name!r}: dtype {t.dtype} has no MindSpore checkpoint type")
         entries.append((name, t.detach().cpu().contiguous()))
 
     def write(f: BinaryIO) -> None:

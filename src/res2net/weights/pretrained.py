@@ -24,6 +24,7 @@ from urllib.error import URLError
 
 import torch.hub
 
+from ..errors import CheckpointError
 from ..fileio import temporary_path
 from ..guards import NETWORK_TIMEOUT, interruptible
 from ..models.registry import ALIASES, resolve_name
@@ -59,7 +60,7 @@ def select_entry(name: str, source: bool | str = True) -> dict[str, Any]:
     listing the sources that do."""
     entries = pretrained_entries(name)
     if not entries:
-        raise ValueError(
+        raise CheckpointError(
             f"no published weights for {name!r}; load your own with --ckpt_path FILE "
             "(command line) or checkpoint_path=FILE (Python)"
         )
@@ -67,12 +68,12 @@ def select_entry(name: str, source: bool | str = True) -> dict[str, Any]:
         order = _ALIAS_ORDER if name in ALIASES else _CANONICAL_ORDER
         return min(entries, key=lambda e: order.index(e["source"]))
     if not isinstance(source, str):
-        raise ValueError(f"source must be True or one of {', '.join(SOURCES)}; got {source!r}")
+        raise CheckpointError(f"source must be True or one of {', '.join(SOURCES)}; got {source!r}")
     for entry in entries:
         if entry["source"] == source:
             return entry
     available = ", ".join(dict.fromkeys(e["source"] for e in entries))
-    raise ValueError(f"no {source!r} weights for {name!r}; available sources: {available}")
+    raise CheckpointError(f"no {source!r} weights for {name!r}; available sources: {available}")
 
 
 def eval_transform_args(name: str, source: bool | str = True) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def fetch(url: str, target: Path, hash_prefix: str | None = None, progress: bool
                 bar.close()
         if hash_prefix is not None and not digest.hexdigest().startswith(hash_prefix):
             got = digest.hexdigest()[: len(hash_prefix)]
-            raise RuntimeError(f"invalid hash value (expected {hash_prefix}, got {got})")
+            raise CheckpointError(f"invalid hash value (expected {hash_prefix}, got {got})")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -165,7 +166,7 @@ def download_weights(
             offline = offline and isinstance(err, URLError) and not hasattr(err, "code")
             failures.append(f"{url} ({_reason(err)})")
     cause = "this machine seems to be offline or the hosts unreachable; " if offline else ""
-    raise RuntimeError(
+    raise CheckpointError(
         f"could not download {entry['file_name']}: tried {'; '.join(failures)}. {cause}"
         "Download the file by hand and load it with --ckpt_path FILE (command line) or "
         "checkpoint_path=FILE (Python)."

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ..errors import CheckpointError
 from ..guards import open_regular_file
 
 # What the containers built from the pickle may cost, as a multiple of the pickle's size (plus
@@ -297,11 +298,11 @@ def load(path: str | os.PathLike, what: str = "torch checkpoint") -> Any:
         try:
             scan(f, size)
         except DamagedPickle as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: not a readable {what}, truncated or damaged? ({e})"
             ) from None
         except RefusedPickle as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: not a readable {what}: refused to load: {e}; nothing in it was "
                 "executed. If you trust its source, unpickle it yourself in a session you "
                 "control and save its state dict with torch.save or safetensors."
@@ -310,6 +311,6 @@ def load(path: str | os.PathLike, what: str = "torch checkpoint") -> Any:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged pickle or zip archive fails in many ways
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: not a readable {what}, truncated or damaged? ({reason})"
             ) from None
