@@ -37,6 +37,7 @@ from res2net.engine import train as train_mod
 from res2net.engine.checkpoint import FORMAT, CheckpointManager, load_training_state
 from res2net.engine.distributed import DistInfo, peer_failure
 from res2net.engine.train import train
+from res2net.errors import FileRefused
 from res2net.fileio import remove_stale_temporaries
 from res2net.models import ARCHITECTURES, Res2Net
 
@@ -842,7 +843,7 @@ def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.perf_counter()
         with pytest.raises(
-            RuntimeError, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "
+            FileRefused, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "
         ):
             train_here(reference.data, run)
         took = time.perf_counter() - t0
