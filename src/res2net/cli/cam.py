@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..guards import printable
 from .predict import Skipped, add_eval_flags
 
@@ -44,10 +42,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="cam", help="output folder (default: ./cam)")
     add_eval_flags(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cuda, cpu... (default: cuda when available, else cpu)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
     from ..inference import (
         find_images,
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         unused_path,
     )
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.method == "cam" and args.layer is not None:
         raise ValueError(
             "--method cam uses the last stage only; drop --layer or use --method gradcam"

@@ -8,6 +8,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..guards import check_regular_file
+
 HELP = (
     "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format "
     "follows DST's extension and holds float32 values), or into a Hugging Face Hub model "
@@ -108,11 +110,12 @@ def to_hub(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..weights.convert import convert
-
     hub = args.hub_folder or args.repo_id
     if bool(args.dst) == bool(hub):
         raise ValueError("give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME")
+    check_regular_file(args.src, "checkpoint")  # answers before torch is imported
+    from ..weights.convert import convert
+
     out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
     print(f"wrote {out}")
     flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)

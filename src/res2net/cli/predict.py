@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..guards import printable
+from ..guards import check_regular_file, printable
 
 HELP = "classify images: top-k classes with names (ImageNet's, or the training folder's)"
 
@@ -66,6 +66,8 @@ def add_transform_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.ckpt_path:  # answers before torch is imported
+        check_regular_file(args.ckpt_path, "checkpoint")
     from ..inference import iter_predictions
 
     predictions = iter_predictions(

@@ -7,6 +7,7 @@ import json
 import os
 
 from ..config import given_keys, load_config
+from ..guards import check_regular_file
 
 HELP = "validate a checkpoint of any format (MindSpore .ckpt, .pth, .safetensors) on the val split"
 ACCEPTS_EXTRA = True
@@ -46,12 +47,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = load_config(args.config, extra)  # recipe and file errors answer before torch is imported
+    if not cfg.ckpt_path:
+        raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
+    check_regular_file(cfg.ckpt_path, "checkpoint")
     from ..engine.report import ReportOptions
     from ..engine.validate import validate
 
-    cfg = load_config(args.config, extra)
-    if not cfg.ckpt_path:
-        raise ValueError("give the checkpoint to validate with --ckpt_path FILE")
     report = ReportOptions(
         report_dir=args.report_dir,
         tta=args.tta,
