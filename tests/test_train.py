@@ -180,7 +180,7 @@ def test_train_validate_and_outputs(data_dir, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == pytest.approx(val.top1) and printed["n"] == 18
     rows = csv_path.read_text().splitlines()
-    assert rows[0] == "class,images,correct,top1" and len(rows) == 4
+    assert rows[0] == "class,images,correct,precision,recall,f1" and len(rows) == 4
     image = next((data_dir / "val" / "class1").iterdir())
     assert (
         main(

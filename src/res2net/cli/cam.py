@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..guards import printable
-from .predict import Skipped, add_eval_flags
+from .predict import Skipped, add_eval_flags, add_pretrained_flag
 
 HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
 
@@ -20,9 +20,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ckpt_path", "--ckpt-path", help="weights in any format (without them: random weights)"
     )
-    p.add_argument(
-        "--pretrained", help="download published weights from this source (mindcv, official, timm)"
-    )
+    add_pretrained_flag(p)
     p.add_argument(
         "--class",
         dest="target_class",

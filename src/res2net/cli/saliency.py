@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from ..guards import check_output_file, printable
-from .predict import Skipped
+from .predict import Skipped, add_pretrained_flag
 
 DEVICE_HELP = "cuda, cpu... (default: cuda when available, else cpu)"
 HELP = "salient object detection: train on image/mask folders, predict masks, evaluate MAE / max F"
@@ -40,10 +40,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--ckpt_path", "--ckpt-path", help="ImageNet weights for the backbone, any format"
     )
-    t.add_argument(
-        "--pretrained",
-        help="download published backbone weights from this source (mindcv, official, timm)",
-    )
+    add_pretrained_flag(t, "backbone weights")
     t.add_argument(
         "--out",
         default="saliency.pth",
