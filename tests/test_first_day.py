@@ -106,3 +106,33 @@ def test_readme_outputs_are_ignored_by_git(path: str) -> None:
     if proc.returncode == 128:
         pytest.skip("not a git checkout")
     assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+def test_validation_loss_is_the_mean_cross_entropy() -> None:
+    """The figure behind "loss 795.77 at top-1 33.33": the mean cross entropy of the logits,
+    so a large value is the model's (a diverged run's), not the arithmetic's."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from res2net.engine.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[1].weight.mul_(500)  # huge logits, as after divergence
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
+    result = evaluate(model, batches, device=torch.device("cpu"), num_classes=3)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in batches])
+        expected = F.cross_entropy(logits, torch.cat([y for _, y in batches])).item()
+    assert expected > 100 and result.loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_diverging_epoch_is_named() -> None:
+    from res2net.engine.train import diverging
+
+    healthy = {"train_loss": 1.2, "val_loss": 0.9}
+    assert diverging(healthy, num_classes=3) is None
+    assert "the training loss 5.067e+05" in diverging({"train_loss": 506721.2}, 3)
+    assert "validation loss 795.8 is 724x" in diverging({"train_loss": 2.0, "val_loss": 795.77}, 3)
+    assert "validation loss is nan" in diverging({"train_loss": 2.0, "val_loss": float("nan")}, 3)
