@@ -227,8 +227,10 @@ def training_figure(records: list[dict[str, Any]], *, title: str) -> Figure | No
     if val:
         axes[2].plot([r["epoch"] for r in val], [r["val_top1"] for r in val], marker="o")
     axes[2].set(title="validation top-1 (%)", xlabel="epoch")
-    for ax in axes:
+    for ax, xs in zip(axes, (x, steps, x)):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if xs and max(xs) - min(xs) < 4:  # a few points: ticks at whole numbers around them
+            ax.set_xlim(min(xs) - 1, max(xs) + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     fig.suptitle(title)
     return fig
