@@ -107,3 +107,8 @@ def test_export_formats_named_without_torch() -> None:
     from res2net.cli import export as export_cmd
 
     assert export_cmd.FORMATS == export.FORMATS
+
+
+def test_validate_help_names_the_keys_it_needs(answers: list) -> None:
+    rc, out = next((rc, out) for argv, rc, out, _ in answers if argv == ["validate", "--help"])
+    assert rc == 0 and "--ckpt_path\n" in out and "--data_dir\n" in out
