@@ -4,9 +4,10 @@ Blocks come from README.md in order: fenced ```shell / ```python blocks and inde
 command blocks. A block preceded by `<!-- readme-test skip: REASON -->` (a GPU, a cluster, the
 internet) is skipped with that reason. Shell lines keep their commands and arguments; the test
 only adds what makes them tiny (one epoch, a few images, 32 px, no workers), points the
-placeholder paths (/data/imagenet, photos/, ...) at a small workspace holding images and
-random-weight checkpoints under the README's file names, and runs `make X` as `make -n X` (the
-target exists; building a venv is not a test's job). Everything runs in one Python process
+placeholder paths of what a user downloads (/data/imagenet, MindCV's .ckpt, the DUTS folders)
+at small stand-ins, and runs `make X` as `make -n X` (the target exists; building a venv is not
+a test's job). Every other file a block uses is the demo's output (made by the demo's own
+functions) or written by an earlier block, as in a clone after `make demo`. Everything runs in one Python process
 (tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (the demo's
 training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile) run under `-m slow`;
 their blocks' other lines run here (`make -n demo`, and the demo's output made by its own
