@@ -4,15 +4,16 @@ Blocks come from README.md in order: fenced ```shell / ```python blocks and inde
 command blocks. A block preceded by `<!-- readme-test skip: REASON -->` (a GPU, a cluster, the
 internet) is skipped with that reason. Shell lines keep their commands and arguments; the test
 only adds what makes them tiny (one epoch, a few images, 32 px, no workers), points the
-placeholder paths of what a user downloads (/data/imagenet, MindCV's .ckpt, the DUTS folders)
-at small stand-ins, and runs `make X` as `make -n X` (the target exists; building a venv is not
-a test's job). Every other file a block uses is the demo's output (made by the demo's own
-functions) or written by an earlier block, as in a clone after `make demo`. Everything runs in one Python process
-(tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (the demo's
-training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile) run under `-m slow`;
-their blocks' other lines run here (`make -n demo`, and the demo's output made by its own
-functions for the blocks after it), and tests/test_export.py checks ONNX export (one quiet
-file, dynamic size) and OpenVINO export (dynamic size, in OpenVINO's runtime) on a tiny net.
+placeholder paths of what a user downloads (/data/imagenet, MindCV's .ckpt, the DUTS folders) at
+small stand-ins, and runs `make X` as `make -n X` (the target exists; building a venv is not a
+test's job). Every other file a block uses is the demo's output (made by the demo's own
+functions) or written by an earlier block, as in a clone after `make demo`. Everything runs in
+one Python process (tests/readme_runner.py). The commands that take a minute or more on 2 CPU
+cores (the demo's training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile) run
+under `-m slow`; their blocks' other lines run here (`make -n demo`, and the demo's output made
+by its own functions for the blocks after it), and tests/test_export.py checks ONNX export (one
+quiet file, dynamic size) and OpenVINO export (dynamic size, in OpenVINO's runtime) on a tiny
+net.
 """
 
 from __future__ import annotations
