@@ -15,6 +15,7 @@ NaN check), and, in distributed runs, once a step for the ranks to agree on a st
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -230,6 +231,10 @@ def train(cfg: Config) -> TrainResult:
         finally:
             lock.release()
             distributed.teardown(dist)
+            # end this run's DataLoader workers now, in this process: a loader iterator left in
+            # a reference cycle is inherited by the next loader's forked workers (the demo's
+            # validation), whose garbage collection then fails to shut it down there
+            gc.collect()
 
 
 def prepare_run_dir(cfg: Config, lock: RunLock) -> None:
