@@ -31,6 +31,7 @@ from res2net.weights.loading import read_metadata
 from tests.test_train import make_folder, tiny_config
 
 RUN_EVAL = {"image_resize": 16, "crop_pct": 1.0}
+pytestmark = pytest.mark.usefixtures("tiny_arch")  # tiny_config's model
 
 
 @pytest.fixture(scope="module")
