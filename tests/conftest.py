@@ -75,3 +75,24 @@ def draws() -> list[float]:
     """One draw from each global RNG (torch, Python, NumPy): a transform's output that shows
     how it was seeded."""
     return [torch.rand(()).item(), random.random(), float(np.random.rand())]
+
+
+TINY_ARCH = "res2net_tiny_test"  # one block per stage, width 4: a whole Res2Net of 0.2 MB
+
+
+def _register_tiny(mp: pytest.MonkeyPatch) -> str:
+    from res2net.models import Res2Net
+    from res2net.models.registry import ARCHITECTURES
+
+    arch = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
+    mp.setitem(ARCHITECTURES, TINY_ARCH, (Res2Net, arch))
+    return TINY_ARCH
+
+
+@pytest.fixture(scope="module")
+def tiny_arch():
+    """A registered model name for tests where the zoo model is not the point: it goes through
+    every code path of res2net50 (the same class), in a fraction of the time and disk (a
+    Res2Net-50 training checkpoint is 285 MB). In-process only: a subprocess does not see it."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield _register_tiny(mp)

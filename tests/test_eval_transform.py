@@ -31,6 +31,7 @@ from res2net.weights.loading import read_metadata
 from tests.test_train import make_folder, tiny_config
 
 RUN_EVAL = {"image_resize": 16, "crop_pct": 1.0}
+pytestmark = pytest.mark.usefixtures("tiny_arch")  # tiny_config's model
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,17 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_ckpt(tmp_path_factory, data_dir) -> Path:
-    """A training checkpoint of a run at 16 px, crop_pct 1.0 (its config inside)."""
+def run_ckpt(tmp_path_factory, data_dir, tiny_arch) -> Path:
+    """A training checkpoint of a run at 16 px, crop_pct 1.0 (its config inside), of the tiny
+    registered Res2Net (the formats and transforms are the point, not the zoo model)."""
     torch.manual_seed(0)
-    model = res2net.create_model("res2net50", num_classes=2)
-    cfg = tiny_config(data_dir, tmp_path_factory.mktemp("run"))
+    model = res2net.create_model(tiny_arch, num_classes=2)
+    cfg = tiny_config(data_dir, tmp_path_factory.mktemp("run"), "--model", tiny_arch)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     torch.save(
         {
             "format": "res2net-train",
-            "arch": "res2net50",
+            "arch": tiny_arch,
             "num_classes": 2,
             "classes": ["class0", "class1"],
             "model": model.state_dict(),
@@ -146,7 +148,7 @@ def test_validate_ranks_flags_recipe_checkpoint(run_ckpt: Path, tmp_path: Path) 
 
 
 def test_predict_takes_folders_and_the_checkpoint_transform(
-    run_ckpt: Path, data_dir: Path, capsys, caplog
+    run_ckpt: Path, data_dir: Path, tiny_arch: str, capsys, caplog
 ) -> None:
     caplog.set_level(logging.INFO)
     assert (
@@ -155,7 +157,7 @@ def test_predict_takes_folders_and_the_checkpoint_transform(
                 "predict",
                 str(data_dir / "val"),
                 "--model",
-                "res2net50",
+                tiny_arch,
                 "--ckpt_path",
                 str(run_ckpt),
                 "--topk",
@@ -228,7 +230,7 @@ def test_shard_index_missing_a_key_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_non_utf8_class_name_fails_before_validation(
-    run_ckpt: Path, tmp_path: Path, capsys, caplog
+    run_ckpt: Path, tiny_arch: str, tmp_path: Path, capsys, caplog
 ) -> None:
     caplog.set_level(logging.INFO)
     data = make_folder(tmp_path / "data", n_classes=1, per_class=1, splits=("val",))
@@ -238,7 +240,7 @@ def test_non_utf8_class_name_fails_before_validation(
         [
             "validate",
             "--model",
-            "res2net50",
+            tiny_arch,
             "--data_dir",
             str(data),
             "--ckpt_path",
@@ -274,22 +276,23 @@ def _validate_json(ckpt: Path, data_dir: Path, flags: list[str], capsys) -> dict
 
 
 def test_every_format_convert_writes_scores_the_same(
-    run_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+    run_ckpt: Path, data_dir: Path, tiny_arch: str, tmp_path: Path, capsys
 ) -> None:
     """The training checkpoint, its .safetensors and hub-folder conversions validate the same
     with no flags; .ckpt/.pth (no header) with the flags `convert` prints for them."""
-    reference = _validate_json(run_ckpt, data_dir, [], capsys)
+    model = ["--model", tiny_arch]  # no eval transform flags
+    reference = _validate_json(run_ckpt, data_dir, model, capsys)
     assert main(["convert", str(run_ckpt), str(tmp_path / "w.safetensors")]) == 0
     assert main(["convert", str(run_ckpt), "--to-hub-folder", str(tmp_path / "hub")]) == 0
     capsys.readouterr()
     for ckpt in (tmp_path / "w.safetensors", tmp_path / "hub" / "model.safetensors"):
-        got = _validate_json(ckpt, data_dir, [], capsys)
+        got = _validate_json(ckpt, data_dir, model, capsys)
         assert (got["top1"], got["loss"]) == (reference["top1"], reference["loss"]), ckpt
     for name in ("w.ckpt", "w.pth"):
         assert main(["convert", str(run_ckpt), str(tmp_path / name)]) == 0
         note = capsys.readouterr().out.strip().splitlines()[-1]
         assert note.startswith("note: ") and "--image_resize 16 --crop_pct 1" in note
         flags = note.split("validate it with ")[1].split()
-        got = _validate_json(tmp_path / name, data_dir, ["--model", "res2net50", *flags], capsys)
+        got = _validate_json(tmp_path / name, data_dir, [*model, *flags], capsys)
         assert got["top1"] == reference["top1"], name
         assert got["loss"] == pytest.approx(reference["loss"], abs=1e-6), name

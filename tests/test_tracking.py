@@ -12,9 +12,10 @@ from res2net.engine.tracking import Trackers
 from res2net.engine.train import train
 from res2net.errors import ConfigError
 
+from .conftest import TINY_ARCH
 from .test_train import make_folder, tiny_config
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "tiny_arch")  # tiny_config's model
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def mlflow_run(uri: str, run_dir: Path):
 
 def check_mlflow(client, run, records):
     assert run.info.status == "FINISHED"
-    assert run.data.params["model"] == "res2net50" and run.data.params["lr"] == "0.01"
+    assert run.data.params["model"] == TINY_ARCH and run.data.params["lr"] == "0.01"
     steps = [r for r in records if r["kind"] == "step"]
     history = client.get_metric_history(run.info.run_id, "step/loss")
     assert [(m.step, m.value) for m in history] == [
@@ -98,7 +99,7 @@ def test_mlflow_and_wandb_offline(data_dir, tmp_path, monkeypatch):
             history[items["_step"]] = items
         elif record.WhichOneof("record_type") == "config":
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
-    assert config["model"] == "res2net50" and config["lr"] == 0.01
+    assert config["model"] == TINY_ARCH and config["lr"] == 0.01
     for r in records:
         if r["kind"] == "step":
             assert history[r["global_step"]]["step/loss"] == pytest.approx(r["loss"])

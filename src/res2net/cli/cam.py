@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..errors import ConfigError
 from ..guards import printable
-from .predict import Skipped, add_eval_flags
+from .predict import Skipped, add_eval_flags, add_pretrained_flag
 
 HELP = "class activation maps (Grad-CAM / CAM): a PNG per image with the heat map and top classes"
 
@@ -23,9 +21,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ckpt_path", "--ckpt-path", help="weights in any format (without them: random weights)"
     )
-    p.add_argument(
-        "--pretrained", help="download published weights from this source (mindcv, official, timm)"
-    )
+    add_pretrained_flag(p)
     p.add_argument(
         "--class",
         dest="target_class",
@@ -45,10 +41,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="cam", help="output folder (default: ./cam)")
     add_eval_flags(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cuda, cpu... (default: cuda when available, else cpu)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
     from ..inference import (
         find_images,
@@ -58,6 +56,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         unused_path,
     )
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.method == "cam" and args.layer is not None:
         raise ConfigError(
             "--method cam uses the last stage only; drop --layer or use --method gradcam"

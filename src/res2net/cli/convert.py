@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import MAX_CONFIG_BYTES
 from ..errors import ConfigError
-from ..guards import quoted, read_regular_file
+from ..guards import check_regular_file, quoted, read_regular_file
 
 HELP = (
     "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format "
@@ -120,13 +120,14 @@ def _recipe_text(path: str) -> str:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..weights.convert import convert
-
     hub = args.hub_folder or args.repo_id
     if bool(args.dst) == bool(hub):
         raise ConfigError(
             "give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME"
         )
+    check_regular_file(args.src, "checkpoint")  # answers before torch is imported
+    from ..weights.convert import convert
+
     out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
     print(f"wrote {out}")
     flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)

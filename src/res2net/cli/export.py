@@ -4,12 +4,18 @@ file, checked against PyTorch at export time; the format defaults to OUT's exten
 from __future__ import annotations
 
 import argparse
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..export import FORMATS, ExportCheck, format_for_path
-from ..guards import check_output_file
+from ..guards import check_output_file, check_regular_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..export import ExportCheck
+
+# res2net.export.FORMATS, named here without importing torch (a test checks they agree)
+FORMATS = ("onnx", "pt2", "openvino")
 
 HELP = (
     "export to ONNX (checked in onnxruntime), a torch.export program (.pt2) or OpenVINO IR "
@@ -76,11 +82,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..export import export_onnx, export_openvino, export_program
-    from ..factory import create_model
-    from ..weights.loading import checkpoint_num_classes
+    if args.format is None:  # from OUT's extension
+        from ..export import format_for_path
 
-    args.format = args.format or format_for_path(args.out)
+        args.format = format_for_path(args.out)
     if args.precision == "int8" and args.format != "onnx":
         raise ConfigError("--precision int8 writes ONNX (QDQ) only: use --format onnx")
     if args.precision == "int8" and not args.calibration:
@@ -93,6 +98,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     check_output_file(
         args.out, "export output", keep=args.ckpt_path, kept="the checkpoint to export"
     )
+    if args.ckpt_path:  # answers before torch is imported
+        check_regular_file(args.ckpt_path, "checkpoint")
+    from ..export import export_onnx, export_openvino, export_program
+    from ..factory import create_model
+    from ..weights.loading import checkpoint_num_classes
+
     num_classes = args.num_classes
     if num_classes is None and args.ckpt_path and not args.features_only:
         num_classes = checkpoint_num_classes(args.ckpt_path, args.model)

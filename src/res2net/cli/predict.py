@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..guards import printable
+from ..guards import check_regular_file, printable
 
 HELP = "classify images: top-k classes with names (ImageNet's, or the training folder's)"
 
@@ -25,11 +25,30 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", required=True, help="architecture name, e.g. res2net50")
     p.add_argument("--ckpt_path", "--ckpt-path", help="weights in any format")
-    p.add_argument(
-        "--pretrained", help="download published weights from this source (mindcv, official, timm)"
-    )
+    add_pretrained_flag(p)
     add_eval_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def pretrained_source(value: str) -> bool | str:
+    """`--pretrained`'s value as `create_model(pretrained=...)` takes it: True/False (as the
+    recipes' `pretrained: True` and Python's `pretrained=True`) or a source name."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0", "none", ""):
+        return False
+    return lowered
+
+
+def add_pretrained_flag(p: argparse.ArgumentParser, what: str = "weights") -> None:
+    p.add_argument(
+        "--pretrained",
+        type=pretrained_source,
+        default=False,
+        help=f"download published {what}: True (the default source) or a source (mindcv, "
+        "official, timm, openmmlab)",
+    )
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -66,6 +85,8 @@ def add_transform_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.ckpt_path:  # answers before torch is imported
+        check_regular_file(args.ckpt_path, "checkpoint")
     from ..inference import iter_predictions
 
     predictions = iter_predictions(

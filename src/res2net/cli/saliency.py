@@ -8,16 +8,17 @@ import math
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from ..errors import ConfigError
 from ..guards import check_output_file, printable
-from .predict import Skipped
+from .predict import Skipped, add_pretrained_flag
 
+DEVICE_HELP = "cuda, cpu... (default: cuda when available, else cpu)"
 HELP = "salient object detection: train on image/mask folders, predict masks, evaluate MAE / max F"
 
 
 def _device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -40,10 +41,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--ckpt_path", "--ckpt-path", help="ImageNet weights for the backbone, any format"
     )
-    t.add_argument(
-        "--pretrained",
-        help="download published backbone weights from this source (mindcv, official, timm)",
-    )
+    add_pretrained_flag(t, "backbone weights")
     t.add_argument(
         "--out",
         default="saliency.pth",
@@ -57,7 +55,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--decoder_channels", "--decoder-channels", type=int, default=64)
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=_device())
+    t.add_argument("--device", help=DEVICE_HELP)
 
     pr = sub.add_parser(
         "predict",
@@ -70,14 +68,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     pr.add_argument("--weights", required=True, help="a model written by `res2net saliency train`")
     pr.add_argument("--out", default="saliency", help="output folder (default ./saliency)")
-    pr.add_argument("--device", default=_device())
+    pr.add_argument("--device", help=DEVICE_HELP)
 
     e = sub.add_parser(
         "eval", help="MAE and max F-measure on an image/mask folder", allow_abbrev=False
     )
     e.add_argument("--data", required=True, help="folder with images/ and masks/")
     e.add_argument("--weights", required=True, help="a model written by `res2net saliency train`")
-    e.add_argument("--device", default=_device())
+    e.add_argument("--device", help=DEVICE_HELP)
 
 
 def _print_metrics(name: str, m: dict[str, float]) -> None:
@@ -87,6 +85,8 @@ def _print_metrics(name: str, m: dict[str, float]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from ..saliency import (
         SaliencyFolder,
         evaluate_saliency,
@@ -140,6 +140,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import torch
     from PIL import Image
 
     from ..fileio import atomic_write
@@ -174,5 +175,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    args.device = args.device or _device()
     actions = {"train": _train, "predict": _predict, "eval": _eval}
     return actions[args.saliency_command](args)

@@ -21,9 +21,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = load_config(args.config, extra)  # recipe errors answer before torch is imported
     from ..engine.train import format_row, train
 
-    cfg = load_config(args.config, extra)
     result = train(cfg)
     if result.interrupted:
         return 0

@@ -6,17 +6,49 @@ import argparse
 import json
 import os
 
+from ..config import HELP as KEY_HELP
 from ..config import given_keys, load_config
 from ..errors import ConfigError
+from ..guards import check_regular_file
 
 HELP = "validate a checkpoint of any format (MindSpore .ckpt, .pth, .safetensors) on the val split"
 ACCEPTS_EXTRA = True
+# the recipe keys a validation reads, shown by --help (every key works: `res2net train --help`)
+VALIDATE_KEYS = (
+    "ckpt_path",
+    "data_dir",
+    "val_split",
+    "model",
+    "batch_size",
+    "num_parallel_workers",
+    "image_resize",
+    "crop_pct",
+    "interpolation",
+    "mean",
+    "std",
+    "val_amp_level",
+    "distribute",
+)
+
+
+def keys_epilog() -> str:
+    texts = {key: text for group in KEY_HELP.values() for key, text in group.items()}
+    texts["ckpt_path"] = "the checkpoint to validate: MindSpore .ckpt, .pth, .safetensors, best.pt"
+    lines = ["recipe keys (in the YAML file, or on the command line as --key value):"]
+    lines += [f"  --{key}\n      {texts[key]}" for key in VALIDATE_KEYS if key in texts]
+    lines.append("and every other key of `res2net train --help`")
+    return "\n".join(lines)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = keys_epilog()
     p.add_argument("-c", "--config", help="recipe YAML (MindCV keys)")
     p.add_argument(
-        "--per_class_csv", "--per-class-csv", help="write per-class top-1 to this CSV file"
+        "--per_class_csv",
+        "--per-class-csv",
+        help="write per-class images, correct, precision, recall (top-1) and F1 to this CSV "
+        "file (the columns of --report_dir's per_class.csv)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     r = p.add_argument_group("reports (see README: Evaluation reports)")
@@ -47,12 +79,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = load_config(args.config, extra)  # recipe and file errors answer before torch is imported
+    if not cfg.ckpt_path:
+        raise ConfigError("give the checkpoint to validate with --ckpt_path FILE")
+    check_regular_file(cfg.ckpt_path, "checkpoint")
     from ..engine.report import ReportOptions
     from ..engine.validate import validate
 
-    cfg = load_config(args.config, extra)
-    if not cfg.ckpt_path:
-        raise ConfigError("give the checkpoint to validate with --ckpt_path FILE")
     report = ReportOptions(
         report_dir=args.report_dir,
         tta=args.tta,

@@ -26,6 +26,8 @@ class EvalResult:
     loss_sum: float = 0.0
     class_total: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     class_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # images predicted (top-1) as each class: with the two above, per-class precision and recall
+    class_predicted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     extra: dict[str, float] = field(default_factory=dict)  # report figures (ReaL top-1, ...)
 
     @property
@@ -65,7 +67,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     zeros = torch.zeros(num_classes, dtype=torch.long)
-    result = EvalResult(class_total=zeros.clone(), class_correct=zeros.clone())
+    result = EvalResult(
+        class_total=zeros.clone(), class_correct=zeros.clone(), class_predicted=zeros.clone()
+    )
     k = min(5, num_classes)
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -103,6 +107,7 @@ def evaluate(
         result.n += labels.numel()
         result.class_total += torch.bincount(labels.cpu(), minlength=num_classes)
         result.class_correct += torch.bincount(labels[hit1].cpu(), minlength=num_classes)
+        result.class_predicted += torch.bincount(topk[:, 0].cpu(), minlength=num_classes)
     model.train(was_training)
     return result
 
@@ -135,5 +140,6 @@ def reduce_result(result: EvalResult, dist: DistInfo) -> EvalResult:
     loss = all_reduce_sum(torch.tensor([result.loss_sum], dtype=torch.float64, device=device), dist)
     total = all_reduce_sum(result.class_total.to(device), dist).cpu()
     correct = all_reduce_sum(result.class_correct.to(device), dist).cpu()
+    predicted = all_reduce_sum(result.class_predicted.to(device), dist).cpu()
     n, c1, c5 = (int(v) for v in counts.tolist())
-    return EvalResult(n, c1, c5, loss.item(), total, correct)
+    return EvalResult(n, c1, c5, loss.item(), total, correct, predicted)

@@ -6,19 +6,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..console import can_show_bar
 from ..fileio import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("res2net.train")
 
 
 class StepReporter:
     """Shows training steps: a tqdm bar (loss, lr, img/s, the share of time spent waiting for
-    input, ETA of the epoch and of the whole run) when stderr is a terminal, else a log line
+    input, ETA of the epoch and of the whole run) when stderr is a terminal that reports its
+    width, else a log line
     whenever the loop passes a loss (at its log intervals). Only the main process (rank 0)
     reports. `later_steps`: the steps of the epochs after this one."""
 
@@ -40,7 +44,7 @@ class StepReporter:
         self.steps = 0
         self.waited: float | None = None  # seconds spent waiting for input, when timed
         self.t0 = time.perf_counter()
-        if enabled and sys.stderr.isatty():
+        if enabled and can_show_bar():  # else log lines (a pipe, or a terminal of no width)
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -178,20 +182,31 @@ class MetricsLog:
 
 
 def plot_run(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """PNG with loss and lr per epoch (and validation top-1 when present); None without
-    matplotlib."""
+    """`training_figure` of the run written to `path` (a PNG), titled with the run's folder;
+    None without matplotlib or without a finished epoch."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig = training_figure(records, title=f"training run: {path.parent.resolve().name}")
     except ImportError:
         log.info("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def training_figure(records: list[dict[str, Any]], *, title: str) -> Figure | None:
+    """Loss per epoch, lr per step and validation top-1 per epoch (None before the first
+    epoch's end). Epoch axes have whole-number ticks, and the lr panel also uses each epoch's
+    end, so a run shorter than one log interval still shows its schedule."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not epochs:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6), layout="tight")
+    axes = fig.subplots(1, 3)
     x = [r["epoch"] for r in epochs]
     axes[0].plot(x, [r["train_loss"] for r in epochs], marker="o", label="train")
     val = [r for r in epochs if r.get("val_loss") is not None]
@@ -201,16 +216,21 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path | None:
         )
     axes[0].set(title="loss", xlabel="epoch")
     axes[0].legend()
-    steps = [r for r in records if r.get("kind") == "step"]
-    if steps:
-        axes[1].plot([r["global_step"] for r in steps], [r["lr"] for r in steps])
-        axes[1].set(title="learning rate", xlabel="step")
+    lrs = {  # global step -> lr: the logged steps and each epoch's last step
+        r["global_step"]: r["lr"]
+        for r in records
+        if r.get("kind") in ("step", "epoch") and r.get("lr") is not None
+    }
+    steps = sorted(lrs)
+    axes[1].plot(steps, [lrs[s] for s in steps], marker="o" if len(steps) < 30 else None)
+    axes[1].set(title="learning rate", xlabel="step")
     if val:
         axes[2].plot([r["epoch"] for r in val], [r["val_top1"] for r in val], marker="o")
     axes[2].set(title="validation top-1 (%)", xlabel="epoch")
-    for ax in axes:
+    for ax, xs in zip(axes, (x, steps, x)):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        if xs and max(xs) - min(xs) < 4:  # a few points: ticks at whole numbers around them
+            ax.set_xlim(min(xs) - 1, max(xs) + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    fig.suptitle(title)
+    return fig

@@ -195,10 +195,22 @@ def confusion_matrix(labels: torch.Tensor, pred1: torch.Tensor, num_classes: int
     return flat.reshape(num_classes, num_classes)
 
 
+PER_CLASS_COLUMNS = ["class", "images", "correct", "precision", "recall", "f1"]
+
+
 def per_class_rows(confusion: torch.Tensor, classes: Sequence[str]) -> list[list[Any]]:
-    """class, images, correct, precision, recall, f1 (percent; empty where undefined)."""
-    tp = confusion.diag().tolist()
-    support, predicted = confusion.sum(1).tolist(), confusion.sum(0).tolist()
+    """`PER_CLASS_COLUMNS` rows of a confusion matrix (see `per_class_count_rows`)."""
+    return per_class_count_rows(
+        confusion.sum(1).tolist(), confusion.diag().tolist(), confusion.sum(0).tolist(), classes
+    )
+
+
+def per_class_count_rows(
+    support: Sequence[int], tp: Sequence[int], predicted: Sequence[int], classes: Sequence[str]
+) -> list[list[Any]]:
+    """class, images, correct, precision, recall, f1 (percent; empty where undefined) from the
+    images of each class, those predicted right, and the images predicted as it. The report's
+    `per_class.csv` and `validate --per_class_csv` both write these rows."""
     rows = []
     for name, t, s, p in zip(classes, tp, support, predicted):
         precision = 100.0 * t / p if p else None
@@ -249,6 +261,7 @@ def confusion_png(confusion: torch.Tensor, classes: Sequence[str]) -> bytes:
     ax = fig.subplots()
     image = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_title(f"confusion matrix: {int(confusion.sum())} images, {n} classes (row-normalised)")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= 40:
@@ -367,9 +380,7 @@ def write_report(
     pairs = most_confused(confusion, classes)
     atomic_write(
         directory / "per_class.csv",
-        lambda f: f.write(
-            _csv_bytes(["class", "images", "correct", "precision", "recall", "f1"], per_class)
-        ),
+        lambda f: f.write(_csv_bytes(PER_CLASS_COLUMNS, per_class)),
     )
     atomic_write(
         directory / "confused_pairs.csv",

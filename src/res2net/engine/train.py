@@ -15,6 +15,7 @@ NaN check), and, in distributed runs, once a step for the ranks to agree on a st
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -57,6 +58,8 @@ from .schedules import LrSchedule
 from .tracking import Trackers, parse_backends
 
 log = logging.getLogger("res2net.train")
+# an epoch's loss this many times an untrained model's (ln classes) means the run diverges
+DIVERGED_FACTOR = 10.0
 
 
 @dataclass
@@ -229,6 +232,10 @@ def train(cfg: Config) -> TrainResult:
         finally:
             lock.release()
             distributed.teardown(dist)
+            # end this run's DataLoader workers now, in this process: a loader iterator left in
+            # a reference cycle is inherited by the next loader's forked workers (the demo's
+            # validation), whose garbage collection then fails to shut it down there
+            gc.collect()
 
 
 def prepare_run_dir(cfg: Config, lock: RunLock) -> None:
@@ -826,8 +833,32 @@ def end_epoch(
         log.info(
             "epoch %d/%d  train loss %.4f%s", epoch, cfg.epoch_size, record["train_loss"], val_text
         )
+        if (problem := diverging(record, state.meta["num_classes"])) is not None:
+            log.warning(
+                "epoch %d: the run is diverging: %s. Lower --lr (the recipes' lr is for a global "
+                "batch of 256; --lr_scale linear scales it to yours) or raise --batch_size",
+                epoch,
+                problem,
+            )
     distributed.barrier(dist)
     return val
+
+
+def diverging(record: dict[str, Any], num_classes: int) -> str | None:
+    """What shows that the epoch of `record` diverged, or None: a validation loss that is not
+    finite (outputs that overflow), or a loss `DIVERGED_FACTOR` times that of an untrained
+    model, ln(num_classes) (a NaN/inf training loss has already stopped the run)."""
+    val = record.get("val_loss")
+    if val is not None and not math.isfinite(val):
+        return f"the validation loss is {val} (the model's outputs overflow)"
+    chance = math.log(max(num_classes, 2))
+    loss, which = max((record["train_loss"], "training"), (val or 0.0, "validation"))
+    if loss > DIVERGED_FACTOR * chance:
+        return (
+            f"the {which} loss {loss:.4g} is {loss / chance:.0f}x an untrained model's "
+            f"(ln {num_classes} = {chance:.2f})"
+        )
+    return None
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:

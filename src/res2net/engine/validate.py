@@ -37,12 +37,14 @@ from ..weights.loading import load_checkpoint, read_checkpoint, state_num_classe
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .report import (
+    PER_CLASS_COLUMNS,
     ClassMapHead,
     ReportOptions,
     TTAModel,
     check_targets,
     class_map_indices,
     finish,
+    per_class_count_rows,
     read_real_labels,
     transform_settings,
 )
@@ -236,11 +238,16 @@ def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> N
 
 
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
-    """CSV of per-class top-1: class, images, correct, top1 (%), written whole or not at all."""
+    """The report's per_class.csv columns (class, images, correct, precision, recall = top-1
+    of the class, F1), written whole or not at all."""
+    rows = per_class_count_rows(
+        result.class_total.tolist(),
+        result.class_correct.tolist(),
+        result.class_predicted.tolist(),
+        classes,
+    )
     text = io.StringIO(newline="")
     w = csv.writer(text)
-    w.writerow(["class", "images", "correct", "top1"])
-    for name, n, c in zip(classes, result.class_total.tolist(), result.class_correct.tolist()):
-        w.writerow([name, n, c, f"{100.0 * c / n:.2f}" if n else ""])
+    w.writerows([PER_CLASS_COLUMNS, *rows])
     data = text.getvalue().encode("utf-8")
     atomic_write(path, lambda f: f.write(data))

@@ -379,11 +379,15 @@ def load_checkpoint(
     report.missing = [k for k in own if k not in state]
     report.unexpected = [k for k in state if k not in own]
     if strict and (report.missing or report.unexpected):
+        # advice every caller can follow: a command-line user has no strict=False to pass
+        mismatch = [
+            f"{len(names)} {kind} keys (e.g. {names[:3]})"
+            for kind, names in (("missing", report.missing), ("unexpected", report.unexpected))
+            if names
+        ]
         raise CheckpointError(
-            f"{path}: does not match the model: {len(report.missing)} missing keys "
-            f"(e.g. {report.missing[:3]}), {len(report.unexpected)} unexpected keys (e.g. "
-            f"{report.unexpected[:3]}). "
-            "Check the model name, or pass strict=False to load the matching part."
+            f"{path}: does not match the model: {', '.join(mismatch)}. Is it a checkpoint of "
+            "another model? Check the model name."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if report.head_reset:  # said once loaded, so that it never precedes an error
