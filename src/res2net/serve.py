@@ -740,6 +740,7 @@ def serve(
         server_header=False,
     )
     sock = config.bind_socket()
+    sock.listen(config.backlog)  # clients told the URL queue until the server accepts them
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if ready is not None:
