@@ -718,3 +718,25 @@ def test_web_page_in_headless_chromium(server, tmp_path, width):
             assert [e for e in errors if "status of 415" not in e] == []
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_runs_all_three_side_by_side(tmp_path):
+    """benchmarks/serve_load.py with a small input: the new server, the old one rebuilt from
+    git history and direct model calls each answer every request; the report has their rows."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    flags = ["--model", "res2net50_14w_8s", "--image_size", "32", "--clients", "1", "2"]
+    flags += ["--seconds", "1", "--warmup", "0.5", "--out", str(tmp_path / "run.json")]
+    subprocess.run([sys.executable, str(script), *flags], check=True, capture_output=True)
+    runs = json.loads((tmp_path / "run.json").read_text())["runs"]
+    assert [(r["server"], r["clients"]) for r in runs] == [
+        (server, clients) for server in ("new", "old", "direct") for clients in (1, 2)
+    ]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs)
+    table = subprocess.run(
+        [sys.executable, str(script), "--report", str(tmp_path / "run.json")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "| old | 2 |" in table and "overhead over the bare model at 2 clients" in table

@@ -70,6 +70,7 @@ log = logging.getLogger("res2net.serve")
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SETTINGS_ENV = "RES2NET_SERVE_SETTINGS"  # what each `--workers` process loads (JSON)
+WORKER_START_S = 120  # how long a `--workers` process may take to start, or to answer a ping
 
 
 @dataclass
@@ -735,6 +736,9 @@ def serve(
         workers=workers,
         limit_concurrency=settings.limits.max_connections,
         timeout_graceful_shutdown=int(settings.limits.result_timeout_s),
+        # a worker answers the supervisor's pings only once it has imported torch and the
+        # package: at uvicorn's 5 s, a busy machine kills and restarts workers while they start
+        timeout_worker_healthcheck=WORKER_START_S,
         log_level="warning",
         access_log=False,
         server_header=False,
