@@ -449,6 +449,26 @@ def test_high_bit_depth_images_at_the_pixel_cap_are_classified(server, fmt):
     assert status == 200 and len(answer["top"]) == 3
 
 
+def test_bf16_serves_the_optimized_model(weights):
+    """`--precision bf16`: predictions from `optimize_for_inference`'s bfloat16 copy, close to
+    fp32's; Grad-CAM still runs on the fp32 model (it needs gradients)."""
+    from res2net.lowprec import bf16_supported
+    from res2net.serve import with_precision
+
+    if not bf16_supported():
+        pytest.skip("this CPU has no native bfloat16 (AVX-512 BF16 or AMX)")
+    fp32 = load_classifier(model_name=f"local-dir:{weights}")
+    bf16 = with_precision(load_classifier(model_name=f"local-dir:{weights}"), "bf16")
+    assert bf16.fast is not None and bf16.fast is not bf16.model
+    with running(bf16) as srv:
+        assert request(srv, "GET", "/health")[1]["precision"] == "bf16"
+        status, answer = request(srv, "POST", "/predict?topk=3&cam=1", png(seed=7))
+        assert status == 200 and answer["cam_png"]
+    expected = fp32.probabilities(fp32.transform(Image.open(io.BytesIO(png(seed=7)))).unsqueeze(0))
+    got = {t["index"]: t["prob"] for t in answer["top"]}
+    assert [got[i] for i in range(3)] == pytest.approx(expected[0].tolist(), abs=0.05)
+
+
 def test_batcher_refuses_beyond_its_queue():
     release = threading.Event()
     batcher = MicroBatcher(
