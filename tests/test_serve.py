@@ -388,6 +388,28 @@ def test_64_slow_bodies_do_not_delay_a_normal_client(classifier):
                 s.close()
 
 
+def test_bodies_held_in_memory_are_bounded_together(classifier):
+    """What arrived counts, not what was declared: a half-sent 200 kB body holds 150 kB of the
+    300 kB budget, a small image still passes, a 200 kB one gets 503; all is given back."""
+    limits = ServeLimits(max_body_bytes=200_000, max_buffered_bytes=300_000)
+    with running(classifier, limits=limits) as srv:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as slow:
+            slow.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 200000\r\n\r\n"
+                + b"x" * 150_000
+            )
+            deadline = time.monotonic() + 10
+            while srv.service.budget.held < 150_000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert request(srv, "POST", "/predict", png())[0] == 200
+            status, answer = request(srv, "POST", "/predict", b"x" * 199_000)
+            assert status == 503 and "uploads" in answer["error"]
+        deadline = time.monotonic() + 10
+        while srv.service.budget.held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.service.budget.held == 0
+
+
 def test_host_allow_list_refuses_dns_rebinding(classifier, server):
     for host in (b"attacker.example", b"attacker.example:8000", b"127.0.0.1.attacker.example"):
         answer = raw(server, b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")

@@ -84,6 +84,7 @@ class ServeLimits:
     max_concurrent: int = 64  # requests past their body (decoding, queued, in the model)
     max_decoding: int = 2  # images decoded at once: each may take 4 bytes per pixel
     max_connections: int = 1024  # open connections; beyond, new requests get 503
+    max_buffered_bytes: int = 256 << 20  # bodies held in memory, all requests together; 503
     max_queue: int = 256  # images waiting for the model; more get 503
     timeout_s: float = 30.0  # a request head in all; the wait between two reads of a body
     min_upload_bytes_per_s: float = 100_000  # a body's average rate, after timeout_s
@@ -395,9 +396,27 @@ def _option(request: Request, key: str, default: int, low: int, high: int) -> in
     return int(raw)
 
 
-async def read_body(request: Request, limits: ServeLimits) -> bytes:
+class BodyBudget:
+    """The bytes of request bodies held in memory, all requests together: a part beyond
+    `limit` gets its request a 503. Counts what arrived, not what was declared, so clients that
+    announce large bodies and send nothing hold nothing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise RequestError(503, f"{self.held} bytes of uploads are already held; retry shortly")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(request: Request, limits: ServeLimits, budget: BodyBudget) -> bytes:
     """The body, at most `max_body_bytes`, each part within `timeout_s` of the last and all of
-    it by `timeout_s` + its length at `min_upload_bytes_per_s`. Waiting costs a coroutine."""
+    it by `timeout_s` + its length at `min_upload_bytes_per_s`. Waiting costs a coroutine. The
+    bytes are taken from `budget`; the caller gives them back once the body is dropped."""
     declared = request.headers.get("content-length")
     cap = limits.max_body_bytes
     size = int(declared) if declared is not None else cap  # uvicorn checked it is digits
@@ -405,27 +424,33 @@ async def read_body(request: Request, limits: ServeLimits) -> bytes:
         raise RequestError(413, f"body of {size} bytes; the limit is {cap}")
     allowed = limits.timeout_s + size / limits.min_upload_bytes_per_s
     deadline = time.monotonic() + allowed
-    parts, received = [], 0
+    parts: list[bytes] = []
+    received = 0
     stream = request.stream().__aiter__()
-    while True:
-        wait = min(limits.timeout_s, deadline - time.monotonic())
-        try:
-            part = await asyncio.wait_for(stream.__anext__(), timeout=max(wait, 0))
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise RequestError(
-                408,
-                f"the body did not arrive in time: each part within {limits.timeout_s:g} s, and "
-                f"all of it at {limits.min_upload_bytes_per_s:g} bytes/s after "
-                f"{limits.timeout_s:g} s; send it faster",
-            ) from None
-        received += len(part)
-        if received > cap:
-            raise RequestError(413, f"body of more than {cap} bytes; the limit is {cap}")
-        parts.append(part)
-    if received == 0:
-        raise RequestError(400, "empty body: POST an image file")
+    try:
+        while True:
+            wait = min(limits.timeout_s, deadline - time.monotonic())
+            try:
+                part = await asyncio.wait_for(stream.__anext__(), timeout=max(wait, 0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise RequestError(
+                    408,
+                    f"the body did not arrive in time: each part within {limits.timeout_s:g} s, "
+                    f"and all of it at {limits.min_upload_bytes_per_s:g} bytes/s after "
+                    f"{limits.timeout_s:g} s; send it faster",
+                ) from None
+            if received + len(part) > cap:
+                raise RequestError(413, f"body of more than {cap} bytes; the limit is {cap}")
+            budget.take(len(part))
+            received += len(part)
+            parts.append(part)
+        if received == 0:
+            raise RequestError(400, "empty body: POST an image file")
+    except BaseException:  # refused, or the client left (cancelled): nothing is kept
+        budget.give(received)
+        raise
     return b"".join(parts)
 
 
@@ -484,6 +509,7 @@ class Service:
         )
         self.metrics = Metrics()
         self.active = 0  # requests past their body
+        self.budget = BodyBudget(limits.max_buffered_bytes)
         self.decoders = anyio.CapacityLimiter(limits.max_decoding)
 
     async def predict(self, request: Request) -> Response:
@@ -491,15 +517,18 @@ class Service:
         limits, c = self.limits, self.classifier
         topk = min(_option(request, "topk", 5, 1, limits.max_topk), len(c.classes))
         want_cam = _option(request, "cam", 0, 0, 1) == 1
-        body = await read_body(request, limits)
-        if self.active >= limits.max_concurrent:
-            raise RequestError(503, f"{self.active} requests are being answered; retry shortly")
-        self.active += 1
+        body = await read_body(request, limits, self.budget)
         try:
-            content_type = request.headers.get("content-type", "")
-            answer = await self._answer(body, content_type, topk, want_cam)
+            if self.active >= limits.max_concurrent:
+                raise RequestError(503, f"{self.active} requests are being answered; retry shortly")
+            self.active += 1
+            try:
+                content_type = request.headers.get("content-type", "")
+                answer = await self._answer(body, content_type, topk, want_cam)
+            finally:
+                self.active -= 1
         finally:
-            self.active -= 1
+            self.budget.give(len(body))
         self.metrics.record(200, time.perf_counter() - start)
         return JSONResponse(answer, headers=SECURITY_HEADERS)
 
