@@ -44,7 +44,8 @@ OLD_LAUNCHER = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import res2net_serve_old as old
-classifier = old.load_classifier(ckpt_path=sys.argv[2], device=sys.argv[3])
+from res2net.serve import load_classifier  # today's loading: its Classifier has what old needs
+classifier = load_classifier(ckpt_path=sys.argv[2], device=sys.argv[3])
 server = old.Server(("127.0.0.1", 0), classifier, max_batch=int(sys.argv[4]), max_wait_ms=5)
 print(f"serving at {server.url}/", flush=True)
 old.serve_forever(server)
@@ -86,7 +87,9 @@ def old_revision() -> str:
 
 def old_server_module(revision: str, folder: Path) -> None:
     """`src/res2net/serve.py` at `revision`, as module `res2net_serve_old` in `folder` (its
-    relative imports made absolute: the rest of the package is today's)."""
+    relative imports made absolute: the rest of the package is today's). Only its `Server`
+    and `serve_forever` are used; the model is loaded as today, so the comparison is of the
+    HTTP layers alone."""
     source = subprocess.run(
         ["git", "show", f"{revision}:src/res2net/serve.py"],
         cwd=REPO,
