@@ -284,6 +284,17 @@ def test_bad_requests_get_clear_4xx(server, path, body, headers, status, message
     assert got == status and message in answer["error"] and time.monotonic() - start < 10
 
 
+def test_the_images_of_a_batch_share_the_pixel_cap(server):
+    """250,000 pixels per request: two 300 x 300 images pass, a third is refused by name."""
+    plain = io.BytesIO()
+    Image.new("RGB", (300, 300), (10, 120, 200)).save(plain, format="PNG")
+    image = base64.b64encode(plain.getvalue()).decode()
+    status, answer = request(server, "POST", "/predict", json.dumps({"images": [image] * 2}), JSON)
+    assert status == 200 and len(answer["results"]) == 2
+    status, answer = request(server, "POST", "/predict", json.dumps({"images": [image] * 3}), JSON)
+    assert status == 413 and answer["error"].startswith("image 2: the images of one request")
+
+
 def test_get_on_predict_says_to_post(server):
     status, answer = request(server, "GET", "/predict")
     assert status == 405 and "POST images to /predict" in answer["error"]
