@@ -356,7 +356,8 @@ def test_a_stalled_or_trickling_body_gets_408(classifier):
 
 def test_a_trickling_head_is_closed_at_its_deadline(classifier):
     """uvicorn's keep-alive timer stops at a connection's first byte: a client sending a header
-    line every 0.3 s would hold its connection for ever; it is closed after `timeout_s`."""
+    line every 0.3 s would hold its connection for ever; it is closed after `timeout_s`, while
+    other connections are answered meanwhile."""
     with running(classifier, limits=ServeLimits(timeout_s=1.0)) as srv:
         with socket.create_connection((srv.host, srv.port), timeout=10) as slow:
             slow.sendall(b"GET /health HTTP/1.1\r\n")
@@ -364,6 +365,7 @@ def test_a_trickling_head_is_closed_at_its_deadline(classifier):
             with contextlib.suppress(OSError):  # a send after the close may be reset
                 while not closed and time.monotonic() - start < 6:
                     slow.sendall(b"X-a: b\r\n")  # never the blank line ending the head
+                    assert request(srv, "GET", "/health")[0] == 200  # others are answered
                     slow.settimeout(0.3)
                     with contextlib.suppress(TimeoutError):
                         closed = slow.recv(100) == b""

@@ -677,6 +677,8 @@ class HeadDeadlineProtocol(H11Protocol):
     does not report as a protocol error (a `Content-Length` of more than 4,300 digits makes
     Python's `int` raise ValueError) gets a 400 like any other malformed request."""
 
+    _head_timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._expect_head()
@@ -685,19 +687,22 @@ class HeadDeadlineProtocol(H11Protocol):
         super().on_response_complete()
         self._expect_head()
 
-    def _expect_head(self) -> None:
-        timeout = getattr(self.config, "head_timeout_s", 30.0)
-        cycles = self.server_state.total_requests
-        self.loop.call_later(timeout, self._head_late, cycles)
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
 
-    def _head_late(self, cycles: int) -> None:
-        """No request head complete since the timer started (no answer finished since, and h11
-        still waits for a request): close."""
-        if (
-            self.server_state.total_requests == cycles
-            and self.conn.their_state is h11.IDLE
-            and not self.transport.is_closing()
-        ):
+    def _expect_head(self) -> None:
+        """(Re)start this connection's head timer: a response completed, or it just opened."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        timeout = getattr(self.config, "head_timeout_s", 30.0)
+        self._head_timer = self.loop.call_later(timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        """No answer completed on this connection since the timer started, and h11 still waits
+        for a request's head: close."""
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             log.debug("closing a connection whose request head did not arrive in time")
             self.transport.close()
 
