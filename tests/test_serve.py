@@ -504,6 +504,29 @@ def test_bf16_serves_the_optimized_model(weights):
     assert [got[i] for i in range(3)] == pytest.approx(expected[0].tolist(), abs=0.05)
 
 
+def test_int8_calibrates_on_the_folder_at_the_model_input_size(weights, tmp_path, monkeypatch):
+    """`--precision int8 --calibration DIR` hands `optimize_for_inference` batches of the
+    folder's images at the served model's input size (the int8 compile itself takes minutes
+    and is covered by tests/test_lowprec.py)."""
+    import res2net.inference
+    from res2net.serve import with_precision
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png(size=(48, 40), seed=i))
+    seen = {}
+
+    def fake(model, *, precision, calibration):
+        seen.update(precision=precision, shapes=[tuple(b.shape) for b in calibration])
+        return model
+
+    monkeypatch.setattr(res2net.inference, "optimize_for_inference", fake)
+    classifier = with_precision(
+        load_classifier(model_name=f"local-dir:{weights}"), "int8", str(tmp_path)
+    )
+    assert classifier.precision == "int8" and classifier.fast is not None
+    assert seen == {"precision": "int8", "shapes": [(3, 3, 32, 32)]}
+
+
 def test_batcher_refuses_beyond_its_queue():
     release = threading.Event()
     batcher = MicroBatcher(
