@@ -283,6 +283,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 def report(path: Path, png: Path | None) -> str:
     data = json.loads(path.read_text())
+    for r in data["runs"]:  # files of the old benchmark: the old server at one max_batch each
+        r.setdefault("server", f"old (max_batch {r.get('max_batch')})")
+    data.setdefault("precision", "fp32")
     lines = [
         "| server | clients | img/s | p50 ms | p99 ms | images per model call | model busy "
         "| errors |",
