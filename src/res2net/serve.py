@@ -475,11 +475,14 @@ def encoded_images(body: bytes, content_type: str, limits: ServeLimits) -> list[
         raise RequestError(400, "an image of the batch is not valid base64") from None
 
 
-def decode_all(images: list[bytes], classifier: Classifier, limits: ServeLimits, batch: bool):
+def decode_all(
+    images: list[bytes], classifier: Classifier, limits: ServeLimits, batch: bool
+) -> list[torch.Tensor]:
     """Model inputs of the encoded images, one decoded at a time (so a request holds at most one
     full-size image), or a 413/415 `RequestError` naming the image. The images of a request have
     at most `max_pixels` pixels together: a batch of 32 images at the cap took 36 s of CPU."""
-    tensors, used = [], 0
+    tensors: list[torch.Tensor] = []
+    used = 0
     for i, data in enumerate(images):
         name = f"image {i}" if batch else "the image"
         try:
