@@ -27,6 +27,8 @@ HIDDEN = [
     "skimage",
     "hypothesis",
     "tensorboard",
+    "starlette",
+    "uvicorn",
 ]
 
 DRIVER = r"""
@@ -85,6 +87,7 @@ def test_every_command_runs_or_names_its_extra(tmp_path: Path) -> None:
             ["export", "--format", "onnx", "--model", "res2net50", str(tmp_path / "m.onnx")],
             ["demo", "--data_dir", str(tmp_path / "digits")],
             ["data", "shard", str(tmp_path / "data"), str(tmp_path / "wds")],
+            ["serve", "--model", "res2net50", "--port", "0"],
         ],
         tmp_path,
     )
@@ -99,6 +102,7 @@ def test_every_command_runs_or_names_its_extra(tmp_path: Path) -> None:
         ("export --format", "export"),
         ("demo --data_dir", "demo"),
         ("data shard", "shards"),
+        ("serve --model", "serve"),
     ):
         r = by_command[command]
         lines = r["output"].strip().splitlines()

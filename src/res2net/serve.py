@@ -1,9 +1,10 @@
 """`res2net serve`: a classifier behind HTTP, with dynamic micro-batching and a web page.
 
-Built on the standard library's `ThreadingHTTPServer` (one thread per connection) rather than a
-web framework: the work is the model's, which one `MicroBatcher` thread runs on batches gathered
-from all connections, so the server only parses small requests; no dependency is added.
-docs/serving.md has the measurements.
+Built on Starlette and uvicorn (the `serve` extra): the framework parses HTTP, each connection is
+a coroutine of one event loop (a slow client costs a coroutine, not a thread), and the CPU work
+runs in threads: decoding in a bounded pool, the model in one `MicroBatcher` thread that runs
+batches gathered from all connections. `--workers N` starts N processes on one port, each with
+its own model and batcher. docs/serving.md has the design and the measurements.
 
 Endpoints:
 * `POST /predict[?topk=5&cam=1]` (`topk` at most `max_topk`, and the number of classes): the
@@ -11,48 +12,65 @@ Endpoints:
   `{"images": ["<base64>", ...]}` for a batch. Answers `{"top": [{"class", "index", "prob"}...]}`
   (a batch: `{"results": [{"top": ...}, ...]}`); with `cam=1` (one image) also `cam_png`, the
   Grad-CAM overlay of the top class as a base64 PNG.
-* `GET /health`: `{"status": "ok", ...}`; `GET /metrics`: Prometheus text counters.
+* `GET /health`: `{"status": "ok", "model", "classes", "device"}` (the model's name, never a
+  file path); `GET /metrics`: Prometheus text counters.
 * `GET /`: the web page (drop an image, see the top-5 and the CAM overlay).
 
-Every request is untrusted: bodies need a `Content-Length` and are capped (`max_body_bytes`),
-batches are capped (`max_batch_images`), images are decoded by the project's `decode_image`
-(allowed formats only, `max_pixels` read from the header before decoding), sockets time out,
-requests must arrive in bounded time (the head within `head_timeout_s`, a body at a minimum
-rate), open connections are bounded (one thread each; more wait to be accepted), concurrent
-requests and queued images are bounded (503 beyond), and every failure is a JSON error with a
-4xx/5xx status, never a traceback.
+Every request is untrusted: the `Host` must be one of `allowed_hosts` (DNS rebinding), a request
+from another origin is refused unless `allow_origins` names it (then CORS answers it), bodies are
+capped (`max_body_bytes`) and must arrive in bounded time (`timeout_s` between reads, and
+`min_upload_bytes_per_s` on average), request heads too (`HeadDeadlineProtocol`), batches are
+capped (`max_batch_images`), images are decoded by the project's `decode_image` (allowed formats,
+`max_pixels` read from the header) at most `max_decoding` at a time, requests past their body and
+queued images are bounded (503 beyond), and every failure is a JSON error with a 4xx/5xx status,
+never a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import io
 import json
 import logging
+import os
 import queue
-import socket
-import sys
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+import anyio
+import h11
 import torch
+import uvicorn
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import nn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .data import DataError, decode_image
 from .errors import ConfigError
 
 log = logging.getLogger("res2net.serve")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SETTINGS_ENV = "RES2NET_SERVE_SETTINGS"  # what each `--workers` process loads (JSON)
+WORKER_START_S = 120  # how long a `--workers` process may take to start, or to answer a ping
 
 
 @dataclass
@@ -63,12 +81,13 @@ class ServeLimits:
     max_batch_images: int = 32
     max_pixels: int = 40_000_000
     max_topk: int = 20
-    max_concurrent: int = 64  # requests being handled; more get 503
-    max_connections: int = 256  # open connections, one thread each; more wait to be accepted
-    head_timeout_s: float = 30.0  # the request line and headers, in all
-    min_upload_bytes_per_s: float = 100_000  # a body's average rate, after socket_timeout_s
+    max_concurrent: int = 64  # requests past their body (decoding, queued, in the model)
+    max_decoding: int = 2  # images decoded at once: each may take 4 bytes per pixel
+    max_connections: int = 1024  # open connections; beyond, new requests get 503
+    max_buffered_bytes: int = 256 << 20  # bodies held in memory, all requests together; 503
     max_queue: int = 256  # images waiting for the model; more get 503
-    socket_timeout_s: float = 30.0
+    timeout_s: float = 30.0  # a request head in all; the wait between two reads of a body
+    min_upload_bytes_per_s: float = 100_000  # a body's average rate, after timeout_s
     result_timeout_s: float = 60.0
 
 
@@ -140,29 +159,33 @@ class MicroBatcher:
             self.images += len(items)
 
     def close(self) -> None:
+        """Stop after the batch in hand; joined, so no thread runs the model at exit."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=60)
 
 
 @dataclass
 class Classifier:
-    """A model in eval mode with its class names and eval transform."""
+    """A model in eval mode with its class names and eval transform. `fast` (a low-precision
+    copy from `optimize_for_inference`) answers predictions when set; Grad-CAM needs the
+    gradients of `model`."""
 
     model: nn.Module
     classes: Sequence[str]
     transform: Callable[[Image.Image], torch.Tensor]
-    name: str
+    name: str  # the model's name, shown to clients: never a file path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-    lock: threading.Lock = field(
-        default_factory=threading.Lock
-    )  # the model runs one call at a time
+    fast: nn.Module | None = None
+    precision: str = "fp32"
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one model call at a time
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        model = self.fast if self.fast is not None else self.model
         with self.lock:
-            return self.model(batch.to(self.device)).float().softmax(dim=1).cpu()
+            return model(batch.to(self.device)).float().softmax(dim=1).cpu()
 
     def cam_png(self, x: torch.Tensor) -> bytes:
         """The Grad-CAM overlay of `x`'s top class over the pixels the model saw, as PNG."""
@@ -174,406 +197,6 @@ class Classifier:
         buffer = io.BytesIO()
         Image.fromarray(overlay(picture, maps[0])).save(buffer, format="PNG")
         return buffer.getvalue()
-
-
-class RequestError(Exception):
-    """A client error: HTTP `status` with a one-line `message`."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Metrics:
-    """Counters for `GET /metrics`, in Prometheus' text format."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.responses: dict[int, int] = {}
-        self.latency_sum = 0.0
-        self.predict_requests = 0
-
-    def record(self, status: int, latency: float | None) -> None:
-        with self.lock:
-            self.responses[status] = self.responses.get(status, 0) + 1
-            if latency is not None:
-                self.predict_requests += 1
-                self.latency_sum += latency
-
-    def text(self, batcher: MicroBatcher) -> str:
-        with self.lock:
-            lines = ["# TYPE res2net_responses_total counter"]
-            lines += [
-                f'res2net_responses_total{{code="{c}"}} {n}'
-                for c, n in sorted(self.responses.items())
-            ]
-            lines += [
-                "# TYPE res2net_predict_seconds summary",
-                f"res2net_predict_seconds_sum {self.latency_sum:.6f}",
-                f"res2net_predict_seconds_count {self.predict_requests}",
-            ]
-        lines += [
-            "# TYPE res2net_images_total counter",
-            f"res2net_images_total {batcher.images}",
-            "# TYPE res2net_batches_total counter",
-            f"res2net_batches_total {batcher.batches}",
-            "# TYPE res2net_inference_seconds_total counter",
-            f"res2net_inference_seconds_total {batcher.busy_s:.6f}",
-            "# TYPE res2net_queue_images gauge",
-            f"res2net_queue_images {batcher.queue.qsize()}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _static(name: str) -> bytes:
-    return resources.files("res2net").joinpath("static").joinpath(name).read_bytes()
-
-
-PAGES = {
-    "/": ("index.html", "text/html; charset=utf-8"),
-    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-}
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; "
-    "style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data: blob:; connect-src 'self'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-class Server(ThreadingHTTPServer):
-    """The HTTP server, holding the classifier, the batcher, the limits and the metrics."""
-
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog: connections waiting for a slot
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        classifier: Classifier,
-        *,
-        limits: ServeLimits | None = None,
-        max_batch: int = 16,
-        max_wait_ms: float = 5.0,
-    ) -> None:
-        self.classifier = classifier
-        self.limits = limits or ServeLimits()
-        self.batcher = MicroBatcher(
-            classifier.probabilities,
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            max_queue=self.limits.max_queue,
-        )
-        self.metrics = Metrics()
-        self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
-        self.connections = threading.BoundedSemaphore(self.limits.max_connections)
-        self.lock = threading.Lock()
-        self.open: set[Any] = set()  # accepted connections, each holding one of `connections`
-        self.deadlines: dict[Any, float] = {}  # connection -> when its request must be in
-        super().__init__(address, Handler)
-
-    def get_request(self) -> tuple[Any, Any]:
-        """Accepts a connection while fewer than `max_connections` are open. At the cap the
-        connection waits in the listen backlog until one closes: clients wait rather than being
-        refused, and idle ones cannot make the server start threads without bound."""
-        if not self.connections.acquire(timeout=0.05):
-            raise OSError("max_connections are open")  # socketserver: nothing accepted this round
-        try:
-            request, address = super().get_request()
-        except BaseException:
-            self.connections.release()
-            raise
-        with self.lock:
-            self.open.add(request)
-        return request, address
-
-    def shutdown_request(self, request: Any) -> None:
-        """Closes a connection and gives its slot back, once, whichever path closes it."""
-        super().shutdown_request(request)
-        with self.lock:
-            held = request in self.open
-            self.open.discard(request)
-            self.deadlines.pop(request, None)
-        if held:
-            self.connections.release()
-
-    def read_by(self, request: Any, deadline: float | None) -> None:
-        """The `time.monotonic()` by which what the connection is sending must have arrived
-        (None: not reading)."""
-        with self.lock:
-            if deadline is None:
-                self.deadlines.pop(request, None)
-            else:
-                self.deadlines[request] = deadline
-
-    def service_actions(self) -> None:
-        """Between polls of `serve_forever`: a connection past its deadline has its reading side
-        shut, and its handler sees the input end. A socket timeout alone bounds each read, not
-        a request: a client sending a byte every few seconds would hold its thread for hours."""
-        now = time.monotonic()
-        with self.lock:
-            late = [request for request, deadline in self.deadlines.items() if deadline < now]
-            for request in late:
-                del self.deadlines[request]
-        for request in late:
-            with contextlib.suppress(OSError):
-                request.shutdown(socket.SHUT_RD)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that failed: a client gone while it was answered is a debug line, any
-        other error is logged with its traceback (socketserver would print it to stderr)."""
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):
-            log.debug("%s: connection lost (%s)", client_address, error)
-        else:
-            log.exception("connection from %s failed", client_address)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.batcher.close()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        assert isinstance(host, str)  # an AF_INET/AF_INET6 address
-        return f"http://{host}:{port}"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-    protocol_version = "HTTP/1.1"
-    server_version = "res2net-serve"
-    sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        # every read and write of the socket (what the base class does with a `timeout` class
-        # attribute, here per server)
-        self.connection.settimeout(self.server.limits.socket_timeout_s)
-
-    def handle_one_request(self) -> None:
-        # the request line and headers (an idle keep-alive connection's wait included) within
-        # head_timeout_s in all; `parse_request` ends it, `_read_body` sets the body's
-        self.server.read_by(self.connection, time.monotonic() + self.server.limits.head_timeout_s)
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.read_by(self.connection, None)
-
-    def parse_request(self) -> bool:
-        parsed = super().parse_request()  # reads the headers
-        self.server.read_by(self.connection, None)
-        return parsed
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    # --- responses -------------------------------------------------------------------------
-    def _send(
-        self, status: int, body: bytes, content_type: str, latency: float | None = None
-    ) -> None:
-        self.server.metrics.record(status, latency)
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for key, value in SECURITY_HEADERS.items():
-            self.send_header(key, value)
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        try:
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except (ConnectionError, TimeoutError):  # the client left or stopped reading
-            log.debug("%s: client gone before the answer was sent", self.address_string())
-            self.close_connection = True
-
-    def _json(self, status: int, obj: Any, latency: float | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json", latency)
-
-    def _error(self, status: HTTPStatus, message: str) -> None:
-        self._json(status, {"error": message, "status": int(status)})
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long...) as JSON too."""
-        self._error(HTTPStatus(code), message or HTTPStatus(code).phrase)
-
-    # --- routes ----------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path in PAGES:
-            name, content_type = PAGES[path]
-            self._send(HTTPStatus.OK, _static(name), content_type)
-        elif path == "/health":
-            c = self.server.classifier
-            self._json(
-                HTTPStatus.OK,
-                {
-                    "status": "ok",
-                    "model": c.name,
-                    "classes": len(c.classes),
-                    "device": str(c.device),
-                },
-            )
-        elif path == "/metrics":
-            text = self.server.metrics.text(self.server.batcher)
-            self._send(HTTPStatus.OK, text.encode(), "text/plain; version=0.0.4")
-        elif path == "/favicon.ico":
-            self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
-        elif path == "/predict":
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "POST an image to /predict")
-        else:
-            self._error(
-                HTTPStatus.NOT_FOUND, f"no page {path!r}; try /, /predict, /health or /metrics"
-            )
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def do_POST(self) -> None:
-        start = time.perf_counter()
-        url = urlsplit(self.path)
-        if url.path != "/predict":
-            self._error(HTTPStatus.NOT_FOUND, f"no endpoint {url.path!r}; POST images to /predict")
-            return
-        if not self.server.slots.acquire(blocking=False):
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, "too many requests at once; retry shortly")
-            return
-        try:
-            answer = self._predict(self._read_body(), parse_qs(url.query))
-            self._json(HTTPStatus.OK, answer, time.perf_counter() - start)
-        except RequestError as e:
-            self._error(e.status, str(e))
-        except Overloaded as e:
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"server busy ({e}); retry shortly")
-        except TimeoutError:
-            self._error(
-                HTTPStatus.SERVICE_UNAVAILABLE, "the model did not answer in time; retry shortly"
-            )
-        except Exception:  # a bug, not the client's fault: logged, and one line for the client
-            log.exception("request failed")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server's log")
-        finally:
-            self.server.slots.release()
-
-    # --- the work --------------------------------------------------------------------------
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise RequestError(
-                HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked"
-            )
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
-        n, cap = int(length), self.server.limits.max_body_bytes
-        if n > cap:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {n} bytes; the limit is {cap}"
-            )
-        if n == 0:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "empty body: POST an image file")
-        limits = self.server.limits
-        allowed = limits.socket_timeout_s + n / limits.min_upload_bytes_per_s
-        deadline = time.monotonic() + allowed
-        self.server.read_by(self.connection, deadline)  # `Server.service_actions` enforces it
-        try:
-            body = self.rfile.read(n)
-        except TimeoutError:
-            raise RequestError(
-                HTTPStatus.REQUEST_TIMEOUT,
-                f"the body did not arrive within {limits.socket_timeout_s:g} s",
-            ) from None
-        finally:
-            self.server.read_by(self.connection, None)
-        if len(body) < n and time.monotonic() >= deadline:
-            raise RequestError(
-                HTTPStatus.REQUEST_TIMEOUT,
-                f"the body did not arrive within {allowed:.0f} s (a body must arrive at "
-                f"{limits.min_upload_bytes_per_s:g} bytes/s after {limits.socket_timeout_s:g} s)",
-            )
-        if len(body) < n:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
-        return body
-
-    def _option(
-        self, query: dict[str, list[str]], key: str, default: int, low: int, high: int
-    ) -> int:
-        raw = query.get(key, [str(default)])[-1]
-        if not raw.isdigit() or not low <= int(raw) <= high:
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, f"{key}={raw!r}: give an integer in {low}..{high}"
-            )
-        return int(raw)
-
-    def _images(self, body: bytes) -> list[bytes]:
-        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
-            return [body]
-        try:
-            payload = json.loads(body)
-            images = payload["images"]
-            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, 'JSON bodies must be {"images": ["<base64>", ...]}'
-            ) from None
-        cap = self.server.limits.max_batch_images
-        if not 0 < len(images) <= cap:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE if images else HTTPStatus.BAD_REQUEST,
-                f"{len(images)} images in the batch; send 1..{cap}",
-            )
-        try:
-            return [base64.b64decode(s, validate=True) for s in images]
-        except (binascii.Error, ValueError):
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, "an image of the batch is not valid base64"
-            ) from None
-
-    def _predict(self, body: bytes, query: dict[str, list[str]]) -> dict[str, Any]:
-        c, limits = self.server.classifier, self.server.limits
-        topk = min(self._option(query, "topk", 5, 1, limits.max_topk), len(c.classes))
-        want_cam = self._option(query, "cam", 0, 0, 1) == 1
-        images = self._images(body)
-        batch = len(images) > 1 or self.headers.get("Content-Type", "").startswith(
-            "application/json"
-        )
-        if want_cam and len(images) > 1:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "cam=1 takes one image per request")
-        tensors = []
-        for i, data in enumerate(images):
-            name = f"image {i}" if batch else "the image"
-            try:
-                tensors.append(c.transform(decode_image(data, name, limits.max_pixels)))
-            except DataError as e:
-                status = (
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-                    if "decompression bomb" in str(e)
-                    else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-                )
-                raise RequestError(status, str(e)) from None
-        futures = [self.server.batcher.submit(x) for x in tensors]
-        results: list[dict[str, Any]] = []
-        for future in futures:
-            probs = future.result(timeout=limits.result_timeout_s)
-            p, idx = probs.topk(topk)
-            results.append(
-                {
-                    "top": [
-                        {"class": c.classes[i], "index": i, "prob": round(float(v), 6)}
-                        for v, i in zip(p.tolist(), idx.tolist())
-                    ]
-                }
-            )
-        if batch:
-            return {"results": results}
-        answer = results[0]
-        if want_cam:
-            answer["cam_png"] = base64.b64encode(c.cam_png(tensors[0])).decode()
-        return answer
 
 
 def load_classifier(
@@ -609,27 +232,582 @@ def load_classifier(
         image_resize=image_resize,
         crop_pct=crop_pct,
     )
-    mean = tuple(255 * m for m in spec.mean)
-    std = tuple(255 * s for s in spec.std)
-    transform = spec.transform()
     dev = torch.device(device)
-    model = model.to(dev).eval()
     return Classifier(
-        model, list(names), transform, model_name or ckpt_path or "model", dev, mean, std
+        model=model.to(dev).eval(),
+        classes=list(names),
+        transform=spec.transform(),
+        name=_shown_name(arch, model),
+        device=dev,
+        mean=tuple(255 * m for m in spec.mean),
+        std=tuple(255 * s for s in spec.std),
     )
 
 
-def serve_forever(server: Server) -> None:
-    """Serve until SIGTERM/SIGINT; in-flight requests finish, then the port is closed."""
+def _shown_name(arch: str, model: nn.Module) -> str:
+    """The name clients see: the architecture, or the Hub repository; a `local-dir:` folder is
+    a path on this machine, so its model shows as its architecture."""
+    hub_config = getattr(model, "hub_config", None)
+    if arch.startswith("local-dir:") and isinstance(hub_config, dict):
+        return str(hub_config.get("architecture", "model"))
+    return arch
+
+
+def with_precision(
+    classifier: Classifier, precision: str, calibration: str | None = None
+) -> Classifier:
+    """`classifier` answering predictions with `optimize_for_inference(precision=...)` (bf16, or
+    int8 calibrated on the images of the `calibration` folder); fp32 serves the model as it is."""
+    if precision == "fp32":
+        return classifier
+    from .inference import optimize_for_inference
+    from .lowprec import calibration_batches
+
+    image_size = int(classifier.transform(Image.new("RGB", (64, 64))).shape[-1])
+    batches = (
+        calibration_batches(calibration, image_size=image_size)
+        if precision == "int8" and calibration
+        else None
+    )
+    classifier.fast = optimize_for_inference(
+        classifier.model, precision=precision, calibration=batches
+    )
+    classifier.precision = precision
+    return classifier
+
+
+class RequestError(Exception):
+    """A client error: HTTP `status` with a one-line `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Metrics:
+    """Counters for `GET /metrics`, in Prometheus' text format."""
+
+    def __init__(self) -> None:
+        self.responses: dict[int, int] = {}
+        self.latency_sum = 0.0
+        self.predict_requests = 0
+
+    def record(self, status: int, latency: float | None = None) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
+        if latency is not None:
+            self.predict_requests += 1
+            self.latency_sum += latency
+
+    def text(self, batcher: MicroBatcher) -> str:
+        lines = ["# TYPE res2net_responses_total counter"]
+        lines += [
+            f'res2net_responses_total{{code="{c}"}} {n}' for c, n in sorted(self.responses.items())
+        ]
+        lines += [
+            "# TYPE res2net_predict_seconds summary",
+            f"res2net_predict_seconds_sum {self.latency_sum:.6f}",
+            f"res2net_predict_seconds_count {self.predict_requests}",
+            "# TYPE res2net_images_total counter",
+            f"res2net_images_total {batcher.images}",
+            "# TYPE res2net_batches_total counter",
+            f"res2net_batches_total {batcher.batches}",
+            "# TYPE res2net_inference_seconds_total counter",
+            f"res2net_inference_seconds_total {batcher.busy_s:.6f}",
+            "# TYPE res2net_queue_images gauge",
+            f"res2net_queue_images {batcher.queue.qsize()}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+def error(status: int, message: str) -> JSONResponse:
+    """The JSON error every refusal answers with: one line saying what is wrong and what to do."""
+    return JSONResponse({"error": message, "status": status}, status, headers=SECURITY_HEADERS)
+
+
+class Guard:
+    """ASGI middleware in front of everything: the `Host` must be an allowed name (a page of
+    another site whose name resolves to this machine, i.e. DNS rebinding, sends its own), and a
+    browser request from another origin (its `Origin` header) is refused unless `origins` allows
+    it, since a cross-origin `text/plain` POST needs no preflight and would be classified."""
+
+    def __init__(self, app: ASGIApp, *, hosts: Sequence[str], origins: Sequence[str]) -> None:
+        self.app = app
+        self.hosts = {_bare_host(h) for h in hosts}
+        self.any_host = "*" in hosts
+        self.origins = set(origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if not self.any_host and _bare_host(host) not in self.hosts:
+            allowed = ", ".join(sorted(self.hosts))
+            response = error(
+                400,
+                f"Host {host[:100]!r} is not served here (allowed: {allowed}); "
+                "the server's --allowed_hosts adds names",
+            )
+            await response(scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if origin is not None and origin != f"{scope['scheme']}://{host}":
+            if "*" not in self.origins and origin not in self.origins:
+                response = error(
+                    403,
+                    f"requests from the page of {origin[:100]!r} are refused; "
+                    "the server's --allow_origin allows an origin",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _bare_host(host: str) -> str:
+    """A Host header's name without its port, lower case: `[::1]:8000` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+_INTEGER = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit() accepts "²"
+
+
+def _option(request: Request, key: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(key, str(default))
+    if not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
+        raise RequestError(400, f"{key}={raw[:20]!r}: give an integer in {low}..{high}")
+    return int(raw)
+
+
+class BodyBudget:
+    """The bytes of request bodies held in memory, all requests together: a part beyond
+    `limit` gets its request a 503. Counts what arrived, not what was declared, so clients that
+    announce large bodies and send nothing hold nothing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise RequestError(503, f"{self.held} bytes of uploads are already held; retry shortly")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(request: Request, limits: ServeLimits, budget: BodyBudget) -> bytes:
+    """The body, at most `max_body_bytes`, each part within `timeout_s` of the last and all of
+    it by `timeout_s` + its length at `min_upload_bytes_per_s`. Waiting costs a coroutine. The
+    bytes are taken from `budget`; the caller gives them back once the body is dropped."""
+    declared = request.headers.get("content-length")
+    cap = limits.max_body_bytes
+    size = int(declared) if declared is not None else cap  # uvicorn checked it is digits
+    if size > cap:
+        raise RequestError(413, f"body of {size} bytes; the limit is {cap}")
+    allowed = limits.timeout_s + size / limits.min_upload_bytes_per_s
+    deadline = time.monotonic() + allowed
+    parts: list[bytes] = []
+    received = 0
+    stream = request.stream().__aiter__()
+    try:
+        while True:
+            wait = min(limits.timeout_s, deadline - time.monotonic())
+            try:
+                part = await asyncio.wait_for(stream.__anext__(), timeout=max(wait, 0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise RequestError(
+                    408,
+                    f"the body did not arrive in time: each part within {limits.timeout_s:g} s, "
+                    f"and all of it at {limits.min_upload_bytes_per_s:g} bytes/s after "
+                    f"{limits.timeout_s:g} s; send it faster",
+                ) from None
+            if received + len(part) > cap:
+                raise RequestError(413, f"body of more than {cap} bytes; the limit is {cap}")
+            budget.take(len(part))
+            received += len(part)
+            parts.append(part)
+        if received == 0:
+            raise RequestError(400, "empty body: POST an image file")
+    except BaseException:  # refused, or the client left (cancelled): nothing is kept
+        budget.give(received)
+        raise
+    return b"".join(parts)
+
+
+def encoded_images(body: bytes, content_type: str, limits: ServeLimits) -> list[bytes] | None:
+    """The images of a JSON batch body (None: the body is one image)."""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        payload = json.loads(body)
+        images = payload["images"]
+        if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, RecursionError):  # JSONDecodeError, UnicodeError
+        raise RequestError(400, 'JSON bodies must be {"images": ["<base64>", ...]}') from None
+    cap = limits.max_batch_images
+    if not 0 < len(images) <= cap:
+        status = 413 if images else 400
+        raise RequestError(status, f"{len(images)} images in the batch; send 1..{cap}")
+    try:
+        return [base64.b64decode(s, validate=True) for s in images]
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "an image of the batch is not valid base64") from None
+
+
+def decode_all(
+    images: list[bytes], classifier: Classifier, limits: ServeLimits, batch: bool
+) -> list[torch.Tensor]:
+    """Model inputs of the encoded images, one decoded at a time (so a request holds at most one
+    full-size image), or a 413/415 `RequestError` naming the image. The images of a request have
+    at most `max_pixels` pixels together: a batch of 32 images at the cap took 36 s of CPU."""
+    tensors: list[torch.Tensor] = []
+    used = 0
+    for i, data in enumerate(images):
+        name = f"image {i}" if batch else "the image"
+        try:
+            image = decode_image(data, name, limits.max_pixels - used)
+        except DataError as e:
+            if "decompression bomb" not in str(e):
+                raise RequestError(415, str(e)) from None
+            if used:
+                e = DataError(
+                    f"{name}: the images of one request may have {limits.max_pixels} pixels "
+                    f"together, and those before it have {used}; send fewer or smaller images"
+                )
+            raise RequestError(413, str(e)) from None
+        used += image.width * image.height
+        tensors.append(classifier.transform(image))
+        del image  # the full-size pixels, before the next image is decoded
+    return tensors
+
+
+class Service:
+    """The state behind the routes: the classifier, its batcher, the limits and the counters."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        limits: ServeLimits,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+    ) -> None:
+        self.classifier, self.limits = classifier, limits
+        self.batcher = MicroBatcher(
+            classifier.probabilities,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=limits.max_queue,
+        )
+        self.metrics = Metrics()
+        self.active = 0  # requests past their body
+        self.budget = BodyBudget(limits.max_buffered_bytes)
+        self.decoders = anyio.CapacityLimiter(limits.max_decoding)
+
+    async def predict(self, request: Request) -> Response:
+        start = time.perf_counter()
+        limits, c = self.limits, self.classifier
+        topk = min(_option(request, "topk", 5, 1, limits.max_topk), len(c.classes))
+        want_cam = _option(request, "cam", 0, 0, 1) == 1
+        body = await read_body(request, limits, self.budget)
+        try:
+            if self.active >= limits.max_concurrent:
+                raise RequestError(503, f"{self.active} requests are being answered; retry shortly")
+            self.active += 1
+            try:
+                content_type = request.headers.get("content-type", "")
+                answer = await self._answer(body, content_type, topk, want_cam)
+            finally:
+                self.active -= 1
+        finally:
+            self.budget.give(len(body))
+        self.metrics.record(200, time.perf_counter() - start)
+        return JSONResponse(answer, headers=SECURITY_HEADERS)
+
+    async def _answer(self, body: bytes, content_type: str, topk: int, want_cam: bool) -> Any:
+        c, limits = self.classifier, self.limits
+        batch = await anyio.to_thread.run_sync(encoded_images, body, content_type, limits)
+        if want_cam and batch is not None:
+            raise RequestError(400, "cam=1 takes one image per request, not a JSON batch")
+        tensors = await anyio.to_thread.run_sync(
+            decode_all, batch or [body], c, limits, batch is not None, limiter=self.decoders
+        )
+        futures = [self.batcher.submit(x) for x in tensors]
+        results: list[dict[str, Any]] = []
+        try:
+            with anyio.fail_after(limits.result_timeout_s):
+                for future in futures:
+                    probs = await asyncio.wrap_future(future)
+                    p, idx = probs.topk(topk)
+                    top = [
+                        {"class": c.classes[i], "index": i, "prob": round(float(v), 6)}
+                        for v, i in zip(p.tolist(), idx.tolist())
+                    ]
+                    results.append({"top": top})
+        except TimeoutError:
+            raise RequestError(503, "the model did not answer in time; retry shortly") from None
+        if batch is not None:
+            return {"results": results}
+        if want_cam:
+            png = await anyio.to_thread.run_sync(c.cam_png, tensors[0])
+            results[0]["cam_png"] = base64.b64encode(png).decode()
+        return results[0]
+
+    async def health(self, request: Request) -> Response:
+        c = self.classifier
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": c.name,
+                "classes": len(c.classes),
+                "device": str(c.device),
+                "precision": c.precision,
+            },
+            headers=SECURITY_HEADERS,
+        )
+
+    async def metrics_text(self, request: Request) -> Response:
+        text = self.metrics.text(self.batcher)
+        return Response(text, media_type="text/plain; version=0.0.4", headers=SECURITY_HEADERS)
+
+    async def static(self, request: Request) -> Response:
+        name, media_type = STATIC[request.url.path]
+        data = resources.files("res2net").joinpath("static").joinpath(name).read_bytes()
+        return Response(data, media_type=media_type, headers=SECURITY_HEADERS)
+
+    async def favicon(self, request: Request) -> Response:
+        return Response(status_code=204, headers=SECURITY_HEADERS)
+
+
+def create_app(
+    classifier: Classifier,
+    *,
+    limits: ServeLimits | None = None,
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+    allow_origins: Sequence[str] = (),
+) -> Starlette:
+    """The ASGI app serving `classifier`; its batcher stops when the app's lifespan ends
+    (uvicorn's shutdown, after in-flight requests are answered). `app.state.service` holds the
+    batcher and the counters."""
+    service = Service(
+        classifier, limits=limits or ServeLimits(), max_batch=max_batch, max_wait_ms=max_wait_ms
+    )
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        status = exc.status if isinstance(exc, RequestError) else 500
+        if isinstance(exc, HTTPException):
+            status = exc.status_code
+            message = {
+                404: f"no page {request.url.path[:100]!r}; try /, /predict, /health or /metrics",
+                405: f"{request.method} is not served at {request.url.path}; POST images to "
+                "/predict",
+            }.get(status, str(exc.detail))
+        elif isinstance(exc, Overloaded):
+            status, message = 503, f"server busy ({exc}); retry shortly"
+        elif isinstance(exc, ClientDisconnect):
+            status, message = 400, "the client closed the connection"
+        elif status == 500:
+            log.error("request failed", exc_info=exc)
+            message = "internal error; see the server's log"
+        else:
+            message = str(exc)
+        service.metrics.record(status)
+        return error(status, message)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            service.batcher.close()
+
+    routes = [Route(path, service.static, methods=["GET", "HEAD"]) for path in STATIC]
+    routes += [
+        Route("/predict", service.predict, methods=["POST"]),
+        Route("/health", service.health, methods=["GET", "HEAD"]),
+        Route("/metrics", service.metrics_text, methods=["GET", "HEAD"]),
+        Route("/favicon.ico", service.favicon, methods=["GET", "HEAD"]),
+    ]
+    middleware = [Middleware(Guard, hosts=allowed_hosts, origins=allow_origins)]
+    if allow_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(allow_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type"],
+            )
+        )
+    handlers: dict[Any, Any] = {
+        exc: refused for exc in (HTTPException, RequestError, Overloaded, ClientDisconnect)
+    }
+    handlers[Exception] = refused
+    app = Starlette(
+        routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
+    )
+    app.state.service = service
+    return app
+
+
+class HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with two additions: the request line and headers must arrive
+    within `config.head_timeout_s` of the connection's start or of its last answer (uvicorn's
+    keep-alive timer stops at the first byte, so a client sending a header line every few
+    seconds would hold its connection forever), and a request h11 cannot parse in a way it
+    does not report as a protocol error (a `Content-Length` of more than 4,300 digits makes
+    Python's `int` raise ValueError) gets a 400 like any other malformed request."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._expect_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._expect_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _expect_head(self) -> None:
+        """(Re)start this connection's head timer: a response completed, or it just opened."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        timeout = getattr(self.config, "head_timeout_s", 30.0)
+        self._head_timer = self.loop.call_later(timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        """No answer completed on this connection since the timer started, and h11 still waits
+        for a request's head: close."""
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.debug("closing a connection whose request head did not arrive in time")
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        try:
+            super().handle_events()
+        except ValueError:
+            self.send_400_response("Invalid HTTP request received.")
+
+
+class ServeConfig(uvicorn.Config):
+    """uvicorn's settings plus the request head's deadline (read by `HeadDeadlineProtocol`)."""
+
+    def __init__(self, app: Any, *, head_timeout_s: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(app, http=HeadDeadlineProtocol, **kwargs)
+        self.head_timeout_s = head_timeout_s
+
+
+@dataclass
+class ServeSettings:
+    """Everything a server process needs to build its app: `--workers` processes read it from
+    the environment (`SETTINGS_ENV`), each loading its own model."""
+
+    model: dict[str, Any]  # `load_classifier`'s keyword arguments
+    limits: ServeLimits
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS
+    allow_origins: Sequence[str] = ()
+    precision: str = "fp32"
+    calibration: str | None = None
+
+    def app(self, classifier: Classifier | None = None) -> Starlette:
+        if classifier is None:
+            classifier = with_precision(
+                load_classifier(**self.model), self.precision, self.calibration
+            )
+        return create_app(
+            classifier,
+            limits=self.limits,
+            max_batch=self.max_batch,
+            max_wait_ms=self.max_wait_ms,
+            allowed_hosts=self.allowed_hosts,
+            allow_origins=self.allow_origins,
+        )
+
+
+def app_from_environment() -> Starlette:
+    """The app of one `--workers` process (uvicorn's factory), from `SETTINGS_ENV`."""
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    raw["limits"] = ServeLimits(**raw["limits"])
+    return ServeSettings(**raw).app()
+
+
+def serve(
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    classifier: Classifier | None = None,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT: uvicorn stops accepting, answers the requests in flight
+    (up to `result_timeout_s`), the batcher stops, and this returns. `ready(url)` is called
+    once the port is bound (port 0: the one the system chose)."""
     import signal
 
-    def stop(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    config = ServeConfig(
+        settings.app(classifier) if workers == 1 else "res2net.serve:app_from_environment",
+        factory=workers > 1,
+        head_timeout_s=settings.limits.timeout_s,
+        host=host,
+        port=port,
+        workers=workers,
+        limit_concurrency=settings.limits.max_connections,
+        timeout_graceful_shutdown=int(settings.limits.result_timeout_s),
+        # a worker answers the supervisor's pings only once it has imported torch and the
+        # package: at uvicorn's 5 s, a busy machine kills and restarts workers while they start
+        timeout_worker_healthcheck=WORKER_START_S,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+    )
+    sock = config.bind_socket()
+    sock.listen(config.backlog)  # clients told the URL queue until the server accepts them
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if ready is not None:
+        ready(f"http://{shown}:{bound_port}")
+    # uvicorn raises the signal again once it has shut down, for the default action (death by
+    # the signal); a handler that does nothing lets the process end with status 0 instead.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        server.serve_forever(poll_interval=0.2)
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            raw = asdict(settings)
+            os.environ[SETTINGS_ENV] = json.dumps(raw)
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            uvicorn.Server(config).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.server_close()
+        sock.close()

@@ -8,12 +8,14 @@ import logging
 from ..errors import ConfigError
 from .predict import add_classes_flag, add_transform_flags
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # res2net.serve's, without importing it
+
 HELP = (
     "serve a classifier over HTTP: POST images to /predict (top-k JSON, Grad-CAM), a web page at /"
 )
 
 log = logging.getLogger("res2net.serve")
-MAX_TIMEOUT_S = 86_400  # a day, for a client's reads and writes
+MAX_TIMEOUT_S = 86_400  # a day, for a client's request head and each part of its body
 MAX_WAIT_MS = 10_000  # a batch's wait for more images after its first
 
 
@@ -71,14 +73,21 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--max-concurrent",
         type=int,
         default=64,
-        help="requests handled at once; more get 503",
+        help="requests answered at once once their body has arrived; more get 503",
+    )
+    p.add_argument(
+        "--max_decoding",
+        "--max-decoding",
+        type=int,
+        default=2,
+        help="images decoded at once (each up to 4 bytes per pixel of --max_pixels)",
     )
     p.add_argument(
         "--max_connections",
         "--max-connections",
         type=int,
-        default=256,
-        help="open connections (one thread each); more wait to be accepted",
+        default=1024,
+        help="open connections; beyond, new requests get 503",
     )
     p.add_argument(
         "--max_queue",
@@ -92,23 +101,61 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--timeout-s",
         type=float,
         default=30.0,
-        help="a client's time for each socket read or write, and for its request line and "
-        "headers in all (at most 86400)",
+        help="a client's time for its request line and headers, and between two parts of a "
+        "body (at most 86400)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on the port, each with its own model and batcher",
+    )
+    p.add_argument(
+        "--allowed_hosts",
+        "--allowed-hosts",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="Host names clients may use besides 127.0.0.1, localhost, ::1 and --host "
+        "(others get 400: DNS rebinding); * allows any",
+    )
+    p.add_argument(
+        "--allow_origin",
+        "--allow-origin",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="web pages of these origins (https://example.org) may call the API (CORS); "
+        "by default only the server's own page may",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="serve predictions from optimize_for_inference at this precision (int8: x86 CPUs, "
+        "needs --calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        help="with --precision int8: a folder of typical images to calibrate on",
     )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..serve import ServeLimits, Server, load_classifier, serve_forever
+    from ..extras import require
+
+    require("starlette", "serve", "res2net serve")
+    require("uvicorn", "serve", "res2net serve")
+    from ..serve import ServeLimits, ServeSettings, load_classifier, serve, with_precision
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: give 0..65535")
-    counts = ("max_batch", "max_batch_images", "max_pixels", "max_concurrent", "max_connections")
-    for name in (*counts, "max_queue", "max_body_mb"):
+    counts = ("max_batch", "max_batch_images", "max_pixels", "max_concurrent", "max_decoding")
+    for name in (*counts, "max_connections", "max_queue", "max_body_mb", "workers"):
         value = getattr(args, name)
         if not value > 0 or value == float("inf"):  # NaN fails `> 0` too
             raise ConfigError(f"--{name} {value}: give a positive number")
-    # Waits the threading and socket layers can keep (they overflow near 1e10 s); a batch
-    # waiting longer than a request's 60 s for its result would answer nothing.
+    # Waits the event loop and the batcher's queue can keep (they overflow near 1e10 s).
     if not 0 < args.timeout_s <= MAX_TIMEOUT_S:
         raise ConfigError(
             f"--timeout_s {args.timeout_s:g}: give a positive number up to {MAX_TIMEOUT_S}"
@@ -118,34 +165,49 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     max_body_bytes = int(args.max_body_mb * (1 << 20))
     if max_body_bytes < 1024:  # smaller than any image: every request would get a 413
         raise ConfigError(f"--max_body_mb {args.max_body_mb:g}: give at least 1 KiB (0.001)")
-    classifier = load_classifier(
-        ckpt_path=args.ckpt_path,
-        model_name=args.model,
-        classes=args.classes,
-        device=args.device,
-        image_resize=args.image_resize,
-        crop_pct=args.crop_pct,
-    )
-    limits = ServeLimits(
-        max_body_bytes=max_body_bytes,
-        max_batch_images=args.max_batch_images,
-        max_pixels=args.max_pixels,
-        max_concurrent=args.max_concurrent,
-        max_connections=args.max_connections,
-        max_queue=args.max_queue,
-        socket_timeout_s=args.timeout_s,
-        head_timeout_s=args.timeout_s,
-    )
-    server = Server(
-        (args.host, args.port),
-        classifier,
-        limits=limits,
+    if args.precision == "int8" and not args.calibration:
+        raise ConfigError("--precision int8 needs --calibration DIR: a folder of typical images")
+    model = {
+        "ckpt_path": args.ckpt_path,
+        "model_name": args.model,
+        "classes": args.classes,
+        "device": args.device,
+        "image_resize": args.image_resize,
+        "crop_pct": args.crop_pct,
+    }
+    # loaded here once: a bad checkpoint fails in one line before any worker starts
+    classifier = with_precision(load_classifier(**model), args.precision, args.calibration)
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    settings = ServeSettings(
+        model=model,
+        limits=ServeLimits(
+            max_body_bytes=max_body_bytes,
+            max_batch_images=args.max_batch_images,
+            max_pixels=args.max_pixels,
+            max_concurrent=args.max_concurrent,
+            max_decoding=args.max_decoding,
+            max_connections=args.max_connections,
+            max_queue=args.max_queue,
+            timeout_s=args.timeout_s,
+        ),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        allowed_hosts=[*LOOPBACK_HOSTS, *([] if wildcard else [args.host]), *args.allowed_hosts],
+        allow_origins=args.allow_origin,
+        precision=args.precision,
+        calibration=args.calibration,
     )
-    print(
-        f"serving {classifier.name} ({len(classifier.classes)} classes) at {server.url}/",
-        flush=True,
+
+    def ready(url: str) -> None:
+        shown = f"{classifier.name} ({len(classifier.classes)} classes)"
+        print(f"serving {shown} at {url}/", flush=True)
+
+    serve(
+        settings,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        classifier=classifier if args.workers == 1 else None,
+        ready=ready,
     )
-    serve_forever(server)
     return 0

@@ -147,14 +147,34 @@ def _available_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+_HIGH_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit values too
+_BLOCK_PIXELS = 1 << 18  # pixels of a high-bit-depth image rescaled at once (a few MB)
+
+
+def _to_8bit_gray(im: Image.Image) -> Image.Image:
+    """A 16/32-bit grayscale image as 8-bit "L", each value v in 0..65535 mapped to
+    round(v / 257) (below 0: 0, above: 255). PIL's own `convert("L")` clips at 255 (nearly white
+    images). Done a block of pixels at a time, in integers: beside the source the conversion
+    holds the 1-byte result and one block, never a float copy of the image."""
+    width, height = im.size
+    cols = min(width, _BLOCK_PIXELS)
+    rows = max(1, _BLOCK_PIXELS // cols)
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, rows):
+        for left in range(0, width, cols):
+            box = (left, top, min(width, left + cols), min(height, top + rows))
+            block = np.asarray(im.crop(box)).astype(np.int32)
+            np.clip(block, 0, 65535, out=block)
+            block += 128
+            block //= 257  # round(v / 257): v / 257 is never a tie
+            out[box[1] : box[3], box[0] : box[2]] = block
+    return Image.fromarray(out)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB. PIL's own `convert("RGB")` clips 16/32-bit grayscale at 255
-    (nearly white images), so those are rescaled here."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale (PNG/TIFF); "I" is treated as holding 16-bit values too.
-        a = np.asarray(im, dtype=np.float64)
-        a = np.clip(a, 0, 65535) / 257.0
-        im = Image.fromarray(np.round(a).astype(np.uint8))
+    """Any PIL mode to 8-bit RGB; 16/32-bit grayscale is rescaled (`_to_8bit_gray`)."""
+    if im.mode in _HIGH_BIT_GRAY:
+        im = _to_8bit_gray(im)
     elif im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # avoids PIL's warning about palette transparency
     if im.mode != "RGB":
@@ -229,6 +249,10 @@ def finish_image(im: Image.Image, name: str) -> Image.Image:
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
     except Exception:  # broken EXIF: the pixels are still good
         logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
+    if im.mode in _HIGH_BIT_GRAY:
+        # rebinding `im` frees the 2-4 bytes per pixel of the source (when the caller passed
+        # its only reference, as `decode_image` does) before the RGB copy is made
+        im = _to_8bit_gray(im)
     return _to_rgb(im)
 
 
