@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fileio
 from .errors import ConfigError
 from .extras import require
-from .fileio import temporary_path
 from .guards import check_output_file
 
 FORMATS = ("onnx", "pt2", "openvino")
@@ -140,14 +140,12 @@ def _replacing(path: Path, enabled: bool = True) -> Iterator[Path]:
     already there intact. `enabled=False` (ONNX weights in a side file named after the model
     file, which a rename would orphan) writes `path` itself."""
     if not enabled:
+        fileio.check_in_place(path)
+        fileio.check_in_place(path.with_name(path.name + ".data"))
         yield path
         return
-    tmp = temporary_path(path)
-    try:
+    with fileio.replacing(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_onnx(
@@ -172,7 +170,7 @@ def export_onnx(
     onnxruntime = require("onnxruntime", "export", "ONNX export")
 
     path = check_output_file(path, "export output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(path.parent)
     model = model.eval()
     out_indices = getattr(model, "out_indices", None)
     output_names = ["logits"] if out_indices is None else [f"features{i}" for i in out_indices]
@@ -212,7 +210,7 @@ def export_program(
     `dynamic_size`) with `torch.export.save`, load it back and compare its outputs with the
     model's on a batch of another size."""
     path = check_output_file(path, "export output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(path.parent)
     model = model.eval()
     with torch.no_grad(), _replacing(path) as target:
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
@@ -301,16 +299,17 @@ def quantize_onnx(
             return next(self.inputs, None)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(fp32_path),
-        str(path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=per_channel,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    fileio.make_directory(path.parent)
+    with fileio.replacing(path) as target:
+        quantize_static(
+            str(fp32_path),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     return path
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write
+from .. import fileio
 
 log = logging.getLogger("res2net.train")
 
@@ -122,14 +122,17 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(directory / "tensorboard"))
+                # a new folder per process: its event files go where nothing can be planted
+                started = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                board = fileio.new_directory(directory / "tensorboard", started)
+                self.tb = SummaryWriter(str(board))
             except ImportError:
                 pass
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with fileio.open_append(self.path) as f:
             f.write(json.dumps(record) + "\n")
         if self.trackers is not None:
             self.trackers.log(record)
@@ -157,7 +160,9 @@ class MetricsLog:
         ]
         if len(kept) == len(self.path.read_text(errors="replace").splitlines()):
             return  # nothing to drop: the file stays as it is
-        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        fileio.atomic_write(
+            self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode())
+        )
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.is_file():
@@ -211,6 +216,8 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path | None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
