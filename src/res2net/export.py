@@ -216,8 +216,8 @@ def export_program(
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
         shapes = _dynamic_shapes(dynamic_size)
         program = torch.export.export(model, (example,), dynamic_shapes=shapes)
-        with target.open("wb") as f:  # a file object: torch warns on names not ending in .pt2
-            torch.export.save(program, f)
+        # a file object: torch warns on names not ending in .pt2
+        fileio.atomic_write(target, lambda f: torch.export.save(program, f))
         x = _check_input(model, image_size, dynamic_size)
         want = _outputs(model(x))
         with target.open("rb") as f:

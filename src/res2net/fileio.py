@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -257,6 +258,48 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         _discard(tmp)
     fsync_directory(path.parent)
+
+
+def open_new(path: str | os.PathLike) -> BinaryIO:
+    """`path`, a name where nothing is yet, opened as a new file for binary writing (for a
+    stream written piece by piece and then `rename_into` its final name)."""
+    path = Path(path)
+    try:
+        return os.fdopen(_create_exclusive(path), "wb")
+    except FileExistsError:
+        raise _refuse(path, "taken") from None
+
+
+def rename_into(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the file `source` (written by this process) over `path`, after checking that
+    nothing or a regular file is there; fsync the folder."""
+    path = Path(path)
+    _replace(Path(source), path)
+    fsync_directory(path.parent)
+
+
+def private_directory(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder only this user can enter (`tempfile.mkdtemp`) in `parent`: files written
+    inside it by name cannot meet anything planted; `publish_directory` renames it into place."""
+    make_directory(parent)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def publish_directory(source: Path, path: str | os.PathLike) -> None:
+    """Rename the folder `source` (from `private_directory`) to `path`, where nothing or an
+    empty folder is (never a link)."""
+    path = Path(path)
+    if os.path.islink(path):
+        raise _refuse(path, "a symbolic link")
+    if path.is_dir():
+        path.rmdir()  # empty, else OSError: rename cannot replace it everywhere
+    os.rename(source, path)
+    fsync_directory(path.parent)
+
+
+def remove_private_directory(path: Path) -> None:
+    """Delete a folder `private_directory` made, with what this process wrote in it."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def check_in_place(path: str | os.PathLike) -> Path:

@@ -81,7 +81,7 @@ def deletable_checkpoint(directory: str | Path, name: Any, prefix: str) -> Path 
 
 def save_checkpoint(state: dict[str, Any], path: Path, **header: Any) -> None:
     """Atomically `torch.save` a training state, tagged with this project's format and the
-    `header` entries (`run_id`, `epoch_top1`)."""
+    `header` entries (`run_id`; for an epoch file `epoch_file`, its name, and `epoch_top1`)."""
     fileio.atomic_write(path, lambda f: torch.save({"format": FORMAT, **header, **state}, f))
 
 
@@ -106,7 +106,7 @@ def checkpoint_header(path: Path) -> dict[str, Any] | None:
         state = load_training_state(path)
     except (OSError, ValueError):
         return None
-    return {k: state.get(k) for k in ("run_id", "epoch", "epoch_top1")}
+    return {k: state.get(k) for k in ("run_id", "epoch_file", "epoch_top1")}
 
 
 class CheckpointManager:
@@ -217,7 +217,7 @@ class CheckpointManager:
             if epoch in listed:
                 continue
             headers[epoch] = header = checkpoint_header(path)
-            if header is not None and header["run_id"] == self.run_id and header["epoch"] == epoch:
+            if self._names_this_run(header, path):
                 listed[epoch] = self._entry(epoch, header["epoch_top1"])
         keep, drop = self._rank(list(listed.values()))
         for e in drop:
@@ -287,13 +287,22 @@ class CheckpointManager:
             ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
         return ranked[: self.keep_max], ranked[self.keep_max :]
 
+    def _names_this_run(self, header: dict[str, Any] | None, path: Path) -> bool:
+        """Whether a checkpoint's header says it is this run's epoch file `path`."""
+        return (
+            header is not None
+            and self.run_id is not None
+            and header["run_id"] == self.run_id
+            and header["epoch_file"] == path.name
+        )
+
     def _delete_if_ours(self, epoch: int, header: dict[str, Any] | None = None) -> bool:
         """Delete the epoch file of `epoch` when its own header names this run and epoch."""
         path = deletable_checkpoint(self.directory, self.epoch_file(epoch).name, self.prefix)
         if path is None or self.run_id is None:
             return False
         header = header or checkpoint_header(path)
-        if header is None or header["run_id"] != self.run_id or header["epoch"] != epoch:
+        if not self._names_this_run(header, path):
             log.info("kept %s: its header does not name this run", path)
             return False
         return fileio.remove(path)
@@ -320,7 +329,7 @@ class CheckpointManager:
         keep, drop = self._rank([*entries, self._entry(epoch, top1)])
         kept = any(e["epoch"] == epoch for e in keep)  # else the policy wants no epoch file
         if kept:
-            save_checkpoint(state, path, run_id=self.run_id, epoch_top1=top1)
+            save_checkpoint(state, path, run_id=self.run_id, epoch_file=path.name, epoch_top1=top1)
             if is_best:
                 fileio.atomic_link(path, self.best)
         self._write_index(keep)
