@@ -126,10 +126,14 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _create_exclusive(path: Path) -> int:
-    """A descriptor of the new regular file `path` (never a link's target, never an existing
-    file)."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+def _nofollow(name: str, flags: int) -> int:
+    return os.open(name, flags | _NOFOLLOW | _CLOEXEC, 0o644)
+
+
+def _create_exclusive(path: Path) -> BinaryIO:
+    """The new regular file `path` open for writing (`O_CREAT | O_EXCL | O_NOFOLLOW`: never a
+    link's target, never an existing file)."""
+    return open(path, "xb", opener=_nofollow)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
@@ -188,7 +192,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     path = check_target(path)
     tmp = temporary_path(path)
     try:
-        with os.fdopen(_create_exclusive(tmp), "wb") as f:
+        with _create_exclusive(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -226,9 +230,9 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
     tmp = temporary_path(path)
     try:
         try:
-            os.link(source, tmp, follow_symlinks=False)
+            os.link(source, tmp)
         except OSError:
-            with open(source, "rb") as src, os.fdopen(_create_exclusive(tmp), "wb") as dst:
+            with open(source, "rb") as src, _create_exclusive(tmp) as dst:
                 shutil.copyfileobj(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -251,7 +255,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     it over `path` when the block succeeds. A failed block leaves `path` as it was."""
     path = check_target(path)
     tmp = temporary_path(path)
-    os.close(_create_exclusive(tmp))
+    _create_exclusive(tmp).close()
     try:
         yield tmp
         _replace(tmp, path)
@@ -265,7 +269,7 @@ def open_new(path: str | os.PathLike) -> BinaryIO:
     stream written piece by piece and then `rename_into` its final name)."""
     path = Path(path)
     try:
-        return os.fdopen(_create_exclusive(path), "wb")
+        return _create_exclusive(path)
     except FileExistsError:
         raise _refuse(path, "taken") from None
 
