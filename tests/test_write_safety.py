@@ -117,7 +117,8 @@ def world(tmp_path_factory) -> World:
         model = saliency_res2net(trunk, decoder_channels=8)
         saliency = save_saliency_model(root / "sal.pth", model, MODEL, image_size=32)
     world = World(root, data, weights, run, hub, image, saliency, {})
-    for command in ("cam", "saliency", "export"):
+    world.outputs["export"] = "m.pt2"
+    for command in ("cam", "saliency"):
         folder = root / f"probe-{command}"
         folder.mkdir()
         rc, err = run_cli(*command_argv(world, command, folder))
@@ -283,15 +284,18 @@ def plant_index(path: Path, index: str) -> None:
         path.write_text(text or "")
 
 
-def cases() -> st.SearchStrategy:
+def cases(long: bool) -> st.SearchStrategy:
+    """(command, name, plant, index, epochs). The short run keeps to the cheap cases: a resume
+    that trains nothing more and an export refused before it starts (a successful export
+    takes seconds); the long run draws from all."""
     command = st.sampled_from(sorted(NAMES))
     return command.flatmap(
         lambda c: st.tuples(
             st.just(c),
             st.sampled_from(NAMES[c]),
-            st.sampled_from(PLANTS),
+            st.sampled_from(PLANTS if long or c != "export" else PLANTS[:-1]),
             st.sampled_from([None, *INDEXES]) if c == "resume" else st.none(),
-            st.sampled_from([1, 2]),
+            st.sampled_from([1, 2] if long else [1]),
         )
     )
 
@@ -308,12 +312,12 @@ def fuzz(world: World, case: tuple) -> None:
 
 
 @settings(
-    max_examples=int(os.environ.get("WRITE_SAFETY_CASES", 60)),
+    max_examples=int(os.environ.get("WRITE_SAFETY_CASES", 100)),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,
 )
-@given(case=cases())
+@given(case=cases(long=False))
 def test_planted_names_never_turn_a_command_against_the_owner(world, case):
     fuzz(world, case)
 
@@ -324,7 +328,7 @@ def test_planted_names_never_turn_a_command_against_the_owner(world, case):
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(case=cases())
+@given(case=cases(long=True))
 def test_planted_names_never_turn_a_command_against_the_owner_long(world, case):
     fuzz(world, case)
 

@@ -106,7 +106,7 @@ def checkpoint_header(path: Path) -> dict[str, Any] | None:
         state = load_training_state(path)
     except (OSError, ValueError):
         return None
-    return {k: state.get(k) for k in ("run_id", "epoch_file", "epoch_top1")}
+    return {k: state.get(k) for k in ("run_id", "epoch", "epoch_file", "epoch_top1")}
 
 
 class CheckpointManager:
@@ -160,6 +160,20 @@ class CheckpointManager:
                 f"'{board}' is not a folder of this run (a link or a file): move it away or "
                 "choose another --ckpt_save_dir"
             )
+
+    def check_epoch_files(self, epochs: int) -> None:
+        """FileRefused when a file at the name of an epoch checkpoint this run has yet to
+        write (after `last.pt`'s epoch, up to `epochs`) is not this run's: writing the epoch
+        would replace it."""
+        header = checkpoint_header(self.last)
+        done = header["epoch"] if header is not None and type(header["epoch"]) is int else 0
+        for path in self.epoch_files():
+            epoch = int(path.name[len(self.prefix) + 1 : -3])
+            if done < epoch <= epochs and not self._names_this_run(checkpoint_header(path), path):
+                raise fileio.FileRefused(
+                    f"'{path}' is not a checkpoint of this run, and epoch {epoch} would replace "
+                    "it: move it away or choose another --ckpt_save_dir"
+                )
 
     def remove_stale_files(self) -> list[Path]:
         """Remove the temporary files of writes that a killed process never finished."""

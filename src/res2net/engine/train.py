@@ -254,6 +254,7 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
             log.warning("overwrite: the previous run's files were moved to %s", aside)
         ckpts.run_id = new_run_id()
     ckpts.check_names(cfg.epoch_size)
+    ckpts.check_epoch_files(cfg.epoch_size)
     for path in ckpts.reconcile():
         log.info("removed %s (left by a write or a rotation that never finished)", path)
     return ckpts.run_id
