@@ -198,13 +198,15 @@ class CheckpointManager:
         return present + self.epoch_files()
 
     def find_run_id(self) -> str | None:
-        """The id of the run whose files are here: the one the index names, else the one in
-        `last.pt`'s header; None when neither says."""
-        ids = {e.get("run") for e in self._index() or []}
-        if len(ids) == 1 and isinstance(run := ids.pop(), str) and run:
-            return run
+        """The id of the run whose files are here: the one in `last.pt`'s header (the commit
+        point, which a resume continues), else the one the index names; None when neither
+        says."""
         header = checkpoint_header(self.last)
         run = header["run_id"] if header is not None else None
+        if isinstance(run, str) and run:
+            return run
+        ids = {e.get("run") for e in self._index() or []}
+        run = ids.pop() if len(ids) == 1 else None
         return run if isinstance(run, str) and run else None
 
     def reconcile(self) -> list[Path]:
@@ -231,7 +233,7 @@ class CheckpointManager:
             if epoch in listed:
                 continue
             headers[epoch] = header = checkpoint_header(path)
-            if self._names_this_run(header, path):
+            if header is not None and self._names_this_run(header, path):
                 listed[epoch] = self._entry(epoch, header["epoch_top1"])
         keep, drop = self._rank(list(listed.values()))
         for e in drop:
