@@ -86,7 +86,8 @@ def check_target(path: str | os.PathLike) -> Path:
 
 def make_directory(path: str | os.PathLike) -> Path:
     """Create the folder `path` (and its parents) unless it exists; a link to a folder the
-    user made is fine. FileRefused when something else is there."""
+    user made is fine. FileRefused naming it when something else is there or it cannot be
+    created."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ class CheckpointManager:
         try:
             fileio.make_directory(self.directory)
             probe = fileio.temporary_path(self.directory / "write-test")
-            fileio.write_bytes(probe, b"ok")
+            fileio.open_new(probe).close()
             fileio.remove(probe)
         except OSError as e:
             reason = e.strerror or str(e).split(" (", 1)[-1].rstrip(")")
