@@ -129,6 +129,7 @@ class CheckpointManager:
         self.policy = policy
         self.run_id = run_id
         self.index_path = self.directory / "checkpoints.json"
+        self._headers: dict[tuple[str, int, int, int], dict[str, Any] | None] = {}
 
     def check_writable(self) -> None:
         """Fail before training starts if the directory cannot be created or written."""
@@ -165,11 +166,11 @@ class CheckpointManager:
         """FileRefused when a file at the name of an epoch checkpoint this run has yet to
         write (after `last.pt`'s epoch, up to `epochs`) is not this run's: writing the epoch
         would replace it."""
-        header = checkpoint_header(self.last)
+        header = self._header(self.last)
         done = header["epoch"] if header is not None and type(header["epoch"]) is int else 0
         for path in self.epoch_files():
             epoch = int(path.name[len(self.prefix) + 1 : -3])
-            if done < epoch <= epochs and not self._names_this_run(checkpoint_header(path), path):
+            if done < epoch <= epochs and not self._names_this_run(self._header(path), path):
                 raise fileio.FileRefused(
                     f"'{path}' is not a checkpoint of this run, and epoch {epoch} would replace "
                     "it: move it away or choose another --ckpt_save_dir"
@@ -201,7 +202,7 @@ class CheckpointManager:
         """The id of the run whose files are here: the one in `last.pt`'s header (the commit
         point, which a resume continues), else the one the index names; None when neither
         says."""
-        header = checkpoint_header(self.last)
+        header = self._header(self.last)
         run = header["run_id"] if header is not None else None
         if isinstance(run, str) and run:
             return run
@@ -227,17 +228,16 @@ class CheckpointManager:
             if e.get("run") == self.run_id
             and deletable_checkpoint(self.directory, e["file"], self.prefix)
         }
-        headers: dict[int, dict[str, Any] | None] = {}
         for path in self.epoch_files():
             epoch = int(path.name[len(self.prefix) + 1 : -3])
             if epoch in listed:
                 continue
-            headers[epoch] = header = checkpoint_header(path)
+            header = self._header(path)
             if header is not None and self._names_this_run(header, path):
                 listed[epoch] = self._entry(epoch, header["epoch_top1"])
         keep, drop = self._rank(list(listed.values()))
         for e in drop:
-            if self._delete_if_ours(e["epoch"], headers.get(e["epoch"])):
+            if self._delete_if_ours(e["epoch"]):
                 removed.append(self.epoch_file(e["epoch"]))
         if index != sorted(keep, key=lambda e: e["epoch"]):
             self._write_index(keep)
@@ -303,6 +303,17 @@ class CheckpointManager:
             ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
         return ranked[: self.keep_max], ranked[self.keep_max :]
 
+    def _header(self, path: Path) -> dict[str, Any] | None:
+        """`checkpoint_header(path)`, read once per file version (checkpoints are large)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        key = (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key not in self._headers:
+            self._headers[key] = checkpoint_header(path)
+        return self._headers[key]
+
     def _names_this_run(self, header: dict[str, Any] | None, path: Path) -> bool:
         """Whether a checkpoint's header says it is this run's epoch file `path`."""
         return (
@@ -312,13 +323,12 @@ class CheckpointManager:
             and header["epoch_file"] == path.name
         )
 
-    def _delete_if_ours(self, epoch: int, header: dict[str, Any] | None = None) -> bool:
+    def _delete_if_ours(self, epoch: int) -> bool:
         """Delete the epoch file of `epoch` when its own header names this run and epoch."""
         path = deletable_checkpoint(self.directory, self.epoch_file(epoch).name, self.prefix)
         if path is None or self.run_id is None:
             return False
-        header = header or checkpoint_header(path)
-        if not self._names_this_run(header, path):
+        if not self._names_this_run(self._header(path), path):
             log.info("kept %s: its header does not name this run", path)
             return False
         return fileio.remove(path)
