@@ -19,7 +19,7 @@ RAW_WRITERS = re.compile(
     rf"(?<![\w.])open\([^)]*,\s*{MODE}|\.open\(\s*{MODE}|(?<!fileio)\.write_(text|bytes)\("
     r"|savefig\(|torch\.save\(|save_file\(|\.unlink\(|rmtree|os\.replace\(|\.rename\("
     r"|os\.link\(|os\.symlink\(|SummaryWriter\(|\.mkdir\(|os\.open\(|shutil\.(copy|move)"
-    r"|mkdtemp|\.save\([^)]*(/|path|str\()"
+    r"|mkdtemp|TemporaryDirectory\(|mkstemp|\.save\([^)]*(/|path|str\()"
 )
 # (file, text on the line): why it is not a write the project must route through fileio
 ALLOWED = {

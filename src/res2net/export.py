@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,7 +249,9 @@ def export_openvino(
             key="format",
         )
     weights = check_output_file(path.with_suffix(".bin"), "export weights output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in (path, weights):  # refused before the conversion, not after it
+        fileio.check_target(name)
+    fileio.make_directory(path.parent)
     model = model.eval()
     with torch.no_grad():
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
@@ -262,15 +263,15 @@ def export_openvino(
         want = _outputs(model(x))
     # Serialization insists on a .xml name and the runtime finds NAME.bin beside NAME.xml, so
     # both are written in a temporary folder next to the outputs, checked, then renamed.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        tmp_xml = Path(tmp) / "model.xml"
+    with fileio.scratch_directory(path.parent, prefix=f".{path.name}.") as tmp:
+        tmp_xml = tmp / "model.xml"
         ov.save_model(converted, tmp_xml, compress_to_fp16=False)
         compiled = ov.Core().compile_model(str(tmp_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(x.float().cpu().numpy())
         got = [torch.from_numpy(result[i]) for i in range(len(want))]
         check = compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
-        os.replace(tmp_xml.with_suffix(".bin"), weights)
-        os.replace(tmp_xml, path)
+        fileio.rename_into(tmp_xml.with_suffix(".bin"), weights)
+        fileio.rename_into(tmp_xml, path)
         return check
 
 
@@ -328,8 +329,8 @@ def export_onnx_int8(
 
     path = check_output_file(path, "export output")
     image_size = batches[0].shape[-1]
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.is_dir() else None) as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
+    with fileio.scratch_directory(path.parent if path.parent.is_dir() else None) as tmp:
+        fp32_path = tmp / "fp32.onnx"
         export_onnx(model, fp32_path, image_size=image_size, opset=opset)
         with _replacing(path) as target:
             quantize_onnx(fp32_path, target, batches)

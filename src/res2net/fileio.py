@@ -307,6 +307,19 @@ def remove_private_directory(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_directory(
+    parent: str | os.PathLike | None = None, prefix: str = ".res2net."
+) -> Iterator[Path]:
+    """A `private_directory` in `parent` (the system's temporary folder when None) for the
+    block, deleted after it: where libraries that write by their own names put their files."""
+    path = private_directory(tempfile.gettempdir() if parent is None else parent, prefix)
+    try:
+        yield path
+    finally:
+        remove_private_directory(path)
+
+
 def check_in_place(path: str | os.PathLike) -> Path:
     """`path` when a library may write it by name in place: nothing there, or a regular file
     with one link (checked with `lstat`; a library writing by name gets no descriptor)."""

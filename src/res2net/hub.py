@@ -21,7 +21,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -232,7 +231,7 @@ def push_to_hub(
 
     api = HfApi(token=token)
     failures: tuple[type[Exception], ...] = (HfHubHTTPError, OSError, *_http_client_errors())
-    with tempfile.TemporaryDirectory() as tmp:
+    with fileio.scratch_directory() as tmp:
         save_to_folder(model, tmp, arch=arch, repo_name=repo_id, **folder_kwargs)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
