@@ -408,7 +408,8 @@ def test_no_message_advises_deleting_the_index():
 
 
 def test_overwrite_from_a_recipe_moves_the_other_run_aside(world, tmp_path, caplog):
-    """A recipe naming another run's folder with `overwrite: True`: that run's files move to
+    """A run whose folder holds another run's files, with `--overwrite True` (a recipe may not
+    set `overwrite` or an absolute folder: the config's trust rule): that run's files move to
     `<dir>.replaced-<time>`, whole, and the run says where in one line."""
     other = tmp_path / "other"
     shutil.copytree(world.run, other)
@@ -416,11 +417,11 @@ def test_overwrite_from_a_recipe_moves_the_other_run_aside(world, tmp_path, capl
     recipe = tmp_path / "recipe.yaml"
     argv = train_argv(world.data, other)[1:]
     options = dict(zip(argv[::2], argv[1::2]))
-    recipe.write_text(
-        "".join(f"{k.lstrip('-')}: {v}\n" for k, v in options.items()) + "overwrite: True\n"
-    )
+    options.pop("--ckpt_save_dir")
+    recipe.write_text("".join(f"{k.lstrip('-')}: {v}\n" for k, v in options.items()))
+    command = ("train", "-c", str(recipe), "--ckpt_save_dir", str(other), "--overwrite", "True")
     with caplog.at_level(logging.WARNING):
-        rc, err = run_cli("train", "-c", str(recipe))
+        rc, err = run_cli(*command)
     assert rc == 0, err
     (aside,) = tmp_path.glob("other.replaced-*")
     moved = [line for line in caplog.messages if str(aside) in line]

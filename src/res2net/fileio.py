@@ -36,8 +36,6 @@ from typing import BinaryIO, TextIO
 
 from .errors import FileRefused
 
-from .errors import FileRefused
-
 # `.NAME.PID.HEX.tmp`: a temporary file of `atomic_write` (or `temporary_path`) for NAME
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 

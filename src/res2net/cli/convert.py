@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..config import MAX_CONFIG_BYTES
 from ..errors import ConfigError
