@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from res2net.cli.demo import keep_best_weights
+from res2net.engine.checkpoint import save_checkpoint
 
 
 def test_keep_best_weights_removes_only_the_runs_checkpoints(tmp_path, monkeypatch):
@@ -21,6 +23,16 @@ def test_keep_best_weights_removes_only_the_runs_checkpoints(tmp_path, monkeypat
     ]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
+    for name in names[:4]:  # the run's own checkpoints: their headers name the run
+        save_checkpoint({}, tmp_path / name, run_id="r", epoch_file=name)
+    (tmp_path / "checkpoints.json").write_text(
+        json.dumps(
+            [{"epoch": e, "file": f"res2net50-00{e}.pt", "top1": None, "run": "r"} for e in (1, 2)]
+        )
+    )
+    save_checkpoint(
+        {}, tmp_path / "res2net50-003.pt", run_id="x", epoch_file="res2net50-003.pt"
+    )  # not its own
 
     def convert(src, dst, **kwargs):
         Path(dst).write_bytes(b"weights")
@@ -34,5 +46,6 @@ def test_keep_best_weights_removes_only_the_runs_checkpoints(tmp_path, monkeypat
         "metrics.jsonl",
         "mine.pt",
         "res2net101-001.pt",
+        "res2net50-003.pt",
         "training.png",
     ]

@@ -77,14 +77,16 @@ def test_weight_decay_filter():
 
 
 def test_checkpoint_policies(tmp_path):
-    latest = CheckpointManager(tmp_path / "a", prefix="m", keep_max=2, policy="latest_k")
+    latest = CheckpointManager(
+        tmp_path / "a", prefix="m", keep_max=2, policy="latest_k", run_id="r"
+    )
     latest.check_writable()
     for epoch, top1 in enumerate([50.0, 70.0, 60.0], start=1):
         latest.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "a").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
     assert load_training_state(latest.latest())["epoch"] == 3
 
-    top = CheckpointManager(tmp_path / "b", prefix="m", keep_max=2, policy="top_k")
+    top = CheckpointManager(tmp_path / "b", prefix="m", keep_max=2, policy="top_k", run_id="r")
     for epoch, top1 in enumerate([50.0, 70.0, 60.0, 40.0], start=1):
         top.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "b").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]

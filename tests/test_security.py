@@ -205,13 +205,12 @@ def test_planted_checkpoint_index_deletes_nothing_outside_its_own_files(tmp_path
         {"epoch": "x", "file": 5},
     ]
     (ckpt / "checkpoints.json").write_text(json.dumps(planted))
-    manager = CheckpointManager(ckpt, prefix="tiny", keep_max=1)
-    with pytest.raises(ValueError, match="checkpoints.json: entry 0"):  # refused, naming the file
-        manager.save_epoch({"x": torch.ones(1)}, epoch=5, top1=None)
+    manager = CheckpointManager(ckpt, prefix="tiny", keep_max=1, run_id="r")
+    manager.save_epoch({"x": torch.ones(1)}, epoch=5, top1=None)  # a damaged index: rebuilt
     assert notes.read_text() == "mine" and other.exists() and (ckpt / "tiny-004.pt").is_symlink()
     # a well-formed index naming a link: the link is never followed nor deleted
     (ckpt / "checkpoints.json").write_text(
-        json.dumps([{"epoch": 4, "file": "tiny-004.pt", "top1": None}])
+        json.dumps([{"epoch": 4, "file": "tiny-004.pt", "top1": None, "run": "r"}])
     )
     manager.save_epoch({"x": torch.ones(1)}, epoch=5, top1=None)
     assert notes.read_text() == "mine" and (ckpt / "tiny-004.pt").is_symlink()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import fileio
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError
 from .models.base import Res2NetBase
@@ -166,7 +167,7 @@ def save_cam_figure(
     from matplotlib.figure import Figure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(path.parent)
     fig = Figure(figsize=(11, 3.8), dpi=100, layout="constrained")
     ax_img, ax_cam, ax_top = fig.subplots(1, 3, width_ratios=(1, 1, 1.1))
     ax_img.imshow(image)
@@ -183,7 +184,7 @@ def save_cam_figure(
     for i, p in enumerate(probs):
         ax_top.text(p, i, f" {p * 100:.1f}%", va="center")
     ax_top.set_title("top classes")
-    fig.savefig(path)
+    fileio.atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 

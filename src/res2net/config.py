@@ -264,8 +264,8 @@ class Config:
     on_bad_image: s.OnBadImage = key("skip", "skip (log) or error on images that fail to decode")
     min_readable_images: float = key(0.5, "an epoch fails when a smaller fraction of its images "
                                      "decode", ge=0, le=1)
-    overwrite: bool = key(False, "a fresh run may delete the run files already in ckpt_save_dir",
-                          trust="lets the run delete files")
+    overwrite: bool = key(False, "a fresh run moves to <dir>.replaced-<time> the run "
+                          "files already in ckpt_save_dir", trust="lets the run delete files")
     fast_decode: bool = key(True, "decode training crops at reduced size, resize as tensors")
     device: str = key("auto", "auto, cpu, cuda, cuda:N, mps")
     zero_init_last: bool = key(False, "start each residual branch at zero")

@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fileio
 from .errors import ConfigError
 from .extras import require
-from .fileio import temporary_path
 from .guards import check_output_file
 
 FORMATS = ("onnx", "pt2", "openvino")
@@ -140,14 +139,12 @@ def _replacing(path: Path, enabled: bool = True) -> Iterator[Path]:
     already there intact. `enabled=False` (ONNX weights in a side file named after the model
     file, which a rename would orphan) writes `path` itself."""
     if not enabled:
+        fileio.check_in_place(path)
+        fileio.check_in_place(path.with_name(path.name + ".data"))
         yield path
         return
-    tmp = temporary_path(path)
-    try:
+    with fileio.replacing(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_onnx(
@@ -172,7 +169,7 @@ def export_onnx(
     onnxruntime = require("onnxruntime", "export", "ONNX export")
 
     path = check_output_file(path, "export output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(path.parent)
     model = model.eval()
     out_indices = getattr(model, "out_indices", None)
     output_names = ["logits"] if out_indices is None else [f"features{i}" for i in out_indices]
@@ -212,14 +209,14 @@ def export_program(
     `dynamic_size`) with `torch.export.save`, load it back and compare its outputs with the
     model's on a batch of another size."""
     path = check_output_file(path, "export output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(path.parent)
     model = model.eval()
     with torch.no_grad(), _replacing(path) as target:
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
         shapes = _dynamic_shapes(dynamic_size)
         program = torch.export.export(model, (example,), dynamic_shapes=shapes)
-        with target.open("wb") as f:  # a file object: torch warns on names not ending in .pt2
-            torch.export.save(program, f)
+        # a file object: torch warns on names not ending in .pt2
+        fileio.atomic_write(target, lambda f: torch.export.save(program, f))
         x = _check_input(model, image_size, dynamic_size)
         want = _outputs(model(x))
         with target.open("rb") as f:
@@ -252,7 +249,9 @@ def export_openvino(
             key="format",
         )
     weights = check_output_file(path.with_suffix(".bin"), "export weights output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in (path, weights):  # refused before the conversion, not after it
+        fileio.check_target(name)
+    fileio.make_directory(path.parent)
     model = model.eval()
     with torch.no_grad():
         example = _example(model, 2, max(image_size, 64) if dynamic_size else image_size)
@@ -264,15 +263,15 @@ def export_openvino(
         want = _outputs(model(x))
     # Serialization insists on a .xml name and the runtime finds NAME.bin beside NAME.xml, so
     # both are written in a temporary folder next to the outputs, checked, then renamed.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        tmp_xml = Path(tmp) / "model.xml"
+    with fileio.scratch_directory(path.parent, prefix=f".{path.name}.") as tmp:
+        tmp_xml = tmp / "model.xml"
         ov.save_model(converted, tmp_xml, compress_to_fp16=False)
         compiled = ov.Core().compile_model(str(tmp_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(x.float().cpu().numpy())
         got = [torch.from_numpy(result[i]) for i in range(len(want))]
         check = compare_outputs(path, x.shape[0], got, [w.cpu() for w in want], rtol)
-        os.replace(tmp_xml.with_suffix(".bin"), weights)
-        os.replace(tmp_xml, path)
+        fileio.rename_into(tmp_xml.with_suffix(".bin"), weights)
+        fileio.rename_into(tmp_xml, path)
         return check
 
 
@@ -301,16 +300,17 @@ def quantize_onnx(
             return next(self.inputs, None)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(fp32_path),
-        str(path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=per_channel,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    fileio.make_directory(path.parent)
+    with fileio.replacing(path) as target:
+        quantize_static(
+            str(fp32_path),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     return path
 
 
@@ -329,8 +329,8 @@ def export_onnx_int8(
 
     path = check_output_file(path, "export output")
     image_size = batches[0].shape[-1]
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.is_dir() else None) as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
+    with fileio.scratch_directory(path.parent if path.parent.is_dir() else None) as tmp:
+        fp32_path = tmp / "fp32.onnx"
         export_onnx(model, fp32_path, image_size=image_size, opset=opset)
         with _replacing(path) as target:
             quantize_onnx(fp32_path, target, batches)

@@ -1,19 +1,121 @@
-"""Files that appear whole or not at all: write to a temporary file, fsync, rename."""
+"""Every file the project creates, replaces or deletes goes through this module.
+
+The rules, the same for run folders, Hub folders, exports, reports and data it writes:
+
+- a name is written only when nothing is there or a regular file is (checked with `lstat`,
+  so a symbolic link, named pipe, directory or device planted at the name is refused in one
+  line naming it, and never followed); the folder itself may be a link the user made;
+- new files are opened with `O_CREAT | O_EXCL | O_NOFOLLOW`: a file appears whole or not at
+  all (temporary file, fsync, rename over the name, fsync of the folder);
+- a file changed in place (the run lock, the metrics log) must be a regular file with one
+  link, so a hard link to a file elsewhere is refused rather than written through;
+- a file is deleted only by `remove`, which unlinks a regular file's name (never a link's
+  target, never a folder), and callers delete only files they proved are theirs;
+- a folder is never emptied to start over: `move_aside` moves the previous files to a sibling
+  folder `<folder>.replaced-<time>`.
+
+Written here, not taken from a library, because no well-kept package offers refusing links at
+the final name together with the atomic replace (`atomicwrites` is unmaintained and follows
+links; `os.replace` alone cannot tell a planted link from a file).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
 import os
 import re
 import secrets
-from collections.abc import Callable
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from .errors import FileRefused
 
 # `.NAME.PID.HEX.tmp`: a temporary file of `atomic_write` (or `temporary_path`) for NAME
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _refuse(path: Path, what: str) -> FileRefused:
+    return FileRefused(
+        f"'{path}' is {what}: the project writes only new names or regular files it can "
+        "replace; move it away or choose another path"
+    )
+
+
+def check_target(path: str | os.PathLike) -> Path:
+    """`path` when a file may be written there: nothing at the name, or a regular file (the
+    name itself, not a link's target); else FileRefused naming it."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError:
+        raise FileRefused(f"'{path}' cannot be written: a folder on its path is a file") from None
+    except OSError as e:
+        raise FileRefused(f"'{path}' cannot be checked ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise _refuse(path, _kind(mode))
+    return path
+
+
+def make_directory(path: str | os.PathLike) -> Path:
+    """Create the folder `path` (and its parents) unless it exists; a link to a folder the
+    user made is fine. FileRefused naming it when something else is there or it cannot be
+    created."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # something else is there: named below
+        pass
+    except OSError as e:
+        raise FileRefused(f"folder '{path}' cannot be created ({e.strerror or e})") from None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
+    if not stat.S_ISDIR(mode):
+        raise FileRefused(f"'{path}' is {_kind(mode)}, not a folder: choose another path")
+    return path
+
+
+def new_directory(parent: str | os.PathLike, name: str) -> Path:
+    """Create a new, empty folder `name` in `parent` (or `name-2`, `name-3`, ... when taken):
+    nothing planted can be inside it, so a library may write there by its own names."""
+    make_directory(parent)
+    for n in range(1, 1000):
+        path = Path(parent) / (name if n == 1 else f"{name}-{n}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise FileRefused(f"folder '{path}' cannot be created ({e.strerror or e})") from None
+        return path
+    raise FileRefused(f"no free folder name for '{Path(parent) / name}'")
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -21,6 +123,16 @@ def temporary_path(path: str | os.PathLike) -> Path:
     writing process, so that `remove_stale_temporaries` can tell a killed write from a live one."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _nofollow(name: str, flags: int) -> int:
+    return os.open(name, flags | _NOFOLLOW | _CLOEXEC, 0o644)
+
+
+def _create_exclusive(path: Path) -> BinaryIO:
+    """The new regular file `path` open for writing (`O_CREAT | O_EXCL | O_NOFOLLOW`: never a
+    link's target, never an existing file)."""
+    return open(path, "xb", opener=_nofollow)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
@@ -38,16 +150,13 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or not entry.is_file() or entry.is_symlink():
+        if match is None:
             continue
         pid = int(match["pid"])
         if pid != os.getpid() and _process_exists(pid):
             continue
-        try:
-            entry.unlink()
-        except OSError:
-            continue
-        removed.append(entry)
+        if remove(entry):
+            removed.append(entry)
     return removed
 
 
@@ -65,24 +174,33 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path` after checking, with `lstat`, what is there."""
+    check_target(path)
+    os.replace(tmp, path)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a new temporary file next to `path`, fsync it, rename it over
     `path`, then fsync the directory so that the rename itself survives a crash.
 
-    Readers see the old file or the new one, never a partial one. On any failure the temporary
+    Readers see the old file or the new one, never a partial one. A link, pipe or folder at
+    `path` is refused (FileRefused) before anything is written. On any failure the temporary
     file is removed and `path` is left as it was; write errors (OSError, or the RuntimeError that
     `torch.save` raises) come back as one OSError naming `path`."""
-    path = Path(path)
+    path = check_target(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "xb") as f:
+        with _create_exclusive(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException as e:
         full = isinstance(e, RuntimeError) and _disk_full(tmp.parent)  # torch.save hides ENOSPC
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
+        if isinstance(e, FileRefused):
+            raise
         if isinstance(e, (OSError, RuntimeError)):
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             if full:
@@ -92,6 +210,195 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             ) from e
         raise
     fsync_directory(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`atomic_write` of `data`."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` of `text` as UTF-8."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Atomically give `path` the bytes of `source` (a file this project just wrote): a hard
+    link where the filesystem has them (no space, no time), else a copy."""
+    path = check_target(path)
+    tmp = temporary_path(path)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            with open(source, "rb") as src, _create_exclusive(tmp) as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+        _replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        if isinstance(e, FileRefused):
+            raise
+        raise FileRefused(
+            f"could not write {path} ({e.strerror or e}); the previous file there, if any, is "
+            "intact"
+        ) from e
+    fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """For libraries that write by file name (ONNX, image savers): yield a new, empty
+    temporary file next to `path` (created here, exclusively, so the name is ours), and rename
+    it over `path` when the block succeeds. A failed block leaves `path` as it was."""
+    path = check_target(path)
+    tmp = temporary_path(path)
+    _create_exclusive(tmp).close()
+    try:
+        yield tmp
+        _replace(tmp, path)
+    finally:
+        _discard(tmp)
+    fsync_directory(path.parent)
+
+
+def open_new(path: str | os.PathLike) -> BinaryIO:
+    """`path`, a name where nothing is yet, opened as a new file for binary writing (for a
+    stream written piece by piece and then `rename_into` its final name)."""
+    path = Path(path)
+    try:
+        return _create_exclusive(path)
+    except FileExistsError:
+        raise _refuse(path, "taken") from None
+
+
+def rename_into(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the file `source` (written by this process) over `path`, after checking that
+    nothing or a regular file is there; fsync the folder."""
+    path = Path(path)
+    _replace(Path(source), path)
+    fsync_directory(path.parent)
+
+
+def private_directory(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder only this user can enter (`tempfile.mkdtemp`) in `parent`: files written
+    inside it by name cannot meet anything planted; `publish_directory` renames it into place."""
+    make_directory(parent)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def publish_directory(source: Path, path: str | os.PathLike) -> None:
+    """Rename the folder `source` (from `private_directory`) to `path`, where nothing or an
+    empty folder is (never a link)."""
+    path = Path(path)
+    if os.path.islink(path):
+        raise _refuse(path, "a symbolic link")
+    if path.is_dir():
+        path.rmdir()  # empty, else OSError: rename cannot replace it everywhere
+    os.rename(source, path)
+    fsync_directory(path.parent)
+
+
+def remove_private_directory(path: Path) -> None:
+    """Delete a folder `private_directory` made, with what this process wrote in it."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_directory(
+    parent: str | os.PathLike | None = None, prefix: str = ".res2net."
+) -> Iterator[Path]:
+    """A `private_directory` in `parent` (the system's temporary folder when None) for the
+    block, deleted after it: where libraries that write by their own names put their files."""
+    path = private_directory(tempfile.gettempdir() if parent is None else parent, prefix)
+    try:
+        yield path
+    finally:
+        remove_private_directory(path)
+
+
+def check_in_place(path: str | os.PathLike) -> Path:
+    """`path` when a library may write it by name in place: nothing there, or a regular file
+    with one link (checked with `lstat`; a library writing by name gets no descriptor)."""
+    path = check_target(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if st.st_nlink > 1:
+        raise _refuse(path, "a file with another name (a hard link)")
+    return path
+
+
+def _open_in_place(path: Path, flags: int) -> int:
+    """A descriptor of `path` opened with `flags | O_CREAT | O_NOFOLLOW`, refused unless it is
+    a regular file with a single link (a hard link would carry the write to another name)."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.EMLINK):
+            check_target(path)  # names what is there
+        raise FileRefused(f"'{path}' cannot be opened ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(path, _kind(st.st_mode))
+        if st.st_nlink > 1:
+            raise _refuse(path, "a file with another name (a hard link)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_lock(path: str | os.PathLike) -> int:
+    """A read-write descriptor of the lock file `path` (created when missing), never through
+    a link."""
+    return _open_in_place(Path(path), os.O_RDWR)
+
+
+def open_append(path: str | os.PathLike) -> TextIO:
+    """`path` opened for appending text (created when missing), never through a link."""
+    return os.fdopen(_open_in_place(Path(path), os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8")
+
+
+def remove(path: str | os.PathLike) -> bool:
+    """Unlink the regular file `path` (its name only); False when nothing or something else
+    is there. Callers decide first that the file is theirs to delete."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file of this process, if still there."""
+    with contextlib.suppress(OSError):
+        remove(tmp)
+
+
+def move_aside(directory: str | os.PathLike, names: list[str]) -> Path | None:
+    """Move the entries `names` of `directory` (files, links or folders: moved, never opened)
+    into a new sibling folder `<directory>.replaced-<UTC time>`; return it (None when none of
+    the names is there). Nothing is deleted: the previous files stay readable there."""
+    directory = Path(directory)
+    present = [n for n in names if os.path.lexists(directory / n)]
+    if not present:
+        return None
+    real = directory.resolve()  # a link the user made: next to the folder it names
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    aside = new_directory(real.parent, f"{real.name}.replaced-{stamp}")
+    for name in present:
+        os.rename(directory / name, aside / name)
+    fsync_directory(aside)
+    fsync_directory(directory)
+    return aside
 
 
 def _disk_full(directory: Path) -> bool:

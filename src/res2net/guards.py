@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from . import fileio
 from .errors import ConfigError, FileRefused, MissingFile, Res2NetError
 
 # Seconds a network call may wait for a connection or for the next bytes.
@@ -130,12 +131,9 @@ def make_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
     (a file on its way, no permission)."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FileRefused(
-            f"{what} {quoted(folder)} cannot be created ({e.strerror or e})"
-        ) from None
-    return folder
+        return fileio.make_directory(folder)
+    except FileRefused as e:
+        raise FileRefused(f"{what} {quoted(folder)}: {e}") from None
 
 
 def _same_file(a: Path, b: str | os.PathLike) -> bool:

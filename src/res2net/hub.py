@@ -20,15 +20,16 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import tempfile
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from . import fileio
 from .errors import CheckpointError, MissingFile
-from .guards import make_folder, read_regular_file
+from .guards import read_regular_file
 from .models import resolve_name
 from .models.base import Res2NetBase
 from .weights.convert import DEFAULT_EVAL, write_safetensors
@@ -160,7 +161,9 @@ def save_to_folder(
     folder holding one of those names is refused, so that nothing of the user's is overwritten."""
     folder = Path(folder)
     _check_replaceable(folder)
-    make_folder(folder)
+    fileio.make_directory(folder)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):  # refused before anything is written
+        fileio.check_target(folder / name)
     num_classes = int(getattr(model, "num_classes", 0))
     if num_classes <= 0:
         raise CheckpointError("only classifiers can go to the Hub: the model has no classifier")
@@ -177,7 +180,7 @@ def save_to_folder(
         "eval": json.dumps(ev),
     }
     write_safetensors(folder / WEIGHTS_NAME, state, metadata)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    fileio.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     card = model_card(
         repo_name or f"ORG/{folder.name}",
         config,
@@ -186,7 +189,7 @@ def save_to_folder(
         license=license,
         datasets=datasets,
     )
-    (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    fileio.write_text(folder / CARD_NAME, card)
     return folder
 
 
@@ -194,7 +197,7 @@ def _check_replaceable(folder: Path) -> None:
     """ValueError when `folder` holds a file `save_to_folder` would write and is not a model
     folder it wrote (whose `model.safetensors` names its architecture)."""
     names = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
-    present = [n for n in names if (folder / n).exists()]
+    present = [n for n in names if os.path.lexists(folder / n)]
     if not present:
         return
     from .weights.loading import read_metadata
@@ -228,7 +231,7 @@ def push_to_hub(
 
     api = HfApi(token=token)
     failures: tuple[type[Exception], ...] = (HfHubHTTPError, OSError, *_http_client_errors())
-    with tempfile.TemporaryDirectory() as tmp:
+    with fileio.scratch_directory() as tmp:
         save_to_folder(model, tmp, arch=arch, repo_name=repo_id, **folder_kwargs)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
 from ..config import MAX_CONFIG_BYTES
 from ..errors import ConfigError
@@ -78,6 +76,7 @@ def _metrics(pairs: list[str], published: dict) -> dict[str, float | str]:
 
 def to_hub(args: argparse.Namespace) -> str:
     """Write (and optionally upload) the Hub folder; returns what was written or pushed."""
+    from .. import fileio
     from ..factory import create_model
     from ..hub import push_to_hub, save_to_folder
     from ..inference import class_names
@@ -85,8 +84,8 @@ def to_hub(args: argparse.Namespace) -> str:
     from ..weights.loading import read_checkpoint
     from ..weights.pretrained import pretrained_entries
 
-    with tempfile.TemporaryDirectory() as tmp:
-        converted = convert(args.src, Path(tmp) / "model.safetensors", args.model, args.source)
+    with fileio.scratch_directory() as tmp:
+        converted = convert(args.src, tmp / "model.safetensors", args.model, args.source)
         _, _, _, meta = read_checkpoint(converted)
         arch, num_classes = meta["arch"], int(meta["num_classes"])
         model = create_model(arch, num_classes=num_classes, checkpoint_path=converted)

@@ -72,14 +72,20 @@ def keep_best_weights(ckpt_dir: Path, best: Path, *, prefix: str) -> Path:
     """Replace the run's training checkpoints (weights, optimizer state, EMA: three times the
     model's size each) by the best weights alone, as `best.safetensors` with the run's
     architecture, classes count and eval transform in its header. Only the files the run wrote
-    go (`last.pt`, `best.pt`, its `<prefix>-NNN.pt` epoch files): other `.pt` files in a
-    folder given as --ckpt_save_dir stay, as do the logs and plot."""
-    from ..engine.checkpoint import CheckpointManager
+    go (`last.pt`, `best.pt`, its `<prefix>-NNN.pt` epoch files, each only when its header
+    names the run): other `.pt` files in a folder given as --ckpt_save_dir stay, as do the logs
+    and plot."""
+    from .. import fileio
+    from ..engine.checkpoint import CheckpointManager, checkpoint_header
     from ..weights.convert import convert
 
     out = convert(best, ckpt_dir / "best.safetensors", source="res2net demo")
     run = CheckpointManager(ckpt_dir, prefix=prefix)
+    ours = run.find_run_id()
     for path in [run.last, run.best, *run.epoch_files()]:
-        path.unlink(missing_ok=True)
-    (ckpt_dir / "checkpoints.json").unlink(missing_ok=True)  # it listed the removed epoch files
+        header = checkpoint_header(path)
+        if ours is not None and header is not None and header["run_id"] == ours:
+            fileio.remove(path)
+    if ours is not None:
+        fileio.remove(run.index_path)  # it listed the removed files (an index is rebuilt anyway)
     return out

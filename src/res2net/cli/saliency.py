@@ -143,7 +143,7 @@ def _predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ..fileio import atomic_write
+    from .. import fileio
     from ..inference import find_images, load_found_image, unused_path
     from ..saliency import load_saliency_model, predict_saliency
 
@@ -159,8 +159,8 @@ def _predict(args: argparse.Namespace) -> int:
         prob = predict_saliency(model, image, meta["image_size"], args.device)
         mask = Image.fromarray((prob * 255).round().to(torch.uint8).numpy())
         out = unused_path(Path(args.out) / rel.parent / f"{rel.name}.png", taken)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, partial(mask.save, format="PNG"))
+        fileio.make_directory(out.parent)
+        fileio.atomic_write(out, partial(mask.save, format="PNG"))
         print(printable(str(out)), flush=True)
     return skipped.exit_code(len(files))
 

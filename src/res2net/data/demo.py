@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .. import fileio
 from ..console import progress_bar
 from .folders import DataError
 
@@ -67,8 +66,7 @@ def write_digits_folder(
 
     images, labels = _load_digits()
     is_val = _stratified_split(labels, val_fraction, seed)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = fileio.private_directory(root.parent, f".{root.name}.")
     try:
         pairs = progress_bar(
             enumerate(zip(images, labels, strict=True)),
@@ -78,21 +76,19 @@ def write_digits_folder(
         )
         for i, (image, label) in pairs:
             folder = tmp / ("val" if is_val[i] else "train") / str(int(label))
-            folder.mkdir(parents=True, exist_ok=True)
+            fileio.make_directory(folder)
             pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
             im = Image.fromarray(pixels).resize((upscale, upscale), Image.Resampling.NEAREST)
             im.save(folder / f"{i:04d}.png")
-        (tmp / MARKER).write_text(json.dumps({**params, "images": len(labels)}) + "\n")
+        fileio.write_text(tmp / MARKER, json.dumps({**params, "images": len(labels)}) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
         try:
-            if root.exists():
-                root.rmdir()  # empty (checked above); rename cannot replace it everywhere
-            tmp.rename(root)
+            fileio.publish_directory(tmp, root)  # empty (checked above) or missing
         except OSError:
             if not _is_complete(root, params):  # not a concurrent writer finishing first
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fileio.remove_private_directory(tmp)
     return root
 
 

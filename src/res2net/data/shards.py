@@ -69,6 +69,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .. import fileio
 from ..guards import NETWORK_TIMEOUT, interruptible, open_regular_file, read_regular_file, short
 from .folders import (
     DEFAULT_MAX_PIXELS,
@@ -373,11 +374,11 @@ def _member_bytes(name: str, size: int) -> int:
 
 def _clear_split_dir(split_dir: Path, split: str) -> None:
     # The index first: from here until the new one is written, the folder reads as incomplete.
-    (split_dir / INDEX_NAME).unlink(missing_ok=True)
+    fileio.remove(split_dir / INDEX_NAME)
     pattern = re.compile(rf"^{re.escape(split)}-\d{{6,}}\.tar(\.partial)?$")
     for p in split_dir.iterdir():
         if pattern.match(p.name) or p.name == INDEX_NAME + ".partial":
-            p.unlink()
+            fileio.remove(p)
 
 
 class _ShardSink:
@@ -407,7 +408,7 @@ class _ShardSink:
     def _open(self) -> None:
         wds = _webdataset()
         name = SHARD_PATTERN.format(split=self.split, number=len(self.shards))
-        self._file = open(self.split_dir / (name + ".partial"), "wb")
+        self._file = fileio.open_new(self.split_dir / (name + ".partial"))
         # mtime fixed: the same folder gives the same bytes. PAX: long and non-ASCII names.
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, format="PAX_FORMAT")
         self.shards.append({"name": name, "count": 0, "bytes": 0})
@@ -422,7 +423,7 @@ class _ShardSink:
         partial = self.split_dir / (entry["name"] + ".partial")
         entry["count"] = self._count
         entry["bytes"] = partial.stat().st_size
-        os.replace(partial, self.split_dir / entry["name"])
+        fileio.rename_into(partial, self.split_dir / entry["name"])
         self._writer = self._file = None
 
     def close(self) -> list[dict[str, Any]]:
@@ -436,7 +437,7 @@ class _ShardSink:
             with contextlib.suppress(OSError):
                 self._writer.close()
             self._file.close()
-            (self.split_dir / (self.shards[-1]["name"] + ".partial")).unlink(missing_ok=True)
+            fileio.remove(self.split_dir / (self.shards[-1]["name"] + ".partial"))
             self._writer = self._file = None
 
 
@@ -531,7 +532,7 @@ def write_shards(
         if shuffled:
             random.Random(seed).shuffle(order)
         split_dir = out / split
-        split_dir.mkdir(parents=True, exist_ok=True)
+        fileio.make_directory(split_dir)
         _clear_split_dir(split_dir, split)
         sink = _ShardSink(split_dir, split, shard_size, max_bytes)
         keys: set[str] = set()
@@ -571,9 +572,7 @@ def write_shards(
             "seed": seed if shuffled else None,
             "shards": shards,
         }
-        partial = split_dir / (INDEX_NAME + ".partial")
-        partial.write_text(json.dumps(index, indent=1) + "\n")
-        os.replace(partial, split_dir / INDEX_NAME)
+        fileio.write_text(split_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
         results[split] = dict(index, dir=str(split_dir))
     return results
 

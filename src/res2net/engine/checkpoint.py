@@ -6,12 +6,16 @@ Layout of `ckpt_save_dir`:
   `ckpt_save_policy` (`latest_k`: the newest; `top_k`: the best validation top-1);
 - `best.pt`: the checkpoint with the best validation top-1 so far;
 - `checkpoints.json`: the index of epoch checkpoints and their metrics.
-Every file appears whole or not at all: written to a temporary file, fsynced, then renamed.
-`last.pt` is written last: a process killed while saving leaves the previous `last.pt`, and
-the resumed run redoes the epoch and writes the same files again. When the next run starts,
-`CheckpointManager.reconcile` removes the temporary files of killed writes and the epoch files
-that `checkpoints.json` no longer lists (a kill between the index's rename and the rotation's
-deletes), after checking the index itself.
+Every file appears whole or not at all: written through `res2net.fileio` (temporary file,
+fsync, rename; never through a link). `last.pt` is written last: a process killed while saving
+leaves the previous `last.pt`, and the resumed run redoes the epoch and writes the same files
+again.
+
+Deleting needs proof. Each run has a random id (`run_id`), made when a run starts in an empty
+folder and carried on by every resume; every checkpoint holds it in its header, and every
+index entry names it. Rotation, and `CheckpointManager.reconcile` at the next start, delete
+only epoch files whose own header names this run. A missing, empty or damaged index is rebuilt
+from the epoch files' headers, so losing it never loses a checkpoint.
 
 `RunLock` keeps two runs out of one directory: an advisory `flock` on `.res2net.lock`, which
 the operating system releases when the holder exits or dies.
@@ -25,7 +29,7 @@ import json
 import logging
 import os
 import re
-import shutil
+import secrets
 import socket
 import stat
 from pathlib import Path
@@ -33,8 +37,8 @@ from typing import Any
 
 import torch
 
+from .. import fileio
 from ..errors import CheckpointError, FileRefused
-from ..fileio import atomic_write, fsync_directory, remove_stale_temporaries, temporary_path
 from ..guards import read_regular_file, short
 from ..weights import torchfile
 
@@ -42,6 +46,14 @@ log = logging.getLogger(__name__)
 
 FORMAT = "res2net-train"
 MAX_INDEX_BYTES = 1 << 20
+# what a run writes in its folder besides the epoch files (`.res2net.lock` stays: it is held)
+RUN_FILES = ("last.pt", "best.pt", "checkpoints.json", "metrics.jsonl", "training.png")
+TENSORBOARD = "tensorboard"
+
+
+def new_run_id() -> str:
+    """A random id for a new run: what proves that a checkpoint is this run's to delete."""
+    return secrets.token_hex(8)
 
 
 def epoch_file_name(prefix: str, epoch: int) -> str:
@@ -50,12 +62,13 @@ def epoch_file_name(prefix: str, epoch: int) -> str:
 
 
 def deletable_checkpoint(directory: str | Path, name: Any, prefix: str) -> Path | None:
-    """The path rotation may delete for an index entry's `name`, or None.
+    """The path rotation may consider deleting for an index entry's `name`, or None.
 
-    Only a file this project wrote there qualifies: a plain name of the form `epoch_file_name`
-    gives (`<prefix>-<epoch>.pt`, no directory part) that is a regular file, not a link, in
-    `directory` itself. `checkpoints.json` is a file anyone may have planted, so whatever else
-    it lists (absolute paths, `../`, other names) is never deleted."""
+    Only a plain name of the form `epoch_file_name` gives (`<prefix>-<epoch>.pt`, no directory
+    part) that is a regular file, not a link, in `directory` itself qualifies. `checkpoints.json`
+    is a file anyone may have planted, so whatever else it lists (absolute paths, `../`, other
+    names) is never deleted; the file's own header must still name the run (see
+    `CheckpointManager`)."""
     if not isinstance(name, str) or not re.fullmatch(re.escape(prefix) + r"-\d{3,9}\.pt", name):
         return None
     path = Path(directory) / name
@@ -66,9 +79,10 @@ def deletable_checkpoint(directory: str | Path, name: Any, prefix: str) -> Path 
     return path if stat.S_ISREG(mode) else None
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomically `torch.save` a training state (tagged with this project's format)."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+def save_checkpoint(state: dict[str, Any], path: Path, **header: Any) -> None:
+    """Atomically `torch.save` a training state, tagged with this project's format and the
+    `header` entries (`run_id`; for an epoch file `epoch_file`, its name, and `epoch_top1`)."""
+    fileio.atomic_write(path, lambda f: torch.save({"format": FORMAT, **header, **state}, f))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
@@ -83,8 +97,22 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_header(path: Path) -> dict[str, Any] | None:
+    """The run id, epoch and epoch top-1 a training checkpoint records about itself, or None
+    when `path` is not a regular file holding a readable training checkpoint."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        state = load_training_state(path)
+    except (OSError, ValueError):
+        return None
+    return {k: state.get(k) for k in ("run_id", "epoch", "epoch_file", "epoch_top1")}
+
+
 class CheckpointManager:
-    """Writes and rotates the checkpoints of one run in `directory` (see the module docstring)."""
+    """Writes and rotates the checkpoints of one run in `directory` (see the module docstring).
+    `run_id` is the run's id (`new_run_id`, or `find_run_id` on resume): without it, nothing is
+    ever deleted."""
 
     def __init__(
         self,
@@ -93,57 +121,126 @@ class CheckpointManager:
         prefix: str,
         keep_max: int = 10,
         policy: str | None = "latest_k",
+        run_id: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.prefix = prefix
         self.keep_max = keep_max
         self.policy = policy
+        self.run_id = run_id
         self.index_path = self.directory / "checkpoints.json"
+        self._headers: dict[tuple[str, int, int, int], dict[str, Any] | None] = {}
 
     def check_writable(self) -> None:
         """Fail before training starts if the directory cannot be created or written."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe = temporary_path(self.directory / "write-test")
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            fileio.make_directory(self.directory)
+            probe = fileio.temporary_path(self.directory / "write-test")
+            fileio.open_new(probe).close()
+            fileio.remove(probe)
         except OSError as e:
+            reason = e.strerror or str(e).split(" (", 1)[-1].rstrip(")")
             raise FileRefused(
-                f"ckpt_save_dir {str(self.directory)!r} is not writable ({e.strerror or e}); "
+                f"ckpt_save_dir {str(self.directory)!r} is not writable ({reason}); "
                 "choose another with --ckpt_save_dir"
             ) from None
 
+    def check_names(self, epochs: int) -> None:
+        """FileRefused, naming it, when a name this run will write (its files, the epoch files
+        of `epochs` epochs, the TensorBoard folder) holds a link, pipe, folder or hard-linked
+        file: before any work, rather than at the end of an epoch."""
+        names = [*RUN_FILES, RunLock.NAME]
+        names += [epoch_file_name(self.prefix, e) for e in range(1, epochs + 1)]
+        for name in names:
+            fileio.check_target(self.directory / name)
+        for name in ("metrics.jsonl", RunLock.NAME):  # written in place
+            fileio.check_in_place(self.directory / name)
+        board = self.directory / TENSORBOARD
+        if os.path.lexists(board) and not board.is_dir() or board.is_symlink():
+            raise fileio.FileRefused(
+                f"'{board}' is not a folder of this run (a link or a file): move it away or "
+                "choose another --ckpt_save_dir"
+            )
+
+    def check_epoch_files(self, epochs: int) -> None:
+        """FileRefused when a file at the name of an epoch checkpoint this run has yet to
+        write (after `last.pt`'s epoch, up to `epochs`) is not this run's: writing the epoch
+        would replace it."""
+        header = self._header(self.last)
+        done = header["epoch"] if header is not None and type(header["epoch"]) is int else 0
+        for path in self.epoch_files():
+            epoch = int(path.name[len(self.prefix) + 1 : -3])
+            if done < epoch <= epochs and not self._names_this_run(self._header(path), path):
+                raise fileio.FileRefused(
+                    f"'{path}' is not a checkpoint of this run, and epoch {epoch} would replace "
+                    "it: move it away or choose another --ckpt_save_dir"
+                )
+
     def remove_stale_files(self) -> list[Path]:
         """Remove the temporary files of writes that a killed process never finished."""
-        return remove_stale_temporaries(self.directory)
+        return fileio.remove_stale_temporaries(self.directory)
 
     def epoch_file(self, epoch: int) -> Path:
-        return self.directory / f"{self.prefix}-{epoch:03d}.pt"
+        return self.directory / epoch_file_name(self.prefix, epoch)
 
     def epoch_files(self) -> list[Path]:
-        """The epoch checkpoints of this run's naming (`<model>-<epoch>.pt`) in the directory."""
+        """The names of this run's epoch-checkpoint form (`<model>-<epoch>.pt`) in the
+        directory, whatever they are (files, links, folders)."""
         pattern = re.compile(re.escape(self.prefix) + r"-\d{3,}\.pt")
         if not self.directory.is_dir():
             return []
-        found = (p for p in self.directory.iterdir() if pattern.fullmatch(p.name))
-        return sorted(p for p in found if p.is_file())
+        return sorted(p for p in self.directory.iterdir() if pattern.fullmatch(p.name))
 
     def run_files(self) -> list[Path]:
-        """Files a run of this project leaves here (what a fresh run would overwrite)."""
-        names = ("last.pt", "best.pt", "checkpoints.json", "metrics.jsonl", "training.png")
-        return [p for p in (self.directory / n for n in names) if p.is_file()] + self.epoch_files()
+        """What a run of this project leaves here (what a fresh run would replace): its
+        files, epoch files and TensorBoard folder, whatever is at those names."""
+        names = (*RUN_FILES, TENSORBOARD)
+        present = [p for p in (self.directory / n for n in names) if os.path.lexists(p)]
+        return present + self.epoch_files()
+
+    def find_run_id(self) -> str | None:
+        """The id of the run whose files are here: the one in `last.pt`'s header (the commit
+        point, which a resume continues), else the one the index names; None when neither
+        says."""
+        header = self._header(self.last)
+        run = header["run_id"] if header is not None else None
+        if isinstance(run, str) and run:
+            return run
+        ids = {e.get("run") for e in self._index() or []}
+        run = ids.pop() if len(ids) == 1 else None
+        return run if isinstance(run, str) and run else None
 
     def reconcile(self) -> list[Path]:
         """Make the directory agree with its index before any training: remove temporary
-        files of killed writes, check `checkpoints.json` (a ValueError naming it when it is
-        damaged) and remove the epoch files it does not list (left by a kill between the
-        index's rename and the rotation's deletes). Returns the removed paths."""
+        files of killed writes, rebuild the index from the epoch files whose headers name this
+        run (a missing, empty or damaged index loses nothing), and apply the rotation policy to
+        them (an epoch file left by a kill between the index's rename and the rotation's
+        deletes goes now). Returns the removed paths."""
         removed = self.remove_stale_files()
-        listed = {e["file"] for e in self._index()}
+        if self.run_id is None:
+            return removed
+        index = self._index()
+        if index is None:
+            log.warning("%s is damaged: rebuilt from the checkpoints' headers", self.index_path)
+        listed = {
+            e["epoch"]: e
+            for e in index or []
+            if e.get("run") == self.run_id
+            and deletable_checkpoint(self.directory, e["file"], self.prefix)
+        }
         for path in self.epoch_files():
-            if path.name not in listed:
-                path.unlink()
-                removed.append(path)
+            epoch = int(path.name[len(self.prefix) + 1 : -3])
+            if epoch in listed:
+                continue
+            header = self._header(path)
+            if header is not None and self._names_this_run(header, path):
+                listed[epoch] = self._entry(epoch, header["epoch_top1"])
+        keep, drop = self._rank(list(listed.values()))
+        for e in drop:
+            if self._delete_if_ours(e["epoch"]):
+                removed.append(self.epoch_file(e["epoch"]))
+        if index != sorted(keep, key=lambda e: e["epoch"]):
+            self._write_index(keep)
         return removed
 
     @property
@@ -158,55 +255,44 @@ class CheckpointManager:
         """The newest resumable checkpoint, or None (what `--resume auto` continues from)."""
         return self.last if self.last.is_file() else None
 
-    def _index(self) -> list[dict[str, Any]]:
-        """The entries of `checkpoints.json` ([] when there is none); a ValueError naming the
-        file when it is not an index this class wrote."""
-        if not self.index_path.is_file():
+    def _entry(self, epoch: int, top1: Any) -> dict[str, Any]:
+        top1 = top1 if type(top1) in (int, float) else None
+        return {
+            "epoch": epoch,
+            "file": self.epoch_file(epoch).name,
+            "top1": top1,
+            "run": self.run_id,
+        }
+
+    def _index(self) -> list[dict[str, Any]] | None:
+        """The entries of `checkpoints.json` ([] when there is none), or None when it is not an
+        index this class wrote (then it is rebuilt from the checkpoints' headers)."""
+        if not os.path.lexists(self.index_path):
             return []
-        fix = "delete it to start the index afresh (the checkpoint files stay)"
         try:
             text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
             entries = json.loads(text)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise CheckpointError(
-                f"{self.index_path}: not valid JSON ({short(str(e), 120)}); {fix}"
-            ) from None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+            log.warning("%s: not readable (%s)", self.index_path, short(str(e), 120))
+            return None
         if not isinstance(entries, list):
-            raise CheckpointError(f"{self.index_path}: expected a list of checkpoints; {fix}")
-        for i, entry in enumerate(entries):
+            return None
+        for entry in entries:
             ok = (
                 isinstance(entry, dict)
                 and type(entry.get("epoch")) is int
                 and entry.get("file") == self.epoch_file(entry["epoch"]).name
                 and (entry.get("top1") is None or type(entry.get("top1")) in (int, float))
+                and isinstance(entry.get("run", ""), str)
             )
             if not ok:
-                raise CheckpointError(
-                    f"{self.index_path}: entry {i} ({short(json.dumps(entry), 80)}) is not "
-                    f'{{"epoch": N, "file": "{self.prefix}-NNN.pt", "top1": X}}; {fix}'
-                )
+                return None
         return entries
 
-    def save_last(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
-        """Write the resumable state to `last.pt` (and to `best.pt` first when `is_best`)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if is_best:
-            save_checkpoint(state, self.best)
-            self._link(self.best, self.last)
-        else:
-            save_checkpoint(state, self.last)
-        return self.last
-
-    def save_epoch(
-        self, state: dict[str, Any], epoch: int, top1: float | None, *, is_best: bool = False
-    ) -> Path:
-        """Write the epoch checkpoint for `epoch` (1-based), `best.pt` when `is_best`, apply
-        the policy, and write `last.pt` last; returns the epoch checkpoint's path."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.epoch_file(epoch)
-        entries = [e for e in self._index() if e["epoch"] != epoch] + [
-            {"epoch": epoch, "file": path.name, "top1": top1}
-        ]
+    def _rank(
+        self, entries: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The entries the policy keeps and those it drops."""
         if self.policy == "top_k":
             ranked = sorted(
                 entries,
@@ -215,50 +301,76 @@ class CheckpointManager:
             )
         else:
             ranked = sorted(entries, key=lambda e: e["epoch"], reverse=True)
-        keep, drop = ranked[: self.keep_max], ranked[self.keep_max :]
+        return ranked[: self.keep_max], ranked[self.keep_max :]
+
+    def _header(self, path: Path) -> dict[str, Any] | None:
+        """`checkpoint_header(path)`, read once per file version (checkpoints are large)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        key = (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key not in self._headers:
+            self._headers[key] = checkpoint_header(path)
+        return self._headers[key]
+
+    def _names_this_run(self, header: dict[str, Any] | None, path: Path) -> bool:
+        """Whether a checkpoint's header says it is this run's epoch file `path`."""
+        return (
+            header is not None
+            and self.run_id is not None
+            and header["run_id"] == self.run_id
+            and header["epoch_file"] == path.name
+        )
+
+    def _delete_if_ours(self, epoch: int) -> bool:
+        """Delete the epoch file of `epoch` when its own header names this run and epoch."""
+        path = deletable_checkpoint(self.directory, self.epoch_file(epoch).name, self.prefix)
+        if path is None or self.run_id is None:
+            return False
+        if not self._names_this_run(self._header(path), path):
+            log.info("kept %s: its header does not name this run", path)
+            return False
+        return fileio.remove(path)
+
+    def save_last(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
+        """Write the resumable state to `last.pt` (and to `best.pt` first when `is_best`)."""
+        fileio.make_directory(self.directory)
+        if is_best:
+            save_checkpoint(state, self.best, run_id=self.run_id)
+            fileio.atomic_link(self.best, self.last)
+        else:
+            save_checkpoint(state, self.last, run_id=self.run_id)
+        return self.last
+
+    def save_epoch(
+        self, state: dict[str, Any], epoch: int, top1: float | None, *, is_best: bool = False
+    ) -> Path:
+        """Write the epoch checkpoint for `epoch` (1-based), `best.pt` when `is_best`, apply
+        the policy, and write `last.pt` last; returns the epoch checkpoint's path."""
+        fileio.make_directory(self.directory)
+        path = self.epoch_file(epoch)
+        index = self._index() or []
+        entries = [e for e in index if e["epoch"] != epoch and e.get("run") == self.run_id]
+        keep, drop = self._rank([*entries, self._entry(epoch, top1)])
         kept = any(e["epoch"] == epoch for e in keep)  # else the policy wants no epoch file
         if kept:
-            save_checkpoint(state, path)
+            save_checkpoint(state, path, run_id=self.run_id, epoch_file=path.name, epoch_top1=top1)
             if is_best:
-                self._link(path, self.best)
+                fileio.atomic_link(path, self.best)
         self._write_index(keep)
         for e in drop:
-            old = deletable_checkpoint(self.directory, e["file"], self.prefix)
-            if old is not None and e["epoch"] != epoch:
-                old.unlink(missing_ok=True)
+            if e["epoch"] != epoch:
+                self._delete_if_ours(e["epoch"])
         if kept:
-            self._link(path, self.last)
+            fileio.atomic_link(path, self.last)
         else:
             self.save_last(state, is_best=is_best)
         return path
 
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
-        atomic_write(
-            self.index_path,
-            lambda f: f.write(
-                json.dumps(sorted(entries, key=lambda e: e["epoch"]), indent=1).encode()
-            ),
-        )
-
-    def _link(self, source: Path, path: Path) -> None:
-        """Atomically give `path` the bytes of `source`: a hard link where the filesystem has
-        them (no space, no time), else a copy."""
-        tmp = temporary_path(path)
-        try:
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise FileRefused(
-                f"could not write {path} ({e.strerror or e}); the previous file there, if any, is "
-                "intact"
-            ) from e
-        fsync_directory(path.parent)
+        text = json.dumps(sorted(entries, key=lambda e: e["epoch"]), indent=1)
+        fileio.write_bytes(self.index_path, text.encode())
 
 
 class RunLock:
@@ -274,7 +386,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock at once, or raise a RuntimeError naming the run that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = fileio.open_lock(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import fileio
 from ..console import can_show_bar
-from ..fileio import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -126,14 +126,17 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(directory / "tensorboard"))
+                # a new folder per process: its event files go where nothing can be planted
+                started = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                board = fileio.new_directory(directory / "tensorboard", started)
+                self.tb = SummaryWriter(str(board))
             except ImportError:
                 pass
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with fileio.open_append(self.path) as f:
             f.write(json.dumps(record) + "\n")
         if self.trackers is not None:
             self.trackers.log(record)
@@ -161,7 +164,9 @@ class MetricsLog:
         ]
         if len(kept) == len(self.path.read_text(errors="replace").splitlines()):
             return  # nothing to drop: the file stays as it is
-        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        fileio.atomic_write(
+            self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode())
+        )
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.is_file():
@@ -191,7 +196,7 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     if fig is None:
         return None
-    fig.savefig(path, dpi=110)
+    fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return path
 
 

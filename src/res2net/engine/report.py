@@ -31,12 +31,15 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from .. import fileio
 from ..errors import DataError, MissingFile
-from ..fileio import atomic_write
 from ..guards import check_output_file, short
 from .evaluate import EvalResult
 
 log = logging.getLogger("res2net.validate")
+
+# what `write_report` writes into --report_dir
+REPORT_FILES = ("per_class.csv", "confused_pairs.csv", "confusion.png", "summary.json")
 
 TTA_MODES = ("flip", "five_crop", "ten_crop")
 MAX_LABEL_FILE_BYTES = 256 << 20  # ImageNet's real.json is 2 MB
@@ -318,14 +321,11 @@ def check_targets(options: ReportOptions) -> None:
         directory = Path(options.report_dir)
         if directory.exists() and not directory.is_dir():
             raise DataError(f"--report_dir {str(directory)!r} is a file: name a folder")
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(
-                f"--report_dir {str(directory)!r} cannot be created ({e.strerror or e})"
-            ) from None
+        fileio.make_directory(directory)
+        for name in REPORT_FILES:  # refused before the validation, not after it
+            fileio.check_target(directory / name)
     if options.results_csv:
-        path = check_output_file(options.results_csv, "--results_csv")
+        path = fileio.check_target(check_output_file(options.results_csv, "--results_csv"))
         _check_results_columns(path)
 
 
@@ -374,24 +374,24 @@ def write_report(
     result: EvalResult,
 ) -> None:
     """per_class.csv, confused_pairs.csv, confusion.png and summary.json in `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(directory)
     confusion = confusion_matrix(labels, pred1, len(classes))
     per_class = per_class_rows(confusion, classes)
     pairs = most_confused(confusion, classes)
-    atomic_write(
+    fileio.atomic_write(
         directory / "per_class.csv",
         lambda f: f.write(_csv_bytes(PER_CLASS_COLUMNS, per_class)),
     )
-    atomic_write(
+    fileio.atomic_write(
         directory / "confused_pairs.csv",
         lambda f: f.write(
             _csv_bytes(["true", "predicted", "count", "share"], [list(p.values()) for p in pairs])
         ),
     )
     png = confusion_png(confusion, classes)
-    atomic_write(directory / "confusion.png", lambda f: f.write(png))
+    fileio.atomic_write(directory / "confusion.png", lambda f: f.write(png))
     summary = {**result.as_dict(), "most_confused": pairs}
-    atomic_write(
+    fileio.atomic_write(
         directory / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode())
     )
     log.info(
@@ -437,6 +437,6 @@ def append_results_row(path: Path, row: list[Any]) -> None:
     """Append `row` to the results CSV (written with its header when new or empty)."""
     old = _check_results_columns(path)
     new = old if old else _csv_bytes(RESULTS_COLUMNS, [])
-    atomic_write(
+    fileio.atomic_write(
         path, lambda f: f.write(new + _csv_bytes(RESULTS_COLUMNS, [row]).split(b"\n", 1)[1])
     )

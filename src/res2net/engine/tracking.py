@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import fileio
 from ..errors import ConfigError
 from ..fileio import atomic_write
 from ..guards import printable, short
@@ -91,7 +92,7 @@ class MlflowTracker:
         artifacts = None
         if not uri:
             root = Path("mlruns").resolve()
-            root.mkdir(parents=True, exist_ok=True)
+            fileio.make_directory(root)
             uri, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
         self.uri = uri
         _probe(uri)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .. import fileio
 from ..config import Config
 from ..data import (
     BadImageReport,
@@ -50,7 +51,7 @@ from ..factory import create_model
 from ..profile import count_params
 from ..schema import REFERENCE_BATCH_SIZE
 from . import distributed
-from .checkpoint import CheckpointManager, RunLock, load_training_state
+from .checkpoint import CheckpointManager, RunLock, load_training_state, new_run_id
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .optim import build_optimizer, set_lr
 from .progress import MetricsLog, StepReporter, plot_run
@@ -221,9 +222,8 @@ def train(cfg: Config) -> TrainResult:
         dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
         lock = RunLock(cfg.ckpt_save_dir)
         try:
-            if dist.is_main:
-                prepare_run_dir(cfg, lock)
-            return _train(cfg, dist, stop)
+            run_id = prepare_run_dir(cfg, lock) if dist.is_main else None
+            return _train(cfg, dist, stop, run_id)
         except RuntimeError as e:
             clear = distributed.peer_failure(e, dist, cfg.dist_timeout)
             if clear is None:
@@ -238,34 +238,42 @@ def train(cfg: Config) -> TrainResult:
             gc.collect()
 
 
-def prepare_run_dir(cfg: Config, lock: RunLock) -> None:
-    """Before any work: `ckpt_save_dir` writable and locked for this run, its files agreeing
-    with its index, and a fresh run never mixed into another run's files."""
+def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
+    """Before any work: `ckpt_save_dir` writable and locked for this run, no link or pipe at a
+    name the run writes, its index agreeing with its files, and a fresh run never mixed into
+    another run's files (`overwrite` moves them aside, never deletes). Returns the run's id."""
     ckpts = checkpoint_manager(cfg)
     ckpts.check_writable()
     lock.acquire()
-    if not resuming(cfg):
+    if resuming(cfg):
+        ckpts.run_id = ckpts.find_run_id() or new_run_id()
+    else:
         found = ckpts.run_files()
         if found and not cfg.overwrite:
             names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
             raise ConfigError(
                 f"ckpt_save_dir {cfg.ckpt_save_dir!r} holds another run's files ({names}); "
                 "continue it with --resume auto, choose a new --ckpt_save_dir, "
-                "or pass --overwrite True to delete them and start over"
+                "or pass --overwrite True to move them aside and start over"
             )
-        for path in found:
-            path.unlink()
-            log.info("removed %s (--overwrite True)", path)
+        aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
+        if aside is not None:
+            log.warning("overwrite: the previous run's files were moved to %s", aside)
+        ckpts.run_id = new_run_id()
+    ckpts.check_names(cfg.epoch_size)
+    ckpts.check_epoch_files(cfg.epoch_size)
     for path in ckpts.reconcile():
         log.info("removed %s (left by a write or a rotation that never finished)", path)
+    return ckpts.run_id
 
 
-def checkpoint_manager(cfg: Config) -> CheckpointManager:
+def checkpoint_manager(cfg: Config, run_id: str | None = None) -> CheckpointManager:
     return CheckpointManager(
         cfg.ckpt_save_dir,
         prefix=cfg.model,
         keep_max=cfg.keep_checkpoint_max,
         policy=cfg.ckpt_save_policy,
+        run_id=run_id,
     )
 
 
@@ -336,13 +344,15 @@ class StepParts:
     dist: distributed.DistInfo
 
 
-def _train(cfg: Config, dist: distributed.DistInfo, stop: StopRequest) -> TrainResult:
+def _train(
+    cfg: Config, dist: distributed.DistInfo, stop: StopRequest, run_id: str | None
+) -> TrainResult:
     device = dist.device
     torch.manual_seed(cfg.seed)
     if dist.is_main:
         for note in cfg.notes():
             log.info("config: %s", note)
-    ckpts = checkpoint_manager(cfg)
+    ckpts = checkpoint_manager(cfg, run_id)
 
     # ---- data
     train_loader, train_ds, val_loader = build_loaders(cfg, dist)

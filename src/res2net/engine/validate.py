@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import fileio
 from ..config import Config
 from ..data import (
     ImageFolderDataset,
@@ -23,7 +24,6 @@ from ..data import (
 )
 from ..errors import ConfigError, MissingFile
 from ..factory import create_model
-from ..fileio import atomic_write
 from ..guards import check_output_file
 from ..hub import hub_folder, is_hub_name, read_config
 from ..weights.entry import (
@@ -233,6 +233,7 @@ def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> N
                 "(or drop --per_class_csv)"
             ) from None
     check_output_file(path, "--per_class_csv", keep=ckpt_path, kept="the checkpoint")
+    fileio.check_target(path)
     if not path.parent.is_dir():
         raise MissingFile(f"--per_class_csv: the folder of {str(path)!r} does not exist")
 
@@ -250,4 +251,4 @@ def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
     w = csv.writer(text)
     w.writerows([PER_CLASS_COLUMNS, *rows])
     data = text.getvalue().encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    fileio.write_bytes(path, data)

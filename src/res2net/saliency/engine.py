@@ -12,11 +12,11 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from .. import fileio
 from ..data import cap_workers, load_image
 from ..engine.progress import StepReporter
 from ..errors import ConfigError
 from ..factory import create_model
-from ..fileio import atomic_write
 from ..guards import check_output_file, short
 from ..models import list_models
 from ..weights import torchfile
@@ -129,7 +129,7 @@ def save_saliency_model(
     """Write `model`'s weights with what `load_saliency_model` needs to rebuild it, atomically:
     an interrupted save leaves an earlier file at `path` as it was."""
     path = check_output_file(path, "saliency model")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(path.parent)
     ckpt = {
         "kind": CHECKPOINT_KIND,
         "backbone": backbone,
@@ -137,7 +137,7 @@ def save_saliency_model(
         "image_size": image_size,
         "state_dict": model.state_dict(),
     }
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    fileio.atomic_write(path, lambda f: torch.save(ckpt, f))
     return path
 
 

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import fileio
 from ..errors import CheckpointError
-from ..fileio import atomic_write
-from ..guards import make_folder
 from ..models import build_model
 from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
 from .loading import load_checkpoint, read_checkpoint, state_num_classes
@@ -85,13 +84,13 @@ def convert(
     name = name or type(model).__name__
     load_checkpoint(model, src)  # maps names and checks every shape
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    make_folder(dst.parent)
+    fileio.make_directory(dst.parent)
     if target == "safetensors":
         write_safetensors(dst, ours, _metadata(name, model, src, fmt, source, metadata))
     elif target == "mindspore":
         write_mindspore_checkpoint(dst, ours_to_mindcv(ours, model))
     else:
-        atomic_write(dst, lambda f: torch.save(ours, f))
+        fileio.atomic_write(dst, lambda f: torch.save(ours, f))
     return dst
 
 
@@ -130,4 +129,4 @@ def write_safetensors(
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
-    atomic_write(Path(path), lambda f: f.write(data))
+    fileio.write_bytes(path, data)

@@ -14,18 +14,17 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import urllib.request
 from functools import lru_cache
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.error import URLError
 
 import torch.hub
 
+from .. import fileio
 from ..errors import CheckpointError
-from ..fileio import temporary_path
 from ..guards import NETWORK_TIMEOUT, interruptible
 from ..models.registry import ALIASES, resolve_name
 
@@ -101,29 +100,24 @@ def fetch(url: str, target: Path, hash_prefix: str | None = None, progress: bool
     `hash_prefix`, verified). Unlike `torch.hub.download_url_to_file` every read has a
     timeout (`NETWORK_TIMEOUT`: a server that accepts and never answers fails instead of
     hanging), and SIGTERM/Ctrl-C interrupt the wait at once."""
-    tmp = temporary_path(target)
     digest = hashlib.sha256()
-    try:
-        with (
-            interruptible(),
-            urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response,
-            open(tmp, "xb") as f,
-        ):
-            size = int(response.headers.get("Content-Length") or 0)
-            bar = _progress_bar(size) if progress else None
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
+
+    def copy(response: Any, f: BinaryIO) -> None:
+        size = int(response.headers.get("Content-Length") or 0)
+        bar = _progress_bar(size) if progress else None
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            digest.update(chunk)
             if bar is not None:
-                bar.close()
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         if hash_prefix is not None and not digest.hexdigest().startswith(hash_prefix):
             got = digest.hexdigest()[: len(hash_prefix)]
             raise CheckpointError(f"invalid hash value (expected {hash_prefix}, got {got})")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    with interruptible(), urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response:
+        fileio.atomic_write(target, lambda f: copy(response, f))
 
 
 def _progress_bar(total: int) -> Any:
@@ -145,7 +139,7 @@ def download_weights(
     directory = (
         Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
     )
-    directory.mkdir(parents=True, exist_ok=True)
+    fileio.make_directory(directory)
     target = directory / entry["file_name"]
     prefix = entry.get("sha256_prefix")
 

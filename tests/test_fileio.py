@@ -1,0 +1,195 @@
+"""`res2net.fileio`: the one module that creates, replaces and deletes files, and its rules."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from res2net import fileio
+from res2net.errors import FileRefused
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "res2net"
+
+# Raw ways to create, replace or delete a file; outside fileio.py each needs an entry below.
+MODE = r"""(mode=)?["'][rbt]*[wxa+][rwxabt+]*["']"""
+RAW_WRITERS = re.compile(
+    rf"(?<![\w.])open\([^)]*,\s*{MODE}|\.open\(\s*{MODE}|(?<!fileio)\.write_(text|bytes)\("
+    r"|savefig\(|torch\.save\(|save_file\(|\.unlink\(|rmtree|os\.replace\(|\.rename\("
+    r"|os\.link\(|os\.symlink\(|SummaryWriter\(|\.mkdir\(|os\.open\(|shutil\.(copy|move)"
+    r"|mkdtemp|TemporaryDirectory\(|mkstemp|\.save\([^)]*(/|path|str\()"
+)
+# (file, text on the line): why it is not a write the project must route through fileio
+ALLOWED = {
+    ("engine/report.py", "fig.savefig(buffer"): "into memory",
+    ("engine/progress.py", "lambda f: fig.savefig(f"): "inside fileio.atomic_write",
+    ("cam.py", "lambda f: fig.savefig(f"): "inside fileio.atomic_write",
+    (
+        "engine/progress.py",
+        "SummaryWriter(str(board))",
+    ): "board: a new folder, fileio.new_directory",
+    ("engine/checkpoint.py", "lambda f: torch.save("): "inside fileio.atomic_write",
+    ("saliency/engine.py", "lambda f: torch.save("): "inside fileio.atomic_write",
+    ("weights/convert.py", "lambda f: torch.save("): "inside fileio.atomic_write",
+    ("guards.py", "os.open(path, os.O_RDONLY"): "reading",
+    ("data/demo.py", 'im.save(folder / f"{i:04d}.png")'): "inside fileio.private_directory",
+}
+
+
+def test_the_raw_writer_patterns_catch_writes():
+    for line in [
+        'with open(path, "w") as f:',
+        "open(p, mode='ab')",
+        'path.open("wb")',
+        "path.write_text(text)",
+        "path.unlink(missing_ok=True)",
+        "os.replace(tmp, path)",
+        "fig.savefig(path)",
+        "im.save(folder / name)",
+    ]:
+        assert RAW_WRITERS.search(line), line
+    for line in ['open(path, "rb")', 'path.open("rb")', "fileio.write_text(p, t)", "urlopen(u)"]:
+        assert not RAW_WRITERS.search(line), line
+
+
+def test_no_file_is_written_outside_fileio():
+    """By construction: every create, replace and delete in src/ goes through fileio."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel == "fileio.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if not RAW_WRITERS.search(code):
+                continue
+            if not any(rel == f and text in code for f, text in ALLOWED):
+                found.append(f"{rel}:{number}: {line.strip()}")
+    assert not found, "write through res2net.fileio:\n" + "\n".join(found)
+
+
+@pytest.fixture()
+def outside(tmp_path) -> Path:
+    path = tmp_path / "outside.txt"
+    path.write_text("keep me")
+    return path
+
+
+def plant(kind: str, path: Path, outside: Path) -> None:
+    """Put a symlink, a named pipe, a folder or a hard link at `path`."""
+    if kind == "symlink":
+        path.symlink_to(outside)
+    elif kind == "dangling":
+        path.symlink_to(outside.parent / "nothing-there")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "hardlink":
+        os.link(outside, path)
+
+
+KINDS = ["symlink", "dangling", "fifo", "dir"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path, outside, kind):
+    target = tmp_path / "run" / "file"
+    target.parent.mkdir()
+    plant(kind, target, outside)
+    with pytest.raises(FileRefused, match=re.escape(str(target))) as info:
+        fileio.write_bytes(target, b"new")
+    assert "\n" not in str(info.value)
+    assert outside.read_text() == "keep me"
+    assert not (outside.parent / "nothing-there").exists()
+    assert [p.name for p in target.parent.iterdir()] == ["file"]  # no temporary file left
+
+
+def test_atomic_write_replaces_a_hard_link_by_a_new_file(tmp_path, outside):
+    target = tmp_path / "file"
+    os.link(outside, target)
+    fileio.write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and outside.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "hardlink"])
+def test_in_place_writes_refuse_links_pipes_folders_and_hard_links(tmp_path, outside, kind):
+    target = tmp_path / "metrics.jsonl"
+    plant(kind, target, outside)
+    with pytest.raises(FileRefused, match=re.escape(str(target))):
+        fileio.open_append(target)
+    with pytest.raises(FileRefused, match=re.escape(str(target))):
+        fileio.open_lock(target)
+    assert outside.read_text() == "keep me"
+
+
+def test_append_creates_and_appends(tmp_path):
+    with fileio.open_append(tmp_path / "log") as f:
+        f.write("a\n")
+    with fileio.open_append(tmp_path / "log") as f:
+        f.write("b\n")
+    assert (tmp_path / "log").read_text() == "a\nb\n"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_atomic_link_and_replacing_refuse_links(tmp_path, outside, kind):
+    source = tmp_path / "source"
+    source.write_bytes(b"data")
+    for n, use in enumerate(
+        [lambda p: fileio.atomic_link(source, p), lambda p: fileio.replacing(p).__enter__()]
+    ):
+        target = tmp_path / f"target{n}"
+        plant(kind, target, outside)
+        with pytest.raises(FileRefused, match=re.escape(str(target))):
+            use(target)
+    assert outside.read_text() == "keep me"
+
+
+def test_remove_deletes_only_regular_files(tmp_path, outside):
+    link = tmp_path / "link"
+    link.symlink_to(outside)
+    (tmp_path / "dir").mkdir()
+    assert not fileio.remove(link) and not fileio.remove(tmp_path / "dir")
+    assert not fileio.remove(tmp_path / "missing")
+    (tmp_path / "f").write_text("x")
+    assert fileio.remove(tmp_path / "f") and not (tmp_path / "f").exists()
+    assert link.is_symlink() and outside.read_text() == "keep me"
+
+
+def test_move_aside_keeps_everything(tmp_path, outside):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"ckpt")
+    (run / "training.png").symlink_to(outside)
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events").write_bytes(b"e")
+    (run / ".res2net.lock").write_text("held")
+    aside = fileio.move_aside(run, ["last.pt", "training.png", "tensorboard", "missing"])
+    assert aside is not None and aside.parent == tmp_path
+    assert aside.name.startswith("run.replaced-")
+    assert (aside / "last.pt").read_bytes() == b"ckpt"
+    assert (aside / "training.png").is_symlink() and outside.read_text() == "keep me"
+    assert (aside / "tensorboard" / "events").read_bytes() == b"e"
+    assert sorted(p.name for p in run.iterdir()) == [".res2net.lock"]
+    assert fileio.move_aside(run, ["last.pt"]) is None  # nothing to move: no folder made
+    # a second move in the same second gets its own folder
+    (run / "last.pt").write_bytes(b"second")
+    again = fileio.move_aside(run, ["last.pt"])
+    assert again != aside and (again / "last.pt").read_bytes() == b"second"
+
+
+def test_the_folder_itself_may_be_a_link_the_user_made(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert fileio.make_directory(tmp_path / "link") == tmp_path / "link"
+    fileio.write_bytes(tmp_path / "link" / "f", b"x")
+    assert (real / "f").read_bytes() == b"x"
+
+
+def test_new_directory_never_reuses_a_name(tmp_path, outside):
+    (tmp_path / "board").symlink_to(tmp_path)
+    made = fileio.new_directory(tmp_path, "board")
+    assert made.name == "board-2" and made.is_dir() and not made.is_symlink()

@@ -1,0 +1,434 @@
+"""Folders the project writes can never be turned against their owner.
+
+At every name a command writes, in each kind of folder (a run folder, a Hub folder, an export,
+cam and saliency outputs, validate reports), something is planted: a symbolic link to a file
+outside, a dangling link, a named pipe, a folder, a hard link to a file outside, and for run
+folders a checkpoint index that is missing, empty, truncated, or lists other files or `../`
+paths. Then the command runs into that folder, and: no file outside changes, no checkpoint that
+existed before is lost, and the command either succeeds or refuses in one line naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from res2net.cli.main import main as cli_main
+from res2net.engine.checkpoint import load_training_state
+from res2net.models.registry import ARCHITECTURES
+from res2net.models.res2net import Res2Net
+from res2net.saliency import save_saliency_model
+from res2net.saliency.model import saliency_res2net
+
+from .test_train import make_folder
+
+TINY = (Res2Net, dict(layers=(1, 1, 1, 1), base_width=4, scale=4))
+MODEL = "res2net_tiny"
+PLANTS = ["symlink", "dangling", "fifo", "dir", "hardlink"]
+INDEXES = {
+    "missing": None,
+    "empty": "",
+    "empty list": "[]",
+    "truncated": None,  # the first half of the real index
+    "other files": json.dumps([{"epoch": 1, "file": "notes.txt", "top1": 1.0, "run": "x"}]),
+    "../ paths": json.dumps([{"epoch": 1, "file": "../outside/notes.txt", "top1": None}]),
+}
+
+
+@contextlib.contextmanager
+def tiny_registered():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(ARCHITECTURES, MODEL, TINY)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_cli(*argv: str) -> tuple[int, list[str]]:
+    """`res2net ARGV` in this process: its exit code and the lines it wrote to stderr."""
+    err = io.StringIO()
+    with (
+        tiny_registered(),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        rc = cli_main(list(argv))
+    return rc, err.getvalue().strip().splitlines()
+
+
+def train_argv(data: Path, folder: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        *("--model", MODEL, "--data_dir", str(data), "--ckpt_save_dir", str(folder)),
+        *("--image_resize", "16", "--crop_pct", "1.0", "--batch_size", "4", "--epoch_size", "1"),
+        *("--num_parallel_workers", "0", "--device", "cpu", "--seed", "1"),
+        *("--keep_checkpoint_max", "10", "--log_interval", "1"),
+        *extra,
+    ]
+
+
+@dataclass
+class World:
+    """What every case starts from, built once."""
+
+    root: Path
+    data: Path  # the image folder
+    weights: Path  # the tiny model's weights
+    run: Path  # a finished one-epoch run
+    hub: Path  # a Hub folder convert wrote
+    image: Path  # one picture for cam and saliency
+    saliency: Path  # a tiny saliency model
+    outputs: dict[str, str]  # command -> the name it writes in its folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("write-safety")
+    data = make_folder(root / "data", n_classes=2, per_class=2)
+    run = root / "run"
+    rc, err = run_cli(*train_argv(data, run))
+    assert rc == 0, err
+    weights = root / "w.pth"
+    torch.save(load_training_state(run / "last.pt")["model"], weights)
+    hub = root / "hub"
+    rc, err = run_cli("convert", str(weights), "--model", MODEL, "--to-hub-folder", str(hub))
+    assert rc == 0, err
+    image = root / "pic.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    with tiny_registered():
+        trunk = Res2Net(layers=(1, 1, 1, 1), base_width=4, scale=4, out_indices=(1, 2, 3, 4))
+        model = saliency_res2net(trunk, decoder_channels=8)
+        saliency = save_saliency_model(root / "sal.pth", model, MODEL, image_size=32)
+    world = World(root, data, weights, run, hub, image, saliency, {})
+    world.outputs["export"] = "m.pt2"
+    for command in ("cam", "saliency"):
+        folder = root / f"probe-{command}"
+        folder.mkdir()
+        rc, err = run_cli(*command_argv(world, command, folder))
+        assert rc == 0, err
+        (written,) = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        world.outputs[command] = written
+    return world
+
+
+def command_argv(world: World, command: str, folder: Path, *extra: str) -> list[str]:
+    """The command line of `command` writing into `folder`."""
+    if command == "cam":
+        return [
+            *("cam", str(world.image), "--model", MODEL, "--ckpt_path", str(world.weights)),
+            *("--method", "cam", "--out", str(folder), "--image_resize", "32", "--device", "cpu"),
+        ]
+    if command == "saliency":
+        return ["saliency", "predict", str(world.image), "--weights", str(world.saliency)] + [
+            "--out",
+            str(folder),
+        ]
+    if command == "export":
+        return [
+            *("export", str(folder / "m.pt2"), "--format", "pt2", "--model", MODEL),
+            *("--ckpt_path", str(world.weights), "--image_resize", "32"),
+        ]
+    if command == "convert":
+        return ["convert", str(world.weights), "--model", MODEL, "--to-hub-folder", str(folder)]
+    if command == "validate":
+        return [
+            *("validate", "--model", MODEL, "--ckpt_path", str(world.weights)),
+            *("--data_dir", str(world.data), "--image_resize", "16", "--crop_pct", "1.0"),
+            *("--num_parallel_workers", "0", "--batch_size", "4"),
+            *("--report_dir", str(folder / "report"), "--results_csv", str(folder / "r.csv")),
+            *("--per_class_csv", str(folder / "top1.csv")),
+        ]
+    if command == "train":
+        return train_argv(world.data, folder, *extra)
+    if command == "resume":
+        return train_argv(world.data, folder, "--resume", "auto", *extra)
+    raise AssertionError(command)
+
+
+# the names each command writes in its folder
+RUN_NAMES = [
+    ".res2net.lock",
+    "last.pt",
+    "best.pt",
+    "checkpoints.json",
+    "metrics.jsonl",
+    "training.png",
+    "tensorboard",
+    f"{MODEL}-001.pt",
+    f"{MODEL}-002.pt",
+]
+NAMES = {
+    "train": RUN_NAMES,
+    "resume": RUN_NAMES,
+    "convert": ["model.safetensors", "config.json", "README.md"],
+    "validate": [
+        "r.csv",
+        "top1.csv",
+        "report/per_class.csv",
+        "report/confused_pairs.csv",
+        "report/confusion.png",
+        "report/summary.json",
+    ],
+    "cam": ["<out>"],
+    "saliency": ["<out>"],
+    "export": ["m.pt2"],
+}
+
+
+def plant(kind: str, path: Path, outside: Path) -> None:
+    if os.path.lexists(path):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "symlink":
+        path.symlink_to(outside / "notes.txt")
+    elif kind == "dangling":
+        path.symlink_to(outside / "not-yet")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+        (path / "inside.txt").write_text("mine")
+    elif kind == "hardlink":
+        os.link(outside / "notes.txt", path)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under `folder`: what it is, and a file's content hash."""
+    seen = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            seen[str(path)] = "link:" + os.readlink(path)
+        elif path.is_file():
+            seen[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            seen[str(path)] = "dir" if path.is_dir() else "other"
+    return seen
+
+
+def checkpoints(folder: Path) -> dict[str, str]:
+    """The epoch checkpoints in `folder` that are regular files: name -> content hash."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.glob(f"{MODEL}-*.pt")
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def one_case(world: World, command: str, name: str, kind: str, index: str | None, epochs: int):
+    """Plant `kind` at `name` (and the index `index`) in a new folder for `command`, run it,
+    and check the promises."""
+    case = Path(tempfile.mkdtemp(dir=world.root, prefix="case-"))
+    try:
+        outside = case / "outside"
+        outside.mkdir()
+        (outside / "notes.txt").write_text("the owner's notes")
+        folder = case / "folder"
+        if command == "resume":
+            shutil.copytree(world.run, folder, symlinks=True)
+        elif command == "convert":
+            shutil.copytree(world.hub, folder)
+        else:
+            folder.mkdir()
+        if name == "<out>":
+            name = world.outputs[command]
+        target = folder / name
+        if kind != "none":
+            plant(kind, target, outside)
+        if index is not None:
+            plant_index(folder / "checkpoints.json", index)
+        before_outside = snapshot(outside)
+        before_ckpts = checkpoints(folder)
+        extra = ("--epoch_size", str(epochs)) if command == "resume" else ()
+        rc, err = run_cli(*command_argv(world, command, folder, *extra))
+        assert snapshot(outside) == before_outside, (command, name, kind, err)
+        assert not (outside / "not-yet").exists()
+        after = checkpoints(folder)
+        for ckpt, digest in before_ckpts.items():
+            assert after.get(ckpt) == digest, (command, name, kind, index, ckpt, err)
+        if rc != 0:
+            assert rc == 2 and len(err) == 1, (command, name, kind, index, err)
+            assert str(folder) in err[0], (name, err)
+        return rc, err
+    finally:
+        shutil.rmtree(case, ignore_errors=True)
+
+
+def plant_index(path: Path, index: str) -> None:
+    text = INDEXES[index]
+    if index == "missing":
+        path.unlink(missing_ok=True)
+    elif index == "truncated":
+        whole = path.read_text()
+        path.write_text(whole[: len(whole) // 2])
+    else:
+        path.write_text(text or "")
+
+
+def cases(long: bool) -> st.SearchStrategy:
+    """(command, name, plant, index, epochs). The short run keeps to the cheap cases: a resume
+    that trains nothing more and an export refused before it starts (a successful export
+    takes seconds); the long run draws from all."""
+    command = st.sampled_from(sorted(NAMES))
+    return command.flatmap(
+        lambda c: st.tuples(
+            st.just(c),
+            st.sampled_from(NAMES[c]),
+            st.sampled_from(PLANTS if long or c != "export" else PLANTS[:-1]),
+            st.sampled_from([None, *INDEXES]) if c == "resume" else st.none(),
+            st.sampled_from([1, 2] if long else [1]),
+        )
+    )
+
+
+def fuzz(world: World, case: tuple) -> None:
+    command, name, kind, index, epochs = case
+    if name == "checkpoints.json" and index is not None:
+        index = None  # one plant at that name
+    logging.disable(logging.WARNING)
+    try:
+        one_case(world, command, name, kind, index, epochs)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@settings(
+    max_examples=int(os.environ.get("WRITE_SAFETY_CASES", 100)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(case=cases(long=False))
+def test_planted_names_never_turn_a_command_against_the_owner(world, case):
+    fuzz(world, case)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=600,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=cases(long=True))
+def test_planted_names_never_turn_a_command_against_the_owner_long(world, case):
+    fuzz(world, case)
+
+
+# --- the four ways a prepared folder was turned against its owner ------------------------------
+
+
+def test_planted_lock_and_plot_links_are_refused(world, tmp_path):
+    """A copy of a finished run with `.res2net.lock` and `training.png` linked to files
+    elsewhere: `--resume auto` writes through neither; nor does a fresh run into a folder
+    holding only the lock link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("lock-target", "plot-target"):
+        (outside / name).write_text("the owner's file")
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    for name, target in ((".res2net.lock", "lock-target"), ("training.png", "plot-target")):
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(outside / target)
+    rc, err = run_cli(*train_argv(world.data, run, "--resume", "auto", "--epoch_size", "2"))
+    assert rc == 2 and len(err) == 1 and str(run) in err[0], err
+    assert all(
+        (outside / n).read_text() == "the owner's file" for n in ("lock-target", "plot-target")
+    )
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".res2net.lock").symlink_to(outside / "lock-target")
+    rc, err = run_cli(*train_argv(world.data, fresh))
+    assert rc == 2 and len(err) == 1 and str(fresh / ".res2net.lock") in err[0], err
+    assert (outside / "lock-target").read_text() == "the owner's file"
+
+
+def test_hub_folder_links_are_refused(world, tmp_path):
+    """`convert --to-hub-folder` into a folder with a real `model.safetensors` and `README.md`
+    and `config.json` linked elsewhere overwrites neither target."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = tmp_path / "hub"
+    shutil.copytree(world.hub, folder)
+    for name in ("README.md", "config.json"):
+        (outside / name).write_text("the owner's file")
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside / name)
+    rc, err = run_cli(
+        "convert", str(world.weights), "--model", MODEL, "--to-hub-folder", str(folder)
+    )
+    assert rc == 2 and len(err) == 1 and str(folder) in err[0], err
+    assert all(
+        (outside / n).read_text() == "the owner's file" for n in ("README.md", "config.json")
+    )
+
+
+@pytest.mark.parametrize("index", ["[]", "", None])
+def test_missing_or_empty_index_deletes_no_checkpoint(world, tmp_path, index):
+    """`[]`, an empty file or no `checkpoints.json` at all: `--resume auto` rebuilds the index
+    from the checkpoints' headers and deletes nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    want = json.loads((run / "checkpoints.json").read_text())
+    before = checkpoints(run)
+    assert before
+    if index is None:
+        (run / "checkpoints.json").unlink()
+    else:
+        (run / "checkpoints.json").write_text(index)
+    rc, err = run_cli(*train_argv(world.data, run, "--resume", "auto"))
+    assert rc == 0, err
+    assert checkpoints(run) == before
+    assert json.loads((run / "checkpoints.json").read_text()) == want
+
+
+def test_no_message_advises_deleting_the_index():
+    src = Path(__file__).resolve().parent.parent / "src"
+    for path in src.rglob("*.py"):
+        assert "delete it" not in path.read_text(), path
+
+
+def test_overwrite_from_a_recipe_moves_the_other_run_aside(world, tmp_path, caplog):
+    """A run whose folder holds another run's files, with `--overwrite True` (a recipe may not
+    set `overwrite` or an absolute folder: the config's trust rule): that run's files move to
+    `<dir>.replaced-<time>`, whole, and the run says where in one line."""
+    other = tmp_path / "other"
+    shutil.copytree(world.run, other)
+    before = snapshot(other)
+    recipe = tmp_path / "recipe.yaml"
+    argv = train_argv(world.data, other)[1:]
+    options = dict(zip(argv[::2], argv[1::2]))
+    options.pop("--ckpt_save_dir")
+    recipe.write_text("".join(f"{k.lstrip('-')}: {v}\n" for k, v in options.items()))
+    command = ("train", "-c", str(recipe), "--ckpt_save_dir", str(other), "--overwrite", "True")
+    with caplog.at_level(logging.WARNING):
+        rc, err = run_cli(*command)
+    assert rc == 0, err
+    (aside,) = tmp_path.glob("other.replaced-*")
+    moved = [line for line in caplog.messages if str(aside) in line]
+    assert len(moved) == 1 and "moved" in moved[0]
+    kept = {k.replace(str(other), str(aside), 1): v for k, v in before.items()}
+    lock = str(aside / ".res2net.lock")
+    assert {k: v for k, v in snapshot(aside).items() if k != lock} == {
+        k: v for k, v in kept.items() if k != lock
+    }
+    assert (other / "last.pt").is_file()  # the new run
