@@ -12,6 +12,7 @@ import fnmatch
 import json
 from pathlib import Path
 
+from .. import fileio
 from ..errors import ConfigError
 from ..guards import short
 
@@ -67,7 +68,7 @@ def zoo_rows(pattern: str = "*", measure_time: bool = False) -> list[dict]:
 
 def write_zoo_table(path: Path = ZOO_FILE) -> None:
     """Write `zoo_rows()` to the package's zoo.json (after adding or changing a model)."""
-    path.write_text(json.dumps(zoo_rows(), indent=1) + "\n", encoding="utf-8")
+    fileio.write_text(path, json.dumps(zoo_rows(), indent=1) + "\n")
 
 
 def stored_zoo_rows(pattern: str = "*") -> list[dict]:
