@@ -432,3 +432,33 @@ def test_overwrite_from_a_recipe_moves_the_other_run_aside(world, tmp_path, capl
         k: v for k, v in kept.items() if k != lock
     }
     assert (other / "last.pt").is_file()  # the new run
+
+
+def test_resume_without_last_pt_is_a_fresh_run(world, tmp_path, caplog):
+    """`--resume auto` in a run folder without `last.pt` cannot continue that run: it is a
+    fresh run, so the folder is refused (one line, nothing changed), and `--overwrite True`
+    moves the previous run's files aside whole; the new run never takes the old run's id."""
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    (run / "last.pt").unlink()
+    before = snapshot(run)
+    rc, err = run_cli(*train_argv(world.data, run, "--resume", "auto"))
+    assert rc == 2 and len(err) == 1 and str(run) in err[0] and "last.pt" in err[0], err
+    lock = str(run / ".res2net.lock")  # holds the id of the last process that locked it
+    assert {k: v for k, v in snapshot(run).items() if k != lock} == {
+        k: v for k, v in before.items() if k != lock
+    }
+    with caplog.at_level(logging.INFO):
+        rc, err = run_cli(*train_argv(world.data, run, "--resume", "auto", "--overwrite", "True"))
+    assert rc == 0, err
+    (aside,) = tmp_path.glob("run.replaced-*")
+    kept = {k.replace(str(run), str(aside), 1): v for k, v in before.items()}
+    lock = str(aside / ".res2net.lock")
+    assert {k: v for k, v in snapshot(aside).items() if k != lock} == {
+        k: v for k, v in kept.items() if k != lock
+    }
+    old = {e["run"] for e in json.loads((aside / "checkpoints.json").read_text())}
+    new = {e["run"] for e in json.loads((run / "checkpoints.json").read_text())}
+    assert old and new and not old & new
+    assert not any("never finished" in m for m in caplog.messages)
+

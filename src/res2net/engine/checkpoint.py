@@ -199,15 +199,11 @@ class CheckpointManager:
         return present + self.epoch_files()
 
     def find_run_id(self) -> str | None:
-        """The id of the run whose files are here: the one in `last.pt`'s header (the commit
-        point, which a resume continues), else the one the index names; None when neither
-        says."""
+        """The id of the run that `last.pt`'s header names (the commit point, which a resume
+        continues); None without one. Never taken from the index: a run without `last.pt`
+        cannot be continued, so a new run there is a fresh one."""
         header = self._header(self.last)
         run = header["run_id"] if header is not None else None
-        if isinstance(run, str) and run:
-            return run
-        ids = {e.get("run") for e in self._index() or []}
-        run = ids.pop() if len(ids) == 1 else None
         return run if isinstance(run, str) and run else None
 
     def reconcile(self) -> list[Path]:

@@ -18,6 +18,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import signal
 import statistics
 import time
@@ -245,26 +246,56 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
     ckpts = checkpoint_manager(cfg)
     ckpts.check_writable()
     lock.acquire()
-    if resuming(cfg):
-        ckpts.run_id = ckpts.find_run_id() or new_run_id()
-    else:
-        found = ckpts.run_files()
-        if found and not cfg.overwrite:
-            names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-            raise ConfigError(
-                f"ckpt_save_dir {cfg.ckpt_save_dir!r} holds another run's files ({names}); "
-                "continue it with --resume auto, choose a new --ckpt_save_dir, "
-                "or pass --overwrite True to move them aside and start over"
-            )
-        aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
-        if aside is not None:
-            log.warning("overwrite: the previous run's files were moved to %s", aside)
-        ckpts.run_id = new_run_id()
+    # a run continues only from a `last.pt` whose header names it; anything else is a fresh
+    # run, which never takes an id from the index and never mixes into another run's files
+    run_id = ckpts.find_run_id() if resuming(cfg) else None
+    if run_id is None:
+        _start_fresh(cfg, ckpts)
+        run_id = new_run_id()
+    ckpts.run_id = run_id
     ckpts.check_names(cfg.epoch_size)
     ckpts.check_epoch_files(cfg.epoch_size)
     for path in ckpts.reconcile():
         log.info("removed %s (left by a write or a rotation that never finished)", path)
     return ckpts.run_id
+
+
+def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
+    """Refuse a folder holding another run's files, or (`overwrite`) move them aside."""
+    found = ckpts.run_files()
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    if resuming(cfg):
+        explicit = _resume_path(cfg, ckpts) if cfg.resume != "auto" else None
+        if explicit is not None and any(_same_file(explicit, p) for p in found):
+            raise ConfigError(
+                f"ckpt_save_dir {cfg.ckpt_save_dir!r} has no last.pt to continue, and the file "
+                f"to resume from ({explicit}) is one of its run's files; copy it elsewhere "
+                "and resume from the copy, or choose a new --ckpt_save_dir"
+            )
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"ckpt_save_dir {cfg.ckpt_save_dir!r} has no last.pt to continue but holds "
+                f"another run's files ({names}); choose a new --ckpt_save_dir, or pass "
+                "--overwrite True to move them aside and start over"
+            )
+    elif not cfg.overwrite:
+        raise ConfigError(
+            f"ckpt_save_dir {cfg.ckpt_save_dir!r} holds another run's files ({names}); "
+            "continue it with --resume auto, choose a new --ckpt_save_dir, "
+            "or pass --overwrite True to move them aside and start over"
+        )
+    aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
+    if aside is not None:
+        log.warning("overwrite: the previous run's files were moved to %s", aside)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def checkpoint_manager(cfg: Config, run_id: str | None = None) -> CheckpointManager:
