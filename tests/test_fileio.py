@@ -193,3 +193,36 @@ def test_new_directory_never_reuses_a_name(tmp_path, outside):
     (tmp_path / "board").symlink_to(tmp_path)
     made = fileio.new_directory(tmp_path, "board")
     assert made.name == "board-2" and made.is_dir() and not made.is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "fifo", "file"])
+def test_make_subdirectory_refuses_what_is_planted_below_the_users_folder(tmp_path, kind):
+    """The folder the user named may be a link; a subfolder name the project chooses below it
+    is created or checked with `lstat`, at every level, and never followed."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "out").symlink_to(real)  # the user's own link: fine
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (real / "a").mkdir()
+    planted = real / "a" / "b"
+    if kind == "symlink":
+        planted.symlink_to(elsewhere)
+    elif kind == "dangling":
+        planted.symlink_to(tmp_path / "nothing-there")
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        planted.write_text("x")
+    with pytest.raises(FileRefused, match=re.escape(str(tmp_path / "out" / "a" / "b"))) as e:
+        fileio.make_subdirectory(tmp_path / "out", Path("a/b/c"))
+    assert len(str(e.value).splitlines()) == 1
+    assert list(elsewhere.iterdir()) == [] and not (tmp_path / "nothing-there").exists()
+
+
+def test_make_subdirectory_creates_each_level(tmp_path):
+    made = fileio.make_subdirectory(tmp_path / "out", Path("a/b"))
+    assert made == tmp_path / "out" / "a" / "b" and made.is_dir() and not made.is_symlink()
+    assert fileio.make_subdirectory(tmp_path / "out", Path(".")) == tmp_path / "out"
+    with pytest.raises(FileRefused):
+        fileio.make_subdirectory(tmp_path / "out", Path("../x"))

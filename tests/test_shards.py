@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import shutil
 import tarfile
 import time
@@ -33,6 +34,7 @@ from res2net.data import (  # noqa: E402
     load_image,
     write_shards,
 )
+from res2net.errors import FileRefused  # noqa: E402
 
 from .conftest import draws, rng_states  # noqa: E402
 
@@ -453,3 +455,35 @@ def test_check_lists_a_sample_too_large_to_read(shards, monkeypatch, capsys):
     monkeypatch.setattr(shards_module, "MAX_SAMPLE_BYTES", 64)  # every image here is larger
     assert cli("check", str(shards), "--splits", "val", "--workers", "1") == 1
     assert "holds more than 64 bytes" in capsys.readouterr().out
+
+
+def test_shards_never_write_through_a_linked_split_folder(folder, tmp_path):
+    """`OUT/train` planted as a link to another folder: refused in one line naming it; the
+    files there (shard-like names included) are neither deleted nor replaced."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("train-000007.tar", "index.json"):
+        (victim / name).write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train").symlink_to(victim)
+    with pytest.raises(FileRefused, match=re.escape(str(out / "train"))):
+        write_shards(folder, out, splits=("train",), shard_size=5)
+    assert sorted(p.name for p in victim.iterdir()) == ["index.json", "train-000007.tar"]
+    assert all(p.read_text() == "precious" for p in victim.iterdir())
+
+
+def test_rewriting_shards_deletes_only_what_the_previous_index_listed(folder, tmp_path):
+    out = tmp_path / "out"
+    first = write_shards(folder, out, splits=("train",), shard_size=2)["train"]  # 11 shards
+    split = out / "train"
+    (split / "train-000099.tar").write_text("not listed")  # a shard-like name of someone else
+    write_shards(folder, out, splits=("train",), shard_size=5)  # 5 shards: the rest go
+    names = {p.name for p in split.iterdir()}
+    assert "train-000010.tar" in {s["name"] for s in first["shards"]}
+    assert "train-000010.tar" not in names
+    assert (split / "train-000099.tar").read_text() == "not listed"
+    (split / "index.json").write_text("not an index")  # no proof: nothing goes
+    (split / "train-000010.tar").write_text("kept")
+    write_shards(folder, out, splits=("train",), shard_size=5)
+    assert (split / "train-000010.tar").read_text() == "kept"

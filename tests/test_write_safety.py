@@ -462,3 +462,24 @@ def test_resume_without_last_pt_is_a_fresh_run(world, tmp_path, caplog):
     assert old and new and not old & new
     assert not any("never finished" in m for m in caplog.messages)
 
+
+@pytest.mark.parametrize("command", ["cam", "saliency"])
+def test_a_link_at_a_mirrored_subfolder_is_refused(world, tmp_path, command):
+    """cam and saliency mirror an input folder's subfolders under --out: a link planted at
+    such a name (`out/a` -> elsewhere) is refused in one line, and nothing elsewhere changes."""
+    images = tmp_path / "imgs"
+    (images / "a").mkdir(parents=True)
+    shutil.copy(world.image, images / "a" / "x.png")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("x_cam.png", "x.png"):
+        (victim / name).write_text("the owner's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").symlink_to(victim)
+    argv = command_argv(world, command, out)
+    argv[argv.index(str(world.image))] = str(images)
+    rc, err = run_cli(*argv)
+    assert rc == 2 and len(err) == 1 and str(out / "a") in err[0], err
+    assert sorted(p.name for p in victim.iterdir()) == ["x.png", "x_cam.png"]
+    assert all(p.read_text() == "the owner's file" for p in victim.iterdir())

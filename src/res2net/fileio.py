@@ -4,7 +4,8 @@ The rules, the same for run folders, Hub folders, exports, reports and data it w
 
 - a name is written only when nothing is there or a regular file is (checked with `lstat`,
   so a symbolic link, named pipe, directory or device planted at the name is refused in one
-  line naming it, and never followed); the folder itself may be a link the user made;
+  line naming it, and never followed); the folder the user named may be a link, a subfolder
+  the project chooses below it (`make_subdirectory`) may not;
 - new files are opened with `O_CREAT | O_EXCL | O_NOFOLLOW`: a file appears whole or not at
   all (temporary file, fsync, rename over the name, fsync of the folder);
 - a file changed in place (the run lock, the metrics log) must be a regular file with one
@@ -99,6 +100,35 @@ def make_directory(path: str | os.PathLike) -> Path:
         raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
     if not stat.S_ISDIR(mode):
         raise FileRefused(f"'{path}' is {_kind(mode)}, not a folder: choose another path")
+    return path
+
+
+def make_subdirectory(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """Create the folder `root / relative` and return it: `root` (the folder the user named)
+    as `make_directory` does, a link included; every component of `relative` (a name the
+    project chose below it) created or checked with `lstat`, so that a link, file or pipe
+    planted there is refused in one line naming it (FileRefused), never followed."""
+    path = make_directory(root)
+    parts = Path(relative).parts
+    if Path(relative).is_absolute() or ".." in parts:
+        raise FileRefused(f"'{relative}' is not a folder name below '{root}'")
+    for part in parts:
+        path = path / part
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise FileRefused(f"folder '{path}' cannot be created ({e.strerror or e})") from None
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError as e:
+            raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
+        if not stat.S_ISDIR(mode):
+            raise FileRefused(
+                f"'{path}' is {_kind(mode)}, not a folder: the project never writes through "
+                "it; move it away or choose another output folder"
+            )
     return path
 
 

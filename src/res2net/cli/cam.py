@@ -47,6 +47,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
+    from .. import fileio
     from ..cam import class_activation_map, denormalize, grad_cam, save_cam_figure
     from ..inference import (
         find_images,
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
         explained = args.target_class if args.target_class is not None else int(idx[0])
         title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
-        target = unused_path(out_dir / rel.parent / f"{rel.name}_cam.png", taken)
+        folder = fileio.make_subdirectory(out_dir, rel.parent)  # never a planted link
+        target = unused_path(folder / f"{rel.name}_cam.png", taken)
         written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
         print(printable(str(written)), flush=True)
     return skipped.exit_code(len(files))

@@ -158,8 +158,8 @@ def _predict(args: argparse.Namespace) -> int:
             continue
         prob = predict_saliency(model, image, meta["image_size"], args.device)
         mask = Image.fromarray((prob * 255).round().to(torch.uint8).numpy())
-        out = unused_path(Path(args.out) / rel.parent / f"{rel.name}.png", taken)
-        fileio.make_directory(out.parent)
+        folder = fileio.make_subdirectory(args.out, rel.parent)  # never a planted link
+        out = unused_path(folder / f"{rel.name}.png", taken)
         fileio.atomic_write(out, partial(mask.save, format="PNG"))
         print(printable(str(out)), flush=True)
     return skipped.exit_code(len(files))

@@ -372,17 +372,36 @@ def _member_bytes(name: str, size: int) -> int:
     return _BLOCK + pax + -(-size // _BLOCK) * _BLOCK
 
 
+def _previous_shards(split_dir: Path, split: str) -> list[str]:
+    """The shard names the split's previous `index.json` lists, in this module's naming: the
+    only files a rewrite may delete ([] when there is no index this module wrote)."""
+    path = split_dir / INDEX_NAME
+    if not os.path.lexists(path):
+        return []
+    try:
+        info = json.loads(read_regular_file(path, "shard index", MAX_INDEX_BYTES))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return []
+    if _index_problem(info) is not None:
+        return []
+    ours = re.compile(rf"{re.escape(split)}-\d{{6,}}\.tar")
+    return [e["name"] for e in info["shards"] if ours.fullmatch(e["name"])]
+
+
 def _clear_split_dir(split_dir: Path, split: str) -> None:
+    """Delete the split's previous shards: only the plain files its own `index.json` listed
+    (a name the index does not list is never deleted, whatever it looks like), and the
+    temporary files of killed writes."""
+    previous = _previous_shards(split_dir, split)
     # The index first: from here until the new one is written, the folder reads as incomplete.
     fileio.remove(split_dir / INDEX_NAME)
-    pattern = re.compile(rf"^{re.escape(split)}-\d{{6,}}\.tar(\.partial)?$")
-    for p in split_dir.iterdir():
-        if pattern.match(p.name) or p.name == INDEX_NAME + ".partial":
-            fileio.remove(p)
+    for name in previous:
+        fileio.remove(split_dir / name)
+    fileio.remove_stale_temporaries(split_dir)
 
 
 class _ShardSink:
-    """Writes numbered shards, each to a `.partial` file renamed when complete."""
+    """Writes numbered shards, each to a temporary file renamed when complete."""
 
     def __init__(self, split_dir: Path, split: str, shard_size: int, max_bytes: int | None) -> None:
         self.split_dir, self.split = split_dir, split
@@ -390,6 +409,7 @@ class _ShardSink:
         self.shards: list[dict[str, Any]] = []
         self._writer: Any = None
         self._file: Any = None
+        self._partial: Path  # the shard being written, renamed to its name when complete
         self._count = 0
         self._bytes = 0
 
@@ -408,7 +428,8 @@ class _ShardSink:
     def _open(self) -> None:
         wds = _webdataset()
         name = SHARD_PATTERN.format(split=self.split, number=len(self.shards))
-        self._file = fileio.open_new(self.split_dir / (name + ".partial"))
+        self._partial = fileio.temporary_path(self.split_dir / name)
+        self._file = fileio.open_new(self._partial)
         # mtime fixed: the same folder gives the same bytes. PAX: long and non-ASCII names.
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, format="PAX_FORMAT")
         self.shards.append({"name": name, "count": 0, "bytes": 0})
@@ -420,10 +441,9 @@ class _ShardSink:
         self._writer.close()
         self._file.close()
         entry = self.shards[-1]
-        partial = self.split_dir / (entry["name"] + ".partial")
         entry["count"] = self._count
-        entry["bytes"] = partial.stat().st_size
-        fileio.rename_into(partial, self.split_dir / entry["name"])
+        entry["bytes"] = self._partial.stat().st_size
+        fileio.rename_into(self._partial, self.split_dir / entry["name"])
         self._writer = self._file = None
 
     def close(self) -> list[dict[str, Any]]:
@@ -437,7 +457,7 @@ class _ShardSink:
             with contextlib.suppress(OSError):
                 self._writer.close()
             self._file.close()
-            fileio.remove(self.split_dir / (self.shards[-1]["name"] + ".partial"))
+            fileio.remove(self._partial)
             self._writer = self._file = None
 
 
@@ -531,8 +551,7 @@ def write_shards(
         shuffled = split in shuffle_splits
         if shuffled:
             random.Random(seed).shuffle(order)
-        split_dir = out / split
-        fileio.make_directory(split_dir)
+        split_dir = fileio.make_subdirectory(out, split)  # never a planted link
         _clear_split_dir(split_dir, split)
         sink = _ShardSink(split_dir, split, shard_size, max_bytes)
         keys: set[str] = set()
