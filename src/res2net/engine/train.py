@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import statistics
 import time
 from collections.abc import Iterable
@@ -249,6 +250,9 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
     # a run continues only from a `last.pt` whose header names it; anything else is a fresh
     # run, which never takes an id from the index and never mixes into another run's files
     run_id = ckpts.find_run_id() if resuming(cfg) else None
+    if run_id is None and resuming(cfg) and _is_regular_file(ckpts.last):
+        load_training_state(ckpts.last)  # a damaged or foreign last.pt: refused, naming it
+        run_id = new_run_id()  # a readable last.pt without a run id: continued as a new run
     if run_id is None:
         _start_fresh(cfg, ckpts)
         run_id = new_run_id()
@@ -289,6 +293,13 @@ def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
     aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
     if aside is not None:
         log.warning("overwrite: the previous run's files were moved to %s", aside)
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
