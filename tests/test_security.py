@@ -49,7 +49,8 @@ from res2net.guards import short
 from res2net.models import Res2Net
 from res2net.weights import mindspore as ms
 from res2net.weights import pretrained as pt
-from res2net.weights.loading import detect_format, load_checkpoint, read_checkpoint
+from res2net.weights.formats import detect_format as detect_bytes
+from res2net.weights.loading import load_checkpoint, read_checkpoint
 
 ARCH = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
 MiB = 1 << 20
@@ -616,8 +617,9 @@ def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
         path = tmp_path / f"h{length}.safetensors"
         path.write_bytes(_safetensors_bytes(header, data, length))
         assert path.read_bytes()[0] == 0x80
-        assert detect_format(path) == "safetensors"
-        state, fmt, _, metadata = read_checkpoint(path)
+        assert detect_bytes(path.read_bytes(), path) == "safetensors"
+        c = read_checkpoint(path)
+        state, fmt, metadata = c.state_dict, c.format, c.metadata
         assert fmt == "safetensors" and metadata == {"arch": "x"} and state["w"].shape == (2, 3)
 
 
@@ -773,9 +775,9 @@ def _check_safetensors(header: dict, data: bytes, pad: int) -> None:
     blob = _safetensors_bytes(header, data, len(text) + pad)
     path = _FUZZ_DIR / "fuzz.safetensors"
     path.write_bytes(blob)
-    assert detect_format(path) == "safetensors"
+    assert detect_bytes(path.read_bytes(), path) == "safetensors"
     try:
-        state, _, _, _ = read_checkpoint(path)
+        state = read_checkpoint(path).state_dict
     except ValueError as e:
         one_line(str(e), path)
         return

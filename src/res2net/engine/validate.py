@@ -47,14 +47,14 @@ log = logging.getLogger("res2net.validate")
 
 
 def eval_settings(
-    cfg: Config, checkpoint: Checkpoint, given: Mapping[str, str] | None = None
+    cfg: Config, checkpoint: Checkpoint | str | Path, given: Mapping[str, str] | None = None
 ) -> tuple[EvalTransform, dict[str, str]]:
     """The eval transform for `checkpoint` and where each value came from: keys `given` on the
     command line, then those the recipe sets, then the checkpoint's own (training config,
     `.safetensors` metadata, pretrained table), then the defaults. Without `given` (a `Config`
     built in Python), the checkpoint's values win over the config's."""
     run = EvalTransform.from_config(cfg).to_dict()
-    stored = checkpoint.eval_transform
+    stored = read_checkpoint(checkpoint, model=cfg.model).eval_transform
     if given is None:
         return resolve_eval_transform(checkpoint=stored, defaults=(run, "config"))
     flags = {k: run[k] for k in EVAL_KEYS if given.get(k) == "command line"}
