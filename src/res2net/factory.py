@@ -97,7 +97,9 @@ def create_model(
     if cpu_channels_last:
         model.register_forward_pre_hook(channels_last_on_cpu)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=not features_only, reset_head=explicit_classes)
+        # a new head only when asked for another class count than the checkpoint's
+        new_head = explicit_classes and num_classes != checkpoint.num_classes
+        load_checkpoint(model, checkpoint, strict=not features_only, reset_head=new_head)
     return model
 
 

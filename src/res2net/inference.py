@@ -24,7 +24,7 @@ from .models.base import Res2NetBase
 from .models.layers import res2_forward
 from .weights.entry import EvalTransform, describe_sources, get_weights, resolve_eval_transform
 from .weights.hubfolder import is_hub_name
-from .weights.loading import Checkpoint, read_checkpoint
+from .weights.loading import Checkpoint, load_checkpoint, read_checkpoint
 
 log = logging.getLogger("res2net.inference")
 
@@ -148,7 +148,8 @@ def trained_model(model_name: str, checkpoint: Checkpoint | None) -> Res2NetBase
             "converted weights)"
         )
     arch = str(checkpoint.arch) if is_hub_name(model_name) else model_name
-    model = create_model(arch, num_classes=checkpoint.num_classes, checkpoint=checkpoint)
+    model = create_model(arch, num_classes=checkpoint.num_classes)
+    load_checkpoint(model, checkpoint)  # strict, and never a fresh classifier
     if checkpoint.hub_config is not None:
         model.hub_config = checkpoint.hub_config
     return model.eval()
