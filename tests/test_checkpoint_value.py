@@ -1,0 +1,292 @@
+"""`Checkpoint`: every command reads a weights file exactly once, through `read_checkpoint`, and
+the torch reader loads the very bytes it checked (files whose readers could disagree are
+refused in one line, before anything large is allocated)."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from res2net.cli.main import main as cli_main
+from res2net.engine import train as train_mod
+from res2net.errors import CheckpointError
+from res2net.models import ARCHITECTURES, Res2Net
+from res2net.weights.convert import write_safetensors
+from res2net.weights.loading import Checkpoint, read_checkpoint
+from res2net.weights.mindspore import ours_to_mindcv, write_mindspore_checkpoint
+
+from .conftest import rgb
+from .test_train import make_folder, tiny_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TINY = "res2net_tiny_test"
+ARCH = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
+EVAL = {"image_resize": 32, "crop_pct": 1.0}
+
+
+@pytest.fixture()
+def tiny(monkeypatch) -> Res2Net:
+    monkeypatch.setitem(ARCHITECTURES, TINY, (Res2Net, dict(ARCH)))
+    torch.manual_seed(0)
+    return Res2Net(**ARCH, num_classes=3).eval()
+
+
+def write_weights(model: Res2Net, path: Path) -> Path:
+    """`model` as `path`, in the format its extension names (a .safetensors names its model)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        meta = {"arch": TINY, "num_classes": "3", "eval": json.dumps(EVAL)}
+        write_safetensors(path, state, meta)
+    elif path.suffix == ".ckpt":
+        write_mindspore_checkpoint(path, ours_to_mindcv(state, model))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@contextlib.contextmanager
+def counting_opens(path: Path):
+    """Count every open of `path` (os.open, open, io.open) inside the block."""
+    target = os.path.realpath(path)
+    opened: list[str] = []
+
+    def counted(real):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and os.path.realpath(file) == target:
+                opened.append(str(file))
+            return real(file, *args, **kwargs)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "open", counted(os.open))
+        mp.setattr(builtins, "open", counted(builtins.open))
+        mp.setattr(io, "open", counted(io.open))
+        yield opened
+
+
+# --- 1. one value, read once --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".ckpt"])
+def test_read_checkpoint_carries_everything_from_one_read(tiny, tmp_path, suffix):
+    path = write_weights(tiny, tmp_path / f"w{suffix}")
+    with counting_opens(path) as opened:
+        c = read_checkpoint(path, model=TINY)
+    assert len(opened) == 1
+    assert isinstance(c, Checkpoint) and c.num_classes == 3 and c.origin == str(path)
+    assert (
+        c.format == {".safetensors": "safetensors", ".pth": "torch", ".ckpt": "mindspore"}[suffix]
+    )
+    if suffix == ".safetensors":
+        assert c.arch == TINY and c.eval is not None and c.eval.image_resize == 32
+    with pytest.raises(AttributeError):
+        c.format = "torch"  # frozen
+    assert read_checkpoint(c) is c
+
+
+def test_read_checkpoint_refuses_a_file_over_max_bytes(tiny, tmp_path):
+    path = write_weights(tiny, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="w.pth: has .* bytes, more than the 1000"):
+        read_checkpoint(path, max_bytes=1000)
+
+
+@pytest.fixture()
+def weights(tiny, tmp_path) -> Path:
+    return write_weights(tiny, tmp_path / "w.safetensors")
+
+
+@pytest.fixture()
+def photo(tmp_path) -> Path:
+    return rgb(tmp_path / "photos" / "a.png", size=(40, 40))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".ckpt"])
+def test_predict_reads_the_checkpoint_once(tiny, tmp_path, photo, capsys, suffix):
+    path = write_weights(tiny, tmp_path / f"w{suffix}")
+    with counting_opens(path) as opened:
+        assert cli_main(["predict", str(photo), "--model", TINY, "--ckpt_path", str(path)]) == 0
+    assert len(opened) == 1, opened
+    assert "a" in capsys.readouterr().out
+
+
+def test_cam_reads_the_checkpoint_once(weights, tmp_path, photo):
+    argv = ["cam", str(photo), "--model", TINY, "--ckpt_path", str(weights)]
+    with counting_opens(weights) as opened:
+        assert cli_main([*argv, "--out", str(tmp_path / "cam"), "--device", "cpu"]) == 0
+    assert len(opened) == 1, opened
+
+
+def test_serve_loads_the_checkpoint_once(weights):
+    from res2net.serve import load_classifier
+
+    with counting_opens(weights) as opened:
+        classifier = load_classifier(ckpt_path=str(weights))  # the architecture from the file
+    assert len(opened) == 1, opened
+    assert classifier.classes == ["0", "1", "2"]
+
+
+def test_validate_reads_the_checkpoint_once(weights, tmp_path, capsys):
+    data = make_folder(tmp_path / "data", splits=("val",))
+    argv = ["validate", "--model", TINY, "--data_dir", str(data), "--ckpt_path", str(weights)]
+    with counting_opens(weights) as opened:
+        assert cli_main([*argv, "--num_parallel_workers", "0", "--batch_size", "6"]) == 0
+    assert len(opened) == 1, opened
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_export_reads_the_checkpoint_once(weights, tmp_path):
+    with counting_opens(weights) as opened:
+        assert cli_main(["export", str(weights), str(tmp_path / "w.pt2")]) == 0
+    assert len(opened) == 1, opened
+
+
+@pytest.mark.parametrize("target", ["w.pth", "hub"])
+def test_convert_and_the_hub_writer_read_the_checkpoint_once(weights, tmp_path, target):
+    out = (
+        ["--to-hub-folder", str(tmp_path / target)] if target == "hub" else [str(tmp_path / target)]
+    )
+    with counting_opens(weights) as opened:
+        assert cli_main(["convert", str(weights), *out]) == 0
+    assert len(opened) == 1, opened
+    if target == "hub":
+        hub = read_checkpoint(f"local-dir:{tmp_path / target}")
+        assert hub.arch == TINY and hub.eval is not None and hub.eval.image_resize == 32
+
+
+def test_training_reads_ckpt_path_and_resume_once(weights, tmp_path):
+    data = make_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    tiny = ("--model", TINY, "--num_classes", "3", "--epoch_size", "1")
+    cfg = tiny_config(data, run, *tiny, "--ckpt_path", str(weights))
+    with counting_opens(weights) as opened:
+        train_mod.train(cfg)
+    assert len(opened) == 1, opened
+    last = run / "last.pt"
+    cfg = tiny_config(data, run, *tiny[:-1], "2", "--resume", str(last))
+    with counting_opens(last) as opened:
+        train_mod.train(cfg)
+    assert len(opened) == 1, opened
+
+
+# --- 2. verified bytes are the loaded bytes -----------------------------------------------------
+
+
+def torch_zip(obj=None) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj if obj is not None else {"fc.weight": torch.zeros(2, 3)}, buf)
+    return buf.getvalue()
+
+
+def huge_bytearray_pickle(nbytes: int = 3 << 30) -> bytes:
+    """A legacy torch stream whose first pickle builds `bytearray(nbytes)`: a few bytes that
+    `torch.load` would turn into `nbytes` of memory."""
+    return (
+        b"\x80\x02cbuiltins\nbytearray\nq\x00"
+        + pickle.dumps(nbytes, protocol=2)[2:-1]
+        + b"\x85q\x01Rq\x02."
+    )
+
+
+def no_torch_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load reached")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_a_legacy_pickle_before_a_valid_zip_is_refused_before_loading(tmp_path, monkeypatch):
+    path = tmp_path / "prefixed.pt"
+    path.write_bytes(huge_bytearray_pickle() + torch_zip())
+    assert zipfile.is_zipfile(path)  # what a zip reader sees: a benign archive
+    no_torch_load(monkeypatch)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    message = str(e.value)
+    assert (
+        "\n" not in message and str(path) in message and "zip archive after other data" in message
+    )
+
+
+def nul_named_zip() -> bytes:
+    """The issue's second file: the hostile pickle as `archive/DATA.PKL`, the benign one as
+    `archive/data.pkl\\0` (Python's zipfile cuts the NUL and scans the benign one; torch's
+    reader finds `DATA.PKL` without regard to case)."""
+    benign = zipfile.ZipFile(io.BytesIO(torch_zip()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        out.writestr("archive/DATA.PKL", huge_bytearray_pickle())
+        for info in benign.infolist():
+            name = "archive/data.pklX" if info.filename == "archive/data.pkl" else info.filename
+            out.writestr(name, benign.read(info))
+    return buf.getvalue().replace(b"archive/data.pklX", b"archive/data.pkl\x00")
+
+
+def test_names_that_readers_see_differently_are_refused_before_loading(tmp_path, monkeypatch):
+    path = tmp_path / "nul.pt"
+    path.write_bytes(nul_named_zip())
+    no_torch_load(monkeypatch)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message
+    assert "NUL" in message or "appears twice" in message
+
+
+def odd_zips() -> dict[str, tuple[bytes, str]]:
+    """name -> (a torch file with one odd zip layout, the reason its refusal gives)."""
+    good = torch_zip()
+    directory = good.index(b"PK\x01\x02")  # the first record's central header
+
+    def central(offset: int, value: bytes) -> bytes:
+        at = directory + offset
+        return good[:at] + value + good[at + len(value) :]
+
+    renamed = good[:directory].replace(b"archive/byteorder", b"archive/byteordeR")
+    return {
+        "prefix": (b"\x80\x02N." * 16 + good, "zip archive after other data"),
+        "offset": (central(42, (7).to_bytes(4, "little")), "first zip record"),
+        "encrypted": (central(8, (1).to_bytes(2, "little")), "encrypted"),
+        "local name": (renamed + good[directory:], "differs from its directory name"),
+    }
+
+
+def rezipped(extra: dict[str, bytes]) -> bytes:
+    """A torch file's records rewritten by Python's zipfile, with `extra` records added."""
+    src = zipfile.ZipFile(io.BytesIO(torch_zip()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info))
+        for name, data in extra.items():
+            out.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["prefix", "offset", "encrypted", "local name"])
+def test_odd_zip_layouts_are_one_line_naming_the_file(tmp_path, name):
+    data, reason = odd_zips()[name]
+    path = tmp_path / f"{name.replace(' ', '_')}.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and reason in message, message
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@pytest.mark.parametrize("extra", ["archive/Version", "archive/version"])
+def test_names_equal_up_to_case_or_repeated_are_refused(tmp_path, extra):
+    path = tmp_path / "twice.pt"
+    path.write_bytes(rezipped({extra: b"3\n"}))
+    with pytest.raises(CheckpointError, match="twice.pt: .*appears twice"):
+        read_checkpoint(path)
