@@ -290,3 +290,98 @@ def test_names_equal_up_to_case_or_repeated_are_refused(tmp_path, extra):
     path.write_bytes(rezipped({extra: b"3\n"}))
     with pytest.raises(CheckpointError, match="twice.pt: .*appears twice"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("make", [huge_bytearray_pickle, nul_named_zip], ids=["prefix", "nul"])
+def test_the_attack_files_allocate_nothing_large_as_weights_or_as_last_pt(tmp_path, make):
+    import tracemalloc
+
+    from res2net.engine.checkpoint import load_training_state
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(make() + (torch_zip() if make is huge_bytearray_pickle else b""))
+    for load in (read_checkpoint, load_training_state):
+        tracemalloc.start()
+        try:
+            with pytest.raises(CheckpointError, match=str(path)):
+                load(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 << 20, peak
+
+
+# --- 5. every failure to read weights is one line naming the file, in every command -------------
+
+
+def safetensors_with_header(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+def corpus(tmp_path: Path) -> dict[str, Path]:
+    """Odd zips and odd JSON, each as the file a command is given (a folder for Hub configs)."""
+    files = {name: data for name, (data, _) in odd_zips().items()}
+    files["nul"] = nul_named_zip()
+    files["prefixed pickle"] = huge_bytearray_pickle() + torch_zip()
+    files["deep header"] = safetensors_with_header(
+        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    )
+    files["long integer"] = safetensors_with_header(b'{"a": ' + b"9" * 5000 + b"}")
+    files["entry not an object"] = safetensors_with_header(b'{"fc.weight": [1, 2, 3]}')
+    files["metadata not strings"] = safetensors_with_header(b'{"__metadata__": {"a": 1}}')
+    out = {}
+    for name, data in files.items():
+        path = tmp_path / "corpus" / f"{name.replace(' ', '_')}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        out[name] = path
+    for name, text in (("deep config", "[" * 100_000), ("long config", "9" * 5000)):
+        folder = tmp_path / "corpus" / name.replace(" ", "_")
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        out[name] = folder / "config.json"
+    return out
+
+
+def commands(path: Path, tmp_path: Path, data: Path, photo: Path) -> dict[str, list[str]]:
+    """Every command that reads weights, given `path` (a file, or a Hub folder's config)."""
+    hub = path.name == "config.json"
+    source = f"local-dir:{path.parent}" if hub else str(path)
+    weights = ["--model", source] if hub else ["--model", TINY, "--ckpt_path", source]
+    train = ["train", "--data_dir", str(data), "--ckpt_save_dir", str(tmp_path / "run")]
+    train += ["--model", TINY, "--num_classes", "3", "--epoch_size", "1", "--batch_size", "6"]
+    train += ["--num_parallel_workers", "0"]
+    out = {
+        "predict": ["predict", str(photo), *weights],
+        "cam": ["cam", str(photo), *weights, "--out", str(tmp_path / "cam")],
+        "serve": ["serve", *(weights if hub else ["--ckpt_path", source]), "--port", "0"],
+        "validate": ["validate", "--data_dir", str(data), "--num_parallel_workers", "0"],
+        "export": ["export", source, str(tmp_path / "m.pt2"), "--model", TINY],
+        "convert": ["convert", source, str(tmp_path / "m.pth"), "--model", TINY],
+        "hub writer": [
+            "convert",
+            source,
+            "--to-hub-folder",
+            str(tmp_path / "hub"),
+            "--model",
+            TINY,
+        ],
+    }
+    out["validate"] += weights if not hub else ["--model", source, "--ckpt_path", source]
+    if not hub:
+        out["train"] = [*train, "--ckpt_path", source]
+        out["resume"] = [*train, "--resume", source]
+    return out
+
+
+def test_odd_files_are_one_line_naming_the_file_in_every_command(tiny, tmp_path, photo, capsys):
+    data = make_folder(tmp_path / "data", per_class=2)
+    failures = []
+    for name, path in corpus(tmp_path).items():
+        for command, argv in commands(path, tmp_path, data, photo).items():
+            code = cli_main(argv)
+            err = capsys.readouterr().err.strip()
+            one_line = code == 2 and "\n" not in err and str(path) in err
+            if not one_line:
+                failures.append(f"{command} {name}: exit {code}: {err[-300:]}")
+    assert not failures, "\n".join(failures)
