@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from res2net.cli.main import main as cli_main
 from res2net.engine import train as train_mod
@@ -385,3 +387,119 @@ def test_odd_files_are_one_line_naming_the_file_in_every_command(tiny, tmp_path,
             if not one_line:
                 failures.append(f"{command} {name}: exit {code}: {err[-300:]}")
     assert not failures, "\n".join(failures)
+
+
+# --- fuzz: zip layouts (prefixes, names, offsets, flags) and pickles ----------------------------
+
+_GOOD_ZIP = torch_zip({"fc.weight": torch.arange(6.0).reshape(2, 3), "n": torch.tensor([1, 2])})
+_GOOD_LEGACY = io.BytesIO()
+torch.save({"fc.weight": torch.ones(2, 3)}, _GOOD_LEGACY, _use_new_zipfile_serialization=False)
+
+
+def _header_positions(data: bytes) -> list[int]:
+    """Every byte of the zip's local and central headers (names, offsets, sizes, flags)."""
+    positions: list[int] = []
+    for magic, fixed in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
+        start = data.find(magic)
+        while start >= 0:
+            n = int.from_bytes(data[start + fixed - (4 if fixed == 30 else 18) :][:2], "little")
+            positions += range(start, min(start + fixed + n, len(data)))
+            start = data.find(magic, start + 4)
+    return positions
+
+
+_POSITIONS = _header_positions(_GOOD_ZIP)
+_ZIP_EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(_POSITIONS) | st.integers(0, len(_GOOD_ZIP) - 1), st.integers(0, 255)
+    ),
+    max_size=6,
+)
+
+
+def _edited(data: bytes, edits: list[tuple[int, int]], prefix: bytes = b"") -> bytes:
+    out = bytearray(data)
+    for at, value in edits:
+        out[at % len(out)] = value
+    return prefix + bytes(out)
+
+
+def _pickle_rezipped(edits: list[tuple[int, int]]) -> bytes:
+    """The torch file with its data.pkl's bytes edited (the zip itself stays well formed)."""
+    src = zipfile.ZipFile(io.BytesIO(_GOOD_ZIP))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        for info in src.infolist():
+            data = src.read(info)
+            out.writestr(
+                info.filename, _edited(data, edits) if info.filename.endswith(".pkl") else data
+            )
+    return buf.getvalue()
+
+
+def _check_weights_bytes(data: bytes, tmp: Path) -> None:
+    """Either a Checkpoint whose tensors fit in the file, or one line naming it; never another
+    exception, and never more Python memory than twice the file plus 64 MiB."""
+    import tracemalloc
+
+    path = tmp / "fuzz.pt"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        try:
+            state = read_checkpoint(path).state_dict
+        except CheckpointError as e:
+            message = str(e)
+            assert "\n" not in message and str(path) in message, message
+            return
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2 * len(data) + (64 << 20)
+    assert sum(t.numel() * t.element_size() for t in state.values()) <= len(data)
+
+
+_FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+_FUZZ_LONG = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _zip_case(tmp_path_factory, prefix, edits):
+    _check_weights_bytes(_edited(_GOOD_ZIP, edits, prefix), tmp_path_factory.mktemp("zip"))
+
+
+def _pickle_case(tmp_path_factory, edits, legacy):
+    data = _edited(_GOOD_LEGACY.getvalue(), edits) if legacy else _pickle_rezipped(edits)
+    _check_weights_bytes(data, tmp_path_factory.mktemp("pickle"))
+
+
+@_FUZZ
+@given(prefix=st.binary(max_size=16), edits=_ZIP_EDITS)
+def test_fuzz_zip_layouts(tmp_path_factory, prefix, edits):
+    _zip_case(tmp_path_factory, prefix, edits)
+
+
+@_FUZZ
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4),
+    legacy=st.booleans(),
+)
+def test_fuzz_pickles(tmp_path_factory, edits, legacy):
+    _pickle_case(tmp_path_factory, edits, legacy)
+
+
+@pytest.mark.slow
+@_FUZZ_LONG
+@given(prefix=st.binary(max_size=16), edits=_ZIP_EDITS)
+def test_fuzz_zip_layouts_long(tmp_path_factory, prefix, edits):
+    _zip_case(tmp_path_factory, prefix, edits)
+
+
+@pytest.mark.slow
+@_FUZZ_LONG
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4),
+    legacy=st.booleans(),
+)
+def test_fuzz_pickles_long(tmp_path_factory, edits, legacy):
+    _pickle_case(tmp_path_factory, edits, legacy)

@@ -244,6 +244,10 @@ def check_zip_layout(data: bytes) -> zipfile.ZipFile:
     refused too. RefusedPickle/DamagedPickle otherwise."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
+    except NotImplementedError as e:  # a zip feature torch.save never uses
+        raise RefusedPickle(
+            f"its zip directory asks for {e}, which torch.save never writes"
+        ) from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise DamagedPickle(f"its zip directory is damaged ({e})") from None
     records = archive.infolist()
@@ -348,6 +352,10 @@ def _scan_zip(data: bytes) -> None:
 
     try:
         pickle_bytes = archive.read(pickles[0])
+    except NotImplementedError as e:  # a zip feature torch.save never uses
+        raise RefusedPickle(
+            f"its data.pkl uses a zip feature torch.save never writes ({e})"
+        ) from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise DamagedPickle(f"its data.pkl cannot be read ({e})") from None
     _run(io.BytesIO(pickle_bytes), len(pickle_bytes), storage_bytes)
