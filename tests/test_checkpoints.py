@@ -22,14 +22,15 @@ from res2net.engine.checkpoint import save_checkpoint
 from res2net.fileio import atomic_write
 from res2net.models import ARCHITECTURES, Res2Net
 from res2net.weights.convert import convert
-from res2net.weights.formats import mmpretrain_to_ours, model_features
 from res2net.weights.formats import detect_format as detect_bytes
+from res2net.weights.formats import mmpretrain_to_ours, model_features
 from res2net.weights.loading import load_checkpoint, read_checkpoint
 from res2net.weights.mindspore import read_mindspore_checkpoint
 
 
 def detect_format(path):
     return detect_bytes(Path(path).read_bytes(), path)
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mindcv"
 MINDCV_TINY = FIXTURES / "res2net_tiny.ckpt"
@@ -159,7 +160,7 @@ def test_training_checkpoint_loads_model_weights(tmp_path, source):
     }
     save_checkpoint(state, path)
     c = read_checkpoint(path)
-    tensors, fmt, metadata = c.state_dict, c.format, c.metadata
+    fmt, metadata = c.format, c.metadata
     assert fmt == "torch" and metadata == {"arch": "res2net50", "num_classes": "10"}
     model = tiny(seed=5)
     load_checkpoint(model, path)
