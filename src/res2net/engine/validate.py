@@ -67,8 +67,8 @@ def eval_settings(
 
 def architecture(model_name: str) -> str:
     """The zoo architecture behind `model_name`: a Hub model's (`local-dir:`, `hf-hub:`) is its
-    config's. `validate` builds a Hub model with the checkpoint's class count, so the
-    checkpoint's classifier is checked against that architecture's features first. (Only for
+    config's. `validate` builds that architecture with the checkpoint's class count, so the
+    checkpoint's classifier is checked against its features first. (Only for
     the command line's name: a checkpoint's own `arch` never makes anything read a folder.)"""
     if not is_hub_name(model_name):
         return model_name
@@ -91,7 +91,8 @@ def validate(
     report = report or ReportOptions()
     try:
         # the one read of the file; its classifier checked against the model's features
-        checkpoint = read_checkpoint(ckpt_path, model=architecture(cfg.model))
+        arch = architecture(cfg.model)  # a Hub model's: its weights are the checkpoint's here
+        checkpoint = read_checkpoint(ckpt_path, model=arch)
         ckpt_path = checkpoint.origin
         spec, where = eval_settings(cfg, checkpoint, given)
         if dist.is_main:
@@ -136,7 +137,7 @@ def validate(
             if per_class_csv is not None:
                 check_csv_target(Path(per_class_csv), dataset.classes, ckpt_path)
             check_targets(report)
-        model: nn.Module = create_model(cfg.model, num_classes=n_ckpt)
+        model: nn.Module = create_model(arch, num_classes=n_ckpt)
         load_checkpoint(model, checkpoint)  # strict: a classifier that does not fit is an error
         outputs = n_ckpt
         mapped = None
