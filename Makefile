@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@$(BIN)/res2net demo
 
-# Lint and type-check src/ and benchmarks/ (settings in pyproject.toml); `make test` stops here on the first finding.
+# Lint and type-check src/ and benchmarks/, and check the import layers (settings in pyproject.toml);
+# `make test` stops here on the first finding.
 lint: $(STAMP)
 	@$(BIN)/ruff check src benchmarks tests
 	@$(BIN)/ruff format --check --quiet src benchmarks tests
 	@$(BIN)/mypy
+	@$(BIN)/lint-imports --no-cache
 
 test: lint
 	@$(BIN)/python -m pytest

@@ -265,13 +265,12 @@ def accuracy(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
 
     from res2net.data import ImageFolderDataset, eval_transform
-    from res2net.weights.loading import checkpoint_num_classes
 
-    num_classes = checkpoint_num_classes(args.ckpt)
-    if num_classes is None:
+    checkpoint = res2net.read_checkpoint(args.ckpt, model=args.model)
+    if checkpoint.num_classes is None:
         sys.exit(f"{args.ckpt}: no classifier in this checkpoint, so nothing to classify with")
     model = res2net.create_model(
-        args.model, num_classes=num_classes, checkpoint_path=args.ckpt
+        args.model, num_classes=checkpoint.num_classes, checkpoint=checkpoint
     ).eval()
     transform = eval_transform(args.image_size, crop_pct=args.crop_pct)
     val = ImageFolderDataset(args.data_dir, "val", transform=transform)

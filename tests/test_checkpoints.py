@@ -22,15 +22,15 @@ from res2net.engine.checkpoint import save_checkpoint
 from res2net.fileio import atomic_write
 from res2net.models import ARCHITECTURES, Res2Net
 from res2net.weights.convert import convert
-from res2net.weights.loading import (
-    checkpoint_num_classes,
-    detect_format,
-    load_checkpoint,
-    mmpretrain_to_ours,
-    model_features,
-    read_checkpoint,
-)
+from res2net.weights.formats import detect_format as detect_bytes
+from res2net.weights.formats import mmpretrain_to_ours, model_features
+from res2net.weights.loading import load_checkpoint, read_checkpoint
 from res2net.weights.mindspore import read_mindspore_checkpoint
+
+
+def detect_format(path):
+    return detect_bytes(Path(path).read_bytes(), path)
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mindcv"
 MINDCV_TINY = FIXTURES / "res2net_tiny.ckpt"
@@ -159,7 +159,8 @@ def test_training_checkpoint_loads_model_weights(tmp_path, source):
         "rng": {"torch": torch.get_rng_state()},
     }
     save_checkpoint(state, path)
-    tensors, fmt, _, metadata = read_checkpoint(path)
+    c = read_checkpoint(path)
+    fmt, metadata = c.format, c.metadata
     assert fmt == "torch" and metadata == {"arch": "res2net50", "num_classes": "10"}
     model = tiny(seed=5)
     load_checkpoint(model, path)
@@ -547,7 +548,8 @@ def test_convert_round_trip_from_mindcv(tmp_path):
         source="mindcv",
         model=tiny(seed=1),
     )
-    tensors, fmt, _, meta = read_checkpoint(st)
+    c = read_checkpoint(st)
+    tensors, fmt, meta = c.state_dict, c.format, c.metadata
     assert fmt == "safetensors" and all(v.dtype != torch.float16 for v in tensors.values())
     assert (
         meta["arch"] == "res2net_tiny"
@@ -583,7 +585,7 @@ def test_convert_cli_with_registry_name(tmp_path, tiny_name, capsys):
     dst = tmp_path / "out" / "tiny.safetensors"
     assert cli_main(["convert", str(MINDCV_TINY), str(dst), "--model", tiny_name]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {dst}"
-    _, _, _, meta = read_checkpoint(dst)
+    meta = read_checkpoint(dst).metadata
     assert meta["arch"] == tiny_name and meta["source"] == "mindspore"
     # the architecture is read back from the file's metadata
     assert cli_main(["convert", str(dst), str(tmp_path / "tiny.ckpt")]) == 0
@@ -601,7 +603,7 @@ def test_convert_training_checkpoint_names_its_architecture(tmp_path, source, ti
         {"arch": tiny_name, "num_classes": 10, "model": source.state_dict()}, tmp_path / "last.pt"
     )
     out = convert(tmp_path / "last.pt", tmp_path / "final.safetensors")
-    _, _, _, meta = read_checkpoint(out)
+    meta = read_checkpoint(out).metadata
     assert meta["arch"] == tiny_name and meta["num_classes"] == "10"
 
 
@@ -625,7 +627,7 @@ def test_convert_metadata_from_pretrained_table(tmp_path, source, monkeypatch):
     out = convert(
         tmp_path / entry["file_name"], tmp_path / "t.safetensors", "res2net_tiny", model=tiny()
     )
-    meta = read_checkpoint(out)[3]
+    meta = read_checkpoint(out).metadata
     assert meta["source"] == "official" and json.loads(meta["eval"]) == entry["eval"]
 
 
@@ -698,6 +700,6 @@ def test_classifier_features_known_for_every_architecture_without_building_it():
 def test_class_count_of_a_dla_checkpoint_whose_classifier_is_a_1x1_conv(tmp_path):
     model = res2net.create_model("dla60_res2net", num_classes=7)
     save_file(model.state_dict(), tmp_path / "dla.safetensors")
-    assert checkpoint_num_classes(tmp_path / "dla.safetensors", "dla60_res2net") == 7
+    assert read_checkpoint(tmp_path / "dla.safetensors", model="dla60_res2net").num_classes == 7
     with pytest.raises(ValueError, match="takes 1024 features where res2net50 has 2048"):
-        checkpoint_num_classes(tmp_path / "dla.safetensors", "res2net50")
+        read_checkpoint(tmp_path / "dla.safetensors", model="res2net50")

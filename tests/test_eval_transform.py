@@ -22,12 +22,11 @@ from res2net.weights.convert import convert
 from res2net.weights.entry import (
     EvalTransform,
     Weights,
-    checkpoint_eval_transform,
     describe_sources,
     get_weights,
     resolve_eval_transform,
 )
-from res2net.weights.loading import read_metadata
+from res2net.weights.loading import read_checkpoint
 from tests.test_train import make_folder, tiny_config
 
 RUN_EVAL = {"image_resize": 16, "crop_pct": 1.0}
@@ -78,7 +77,7 @@ def test_pretrained_model_carries_its_weights_entry(
 ) -> None:
     sd = tmp_path / "w.pth"
     torch.save(res2net.create_model("res2net50").state_dict(), sd)
-    monkeypatch.setattr("res2net.factory.download_weights", lambda entry: sd)
+    monkeypatch.setattr("res2net.weights.loading.download_weights", lambda entry, *a, **k: sd)
     model = res2net.create_model("res2net50", pretrained="official")
     assert (
         isinstance(model.pretrained_weights, Weights)
@@ -127,11 +126,11 @@ def test_precedence_flags_recipe_checkpoint_defaults() -> None:
 def test_training_checkpoint_and_its_conversion_carry_the_run_transform(
     run_ckpt: Path, tmp_path: Path
 ) -> None:
-    found, where = checkpoint_eval_transform(run_ckpt)
+    found, where = read_checkpoint(run_ckpt).eval_transform
     assert (found.image_resize, found.crop_pct) == (16, 1.0) and where == "checkpoint best.pt"
     out = convert(run_ckpt, tmp_path / "w.safetensors")
-    assert json.loads(read_metadata(out)["eval"])["image_resize"] == 16  # not 224/0.875
-    assert checkpoint_eval_transform(out)[0] == found
+    assert json.loads(read_checkpoint(out).metadata["eval"])["image_resize"] == 16  # not 224/0.875
+    assert read_checkpoint(out).eval == found
 
 
 def test_validate_ranks_flags_recipe_checkpoint(run_ckpt: Path, tmp_path: Path) -> None:

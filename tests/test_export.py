@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 
 from res2net.cli import export as export_cmd
+from res2net.cli.main import main
 from res2net.export import compare_outputs, export_onnx
 from res2net.models import DLA, Res2Net
 
@@ -87,14 +89,42 @@ def test_export_cli_pt2_round_trip(tmp_path, capsys, monkeypatch):
         "7",
     )
     assert export_cmd.run(args, []) == 0
-    assert built == dict(name="res2net50", checkpoint_path=None, features_only=False, num_classes=7)
-    printed = capsys.readouterr().out
-    assert (
-        printed.startswith(f"wrote {out} (pt2")
-        and "max abs error" in printed
-        and "max rel error" in printed
-    )
+    assert built == dict(name="res2net50", checkpoint=None, features_only=False, num_classes=7)
+    assert capsys.readouterr().out == ""  # nothing on success
     assert torch.export.load(str(out)).module()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_export_file_out_takes_model_classes_and_size_from_the_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    from safetensors.torch import save_file
+
+    built = {}
+
+    def create_tiny(name, **kw):  # the CLI's wiring, on a tiny net instead of the named one
+        built.update(name=name, **kw)
+        return tiny_res2net(num_classes=kw["num_classes"])
+
+    monkeypatch.setattr("res2net.factory.create_model", create_tiny)
+    ckpt = tmp_path / "best.safetensors"
+    meta = {"arch": "res2net50", "num_classes": "7", "eval": json.dumps({"image_resize": 32})}
+    save_file({"fc.weight": torch.zeros(7, 2048), "fc.bias": torch.zeros(7)}, ckpt, metadata=meta)
+    out = tmp_path / "best.pt2"
+    assert main(["export", str(ckpt), str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    assert built["name"] == "res2net50" and built["num_classes"] == 7
+    assert built["checkpoint"].origin == str(ckpt)
+    program = torch.export.load(str(out)).module()
+    assert program(torch.randn(2, 3, 32, 32)).shape == (2, 7)  # the weights' own eval size
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        program(torch.randn(2, 3, 48, 48))  # a static 32x32 program, not 224
+
+
+def test_export_without_a_known_format_or_model_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "m.bin"), "--model", "res2net50"]) == 2
+    assert "no format for the extension '.bin'" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "m.onnx")]) == 2
+    assert "--model NAME" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -113,6 +143,7 @@ def test_export_cli_onnx_with_checkpoint(tmp_path, capsys):
         "--image_resize",
         "64",
     )
+    args.verbose = True
     assert export_cmd.run(args, []) == 0
     assert "max rel error" in capsys.readouterr().out
 
@@ -167,7 +198,6 @@ def test_export_refuses_to_write_over_its_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_to_a_directory_is_refused_before_any_work(tmp_path, fmt, monkeypatch, capsys):
-    from res2net.cli.main import main
 
     def no_model(name, **kw):
         raise AssertionError("the model was built before the output was checked")
@@ -224,8 +254,8 @@ def test_export_cli_writes_openvino_for_an_xml_name(tmp_path, capsys, monkeypatc
         "res2net.factory.create_model", lambda name, **kw: tiny_res2net(num_classes=4)
     )
     out = tmp_path / "r50.xml"
-    args = export_args(str(out), "--model", "res2net50", "--image_resize", "32")
-    assert export_cmd.run(args, []) == 0
+    args = export_args(str(out), "--model", "res2net50", "--image_resize", "32", "--verbose")
+    assert export_cmd.run(args, []) == 0  # silent on success; --verbose says what was written
     assert capsys.readouterr().out.startswith(f"wrote {out} (openvino, fp32, dynamic batch")
     assert (tmp_path / "r50.bin").is_file()
 

@@ -14,7 +14,7 @@ import torch
 import res2net
 from res2net.cli.main import main
 from res2net.errors import CheckpointError
-from res2net.hub import read_config
+from res2net.weights.hubfolder import read_config
 
 from .conftest import rgb
 
@@ -280,7 +280,8 @@ def test_a_checkpoint_cannot_name_a_hub_model_as_its_architecture(trained, tmp_p
     meta = {"arch": f"local-dir:{trained[1]}"}
     save_file({"fc.weight": torch.zeros(5, 2048), "fc.bias": torch.zeros(5)}, src, metadata=meta)
     read = []
-    monkeypatch.setattr("res2net.hub.read_config", lambda folder: read.append(folder) or 1 / 0)
+    for module in ("res2net.weights.hubfolder", "res2net.weights.loading"):
+        monkeypatch.setattr(f"{module}.read_config", lambda folder: read.append(folder) or 1 / 0)
     with pytest.raises(ValueError, match="unknown model 'local-dir:"):
         convert(src, tmp_path / "out.pth")
     assert not read

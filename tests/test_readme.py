@@ -142,7 +142,9 @@ def heavy(argv: list[str]) -> bool:
         argv[:2] == ["res2net", "benchmark"] and "--compile" in argv
     ):
         return True
-    return argv[:2] == ["res2net", "export"] and ("onnx" in argv or "openvino" in argv)
+    return argv[:2] == ["res2net", "export"] and any(
+        a in ("onnx", "openvino") or a.endswith((".onnx", ".xml")) for a in argv
+    )
 
 
 def tiny(argv: list[str], n: int) -> list[list[str]]:

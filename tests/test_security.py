@@ -49,7 +49,9 @@ from res2net.guards import short
 from res2net.models import Res2Net
 from res2net.weights import mindspore as ms
 from res2net.weights import pretrained as pt
-from res2net.weights.loading import detect_format, load_checkpoint, read_checkpoint
+from res2net.weights.formats import detect_format as detect_bytes
+from res2net.weights.loading import load_checkpoint, read_checkpoint
+from tests.test_checkpoint_value import huge_bytearray_pickle, nul_named_zip, torch_zip
 
 ARCH = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
 MiB = 1 << 20
@@ -278,16 +280,24 @@ def measured(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
         "most_entries": root / "most-entries.ckpt",
         "deflated": root / "deflated.pth",  # a compressed record: 390 KB took 400 MB
         "bytearray": root / "bytearray.pth",  # bytearray(2**31) in 34 bytes took 2.2 GB
+        # issue 25: a legacy pickle of bytearray(3 GiB) before a valid zip took 3.8 GB, and so
+        # did a hostile DATA.PKL beside a benign data.pkl\0
+        "prefixed": root / "prefixed.pt",
+        "nul_name": root / "nul-name.pt",
+        "plain_torch": root / "plain.pth",  # valid files: within twice their size
+        "plain_safetensors": root / "plain.safetensors",
     }
+    files["prefixed"].write_bytes(huge_bytearray_pickle() + torch_zip())
+    files["nul_name"].write_bytes(nul_named_zip())
+    save_file({"w": torch.zeros(40 * MiB, dtype=torch.uint8)}, files["plain_safetensors"])
     files["tiny_entries"].write_bytes(_tiny_entries(220_000))
     files["most_entries"].write_bytes(_tiny_entries(ms.MAX_ENTRIES))
-    plain = root / "plain.pth"
+    plain = files["plain_torch"]
     torch.save({"w": torch.zeros(40 * MiB, dtype=torch.uint8)}, plain)
     _deflated_copy(plain, files["deflated"])
     files["bytearray"].write_bytes(b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x80\x85R.")
     warm_up = root / "warm-up.safetensors"
     save_file({"w": torch.ones(4)}, warm_up)
-    plain.unlink()
     results = peak_growth(list(files.values()), warm_up)
     return {name: (path, *results[str(path)]) for name, path in files.items()}
 
@@ -313,6 +323,21 @@ def test_bytearray_and_other_allocations_are_refused(measured):
     assert len(path.read_bytes()) < 40
     assert "builtins.bytearray" in line and str(path) in line
     assert growth < 16 * MiB, growth / MiB
+
+
+@pytest.mark.parametrize("name", ["prefixed", "nul_name"])
+def test_scanned_bytes_are_loaded_bytes(measured, name):
+    """The two files whose zip scan and torch.load read different bytes: refused, small."""
+    path, growth, line = measured[name]
+    assert str(path) in line and ("after other data" in line or "NUL" in line), line
+    assert growth < 16 * MiB, growth / MiB
+
+
+@pytest.mark.parametrize("name", ["plain_torch", "plain_safetensors"])
+def test_valid_weights_stay_within_twice_their_size(measured, name):
+    path, growth, line = measured[name]
+    assert line == "OK"
+    assert growth <= 2 * path.stat().st_size + 64 * MiB, growth / MiB
 
 
 def test_memoized_copies_are_charged(tmp_path):
@@ -616,8 +641,9 @@ def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
         path = tmp_path / f"h{length}.safetensors"
         path.write_bytes(_safetensors_bytes(header, data, length))
         assert path.read_bytes()[0] == 0x80
-        assert detect_format(path) == "safetensors"
-        state, fmt, _, metadata = read_checkpoint(path)
+        assert detect_bytes(path.read_bytes(), path) == "safetensors"
+        c = read_checkpoint(path)
+        state, fmt, metadata = c.state_dict, c.format, c.metadata
         assert fmt == "safetensors" and metadata == {"arch": "x"} and state["w"].shape == (2, 3)
 
 
@@ -773,9 +799,9 @@ def _check_safetensors(header: dict, data: bytes, pad: int) -> None:
     blob = _safetensors_bytes(header, data, len(text) + pad)
     path = _FUZZ_DIR / "fuzz.safetensors"
     path.write_bytes(blob)
-    assert detect_format(path) == "safetensors"
+    assert detect_bytes(path.read_bytes(), path) == "safetensors"
     try:
-        state, _, _, _ = read_checkpoint(path)
+        state = read_checkpoint(path).state_dict
     except ValueError as e:
         one_line(str(e), path)
         return

@@ -14,24 +14,31 @@ if TYPE_CHECKING:
     from .hub import push_to_hub, save_to_folder
     from .inference import optimize_for_inference
     from .models import list_models
-    from .weights.loading import load_checkpoint
+    from .weights.entry import get_weights
+    from .weights.loading import Checkpoint, load_checkpoint, read_checkpoint
 
 # public name -> the module that defines it
 _LAZY = {
+    "Checkpoint": ".weights.loading",
     "create_model": ".factory",
+    "get_weights": ".weights.entry",
     "list_models": ".models",
     "load_checkpoint": ".weights.loading",
     "optimize_for_inference": ".inference",
     "push_to_hub": ".hub",
+    "read_checkpoint": ".weights.loading",
     "save_to_folder": ".hub",
 }
 
 __all__ = [
+    "Checkpoint",
     "create_model",
+    "get_weights",
     "list_models",
     "load_checkpoint",
     "optimize_for_inference",
     "push_to_hub",
+    "read_checkpoint",
     "save_to_folder",
 ]
 __version__ = "0.1.0"

@@ -10,13 +10,12 @@ from typing import Any
 from torch import nn
 
 from .errors import CheckpointError
-from .hub import is_hub_name, load_from_hub
 from .models import build_model, resolve_name
 from .models.base import Res2NetBase
 from .models.layers import channels_last_on_cpu
 from .weights.entry import get_weights
-from .weights.loading import load_checkpoint
-from .weights.pretrained import download_weights
+from .weights.hubfolder import is_hub_name
+from .weights.loading import Checkpoint, load_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,7 @@ def create_model(
     pretrained: bool | str = False,
     num_classes: int = _NOT_GIVEN,
     checkpoint_path: str | Path | None = None,
+    checkpoint: Checkpoint | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] = (1, 2, 3, 4),
     cpu_channels_last: bool = True,
@@ -41,7 +41,8 @@ def create_model(
       (`Weights`: URLs, hash, license, metrics, eval transform) is `model.pretrained_weights`.
     - `checkpoint_path`: a local file in any supported format (MindSpore .ckpt; torch .pth from
       the official repo, timm, OpenMMLab or this project's training; .safetensors), detected
-      from its content.
+      from its content; or `checkpoint`: one already read (`read_checkpoint`), so that a
+      caller that also needs its class names or eval transform reads the file once.
     - `num_classes` (default 1000): when given and different from the checkpoint's classifier,
       the classifier is re-initialised and everything else loaded, with one warning
       (fine-tuning); without it, a checkpoint for another number of classes is an error.
@@ -56,39 +57,49 @@ def create_model(
       `local-dir:/path`: a model folder as `res2net.push_to_hub` writes it (see `res2net.hub`).
     """
     if is_hub_name(name):
-        if pretrained or checkpoint_path is not None or features_only:
+        if pretrained or checkpoint_path is not None or checkpoint is not None or features_only:
             raise CheckpointError(
                 f"{name}: a Hub model brings its weights; "
                 "drop pretrained/checkpoint_path/features_only"
             )
-        hub_classes = None if num_classes is _NOT_GIVEN else num_classes
-        return load_from_hub(
-            name, num_classes=hub_classes, cpu_channels_last=cpu_channels_last, **kwargs
+        hub = read_checkpoint(name)
+        classes = hub.num_classes if num_classes is _NOT_GIVEN else num_classes
+        assert hub.arch is not None and classes is not None  # a checked Hub folder has both
+        model = create_model(
+            hub.arch,
+            checkpoint=hub,
+            num_classes=classes,
+            cpu_channels_last=cpu_channels_last,
+            **kwargs,
         )
+        if hub.hub_config is not None:  # label names and eval transform, as timm keeps it
+            model.hub_config = hub.hub_config
+        return model
     resolve_name(name)
-    if pretrained and checkpoint_path is not None:
-        raise CheckpointError("give either pretrained= or checkpoint_path=, not both")
+    if sum((bool(pretrained), checkpoint_path is not None, checkpoint is not None)) > 1:
+        raise CheckpointError("give one of pretrained=, checkpoint_path= or checkpoint=")
     explicit_classes = num_classes is not _NOT_GIVEN
     num_classes = 1000 if num_classes is _NOT_GIVEN else int(num_classes)
     if num_classes < 0:
         raise CheckpointError(f"num_classes={num_classes} is invalid: it must be >= 0")
+    if pretrained:
+        checkpoint = read_checkpoint(get_weights(name, pretrained))
+    elif checkpoint_path is not None:
+        checkpoint = read_checkpoint(checkpoint_path, model=name)
     model = build_model(
         name,
         num_classes=num_classes,
         out_indices=tuple(out_indices) if features_only else None,
         **kwargs,
     )
-    model.pretrained_weights = None  # its published entry, as timm's pretrained_cfg
+    # the published entry it loaded (`Weights`), as timm's pretrained_cfg
+    model.pretrained_weights = checkpoint.weights if checkpoint is not None else None
     if cpu_channels_last:
         model.register_forward_pre_hook(channels_last_on_cpu)
-    if pretrained:
-        weights = get_weights(name, pretrained)
-        checkpoint_path = download_weights(weights.entry())
-        model.pretrained_weights = weights
-    if checkpoint_path is not None:
-        load_checkpoint(
-            model, checkpoint_path, strict=not features_only, reset_head=explicit_classes
-        )
+    if checkpoint is not None:
+        # a new head only when asked for another class count than the checkpoint's
+        new_head = explicit_classes and num_classes != checkpoint.num_classes
+        load_checkpoint(model, checkpoint, strict=not features_only, reset_head=new_head)
     return model
 
 

@@ -7,7 +7,7 @@ import copy
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -15,22 +15,16 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data import DataError, load_image
-from .errors import MissingFile
+from .errors import CheckpointError, MissingFile
 from .factory import create_model
 from .guards import check_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.base import Res2NetBase
 from .models.layers import res2_forward
-from .weights import torchfile
-from .weights.entry import (
-    EvalTransform,
-    checkpoint_eval_transform,
-    describe_sources,
-    get_weights,
-    resolve_eval_transform,
-)
-from .weights.loading import checkpoint_num_classes
+from .weights.entry import EvalTransform, describe_sources, get_weights, resolve_eval_transform
+from .weights.hubfolder import is_hub_name
+from .weights.loading import Checkpoint, load_checkpoint, read_checkpoint
 
 log = logging.getLogger("res2net.inference")
 
@@ -42,9 +36,12 @@ def imagenet_classes() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = None) -> list[str]:
+def class_names(
+    classes: str | None, num_classes: int, checkpoint: Checkpoint | None = None
+) -> list[str]:
     """Names for the model's outputs: from `classes` (a training folder or a text file), the
-    training checkpoint's own list, ImageNet's for 1000 classes, else the indices."""
+    checkpoint's own (a training checkpoint's list, a Hub model's label names), ImageNet's for
+    1000 classes, else the indices."""
     if classes:
         path = Path(classes)
         if path.is_dir():
@@ -60,13 +57,9 @@ def class_names(classes: str | None, num_classes: int, ckpt_path: str | None = N
                 f"--classes gives {len(names)} names but the model has {num_classes} classes"
             )
         return names
-    if ckpt_path:
-        try:
-            stored = torchfile.load(ckpt_path).get("classes")
-        except (ValueError, AttributeError):  # not a torch training checkpoint: no stored names
-            stored = None
-        if isinstance(stored, list) and len(stored) == num_classes:
-            return [str(c) for c in stored]
+    stored = checkpoint.classes if checkpoint is not None else None
+    if stored is not None and len(stored) == num_classes:
+        return list(stored)
     if num_classes == 1000:
         return imagenet_classes()
     return [str(i) for i in range(num_classes)]
@@ -122,87 +115,62 @@ def unused_path(path: Path, taken: set[Path]) -> Path:
     return candidate
 
 
-def model_eval_transform(
-    model_name: str,
-    *,
-    ckpt_path: str | Path | None = None,
-    pretrained: str | bool = False,
-    hub_config: dict[str, Any] | None = None,
-    image_resize: int | None = None,
-    crop_pct: float | None = None,
-) -> tuple[EvalTransform, dict[str, str]]:
-    """The eval transform for a model's weights, with where each value came from: the values
-    given here, then the checkpoint's own (training config, `.safetensors` metadata, pretrained
-    table), the published weights' or a Hub model's config (`model.hub_config`), then the
-    defaults."""
-    checkpoint = None
-    if ckpt_path is not None:
-        checkpoint = checkpoint_eval_transform(ckpt_path, model_name)
-    elif pretrained:
-        weights = get_weights(model_name, pretrained)
-        checkpoint = (weights.eval, f"pretrained {weights.source} {weights.file_name}")
-    elif hub_config is not None:
-        from .hub import eval_args
-
-        checkpoint = (EvalTransform.from_dict(eval_args(hub_config), model_name), model_name)
-    given = (("image_resize", image_resize), ("crop_pct", crop_pct))
-    flags = {k: v for k, v in given if v is not None}
-    return resolve_eval_transform(flags=flags, checkpoint=checkpoint)
-
-
-def trained_model(
+def read_weights(
     model_name: str, *, ckpt_path: str | None = None, pretrained: str | bool = False
-) -> Res2NetBase:
-    """The model to predict with, in eval mode: with the classifier of `ckpt_path` (which must
-    load whole: a classifier that does not fit the checkpoint's own shape is an error here, not
-    a freshly initialised one giving confident nonsense), the published weights', or a Hub
-    model's own (`hf-hub:`/`local-dir:` names, whose config is `model.hub_config`). Without
-    any of these it has random weights, and one warning says so."""
-    from .hub import is_hub_name
-    from .weights.loading import load_checkpoint
-
+) -> Checkpoint | None:
+    """The weights a command uses, read once: `ckpt_path`, the published weights (`pretrained`),
+    or a Hub model's own (`hf-hub:`/`local-dir:` names); None when none is given."""
     if is_hub_name(model_name):
         if ckpt_path or pretrained:
             raise DataError(f"{model_name} brings its weights: drop --ckpt_path/--pretrained")
+        return read_checkpoint(model_name)
+    if ckpt_path:
+        if pretrained:
+            raise DataError("give either --ckpt_path or --pretrained, not both")
+        return read_checkpoint(ckpt_path, model=model_name)
+    if pretrained:
+        return read_checkpoint(get_weights(model_name, pretrained))
+    return None
+
+
+def trained_model(model_name: str, checkpoint: Checkpoint | None) -> Res2NetBase:
+    """The model to predict with, in eval mode, with the checkpoint's classifier (which must
+    load whole: a classifier that does not fit is an error here, not a freshly initialised one
+    giving confident nonsense). Without a checkpoint it has random weights, and one warning
+    says so."""
+    if checkpoint is None:
+        log.warning("no --ckpt_path or --pretrained: random weights, its outputs mean nothing")
         return create_model(model_name).eval()
-    if ckpt_path is None:
-        if not pretrained:
-            log.warning("no --ckpt_path or --pretrained: random weights, its outputs mean nothing")
-        return create_model(model_name, pretrained=pretrained or False).eval()
-    num_classes = checkpoint_num_classes(ckpt_path, model_name)
-    if not num_classes:
-        raise DataError(
-            f"{ckpt_path}: no classifier in this checkpoint, so nothing to predict classes with; "
-            "give a checkpoint of a whole classifier (a training checkpoint, or converted weights)"
+    if not checkpoint.num_classes:
+        raise CheckpointError(
+            f"{checkpoint.origin}: no classifier in this checkpoint, so nothing to predict "
+            "classes with; give a checkpoint of a whole classifier (a training checkpoint, or "
+            "converted weights)"
         )
-    model = create_model(model_name, num_classes=num_classes)
-    load_checkpoint(model, ckpt_path)  # strict, and no fresh classifier
+    arch = str(checkpoint.arch) if is_hub_name(model_name) else model_name
+    model = create_model(arch, num_classes=checkpoint.num_classes)
+    load_checkpoint(model, checkpoint)  # strict, and never a fresh classifier
+    if checkpoint.hub_config is not None:
+        model.hub_config = checkpoint.hub_config
     return model.eval()
 
 
 def model_classes_and_transform(
     model: Res2NetBase,
-    model_name: str,
+    checkpoint: Checkpoint | None,
     *,
-    ckpt_path: str | None = None,
-    pretrained: str | bool = False,
     classes: str | None = None,
     image_resize: int | None = None,
     crop_pct: float | None = None,
 ) -> tuple[list[str], EvalTransform]:
     """The class names and the eval transform of a `trained_model`: `classes` and the flags
-    when given, else what its weights carry (checkpoint, published entry, or Hub config)."""
-    hub_config = getattr(model, "hub_config", None)
-    spec, where = model_eval_transform(
-        model_name,
-        ckpt_path=ckpt_path,
-        pretrained=pretrained,
-        hub_config=hub_config,
-        image_resize=image_resize,
-        crop_pct=crop_pct,
-    )
-    labels = hub_config.get("label_names") if hub_config is not None and not classes else None
-    names = labels or class_names(classes, model.num_classes, ckpt_path)
+    when given, else what its checkpoint carries (its own, the published entry's, or a Hub
+    config's), else the defaults."""
+    given = (("image_resize", image_resize), ("crop_pct", crop_pct))
+    flags = {k: v for k, v in given if v is not None}
+    stored = checkpoint.eval_transform if checkpoint is not None else None
+    spec, where = resolve_eval_transform(flags=flags, checkpoint=stored)
+    names = class_names(classes, model.num_classes, checkpoint)
     log.info(describe_sources(spec, where))
     return names, spec
 
@@ -229,15 +197,14 @@ def iter_predictions(
     """Top-`topk` (class name, probability) of each image file (and each image in folders), one
     at a time. An image found in a folder that cannot be read gives its error instead, and the
     rest go on; an image file named in `images` is a `DataError`. The transform is
-    `model_eval_transform`'s: `image_resize`/`crop_pct` when given, else the weights' own."""
+    `model_classes_and_transform`'s: `image_resize`/`crop_pct` when given, else the weights'."""
     files = find_images(images)
     named = {Path(image) for image in images}
-    model = trained_model(model_name, ckpt_path=ckpt_path, pretrained=pretrained)
+    checkpoint = read_weights(model_name, ckpt_path=ckpt_path, pretrained=pretrained)
+    model = trained_model(model_name, checkpoint)
     names, spec = model_classes_and_transform(
         model,
-        model_name,
-        ckpt_path=ckpt_path,
-        pretrained=pretrained,
+        checkpoint,
         classes=classes,
         image_resize=image_resize,
         crop_pct=crop_pct,

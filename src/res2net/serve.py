@@ -211,26 +211,22 @@ def load_classifier(
     """The model of `ckpt_path` (any format; the architecture from the file or `model_name`) or
     of `model_name` alone (`hf-hub:...`, `local-dir:...`), with its class names and the eval
     transform stored with it (`image_resize`/`crop_pct` override it)."""
-    from .hub import is_hub_name
     from .inference import model_classes_and_transform, trained_model
-    from .weights.loading import read_metadata
+    from .weights.hubfolder import is_hub_name
+    from .weights.loading import read_checkpoint
 
     if model_name and is_hub_name(model_name):
-        arch = model_name
+        arch, checkpoint = model_name, read_checkpoint(model_name)
     else:
         if not ckpt_path:
             raise ConfigError("give the weights with --ckpt_path FILE (or --model hf-hub:ORG/NAME)")
-        arch = model_name or read_metadata(ckpt_path).get("arch") or ""
+        checkpoint = read_checkpoint(ckpt_path, model=model_name)  # the one read of the file
+        arch = model_name or checkpoint.arch or ""
         if not arch:
             raise ConfigError(f"{ckpt_path} does not name its architecture; pass --model NAME")
-    model = trained_model(arch, ckpt_path=ckpt_path)  # a classifier that fits, or an error
+    model = trained_model(arch, checkpoint)  # a classifier that fits, or an error
     names, spec = model_classes_and_transform(
-        model,
-        arch,
-        ckpt_path=ckpt_path,
-        classes=classes,
-        image_resize=image_resize,
-        crop_pct=crop_pct,
+        model, checkpoint, classes=classes, image_resize=image_resize, crop_pct=crop_pct
     )
     dev = torch.device(device)
     return Classifier(

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..engine import distributed
     from ..factory import create_model
     from ..profile import benchmark_model, machine_info
-    from ..weights.loading import MAX_CLASSES
+    from ..weights.formats import MAX_CLASSES
 
     if (
         args.cards < 1

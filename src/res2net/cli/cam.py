@@ -53,6 +53,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         find_images,
         load_found_image,
         model_classes_and_transform,
+        read_weights,
         trained_model,
         unused_path,
     )
@@ -63,12 +64,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             "--method cam uses the last stage only; drop --layer or use --method gradcam"
         )
     files = find_images(args.images)
-    model = trained_model(args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained)
+    checkpoint = read_weights(args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained)
+    model = trained_model(args.model, checkpoint)
     names, spec = model_classes_and_transform(
         model,
-        args.model,
-        ckpt_path=args.ckpt_path,
-        pretrained=args.pretrained,
+        checkpoint,
         classes=args.classes,
         image_resize=args.image_resize,
         crop_pct=args.crop_pct,

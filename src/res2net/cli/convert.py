@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..weights.loading import Checkpoint
 
 from ..config import MAX_CONFIG_BYTES
 from ..errors import ConfigError
@@ -74,25 +78,20 @@ def _metrics(pairs: list[str], published: dict) -> dict[str, float | str]:
     return metrics
 
 
-def to_hub(args: argparse.Namespace) -> str:
+def to_hub(args: argparse.Namespace, checkpoint: Checkpoint) -> str:
     """Write (and optionally upload) the Hub folder; returns what was written or pushed."""
-    from .. import fileio
-    from ..factory import create_model
     from ..hub import push_to_hub, save_to_folder
     from ..inference import class_names
-    from ..weights.convert import convert
-    from ..weights.loading import read_checkpoint
+    from ..weights.convert import loaded_model, weights_metadata
     from ..weights.pretrained import pretrained_entries
 
-    with fileio.scratch_directory() as tmp:
-        converted = convert(args.src, tmp / "model.safetensors", args.model, args.source)
-        _, _, _, meta = read_checkpoint(converted)
-        arch, num_classes = meta["arch"], int(meta["num_classes"])
-        model = create_model(arch, num_classes=num_classes, checkpoint_path=converted)
+    model, arch = loaded_model(checkpoint, args.model)
+    meta = weights_metadata(checkpoint, arch, model, args.source)
+    num_classes = int(meta["num_classes"])
     published = next((e for e in pretrained_entries(arch) if e["source"] == meta["source"]), {})
     kwargs = dict(
         arch=arch,
-        classes=class_names(args.classes, num_classes, args.src),
+        classes=class_names(args.classes, num_classes, checkpoint),
         eval_args=json.loads(meta["eval"]),
         metrics=_metrics(args.metric, published),
         recipe=_recipe_text(args.recipe) if args.recipe else None,
@@ -124,12 +123,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(
             "give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME"
         )
-    check_regular_file(args.src, "checkpoint")  # answers before torch is imported
+    if not args.src.startswith(("hf-hub:", "hf_hub:", "local-dir:")):  # a Hub model is no file
+        check_regular_file(args.src, "checkpoint")  # answers before torch is imported
     from ..weights.convert import convert
+    from ..weights.loading import read_checkpoint
 
-    out = to_hub(args) if hub else convert(args.src, args.dst, args.model, args.source)
+    checkpoint = read_checkpoint(args.src, model=args.model)  # the one read of SRC
+    if hub:
+        out = to_hub(args, checkpoint)
+    else:
+        out = str(convert(checkpoint, args.dst, args.model, args.source))
     print(f"wrote {out}")
-    flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(args.src)
+    flags = "" if hub or args.dst.lower().endswith(".safetensors") else eval_flags(checkpoint)
     if flags:
         print(
             f"note: {args.dst} cannot hold the eval transform (only .safetensors has a header); "
@@ -138,15 +143,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def eval_flags(src: str) -> str:
-    """The flags that give back `src`'s eval transform where it differs from the defaults, so
-    a `.ckpt` or `.pth` conversion scores what the checkpoint scores ("" when nothing differs)."""
-    from ..weights.entry import EvalTransform, checkpoint_eval_transform
+def eval_flags(checkpoint: Checkpoint) -> str:
+    """The flags that give back the checkpoint's eval transform where it differs from the
+    defaults, so a `.ckpt` or `.pth` conversion scores what the checkpoint scores ("" when
+    nothing differs)."""
+    from ..weights.entry import EvalTransform
 
-    found = checkpoint_eval_transform(src)
-    if found is None:
+    if checkpoint.eval is None:
         return ""
-    t, default = found[0], EvalTransform()
+    t, default = checkpoint.eval, EvalTransform()
     shown = {
         "image_resize": str(t.image_resize),
         "crop_pct": f"{t.crop_pct:g}",

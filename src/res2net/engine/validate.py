@@ -25,15 +25,9 @@ from ..data import (
 from ..errors import ConfigError, MissingFile
 from ..factory import create_model
 from ..guards import check_output_file
-from ..hub import hub_folder, is_hub_name, read_config
-from ..weights.entry import (
-    EVAL_KEYS,
-    EvalTransform,
-    checkpoint_eval_transform,
-    describe_sources,
-    resolve_eval_transform,
-)
-from ..weights.loading import load_checkpoint, read_checkpoint, state_num_classes
+from ..weights.entry import EVAL_KEYS, EvalTransform, describe_sources, resolve_eval_transform
+from ..weights.hubfolder import hub_folder, is_hub_name, read_config
+from ..weights.loading import Checkpoint, load_checkpoint, read_checkpoint
 from . import distributed
 from .evaluate import EvalResult, eval_loader, evaluate, reduce_result
 from .report import (
@@ -53,28 +47,28 @@ log = logging.getLogger("res2net.validate")
 
 
 def eval_settings(
-    cfg: Config, ckpt_path: str | Path, given: Mapping[str, str] | None = None
+    cfg: Config, checkpoint: Checkpoint | str | Path, given: Mapping[str, str] | None = None
 ) -> tuple[EvalTransform, dict[str, str]]:
-    """The eval transform for `ckpt_path` and where each value came from: keys `given` on the
+    """The eval transform for `checkpoint` and where each value came from: keys `given` on the
     command line, then those the recipe sets, then the checkpoint's own (training config,
     `.safetensors` metadata, pretrained table), then the defaults. Without `given` (a `Config`
     built in Python), the checkpoint's values win over the config's."""
     run = EvalTransform.from_config(cfg).to_dict()
-    checkpoint = checkpoint_eval_transform(ckpt_path, cfg.model)
+    stored = read_checkpoint(checkpoint, model=cfg.model).eval_transform
     if given is None:
-        return resolve_eval_transform(checkpoint=checkpoint, defaults=(run, "config"))
+        return resolve_eval_transform(checkpoint=stored, defaults=(run, "config"))
     flags = {k: run[k] for k in EVAL_KEYS if given.get(k) == "command line"}
     recipe = {k: run[k] for k in EVAL_KEYS if k in given and given[k] != "command line"}
     recipe_name = next((given[k] for k in recipe), "recipe")
     return resolve_eval_transform(
-        flags=flags, recipe=recipe, checkpoint=checkpoint, recipe_name=recipe_name
+        flags=flags, recipe=recipe, checkpoint=stored, recipe_name=recipe_name
     )
 
 
 def architecture(model_name: str) -> str:
     """The zoo architecture behind `model_name`: a Hub model's (`local-dir:`, `hf-hub:`) is its
-    config's. `validate` builds a Hub model with the checkpoint's class count, so the
-    checkpoint's classifier is checked against that architecture's features first. (Only for
+    config's. `validate` builds that architecture with the checkpoint's class count, so the
+    checkpoint's classifier is checked against its features first. (Only for
     the command line's name: a checkpoint's own `arch` never makes anything read a folder.)"""
     if not is_hub_name(model_name):
         return model_name
@@ -83,7 +77,7 @@ def architecture(model_name: str) -> str:
 
 def validate(
     cfg: Config,
-    ckpt_path: str | Path,
+    ckpt_path: str | Path | Checkpoint,
     per_class_csv: str | Path | None = None,
     report: ReportOptions | None = None,
     *,
@@ -96,8 +90,11 @@ def validate(
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     report = report or ReportOptions()
     try:
-        state, fmt, _, _ = read_checkpoint(ckpt_path)
-        spec, where = eval_settings(cfg, ckpt_path, given)
+        # the one read of the file; its classifier checked against the model's features
+        arch = architecture(cfg.model)  # a Hub model's: its weights are the checkpoint's here
+        checkpoint = read_checkpoint(ckpt_path, model=arch)
+        ckpt_path = checkpoint.origin
+        spec, where = eval_settings(cfg, checkpoint, given)
         if dist.is_main:
             log.info(describe_sources(spec, where))
         settings = spec.to_dict()
@@ -124,7 +121,7 @@ def validate(
             )
             loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=workers, dist=dist)
             n_images = len(dataset)
-        n_ckpt = state_num_classes(state, ckpt_path, architecture(cfg.model))
+        n_ckpt = checkpoint.num_classes
         if n_ckpt is None:
             raise ConfigError(
                 f"{ckpt_path}: no classifier in this checkpoint, so nothing to validate; give a "
@@ -140,8 +137,8 @@ def validate(
             if per_class_csv is not None:
                 check_csv_target(Path(per_class_csv), dataset.classes, ckpt_path)
             check_targets(report)
-        model: nn.Module = create_model(cfg.model, num_classes=n_ckpt)
-        load_checkpoint(model, ckpt_path)  # strict: a classifier that does not fit is an error
+        model: nn.Module = create_model(arch, num_classes=n_ckpt)
+        load_checkpoint(model, checkpoint)  # strict: a classifier that does not fit is an error
         outputs = n_ckpt
         mapped = None
         if report.class_map:
@@ -165,7 +162,7 @@ def validate(
                 "validating %s (%s, %s) on %d images of %s",
                 cfg.model,
                 ckpt_path,
-                fmt,
+                checkpoint.format,
                 n_images,
                 cfg.val_split,
             )

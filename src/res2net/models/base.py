@@ -3,16 +3,13 @@ classifier, and the feature-map ("features_only") mode used by detection and seg
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .layers import check_out_indices
-
-if TYPE_CHECKING:
-    from ..weights.entry import Weights
 
 
 class Res2NetBase(nn.Module):
@@ -25,8 +22,10 @@ class Res2NetBase(nn.Module):
 
     feature_info: list[dict[str, int]]
     num_features: int
-    pretrained_weights: Weights | None  # set by create_model: the published entry it loaded
-    hub_config: dict[str, Any]  # set by load_from_hub: the model folder's config.json
+    # set by create_model (models/ knows nothing of weights/): the published entry it loaded
+    # (a `weights.entry.Weights`), and a Hub model folder's config.json
+    pretrained_weights: Any
+    hub_config: dict[str, Any]
 
     def _build_head(
         self, num_classes: int, drop_rate: float, out_indices: tuple[int, ...] | None, conv_fc: bool

@@ -8,18 +8,17 @@ units of `torchvision.transforms.Normalize`). MindCV recipes write them in 0..25
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from ..data import eval_transform
 from ..errors import CheckpointError
 from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
-from .pretrained import pretrained_entries, select_entry
+from .pretrained import select_entry
 
 EVAL_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
 
@@ -91,8 +90,6 @@ class EvalTransform:
 
     def transform(self) -> Callable[[Any], Tensor]:
         """The torchvision transform: PIL image -> normalized float tensor."""
-        from ..data import eval_transform
-
         return eval_transform(
             self.image_resize,
             crop_pct=self.crop_pct,
@@ -100,6 +97,9 @@ class EvalTransform:
             mean=[255 * m for m in self.mean],
             std=[255 * s for s in self.std],
         )
+
+
+DEFAULT_EVAL = EvalTransform().to_dict()  # ImageNet's: 224, 0.875, bilinear, mean/std
 
 
 @dataclass(frozen=True)
@@ -162,38 +162,6 @@ class Weights:
 def get_weights(name: str, source: bool | str = True) -> Weights:
     """The typed entry `select_entry(name, source)` picks."""
     return Weights.from_entry(name, select_entry(name, source))
-
-
-def checkpoint_eval_transform(
-    path: str | Path, model: str | None = None
-) -> tuple[EvalTransform, str] | None:
-    """The eval transform a checkpoint file carries, and where it was read: the `eval` entry of
-    its metadata (`.safetensors` header, or the training config of this project's `.pt` files),
-    else the pretrained table's entry with the file's name. None when neither has one."""
-    from .loading import read_metadata
-
-    path = Path(path)
-    metadata = read_metadata(path)
-    if "eval" in metadata:
-        try:
-            d = json.loads(metadata["eval"])
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: the 'eval' metadata is not JSON") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: the 'eval' metadata is not a mapping")
-        return EvalTransform.from_dict(d, f"{path} metadata"), f"checkpoint {path.name}"
-    names = [model] if model else []
-    for name in names:
-        try:
-            entries = pretrained_entries(name)
-        except ValueError:
-            entries = []
-        for e in entries:
-            if e["file_name"] == path.name:
-                return EvalTransform.from_dict(
-                    e["eval"]
-                ), f"pretrained table ({e['source']} {path.name})"
-    return None
 
 
 def resolve_eval_transform(

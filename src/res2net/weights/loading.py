@@ -1,51 +1,191 @@
-"""Read a checkpoint of any supported format and load it into a model.
+"""Weights from anywhere as one value, `Checkpoint`, and their loading into a model.
 
-The format is detected from the file's first bytes, never from its extension:
-- torch pickles (zip archives or legacy pickles) are checked by `torchfile.scan` (bounded memory,
-  dense tensors only) and read with `torch.load(weights_only=True)`, so a file carrying code is
-  refused, never run;
-- `.safetensors` starts with an 8-byte header length followed by a JSON header;
-- MindSpore's protobuf checkpoint starts with the key of its first entry (byte 0x0a).
-
-Names are mapped to ours (the official/timm layout): DDP (`module.`) and torch.compile
-(`_orig_mod.`) prefixes are removed and OpenMMLab's (`backbone.`, `head.fc.`) renamed when the
-file is read; MindCV's (`gamma`, `down_sample`, `classifier`) when it is loaded into a model.
+`read_checkpoint(source)` is the one way weights enter the program. It reads a file of any
+supported format (see `formats`), a published entry of the pretrained table (`Weights`,
+downloaded once into the torch hub cache) or a Hub model folder (`hf-hub:org/name[@rev]`,
+`local-dir:/path`) exactly once, into memory, within `max_bytes`, and returns everything the
+commands need from it: the state dict, its format, architecture, class count and names, eval
+transform and origin. `load_checkpoint(model, checkpoint)` then loads it; nothing re-opens the
+file. Memory: the file's bytes plus the tensors built from them, twice the file's size.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import re
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..guards import open_regular_file, short
+from ..errors import CheckpointError, MissingFile
+from ..guards import short
 from . import torchfile
-from .mindspore import mindcv_to_ours, read_mindspore_checkpoint
+from .entry import EvalTransform, Weights
+from .formats import parse, state_num_classes
+from .hubfolder import CONFIG_NAME, WEIGHTS_NAME, eval_args, hub_folder, is_hub_name, read_config
+from .mindspore import mindcv_to_ours
+from .pretrained import download_weights, pretrained_entries
 
 log = logging.getLogger(__name__)
 
-# Keys under which training scripts commonly nest the model's state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
-# Prefixes added by DistributedDataParallel and torch.compile.
-_PREFIXES = ("module.", "_orig_mod.")
+MAX_FILE_BYTES = torchfile.MAX_FILE_BYTES
 _CLASSIFIER_PREFIXES = ("fc.",)
-# Bounds on what a checkpoint's header and metadata may ask for.
-MAX_SAFETENSORS_HEADER = 16 << 20
-MAX_IMAGE_SIZE = 4096
-MAX_CLASSES = 1 << 20
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-TRAIN_FORMAT = (
-    "res2net-train"  # engine/checkpoint.py's tag (not imported: weights/ is independent of engine/)
-)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Weights read once from a file, a pretrained-table entry or a Hub model folder, with
+    everything known about them (as torchvision's `Weights`: weights, transforms, categories).
+
+    `state_dict` uses our names (prefixes stripped, OpenMMLab's mapped; MindCV's are mapped when
+    loaded). `num_classes` is the classifier's size (None without one), checked against the
+    architecture's features when one is known. `eval` is the evaluation transform the weights
+    carry (a `.safetensors` header, a training run's config, the pretrained table or a Hub
+    config; None when none does) and `eval_origin` says which. `origin` names the source in
+    messages: the file's path, or the `hf-hub:`/`local-dir:` name."""
+
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    format: str
+    origin: str
+    path: Path | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    classes: tuple[str, ...] | None = None
+    eval: EvalTransform | None = None
+    eval_origin: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+    weights: Weights | None = None
+    hub_config: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def eval_transform(self) -> tuple[EvalTransform, str] | None:
+        """(transform, where it was read), as `resolve_eval_transform` takes it; or None."""
+        return None if self.eval is None else (self.eval, self.eval_origin)
+
+
+def read_checkpoint(
+    source: Checkpoint | Weights | str | Path,
+    *,
+    model: str | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> Checkpoint:
+    """The `Checkpoint` of `source`: a weights file (MindSpore `.ckpt`, torch `.pth`/`.pt`,
+    `.safetensors`; the format detected from its content), a pretrained-table entry
+    (`get_weights(name)`; downloaded into `cache_dir`, default the torch hub cache), or a Hub
+    model folder (`hf-hub:org/name[@rev]`, `local-dir:/path`). A `Checkpoint` is returned as is.
+
+    The weights file is read once, into memory, and refused (CheckpointError naming it) when
+    larger than `max_bytes`, unreadable, or not loadable within twice its size. `model`, the
+    architecture the weights are for when the file does not name it, checks the classifier's
+    features and finds the pretrained table's eval transform for a published file name."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Weights):
+        path = download_weights(source.entry(), cache_dir, progress=progress)
+        found = _from_file(path, model=model or source.model, max_bytes=max_bytes)
+        return replace(
+            found,
+            arch=found.arch or source.model,
+            eval=source.eval,
+            eval_origin=f"pretrained {source.source} {source.file_name}",
+            weights=source,
+        )
+    if isinstance(source, str) and is_hub_name(source):
+        return _from_hub(source, cache_dir=cache_dir, max_bytes=max_bytes)
+    return _from_file(Path(source), model=model, max_bytes=max_bytes)
+
+
+def _from_file(path: Path, *, model: str | None, max_bytes: int) -> Checkpoint:
+    parsed = parse(torchfile.read_file(path, max_bytes), path)
+    arch = parsed.metadata.get("arch") or None
+    name = model or arch
+    found = _file_eval(parsed.metadata, path, name)
+    return Checkpoint(
+        state_dict=parsed.state,
+        format=parsed.format,
+        origin=str(path),
+        path=path,
+        arch=arch,
+        num_classes=state_num_classes(parsed.state, path, name),
+        classes=parsed.classes,
+        eval=found[0] if found else None,
+        eval_origin=found[1] if found else "",
+        metadata=parsed.metadata,
+        skipped=tuple(parsed.skipped),
+    )
+
+
+def _file_eval(
+    metadata: dict[str, str], path: Path, name: str | None
+) -> tuple[EvalTransform, str] | None:
+    """The eval transform a file carries: its metadata's `eval` (a `.safetensors` header or a
+    training run's config), else the pretrained table's entry with the file's name."""
+    try:
+        if "eval" in metadata:
+            settings = json.loads(metadata["eval"])
+            if not isinstance(settings, dict):
+                raise ValueError("not a mapping")
+            return EvalTransform.from_dict(settings, f"{path} metadata"), f"checkpoint {path.name}"
+        for entry in _entries(name):
+            if entry["file_name"] == path.name:
+                found = EvalTransform.from_dict(entry["eval"])
+                return found, f"pretrained table ({entry['source']} {path.name})"
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path}: its 'eval' metadata cannot be used ({short(str(e), 120)})"
+        ) from None
+    return None
+
+
+def _entries(name: str | None) -> list[dict[str, Any]]:
+    if not name:
+        return []
+    try:
+        return pretrained_entries(name)
+    except ValueError:  # a name outside the zoo
+        return []
+
+
+def _from_hub(name: str, *, cache_dir: str | Path | None, max_bytes: int) -> Checkpoint:
+    """A Hub model folder: its checked config, and its weights, which must be safetensors with
+    the config's class count, so that a small config cannot size a huge classifier."""
+    folder = hub_folder(name, cache_dir)
+    config = read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise MissingFile(f"{folder}: no {WEIGHTS_NAME} there")
+    parsed = parse(torchfile.read_file(weights, max_bytes), weights)
+    if parsed.format != "safetensors":
+        raise CheckpointError(
+            f"{weights}: not a safetensors file; a model folder's weights must be"
+        )
+    arch = str(config["architecture"])
+    n = state_num_classes(parsed.state, weights, arch)
+    if n != config["num_classes"]:
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME}: 'num_classes' is {config['num_classes']} but the "
+            f"classifier in {WEIGHTS_NAME} has {n or 'no'} classes; the folder is inconsistent"
+        )
+    labels = config.get("label_names")
+    return Checkpoint(
+        state_dict=parsed.state,
+        format=parsed.format,
+        origin=name,
+        path=weights,
+        arch=arch,
+        num_classes=n,
+        classes=tuple(labels) if labels is not None else None,
+        eval=EvalTransform.from_dict(eval_args(config, folder / CONFIG_NAME), name),
+        eval_origin=name,
+        metadata=parsed.metadata,
+        hub_config=config,
+    )
 
 
 @dataclass
@@ -62,247 +202,14 @@ class LoadReport:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def detect_format(path: str | Path) -> str:
-    """'torch', 'safetensors' or 'mindspore', from the file's first bytes (and last byte, for
-    protocol-0/1 pickles). Anything else raises ValueError; a missing file FileNotFoundError.
-
-    Safetensors is tried first: its 8-byte header length may start with 0x80 (the mark of a
-    pickle), but a pickle's first 8 bytes never read as a length that fits the file followed
-    by `{`."""
-    path = Path(path)
-    with open_regular_file(path, "checkpoint") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(16)
-        f.seek(max(size - 1, 0))
-        last = f.read(1)
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "torch"
-    if head[:1] == b"\x0a":
-        return "mindspore"
-    if last == b".":  # every pickle ends with STOP; protocols 0 and 1 have no leading marker
-        return "torch"
-    what = "is empty" if not head else f"starts with {head[:8]!r}"
-    raise CheckpointError(
-        f"{path}: not a checkpoint this library reads (torch .pth, .safetensors or MindSpore "
-        f".ckpt): it {what}"
-    )
-
-
-def read_checkpoint(
-    path: str | Path,
-) -> tuple[dict[str, torch.Tensor], str, list[str], dict[str, str]]:
-    """Return (tensors, format, skipped entries, metadata) for a checkpoint file of any format.
-
-    Wrappers (`{"state_dict": ...}`, `{"model": ...}`, this project's training checkpoints) and
-    DDP/compile prefixes are removed and OpenMMLab names mapped to ours; MindCV names are left
-    as they are (mapping them needs the model: see `load_checkpoint`). `metadata` is the
-    safetensors header's, or `arch`/`num_classes` from this project's training checkpoints."""
-    path = Path(path)
-    fmt = detect_format(path)
-    skipped: list[str] = []
-    metadata: dict[str, str] = {}
-    if fmt == "mindspore":
-        state, skipped = read_mindspore_checkpoint(path)
-    elif fmt == "safetensors":
-        state, metadata = _read_safetensors(path)
-    else:
-        state, metadata = _read_torch(path)
-    state = _strip_prefixes(state)
-    if any(k.startswith("backbone.") for k in state):
-        state = mmpretrain_to_ours(state)
-    return state, fmt, skipped, metadata
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    with open_regular_file(path, "checkpoint") as f:
-        header_bytes = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))[0]
-    if header_bytes > MAX_SAFETENSORS_HEADER:
-        raise CheckpointError(
-            f"{path}: its safetensors header claims {header_bytes} bytes, more than the "
-            f"{MAX_SAFETENSORS_HEADER} a model's needs"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path}: not a valid safetensors file ({short(str(e), 200)})"
-        ) from None
-    check_metadata(path, metadata)
-    return state, metadata
-
-
-def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
-    """Refuse (ValueError naming `path` and the key) metadata this project reads but cannot use:
-    `eval` must be a JSON object of known transform settings in range, `num_classes` a count."""
-    if "num_classes" in metadata:
-        n = metadata["num_classes"]
-        if not (n.isdigit() and len(n) < 10 and 1 <= int(n) <= MAX_CLASSES):
-            raise CheckpointError(
-                f"{path}: metadata 'num_classes' must be a count from 1 to {MAX_CLASSES}, "
-                f"got {short(n)}"
-            )
-    if "eval" not in metadata:
-        return
-    try:
-        settings = json.loads(metadata["eval"])
-    except (ValueError, RecursionError) as e:
-        reason = short(str(e), 100)
-        raise CheckpointError(f"{path}: metadata 'eval' is not valid JSON ({reason})") from None
-    if not isinstance(settings, dict):
-        raise CheckpointError(
-            f"{path}: metadata 'eval' must be a JSON object, got {short(settings)}"
-        )
-    problem = _eval_problem(settings)
-    if problem:
-        raise CheckpointError(f"{path}: metadata 'eval' {problem}")
-
-
-def _eval_problem(settings: dict) -> str | None:
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    for key, value in settings.items():
-        if key == "image_resize":
-            ok = number(value) and isinstance(value, int) and 1 <= value <= MAX_IMAGE_SIZE
-            rule = f"an integer from 1 to {MAX_IMAGE_SIZE}"
-        elif key == "crop_pct":
-            ok, rule = number(value) and 0 < value <= 2, "a number in (0, 2]"
-        elif key == "interpolation":
-            ok, rule = value in INTERPOLATIONS, "one of " + ", ".join(INTERPOLATIONS)
-        elif key in ("mean", "std"):
-            ok = isinstance(value, list) and 1 <= len(value) <= 4
-            ok = ok and all(number(v) and 0 <= v <= 1 for v in value)
-            ok = ok and (key == "mean" or all(v > 0 for v in value))
-            rule = "a list of 1 to 4 numbers in 0..1" + (" above 0" if key == "std" else "")
-        else:
-            continue  # other keys are informational
-        if not ok:
-            return f"key {key!r} must be {rule}, got {short(value)}"
-    return None
-
-
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    obj = torchfile.load(path)
-    metadata: dict[str, str] = {}
-    if (
-        isinstance(obj, dict)
-        and obj.get("format") == TRAIN_FORMAT
-        and isinstance(obj.get("model"), dict)
-    ):
-        metadata = {
-            k: str(obj[k]) for k in ("arch", "num_classes") if isinstance(obj.get(k), (str, int))
-        }
-        if isinstance(obj.get("config"), dict):  # the run's eval transform travels with its weights
-            metadata["eval"] = _config_eval(obj["config"], path)
-        # the EMA weights, when kept, are the ones training validated and ranked
-        ema = obj.get("ema")
-        obj = (
-            {k: v for k, v in ema.items() if k != "n_averaged"}
-            if isinstance(ema, dict) and ema
-            else obj["model"]
-        )
-    while isinstance(obj, dict) and not _is_state_dict(obj):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not (isinstance(obj, dict) and _is_state_dict(obj)):
-        raise CheckpointError(
-            f"{path}: holds no state dict (expected a dict of tensors, possibly under "
-            "'state_dict'/'model')"
-        )
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
-
-
-def _config_eval(config: dict, path: Path) -> str:
-    """The `eval` metadata (JSON, mean/std in 0..1) of a training checkpoint's config."""
-    from .entry import EvalTransform
-
-    try:
-        return json.dumps(EvalTransform.from_config(config).to_dict())
-    except ValueError as e:
-        raise CheckpointError(
-            f"{path}: the training config's eval transform is invalid ({e})"
-        ) from None
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata `read_checkpoint` would return; a `.safetensors` header is read alone."""
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "mindspore":
-        return {}
-    if fmt == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
-    return _read_torch(path)[1]
-
-
-def _is_state_dict(obj: dict) -> bool:
-    return (
-        bool(obj)
-        and all(isinstance(k, str) for k in obj)
-        and any(isinstance(v, torch.Tensor) for v in obj.values())
-    )
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    stripped = True
-    while stripped:  # `module._orig_mod.`, `_orig_mod.module.`, ...
-        stripped = False
-        for prefix in _PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                stripped = True
-    return state
-
-
-_MM_STEM = re.compile(r"stem\.([0-2])\.(conv|bn)\.(.+)")
-
-
-def mmpretrain_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an OpenMMLab (mmpretrain/mmcls, mmdet) Res2Net state dict to ours.
-
-    Their backbone already uses our names (`conv1`, `bn1`, `layer1.0.convs.0`, `bns.0`, `bn3`,
-    `downsample`); it sits under `backbone.` and the classifier under `head.fc.`. The deep stem
-    of their v1d-style nets (`stem.{0,1,2}.conv/.bn`) becomes ours (`conv1.{0,3,6}`,
-    `conv1.{1,4}` and `bn1`). Other keys (necks, detection heads) are left as they are."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("backbone."):
-            key = key[len("backbone.") :]
-            stem = _MM_STEM.fullmatch(key)
-            if stem:
-                i, kind, rest = int(stem.group(1)), stem.group(2), stem.group(3)
-                module = (
-                    f"conv1.{3 * i}"
-                    if kind == "conv"
-                    else "bn1"
-                    if i == 2
-                    else f"conv1.{3 * i + 1}"
-                )
-                key = f"{module}.{rest}"
-        elif key.startswith("head.fc."):
-            key = key[len("head.") :]
-        out[key] = value
-    return out
-
-
 def load_checkpoint(
-    model: nn.Module, path: str | Path, *, strict: bool = True, reset_head: bool = False
+    model: nn.Module,
+    source: Checkpoint | str | Path,
+    *,
+    strict: bool = True,
+    reset_head: bool = False,
 ) -> LoadReport:
-    """Load the weights in `path` (any supported format) into `model`, in place.
+    """Load a `Checkpoint` (or what `read_checkpoint` reads from `source`) into `model`, in place.
 
     MindCV and OpenMMLab names are mapped to ours; floating-point values are cast to the model's
     dtypes, and a tensor that is not floating-point where the model's is (integers, bools) is an
@@ -314,12 +221,14 @@ def load_checkpoint(
     which other frameworks do not store, are never required. On any error the model is left
     unchanged.
     """
-    state, fmt, skipped, metadata = read_checkpoint(path)
+    checkpoint = read_checkpoint(source)
+    path, fmt, skipped = checkpoint.origin, checkpoint.format, list(checkpoint.skipped)
+    state = dict(checkpoint.state_dict)  # changed below; the checkpoint stays as it was
     if fmt == "mindspore" or any(
         k.endswith(".gamma") or k.startswith("classifier.") for k in state
     ):
         state = mindcv_to_ours(state, model)
-    report = LoadReport(path=str(path), format=fmt, skipped=skipped, metadata=metadata)
+    report = LoadReport(path=path, format=fmt, skipped=skipped, metadata=dict(checkpoint.metadata))
 
     own = model.state_dict()
     if not any(k in own for k in state):
@@ -431,52 +340,3 @@ def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
             ", ".join(bad[:5]),
             ", ..." if len(bad) > 5 else "",
         )
-
-
-def state_num_classes(
-    state: dict[str, torch.Tensor], path: str | Path, model_name: str | None = None
-) -> int | None:
-    """Classifier size in a state dict read from `path` by `read_checkpoint` (our/timm `fc` or
-    MindCV's `classifier`), or None when it holds no classifier. The model is then built with
-    that many outputs, so the weight is checked first: (classes, features), or DLA's 1x1 conv
-    (classes, features, 1, 1), with 1 to MAX_CLASSES classes; and with `model_name` (a zoo
-    name), its features must be that architecture's, so that a small file cannot make the
-    model allocate a classifier far larger than the one it holds. ValueError otherwise."""
-    for key in ("fc.weight", "classifier.weight"):
-        if key not in state:
-            continue
-        shape = tuple(state[key].shape)
-        matrix = len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))
-        if not matrix or not 1 <= shape[0] <= MAX_CLASSES or shape[1] < 1:
-            raise CheckpointError(
-                f"{path}: classifier {key!r} has shape {short(shape)}, not (classes, "
-                f"features) with 1 to {MAX_CLASSES} classes"
-            )
-        features = model_features(model_name) if model_name else None
-        if features is not None and shape[1] != features:
-            raise CheckpointError(
-                f"{path}: classifier {key!r} takes {shape[1]} features where {model_name} has "
-                f"{features}: the checkpoint is for another architecture; check the model name"
-            )
-        return shape[0]
-    return None
-
-
-def model_features(model_name: str) -> int | None:
-    """Channels a zoo architecture's classifier takes (built on the meta device: no memory,
-    no initialisation), or None for a name outside the zoo (a Hub model brings its own)."""
-    from ..models import build_model
-    from ..models.registry import resolve_name
-
-    try:
-        resolve_name(model_name)
-    except ValueError:
-        return None
-    with torch.device("meta"):
-        return build_model(model_name, num_classes=0).num_features
-
-
-def checkpoint_num_classes(path: str | Path, model_name: str | None = None) -> int | None:
-    """Classifier size stored in a checkpoint file of any format, or None; checked as in
-    `state_num_classes`."""
-    return state_num_classes(read_checkpoint(path)[0], path, model_name)

@@ -323,11 +323,18 @@ def read_mindspore_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
     Optimizer and bookkeeping entries (`moments.*`, `adam_m.*`, `global_step`, `learning_rate`,
     ... see `is_training_state`), string entries and map tensors are validated but not
     returned; their names come back in the second list. A file that is not a complete, valid
-    checkpoint raises ValueError naming it.
+    checkpoint raises CheckpointError naming it.
     """
     with open_regular_file(path, "checkpoint") as f:
         data = bytearray(os.fstat(f.fileno()).st_size)  # read in place: no second buffer
         data = data[: f.readinto(data)]
+    return decode_mindspore_checkpoint(data, path)
+
+
+def decode_mindspore_checkpoint(
+    data: bytes | bytearray, path: str | os.PathLike
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`read_mindspore_checkpoint` of bytes already read from `path` (named in errors)."""
     try:
         return _decode(data)
     except _Bad as e:

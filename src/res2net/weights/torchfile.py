@@ -14,9 +14,12 @@ built but small Python containers, and
   (legacy files) all storages together must fit in the file;
 - every tensor's size and stride must fit inside its storage.
 
-After that, `torch.load` allocates at most the file's size for storages plus the pickle's
-containers. Written by hand because neither torch nor pickletools offers such a bounded,
-non-executing replay.
+The file is read into memory once; the zip layout is checked (`check_zip_layout`: no data
+before the archive, no names that differ between readers), the pickle scanned, and `torch.load`
+then reads those same bytes, so what was checked is what is loaded. It allocates at most the
+file's size for storages plus the pickle's containers: twice the file's size in all. Written by
+hand because neither torch nor pickletools offers such a bounded, non-executing replay, nor a
+zip reader that reports what another reader would see differently.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import codecs
 import io
 import os
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,7 +39,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..errors import CheckpointError
-from ..guards import open_regular_file
+from ..guards import open_regular_file, short
 
 # What the containers built from the pickle may cost, as a multiple of the pickle's size (plus
 # a constant): each call is charged the length of its arguments.
@@ -43,6 +47,9 @@ BUDGET_FACTOR = 4
 BUDGET_BASE = 1 << 20
 MAX_RECORDS = 1 << 16
 MAX_DIMS = 64
+# The largest weights file read by default: it is read into memory once, then loaded from there.
+MAX_FILE_BYTES = 8 << 30
+_LOCAL_MAGIC = b"PK\x03\x04"
 _LEGACY_PICKLES = 5  # magic number, protocol, sys info, the objects, the storage keys
 
 
@@ -207,35 +214,123 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def scan(f: BinaryIO, size: int) -> None:
-    """Refuse (RefusedPickle) a torch checkpoint in the open file `f` of `size` bytes that
-    `torch.load` could not read within the bound described in the module docstring."""
-    f.seek(0)
-    if zipfile.is_zipfile(f):
-        _scan_zip(f, size)
+def scan(data: bytes) -> None:
+    """Refuse (RefusedPickle) the bytes of a torch checkpoint that `torch.load` could not read
+    within the bound described in the module docstring, or that another zip reader could read
+    differently (see `check_zip_layout`)."""
+    if data[:4] == _LOCAL_MAGIC:
+        _scan_zip(data)
     else:
-        _scan_legacy(f, size)
-    f.seek(0)
+        if _has_zip_directory(data):
+            raise RefusedPickle(
+                "it holds a zip archive after other data (torch.load would read the data before "
+                "it, a zip reader the archive)"
+            )
+        _scan_legacy(data)
 
 
-def _scan_zip(f: BinaryIO, size: int) -> None:
-    f.seek(0)
+def _has_zip_directory(data: bytes) -> bool:
     try:
-        archive = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        return zipfile.is_zipfile(io.BytesIO(data))
+    except (OSError, ValueError):
+        return False
+
+
+def check_zip_layout(data: bytes) -> zipfile.ZipFile:
+    """The archive in `data`, when every reader sees the same records in it: the file starts
+    with the first record's local header, the central directory's names are those of the local
+    headers, and no two names are equal or collide once cut at a NUL or case-folded (torch's
+    reader matches names without case). Encrypted, compressed or overlapping records are
+    refused too. RefusedPickle/DamagedPickle otherwise."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except NotImplementedError as e:  # a zip feature torch.save never uses
+        raise RefusedPickle(
+            f"its zip directory asks for {e}, which torch.save never writes"
+        ) from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise DamagedPickle(f"its zip directory is damaged ({e})") from None
     records = archive.infolist()
     if len(records) > MAX_RECORDS:
         raise RefusedPickle(f"it has {len(records)} zip records, more than {MAX_RECORDS}")
-    by_name = {r.filename: r for r in records}
-    total = 0
-    for r in records:
+    if not records or min(r.header_offset for r in records) != 0:
+        raise RefusedPickle("its first zip record does not start the file")
+    raw_names = _central_names(data, archive.start_dir, len(records))
+    seen: set[str] = set()
+    end = 0
+    for r, raw in sorted(zip(records, raw_names), key=lambda x: x[0].header_offset):
+        name = r.filename
+        if b"\0" in raw:
+            raise RefusedPickle(f"zip name {short(raw)} holds a NUL byte (readers cut it apart)")
+        folded = name.casefold()
+        if folded in seen:
+            raise RefusedPickle(
+                f"zip name {short(name)} appears twice (up to letter case): readers would pick "
+                "different records"
+            )
+        seen.add(folded)
+        if r.flag_bits & 0x1:
+            raise RefusedPickle(f"zip record {short(name)} is encrypted")
         if r.compress_type != zipfile.ZIP_STORED:
             raise RefusedPickle(
-                f"zip record {r.filename[:60]!r} is compressed (torch.save never compresses)"
+                f"zip record {short(name)} is compressed (torch.save never compresses)"
             )
-        total += r.file_size
-    if total > size:
+        if r.header_offset < end:
+            raise RefusedPickle(f"zip record {short(name)} overlaps the one before it")
+        end = _local_record_end(data, r, raw)
+    if end > archive.start_dir:
+        raise RefusedPickle("its zip records run into the central directory")
+    return archive
+
+
+def _central_names(data: bytes, start: int, count: int) -> list[bytes]:
+    """The raw names of the central directory's `count` headers from offset `start` (zipfile
+    cuts names at a NUL byte; these are uncut)."""
+    names = []
+    pos = start
+    for _ in range(count):
+        header = data[pos : pos + 46]
+        if len(header) < 46 or header[:4] != b"PK\x01\x02":
+            raise DamagedPickle("its zip central directory is damaged")
+        n, m, k = struct.unpack("<HHH", header[28:34])
+        names.append(data[pos + 46 : pos + 46 + n])
+        pos += 46 + n + m + k
+    return names
+
+
+def _local_record_end(data: bytes, r: zipfile.ZipInfo, central_name: bytes) -> int:
+    """The end offset of record `r`'s local header and data; refuses a local header that is
+    missing or whose name or sizes differ from the central directory's."""
+    pos = r.header_offset
+    header = data[pos : pos + 30]
+    if len(header) < 30 or header[:4] != _LOCAL_MAGIC:
+        raise RefusedPickle(
+            f"zip record {short(r.filename)} has no local header at the offset its directory gives"
+        )
+    flags, size = struct.unpack("<H", header[6:8])[0], struct.unpack("<I", header[22:26])[0]
+    n, m = struct.unpack("<HH", header[26:30])
+    if data[pos + 30 : pos + 30 + n] != central_name:
+        raise RefusedPickle(
+            f"zip record {short(r.filename)}: its local name "
+            f"{short(data[pos + 30 : pos + 30 + n])} differs from its directory name"
+        )
+    if flags & 0x1:
+        raise RefusedPickle(f"zip record {short(r.filename)} is encrypted")
+    if not flags & 0x8 and size not in (r.compress_size, 0xFFFFFFFF):
+        raise RefusedPickle(
+            f"zip record {short(r.filename)}: its local size differs from its directory size"
+        )
+    end = pos + 30 + n + m + r.compress_size
+    if end > len(data):
+        raise DamagedPickle(f"zip record {short(r.filename)} runs past the end of the file")
+    return end
+
+
+def _scan_zip(data: bytes) -> None:
+    archive = check_zip_layout(data)
+    records = archive.infolist()
+    by_name = {r.filename: r for r in records}
+    if sum(r.file_size for r in records) > len(data):
         raise RefusedPickle("its zip records claim more bytes than the file has")
     pickles = [
         r for r in records if r.filename.endswith("/data.pkl") and r.filename.count("/") == 1
@@ -243,6 +338,8 @@ def _scan_zip(f: BinaryIO, size: int) -> None:
     if len(pickles) != 1:
         raise RefusedPickle("it is a zip archive but not one torch.save wrote (no single data.pkl)")
     prefix = pickles[0].filename[: -len("data.pkl")]
+    if any(not r.filename.startswith(prefix) for r in records):
+        raise RefusedPickle("its zip records are not all in the folder of its data.pkl")
 
     def storage_bytes(key: str, nbytes: int) -> None:
         record = by_name.get(f"{prefix}data/{key}")
@@ -253,11 +350,19 @@ def _scan_zip(f: BinaryIO, size: int) -> None:
                 f"storage {key[:40]!r} claims {nbytes} bytes but its record has {record.file_size}"
             )
 
-    data = archive.read(pickles[0])
-    _run(io.BytesIO(data), len(data), storage_bytes)
+    try:
+        pickle_bytes = archive.read(pickles[0])
+    except NotImplementedError as e:  # a zip feature torch.save never uses
+        raise RefusedPickle(
+            f"its data.pkl uses a zip feature torch.save never writes ({e})"
+        ) from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise DamagedPickle(f"its data.pkl cannot be read ({e})") from None
+    _run(io.BytesIO(pickle_bytes), len(pickle_bytes), storage_bytes)
 
 
-def _scan_legacy(f: BinaryIO, size: int) -> None:
+def _scan_legacy(data: bytes) -> None:
+    size = len(data)
     claimed = 0
 
     def storage_bytes(key: str, nbytes: int) -> None:
@@ -266,8 +371,7 @@ def _scan_legacy(f: BinaryIO, size: int) -> None:
         if claimed > size:
             raise RefusedPickle("its storages claim more bytes than the file has")
 
-    f.seek(0)
-    stream = io.BytesIO(f.read(size))  # a length a pickle claims is then never allocated
+    stream = io.BytesIO(data)  # a length a pickle claims is then never allocated
     for _ in range(_LEGACY_PICKLES):
         start = stream.tell()
         if start >= size:
@@ -290,27 +394,51 @@ def _run(f: BinaryIO, nbytes: int, storage_bytes: Callable[[str, int], None]) ->
         raise DamagedPickle(f"its pickle is damaged ({reason})") from None
 
 
-def load(path: str | os.PathLike, what: str = "torch checkpoint") -> Any:
-    """`torch.load(path, weights_only=True)` on CPU after `scan` has passed; ValueError with
-    one line naming the file otherwise (nothing in it is executed either way)."""
-    with open_regular_file(path, "checkpoint") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            scan(f, size)
-        except DamagedPickle as e:
-            raise CheckpointError(
-                f"{path}: not a readable {what}, truncated or damaged? ({e})"
-            ) from None
-        except RefusedPickle as e:
-            raise CheckpointError(
-                f"{path}: not a readable {what}: refused to load: {e}; nothing in it was "
-                "executed. If you trust its source, unpickle it yourself in a session you "
-                "control and save its state dict with torch.save or safetensors."
-            ) from None
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged pickle or zip archive fails in many ways
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise CheckpointError(
-                f"{path}: not a readable {what}, truncated or damaged? ({reason})"
-            ) from None
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file `path`, read once; CheckpointError naming it when larger
+    than `max_bytes` or unreadable."""
+    try:
+        with open_regular_file(path, "checkpoint") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise CheckpointError(
+                    f"{path}: has {size} bytes, more than the {max_bytes} a checkpoint may have "
+                    "here (raise max_bytes if the file is trusted)"
+                )
+            return f.read(size)
+    except (FileNotFoundError, CheckpointError):
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def loads(data: bytes, path: str | os.PathLike, what: str = "torch checkpoint") -> Any:
+    """`torch.load(weights_only=True)` on CPU of the very bytes `scan` approved (`data`, read
+    from `path`); CheckpointError with one line naming the file otherwise (nothing in it is
+    executed either way)."""
+    try:
+        scan(data)
+    except DamagedPickle as e:
+        raise CheckpointError(
+            f"{path}: not a readable {what}, truncated or damaged? ({e})"
+        ) from None
+    except RefusedPickle as e:
+        raise CheckpointError(
+            f"{path}: not a readable {what}: refused to load: {e}; nothing in it was "
+            "executed. If you trust its source, unpickle it yourself in a session you "
+            "control and save its state dict with torch.save or safetensors."
+        ) from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged pickle or zip archive fails in many ways
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable {what}, truncated or damaged? ({reason})"
+        ) from None
+
+
+def load(
+    path: str | os.PathLike, what: str = "torch checkpoint", max_bytes: int = MAX_FILE_BYTES
+) -> Any:
+    """`loads` of the file `path`, read once into memory: what is scanned is what is loaded."""
+    return loads(read_file(path, max_bytes), path, what)
