@@ -45,7 +45,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages ("a symbolic link", "a named pipe"...)."""
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     if stat.S_ISDIR(mode):
@@ -79,7 +80,7 @@ def check_target(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise FileRefused(f"'{path}' cannot be checked ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise _refuse(path, _kind(mode))
+        raise _refuse(path, file_kind(mode))
     return path
 
 
@@ -99,7 +100,7 @@ def make_directory(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
     if not stat.S_ISDIR(mode):
-        raise FileRefused(f"'{path}' is {_kind(mode)}, not a folder: choose another path")
+        raise FileRefused(f"'{path}' is {file_kind(mode)}, not a folder: choose another path")
     return path
 
 
@@ -126,7 +127,7 @@ def make_subdirectory(root: str | os.PathLike, relative: str | os.PathLike) -> P
             raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
         if not stat.S_ISDIR(mode):
             raise FileRefused(
-                f"'{path}' is {_kind(mode)}, not a folder: the project never writes through "
+                f"'{path}' is {file_kind(mode)}, not a folder: the project never writes through "
                 "it; move it away or choose another output folder"
             )
     return path
@@ -373,7 +374,7 @@ def _open_in_place(path: Path, flags: int) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, _kind(st.st_mode))
+            raise _refuse(path, file_kind(st.st_mode))
         if st.st_nlink > 1:
             raise _refuse(path, "a file with another name (a hard link)")
         os.set_blocking(fd, True)

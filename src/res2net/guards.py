@@ -30,6 +30,7 @@ import yaml
 
 from . import fileio
 from .errors import ConfigError, FileRefused, MissingFile, Res2NetError
+from .fileio import file_kind
 
 # Seconds a network call may wait for a connection or for the next bytes.
 NETWORK_TIMEOUT = 30.0
@@ -70,18 +71,6 @@ class NotARegularFile(Res2NetError, FileNotFoundError, ValueError):
         return str(self.args[0])
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """`path` as a Path when it is an existing regular file (symlinks followed); else
     FileNotFoundError or ValueError naming it. Never opens the file, so never blocks."""
@@ -93,7 +82,7 @@ def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     except OSError as e:
         raise ConfigError(f"{what} {quoted(path)} cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise NotARegularFile(f"{what} {quoted(path)} is {_kind(mode)}, not a regular file")
+        raise NotARegularFile(f"{what} {quoted(path)} is {file_kind(mode)}, not a regular file")
     return path
 
 
@@ -120,7 +109,7 @@ def check_output_file(
     except OSError as e:
         raise ConfigError(f"{what} {quoted(path)} cannot be checked ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise ConfigError(f"{what} {quoted(path)} is {_kind(mode)}: name a file to write")
+        raise ConfigError(f"{what} {quoted(path)} is {file_kind(mode)}: name a file to write")
     if keep is not None and _same_file(path, keep):
         raise ConfigError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     return path
@@ -152,7 +141,7 @@ def open_regular_file(path: str | os.PathLike, what: str = "file") -> io.Buffere
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotARegularFile(f"{what} {quoted(path)} is {_kind(mode)}, not a regular file")
+            raise NotARegularFile(f"{what} {quoted(path)} is {file_kind(mode)}, not a regular file")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
