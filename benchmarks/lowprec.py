@@ -339,7 +339,7 @@ def plot(args: argparse.Namespace) -> None:
 
     speed = json.loads(args.speed.read_text())
     load = max(speed["load_before"] + speed["load_after"])
-    title = f"inference, batch {speed['batch_size']}, 224x224 (load up to {load:.0f})"
+    title = f"inference, batch {speed['batch_size']}, 224x224 (load average up to {load:.1f})"
     panels = [(title, speed["candidates"], "best_ms", "median_ms", speed["batch_size"])]
     fig, axes = plt.subplots(
         1, 1 + bool(args.train), figsize=(12 if args.train else 8, 4.5), squeeze=False
