@@ -485,6 +485,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    args.timm_train = args.timm_train.resolve()  # timm runs from a temporary folder
     if not args.timm_train.is_file():
         sys.exit(
             f"--timm_train {args.timm_train}: no such file (a copy of timm's repository train.py)"
