@@ -243,6 +243,21 @@ def test_resume_after_stop_is_bit_identical(
     assert_same_weights(final_weights(tmp_path / "resumed"), reference_run)
 
 
+def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_over(
+    data_dir, tmp_path, reference_run
+):
+    """A run killed before it saved anything leaves only its log: `--resume auto` starts over
+    and moves that log aside (nothing to continue, nothing lost)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    resumed = train(tiny_config(data_dir, run, "--resume", "auto"))
+    assert resumed.epochs_done == 2
+    assert_same_weights(final_weights(run), reference_run)
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_num_classes_mismatch_fails_before_training(data_dir, tmp_path):
     with pytest.raises(ValueError, match="num_classes is 5 but .* has 3 class folders"):
         train(tiny_config(data_dir, tmp_path / "x", "--num_classes", "5"))

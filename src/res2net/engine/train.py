@@ -270,6 +270,13 @@ def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
     if not found:
         return
     names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    weights = {"last.pt", "best.pt"} & {p.name for p in found} or ckpts.epoch_files()
+    if cfg.resume == "auto" and not weights:
+        # a run stopped before its first checkpoint left only logs: nothing to continue, and
+        # starting over must not lose them
+        aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
+        log.warning("no checkpoint to continue: the stopped run's files were moved to %s", aside)
+        return
     if resuming(cfg):
         explicit = _resume_path(cfg, ckpts) if cfg.resume != "auto" else None
         if explicit is not None and any(_same_file(explicit, p) for p in found):
