@@ -21,8 +21,8 @@ demo: $(STAMP)
 # Lint and type-check src/ and benchmarks/, and check the import layers (settings in pyproject.toml);
 # `make test` stops here on the first finding.
 lint: $(STAMP)
-	@$(BIN)/ruff check src benchmarks tests
-	@$(BIN)/ruff format --check --quiet src benchmarks tests
+	@$(BIN)/ruff check src benchmarks tests hubconf.py train.py validate.py
+	@$(BIN)/ruff format --check --quiet src benchmarks tests hubconf.py train.py validate.py
 	@$(BIN)/mypy
 	@$(BIN)/lint-imports --no-cache
 

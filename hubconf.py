@@ -9,7 +9,8 @@ Each takes `create_model`'s arguments: `pretrained` (True or a source name), `ch
 
 import os as _os
 import sys as _sys
-from typing import Any as _Any, Callable as _Callable
+from collections.abc import Callable as _Callable
+from typing import Any as _Any
 
 dependencies = ["torch", "torchvision", "numpy", "PIL", "yaml", "safetensors", "tqdm", "matplotlib"]
 
