@@ -246,8 +246,8 @@ def test_resume_after_stop_is_bit_identical(
 def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_over(
     data_dir, tmp_path, reference_run
 ):
-    """A run killed before it saved anything leaves only its log: `--resume auto` starts over
-    and moves that log aside (nothing to continue, nothing lost)."""
+    """A run killed before its first checkpoint leaves only its log: `--resume auto` starts
+    over and moves that log aside (nothing to continue, nothing lost)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n')

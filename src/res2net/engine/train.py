@@ -265,20 +265,21 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
 
 
 def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
-    """Refuse a folder holding another run's files, or (`overwrite`) move them aside."""
+    """Refuse a folder holding another run's files, or move them aside (`overwrite`, or
+    `--resume auto` finding no last.pt)."""
     found = ckpts.run_files()
     if not found:
         return
     names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-    weights = {"last.pt", "best.pt"} & {p.name for p in found} or ckpts.epoch_files()
-    if cfg.resume == "auto" and not weights:
-        # a run stopped before its first checkpoint left only logs: nothing to continue, and
-        # starting over must not lose them
+    if cfg.resume == "auto":
+        # no last.pt: nothing to continue (a run killed before its first commit leaves its log
+        # and epoch file); starting over must neither refuse (a restart would fail forever)
+        # nor lose what is there
         aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
-        log.warning("no checkpoint to continue: the stopped run's files were moved to %s", aside)
+        log.warning("--resume auto: no last.pt to continue; the files here moved to %s", aside)
         return
     if resuming(cfg):
-        explicit = _resume_path(cfg, ckpts) if cfg.resume != "auto" else None
+        explicit = _resume_path(cfg, ckpts)
         if explicit is not None and any(_same_file(explicit, p) for p in found):
             raise ConfigError(
                 f"ckpt_save_dir {cfg.ckpt_save_dir!r} has no last.pt to continue, and the file "
