@@ -66,6 +66,15 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
     assert cfg.weight_decay == pytest.approx(1e-4) and cfg.lr == 0.5
 
 
+def test_integer_too_large_for_a_number_key_names_the_key(tmp_path):
+    # YAML reads 400 digits as an int, which no float holds: one line, not an OverflowError.
+    path = write(tmp_path, f"lr: {'9' * 400}\n")
+    with pytest.raises(
+        ConfigError, match=f"^config key 'lr' expects a number, .* \\(in {path}\\)$"
+    ):
+        load_config(path)
+
+
 # --- overrides ------------------------------------------------------------------------------
 
 
@@ -359,11 +368,11 @@ def test_dist_timeout_must_be_positive_and_finite(value):
 
 
 def test_readme_key_table_is_generated_from_the_declarations():
-    from res2net.config import keys_table
+    from res2net.cli.train import keys_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     table = readme.split("<!-- keys:begin -->\n")[1].split("<!-- keys:end -->")[0]
-    assert table == keys_table(), "README's key table is stale: paste config.keys_table() there"
+    assert table == keys_table(), "README's key table is stale: paste cli.train.keys_table() there"
 
 
 def test_help_states_trust_bounds_and_status(capsys):

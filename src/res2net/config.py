@@ -7,11 +7,11 @@ optionally changed from the command line::
 
 Each key is declared once, as a :class:`Config` field: its type (a ``Literal`` for choices),
 default and :class:`Key` (help line, bounds, MindCV status, trust) feed the coercion, the value
-checks, ``res2net train --help``, the README key table and the notes on mapped and ignored keys.
-Dataclass field metadata rather than pydantic: the coercion follows MindCV's argparse and YAML
-1.1 quirks (``1e-6`` read as text, ``None`` as text, bare boolean flags) and every message names
-its key and source in one line, which pydantic's errors would need a translation layer as large
-as the coercion to say; a frozen dataclass also stays a plain object for the engine.
+checks, the notes on mapped and ignored keys, and ``cli/train.py``'s ``--help`` and README table.
+Dataclass field metadata rather than pydantic (only a dependency of the ``tracking`` extra): the
+coercion follows MindCV's argparse and YAML 1.1 quirks (``1e-6`` and ``None`` read as text, bare
+boolean flags) and every message names its key and source in one line; pydantic would need those
+quirks as pre-processing and its errors translated, about as long as the walker below.
 
 Trust: keys that decide what is deleted, contacted, or written outside the run folder
 (``Key.trust``) are the command line's to set; a recipe setting one is refused.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import operator
 import os
 import re
 import types
@@ -41,11 +42,12 @@ from .schema import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_BATCH_SIZE
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Config", "ConfigError", "Key", "load_config", "given_keys", "keys_help", "keys_table"]
+__all__ = ["Config", "ConfigError", "Key", "KEYS", "choices", "given_keys", "load_config"]
 
 _DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)")
 _NONE_STRINGS = ("None", "none", "null", "Null", "NULL", "~")  # YAML maps only null and ~
 _TRUE_STRINGS, _FALSE_STRINGS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # `pipe:`, `https:`; not `C:`
 MAX_CONFIG_BYTES, MAX_YAML_NODES = 1 << 20, 10_000
 
@@ -61,18 +63,17 @@ class Key:
     le: float | None = None
     lt: float | None = None
     limit: float | None = None  # far above any real run: a larger value is a typo or an attack
-    rule: str = ""  # the message when a bound or choice fails, where the generated one is terse
+    rule: str = ""  # the message when a choice fails, where the generated one is terse
     case: str = ""  # "lower"/"upper": MindCV accepts the name in any case
     mapped: str = ""  # how a key with no reader of its own takes effect
     ignored: str = ""  # why a MindCV key has no effect here (reported when set)
     trust: str = ""  # what a command-line-only value decides
     untrusted: Callable[[Any], bool] | None = None  # which values; default: any but the default
 
-    def status(self, group: str) -> str:
-        """honoured / mapped / ignored / PyTorch-only, and why."""
-        if self.ignored or self.mapped:
-            return f"ignored: {self.ignored}" if self.ignored else f"mapped: {self.mapped}"
-        return "PyTorch-only" if group.startswith("PyTorch") else "honoured"
+    def bounds(self) -> list[tuple[str, float]]:
+        """(operator, value) of each bound, lower first, ``limit`` last."""
+        pairs = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return [(op, v) for op, v in (*pairs, ("<=", self.limit)) if v is not None]
 
 
 def key(default: Any, help: str, **meta: Any) -> Any:
@@ -160,8 +161,8 @@ class Config:
                                ignored="torchvision's RandomErasing always tries 10 boxes")
     mean: tuple[float, ...] = key(IMAGENET_MEAN, "per-channel mean in 0..255 units")
     std: tuple[float, ...] = key(IMAGENET_STD, "per-channel std in 0..255 units")
-    crop_pct: float = key(0.875, "evaluation: resize to image_resize / crop_pct, center crop",
-                          gt=0, le=2, rule="must be in (0, 2] (above 1 pads the center crop)")
+    crop_pct: float = key(0.875, "evaluation: resize to image_resize / crop_pct, center crop "
+                          "(above 1 pads it)", gt=0, le=2)
     mixup: float = key(0.0, "mixup beta(alpha, alpha); 0: off", ge=0)
     cutmix: float = key(0.0, "cutmix beta(alpha, alpha); 0: off", ge=0)
     cutmix_prob: float = key(1.0, "probability that a batch is mixed (mixup and/or cutmix)", ge=0,
@@ -279,11 +280,8 @@ class Config:
     # fmt: on
 
     def __post_init__(self) -> None:
-        for name, tp in _TYPES.items():
-            value = _coerce(name, getattr(self, name), tp)
-            if _KEYS[name].case and isinstance(value, str):
-                value = value.lower() if _KEYS[name].case == "lower" else value.upper()
-            object.__setattr__(self, name, value)
+        for name in _TYPES:
+            object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         # Older MindCV spellings of current keys.
         if self.filter_bias_and_bn is not None and self.weight_decay_filter == "disable":
             filt = "norm_and_bias" if self.filter_bias_and_bn else "disable"
@@ -405,62 +403,30 @@ class Config:
 
 
 _TYPES: dict[str, Any] = typing.get_type_hints(Config)
-_KEYS: dict[str, Key] = {f.name: f.metadata["key"] for f in dataclasses.fields(Config)}
-_GROUP: dict[str, str] = {}
-for _name, _key in _KEYS.items():
-    _GROUP[_name] = _key.group or _GROUP[list(_GROUP)[-1]]
+#: Every key's declaration, in MindCV's order (``cli/train.py`` renders them as help).
+KEYS: dict[str, Key] = {f.name: f.metadata["key"] for f in dataclasses.fields(Config)}
 #: Every key's help line by MindCV's group, in MindCV's order.
 HELP: dict[str, dict[str, str]] = {}
-for _name, _key in _KEYS.items():
-    HELP.setdefault(_GROUP[_name], {})[_name] = _key.help
+for _name, _key in KEYS.items():
+    _group = _key.group or list(HELP)[-1]
+    HELP.setdefault(_group, {})[_name] = _key.help
 #: MindCV keys with no effect here, and why (reported by notes() when set).
-IGNORED_KEYS = {name: k.ignored for name, k in _KEYS.items() if k.ignored}
+IGNORED_KEYS = {name: k.ignored for name, k in KEYS.items() if k.ignored}
 #: Keys with no reader of their own downstream: how they take effect.
-MAPPED_KEYS = {name: k.mapped for name, k in _KEYS.items() if k.mapped}
+MAPPED_KEYS = {name: k.mapped for name, k in KEYS.items() if k.mapped}
 
 
-def _choices(name: str) -> tuple[Any, ...]:
+def choices(name: str) -> tuple[Any, ...]:
+    """The values key `name`'s ``Literal`` allows (and None when it is optional), or ()."""
     tp = _TYPES[name]
     args = typing.get_args(tp) if _is_union(tp) else (tp,)
-    lit = [a for a in args if typing.get_origin(a) is Literal]
-    return (*typing.get_args(lit[0]), *[None] * (type(None) in args)) if lit else ()
+    literal = next((a for a in args if typing.get_origin(a) is Literal), None)
+    if literal is None:
+        return ()
+    return (*typing.get_args(literal), *[None] * (type(None) in args))
 
 
-def _help_line(name: str, *, ignored: bool = True) -> str:
-    """The help text, the choices and bounds its declaration states, and why it is ignored."""
-    k, choices = _KEYS[name], [c for c in _choices(name) if isinstance(c, str)]
-    text = k.help + (": " + ", ".join(choices) if len(choices) > 1 else "")
-    bounds = [f"{op} {_num(v)}" for op, v in ((">=", k.ge), (">", k.gt), ("<=", k.le),
-              ("<", k.lt), ("<=", k.limit)) if v is not None]  # fmt: skip
-    text += f" [{', '.join(bounds)}]" if bounds else ""
-    return text + (f"; ignored ({k.ignored})" if k.ignored and ignored else "")
-
-
-def keys_help() -> str:
-    """Every recipe key by MindCV's group, with its default and help (``train --help``)."""
-    lines = ["recipe keys (in the YAML file, or on the command line as --key value; a recipe "
-             "may not set the keys marked 'command line only'):"]  # fmt: skip
-    for group, names in HELP.items():
-        lines.append(f"\n{group}:")
-        for name in names:
-            k, only = _KEYS[name], ""
-            if k.trust:
-                only = "; command line only" + (f" when it {k.trust}" if k.untrusted else "")
-            default = _plain(getattr(_DEFAULTS, name))
-            lines.append(f"  --{name} (default: {default!r})\n      {_help_line(name)}{only}")
-    return "\n".join(lines)
-
-
-def keys_table() -> str:
-    """Every recipe key as a Markdown table (README.md, "Recipe keys")."""
-    rows = ["| key | default | meaning | MindCV | in a recipe |", "|---|---|---|---|---|"]
-    for name, k in _KEYS.items():
-        default = repr(_plain(getattr(_DEFAULTS, name)))
-        where = f"not when it {k.trust}" if k.untrusted else "no" if k.trust else "yes"
-        meaning, status = _help_line(name, ignored=False), k.status(_GROUP[name])
-        cells = [f"`{name}`", f"`{default}`", meaning, status, where]
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(rows) + "\n"
+# --- reading a recipe and the command line ----------------------------------------------------
 
 
 def load_config(
@@ -474,46 +440,21 @@ def load_config(
     ``-c``/``--config PATH`` names the recipe -- or a dict of key -> value. Overrides win over
     the file. Raises :class:`ConfigError` with a one-line message naming key and source.
     """
-    if isinstance(overrides, dict):
-        where, pairs = "in overrides", [(_normalize(str(k)), v) for k, v in overrides.items()]
-    else:
-        where, pairs = "on the command line", _parse_argv(list(overrides or []))
-        pairs = [(k, _override_value(k, v)) for k, v in pairs]
-    path = next((v for k, v in reversed(pairs) if k in ("c", "config")), path)
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    in_file = f"in {printable(os.fspath(path))}" if path not in (None, "") else ""
-    if path is not None and in_file:
-        for name, value in _read_recipe(os.fspath(path)).items():
-            values[name], sources[name] = value, in_file
-        values["config"] = os.fspath(path)
-    for name, value in pairs:
-        if name not in ("c", "config"):
-            if name not in _TYPES:
-                raise _unknown_key_error(name, where)
-            values[name], sources[name] = value, where
+    path, flags, where = _overrides(path, overrides)
+    recipe = _read_recipe(path) if path else {}
+    for name in flags:
+        if name not in _TYPES:
+            raise _unknown_key_error(name, where)
+    sources = {name: f"in {printable(path)}" for name in recipe} | dict.fromkeys(flags, where)
     try:
-        cfg = Config(**values)
+        cfg = Config(**(recipe | flags | ({"config": path} if path else {})))
     except ConfigError as e:
         if e.key not in sources:
             raise
         raise ConfigError(f"{e} ({sources[e.key]})", key=e.key) from None
-    for name in (n for n, source in sources.items() if source == in_file):
-        _refuse_untrusted(cfg, name, in_file[3:])
+    for name in (n for n in recipe if n not in flags):
+        _refuse_untrusted(cfg, name, printable(path))
     return cfg
-
-
-def _refuse_untrusted(cfg: Config, name: str, shown_path: str) -> None:
-    """A recipe is a shared, untrusted file: it tunes a run, but what is deleted, contacted or
-    written outside the run folder is the command line's to say."""
-    k, value = _KEYS[name], getattr(cfg, name)
-    if k.trust and (k.untrusted(value) if k.untrusted else value != getattr(_DEFAULTS, name)):
-        flag = f"--{name}" if value is True else f"--{name} ..."
-        raise ConfigError(
-            f"{shown_path}: {name} {short(value)} {k.trust}; only the command line may set "
-            f"it: pass {flag}",
-            key=name,
-        )
 
 
 def given_keys(
@@ -521,10 +462,35 @@ def given_keys(
 ) -> dict[str, str]:
     """Which keys the recipe and the command line set, and where: ``{"image_resize":
     "command line", "crop_pct": "recipe configs/x.yaml"}`` (the command line wins)."""
-    pairs = _parse_argv(list(argv or []))
+    path, flags, _ = _overrides(path, argv)
+    recipe = _read_recipe(path) if path else {}
+    return {name: f"recipe {path}" for name in recipe} | dict.fromkeys(flags, "command line")
+
+
+def _overrides(
+    path: str | os.PathLike[str] | None, overrides: list[str] | dict[str, Any] | None
+) -> tuple[str, dict[str, Any], str]:
+    """The recipe path (``-c`` wins), the keys `overrides` sets, and where they come from."""
+    if isinstance(overrides, dict):
+        where, pairs = "in overrides", [(_normalize(str(k)), v) for k, v in overrides.items()]
+    else:
+        where, pairs = "on the command line", _parse_argv(list(overrides or []))
     path = next((v for k, v in reversed(pairs) if k in ("c", "config")), path)
-    given = {k: f"recipe {os.fspath(path)}" for k in _read_recipe(os.fspath(path))} if path else {}
-    return given | {name: "command line" for name, _ in pairs if name not in ("c", "config")}
+    flags = {name: value for name, value in pairs if name not in ("c", "config")}
+    return os.fspath(path) if path is not None else "", flags, where
+
+
+def _refuse_untrusted(cfg: Config, name: str, shown_path: str) -> None:
+    """A recipe is a shared, untrusted file: it tunes a run, but what is deleted, contacted or
+    written outside the run folder is the command line's to say."""
+    k, value = KEYS[name], getattr(cfg, name)
+    if k.trust and (k.untrusted(value) if k.untrusted else value != getattr(_DEFAULTS, name)):
+        flag = f"--{name}" if value is True else f"--{name} ..."
+        raise ConfigError(
+            f"{shown_path}: {name} {short(value)} {k.trust}; only the command line may set "
+            f"it: pass {flag}",
+            key=name,
+        )
 
 
 def _read_recipe(path: str) -> dict[str, Any]:
@@ -540,21 +506,22 @@ def _read_recipe(path: str) -> dict[str, Any]:
 
 
 def _parse_argv(argv: list[str]) -> list[tuple[str, Any]]:
-    """``["--a", "1", "--b=2", "--flag"]`` -> ``[("a", "1"), ("b", "2"), ("flag", True)]``."""
+    """``["--a", "1", "--b=x", "--flag"]`` -> ``[("a", 1), ("b", "x"), ("flag", True)]``: values
+    read as YAML, but a string key's value is its text; a bare flag is a boolean key's True."""
     pairs: list[tuple[str, Any]] = []
     i = 0
     while i < len(argv):
         token = argv[i]
-        if not (token.startswith("--") or token == "-c"):
+        if not _is_option(token):
             raise ConfigError(f"unexpected command-line argument {short(token)}; options look "
                               "like --key value or --key=value")  # fmt: skip
-        name, eq, inline = token.lstrip("-").partition("=")
+        name, eq, text = token.lstrip("-").partition("=")
         name, i = _normalize(name), i + 1
-        if eq:
-            pairs.append((name, inline))
-        elif i < len(argv) and not (argv[i].startswith("--") or argv[i] == "-c"):
-            pairs.append((name, argv[i]))
-            i += 1
+        has_value = bool(eq) or (i < len(argv) and not _is_option(argv[i]))
+        if has_value and not eq:
+            text, i = argv[i], i + 1
+        if has_value:
+            pairs.append((name, _from_text(name, text)))
         elif _TYPES.get(name) in (bool, bool | None):
             pairs.append((name, True))  # bare flag, as MindCV's str2bool(nargs='?', const=True)
         else:
@@ -562,19 +529,23 @@ def _parse_argv(argv: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _is_option(token: str) -> bool:
+    return token.startswith("--") or token == "-c"
+
+
 def _normalize(name: str) -> str:
     return name.strip().replace("-", "_")
 
 
-def _override_value(name: str, raw: Any) -> Any:
+def _from_text(name: str, text: str) -> Any:
     """One command-line value: the text itself for string keys, else read as YAML."""
     tp = _TYPES.get(name, str)
-    if not isinstance(raw, str) or tp is str or (tp == str | None and raw not in _NONE_STRINGS):
-        return raw
+    if tp is str or (tp == str | None and text not in _NONE_STRINGS):
+        return text
     try:
-        return load_yaml(raw)
+        return load_yaml(text)
     except yaml.YAMLError:
-        return raw  # the coercion reports it if it does not fit the key
+        return text  # the coercion reports it if it does not fit the key
 
 
 def _unknown_key_error(name: str, where: str) -> ConfigError:
@@ -583,32 +554,34 @@ def _unknown_key_error(name: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {short(name)} ({where}){hint}", key=name)
 
 
-# --- coercion to the declared types ---------------------------------------------------------
+# --- coercion to the declared types -----------------------------------------------------------
+
+_MISMATCH = (TypeError, ValueError, OverflowError)  # what the conversions below raise
 
 
-class _Mismatch(Exception):
-    pass
-
-
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """`value` converted to type `tp`, or a ConfigError naming the key, value and type."""
+def _coerce(name: str, value: Any) -> Any:
+    """`value` as key `name`'s type, spelled as MindCV's YAML or argparse may spell it (``1e-6``
+    and ``None`` as text, ``0.5,2`` for a pair), or a ConfigError naming key, value and type."""
+    tp, case = _TYPES[name], KEYS[name].case
     try:
         out = _convert(value, tp)
-    except _Mismatch:
+    except _MISMATCH:
         got = short(value)
-        raise ConfigError(
-            f"config key {name!r} expects {_type_name(tp)}, got {got}", key=name
-        ) from None
+        expected = _type_name(tp)
+        raise ConfigError(f"config key {name!r} expects {expected}, got {got}", key=name) from None
     if isinstance(out, str) and "\x00" in out:
         raise ConfigError(f"config key {name!r} contains a NUL character: {short(out)}", key=name)
+    if isinstance(out, str) and case:
+        return out.lower() if case == "lower" else out.upper()
     return out
 
 
 def _convert(value: Any, tp: Any) -> Any:
-    if typing.get_origin(tp) is Literal:
-        return _convert(value, type(typing.get_args(tp)[0]))
+    """`value` as type `tp`, or one of `_MISMATCH`."""
+    args, text = typing.get_args(tp), value.strip() if isinstance(value, str) else None
+    if typing.get_origin(tp) is Literal:  # the value checks compare it with the choices
+        return _convert(value, type(args[0]))
     if _is_union(tp):
-        args = typing.get_args(tp)
         if type(None) in args and (value is None or value in _NONE_STRINGS):
             return None
         if type(None) in args and str in args and value == "":
@@ -616,48 +589,40 @@ def _convert(value: Any, tp: Any) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(value, arg)
-            except _Mismatch:
+            except _MISMATCH:
                 pass
-        raise _Mismatch
-    text = value.strip() if isinstance(value, str) else None
+        raise TypeError
+    if typing.get_origin(tp) is tuple:
+        if text is not None:  # "[0.08, 1]", "(0.08, 1)" or "0.08,1"
+            text = text.strip("[]()").strip()
+            value = [part.strip() for part in text.split(",")] if text else []
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        items = args[:1] * len(value) if args[1:] == (...,) else args
+        if len(items) != len(value):
+            raise ValueError
+        return tuple(_convert(v, t) for v, t in zip(value, items))
     if tp is bool:
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-            return bool(value)
         if text is not None and text.lower() in _TRUE_STRINGS + _FALSE_STRINGS:
             return text.lower() in _TRUE_STRINGS
-        raise _Mismatch
-    if isinstance(value, bool) and tp in (int, float):
-        raise _Mismatch
-    if tp is int:
-        if text is not None and re.fullmatch(r"[-+]?\d{1,100}", text):
-            return int(text)
-        value = _convert(value, float) if text is not None else value
-        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-            return int(value)
-        raise _Mismatch
-    if tp is float:
-        try:
-            value = float(text) if text is not None else value  # YAML 1.1 reads 1e-6 as text
-        except ValueError:
-            raise _Mismatch from None
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
-        raise _Mismatch
+        if isinstance(value, int) and value in (0, 1):  # True and False too
+            return bool(value)
+        raise TypeError
     if tp is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
         if isinstance(value, (int, float)):
             return str(value)
-        raise _Mismatch
-    args = typing.get_args(tp)  # a tuple type
-    if text is not None:
-        text = text.strip("[]()").strip()
-        value = [part.strip() for part in text.split(",")] if text else []
-    if not isinstance(value, (list, tuple)) or (args[1:] != (...,) and len(value) != len(args)):
-        raise _Mismatch
-    return tuple(
-        _convert(v, args[0] if args[1:] == (...,) else a) for v, a in zip(value, args * len(value))
-    )
+        raise TypeError
+    if text is not None:  # YAML 1.1 reads 1e-6 as text
+        value = int(text) if tp is int and re.fullmatch(r"[-+]?\d{1,100}", text) else float(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return tp(value)
 
 
 def _is_union(tp: Any) -> bool:
@@ -665,18 +630,15 @@ def _is_union(tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return _type_name(type(typing.get_args(tp)[0]))
-    if _is_union(tp):
-        return " or ".join(
-            "None" if a is type(None) else _type_name(a) for a in typing.get_args(tp)
-        )
-    names = {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string"}
-    if tp in names:
-        return names[tp]
     args = typing.get_args(tp)
-    item = "integers" if args[0] is int else "numbers"
-    return f"a list of {item}" if args[1:] == (...,) else f"a list of {len(args)} {item}"
+    if typing.get_origin(tp) is Literal:
+        return _type_name(type(args[0]))
+    if _is_union(tp):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        item = "integers" if args[0] is int else "numbers"
+        return f"a list of {item}" if args[1:] == (...,) else f"a list of {len(args)} {item}"
+    return {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
 
 
 def _num(value: float) -> str:
@@ -687,7 +649,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-# --- value checks ---------------------------------------------------------------------------
+# --- value checks -----------------------------------------------------------------------------
 
 
 def _fail(c: Config, name: str, rule: str) -> None:
@@ -696,23 +658,24 @@ def _fail(c: Config, name: str, rule: str) -> None:
 
 def _check_declared(c: Config, name: str) -> None:
     """The checks a key's declaration states: its choices, bounds and limit."""
-    k, value, choices = _KEYS[name], getattr(c, name), _choices(name)
-    if choices and value not in choices:
-        _fail(c, name, k.rule or "must be one of " + ", ".join(map(repr, choices)))
+    k, value, options = KEYS[name], getattr(c, name), choices(name)
+    if options and value not in options:
+        _fail(c, name, k.rule or "must be one of " + ", ".join(map(repr, options)))
     numbers = value if isinstance(value, tuple) else (value,) if _is_number(value) else ()
     if k.limit is not None and any(v > k.limit for v in numbers):
         _fail(c, name, f"must be at most {_num(k.limit)}")
-    lo, hi = (k.ge, k.gt)[k.ge is None], (k.le, k.lt)[k.le is None]
-    if isinstance(value, tuple) or not numbers or (lo is None and hi is None):
-        return
-    if (lo is not None and not (value > lo or (value == lo and k.ge is not None))) or (
-        hi is not None and not (value < hi or (value == hi and k.le is not None))
-    ):
-        rule = f"{'>=' if k.ge is not None else '>'} {lo:g}"
-        if hi is not None:
-            rule = f"in {'[('[k.ge is None]}{lo:g}, {hi:g}{'])'[k.le is None]}"
+    if _is_number(value) and not all(_OPS[op](value, v) for op, v in k.bounds()):
         none = "None or " if type(None) in typing.get_args(_TYPES[name]) else ""
-        _fail(c, name, k.rule or f"must be {none}{rule}")
+        _fail(c, name, f"must be {none}{_range(k)}")
+
+
+def _range(k: Key) -> str:
+    """'>= 1', '> 0', 'in [0, 1]', 'in (0, 1]'... (every key with bounds has a lower one)."""
+    op, low, bracket = (">=", k.ge, "[") if k.ge is not None else (">", k.gt, "(")
+    if k.le is None and k.lt is None:
+        return f"{op} {low:g}"
+    high = f"{k.le:g}]" if k.le is not None else f"{k.lt:g})"
+    return f"in {bracket}{low:g}, {high}"
 
 
 def _is_number(value: Any) -> bool:
@@ -748,7 +711,6 @@ def _check_rules(c: Config) -> None:
     check(not (c.opt == "adam" and c.use_nesterov), "use_nesterov", "must be False with opt "
           "'adam' (MindSpore's Nesterov Adam has no torch counterpart; opt 'nadam' is the "
           "closest)")  # fmt: skip
-    cyclic = c.scheduler in ("one_cycle", "cyclic")
     check(c.scheduler != "one_cycle" or c.min_lr > 0, "min_lr",
           "must be > 0 with scheduler one_cycle (its final lr)")  # fmt: skip
     check(c.decay_epochs >= (c.scheduler == "step_decay"), "decay_epochs",
@@ -759,7 +721,7 @@ def _check_rules(c: Config) -> None:
     check(c.scheduler != "multi_step_decay" or len(ms) > 0, "multi_step_decay_milestones",
           "must not be empty with scheduler multi_step_decay")  # fmt: skip
     for name, off in (("warmup_epochs", "0"), ("lr_epoch_stair", "False")):
-        check(not cyclic or not getattr(c, name), name,
+        check(c.scheduler not in ("one_cycle", "cyclic") or not getattr(c, name), name,
               f"must be {off} with scheduler {c.scheduler} (as in MindCV)")  # fmt: skip
     trackers = [t.strip().lower() for t in c.log.split(",")] if c.log else []
     check(all(t in ("mlflow", "wandb", "none") for t in trackers), "log",
