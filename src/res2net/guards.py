@@ -112,10 +112,10 @@ def check_output_file(
         ) from None
     except OSError as e:
         raise ConfigError(f"{what} {quoted(path)} cannot be checked ({e.strerror or e})") from None
+    if keep is not None and _same_file(path, keep):  # by any name: a link or a hard link too
+        raise ConfigError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     if not stat.S_ISREG(mode):
         raise ConfigError(f"{what} {quoted(path)} is {file_kind(mode)}: name a file to write")
-    if keep is not None and _same_file(path, keep):
-        raise ConfigError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     return path
 
 
