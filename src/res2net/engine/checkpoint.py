@@ -121,7 +121,7 @@ def checkpoint_header(path: Path) -> dict[str, Any] | None:
     return {k: state.get(k) for k in ("run_id", "epoch", "epoch_file", "epoch_top1")}
 
 
-def _read_pickle_record(f: BinaryIO) -> Any:
+def _read_pickle_record(f: _BoundedReader) -> Any:
     """The object in the `data.pkl` record of the `torch.save` archive `f`, tensors replaced by
     shape-only stand-ins: nothing is executed and no tensor's bytes are read."""
     archive = zipfile.ZipFile(f)
