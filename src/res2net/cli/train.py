@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..config import keys_help, load_config
 
@@ -22,8 +23,6 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(args.config, extra)  # recipe errors answer before torch is imported
-    from pathlib import Path
-
     from ..engine.tracking import check_stores, parse_backends
 
     # a link planted at ./mlruns or the run's wandb folder: refused before any work
