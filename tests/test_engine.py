@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 
 import pytest
 import torch
@@ -90,6 +91,64 @@ def test_checkpoint_policies(tmp_path):
     for epoch, top1 in enumerate([50.0, 70.0, 60.0, 40.0], start=1):
         top.save_epoch({"epoch": epoch}, epoch, top1)
     assert sorted(p.name for p in (tmp_path / "b").glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
+
+
+def test_rotation_reads_only_the_header_of_each_checkpoint(tmp_path, monkeypatch):
+    """Which run an epoch file belongs to is read from its own header alone (the zip directory
+    and the pickle record, never the tensors: epoch files are hundreds of MB), and rotation
+    still deletes only this run's files."""
+    import tracemalloc
+
+    from res2net.engine.checkpoint import checkpoint_header
+    from res2net.weights import torchfile
+
+    manager = CheckpointManager(tmp_path, prefix="m", keep_max=1, policy="latest_k", run_id="r")
+    for epoch, run in [(1, "r"), (2, "another run")]:
+        path = manager.epoch_file(epoch)
+        state = {"epoch": epoch, "w": torch.zeros(1 << 21)}  # 8 MiB of tensor bytes
+        save_checkpoint(state, path, run_id=run, epoch_file=path.name, epoch_top1=None)
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("a whole checkpoint was read")
+
+    monkeypatch.setattr(torch, "load", whole_read)
+    monkeypatch.setattr(torchfile, "read_file", whole_read)
+    tracemalloc.start()
+    try:
+        header = checkpoint_header(manager.epoch_file(1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert header == {"run_id": "r", "epoch": 1, "epoch_file": "m-001.pt", "epoch_top1": None}
+    assert peak < 2 << 20, peak
+    assert manager.reconcile() == []
+    manager.save_epoch({"epoch": 3}, 3, 60.0)  # keeps one: epoch 1 (this run's) goes
+    assert sorted(p.name for p in tmp_path.glob("m-*.pt")) == ["m-002.pt", "m-003.pt"]
+
+
+@pytest.mark.parametrize("damage", ["pipe", "link", "not a zip", "no pickle", "over the bound"])
+def test_a_checkpoint_without_a_readable_header_is_kept(tmp_path, monkeypatch, damage):
+    """A file whose header cannot be read within its bound, or that is not a regular file at
+    its name, is never proven this run's: its header is None (so it is kept), at once."""
+    from res2net.engine import checkpoint
+
+    path = tmp_path / "m-001.pt"
+    header = {"run_id": "r", "epoch_file": path.name}
+    if damage == "pipe":
+        os.mkfifo(path)
+    elif damage == "link":
+        save_checkpoint({"epoch": 1}, tmp_path / "real.pt", **header)
+        path.symlink_to(tmp_path / "real.pt")
+    elif damage == "not a zip":
+        path.write_bytes(b"\x80\x02}q\x00.")
+    elif damage == "no pickle":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/version", "3")
+    else:
+        save_checkpoint({"epoch": 1, "notes": "x" * 10000}, path, **header)
+        assert checkpoint.checkpoint_header(path)["run_id"] == "r"
+        monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", 4096)
+    assert checkpoint.checkpoint_header(path) is None
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

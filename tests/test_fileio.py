@@ -226,3 +226,55 @@ def test_make_subdirectory_creates_each_level(tmp_path):
     assert fileio.make_subdirectory(tmp_path / "out", Path(".")) == tmp_path / "out"
     with pytest.raises(FileRefused):
         fileio.make_subdirectory(tmp_path / "out", Path("../x"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reads_of_names_the_project_replaces_never_follow_or_block(tmp_path, outside, kind):
+    """`open_read` / `read_existing`: a link is refused, never followed; a named pipe is
+    refused at once (opened non-blocking, checked on the descriptor), naming the path."""
+    target = tmp_path / "checkpoints.json"
+    plant(kind, target, outside)
+    with pytest.raises(FileRefused, match=re.escape(str(target))) as e:
+        fileio.read_existing(target, 1 << 10)
+    assert "\n" not in str(e.value)
+
+
+def test_read_existing_reads_a_regular_file_within_its_bound(tmp_path):
+    assert fileio.read_existing(tmp_path / "missing", 10) is None
+    (tmp_path / "f").write_bytes(b"0123456789")
+    assert fileio.read_existing(tmp_path / "f", 10) == b"0123456789"
+    with pytest.raises(FileRefused, match="more than the 9 expected"):
+        fileio.read_existing(tmp_path / "f", 9)
+    os.link(tmp_path / "f", tmp_path / "g")  # another name of a regular file: read
+    assert fileio.read_existing(tmp_path / "g", 10) == b"0123456789"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "fifo", "file"])
+def test_check_below_refuses_what_make_subdirectory_and_atomic_write_would(tmp_path, kind):
+    """An output's folders and name, checked before the work and without creating anything."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    assert fileio.check_below(out, Path("a/new/x.png")) == out / "a" / "new" / "x.png"
+    assert not (out / "a" / "new").exists()
+    planted = out / "a" / "b"
+    if kind == "symlink":
+        planted.symlink_to(elsewhere)
+    elif kind == "dangling":
+        planted.symlink_to(tmp_path / "nothing-there")
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        planted.write_text("x")
+    with pytest.raises(FileRefused, match=re.escape(str(planted))):
+        fileio.check_below(out, Path("a/b/x.png"))
+    with pytest.raises(FileRefused, match=re.escape(str(planted))):
+        fileio.check_below(out, Path("a/b"), folder=True)
+    if kind != "file":
+        with pytest.raises(FileRefused, match=re.escape(str(planted))):
+            fileio.check_below(out, Path("a/b"))  # as the output file itself
+    else:
+        assert fileio.check_below(out, Path("a/b")) == planted
+    with pytest.raises(FileRefused):
+        fileio.check_below(out, Path("../x"))

@@ -16,8 +16,11 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -478,3 +481,222 @@ def test_a_link_at_a_mirrored_subfolder_is_refused(world, tmp_path, command):
     assert rc == 2 and len(err) == 1 and str(out / "a") in err[0], err
     assert sorted(p.name for p in victim.iterdir()) == ["x.png", "x_cam.png"]
     assert all(p.read_text() == "the owner's file" for p in victim.iterdir())
+
+
+# --- every output refused before any work, through a link too ---------------------------------
+
+
+def stop_model_work(monkeypatch) -> list[str]:
+    """Make every read of weights or of a model a command could start fail loudly, and record
+    it: a command whose output is refused must not have reached any."""
+    import res2net.engine.validate as validate_module
+    import res2net.inference as inference
+    import res2net.saliency as saliency
+    import res2net.weights.loading as loading
+
+    reached: list[str] = []
+
+    def stop(name: str):
+        def call(*args, **kwargs):
+            reached.append(name)
+            raise AssertionError(f"{name} reached before the output was checked")
+
+        return call
+
+    monkeypatch.setattr(loading, "read_checkpoint", stop("read_checkpoint"))
+    monkeypatch.setattr(validate_module, "read_checkpoint", stop("read_checkpoint"))
+    monkeypatch.setattr(inference, "read_weights", stop("read_weights"))
+    monkeypatch.setattr(saliency, "load_saliency_model", stop("load_saliency_model"))
+    return reached
+
+
+EARLY = {  # command -> (its argv into `folder`, the output name planted there)
+    "export": ("export", "m.pt2"),
+    "convert": ("convert-file", "w.safetensors"),
+    "convert --to-hub-folder": ("convert", "config.json"),
+    "cam": ("cam", "<out>"),
+    "saliency predict": ("saliency", "<out>"),
+    "validate --per_class_csv": ("validate", "top1.csv"),
+    "validate --results_csv": ("validate", "r.csv"),
+    "validate --report_dir": ("validate", "report/summary.json"),
+}
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling"])
+@pytest.mark.parametrize("case", sorted(EARLY))
+def test_a_link_at_an_output_is_refused_before_any_model_work(
+    world, tmp_path, monkeypatch, case, kind
+):
+    """A link at the name an output goes to is refused in one line naming it before the
+    checkpoint is read or the model built (not by the write at the end of the work), and
+    nothing outside changes."""
+    command, name = EARLY[case]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("the owner's notes")
+    folder = tmp_path / "folder"
+    if command == "convert":
+        shutil.copytree(world.hub, folder)
+    else:
+        folder.mkdir()
+    if command == "convert-file":
+        argv = ["convert", str(world.weights), str(folder / name), "--model", MODEL]
+    else:
+        argv = command_argv(world, command, folder)
+    name = world.outputs[command] if name == "<out>" else name
+    plant(kind, folder / name, outside)
+    reached = stop_model_work(monkeypatch)
+    rc, err = run_cli(*argv)
+    assert rc == 2 and len(err) == 1 and str(folder / name) in err[0], err
+    assert "link" in err[0], err
+    assert reached == []
+    assert (outside / "notes.txt").read_text() == "the owner's notes"
+    assert not (outside / "not-yet").exists()
+
+
+@contextlib.contextmanager
+def released_after(fifo: Path, seconds: float):
+    """Yield a list that gets an entry when, after `seconds`, a reader blocked on the named
+    pipe `fifo` had to be released (by opening it for writing): a call that blocks on it then
+    fails its test instead of hanging it."""
+    done, released = threading.Event(), []
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            with contextlib.suppress(OSError):  # ENXIO: no reader waits on it
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                released.append(fifo)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield released
+    finally:
+        done.set()
+        watcher.join()
+
+
+def test_a_pipe_swapped_in_after_the_hub_check_never_blocks(world, tmp_path, monkeypatch):
+    """`convert --to-hub-folder` into a folder this package wrote reads its `model.safetensors`
+    to know it may replace it. A named pipe swapped in at that name just before it is opened
+    (after any check by name) must not block the open: it is refused in one line."""
+    folder = tmp_path / "hub"
+    shutil.copytree(world.hub, folder)
+    weights = folder / "model.safetensors"
+    real_open = os.open
+
+    def swap_then_open(path, *args, **kwargs):
+        if os.fspath(path) == str(weights) and not stat.S_ISFIFO(os.lstat(weights).st_mode):
+            weights.unlink()
+            os.mkfifo(weights)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    with released_after(weights, 30) as released:
+        rc, err = run_cli(*command_argv(world, "convert", folder))
+    assert not released, "the Hub folder check blocked on a named pipe"
+    assert rc == 2 and len(err) == 1 and str(folder) in err[0], err
+    assert stat.S_ISFIFO(os.lstat(weights).st_mode)  # refused, never replaced
+
+
+def test_the_hub_check_reads_only_the_header(world, tmp_path, monkeypatch):
+    """Whether a Hub folder is this package's is read from `model.safetensors`' header alone
+    (never the tensors, which may be hundreds of MB), and never through a link."""
+    from res2net import hub
+    from res2net.errors import FileRefused
+
+    folder = tmp_path / "hub"
+    shutil.copytree(world.hub, folder)
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as f:  # the tensors' bytes cut short: the header alone is intact
+        f.truncate(weights.stat().st_size - 16)
+    stop_model_work(monkeypatch)
+    assert hub.check_folder(folder) == folder
+    other = tmp_path / "other"
+    shutil.copytree(world.hub, other)
+    weights.unlink()
+    weights.symlink_to(other / "model.safetensors")  # a model elsewhere: not this folder's
+    with pytest.raises(FileRefused, match=re.escape(f"'{weights}' is a symbolic link")):
+        hub.check_folder(folder)
+    (other / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")  # claims 2**64 bytes
+    weights.unlink()
+    shutil.copy(other / "model.safetensors", weights)
+    with pytest.raises(ValueError, match="is not a model folder this package wrote"):
+        hub.check_folder(folder)
+
+
+# --- MLflow's store: never through a planted link ----------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["mlruns", "mlruns/mlflow.db", "mlruns/artifacts"])
+@pytest.mark.parametrize("kind", ["symlink", "dangling"])
+def test_a_planted_mlflow_store_link_is_refused_before_training(
+    world, tmp_path, monkeypatch, where, kind
+):
+    """`train --log mlflow` with the default store writes `./mlruns/mlflow.db` and
+    `./mlruns/artifacts` in the folder it starts in; MLflow and SQLite follow links there. A
+    link planted at any of those names is refused in one line naming it, before any work,
+    and nothing outside changes (SQLite would create a dangling link's target)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("the owner's notes")
+    start = tmp_path / "start"
+    (start / "mlruns").mkdir(parents=True)
+    monkeypatch.chdir(start)
+    target = start / where
+    if where == "mlruns":
+        shutil.rmtree(target)
+    if kind == "symlink":
+        target.symlink_to(outside if where != "mlruns/mlflow.db" else outside / "notes.txt")
+    else:
+        target.symlink_to(outside / "not-yet")
+    before = snapshot(outside)
+    run = tmp_path / "run"
+    rc, err = run_cli(*train_argv(world.data, run, "--log", "mlflow"))
+    assert rc == 2 and len(err) == 1 and str(target) in err[0] and "--log_uri" in err[0], err
+    assert snapshot(outside) == before and not (outside / "not-yet").exists()
+    assert not run.exists()  # refused before the run folder was touched
+
+
+def test_the_tracker_itself_refuses_a_planted_store(tmp_path, monkeypatch):
+    """`Trackers`, as `engine.train` opens them (the Python API, not only the command line),
+    refuses a link at `./mlruns` before MLflow starts, and a link at a SQLite file named by
+    `--log_uri`; `tracking.json` is read without following a link or blocking on a pipe."""
+    from res2net.engine.tracking import Trackers
+    from res2net.errors import ConfigError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.chdir(tmp_path)
+    mlruns = tmp_path / "mlruns"
+    mlruns.symlink_to(outside)
+    with pytest.raises(ConfigError, match=re.escape(f"'{mlruns}' is a symbolic link")):
+        Trackers(tmp_path, ["mlflow"])
+    mlruns.unlink()
+    db = tmp_path / "run.db"
+    db.symlink_to(outside / "victim.db")
+    with pytest.raises(ConfigError, match=re.escape(f"'{db}' is a symbolic link")):
+        Trackers(tmp_path, ["mlflow"], uri=f"sqlite:///{db}")
+    assert list(outside.iterdir()) == []
+    state = tmp_path / "tracking.json"
+    os.mkfifo(state)
+    with released_after(state, 10) as released:
+        assert Trackers(tmp_path, [])._ids() == {}  # a pipe: refused at once, never waited on
+    assert not released, "tracking.json: blocked on a named pipe"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling"])
+def test_a_planted_wandb_folder_link_is_refused_before_training(world, tmp_path, monkeypatch, kind):
+    """W&B writes `<ckpt_save_dir>/wandb`: a link planted there in a prepared run folder is
+    refused in one line naming it, before any work, and nothing outside changes."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb").symlink_to(outside if kind == "symlink" else tmp_path / "not-yet")
+    rc, err = run_cli(*train_argv(world.data, run, "--log", "wandb"))
+    assert rc == 2 and len(err) == 1 and str(run / "wandb") in err[0], err
+    assert list(outside.iterdir()) == [] and not (tmp_path / "not-yet").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["wandb"]

@@ -10,6 +10,11 @@ The rules, the same for run folders, Hub folders, exports, reports and data it w
   all (temporary file, fsync, rename over the name, fsync of the folder);
 - a file changed in place (the run lock, the metrics log) must be a regular file with one
   link, so a hard link to a file elsewhere is refused rather than written through;
+- a name the project reads before replacing it (an index, a checkpoint's header, a results
+  table) is opened with `O_NOFOLLOW | O_NONBLOCK` and checked on the descriptor (`open_read`):
+  a link is not followed, and a named pipe swapped in after any check cannot block the open;
+- every output of a command is checked before the command's work (`check_target`,
+  `check_below`), so that a refusal comes in seconds, not after the model was built;
 - a file is deleted only by `remove`, which unlinks a regular file's name (never a link's
   target, never a folder), and callers delete only files they proved are theirs;
 - a folder is never emptied to start over: `move_aside` moves the previous files to a sibling
@@ -382,6 +387,80 @@ def _open_in_place(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_read(path: str | os.PathLike) -> BinaryIO:
+    """The regular file at the name `path` opened for binary reading: for a name the project
+    reads and then replaces (an index, a header, a results table), where a link or pipe planted
+    there must neither be followed nor block. Opened with `O_NOFOLLOW | O_NONBLOCK`, then checked
+    on the descriptor (`fstat`), so a file swapped in after any earlier check is caught too.
+    FileNotFoundError when nothing is there; FileRefused naming it for anything but a regular
+    file."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.EMLINK):
+            check_target(path)  # names what is there
+        raise FileRefused(f"'{path}' cannot be opened ({e.strerror or e})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse(path, file_kind(mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_existing(path: str | os.PathLike, max_bytes: int) -> bytes | None:
+    """The bytes of the regular file at the name `path` (`open_read`: never through a link,
+    never blocking), None when nothing is there; FileRefused naming it when it is something
+    else or holds more than `max_bytes`."""
+    try:
+        f = open_read(path)
+    except FileNotFoundError:
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise FileRefused(
+                f"'{path}' has {size} bytes, more than the {max_bytes} expected there: move it "
+                "away or choose another path"
+            )
+        return f.read(max_bytes + 1)[:max_bytes]
+
+
+def check_below(
+    root: str | os.PathLike, relative: str | os.PathLike, *, folder: bool = False
+) -> Path:
+    """`root / relative` when a file may later be written there by `make_subdirectory(root,
+    relative.parent)` and `atomic_write` (with `folder`: when `make_subdirectory(root,
+    relative)` may make it): each name of `relative` that exists is a folder (`lstat`: not a
+    link), and its last name, for a file, is nothing or a regular file. Creates nothing: for
+    checking every output of a command before its work. FileRefused naming the first name
+    that is not so."""
+    relative = Path(relative)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise FileRefused(f"'{relative}' is not a name below '{root}'")
+    path = Path(root)
+    for part in relative.parts if folder else relative.parts[:-1]:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return Path(root) / relative  # made new, below the folders checked here
+        except OSError as e:
+            raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
+        if not stat.S_ISDIR(mode):
+            raise FileRefused(
+                f"'{path}' is {file_kind(mode)}, not a folder: the project never writes through "
+                "it; move it away or choose another output folder"
+            )
+    return path if folder else check_target(Path(root) / relative)
 
 
 def open_lock(path: str | os.PathLike) -> int:

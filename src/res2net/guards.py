@@ -5,7 +5,8 @@
   file is opened non-blocking and checked with `fstat`, so nothing waits and no race with a
   swapped file is possible.
 - `check_output_file`: an output argument must name a file (new, or a regular file to
-  replace), checked before the work whose result it receives, not after.
+  replace; never a link, as `fileio` never writes through one), checked before the work whose
+  result it receives, not after.
 - `short`: values quoted in error messages are truncated, so that a hostile value (a YAML
   alias bomb, a megabyte-long name) cannot make the message itself the attack.
 - `read_yaml`: a YAML file is read with a safe loader, after its size and its node count with
@@ -94,12 +95,15 @@ def check_output_file(
     kept: str = "the input",
 ) -> Path:
     """`path` as a Path when a file can be written there: nothing there yet, or a regular file
-    to replace; ValueError naming it when it is a directory, pipe, device or socket, when a
-    folder on its way is a file, or when it is the file `keep` (described as `kept`: e.g. the
-    checkpoint the output is made from, which writing would destroy)."""
+    to replace; ValueError naming it when it is a symbolic link, directory, pipe, device or
+    socket, when a folder on its way is a file, or when it is the file `keep` (described as
+    `kept`: e.g. the checkpoint the output is made from, which writing would destroy).
+
+    The name itself is checked (`lstat`, as `fileio` writes it): a link there is refused now,
+    before the work whose result it receives, not by the write at its end."""
     path = Path(path)
     try:
-        mode = os.stat(path).st_mode
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return path
     except NotADirectoryError:
@@ -108,10 +112,10 @@ def check_output_file(
         ) from None
     except OSError as e:
         raise ConfigError(f"{what} {quoted(path)} cannot be checked ({e.strerror or e})") from None
+    if keep is not None and _same_file(path, keep):  # by any name: a link or a hard link too
+        raise ConfigError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     if not stat.S_ISREG(mode):
         raise ConfigError(f"{what} {quoted(path)} is {file_kind(mode)}: name a file to write")
-    if keep is not None and _same_file(path, keep):
-        raise ConfigError(f"{what} {quoted(path)} is {kept}: write it elsewhere")
     return path
 
 

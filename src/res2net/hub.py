@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from typing import Any
 from torch import nn
 
 from . import fileio
-from .errors import CheckpointError
+from .errors import CheckpointError, FileRefused
 from .models import resolve_name
 from .weights.convert import write_safetensors
 from .weights.entry import DEFAULT_EVAL
 from .weights.hubfolder import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _http_client_errors
-from .weights.loading import read_checkpoint
+
+# The most of a `model.safetensors` header `check_folder` reads (a model's is tens of KB).
+MAX_HEADER_BYTES = 4 << 20
 
 
 def timm_config(
@@ -142,11 +145,8 @@ def save_to_folder(
     """Write `model` as `model.safetensors` + `config.json` + `README.md` into `folder`: a new
     or empty folder, or one this function wrote before (its files are replaced); any other
     folder holding one of those names is refused, so that nothing of the user's is overwritten."""
-    folder = Path(folder)
-    _check_replaceable(folder)
+    folder = check_folder(folder)  # refused before anything is written
     fileio.make_directory(folder)
-    for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):  # refused before anything is written
-        fileio.check_target(folder / name)
     num_classes = int(getattr(model, "num_classes", 0))
     if num_classes <= 0:
         raise CheckpointError("only classifiers can go to the Hub: the model has no classifier")
@@ -176,22 +176,43 @@ def save_to_folder(
     return folder
 
 
-def _check_replaceable(folder: Path) -> None:
-    """ValueError when `folder` holds a file `save_to_folder` would write and is not a model
-    folder it wrote (whose `model.safetensors` names its architecture)."""
+def check_folder(folder: str | Path) -> Path:
+    """`folder` when `save_to_folder` may write there: a new or empty folder, or one it wrote
+    before (its `model.safetensors` header names an architecture). Checked before any work
+    whose result goes there: a link, pipe or folder at one of the three names is FileRefused
+    naming it, and a folder of someone else's files a CheckpointError, so nothing of the user's
+    is overwritten."""
+    folder = Path(folder)
     names = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+    for name in names:
+        fileio.check_target(folder / name)
     present = [n for n in names if os.path.lexists(folder / n)]
-    if not present:
-        return
-    try:
-        ours = read_checkpoint(folder / WEIGHTS_NAME).arch is not None
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
+    if present and _written_arch(folder / WEIGHTS_NAME) is None:
         raise CheckpointError(
             f"{folder} already holds {', '.join(present)} and is not a model folder this package "
             "wrote: choose a new or empty folder, so that nothing there is overwritten"
         )
+    return folder
+
+
+def _written_arch(path: Path) -> str | None:
+    """The `arch` that the `.safetensors` header of `path` names (what `save_to_folder`
+    writes), or None. Only the header is read, within `MAX_HEADER_BYTES`, from the file at the
+    name itself (`fileio.open_read`: never through a link, never blocked by a named pipe)."""
+    try:
+        with fileio.open_read(path) as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 0 < n <= MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileRefused:  # a pipe or link swapped in since the check by name: named
+        raise
+    except (OSError, ValueError, RecursionError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    arch = metadata.get("arch") if isinstance(metadata, dict) else None
+    return arch if isinstance(arch, str) and arch else None
 
 
 def push_to_hub(

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from . import fileio
 from .data import DataError, load_image
 from .errors import CheckpointError, MissingFile
 from .factory import create_model
@@ -113,6 +114,20 @@ def unused_path(path: Path, taken: set[Path]) -> Path:
         candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     taken.add(candidate.resolve())
     return candidate
+
+
+def planned_outputs(out_dir: Path, files: list[tuple[Path, Path]], suffix: str) -> list[Path]:
+    """The output path of each image `find_images` found, `out_dir/<name><suffix>` (renamed by
+    `unused_path`: never an input, never twice), each checked now (`fileio.check_below`: no
+    link, pipe or folder at its name or its folders), so that a bad output is refused before the
+    model is read and built, not after."""
+    taken = {path.resolve() for path, _ in files}  # never written over
+    targets = []
+    for _, rel in files:
+        target = unused_path(out_dir / rel.parent / f"{rel.name}{suffix}", taken)
+        fileio.check_below(out_dir, target.relative_to(out_dir))
+        targets.append(target)
+    return targets
 
 
 def read_weights(

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         find_images,
         load_found_image,
         model_classes_and_transform,
+        planned_outputs,
         read_weights,
         trained_model,
-        unused_path,
     )
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +64,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             "--method cam uses the last stage only; drop --layer or use --method gradcam"
         )
     files = find_images(args.images)
+    out_dir = Path(args.out)
+    targets = planned_outputs(out_dir, files, "_cam.png")  # before the model is read and built
     checkpoint = read_weights(args.model, ckpt_path=args.ckpt_path, pretrained=args.pretrained)
     model = trained_model(args.model, checkpoint)
     names, spec = model_classes_and_transform(
@@ -75,10 +77,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     )
     model = model.to(args.device)
     transform = spec.transform()
-    out_dir = Path(args.out)
-    taken = {path.resolve() for path, _ in files}  # never written over
     named, skipped = {Path(image) for image in args.images}, Skipped("cam")
-    for path, rel in files:
+    for (path, rel), target in zip(files, targets):
         image = load_found_image(path, named)
         if isinstance(image, str):
             skipped.add(image)
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         top = [(names[i], float(v)) for v, i in zip(p.tolist(), idx.tolist())]
         explained = args.target_class if args.target_class is not None else int(idx[0])
         title = f"{'CAM' if args.method == 'cam' else 'Grad-CAM'} ({layer}): {names[explained]}"
-        folder = fileio.make_subdirectory(out_dir, rel.parent)  # never a planted link
-        target = unused_path(folder / f"{rel.name}_cam.png", taken)
+        fileio.make_subdirectory(out_dir, rel.parent)  # never a planted link
         written = save_cam_figure(target, denormalize(x)[0], maps[0], top, title)
         print(printable(str(written)), flush=True)
     return skipped.exit_code(len(files))

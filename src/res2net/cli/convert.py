@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 from ..config import MAX_CONFIG_BYTES
 from ..errors import ConfigError
-from ..guards import check_regular_file, quoted, read_regular_file
+from ..guards import check_output_file, check_regular_file, quoted, read_regular_file
 
 HELP = (
     "convert weights between formats (.ckpt <-> .pth <-> .safetensors; the output format "
@@ -123,8 +123,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(
             "give either DST (a file) or --to-hub-folder DIR / --push-to-hub ORG/NAME"
         )
-    if not args.src.startswith(("hf-hub:", "hf_hub:", "local-dir:")):  # a Hub model is no file
+    local = not args.src.startswith(("hf-hub:", "hf_hub:", "local-dir:"))  # a Hub model: no file
+    if local:
         check_regular_file(args.src, "checkpoint")  # answers before torch is imported
+    if args.dst:  # the output refused before SRC is read and converted, not after
+        check_output_file(args.dst, "DST")
+    if args.hub_folder:
+        from ..hub import check_folder
+
+        check_folder(args.hub_folder)
     from ..weights.convert import convert
     from ..weights.loading import read_checkpoint
 

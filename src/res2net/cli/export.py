@@ -6,6 +6,7 @@ come from the checkpoint, the format from OUT's extension (`--model`, `--num_cla
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("--dynamic_size is for fp32 exports: an int8 file has a fixed size")
     # before the minutes an export can take
     check_output_file(out, "export output", keep=ckpt_path, kept="the checkpoint to export")
+    if fmt == "openvino":  # and the weights file beside the graph
+        weights = Path(out).with_suffix(".bin")
+        check_output_file(weights, "export weights output", keep=ckpt_path, kept="the checkpoint")
     hub = ckpt_path is not None and ckpt_path.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
     if ckpt_path and not hub:  # answers before torch is imported
         check_regular_file(ckpt_path, "checkpoint")

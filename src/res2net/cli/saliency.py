@@ -144,22 +144,22 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .. import fileio
-    from ..inference import find_images, load_found_image, unused_path
+    from ..inference import find_images, load_found_image, planned_outputs
     from ..saliency import load_saliency_model, predict_saliency
 
     files = find_images(args.images)
+    out_dir = Path(args.out)
+    targets = planned_outputs(out_dir, files, ".png")  # before the model is read and built
     model, meta = load_saliency_model(args.weights, args.device)
-    taken = {path.resolve() for path, _ in files}  # never written over
     named, skipped = {Path(image) for image in args.images}, Skipped("saliency predict")
-    for path, rel in files:
+    for (path, rel), out in zip(files, targets):
         image = load_found_image(path, named)
         if isinstance(image, str):
             skipped.add(image)
             continue
         prob = predict_saliency(model, image, meta["image_size"], args.device)
         mask = Image.fromarray((prob * 255).round().to(torch.uint8).numpy())
-        folder = fileio.make_subdirectory(args.out, rel.parent)  # never a planted link
-        out = unused_path(folder / f"{rel.name}.png", taken)
+        fileio.make_subdirectory(out_dir, rel.parent)  # never a planted link
         fileio.atomic_write(out, partial(mask.save, format="PNG"))
         print(printable(str(out)), flush=True)
     return skipped.exit_code(len(files))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..config import HELP as KEY_HELP
 from ..config import KEYS, Config, Key, choices, load_config
@@ -27,6 +28,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(args.config, extra)  # recipe errors answer before torch is imported
+    from ..engine.tracking import check_stores, parse_backends
+
+    # a link planted at ./mlruns or the run's wandb folder: refused before any work
+    check_stores(parse_backends(cfg.log), uri=cfg.log_uri, directory=Path(cfg.ckpt_save_dir))
     from ..engine.train import format_row, train
 
     result = train(cfg)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import io
 import json
 import logging
 import os
@@ -32,20 +33,24 @@ import re
 import secrets
 import socket
 import stat
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from .. import fileio
 from ..errors import CheckpointError, FileRefused
-from ..guards import read_regular_file, short
+from ..guards import short
 from ..weights import torchfile
 
 log = logging.getLogger(__name__)
 
 FORMAT = "res2net-train"
 MAX_INDEX_BYTES = 1 << 20
+# The most `checkpoint_header` reads of a checkpoint: its zip directory and pickle record (a
+# training state's is tens to hundreds of KB), never its tensors.
+MAX_HEADER_BYTES = 16 << 20
 # what a run writes in its folder besides the epoch files (`.res2net.lock` stays: it is held)
 RUN_FILES = ("last.pt", "best.pt", "checkpoints.json", "metrics.jsonl", "training.png")
 TENSORBOARD = "tensorboard"
@@ -99,14 +104,66 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_header(path: Path) -> dict[str, Any] | None:
     """The run id, epoch and epoch top-1 a training checkpoint records about itself, or None
-    when `path` is not a regular file holding a readable training checkpoint."""
+    when `path` is not a regular file holding a training checkpoint whose header reads.
+
+    Only the header is read: the zip directory and the pickle record (`data.pkl`, where
+    `torch.save` puts everything but the tensors' bytes), within `MAX_HEADER_BYTES`, replayed by
+    `torchfile`'s non-executing scanner. Rotation reads the header of every epoch file, each
+    hundreds of MB. The file is opened at its name (`fileio.open_read`: never through a link,
+    never blocked by a named pipe)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        state = load_training_state(path)
-    except (OSError, ValueError):
+        with fileio.open_read(path) as f:
+            state = _read_pickle_record(_BoundedReader(f, MAX_HEADER_BYTES))
+    except Exception:  # a foreign, damaged or odd file fails in many ways: None keeps it
+        return None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         return None
     return {k: state.get(k) for k in ("run_id", "epoch", "epoch_file", "epoch_top1")}
+
+
+def _read_pickle_record(f: _BoundedReader) -> Any:
+    """The object in the `data.pkl` record of the `torch.save` archive `f`, tensors replaced by
+    shape-only stand-ins: nothing is executed and no tensor's bytes are read."""
+    archive = zipfile.ZipFile(f)
+    records = {r.filename: r for r in archive.infolist()}
+    pickles = [r for r in records.values() if re.fullmatch(r"[^/]+/data\.pkl", r.filename)]
+    if len(pickles) != 1 or pickles[0].compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError("not an archive torch.save wrote")
+    prefix = pickles[0].filename[: -len("data.pkl")]
+
+    def storage_bytes(key: str, nbytes: int) -> None:
+        record = records.get(f"{prefix}data/{key}")
+        if record is None or record.file_size != nbytes:
+            raise CheckpointError(f"storage {key[:40]!r} has no record of its size")
+
+    data = archive.read(pickles[0])
+    budget = torchfile.BUDGET_BASE + torchfile.BUDGET_FACTOR * len(data)
+    return torchfile._Scanner(io.BytesIO(data), budget, storage_bytes).load()
+
+
+class _BoundedReader:
+    """The reads `zipfile` makes of a file, refused (OSError) past `budget` bytes in all."""
+
+    def __init__(self, f: BinaryIO, budget: int) -> None:
+        self.f, self.left = f, budget
+        self.size = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        rest = max(0, self.size - self.f.tell())
+        n = rest if n is None or n < 0 else min(n, rest)
+        if n > self.left:
+            raise OSError("the checkpoint's header is larger than expected")
+        self.left -= n
+        return self.f.read(n)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seekable(self) -> bool:
+        return True
 
 
 class CheckpointManager:
@@ -263,10 +320,10 @@ class CheckpointManager:
     def _index(self) -> list[dict[str, Any]] | None:
         """The entries of `checkpoints.json` ([] when there is none), or None when it is not an
         index this class wrote (then it is rebuilt from the checkpoints' headers)."""
-        if not os.path.lexists(self.index_path):
-            return []
         try:
-            text = read_regular_file(self.index_path, "checkpoint index", MAX_INDEX_BYTES)
+            text = fileio.read_existing(self.index_path, MAX_INDEX_BYTES)  # never through a link
+            if text is None:
+                return []
             entries = json.loads(text)
         except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             log.warning("%s: not readable (%s)", self.index_path, short(str(e), 120))

@@ -43,6 +43,7 @@ REPORT_FILES = ("per_class.csv", "confused_pairs.csv", "confusion.png", "summary
 
 TTA_MODES = ("flip", "five_crop", "ten_crop")
 MAX_LABEL_FILE_BYTES = 256 << 20  # ImageNet's real.json is 2 MB
+MAX_RESULTS_BYTES = 64 << 20  # --results_csv: a row is about 150 bytes
 RESULTS_COLUMNS = [
     "model",
     "top1",
@@ -424,7 +425,7 @@ def _results_row(
 
 def _check_results_columns(path: Path) -> bytes:
     """The results CSV's bytes (empty when new); ValueError when it has other columns."""
-    old = path.read_bytes() if path.is_file() else b""
+    old = fileio.read_existing(path, MAX_RESULTS_BYTES) or b""  # never through a link or pipe
     if old and not old.startswith(",".join(RESULTS_COLUMNS).encode()):
         raise DataError(
             f"--results_csv {path}: has other columns than {','.join(RESULTS_COLUMNS)}; "

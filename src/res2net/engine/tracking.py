@@ -22,9 +22,10 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from .. import fileio
-from ..errors import ConfigError
+from ..errors import ConfigError, FileRefused
 from ..fileio import atomic_write
 from ..guards import printable, short
 
@@ -78,6 +79,52 @@ def _probe(uri: str) -> None:
         ) from None
 
 
+MLRUNS = "mlruns"  # the default store's folder, in the folder the run starts in (MLflow's too)
+MAX_STATE_BYTES = 1 << 20
+
+
+def check_stores(backends: list[str], *, uri: str, directory: Path) -> None:
+    """Before any work: refuse (ConfigError, one line naming the path) a local tracking folder
+    that a planted link would carry outside. MLflow's default store (`uri` '') and a SQLite
+    store write `./mlruns` in the folder the run starts in (MLflow's own artifact folder for a
+    SQLite store); MLflow and SQLite open those names without checking for links (SQLite even
+    creates a missing link target). W&B writes `<ckpt_save_dir>/wandb`. So `./mlruns`,
+    `./mlruns/artifacts` and `wandb` must be plain folders or nothing, and the SQLite file
+    nothing or a plain file with one name. A server URI, or a file store folder the user named,
+    is the user's choice."""
+    try:
+        if "wandb" in backends:
+            fileio.check_below(directory, "wandb", folder=True)
+        if "mlflow" in backends and (not uri or uri.startswith("sqlite:///")):
+            fileio.check_below(Path.cwd(), Path(MLRUNS, "artifacts"), folder=True)
+            fileio.check_in_place(Path.cwd() / (_sqlite_path(uri) or f"{MLRUNS}/mlflow.db"))
+    except FileRefused as e:
+        raise ConfigError(
+            f"--log: {e} (or store the runs elsewhere: --log_uri, --ckpt_save_dir)", key="log"
+        ) from None
+
+
+def _sqlite_path(uri: str) -> str | None:
+    return unquote(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def _store(uri: str) -> tuple[str, Path | None, Path | None]:
+    """The tracking URI, the artifact folder to give a new experiment, and the local folder
+    below which MLflow writes artifacts (checked before each copy; None for a server). For ''
+    the default store: `./mlruns/mlflow.db`, artifacts in `./mlruns/artifacts` (folders made
+    through `fileio`: never a link)."""
+    check_stores(["mlflow"], uri=uri, directory=Path.cwd())
+    if not uri:
+        root = fileio.make_subdirectory(Path.cwd(), MLRUNS)
+        artifacts = fileio.make_subdirectory(root, "artifacts")
+        return f"sqlite:///{root / 'mlflow.db'}", artifacts, artifacts
+    if _sqlite_path(uri) is not None:
+        return uri, None, Path.cwd() / MLRUNS  # MLflow's default artifact folder
+    parsed = urlparse(uri)
+    local = Path(unquote(parsed.path)).absolute() if parsed.scheme in ("file", "") else None
+    return uri, None, local  # a file store writes its artifacts below its folder
+
+
 class MlflowTracker:
     """One MLflow run, through `mlflow.MlflowClient`."""
 
@@ -89,11 +136,7 @@ class MlflowTracker:
                 "--log mlflow needs MLflow: pip install 'res2net[tracking]'"
             ) from None
 
-        artifacts = None
-        if not uri:
-            root = Path("mlruns").resolve()
-            fileio.make_directory(root)
-            uri, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+        uri, artifacts, self.local_root = _store(uri)
         self.uri = uri
         _probe(uri)
         try:
@@ -102,7 +145,10 @@ class MlflowTracker:
             exp_id = (
                 found.experiment_id
                 if found
-                else self.client.create_experiment(experiment, artifact_location=artifacts)
+                else self.client.create_experiment(
+                    experiment,
+                    artifact_location=artifacts.as_uri() if artifacts else None,
+                )
             )
             if run_id is None:
                 run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
@@ -135,6 +181,14 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def artifact(self, path: Path, folder: str) -> None:
+        """Copy `path` into the run's artifacts; into a local folder only after checking that
+        no folder or file MLflow will write below it is a link (it copies by name)."""
+        if self.local_root is not None:
+            where = urlparse(self.client.get_run(self.run_id).info.artifact_uri)
+            target = Path(unquote(where.path)) / folder / path.name
+            if where.scheme in ("file", "") and target.is_relative_to(self.local_root):
+                fileio.check_below(self.local_root, target.relative_to(self.local_root))
+                fileio.check_in_place(target)
         self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def close(self, status: str) -> None:
@@ -152,6 +206,7 @@ class WandbTracker:
                 "--log wandb needs Weights & Biases: pip install 'res2net[tracking]'"
             ) from None
         self.wandb = wandb
+        check_stores(["wandb"], uri="", directory=directory)
         try:
             self.run = wandb.init(
                 project=project,
@@ -219,8 +274,8 @@ class Trackers:
             )
 
     def _ids(self) -> dict[str, str]:
-        try:
-            ids = json.loads(self.state_path.read_text())
+        try:  # never through a link, never blocked by a named pipe
+            ids = json.loads(fileio.read_existing(self.state_path, MAX_STATE_BYTES) or b"{}")
         except (OSError, ValueError):
             return {}
         return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}

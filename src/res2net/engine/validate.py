@@ -90,6 +90,10 @@ def validate(
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     report = report or ReportOptions()
     try:
+        if dist.is_main:  # the outputs, before the checkpoint is read and the model built
+            if per_class_csv is not None:
+                check_csv_target(Path(per_class_csv), ckpt_path)
+            check_targets(report)
         # the one read of the file; its classifier checked against the model's features
         arch = architecture(cfg.model)  # a Hub model's: its weights are the checkpoint's here
         checkpoint = read_checkpoint(ckpt_path, model=arch)
@@ -133,10 +137,8 @@ def validate(
                 f"{dataset.num_classes} class folders; validate on data with the checkpoint's "
                 "classes"
             )
-        if dist.is_main:  # outputs checked before the work whose results they receive
-            if per_class_csv is not None:
-                check_csv_target(Path(per_class_csv), dataset.classes, ckpt_path)
-            check_targets(report)
+        if dist.is_main and per_class_csv is not None:
+            check_class_names(dataset.classes)
         model: nn.Module = create_model(arch, num_classes=n_ckpt)
         load_checkpoint(model, checkpoint)  # strict: a classifier that does not fit is an error
         outputs = n_ckpt
@@ -218,9 +220,17 @@ def validate(
         distributed.teardown(dist)
 
 
-def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> None:
-    """Before any validation: the class names can be written as UTF-8, and `path` is a file
-    (new, or one to replace) in an existing folder, not the checkpoint itself."""
+def check_csv_target(path: Path, ckpt_path: str | Path | Checkpoint) -> None:
+    """Before any validation: `path` is a file (new, or a regular file to replace; never a
+    link) in an existing folder, not the checkpoint itself."""
+    keep = ckpt_path.path if isinstance(ckpt_path, Checkpoint) else ckpt_path
+    check_output_file(path, "--per_class_csv", keep=keep, kept="the checkpoint")
+    if not path.parent.is_dir():
+        raise MissingFile(f"--per_class_csv: the folder of {str(path)!r} does not exist")
+
+
+def check_class_names(classes: list[str]) -> None:
+    """Before any validation: the class names can be written to the per-class CSV as UTF-8."""
     for name in classes:
         try:
             name.encode("utf-8")
@@ -229,10 +239,6 @@ def check_csv_target(path: Path, classes: list[str], ckpt_path: str | Path) -> N
                 f"--per_class_csv: the class folder name {name!r} is not valid UTF-8; rename it "
                 "(or drop --per_class_csv)"
             ) from None
-    check_output_file(path, "--per_class_csv", keep=ckpt_path, kept="the checkpoint")
-    fileio.check_target(path)
-    if not path.parent.is_dir():
-        raise MissingFile(f"--per_class_csv: the folder of {str(path)!r} does not exist")
 
 
 def write_per_class(result: EvalResult, classes: list[str], path: Path) -> None:
