@@ -1,4 +1,4 @@
-"""A recipe tunes a run; only the command line says what is deleted, contacted or written
+"""A recipe tunes a run; only the command line says what is moved aside, contacted or written
 outside the run folder. Each attack below is a recipe alone (`train -c evil.yaml`, no flags):
 it is refused in one line naming the key and the flag that does the same, before anything runs.
 """

@@ -13,7 +13,7 @@ coercion follows MindCV's argparse and YAML 1.1 quirks (``1e-6`` and ``None`` re
 boolean flags) and every message names its key and source in one line; pydantic would need those
 quirks as pre-processing and its errors translated, about as long as the walker below.
 
-Trust: keys that decide what is deleted, contacted, or written outside the run folder
+Trust: keys that decide what is moved aside, contacted, or written outside the run folder
 (``Key.trust``) are the command line's to set; a recipe setting one is refused.
 """
 
@@ -266,7 +266,8 @@ class Config:
     min_readable_images: float = key(0.5, "an epoch fails when a smaller fraction of its images "
                                      "decode", ge=0, le=1)
     overwrite: bool = key(False, "a fresh run moves to <dir>.replaced-<time> the run "
-                          "files already in ckpt_save_dir", trust="lets the run delete files")
+                          "files already in ckpt_save_dir",
+                          trust="moves the run files already in ckpt_save_dir aside")
     fast_decode: bool = key(True, "decode training crops at reduced size, resize as tensors")
     device: str = key("auto", "auto, cpu, cuda, cuda:N, mps")
     zero_init_last: bool = key(False, "start each residual branch at zero")
@@ -481,7 +482,7 @@ def _overrides(
 
 
 def _refuse_untrusted(cfg: Config, name: str, shown_path: str) -> None:
-    """A recipe is a shared, untrusted file: it tunes a run, but what is deleted, contacted or
+    """A recipe is a shared, untrusted file: it tunes a run, but what is moved aside, contacted or
     written outside the run folder is the command line's to say."""
     k, value = KEYS[name], getattr(cfg, name)
     if k.trust and (k.untrusted(value) if k.untrusted else value != getattr(_DEFAULTS, name)):
