@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
-from .folders import EncodedImage, decoding, finish_image, open_image
+from .folders import EncodedImage, decoding, exif_orientation, finish_image, open_image
 
 try:
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -46,7 +46,6 @@ TENSOR_INTERPOLATIONS = (
     InterpolationMode.BILINEAR,
     InterpolationMode.BICUBIC,
 )
-_EXIF_ORIENTATION = 0x0112
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes at directly
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
 # the dims each EXIF orientation flips, after the transpose of `_TRANSPOSED` ones
@@ -91,7 +90,7 @@ class DecodeRandomResizedCrop(v2.RandomResizedCrop):
     def _decode_crop(self, encoded: EncodedImage) -> tv_tensors.Image:
         im = open_image(encoded.data, encoded.name, encoded.max_pixels)
         width, height = im.size
-        orientation = _exif_orientation(im)
+        orientation = exif_orientation(im)
         if orientation in _TRANSPOSED:
             width, height = height, width
         box = self._box(height, width)
@@ -166,13 +165,6 @@ def _upright(pixels: Tensor, orientation: int) -> Tensor:
         pixels = pixels.transpose(-2, -1)
     flips = _FLIPS.get(orientation, ())
     return pixels.flip(flips) if flips else pixels
-
-
-def _exif_orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # broken EXIF: `finish_image` ignores it too
-        return 1
 
 
 def _scale_box(

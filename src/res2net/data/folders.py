@@ -28,6 +28,7 @@ import copy
 import functools
 import io
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -147,6 +148,19 @@ def _available_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png, decode_webp
+
+    _TENSOR_DECODERS: dict[str, Callable[..., torch.Tensor]] = {
+        "JPEG": decode_jpeg,
+        "MPO": decode_jpeg,  # a camera's multi-picture JPEG: its first picture
+        "PNG": decode_png,
+        "WEBP": decode_webp,
+    }
+    _RGB_READ_MODE = ImageReadMode.RGB
+except ImportError:  # a torchvision without its image decoders: PIL decodes everything
+    _TENSOR_DECODERS = {}
+
 _HIGH_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit values too
 _BLOCK_PIXELS = 1 << 18  # pixels of a high-bit-depth image rescaled at once (a few MB)
 
@@ -184,14 +198,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    path: str | os.PathLike,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    resize: ResizeCrop | None = None,
+) -> Image.Image:
     """Open `path` as an 8-bit RGB PIL image, upright per its EXIF orientation.
 
     Raises `DataError` naming the file when it cannot be decoded, or when it has more than
     `max_pixels` pixels (a decompression bomb: a small file that expands to gigabytes). The limit
     is checked from the header, before decoding. `None` disables this check; PIL's own global
-    limit (`Image.MAX_IMAGE_PIXELS`, refused above twice its value) still applies."""
-    return decode_image(read_file(path), str(path), max_pixels)
+    limit (`Image.MAX_IMAGE_PIXELS`, refused above twice its value) still applies.
+
+    With `resize` (the eval transform's geometry) the image comes back already resized and
+    trimmed to what that transform keeps (see `decode_image`)."""
+    return decode_image(read_file(path), str(path), max_pixels, resize=resize)
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -207,11 +229,23 @@ def read_file(path: str | os.PathLike) -> bytes:
 
 
 def decode_image(
-    data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data: bytes,
+    name: str = "<bytes>",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    resize: ResizeCrop | None = None,
 ) -> Image.Image:
-    """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`."""
+    """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`.
+
+    Without `resize`: the whole image at full size (training, validation). With `resize`: only
+    what the eval transform keeps, already resized (`decode_resized`), so that decoding an image
+    of N pixels takes about the source's own bytes, never a full-size RGB copy; its
+    `info["source_size"]` is the size of the file's image."""
     with decoding(name):
-        return finish_image(open_image(data, name, max_pixels), name)
+        im = open_image(data, name, max_pixels)
+        if resize is None:
+            return finish_image(im, name)
+        return decode_resized(im, data, resize)
 
 
 @contextlib.contextmanager
@@ -240,6 +274,204 @@ def open_image(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
             f"{max_pixels} (a possible decompression bomb)"
         )
     return im
+
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom), in pixels
+
+
+class ResizeCrop(NamedTuple):
+    """The eval transform's geometry (`eval_transform`): the shorter side resized to `size`
+    (the longer one to int(size * long / short), as torchvision computes it), then the center
+    `crop` x `crop` kept."""
+
+    size: int
+    crop: int
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+
+    def kept(self, width: int, height: int) -> tuple[tuple[int, int], Box]:
+        """(output size, source box) for a `width` x `height` image: the resized image trimmed
+        along its longer side to what the center crop needs, and the part of the source it
+        covers. The trim takes a multiple of 4 pixels, so that the center crop of the trimmed
+        image starts where torchvision's (banker's) rounding puts it in the untrimmed one."""
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.size * long / short)
+        least = max(self.size, self.crop)
+        keep = new_long if new_long <= least else least + (new_long - least) % 4
+        scale = long / new_long
+        start = (new_long - keep) / 2 * scale
+        if width <= height:
+            return (self.size, keep), (0.0, start, float(width), start + keep * scale)
+        return (keep, self.size), (start, 0.0, start + keep * scale, float(height))
+
+
+# What turns an image upright for each EXIF orientation (as `ImageOps.exif_transpose`), and
+# where a point (x, y) of the upright image is in the stored one of size (w, h).
+_UPRIGHT: dict[
+    int, tuple[Image.Transpose, Callable[[float, float, int, int], tuple[float, float]]]
+] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT, lambda x, y, w, h: (w - x, y)),
+    3: (Image.Transpose.ROTATE_180, lambda x, y, w, h: (w - x, h - y)),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM, lambda x, y, w, h: (x, h - y)),
+    5: (Image.Transpose.TRANSPOSE, lambda x, y, w, h: (y, x)),
+    6: (Image.Transpose.ROTATE_270, lambda x, y, w, h: (y, h - x)),
+    7: (Image.Transpose.TRANSVERSE, lambda x, y, w, h: (w - y, h - x)),
+    8: (Image.Transpose.ROTATE_90, lambda x, y, w, h: (w - y, x)),
+}
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations turned by 90 degrees
+_EXIF_ORIENTATION = 0x0112
+_REDUCING_GAP = 2  # reduce by whole factors while the result keeps twice the output size
+_DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes at directly
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8) PIL's `exif_transpose` applies; 1 for none or broken EXIF."""
+    return _orientation(im.getexif)
+
+
+def _orientation(exif: Callable[[], Image.Exif]) -> int:
+    try:
+        orientation = int(exif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # broken EXIF: `finish_image` ignores it too
+        return 1
+    return orientation if orientation in _UPRIGHT else 1
+
+
+def decode_resized(im: Image.Image, data: bytes, resize: ResizeCrop) -> Image.Image:
+    """Opened image `im` (of encoded `data`) decoded straight to what `resize` keeps: 8-bit RGB,
+    upright, the shorter side `resize.size` and the longer one trimmed (`ResizeCrop.kept`), so
+    that the eval transform after it only crops and normalizes.
+
+    The source is decoded once, in the fewest bytes per pixel on offer: a JPEG at 1/2, 1/4 or
+    1/8 size when that leaves twice the output size (libjpeg's DCT scaling, as PIL's `draft`);
+    8-bit gray, palette and 16/32-bit gray images in their own mode by PIL (1, 1, 2 and 4 bytes
+    per pixel); 8-bit RGB(A) PNG, WebP and other colour JPEGs by torchvision's decoders, which
+    give 3 bytes per pixel where PIL takes 4; the rest by PIL. Then only the kept part is
+    converted to RGB, a band of rows at a time, each band first reduced by a whole factor that
+    leaves twice the output size (PIL's `reduce`, a box average, as `resize(reducing_gap=2)`
+    does), and resized last. The EXIF turn is applied to the small result."""
+    stored_size, resample = im.size, resize.resample
+    if isinstance(im, JpegImagePlugin.JpegImageFile):  # EXIF in the header: reduce first
+        orientation = exif_orientation(im)
+        out, box = _stored_geometry(resize, stored_size, orientation)
+        if (factor := _reduction(box, out, resample)) > 1:
+            dct = next(f for f in _DCT_SCALES if f <= factor)
+            if im.draft("RGB", (im.width // dct, im.height // dct)) is not None:
+                return _decoded_by_pil(im, resize, stored_size, scale=im.decoderconfig[0])
+    if (pixels := _rgb_tensor(im, data)) is None:
+        return _decoded_by_pil(im, resize, stored_size)
+    # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
+    orientation = _orientation(lambda: Image.Image.getexif(im))
+    out, box = _stored_geometry(resize, stored_size, orientation)
+    small = _reduced_rgb(functools.partial(_tensor_band, pixels), im.size, box, out, resample)
+    return _upright(small, orientation, stored_size)
+
+
+def _decoded_by_pil(
+    im: Image.Image, resize: ResizeCrop, stored_size: tuple[int, int], scale: int = 1
+) -> Image.Image:
+    """`decode_resized` by PIL's decoder, the image `scale` times smaller (JPEG's draft)."""
+    im.load()
+    orientation = exif_orientation(im)
+    out, box = _stored_geometry(resize, stored_size, orientation)
+    box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
+    small = _reduced_rgb(lambda b: _to_rgb(im.crop(b)), im.size, box, out, resize.resample)
+    return _upright(small, orientation, stored_size)
+
+
+def _stored_geometry(
+    resize: ResizeCrop, stored: tuple[int, int], orientation: int
+) -> tuple[tuple[int, int], Box]:
+    """`resize.kept` for the upright image, in the orientation of the stored one of size
+    `stored`."""
+    out, box = resize.kept(*(stored[::-1] if orientation in _TRANSPOSED else stored))
+    if orientation == 1:
+        return out, box
+    to_stored = _UPRIGHT[orientation][1]
+    corners = [to_stored(x, y, *stored) for x in box[::2] for y in box[1::2]]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    if orientation in _TRANSPOSED:
+        out = (out[1], out[0])
+    return out, (min(xs), min(ys), max(xs), max(ys))
+
+
+def _upright(small: Image.Image, orientation: int, stored: tuple[int, int]) -> Image.Image:
+    """`small` turned upright, with the size of the file's image in `info["source_size"]`."""
+    if orientation != 1:
+        small = small.transpose(_UPRIGHT[orientation][0])
+    small.info["source_size"] = stored[::-1] if orientation in _TRANSPOSED else stored
+    return small
+
+
+def _reduction(box: Box, out: tuple[int, int], resample: Image.Resampling) -> int:
+    """The largest whole factor that leaves `box` at least `_REDUCING_GAP` times `out`; 1 for
+    nearest-neighbour resizing, which picks pixels rather than averaging them (as PIL's
+    `reducing_gap`)."""
+    if resample == Image.Resampling.NEAREST:
+        return 1
+    least = min((box[2] - box[0]) / out[0], (box[3] - box[1]) / out[1])
+    return max(1, int(least / _REDUCING_GAP))
+
+
+def _reduced_rgb(
+    band_of: Callable[[tuple[int, int, int, int]], Image.Image],
+    size: Sequence[int],
+    box: Box,
+    out: tuple[int, int],
+    resample: Image.Resampling,
+) -> Image.Image:
+    """The `box` of a decoded image of `size` (w, h) resized to `out`, as 8-bit RGB. `band_of`
+    gives the RGB pixels of a (left, top, right, bottom) region; bands of rows are reduced as
+    they come (see `decode_resized`). The region converted reaches a few output pixels beyond
+    the box, so that the resampling filter sees the neighbours it would in a full-size resize."""
+    factor = _reduction(box, out, resample)
+    margin = 4 * max((box[2] - box[0]) / out[0], (box[3] - box[1]) / out[1], 1.0)
+    left, top = max(0, int(box[0] - margin)), max(0, int(box[1] - margin))
+    right = min(size[0], math.ceil(box[2] + margin))
+    bottom = min(size[1], math.ceil(box[3] + margin))
+    region = Image.new("RGB", (-(-(right - left) // factor), -(-(bottom - top) // factor)))
+    rows = max(1, _BLOCK_PIXELS // (right - left) // factor) * factor
+    for y in range(top, bottom, rows):
+        band = band_of((left, y, right, min(bottom, y + rows)))
+        region.paste(band.reduce(factor) if factor > 1 else band, (0, (y - top) // factor))
+    inside = (
+        (box[0] - left) / factor,
+        (box[1] - top) / factor,
+        (box[2] - left) / factor,
+        (box[3] - top) / factor,
+    )
+    return region.resize(out, resample, box=inside)
+
+
+def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
+    """RGB pixels (CHW uint8, as stored: no EXIF turn) by torchvision's decoders, for the images
+    PIL would hold in 4 bytes per pixel and they in 3: 8-bit RGB, RGBA and gray+alpha PNGs
+    (alpha dropped, as `_to_rgb` drops it), WebP, and colour (YCbCr) JPEGs. They give PIL's
+    pixels. None for other images, or when torchvision cannot decode it (PIL then has the last
+    word on whether the file is bad)."""
+    decoder = _TENSOR_DECODERS.get(str(im.format))
+    tile = getattr(im, "tile", None)
+    if decoder is None or (im.format != "WEBP" and (not tile or len(tile) != 1)):
+        return None
+    if im.format == "PNG" and (im.mode not in ("RGB", "RGBA", "LA") or tile[0].args != im.mode):
+        return None  # gray and palette images are smaller in PIL; 16-bit ones PIL turns to 8
+    if isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode != "RGB":
+        return None  # gray is smaller in PIL; CMYK is converted by PIL's rules
+    with warnings.catch_warnings():
+        # the decoders only read the buffer; torchvision 0.29 announces TorchCodec for them
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        encoded = torch.frombuffer(data, dtype=torch.uint8)
+        try:
+            pixels = decoder(encoded, mode=_RGB_READ_MODE)
+        except RuntimeError:
+            return None
+    return pixels if pixels.dtype == torch.uint8 and pixels.shape[0] == 3 else None
+
+
+def _tensor_band(pixels: torch.Tensor, box: tuple[int, int, int, int]) -> Image.Image:
+    """The (left, top, right, bottom) region of CHW uint8 `pixels` as an RGB PIL image."""
+    left, top, right, bottom = box
+    return Image.fromarray(pixels[:, top:bottom, left:right].permute(1, 2, 0).numpy())
 
 
 def finish_image(im: Image.Image, name: str) -> Image.Image:

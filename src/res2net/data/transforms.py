@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from ..errors import DataError
 from ..schema import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, parse_auto_augment
 from .decode import TENSOR_INTERPOLATIONS, DecodeRandomResizedCrop
+from .folders import ResizeCrop
 
 logger = logging.getLogger(__name__)
 
@@ -355,17 +356,28 @@ def eval_transform(
 ) -> Callable[[Any], Tensor]:
     """MindCV's evaluation pipeline: resize the shorter side to int(image_resize / crop_pct)
     (256 for 224 at 0.875), center crop image_resize, normalize (mean/std in 0..255 units)."""
-    if not 0 < crop_pct <= 2:
-        raise DataError(f"crop_pct must be in (0, 2], not {crop_pct}")
-    interp = interpolation_mode(interpolation)
+    geometry = eval_resize_crop(image_resize, crop_pct=crop_pct, interpolation=interpolation)
     return v2.Compose(
         [
             v2.Resize(
-                int(math.floor(image_resize / crop_pct)), interpolation=interp, antialias=True
+                geometry.size, interpolation=interpolation_mode(interpolation), antialias=True
             ),
             v2.CenterCrop(image_resize),
             *_normalize(mean, std),
         ]
+    )
+
+
+def eval_resize_crop(
+    image_resize: int = 224, *, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = "bilinear"
+) -> ResizeCrop:
+    """The resize and center crop of `eval_transform`, for `decode_image(resize=...)` to decode
+    only what they keep: the transform then finds the image already at its size."""
+    if not 0 < crop_pct <= 2:
+        raise DataError(f"crop_pct must be in (0, 2], not {crop_pct}")
+    mode = interpolation_mode(interpolation)
+    return ResizeCrop(
+        int(math.floor(image_resize / crop_pct)), image_resize, Image.Resampling[mode.name]
     )
 
 

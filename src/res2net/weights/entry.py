@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..data import eval_transform
+from ..data import ResizeCrop, eval_resize_crop, eval_transform
 from ..errors import CheckpointError
 from ..schema import IMAGENET_MEAN_01, IMAGENET_STD_01
 from .pretrained import select_entry
@@ -87,6 +87,12 @@ class EvalTransform:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {**d, "mean": list(self.mean), "std": list(self.std)}
+
+    def resize_crop(self) -> ResizeCrop:
+        """The transform's geometry, for `decode_image(resize=...)`."""
+        return eval_resize_crop(
+            self.image_resize, crop_pct=self.crop_pct, interpolation=self.interpolation
+        )
 
     def transform(self) -> Callable[[Any], Tensor]:
         """The torchvision transform: PIL image -> normalized float tensor."""

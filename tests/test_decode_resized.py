@@ -1,0 +1,196 @@
+"""`decode_image(resize=...)`, the decode of `predict` and `serve`: an image decoded straight to
+what the eval transform keeps gives that transform's input to within resampling rounding, for
+every mode, EXIF orientation and shape (a 1-pixel-high strip included), refuses decompression
+bombs from the header, and takes at most 4 bytes per pixel of the image beyond its body."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from res2net.data import DataError, ResizeCrop, decode_image, eval_resize_crop
+
+GEOMETRY = eval_resize_crop(32, crop_pct=0.875)  # resize the shorter side to 36, crop 32
+
+
+def pattern(width: int, height: int) -> np.ndarray:
+    """A smooth picture with edges (H x W x 3 uint8): resampling differences show, and it
+    compresses well (a file at the pixel cap stays small)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 127 + 120 * np.sin(x / max(width, 1) * 7) * np.cos(y / max(height, 1) * 5)
+    g = np.where((x // max(width // 9, 1) + y // max(height // 7, 1)) % 2 == 0, 40, 210)
+    b = 255 * x / max(width - 1, 1)
+    return np.stack([r, g, b], axis=-1).round().clip(0, 255).astype(np.uint8)
+
+
+def high_bit(pixels: np.ndarray, mode: str) -> Image.Image:
+    values = pixels[..., 0].astype(np.int64) * 257 + pixels[..., 1] // 4
+    if mode == "I;16":
+        return Image.frombytes("I;16", pixels.shape[1::-1], values.astype("<u2").tobytes())
+    values = values * 3 // 2 - 2000  # beyond 0..65535 at both ends: clipped
+    return Image.frombytes("I", pixels.shape[1::-1], values.astype("<i4").tobytes(), "raw", "I")
+
+
+# name -> (the image of an H x W x 3 picture, its format, save options)
+KINDS: dict[str, tuple[Callable[[np.ndarray], Image.Image], str, dict]] = {
+    "rgb_png": (Image.fromarray, "PNG", {}),
+    "rgba_png": (lambda p: Image.fromarray(np.dstack([p, p[..., 1]])), "PNG", {}),
+    "la_png": (lambda p: Image.fromarray(p).convert("LA"), "PNG", {}),
+    "palette_png": (lambda p: Image.fromarray(p).quantize(64), "PNG", {"transparency": 0}),
+    "gray_png": (lambda p: Image.fromarray(p).convert("L"), "PNG", {}),
+    "gray16_png": (lambda p: high_bit(p, "I;16"), "PNG", {}),
+    "gray32_tiff": (lambda p: high_bit(p, "I"), "TIFF", {"compression": "tiff_deflate"}),
+    "rgb_jpeg": (Image.fromarray, "JPEG", {"quality": 95}),
+    "gray_jpeg": (lambda p: Image.fromarray(p).convert("L"), "JPEG", {"quality": 95}),
+    "cmyk_jpeg": (lambda p: Image.fromarray(p).convert("CMYK"), "JPEG", {"quality": 95}),
+    "webp": (Image.fromarray, "WEBP", {"lossless": True}),
+    "cmyk_tiff": (lambda p: Image.fromarray(p).convert("CMYK"), "TIFF", {}),
+    "bmp": (Image.fromarray, "BMP", {}),
+}
+
+
+def encode(kind: str, pixels: np.ndarray, **options) -> bytes:
+    make, fmt, defaults = KINDS[kind]
+    buffer = io.BytesIO()
+    make(pixels).save(buffer, format=fmt, **defaults, **options)
+    return buffer.getvalue()
+
+
+def eval_pixels(image: Image.Image, geometry: ResizeCrop = GEOMETRY) -> torch.Tensor:
+    """The eval transform's uint8 pixels (resize, center crop): what it normalizes."""
+    mode = v2.InterpolationMode[geometry.resample.name]
+    steps = [v2.Resize(geometry.size, interpolation=mode, antialias=True)]
+    return v2.Compose([*steps, v2.CenterCrop(geometry.crop), v2.PILToTensor()])(image)
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.int() - b.int()).abs().float()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("size", [(40, 30), (30, 301), (300, 40), (900, 700)])
+def test_the_eval_transform_gets_the_same_pixels(kind, size):
+    """Against the whole image decoded and resized by the eval transform: the same pixels to
+    PIL's rounding (one level) where nothing is reduced; where the image is reduced first (a
+    box average, or libjpeg's DCT scaling for a JPEG) the mean differs by under one level."""
+    data = encode(kind, pattern(*size))
+    expected = eval_pixels(decode_image(data, kind))
+    image = decode_image(data, kind, resize=GEOMETRY)
+    assert image.mode == "RGB" and image.info["source_size"] == size
+    assert min(image.size) == GEOMETRY.size and max(image.size) < GEOMETRY.size + 4
+    got = eval_pixels(image)
+    assert got.shape == expected.shape == (3, 32, 32)
+    if min(size) < 4 * GEOMETRY.size:  # not reduced
+        assert levels(got, expected).max() <= 1, kind
+    else:
+        assert levels(got, expected).mean() < 1.0, kind
+
+
+@pytest.mark.parametrize("kind", ["rgb_jpeg", "rgb_png", "gray16_png"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("size", [(90, 40), (700, 500)])
+def test_exif_orientation_is_applied_as_pil_does(kind, orientation, size):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(kind, pattern(*size), exif=exif)
+    upright = decode_image(data, kind)  # PIL's exif_transpose
+    image = decode_image(data, kind, resize=GEOMETRY)
+    assert image.info["source_size"] == upright.size
+    diff = levels(eval_pixels(image), eval_pixels(upright))
+    assert (diff.max() <= 1) if min(size) < 4 * GEOMETRY.size else (diff.mean() < 1.0)
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (100_000, 1), (3, 50_000)])
+def test_a_long_thin_strip_is_not_blown_up(size):
+    """The eval transform resizes the shorter side: a 1 x 100,000 strip would become a
+    36 x 3,600,000 image before its center crop (over 500 MB). Decoded for the eval transform,
+    only the part the crop keeps is resized."""
+    pixels = np.full((size[1], size[0], 3), (10, 120, 200), dtype=np.uint8)
+    data = encode("rgb_png", pixels)
+    image = decode_image(data, "strip.png", resize=GEOMETRY)
+    assert min(image.size) == GEOMETRY.size and max(image.size) < GEOMETRY.size + 4
+    got = eval_pixels(image)
+    assert got.shape == (3, 32, 32) and (got == torch.tensor([10, 120, 200]).view(3, 1, 1)).all()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` x `height` pixels, with a few bytes of pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    pixels = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("resize", [None, GEOMETRY])
+def test_a_decompression_bomb_is_refused_from_its_header(resize):
+    """A 200-byte PNG declaring 100,000 x 100,000 pixels (30 GB of RGB): refused before any
+    pixel is decoded, under the default limit and (with `max_pixels=None`) PIL's own."""
+    data = png_declaring(100_000, 100_000)
+    assert len(data) < 200
+    with pytest.raises(DataError, match="bomb.png' has 100000x100000 pixels, more than"):
+        decode_image(data, "bomb.png", resize=resize)
+    with pytest.raises(DataError, match="bomb.png'.*DecompressionBombError"):
+        decode_image(data, "bomb.png", None, resize=resize)
+
+
+MEMORY_PROBE = """
+import sys
+from pathlib import Path
+from res2net.data import decode_image, eval_resize_crop
+
+def rss(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+geometry = eval_resize_crop(224, crop_pct=0.875)
+big, small = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()
+pixels = int(sys.argv[3])
+decode_image(small, "warm-up", resize=geometry)  # the decoders' libraries and buffers
+Path("/proc/self/clear_refs").write_text("5")  # the peak resident memory starts again here
+before = rss("VmRSS:")
+decode_image(big, "big", pixels, resize=geometry)
+print((rss("VmHWM:") - before + len(big)) / pixels)
+"""
+
+# (width, height) at the scaled pixel cap of 4 M pixels; the long JPEG is too thin for DCT
+# scaling (shorter side under 4 x 256) and goes through torchvision's decoder whole.
+AT_THE_CAP = {kind: (2000, 2000) for kind in KINDS if kind not in ("cmyk_tiff", "bmp")}
+AT_THE_CAP["long_rgb_jpeg"] = (8000, 500)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("kind", list(AT_THE_CAP))
+def test_memory_at_the_pixel_cap_is_at_most_4_bytes_per_pixel(kind, tmp_path):
+    """Decoding one image at the pixel cap for the eval transform (in a fresh process): the
+    rise of the peak resident memory, plus the encoded bytes the request holds, per pixel.
+    The source decoded once in its own mode (1-4 bytes per pixel), no full-size RGB copy."""
+    width, height = AT_THE_CAP[kind]
+    source = kind.removeprefix("long_")
+    (tmp_path / "big").write_bytes(encode(source, pattern(width, height)))
+    (tmp_path / "small").write_bytes(encode(source, pattern(64, 48)))
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, tmp_path / "big", tmp_path / "small"]
+        + [str(width * height)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    per_pixel = float(out.stdout)
+    print(f"{kind}: {per_pixel:.2f} bytes per pixel")
+    assert per_pixel <= 4.0
