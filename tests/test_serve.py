@@ -479,9 +479,22 @@ def high_bit_gray(fmt: str, side: int) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_high_bit_depth_images_at_the_pixel_cap_are_classified(server, fmt):
-    """500 x 500 = the test server's pixel cap; tests/test_decode.py measures their memory."""
+    """500 x 500 = the test server's pixel cap; tests/test_decode_resized.py measures the memory
+    of every mode at the cap."""
     status, answer = request(server, "POST", "/predict", high_bit_gray(fmt, 500))
     assert status == 200 and len(answer["top"]) == 3
+
+
+@pytest.mark.parametrize("size", [(1, 250_000), (250_000, 1)])
+def test_a_long_thin_image_is_classified_in_bounded_time(server, size):
+    """A 1 x 250,000 strip (the test server's pixel cap): resized whole to the model's 32
+    pixels it would be 32 x 8,000,000 pixels (1 GB of RGB); decoded for the eval transform,
+    only what its center crop keeps is resized."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(buffer, format="PNG")
+    start = time.monotonic()
+    status, answer = request(server, "POST", "/predict", buffer.getvalue())
+    assert status == 200 and len(answer["top"]) == 3 and time.monotonic() - start < 10
 
 
 def test_bf16_serves_the_optimized_model(weights):

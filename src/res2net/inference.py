@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import fileio
-from .data import DataError, load_image
+from .data import DataError, ResizeCrop, load_image
 from .errors import CheckpointError, MissingFile
 from .factory import create_model
 from .guards import check_regular_file
@@ -90,13 +90,15 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-def load_found_image(path: Path, named: set[Path]) -> Image.Image | str:
-    """`load_image(path)` for an image `find_images` found. For one inside a folder that cannot
-    be read, the reason instead: the caller skips it and the others still get their results.
-    An image file named on the command line (in `named`) that cannot be read raises its
-    `DataError`."""
+def load_found_image(
+    path: Path, named: set[Path], resize: ResizeCrop | None = None
+) -> Image.Image | str:
+    """`load_image(path, resize=resize)` for an image `find_images` found. For one inside a
+    folder that cannot be read, the reason instead: the caller skips it and the others still get
+    their results. An image file named on the command line (in `named`) that cannot be read
+    raises its `DataError`."""
     try:
-        return load_image(path)
+        return load_image(path, resize=resize)
     except DataError as e:
         if path in named:
             raise
@@ -224,9 +226,9 @@ def iter_predictions(
         image_resize=image_resize,
         crop_pct=crop_pct,
     )
-    transform = spec.transform()
+    transform, resize = spec.transform(), spec.resize_crop()
     for path, _ in files:
-        image = load_found_image(path, named)
+        image = load_found_image(path, named, resize)  # decoded straight to the input size
         if isinstance(image, str):
             yield Prediction(str(path), [], image)
             continue

@@ -21,7 +21,8 @@ from another origin is refused unless `allow_origins` names it (then CORS answer
 capped (`max_body_bytes`) and must arrive in bounded time (`timeout_s` between reads, and
 `min_upload_bytes_per_s` on average), request heads too (`HeadDeadlineProtocol`), batches are
 capped (`max_batch_images`), images are decoded by the project's `decode_image` (allowed formats,
-`max_pixels` read from the header) at most `max_decoding` at a time, requests past their body and
+`max_pixels` read from the header; decoded straight to the model's input size, see
+docs/serving.md for the memory) at most `max_decoding` at a time, requests past their body and
 queued images are bounded (503 beyond), and every failure is a JSON error with a 4xx/5xx status,
 never a traceback.
 """
@@ -63,7 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import nn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .data import DataError, decode_image
+from .data import DataError, ResizeCrop, decode_image
 from .errors import ConfigError
 
 log = logging.getLogger("res2net.serve")
@@ -82,7 +83,7 @@ class ServeLimits:
     max_pixels: int = 40_000_000
     max_topk: int = 20
     max_concurrent: int = 64  # requests past their body (decoding, queued, in the model)
-    max_decoding: int = 2  # images decoded at once: each may take 4 bytes per pixel
+    max_decoding: int = 2  # images decoded at once: each takes up to 4 bytes per pixel
     max_connections: int = 1024  # open connections; beyond, new requests get 503
     max_buffered_bytes: int = 256 << 20  # bodies held in memory, all requests together; 503
     max_queue: int = 256  # images waiting for the model; more get 503
@@ -166,14 +167,17 @@ class MicroBatcher:
 
 @dataclass
 class Classifier:
-    """A model in eval mode with its class names and eval transform. `fast` (a low-precision
-    copy from `optimize_for_inference`) answers predictions when set; Grad-CAM needs the
-    gradients of `model`."""
+    """A model in eval mode with its class names and eval transform. `resize` is that
+    transform's geometry: images are decoded straight to it (`decode_image`), so that a request
+    never holds a full-size RGB copy. `fast` (a low-precision copy from
+    `optimize_for_inference`) answers predictions when set; Grad-CAM needs the gradients of
+    `model`."""
 
     model: nn.Module
     classes: Sequence[str]
     transform: Callable[[Image.Image], torch.Tensor]
     name: str  # the model's name, shown to clients: never a file path
+    resize: ResizeCrop | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -233,6 +237,7 @@ def load_classifier(
         model=model.to(dev).eval(),
         classes=list(names),
         transform=spec.transform(),
+        resize=spec.resize_crop(),
         name=_shown_name(arch, model),
         device=dev,
         mean=tuple(255 * m for m in spec.mean),
@@ -474,15 +479,18 @@ def encoded_images(body: bytes, content_type: str, limits: ServeLimits) -> list[
 def decode_all(
     images: list[bytes], classifier: Classifier, limits: ServeLimits, batch: bool
 ) -> list[torch.Tensor]:
-    """Model inputs of the encoded images, one decoded at a time (so a request holds at most one
-    full-size image), or a 413/415 `RequestError` naming the image. The images of a request have
-    at most `max_pixels` pixels together: a batch of 32 images at the cap took 36 s of CPU."""
+    """Model inputs of the encoded images, one decoded at a time, straight to the model's input
+    size (`Classifier.resize`), or a 413/415 `RequestError` naming the image. The images of a
+    request have at most `max_pixels` pixels together: a batch of 32 images at the cap took 36 s
+    of CPU. Each entry of `images` is dropped once decoded (a batch's bytes go as it goes)."""
     tensors: list[torch.Tensor] = []
     used = 0
-    for i, data in enumerate(images):
+    for i in range(len(images)):
         name = f"image {i}" if batch else "the image"
+        data, images[i] = images[i], b""
         try:
-            image = decode_image(data, name, limits.max_pixels - used)
+            image = decode_image(data, name, limits.max_pixels - used, resize=classifier.resize)
+            del data
         except DataError as e:
             if "decompression bomb" not in str(e):
                 raise RequestError(415, str(e)) from None
@@ -492,9 +500,9 @@ def decode_all(
                     f"together, and those before it have {used}; send fewer or smaller images"
                 )
             raise RequestError(413, str(e)) from None
-        used += image.width * image.height
+        width, height = image.info.get("source_size", image.size)
+        used += width * height
         tensors.append(classifier.transform(image))
-        del image  # the full-size pixels, before the next image is decoded
     return tensors
 
 
