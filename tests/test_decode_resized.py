@@ -53,7 +53,12 @@ KINDS: dict[str, tuple[Callable[[np.ndarray], Image.Image], str, dict]] = {
     "gray_jpeg": (lambda p: Image.fromarray(p).convert("L"), "JPEG", {"quality": 95}),
     "cmyk_jpeg": (lambda p: Image.fromarray(p).convert("CMYK"), "JPEG", {"quality": 95}),
     "webp": (Image.fromarray, "WEBP", {"lossless": True}),
-    "cmyk_tiff": (lambda p: Image.fromarray(p).convert("CMYK"), "TIFF", {}),
+    "cmyk_tiff": (
+        lambda p: Image.fromarray(p).convert("CMYK"),
+        "TIFF",
+        {"compression": "tiff_lzw"},
+    ),
+    "rgb_tiff_one_strip": (Image.fromarray, "TIFF", {}),  # uncompressed: PIL decodes it whole
     "bmp": (Image.fromarray, "BMP", {}),
 }
 
@@ -168,9 +173,11 @@ decode_image(big, "big", pixels, resize=geometry)
 print((rss("VmHWM:") - before + len(big)) / pixels)
 """
 
-# (width, height) at the scaled pixel cap of 4 M pixels; the long JPEG is too thin for DCT
-# scaling (shorter side under 4 x 256) and goes through torchvision's decoder whole.
-AT_THE_CAP = {kind: (2000, 2000) for kind in KINDS if kind not in ("cmyk_tiff", "bmp")}
+# (width, height) at a scaled pixel cap of 4 M pixels. The long JPEG is too thin for DCT
+# scaling (its shorter side is under 2 x 256) and goes through torchvision's decoder whole.
+# Uncompressed files (BMP, a TIFF in one strip) are left out: their body is the pixels, so the
+# body cap bounds them (16 MiB: 0.4 bytes per pixel of the default 40 M pixel cap).
+AT_THE_CAP = {kind: (2000, 2000) for kind in KINDS if kind not in ("bmp", "rgb_tiff_one_strip")}
 AT_THE_CAP["long_rgb_jpeg"] = (8000, 500)
 
 

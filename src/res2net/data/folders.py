@@ -8,7 +8,9 @@ real-world folders needs:
   class folder), so a symlink loop cannot make it run forever (torchvision walks with
   `os.walk(followlinks=True)`, which has no guard);
 * an image loader that normalises every PIL mode to RGB, applies EXIF rotation, refuses
-  decompression bombs, and turns any failure into a `DataError` naming the file.
+  decompression bombs, and turns any failure into a `DataError` naming the file. Given the
+  eval transform's geometry (`ResizeCrop`), it decodes straight to what that transform keeps,
+  in at most the source's own bytes per pixel (`decode_resized`): `predict` and `serve` use it.
 
 Bad images (`on_bad_image`):
 
@@ -27,6 +29,7 @@ import contextlib
 import copy
 import functools
 import io
+import itertools
 import logging
 import math
 import os
@@ -37,7 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin
+from PIL import Image, ImageOps, JpegImagePlugin, TiffImagePlugin
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -349,33 +352,52 @@ def decode_resized(im: Image.Image, data: bytes, resize: ResizeCrop) -> Image.Im
     converted to RGB, a band of rows at a time, each band first reduced by a whole factor that
     leaves twice the output size (PIL's `reduce`, a box average, as `resize(reducing_gap=2)`
     does), and resized last. The EXIF turn is applied to the small result."""
-    stored_size, resample = im.size, resize.resample
+    stored = im.size
     if isinstance(im, JpegImagePlugin.JpegImageFile):  # EXIF in the header: reduce first
-        orientation = exif_orientation(im)
-        out, box = _stored_geometry(resize, stored_size, orientation)
-        if (factor := _reduction(box, out, resample)) > 1:
+        out, box = _stored_geometry(resize, stored, exif_orientation(im))
+        if (factor := _reduction(box, out, resize.resample)) > 1:
             dct = next(f for f in _DCT_SCALES if f <= factor)
             if im.draft("RGB", (im.width // dct, im.height // dct)) is not None:
-                return _decoded_by_pil(im, resize, stored_size, scale=im.decoderconfig[0])
-    if (pixels := _rgb_tensor(im, data)) is None:
-        return _decoded_by_pil(im, resize, stored_size)
-    # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
-    orientation = _orientation(lambda: Image.Image.getexif(im))
-    out, box = _stored_geometry(resize, stored_size, orientation)
-    small = _reduced_rgb(functools.partial(_tensor_band, pixels), im.size, box, out, resample)
-    return _upright(small, orientation, stored_size)
+                im.load()
+                bands = functools.partial(_pil_band, im)
+                return _resized(bands, im, resize, stored, scale=im.decoderconfig[0])
+    if (pixels := _rgb_tensor(im, data)) is not None:
+        # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
+        orientation = _orientation(lambda: Image.Image.getexif(im))
+        bands = functools.partial(_tensor_band, pixels)
+        return _resized(bands, im, resize, stored, orientation=orientation)
+    if (strips := _tiff_strips(im, data)) is None:
+        im.load()
+        strips = functools.partial(_pil_band, im)
+    return _resized(strips, im, resize, stored)
 
 
-def _decoded_by_pil(
-    im: Image.Image, resize: ResizeCrop, stored_size: tuple[int, int], scale: int = 1
+def _resized(
+    bands: Callable[[tuple[int, int, int, int]], Image.Image],
+    im: Image.Image,
+    resize: ResizeCrop,
+    stored: tuple[int, int],
+    *,
+    scale: int = 1,
+    orientation: int | None = None,
 ) -> Image.Image:
-    """`decode_resized` by PIL's decoder, the image `scale` times smaller (JPEG's draft)."""
-    im.load()
-    orientation = exif_orientation(im)
-    out, box = _stored_geometry(resize, stored_size, orientation)
+    """`decode_resized` of the decoded image whose RGB regions `bands` gives, of `im`'s size:
+    `scale` times smaller than the `stored` one (JPEG's draft); `orientation` PIL's unless
+    given."""
+    if orientation is None:
+        orientation = exif_orientation(im)
+    out, box = _stored_geometry(resize, stored, orientation)
     box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
-    small = _reduced_rgb(lambda b: _to_rgb(im.crop(b)), im.size, box, out, resize.resample)
-    return _upright(small, orientation, stored_size)
+    small = _reduced_rgb(bands, im.size, box, out, resize.resample)
+    if orientation != 1:
+        small = small.transpose(_UPRIGHT[orientation][0])
+    small.info["source_size"] = stored[::-1] if orientation in _TRANSPOSED else stored
+    return small
+
+
+def _pil_band(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The (left, top, right, bottom) region of decoded `im` as 8-bit RGB."""
+    return _to_rgb(im.crop(box))
 
 
 def _stored_geometry(
@@ -392,14 +414,6 @@ def _stored_geometry(
     if orientation in _TRANSPOSED:
         out = (out[1], out[0])
     return out, (min(xs), min(ys), max(xs), max(ys))
-
-
-def _upright(small: Image.Image, orientation: int, stored: tuple[int, int]) -> Image.Image:
-    """`small` turned upright, with the size of the file's image in `info["source_size"]`."""
-    if orientation != 1:
-        small = small.transpose(_UPRIGHT[orientation][0])
-    small.info["source_size"] = stored[::-1] if orientation in _TRANSPOSED else stored
-    return small
 
 
 def _reduction(box: Box, out: tuple[int, int], resample: Image.Resampling) -> int:
@@ -466,6 +480,67 @@ def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
         except RuntimeError:
             return None
     return pixels if pixels.dtype == torch.uint8 and pixels.shape[0] == 3 else None
+
+
+# The tags a TIFF's pixels are decoded with (baseline and extension numbers); the others
+# (EXIF, subfiles, descriptions) stay behind when a band of strips is decoded on its own.
+_TIFF_PIXEL_TAGS = (256, 258, 259, 262, 266, 277, 284, 317, 320, 332, 338, 339, 347, 529, 530)
+_IMAGE_LENGTH, _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_BYTES, _PLANAR = 257, 273, 278, 279, 284
+_LONG = 4  # TIFF's 32-bit unsigned type
+
+
+def _tiff_strips(
+    im: Image.Image, data: bytes
+) -> Callable[[tuple[int, int, int, int]], Image.Image] | None:
+    """For a TIFF stored in strips of rows (libtiff writes 64 KB strips), a reader of the RGB
+    pixels of a region that decodes only the strips its rows are in, as a TIFF of their own
+    (each strip is compressed on its own): the whole image is never held. None for other TIFFs
+    (one strip, tiles, planes stored apart), which PIL decodes whole."""
+    if not isinstance(im, TiffImagePlugin.TiffImageFile) or getattr(im, "n_frames", 1) != 1:
+        return None
+    tags = im.tag_v2
+    offsets, counts = tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTES)
+    rows = tags.get(_ROWS_PER_STRIP, im.height)
+    if (
+        not isinstance(rows, int)
+        or not 0 < rows < im.height
+        or tags.get(_PLANAR, 1) != 1
+        or not isinstance(offsets, tuple)
+        or not isinstance(counts, tuple)
+        or len(offsets) != -(-im.height // rows)
+        or len(counts) != len(offsets)
+    ):
+        return None
+
+    def strips(first: int, last: int) -> Image.Image:
+        """Strips first..last-1 as a TIFF image of their rows (opened, not decoded)."""
+        pixels = [data[o : o + n] for o, n in zip(offsets[first:last], counts[first:last])]
+        ifd = TiffImagePlugin.ImageFileDirectory_v2()
+        for tag in _TIFF_PIXEL_TAGS:
+            if tag in tags:
+                ifd[tag] = tags[tag]
+                ifd.tagtype[tag] = tags.tagtype[tag]
+        ifd[_IMAGE_LENGTH] = min(last * rows, im.height) - first * rows
+        ifd[_ROWS_PER_STRIP] = rows
+        # relative to the end of the directory: PIL's `tobytes` adds where that is
+        ifd[_STRIP_OFFSETS] = tuple(itertools.accumulate(map(len, pixels[:-1]), initial=0))
+        ifd[_STRIP_BYTES] = tuple(map(len, pixels))
+        for tag in (_IMAGE_LENGTH, _ROWS_PER_STRIP, _STRIP_OFFSETS, _STRIP_BYTES):
+            ifd.tagtype[tag] = _LONG
+        tiff = b"II*\x00\x08\x00\x00\x00" + ifd.tobytes(8) + b"".join(pixels)
+        return Image.open(io.BytesIO(tiff), formats=("TIFF",))
+
+    first = strips(0, 1)
+    if first.mode != im.mode or first.size != (im.width, rows):
+        return None  # not a layout this reader knows: PIL decodes the file whole
+
+    def band(box: tuple[int, int, int, int]) -> Image.Image:
+        left, top, right, bottom = box
+        first = top // rows
+        part = strips(first, -(-bottom // rows))
+        return _to_rgb(part.crop((left, top - first * rows, right, bottom - first * rows)))
+
+    return band
 
 
 def _tensor_band(pixels: torch.Tensor, box: tuple[int, int, int, int]) -> Image.Image:
