@@ -201,3 +201,38 @@ def test_memory_at_the_pixel_cap_is_at_most_4_bytes_per_pixel(kind, tmp_path):
     per_pixel = float(out.stdout)
     print(f"{kind}: {per_pixel:.2f} bytes per pixel")
     assert per_pixel <= 4.0
+
+
+def tiff(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF", **options)
+    return buffer.getvalue()
+
+
+def tiff_layouts() -> dict[str, bytes]:
+    picture = pattern(300, 200)
+    gray16 = high_bit(picture, "I;16")
+    big_endian = Image.frombytes("I;16B", gray16.size, np.asarray(gray16).astype(">u2").tobytes())
+    small = {"strip_size": 3000}  # libtiff's strips of 3 KB: many strips, as at 64 KB in big ones
+    return {
+        "32-bit deflate": tiff(high_bit(picture, "I"), compression="tiff_deflate", **small),
+        "16-bit deflate, predictor": tiff(gray16, compression="tiff_deflate", predictor=2, **small),
+        "16-bit big-endian": tiff(big_endian, tiffinfo={278: 7}),  # uncompressed, 7-row strips
+        "float": tiff(high_bit(picture, "I").convert("F"), compression="tiff_deflate", **small),
+        "CMYK LZW": tiff(Image.fromarray(picture).convert("CMYK"), compression="tiff_lzw", **small),
+        "RGB JPEG": tiff(Image.fromarray(picture), compression="jpeg", **small),
+        "palette packbits": tiff(Image.fromarray(picture).quantize(32), compression="packbits"),
+        "bilevel group4": tiff(Image.fromarray(picture).convert("1"), compression="group4"),
+        "RGB one strip": tiff(Image.fromarray(picture)),
+    }
+
+
+@pytest.mark.parametrize("layout", list(tiff_layouts()))
+def test_every_tiff_layout_as_pil_decodes_it_whole(layout):
+    """A striped TIFF is decoded a band of strips at a time, each band as a TIFF of its own:
+    the same pixels as the whole file decoded by PIL, whatever the samples, compression,
+    predictor and byte order."""
+    data = tiff_layouts()[layout]
+    expected = eval_pixels(decode_image(data, layout))
+    got = eval_pixels(decode_image(data, layout, resize=GEOMETRY))
+    assert levels(got, expected).mean() < 1.0 and levels(got, expected).max() <= 8

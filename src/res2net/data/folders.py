@@ -498,11 +498,13 @@ def _tiff_strips(
     (one strip, tiles, planes stored apart), which PIL decodes whole."""
     if not isinstance(im, TiffImagePlugin.TiffImageFile) or getattr(im, "n_frames", 1) != 1:
         return None
+    order = {b"II*\x00": "little", b"MM\x00*": "big"}.get(data[:4])  # not BigTIFF
     tags = im.tag_v2
     offsets, counts = tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTES)
     rows = tags.get(_ROWS_PER_STRIP, im.height)
     if (
-        not isinstance(rows, int)
+        order is None
+        or not isinstance(rows, int)
         or not 0 < rows < im.height
         or tags.get(_PLANAR, 1) != 1
         or not isinstance(offsets, tuple)
@@ -515,7 +517,8 @@ def _tiff_strips(
     def strips(first: int, last: int) -> Image.Image:
         """Strips first..last-1 as a TIFF image of their rows (opened, not decoded)."""
         pixels = [data[o : o + n] for o, n in zip(offsets[first:last], counts[first:last])]
-        ifd = TiffImagePlugin.ImageFileDirectory_v2()
+        header = data[:4] + (8).to_bytes(4, order)  # the file's byte order: its samples'
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=header)
         for tag in _TIFF_PIXEL_TAGS:
             if tag in tags:
                 ifd[tag] = tags[tag]
@@ -527,7 +530,7 @@ def _tiff_strips(
         ifd[_STRIP_BYTES] = tuple(map(len, pixels))
         for tag in (_IMAGE_LENGTH, _ROWS_PER_STRIP, _STRIP_OFFSETS, _STRIP_BYTES):
             ifd.tagtype[tag] = _LONG
-        tiff = b"II*\x00\x08\x00\x00\x00" + ifd.tobytes(8) + b"".join(pixels)
+        tiff = header + ifd.tobytes(8) + b"".join(pixels)
         return Image.open(io.BytesIO(tiff), formats=("TIFF",))
 
     first = strips(0, 1)
