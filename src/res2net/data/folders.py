@@ -166,6 +166,7 @@ except ImportError:  # a torchvision without its image decoders: PIL decodes eve
 
 _HIGH_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit values too
 _BLOCK_PIXELS = 1 << 18  # pixels of a high-bit-depth image rescaled at once (a few MB)
+_BAND_PIXELS = 1 << 16  # pixels of a band converted at once by `decode_resized` (about 1 MB)
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
@@ -242,12 +243,20 @@ def decode_image(
 
     Without `resize`: the whole image at full size (training, validation). With `resize`: only
     what the eval transform keeps, already resized (`decode_resized`), so that decoding an image
-    of N pixels takes about the source's own bytes, never a full-size RGB copy; its
-    `info["source_size"]` is the size of the file's image."""
+    of N pixels takes about the source's own bytes, never a full-size RGB copy (a WebP takes
+    7, so it may have half of `max_pixels`); its `info["source_size"]` is the size of the file's
+    image."""
     with decoding(name):
         im = open_image(data, name, max_pixels)
         if resize is None:
             return finish_image(im, name)
+        if im.format == "WEBP" and max_pixels is not None and 2 * im.width * im.height > max_pixels:
+            raise DataError(
+                f"image '{name}' is a WebP of {im.width}x{im.height} pixels; decoding a WebP "
+                "takes twice the memory of other images (libwebp holds the whole image in 4 "
+                f"bytes per pixel), so its limit is {max_pixels // 2} pixels (a possible "
+                "decompression bomb)"
+            )
         return decode_resized(im, data, resize)
 
 
@@ -434,26 +443,30 @@ def _reduced_rgb(
     resample: Image.Resampling,
 ) -> Image.Image:
     """The `box` of a decoded image of `size` (w, h) resized to `out`, as 8-bit RGB. `band_of`
-    gives the RGB pixels of a (left, top, right, bottom) region; bands of rows are reduced as
-    they come (see `decode_resized`). The region converted reaches a few output pixels beyond
-    the box, so that the resampling filter sees the neighbours it would in a full-size resize."""
+    gives the RGB pixels of a (left, top, right, bottom) region. Each band of rows is reduced
+    (see `decode_resized`) and resized across as it comes; the rows are resized last. PIL
+    resizes in these two passes too (across, then down), so this is its resize of the whole
+    region, while only one band and an `out`-wide strip are held. The region reaches a few
+    output pixels beyond the box, so that the filter sees the neighbours it would in a resize
+    of the whole image."""
     factor = _reduction(box, out, resample)
     margin = 4 * max((box[2] - box[0]) / out[0], (box[3] - box[1]) / out[1], 1.0)
     left, top = max(0, int(box[0] - margin)), max(0, int(box[1] - margin))
     right = min(size[0], math.ceil(box[2] + margin))
     bottom = min(size[1], math.ceil(box[3] + margin))
-    region = Image.new("RGB", (-(-(right - left) // factor), -(-(bottom - top) // factor)))
-    rows = max(1, _BLOCK_PIXELS // (right - left) // factor) * factor
+    across = ((box[0] - left) / factor, (box[2] - left) / factor)
+    strip = Image.new("RGB", (out[0], -(-(bottom - top) // factor)))
+    rows = max(1, _BAND_PIXELS // (right - left) // factor) * factor
     for y in range(top, bottom, rows):
         band = band_of((left, y, right, min(bottom, y + rows)))
-        region.paste(band.reduce(factor) if factor > 1 else band, (0, (y - top) // factor))
-    inside = (
-        (box[0] - left) / factor,
-        (box[1] - top) / factor,
-        (box[2] - left) / factor,
-        (box[3] - top) / factor,
-    )
-    return region.resize(out, resample, box=inside)
+        if factor > 1:
+            band = band.reduce(factor)
+        band = band.resize(
+            (out[0], band.height), resample, box=(across[0], 0, across[1], band.height)
+        )
+        strip.paste(band, (0, (y - top) // factor))
+    down = ((box[1] - top) / factor, (box[3] - top) / factor)
+    return strip.resize(out, resample, box=(0, down[0], out[0], down[1]))
 
 
 def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
