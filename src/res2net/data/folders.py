@@ -476,8 +476,8 @@ def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
     pixels. None for other images, or when torchvision cannot decode it (PIL then has the last
     word on whether the file is bad)."""
     decoder = _TENSOR_DECODERS.get(str(im.format))
-    tile = getattr(im, "tile", None)
-    if decoder is None or (im.format != "WEBP" and (not tile or len(tile) != 1)):
+    tile = getattr(im, "tile", None) or []
+    if decoder is None or (im.format != "WEBP" and len(tile) != 1):
         return None
     if im.format == "PNG" and (im.mode not in ("RGB", "RGBA", "LA") or tile[0].args != im.mode):
         return None  # gray and palette images are smaller in PIL; 16-bit ones PIL turns to 8
@@ -511,7 +511,8 @@ def _tiff_strips(
     (one strip, tiles, planes stored apart), which PIL decodes whole."""
     if not isinstance(im, TiffImagePlugin.TiffImageFile) or getattr(im, "n_frames", 1) != 1:
         return None
-    order = {b"II*\x00": "little", b"MM\x00*": "big"}.get(data[:4])  # not BigTIFF
+    orders: dict[bytes, Literal["little", "big"]] = {b"II*\x00": "little", b"MM\x00*": "big"}
+    order = orders.get(data[:4])  # None for BigTIFF
     tags = im.tag_v2
     offsets, counts = tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTES)
     rows = tags.get(_ROWS_PER_STRIP, im.height)
