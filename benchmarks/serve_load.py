@@ -152,7 +152,8 @@ def direct_client(classifier, body: bytes) -> Callable[[], Callable[[], bool]]:
 
     def connect() -> Callable[[], bool]:
         def call() -> bool:
-            x = classifier.transform(decode_image(body, "bench.jpg", 40_000_000))
+            image = decode_image(body, "bench.jpg", 40_000_000, resize=classifier.resize)
+            x = classifier.transform(image)
             classifier.probabilities(x.unsqueeze(0))[0].topk(5)
             return True
 

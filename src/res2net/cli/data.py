@@ -176,15 +176,15 @@ def _progress_line(split: str, done: int, total: int) -> None:
 
 
 def _decode_error(item: tuple[str, Any, int | None]) -> str | None:
-    from ..data import DataError, decode_image, load_image
+    from ..data import DEFAULT_MAX_PIXELS, DataError, decode_image, load_image
 
     name, payload, max_pixels = item
-    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
         if isinstance(payload, bytes):
-            decode_image(payload, name, **kw)
+            decode_image(payload, name, limit)
         else:
-            load_image(payload, **kw)
+            load_image(payload, limit)
     except DataError as e:
         return str(e)
     except Exception as e:  # pragma: no cover - load_image turns failures into DataError
