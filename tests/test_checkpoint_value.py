@@ -179,6 +179,7 @@ def test_training_reads_ckpt_path_once(weights, tmp_path):
     assert len(opened) == 1, opened
 
 
+@pytest.mark.usefixtures("tiny")
 def test_resume_reads_last_pt_once(tmp_path):
     data, run = _train_once(tmp_path)
     last = run / "last.pt"
