@@ -179,11 +179,7 @@ def test_training_reads_ckpt_path_once(weights, tmp_path):
     assert len(opened) == 1, opened
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run-id check of prepare_run_dir (find_run_id) reads last.pt in full before the "
-    "resume loads it again",
-)
+@pytest.mark.usefixtures("tiny")
 def test_resume_reads_last_pt_once(tmp_path):
     data, run = _train_once(tmp_path)
     last = run / "last.pt"

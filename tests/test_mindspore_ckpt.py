@@ -291,6 +291,39 @@ def test_huge_claimed_tensor_rejected_without_allocating(tmp_path):
     assert peak < 1 << 20
 
 
+def test_millions_of_packed_dims_are_refused_before_decoding_them(tmp_path):
+    tensor = _ld(1, b"\x01" * (4 << 20)) + _ld(2, b"Float32") + _ld(3, b"")
+    data = _ld(1, _ld(1, b"w") + _ld(2, tensor))  # 4 million dims in one packed field
+    path = tmp_path / "dims.ckpt"
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match="more than 64 dims") as info:
+            ms.decode_mindspore_checkpoint(data, path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 1.0
+    assert peak < 1 << 20  # decoded first, the dims took 32 MiB
+
+
+def test_a_tensor_split_over_entries_is_copied_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(ms, "_CHUNK_BYTES", 1 << 20)
+    t = torch.arange(2 << 20, dtype=torch.float32)  # 8 MiB in 8 slices
+    path = tmp_path / "split.ckpt"
+    write_mindspore_checkpoint(path, {"w": t})
+    data = path.read_bytes()
+    tracemalloc.start()
+    try:
+        back, _ = ms.decode_mindspore_checkpoint(data, path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(back["w"], t)
+    assert peak < 12 << 20  # the tensor's 8 MiB once (joined, then copied: 16 MiB)
+
+
 # --- hostile files -----------------------------------------------------------------------------
 
 

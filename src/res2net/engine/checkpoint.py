@@ -118,6 +118,10 @@ def checkpoint_header(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return None
+    return _header_of(state)
+
+
+def _header_of(state: dict[str, Any]) -> dict[str, Any]:
     return {k: state.get(k) for k in ("run_id", "epoch", "epoch_file", "epoch_top1")}
 
 
@@ -255,6 +259,21 @@ class CheckpointManager:
         present = [p for p in (self.directory / n for n in names) if os.path.lexists(p)]
         return present + self.epoch_files()
 
+    def read_last(self) -> dict[str, Any] | None:
+        """The training state in `last.pt` (None when no regular file is there), read once:
+        its header is kept, so `find_run_id` and `check_epoch_files` do not read it again, and
+        the caller resumes from the state itself. A damaged or foreign `last.pt` raises
+        CheckpointError naming it."""
+        try:
+            st = os.lstat(self.last)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        state = load_training_state(self.last)
+        self._headers[self._header_key(self.last, st)] = _header_of(state)
+        return state
+
     def find_run_id(self) -> str | None:
         """The id of the run that `last.pt`'s header names (the commit point, which a resume
         continues); None without one. Never taken from the index: a run without `last.pt`
@@ -362,10 +381,15 @@ class CheckpointManager:
             st = os.lstat(path)
         except OSError:
             return None
-        key = (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
+        key = self._header_key(path, st)
         if key not in self._headers:
             self._headers[key] = checkpoint_header(path)
         return self._headers[key]
+
+    @staticmethod
+    def _header_key(path: Path, st: os.stat_result) -> tuple[str, int, int, int]:
+        """One version of a file: its name, inode, modification time and size."""
+        return (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _names_this_run(self, header: dict[str, Any] | None, path: Path) -> bool:
         """Whether a checkpoint's header says it is this run's epoch file `path`."""

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import signal
-import stat
 import statistics
 import time
 from collections.abc import Iterable
@@ -224,8 +223,8 @@ def train(cfg: Config) -> TrainResult:
         dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
         lock = RunLock(cfg.ckpt_save_dir)
         try:
-            run_id = prepare_run_dir(cfg, lock) if dist.is_main else None
-            return _train(cfg, dist, stop, run_id)
+            run = prepare_run_dir(cfg, lock) if dist.is_main else None
+            return _train(cfg, dist, stop, run)
         except RuntimeError as e:
             clear = distributed.peer_failure(e, dist, cfg.dist_timeout)
             if clear is None:
@@ -240,18 +239,34 @@ def train(cfg: Config) -> TrainResult:
             gc.collect()
 
 
-def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
+@dataclass
+class RunStart:
+    """What `prepare_run_dir` found: the run's id and, when the run resumes from `last.pt`, the
+    training state read from it there (read once; `take_resume_state` hands it over, so that it
+    is not kept for the whole run)."""
+
+    run_id: str
+    resume_state: dict[str, Any] | None = None
+
+    def take_resume_state(self) -> dict[str, Any] | None:
+        state, self.resume_state = self.resume_state, None
+        return state
+
+
+def prepare_run_dir(cfg: Config, lock: RunLock) -> RunStart:
     """Before any work: `ckpt_save_dir` writable and locked for this run, no link or pipe at a
     name the run writes, its index agreeing with its files, and a fresh run never mixed into
-    another run's files (`overwrite` moves them aside, never deletes). Returns the run's id."""
+    another run's files (`overwrite` moves them aside, never deletes). Returns the run's id,
+    and the state of `last.pt` when the run resumes from it (the file is read once)."""
     ckpts = checkpoint_manager(cfg)
     ckpts.check_writable()
     lock.acquire()
     # a run continues only from a `last.pt` whose header names it; anything else is a fresh
-    # run, which never takes an id from the index and never mixes into another run's files
-    run_id = ckpts.find_run_id() if resuming(cfg) else None
-    if run_id is None and resuming(cfg) and _is_regular_file(ckpts.last):
-        load_training_state(ckpts.last)  # a damaged or foreign last.pt: refused, naming it
+    # run, which never takes an id from the index and never mixes into another run's files.
+    # A damaged or foreign last.pt is refused here, naming it.
+    last = ckpts.read_last() if resuming(cfg) else None
+    run_id = ckpts.find_run_id() if last is not None else None
+    if last is not None and run_id is None:
         run_id = new_run_id()  # a readable last.pt without a run id: continued as a new run
     if run_id is None:
         _start_fresh(cfg, ckpts)
@@ -261,7 +276,9 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> str:
     ckpts.check_epoch_files(cfg.epoch_size)
     for path in ckpts.reconcile():
         log.info("removed %s (left by a write or a rotation that never finished)", path)
-    return ckpts.run_id
+    resume_path = _resume_path(cfg, ckpts)
+    same = last is not None and resume_path is not None and _same_file(resume_path, ckpts.last)
+    return RunStart(run_id, last if same else None)
 
 
 def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
@@ -301,13 +318,6 @@ def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
     aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
     if aside is not None:
         log.warning("overwrite: the previous run's files were moved to %s", aside)
-
-
-def _is_regular_file(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -395,14 +405,14 @@ class StepParts:
 
 
 def _train(
-    cfg: Config, dist: distributed.DistInfo, stop: StopRequest, run_id: str | None
+    cfg: Config, dist: distributed.DistInfo, stop: StopRequest, run: RunStart | None
 ) -> TrainResult:
     device = dist.device
     torch.manual_seed(cfg.seed)
     if dist.is_main:
         for note in cfg.notes():
             log.info("config: %s", note)
-    ckpts = checkpoint_manager(cfg, run_id)
+    ckpts = checkpoint_manager(cfg, run.run_id if run is not None else None)
 
     # ---- data
     train_loader, train_ds, val_loader = build_loaders(cfg, dist)
@@ -526,7 +536,10 @@ def _train(
     # ---- resume
     if resume_path is not None:
         # --resume, or MindCV's resume_opt with ckpt_path: weights, optimizer and position
-        state.load_state_dict(load_training_state(resume_path))
+        # (last.pt's state was read by prepare_run_dir: not read again)
+        resumed = run.take_resume_state() if run is not None else None
+        state.load_state_dict(resumed if resumed is not None else load_training_state(resume_path))
+        del resumed
         if dist.is_main:
             log.info(
                 "resumed from %s at epoch %d, step %d",

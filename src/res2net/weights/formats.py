@@ -29,7 +29,7 @@ from ..models import build_model
 from ..models.registry import resolve_name
 from . import torchfile
 from .entry import EvalTransform
-from .mindspore import decode_mindspore_checkpoint
+from .mindspore import MAX_EMPTY_EXTENT, decode_mindspore_checkpoint
 
 # Keys under which training scripts commonly nest the model's state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
@@ -37,12 +37,29 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 _PREFIXES = ("module.", "_orig_mod.")
 # Bounds on what a checkpoint's header and metadata may ask for.
 MAX_SAFETENSORS_HEADER = 16 << 20
+# What a header's JSON may hold, checked before it is parsed (`_json_problem`), so that parsing
+# stays within a few tens of MiB whatever the header says: its values (11 per tensor: some
+# 23,000 tensors), and its size when it holds characters beyond U+FFFF (4 bytes each once
+# decoded, and every other character of the text with them); `eval` metadata's size.
+MAX_HEADER_VALUES = 1 << 18
+MAX_WIDE_JSON = 4 << 20
+MAX_EVAL_METADATA = 64 << 10
 MAX_IMAGE_SIZE = 4096
 MAX_CLASSES = 1 << 20
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 TRAIN_FORMAT = (
     "res2net-train"  # engine/checkpoint.py's tag (not imported: weights/ is independent of engine/)
 )
+# A JSON string, its escapes included (one left open runs to the end, so that no match starts
+# again inside it: the scan stays linear), every byte but brackets, and characters beyond
+# U+FFFF (a 4-byte UTF-8 sequence or a surrogate escape).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_BEYOND_BMP = re.compile(rb"[\xf0-\xf4]|\\u[dD][89abAB]")
+# The brackets a header may have, strings aside: one object of objects (tensor entries and
+# `__metadata__`), whose values may be flat arrays (shapes, offsets); a class list is one array.
+_HEADER_BRACKETS = re.compile(rb"\{(?:\{(?:\[\])*+\})*+\}")
+_LIST_BRACKETS = re.compile(rb"\[\]")
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -113,17 +130,24 @@ def parse(data: bytes, path: str | Path) -> _Parsed:
 
 def _read_safetensors(data: bytes, path: Path) -> _Parsed:
     """Tensors copied out of `data` one by one, after checking the header against the spec:
-    known dtypes, shapes matching their byte ranges, ranges in order, inside the data and
-    covering it. Written here because `safetensors.torch.load(bytes)` holds two more copies of
-    every tensor at its peak, and `safe_open` would open the file a second time."""
+    one JSON object of tensor entries (its structure bounded before it is parsed), known
+    dtypes, shapes matching their byte ranges, ranges in order, inside the data and covering
+    it. Written here because `safetensors.torch.load(bytes)` holds two more copies of every
+    tensor at its peak, and `safe_open` would open the file a second time."""
     n = struct.unpack("<Q", data[:8].ljust(8, b"\0"))[0]
     if n > MAX_SAFETENSORS_HEADER:
         raise CheckpointError(
             f"{path}: its safetensors header claims {n} bytes, more than the "
             f"{MAX_SAFETENSORS_HEADER} a model's needs"
         )
+    problem = _json_problem(data, 8, 8 + n, _HEADER_BRACKETS, MAX_HEADER_VALUES)
+    if problem:
+        raise CheckpointError(
+            f"{path}: its safetensors header {problem}; a valid one is a JSON object of tensor "
+            "entries (refused before parsing it)"
+        )
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = json.loads(str(memoryview(data)[8 : 8 + n], "utf-8"))
     except (ValueError, RecursionError) as e:
         reason = short(str(e), 100)
         raise CheckpointError(
@@ -140,43 +164,81 @@ def _read_safetensors(data: bytes, path: Path) -> _Parsed:
     state: dict[str, torch.Tensor] = {}
     end = 0
     for name, info in sorted(header.items(), key=lambda kv: _start(kv[1])):
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{path}: safetensors entry {short(name)} is not an object")
-        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
-        shape: list[int] = info.get("shape")  # type: ignore[assignment]  # checked next
-        offsets: list[int] = info.get("data_offsets")  # type: ignore[assignment]
-        ints = (
-            isinstance(shape, list)
-            and len(shape) <= 64
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape + offsets
-            )
-        )
-        if dtype is None or not ints:
-            raise CheckpointError(
-                f"{path}: safetensors entry {short(name)} has an unknown dtype or a malformed "
-                "shape or data_offsets"
-            )
-        begin, stop = offsets
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        dtype, shape, (begin, stop) = _entry_layout(name, info, path)
+        count = math.prod(shape)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
         if begin != end or stop - begin != nbytes or stop > len(body):
             raise CheckpointError(
-                f"{path}: safetensors entry {short(name)} has data_offsets {short(offsets)} that "
-                "do not follow the entry before it, fit its shape or fit in the file"
+                f"{path}: safetensors entry {short(name)} has data_offsets {short([begin, stop])} "
+                "that do not follow the entry before it, fit its shape or fit in the file"
             )
         end = stop
+        if count == 0:
+            state[name] = torch.empty(shape, dtype=dtype)
+            continue
         raw = bytearray(body[begin:stop])  # the tensor's own copy: 2x the file at most
-        state[name] = (
-            torch.frombuffer(raw, dtype=dtype).reshape(shape)
-            if nbytes
-            else torch.empty(shape, dtype=dtype)
-        )
+        if dtype == torch.bool:  # any non-zero byte is True, as a bool must hold 0 or 1
+            state[name] = torch.frombuffer(raw, dtype=torch.uint8).ne(0).reshape(shape)
+        else:
+            state[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
     if end != len(body):
         raise CheckpointError(f"{path}: its safetensors data has bytes no tensor claims")
     check_metadata(path, metadata)
     return _Parsed(state, "safetensors", [], metadata, _metadata_classes(metadata, path))
+
+
+def _json_problem(
+    data: bytes, start: int, end: int, brackets: re.Pattern[bytes], max_values: int
+) -> str:
+    """What would make parsing `data[start:end]` as JSON cost far more memory than its size
+    ("" when nothing does), found at C speed and without copying it, before `json.loads`
+    builds anything. At most `max_values` values (counted by the separators and brackets
+    outside strings, with at most two quotes each); brackets outside strings nested as
+    `brackets` says; and a text with characters beyond U+FFFF, which widen every character
+    decoded with them to 4 bytes, at most MAX_WIDE_JSON bytes. The standard library's parser
+    has no such bounds, and `safetensors` reads headers only from files."""
+    text = memoryview(data)[start:end]
+    if end - start > MAX_WIDE_JSON and _BEYOND_BMP.search(text):
+        return f"holds characters beyond U+FFFF and is over {MAX_WIDE_JSON} bytes"
+    if data.count(b'"', start, end) > 2 * max_values:  # bounds the strings blanked next
+        return f"holds more than {max_values} strings"
+    skeleton = _JSON_STRING.sub(b"", text)
+    if sum(skeleton.count(c) for c in (b",", b":", b"[", b"{")) > max_values:
+        return f"holds more than {max_values} values"
+    if not brackets.fullmatch(skeleton.translate(None, _NOT_BRACKETS)):
+        return "nests objects and arrays otherwise than tensor entries do"
+    return ""
+
+
+def _entry_layout(
+    name: str, info: object, path: Path
+) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+    """The dtype, shape and data_offsets of one header entry, checked: a known dtype, at most
+    64 non-negative dims (those of an empty tensor multiplying to at most MAX_EMPTY_EXTENT,
+    which keeps torch's strides in range) and two non-negative offsets."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: safetensors entry {short(name)} is not an object")
+    dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ints = (
+        isinstance(shape, list)
+        and len(shape) <= 64
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape + offsets)
+    )
+    if dtype is None or not ints:
+        raise CheckpointError(
+            f"{path}: safetensors entry {short(name)} has an unknown dtype or a malformed "
+            "shape or data_offsets"
+        )
+    assert isinstance(shape, list) and isinstance(offsets, list)
+    if 0 in shape and math.prod(d for d in shape if d) > MAX_EMPTY_EXTENT:
+        raise CheckpointError(
+            f"{path}: safetensors entry {short(name)} is empty but has shape {short(shape)}, "
+            f"whose other dims multiply to more than {MAX_EMPTY_EXTENT}"
+        )
+    return dtype, shape, (offsets[0], offsets[1])
 
 
 def _start(info: object) -> int:
@@ -190,12 +252,18 @@ def _metadata_classes(metadata: dict[str, str], path: Path) -> tuple[str, ...] |
     """The class names a `.safetensors` header may carry (`classes`: a JSON list of strings)."""
     if "classes" not in metadata:
         return None
-    try:
-        names = json.loads(metadata["classes"])
-    except (ValueError, RecursionError):
-        names = None
+    text = metadata["classes"]
+    encoded = text.encode("utf-8", "surrogatepass")
+    names = None
+    if not _json_problem(encoded, 0, len(encoded), _LIST_BRACKETS, MAX_HEADER_VALUES):
+        try:
+            names = json.loads(text)
+        except (ValueError, RecursionError):
+            pass
     if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
-        raise CheckpointError(f"{path}: metadata 'classes' must be a JSON list of strings")
+        raise CheckpointError(
+            f"{path}: metadata 'classes' must be a JSON list of at most {MAX_HEADER_VALUES} strings"
+        )
     return tuple(names)
 
 
@@ -211,6 +279,11 @@ def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
             )
     if "eval" not in metadata:
         return
+    if len(metadata["eval"]) > MAX_EVAL_METADATA:
+        raise CheckpointError(
+            f"{path}: metadata 'eval' is {len(metadata['eval'])} characters long; a transform's "
+            f"settings take a few hundred (at most {MAX_EVAL_METADATA})"
+        )
     try:
         settings = json.loads(metadata["eval"])
     except (ValueError, RecursionError) as e:

@@ -96,7 +96,8 @@ _CRC_MARK = b"crc_num"
 _CRC_TRAILER = len(_CRC_MARK) + 10
 _CHUNK_BYTES = 512 * 1024 * 1024  # MindSpore's slice size for big tensors
 _MAX_DIMS = 64
-_MAX_EMPTY_EXTENT = 1 << 40  # bound on the other dims of a tensor with a 0 dim
+# bound on the product of the other dims of a tensor with a 0 dim (keeps torch's strides in range)
+MAX_EMPTY_EXTENT = 1 << 40
 # Entries per file: the largest MindCV checkpoints (weights plus optimizer slots) have a few
 # thousand; each costs about 1 KiB of bookkeeping whatever its size.
 MAX_ENTRIES = 1 << 15
@@ -160,14 +161,15 @@ def _parse_tensor(buf: memoryview) -> tuple[list[int], str, memoryview]:
     content = buf[0:0]
     for field, wire, value in _fields(buf, 0, len(buf)):
         if field == 1 and wire == 0:
-            dims.append(value)  # type: ignore[arg-type]
-        elif field == 1 and wire == 2:  # packed encoding
+            assert isinstance(value, int)
+            _add_dim(dims, value)
+        elif field == 1 and wire == 2:  # packed encoding: decoded no further than _MAX_DIMS
             packed = value
             assert isinstance(packed, memoryview)
             pos = 0
             while pos < len(packed):
                 dim, pos = _varint(packed, pos, len(packed))
-                dims.append(dim)
+                _add_dim(dims, dim)
         elif field == 2 and wire == 2:
             tensor_type = _text(value, "tensor_type")
         elif field == 3 and wire == 2:
@@ -175,13 +177,19 @@ def _parse_tensor(buf: memoryview) -> tuple[list[int], str, memoryview]:
             content = value
         elif field in (1, 2, 3):
             raise _Bad(f"TensorProto field {field} has the wrong wire type {wire}")
-        if len(dims) > _MAX_DIMS:
-            raise _Bad(f"a tensor has more than {_MAX_DIMS} dims")
     if tensor_type is None:
         raise _Bad("a tensor has no tensor_type")
     # int64 on the wire: values >= 2**63 are negative
     dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
     return dims, tensor_type, content
+
+
+def _add_dim(dims: list[int], dim: int) -> None:
+    """Append `dim`, refusing the one past `_MAX_DIMS` before it is stored: a packed field of
+    millions of dims costs no more to refuse than one of 65."""
+    if len(dims) == _MAX_DIMS:
+        raise _Bad(f"a tensor has more than {_MAX_DIMS} dims")
+    dims.append(dim)
 
 
 def _text(value: int | memoryview, what: str) -> str:
@@ -248,9 +256,7 @@ def _shape(
             f"entry {tag!r}: dims {dims[:8]} of {tensor_type} need {count * itemsize}+ bytes, not "
             f"{nbytes}"
         )
-    if (
-        count == 0 and math.prod(d for d in dims if d) > _MAX_EMPTY_EXTENT
-    ):  # keeps torch's strides in range
+    if count == 0 and math.prod(d for d in dims if d) > MAX_EMPTY_EXTENT:
         raise _Bad(f"entry {tag!r} is empty but has dims {dims[:8]}")
     return dims, dtype
 
@@ -258,10 +264,15 @@ def _shape(
 def _to_tensor(
     tag: str, dims: list[int], tensor_type: str, parts: list[memoryview]
 ) -> torch.Tensor:
-    dims, dtype = _shape(tag, dims, tensor_type, sum(len(p) for p in parts))
+    nbytes = sum(len(p) for p in parts)
+    dims, dtype = _shape(tag, dims, tensor_type, nbytes)
     if math.prod(dims) == 0:
         return torch.empty(dims, dtype=dtype)
-    raw = bytearray(parts[0]) if len(parts) == 1 else bytearray(b"".join(parts))
+    raw = bytearray(nbytes)  # the tensor's one copy, filled slice by slice
+    pos = 0
+    for part in parts:
+        raw[pos : pos + len(part)] = part
+        pos += len(part)
     if dtype == torch.bool:  # any non-zero byte is True
         return torch.frombuffer(raw, dtype=torch.uint8).ne(0).reshape(dims)
     return torch.frombuffer(raw, dtype=dtype).reshape(dims)
