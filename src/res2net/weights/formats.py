@@ -272,7 +272,7 @@ def check_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     `eval` must be a JSON object of known transform settings in range, `num_classes` a count."""
     if "num_classes" in metadata:
         n = metadata["num_classes"]
-        if not (n.isdigit() and len(n) < 10 and 1 <= int(n) <= MAX_CLASSES):
+        if not (n.isascii() and n.isdigit() and len(n) < 10 and 1 <= int(n) <= MAX_CLASSES):
             raise CheckpointError(
                 f"{path}: metadata 'num_classes' must be a count from 1 to {MAX_CLASSES}, "
                 f"got {short(n)}"

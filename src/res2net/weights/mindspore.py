@@ -27,6 +27,7 @@ import binascii
 import itertools
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -454,7 +455,7 @@ def _rename(name: str, model: nn.Module, to_ours: bool) -> str:
     if src in parts:
         i = parts.index(src)
         parts[i] = dst
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
+        if i + 1 < len(parts) and re.fullmatch(r"[0-9]{1,9}", parts[i + 1]):
             shift = _shortcut_shift(model, ".".join(parts[:i]))
             parts[i + 1] = str(int(parts[i + 1]) + (shift if to_ours else -shift))
     return ".".join(parts)
