@@ -78,14 +78,19 @@ def draws() -> list[float]:
 
 
 TINY_ARCH = "res2net_tiny_test"  # one block per stage, width 4: a whole Res2Net of 0.2 MB
+TINY_ARGS = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
+# the same registration, as source for a Python process a test starts (it does not see this one's)
+REGISTER_TINY = (
+    "from res2net.models import ARCHITECTURES, Res2Net\n"
+    f"ARCHITECTURES[{TINY_ARCH!r}] = (Res2Net, {TINY_ARGS!r})\n"
+)
 
 
 def _register_tiny(mp: pytest.MonkeyPatch) -> str:
     from res2net.models import Res2Net
     from res2net.models.registry import ARCHITECTURES
 
-    arch = dict(layers=(1, 1, 1, 1), base_width=4, scale=4)
-    mp.setitem(ARCHITECTURES, TINY_ARCH, (Res2Net, arch))
+    mp.setitem(ARCHITECTURES, TINY_ARCH, (Res2Net, TINY_ARGS))
     return TINY_ARCH
 
 

@@ -6,7 +6,8 @@ PLAN.json: {"workdir": ..., "steps": [{"id", "kind": "shell" | "python", "code"}
 is one command line (already made tiny by tests/test_readme.py): `res2net ...` runs the console
 entry point, `python SCRIPT ...` runs the script as `__main__`, anything else (make -n ...) runs
 in a shell. A python step is exec'd in a fresh namespace. RESULT.json lists, per step, its exit
-code, its output (stdout and stderr, with the log lines) and its run time.
+code, its output (stdout and stderr, with the log lines), its run time and its CPU time (user +
+system, of this process and the processes it waited for).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def _reset_logging() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _run_shell(code: str) -> int:
@@ -59,7 +65,7 @@ def main() -> None:
     for step in plan["steps"]:
         out = io.StringIO()
         _reset_logging()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
                 if step["kind"] == "python":
@@ -80,6 +86,7 @@ def main() -> None:
                 "rc": rc,
                 "output": out.getvalue(),
                 "seconds": round(time.perf_counter() - start, 1),
+                "cpu_seconds": round(_cpu_seconds() - cpu, 1),
             }
         )
         with open(result_path, "w") as f:  # as we go: a crash still reports the steps before

@@ -138,22 +138,20 @@ def cli(*argv: str) -> int:
     return cam_cli.run(parser.parse_args(list(argv)), [])
 
 
-def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
+def test_cli_writes_one_figure_per_photo(tiny_arch, photos, tmp_path, capsys):
     torch.manual_seed(0)
     classes = ["cat", "coffee", "person"]
-    model = Res2Net(
-        layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3
-    )  # res2net50, 3 classes
-    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    model = tiny_res2net(3)  # tiny_arch's weights, 3 classes
+    torch.save(model.state_dict(), tmp_path / "tiny_3.pth")
     (tmp_path / "classes.txt").write_text("\n".join(classes))
     out = tmp_path / "out"
     assert (
         cli(
             str(photos),
             "--model",
-            "res2net50",
+            tiny_arch,
             "--ckpt_path",
-            str(tmp_path / "r50_3.pth"),
+            str(tmp_path / "tiny_3.pth"),
             "--classes",
             str(tmp_path / "classes.txt"),
             "--layer",
@@ -181,9 +179,9 @@ def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
         cli(
             str(photos / "chelsea.png"),
             "--model",
-            "res2net50",
+            tiny_arch,
             "--ckpt_path",
-            str(tmp_path / "r50_3.pth"),
+            str(tmp_path / "tiny_3.pth"),
             "--method",
             "cam",
             "--class",
@@ -200,26 +198,27 @@ def test_cli_writes_one_figure_per_photo(photos, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["chelsea_cam.png"]
 
     with pytest.raises(ValueError, match="last stage"):
-        cli(str(photos), "--model", "res2net50", "--method", "cam", "--layer", "layer2")
+        cli(str(photos), "--model", tiny_arch, "--method", "cam", "--layer", "layer2")
     with pytest.raises(FileNotFoundError):
-        cli(str(tmp_path / "missing.jpg"), "--model", "res2net50")
+        cli(str(tmp_path / "missing.jpg"), "--model", tiny_arch)
 
 
-def test_cli_gives_same_named_images_their_own_figures(photos, tmp_path, capsys):
+def test_cli_gives_same_named_images_their_own_figures(tiny_arch, photos, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     shutil.copy(photos / "astronaut.jpg", tmp_path / "in" / "x.jpg")
     shutil.copy(photos / "chelsea.png", tmp_path / "in" / "x.png")
-    torch.save(tiny_res2net(3).state_dict(), tmp_path / "tiny.pth")
-    args = ["--model", "res2net50", "--ckpt_path", str(tmp_path / "tiny.pth")]
-    with pytest.raises(ValueError):  # not a res2net50 checkpoint: refused, nothing written
+    wider = Res2Net(layers=(1, 1, 1, 1), base_width=8, scale=4, num_classes=3)
+    torch.save(wider.state_dict(), tmp_path / "wider.pth")
+    args = ["--model", tiny_arch, "--ckpt_path", str(tmp_path / "wider.pth")]
+    with pytest.raises(ValueError):  # another architecture's checkpoint: refused, nothing written
         cli(str(tmp_path / "in"), *args, "--out", str(tmp_path / "out"))
-    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
-    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    model = tiny_res2net(3)
+    torch.save(model.state_dict(), tmp_path / "tiny_3.pth")
     args = [
         "--model",
-        "res2net50",
+        tiny_arch,
         "--ckpt_path",
-        str(tmp_path / "r50_3.pth"),
+        str(tmp_path / "tiny_3.pth"),
         "--image_resize",
         "64",
     ]
@@ -227,50 +226,52 @@ def test_cli_gives_same_named_images_their_own_figures(photos, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_cam.png", "x_cam_2.png"]
 
 
-def test_cli_skips_an_unreadable_image_in_a_folder_and_exits_1(photos, tmp_path, capsys):
+def test_cli_skips_an_unreadable_image_in_a_folder_and_exits_1(tiny_arch, photos, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     shutil.copy(photos / "chelsea.png", tmp_path / "in" / "a.png")
     (tmp_path / "in" / "b.png").write_bytes(b"not a png")
-    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
-    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
-    ckpt = ["--ckpt_path", str(tmp_path / "r50_3.pth"), "--image_resize", "64"]
-    args = ["--model", "res2net50", *ckpt, "--out", str(tmp_path / "out"), "--device", "cpu"]
+    model = tiny_res2net(3)
+    torch.save(model.state_dict(), tmp_path / "tiny_3.pth")
+    ckpt = ["--ckpt_path", str(tmp_path / "tiny_3.pth"), "--image_resize", "64"]
+    args = ["--model", tiny_arch, *ckpt, "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert cli(str(tmp_path / "in"), *args) == 1
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_cam.png"]
     err = capsys.readouterr().err.strip().splitlines()
     assert "b.png" in err[-2] and "1 of 2 images could not be read" in err[-1]
 
 
-def test_a_checkpoint_whose_classifier_does_not_load_is_refused(tmp_path, photos):
+def test_a_checkpoint_whose_classifier_does_not_load_is_refused(tiny_arch, tmp_path, photos):
     """Predicting with a freshly initialised classifier gives confident nonsense: refused."""
     from res2net.inference import iter_predictions
 
-    state = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3).state_dict()
+    state = tiny_res2net(3).state_dict()
     headless = {k: v for k, v in state.items() if not k.startswith("fc.")}
     torch.save(headless, tmp_path / "headless.pth")
     with pytest.raises(ValueError, match="no classifier in this checkpoint"):
         next(
             iter_predictions(
-                [str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "headless.pth")
+                [str(photos / "chelsea.png")], tiny_arch, ckpt_path=str(tmp_path / "headless.pth")
             )
         )
-    torch.save({**state, "fc.weight": torch.zeros(5, 2048)}, tmp_path / "mixed.pth")  # bias: 3
+    torch.save(
+        {**state, "fc.weight": torch.zeros(5, state["fc.weight"].shape[1])}, tmp_path / "mixed.pth"
+    )  # bias: 3
     with pytest.raises(ValueError, match="mixed.pth"):
         next(
             iter_predictions(
-                [str(photos / "chelsea.png")], "res2net50", ckpt_path=str(tmp_path / "mixed.pth")
+                [str(photos / "chelsea.png")], tiny_arch, ckpt_path=str(tmp_path / "mixed.pth")
             )
         )
 
 
-def test_a_model_folder_predicts_with_its_own_classes(tmp_path, photos):
+def test_a_model_folder_predicts_with_its_own_classes(tiny_arch, tmp_path, photos):
     from res2net.inference import iter_predictions
 
-    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
+    model = tiny_res2net(3)
     res2net.save_to_folder(
         model,
         tmp_path / "folder",
-        arch="res2net50",
+        arch=tiny_arch,
         classes=["cat", "dog", "eel"],
         eval_args={"image_resize": 64, "crop_pct": 1.0},
     )
@@ -281,23 +282,23 @@ def test_a_model_folder_predicts_with_its_own_classes(tmp_path, photos):
     assert len(top) == 3 and {name for name, _ in top} == {"cat", "dog", "eel"}
 
 
-def test_predict_cli_goes_on_past_an_unreadable_image(tmp_path, photos, capsys):
+def test_predict_cli_goes_on_past_an_unreadable_image(tiny_arch, tmp_path, photos, capsys):
     from res2net.cli.main import main
 
     (tmp_path / "in").mkdir()
     shutil.copy(photos / "chelsea.png", tmp_path / "in" / "a.png")
     (tmp_path / "in" / "b.png").write_bytes(b"")  # unreadable
     shutil.copy(photos / "astronaut.jpg", tmp_path / "in" / "c\nfake 99.00%  line.jpg")
-    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
-    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
+    model = tiny_res2net(3)
+    torch.save(model.state_dict(), tmp_path / "tiny_3.pth")
     code = main(
         [
             "predict",
             str(tmp_path / "in"),
             "--model",
-            "res2net50",
+            tiny_arch,
             "--ckpt_path",
-            str(tmp_path / "r50_3.pth"),
+            str(tmp_path / "tiny_3.pth"),
             "--image_resize",
             "64",
             "--topk",
@@ -311,14 +312,14 @@ def test_predict_cli_goes_on_past_an_unreadable_image(tmp_path, photos, capsys):
     assert len(lines) == 4 and lines[0].endswith("a.png") and "c\\nfake" in lines[2]  # escaped name
 
 
-def test_cli_shows_a_crafted_file_name_escaped(photos, tmp_path, capsys):
+def test_cli_shows_a_crafted_file_name_escaped(tiny_arch, photos, tmp_path, capsys):
     """A file name inside a folder is anyone's: printed as the figure's path, its control
     characters are escaped, as `predict` shows names, so it cannot drive the terminal."""
     (tmp_path / "in").mkdir()
     shutil.copy(photos / "chelsea.png", tmp_path / "in" / "evil\x1b[2J\x07.png")
-    model = Res2Net(layers=(3, 4, 6, 3), base_width=26, scale=4, num_classes=3)
-    torch.save(model.state_dict(), tmp_path / "r50_3.pth")
-    ckpt = ["--ckpt_path", str(tmp_path / "r50_3.pth"), "--image_resize", "64"]
-    args = ["--model", "res2net50", *ckpt, "--out", str(tmp_path / "out"), "--device", "cpu"]
+    model = tiny_res2net(3)
+    torch.save(model.state_dict(), tmp_path / "tiny_3.pth")
+    ckpt = ["--ckpt_path", str(tmp_path / "tiny_3.pth"), "--image_resize", "64"]
+    args = ["--model", tiny_arch, *ckpt, "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert cli(str(tmp_path / "in"), *args) == 0
     assert capsys.readouterr().out == f"{tmp_path}/out/evil\\x1b[2J\\x07_cam.png\n"

@@ -14,9 +14,14 @@ from res2net.config import load_config
 from res2net.engine.checkpoint import load_training_state
 from res2net.engine.validate import validate
 
+from .conftest import REGISTER_TINY, TINY_ARCH
 from .test_train import make_folder
 
-HOOK = """
+# the processes train the tiny registered Res2Net: the distributed path is the point, not the
+# zoo model
+HOOK = (
+    REGISTER_TINY
+    + """
 import os, signal, sys
 from res2net.engine import progress
 real = progress.StepReporter.update
@@ -28,13 +33,14 @@ progress.StepReporter.update = update
 from res2net.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 def common_args(data_dir: Path, ckpt_dir: Path, batch_size: int) -> list[str]:
     return [
         "train",
         "--model",
-        "res2net50",
+        TINY_ARCH,
         "--data_dir",
         str(data_dir),
         "--ckpt_save_dir",
@@ -137,7 +143,7 @@ def test_two_processes_equal_one_with_the_global_batch(runs):
     assert load_training_state(root / "ddp" / "last.pt")["global_step"] == 4  # 2 epochs x 2 steps
 
 
-def test_distributed_eval_counts_every_image_once(runs):
+def test_distributed_eval_counts_every_image_once(runs, tiny_arch):
     root, data, _ = runs
     records = [json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["kind"] == "epoch"][-1]
@@ -145,7 +151,7 @@ def test_distributed_eval_counts_every_image_once(runs):
         None,
         [
             "--model",
-            "res2net50",
+            TINY_ARCH,
             "--data_dir",
             str(data),
             "--image_resize",

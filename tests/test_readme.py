@@ -7,13 +7,15 @@ only adds what makes them tiny (one epoch, a few images, 32 px, no workers), poi
 placeholder paths of what a user downloads (/data/imagenet, MindCV's .ckpt, the DUTS folders) at
 small stand-ins, and runs `make X` as `make -n X` (the target exists; building a venv is not a
 test's job). Every other file a block uses is the demo's output (made by the demo's own
-functions) or written by an earlier block, as in a clone after `make demo`. Everything runs in
-one Python process (tests/readme_runner.py). The commands that take a minute or more on 2 CPU
-cores (the demo's training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile) run
-under `-m slow`; their blocks' other lines run here (`make -n demo`, and the demo's output made
-by its own functions for the blocks after it), and tests/test_export.py checks ONNX export (one
-quiet file, dynamic size) and OpenVINO export (dynamic size, in OpenVINO's runtime) on a tiny
-net.
+functions; its digits folder keeps a few images per class and the ones the README names) or
+written by an earlier block, as in a clone after `make demo`. Everything runs in one Python
+process (tests/readme_runner.py). The commands that take a minute or more on 2 CPU cores (the
+demo's training, ONNX and OpenVINO export of Res2Net-50, benchmark --compile, int8 calibration)
+run under `-m slow`; their blocks' other lines run here (`make -n demo`, and the demo's output
+made by its own functions for the blocks after it), and tests/test_export.py and
+tests/test_lowprec.py check ONNX export (one quiet file, dynamic size), OpenVINO export (dynamic
+size, in OpenVINO's runtime) and int8 on a tiny net. The workspace (gigabytes of Res2Net-50
+checkpoints) is removed when the module's tests are done.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +142,7 @@ def command_lines(code: str) -> list[list[str]]:
 def heavy(argv: list[str]) -> bool:
     """A minute or more on 2 CPU cores: run under -m slow only."""
     if argv[:2] == ["res2net", "demo"] or (
-        argv[:2] == ["res2net", "benchmark"] and "--compile" in argv
+        argv[:2] == ["res2net", "benchmark"] and ("--compile" in argv or "int8" in argv)
     ):
         return True
     return argv[:2] == ["res2net", "export"] and any(
@@ -254,7 +257,8 @@ def _run(root: Path, steps: list[dict]) -> dict[str, dict]:
     return {r["id"]: r for r in done}
 
 
-BLOCKS = readme_blocks((REPO / "README.md").read_text(encoding="utf-8"))
+README = (REPO / "README.md").read_text(encoding="utf-8")
+BLOCKS = readme_blocks(README)
 
 
 def _steps(include_heavy: bool) -> list[dict]:
@@ -287,6 +291,7 @@ def _demo_output(root: Path) -> None:
 
     cfg = load_config(DEMO_RECIPE)
     write_digits_folder(root / cfg.data_dir, upscale=cfg.image_resize)
+    _keep_few(root / cfg.data_dir, per_class={"train": 8, "val": 4})
     run = root / cfg.ckpt_save_dir
     run.mkdir(parents=True)
     model = create_model(cfg.model, num_classes=10)
@@ -305,11 +310,27 @@ def _demo_output(root: Path) -> None:
     keep_best_weights(run, run / "best.pt", prefix=cfg.model)
 
 
+def _keep_few(data_dir: Path, per_class: dict[str, int]) -> None:
+    """Keep the first few images of each class folder of the digits, and every one the README
+    names: the blocks that read the whole folder (cam, predict, validate with TTA, training)
+    run the same code on 80 + 40 images instead of 1,437 + 360."""
+    for split, keep in per_class.items():
+        for folder in sorted((data_dir / split).iterdir()):
+            for i, image in enumerate(sorted(folder.iterdir())):
+                named = f"{data_dir.name}/{split}/{folder.name}/{image.name}" in README
+                if i >= keep and not named:
+                    image.unlink()
+
+
 @pytest.fixture(scope="module")
-def readme_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
-    root = _workspace(tmp_path_factory.mktemp("readme"))
-    _demo_output(root)
-    return root, _run(root, _steps(include_heavy=False))
+def readme_run(tmp_path_factory) -> Iterator[tuple[Path, dict[str, dict]]]:
+    root = tmp_path_factory.mktemp("readme")
+    try:
+        _workspace(root)
+        _demo_output(root)
+        yield root, _run(root, _steps(include_heavy=False))
+    finally:  # the checkpoints the commands wrote; each step's output is in its result
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _check(step: dict) -> None:
@@ -350,13 +371,18 @@ def test_readme_heavy_commands(tmp_path: Path) -> None:
     steps = _steps(include_heavy=True)
     shell = [s for s in steps if s["kind"] == "shell"]
     assert {s["code"].split()[1] for s in shell} == {"demo", "export", "benchmark"}
-    results = _run(_workspace(tmp_path), steps)  # the demo's output serves the slow Python blocks
-    for step in results.values():
-        _check(step)
-    demo = next(r for r in results.values() if "best weights:" in r["output"])
-    path = tmp_path / re.search(r"best weights: (\S+)", demo["output"]).group(1)
-    files = sorted(p.name for p in path.parent.iterdir())
-    assert files == ["best.safetensors", "metrics.jsonl", "training.png"], files
-    assert (
-        "(checkpoint best.safetensors)" in demo["output"]
-    )  # validated with the weights' transform
+    root = tmp_path / "readme"
+    root.mkdir()
+    try:
+        results = _run(_workspace(root), steps)  # the demo's output serves the slow Python blocks
+        for step in results.values():
+            _check(step)
+        demo = next(r for r in results.values() if "best weights:" in r["output"])
+        path = root / re.search(r"best weights: (\S+)", demo["output"]).group(1)
+        files = sorted(p.name for p in path.parent.iterdir())
+        assert files == ["best.safetensors", "metrics.jsonl", "training.png"], files
+        assert (
+            "(checkpoint best.safetensors)" in demo["output"]
+        )  # validated with the weights' transform
+    finally:  # a failed run's outputs are in the message, not worth its checkpoints on disk
+        shutil.rmtree(root, ignore_errors=True)

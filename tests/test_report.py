@@ -12,13 +12,15 @@ from PIL import Image
 import res2net
 from res2net.cli.main import main
 from res2net.data import eval_transform, load_image
+from tests.conftest import TINY_ARCH
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+# the report is the point, not the zoo model: the tiny registered Res2Net (in-process)
+pytestmark = pytest.mark.usefixtures("single_thread", "tiny_arch")
 CLASSES = ["class0", "class1", "class2"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_arch):
     """A 3-class model with varied predictions and a 3-class val folder of 24x24 images."""
     root = tmp_path_factory.mktemp("report")
     rng = np.random.default_rng(0)
@@ -29,7 +31,7 @@ def setup(tmp_path_factory):
                 root / "data" / "val" / c / f"{c}_{i}.png"
             )
     torch.manual_seed(3)
-    model = res2net.create_model("res2net50", num_classes=3).eval()
+    model = res2net.create_model(tiny_arch, num_classes=3).eval()
     with (
         torch.no_grad()
     ):  # a head centred on these images' features: predictions vary with the image
@@ -64,7 +66,7 @@ def run_validate(root, *extra, size="16", crop="1.0"):
     args = [
         "validate",
         "--model",
-        "res2net50",
+        TINY_ARCH,
         "--data_dir",
         str(root / "data"),
         "--image_resize",
@@ -126,7 +128,7 @@ def test_report_files_match_per_image_predictions(setup, tmp_path, capsys):
     # the results row, in timm's columns; a second run appends
     assert run_validate(root, "--results_csv", str(tmp_path / "r.csv")) == 0
     results = list(csv.DictReader((tmp_path / "r.csv").open()))
-    assert len(results) == 2 and results[0]["model"] == "res2net50"
+    assert len(results) == 2 and results[0]["model"] == TINY_ARCH
     assert float(results[0]["top1"]) == pytest.approx(printed["top1"], abs=1e-3)
     assert float(results[0]["top1_err"]) == pytest.approx(100 - printed["top1"], abs=1e-3)
     assert results[0]["param_count"] == f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
@@ -180,7 +182,7 @@ def test_class_map_and_real_labels(setup, tmp_path, capsys):
     args = [
         "validate",
         "--model",
-        "res2net50",
+        TINY_ARCH,
         "--data_dir",
         str(data),
         "--image_resize",

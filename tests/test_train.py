@@ -17,11 +17,11 @@ from res2net.engine import train as train_mod
 from res2net.engine.checkpoint import load_training_state
 from res2net.engine.train import train
 from res2net.engine.validate import validate
-from tests.conftest import TINY_ARCH
+from tests.conftest import REGISTER_TINY, TINY_ARCH
 
 REPO = Path(__file__).resolve().parents[1]
-# tiny_config's model: the training path is the point, not the zoo model (a subprocess, which
-# does not see the registration, and the shared recipe's test still train res2net50)
+# tiny_config's model: the training path is the point, not the zoo model (the SIGTERM test's
+# subprocess registers it itself; the shared recipe's test still trains res2net50)
 pytestmark = pytest.mark.usefixtures("tiny_arch")
 
 
@@ -289,9 +289,11 @@ def test_missing_data_dir_shows_expected_tree(tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path):
-    """A real SIGTERM to a training process: checkpoint at the next step boundary, exit code 0."""
+    """A real SIGTERM to a training process: checkpoint at the next step boundary, exit code 0.
+    The process registers tiny_arch's model itself (it does not see this one's registration)."""
     script = (
         "import os, signal, sys\n"
+        f"{REGISTER_TINY}"
         "from res2net.engine import progress\n"
         "real = progress.StepReporter.update\n"
         "def update(self, step, *a, **k):\n"
@@ -304,7 +306,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path):
     args = [
         "train",
         "--model",
-        "res2net50",
+        TINY_ARCH,
         "--data_dir",
         str(data_dir),
         "--ckpt_save_dir",
