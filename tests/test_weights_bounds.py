@@ -216,3 +216,13 @@ def test_a_string_left_open_is_scanned_once(tmp_path):
             read_checkpoint(path)
     finally:
         path.unlink()
+
+
+@pytest.mark.parametrize("count", ["²", "١٢", "9" * 5000])
+def test_a_class_count_of_other_digits_is_refused_naming_the_file(tmp_path, count):
+    """`str.isdigit()` accepts '²' and Arabic-Indic digits, which are not a count here."""
+    path = tmp_path / "odd.safetensors"
+    header = json.dumps({"__metadata__": {"num_classes": count}}).encode()
+    path.write_bytes(safetensors(header))
+    with pytest.raises(CheckpointError, match=rf"{path}: metadata 'num_classes' must be a count"):
+        read_checkpoint(str(path))
