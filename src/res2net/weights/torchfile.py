@@ -465,8 +465,7 @@ def _end_records(data: bytes) -> _Directory:
         )
     if disk or cd_disk or here != count:
         raise RefusedPickle("its zip end record describes a multi-disk archive")
-    locator = data[max(eocd - _LOCATOR.size, 0) : eocd]
-    if locator[:4] != b"PK\x06\x07":
+    if eocd < _LOCATOR.size or data[eocd - _LOCATOR.size : eocd - 16] != b"PK\x06\x07":
         if count == 0xFFFF or 0xFFFFFFFF in (size, offset):
             raise RefusedPickle("its zip end record asks for a zip64 end record it lacks")
         found = _Directory(offset, size, count, eocd)
@@ -516,6 +515,8 @@ def _central_names(data: bytes, directory: _Directory) -> list[bytes]:
             raise DamagedPickle("its zip central directory is damaged")
         sizes_and_offset = struct.unpack("<II", header[20:28]) + struct.unpack("<I", header[42:46])
         n, m, k, disk = struct.unpack("<HHHH", header[28:36])
+        if pos + 46 + n + m + k > directory.offset + directory.size:
+            raise DamagedPickle("its zip central directory is damaged")
         name = data[pos + 46 : pos + 46 + n]
         if k:
             raise RefusedPickle(f"zip record {short(name)} has a comment (torch.save writes none)")
