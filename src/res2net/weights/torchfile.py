@@ -114,7 +114,7 @@ _PRICES: dict[bytes, tuple[int, int, bool]] = {
     pickle.EMPTY_SET: (_SET, 0, False),
     pickle.EMPTY_TUPLE: (_REF, 0, False),
     pickle.LIST: (_LIST, _REF, False),
-    pickle.DICT: (_DICT, _ENTRY, False),
+    pickle.DICT: (_DICT, _ENTRY // 2, False),  # keys and values: two items an entry
     pickle.FROZENSET: (_SET, _ENTRY, False),
     pickle.TUPLE: (_TUPLE, _REF, False),
     pickle.TUPLE1: (_TUPLE + _REF, 0, False),
@@ -123,7 +123,7 @@ _PRICES: dict[bytes, tuple[int, int, bool]] = {
     pickle.APPEND: (_REF, 0, False),
     pickle.APPENDS: (0, _REF, False),
     pickle.SETITEM: (_ENTRY, 0, False),
-    pickle.SETITEMS: (0, _ENTRY, False),
+    pickle.SETITEMS: (0, _ENTRY // 2, False),
     pickle.ADDITEMS: (0, _ENTRY, False),
     pickle.OBJ: (_CALL, _REF, False),
     pickle.INST: (_CALL, _REF, False),
@@ -198,6 +198,14 @@ class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, n
         self.budget = budget
         self.storage_bytes = storage_bytes
         self.storages: dict[str, _Storage] = {}
+
+    def release(self) -> None:
+        """Drop every object the replay built (in place: the unpickler's bound methods keep
+        its stack lists)."""
+        for stack in (*getattr(self, "metastack", ()), getattr(self, "stack", [])):
+            stack.clear()
+        self.memo.clear()
+        self.storages.clear()
 
     # --- charging ------------------------------------------------------------------------
 
@@ -664,6 +672,8 @@ def _run(f: BinaryIO, storage_bytes: Callable[[str, int], None]) -> None:
     except Exception as e:  # a damaged pickle fails in many ways
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         raise DamagedPickle(f"its pickle is damaged ({reason})") from None
+    finally:  # the exception's traceback keeps the scanner: drop what it built now
+        scanner.release()
 
 
 def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
