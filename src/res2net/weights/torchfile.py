@@ -188,6 +188,7 @@ def _priced(load: Callable[[Any], None], op: bytes) -> Callable[[Any], None]:
 class _Scanner(pickle._Unpickler):  # the pure-Python one: its memo is a dict, not an array
     proto: int  # set by the base class when it reads the PROTO opcode
     stack: list[Any]  # the items since the last MARK, set by the base class's load()
+    memo: dict[int, Any]
     _unframer: Any
     dispatch = {
         code: _priced(load, bytes([code])) for code, load in pickle._Unpickler.dispatch.items()
