@@ -350,3 +350,13 @@ def test_finiteness_is_checked_on_expected_tensors_without_materialising_views(t
     assert report.unexpected == ["unexpected"]
     (warning,) = [r.getMessage() for r in caplog.records if "NaN or Inf" in r.getMessage()]
     assert "fc.bias" in warning and "unexpected" not in warning
+
+
+def test_torchs_own_reader_is_asked_where_every_record_lies():
+    """Were the end-record checks ever wrong, the last check still sees the readers disagree:
+    zipfile's view of the attack file lists its records at other places than torch's reader."""
+    data = locator_in_comment(zip_records(torch_zip({"fc.weight": torch.full((2, 3), 7.0)})))
+    with pytest.raises(torchfile.RefusedPickle, match="readers disagree"):
+        torchfile._check_torch_reader(data, zipfile.ZipFile(io.BytesIO(data)))
+    good = torch_zip()
+    torchfile._check_torch_reader(good, zipfile.ZipFile(io.BytesIO(good)))

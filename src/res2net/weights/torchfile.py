@@ -402,9 +402,8 @@ def check_zip_layout(data: bytes) -> zipfile.ZipFile:
     it exactly and carry no comment or foreign extra field, the file starts with the first
     record's local header, the local headers' names are the central ones, no two names are
     equal or collide once cut at a NUL or case-folded (torch's reader matches names without
-    case), and torch's own reader lists the same records with the same sizes and reads the
-    same `data.pkl`. Encrypted, compressed or overlapping records are refused too.
-    RefusedPickle/DamagedPickle otherwise."""
+    case), and torch's own reader lists the same records at the same places. Encrypted,
+    compressed or overlapping records are refused too. RefusedPickle/DamagedPickle otherwise."""
     directory = _end_records(data)
     if directory.count > MAX_RECORDS:
         raise RefusedPickle(f"it has {directory.count} zip records, more than {MAX_RECORDS}")
@@ -549,29 +548,38 @@ def _central_names(data: bytes, directory: _Directory) -> list[bytes]:
 
 def _check_torch_reader(data: bytes, archive: zipfile.ZipFile) -> None:
     """torch's own zip reader, the one torch.load uses, must list the records zipfile does
-    (without the folder they all share, as it names them), with the same sizes, and read the
-    same data.pkl: a last check that both readers see one archive."""
+    (without the folder they all share, as it names them), each with the same size, local
+    header and data offset: both then read the very same bytes for every record. A last check
+    that both readers see one archive."""
     records = archive.infolist()
     folder = records[0].filename.partition("/")[0] + "/"  # torch's reader takes the first's
     if any(not r.filename.startswith(folder) for r in records):
         raise RefusedPickle(f"its zip records are not all in one folder ({short(folder)})")
-    ours = {r.filename[len(folder) :]: r.file_size for r in records}
+    ours = {r.filename[len(folder) :]: _placement(data, r) for r in records}
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         names = reader.get_all_records()
-        theirs = {name: reader.get_record_size(name) for name in names}
-        pickle_bytes = reader.get_record("data.pkl") if "data.pkl" in theirs else None
+        theirs = {
+            name: (
+                reader.get_record_size(name),
+                reader.get_record_header_offset(name),
+                reader.get_record_offset(name),
+            )
+            for name in names
+        }
     except Exception as e:  # miniz reports a damaged archive as RuntimeError, in many ways
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         raise DamagedPickle(f"torch's zip reader cannot read it ({reason})") from None
     if len(names) != len(ours) or theirs != ours:
         raise RefusedPickle(
-            "torch's zip reader lists other records than Python's zipfile (readers disagree)"
+            "torch's zip reader sees other records than Python's zipfile (readers disagree)"
         )
-    if pickle_bytes is not None and pickle_bytes != _read(archive, f"{folder}data.pkl"):
-        raise RefusedPickle(
-            "torch's zip reader reads another data.pkl than Python's zipfile (readers disagree)"
-        )
+
+
+def _placement(data: bytes, r: zipfile.ZipInfo) -> tuple[int, int, int]:
+    """Record `r`'s size, local header offset and data offset, as zipfile reads them."""
+    n, m = struct.unpack("<HH", data[r.header_offset + 26 : r.header_offset + 30])
+    return r.file_size, r.header_offset, r.header_offset + 30 + n + m
 
 
 def _read(archive: zipfile.ZipFile, name: str) -> bytes:
