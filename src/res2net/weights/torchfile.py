@@ -557,7 +557,8 @@ def _check_torch_reader(data: bytes, archive: zipfile.ZipFile) -> None:
         raise RefusedPickle(f"its zip records are not all in one folder ({short(folder)})")
     ours = {r.filename[len(folder) :]: _placement(data, r) for r in records}
     try:
-        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        # its stubs lack the offset methods the binding has
+        reader: Any = torch._C.PyTorchFileReader(io.BytesIO(data))
         names = reader.get_all_records()
         theirs = {
             name: (
