@@ -669,10 +669,17 @@ def _scan_legacy(data: bytes) -> None:
         _run(stream, storage_bytes)
 
 
-def _run(f: BinaryIO, storage_bytes: Callable[[str, int], None]) -> None:
+def replay(data: bytes, storage_bytes: Callable[[str, int], None]) -> Any:
+    """The object the pickle `data` describes, built from inert stand-ins (a tensor is its
+    shape) within `BUDGET`; `storage_bytes(key, nbytes)` is called for each new storage and
+    may refuse it. RefusedPickle/DamagedPickle as `scan`."""
+    return _run(io.BytesIO(data), storage_bytes)
+
+
+def _run(f: BinaryIO, storage_bytes: Callable[[str, int], None]) -> Any:
     scanner = _Scanner(f, BUDGET, storage_bytes)
     try:
-        scanner.load()
+        return scanner.load()
     except RefusedPickle:
         raise
     except RecursionError:
