@@ -412,8 +412,9 @@ torch.save({"fc.weight": torch.ones(2, 3)}, _GOOD_LEGACY, _use_new_zipfile_seria
 
 
 def _header_positions(data: bytes) -> list[int]:
-    """Every byte of the zip's local and central headers (names, offsets, sizes, flags)."""
-    positions: list[int] = []
+    """Every byte of the zip's local and central headers (names, offsets, sizes, flags) and of
+    its end records (the zip64 end record, its locator, the end record)."""
+    positions: list[int] = list(range(data.rfind(b"PK\x06\x06"), len(data)))
     for magic, fixed in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
         start = data.find(magic)
         while start >= 0:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import io
 import json
 import logging
 import os
@@ -140,9 +139,7 @@ def _read_pickle_record(f: _BoundedReader) -> Any:
         if record is None or record.file_size != nbytes:
             raise CheckpointError(f"storage {key[:40]!r} has no record of its size")
 
-    data = archive.read(pickles[0])
-    budget = torchfile.BUDGET_BASE + torchfile.BUDGET_FACTOR * len(data)
-    return torchfile._Scanner(io.BytesIO(data), budget, storage_bytes).load()
+    return torchfile.replay(archive.read(pickles[0]), storage_bytes)
 
 
 class _BoundedReader:

@@ -266,7 +266,8 @@ def load_checkpoint(
         report.head_reset = True
         heads = f"checkpoint's: {file_head}, model's: {model_head}"
 
-    _check_tensors(path, state)
+    _check_dense(path, state)
+    non_finite = []
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(
@@ -279,6 +280,8 @@ def load_checkpoint(
                 f"{path}: tensor {short(k)} holds {v.dtype} values where the model's "
                 f"{own[k].dtype} weights go; nothing was loaded"
             )
+        if k in own and not _all_finite(v):  # after the shape check: within the model's size
+            non_finite.append(k)
         if k in own and v.is_floating_point():
             state[k] = v.to(own[k].dtype)
     for k, v in own.items():
@@ -297,6 +300,14 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: does not match the model: {', '.join(mismatch)}. Is it a checkpoint of "
             "another model? Check the model name."
+        )
+    if non_finite:
+        log.warning(
+            "%s: %d tensors hold NaN or Inf values (%s%s); the model will compute NaN",
+            path,
+            len(non_finite),
+            ", ".join(non_finite[:5]),
+            ", ..." if len(non_finite) > 5 else "",
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if report.head_reset:  # said once loaded, so that it never precedes an error
@@ -318,25 +329,21 @@ def load_checkpoint(
     return report
 
 
-def _check_tensors(path: str | Path, state: dict[str, torch.Tensor]) -> None:
-    """Before anything is copied: every tensor is dense, holds data on the CPU, so that
-    `load_state_dict` cannot fail half-way; a warning names the tensors with NaN or Inf."""
+def _check_dense(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Before anything is copied: every tensor is dense and holds data on the CPU, so that
+    `load_state_dict` cannot fail half-way."""
     for k, v in state.items():
         if v.layout != torch.strided or v.is_meta or v.is_quantized or v.device.type != "cpu":
             raise CheckpointError(
                 f"{path}: tensor {short(k)} is not a dense CPU tensor ({v.layout}, "
                 f"device {v.device}); nothing was loaded"
             )
-    bad = [
-        k
-        for k, v in state.items()
-        if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()
-    ]
-    if bad:
-        log.warning(
-            "%s: %d tensors hold NaN or Inf values (%s%s); the model will compute NaN",
-            path,
-            len(bad),
-            ", ".join(bad[:5]),
-            ", ..." if len(bad) > 5 else "",
-        )
+
+
+def _all_finite(v: torch.Tensor) -> bool:
+    """Whether `v` holds no NaN or Inf, checked on each stored element once: a dimension that
+    repeats its elements (stride 0, an expanded view) is looked at once, not materialised."""
+    if not (v.is_floating_point() or v.is_complex()):
+        return True
+    distinct = v.as_strided([1 if s == 0 else n for n, s in zip(v.shape, v.stride())], v.stride())
+    return bool(torch.isfinite(distinct).all())
