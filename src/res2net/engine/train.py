@@ -283,20 +283,20 @@ def prepare_run_dir(cfg: Config, lock: RunLock) -> RunStart:
 
 def _start_fresh(cfg: Config, ckpts: CheckpointManager) -> None:
     """Refuse a folder holding another run's files, or move them aside (`overwrite`, or
-    `--resume auto` finding no last.pt)."""
+    `--resume auto` finding nothing at last.pt)."""
     found = ckpts.run_files()
     if not found:
         return
     names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-    if cfg.resume == "auto":
+    if cfg.resume == "auto" and not os.path.lexists(ckpts.last):
         # no last.pt: nothing to continue (a run killed before its first commit leaves its log
         # and epoch file); starting over must neither refuse (a restart would fail forever)
-        # nor lose what is there
+        # nor lose what is there. Anything else at last.pt is refused below.
         aside = fileio.move_aside(ckpts.directory, [p.name for p in found])
         log.warning("--resume auto: no last.pt to continue; the files here moved to %s", aside)
         return
     if resuming(cfg):
-        explicit = _resume_path(cfg, ckpts)
+        explicit = _resume_path(cfg, ckpts) if cfg.resume != "auto" else None
         if explicit is not None and any(_same_file(explicit, p) for p in found):
             raise ConfigError(
                 f"ckpt_save_dir {cfg.ckpt_save_dir!r} has no last.pt to continue, and the file "
