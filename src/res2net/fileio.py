@@ -130,12 +130,17 @@ def make_subdirectory(root: str | os.PathLike, relative: str | os.PathLike) -> P
             mode = os.lstat(path).st_mode
         except OSError as e:
             raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
-        if not stat.S_ISDIR(mode):
-            raise FileRefused(
-                f"'{path}' is {file_kind(mode)}, not a folder: the project never writes through "
-                "it; move it away or choose another output folder"
-            )
+        _require_folder(path, mode)
     return path
+
+
+def _require_folder(path: Path, mode: int) -> None:
+    """Refuse what `lstat` found at a folder's name unless it is a folder (never a link)."""
+    if not stat.S_ISDIR(mode):
+        raise FileRefused(
+            f"'{path}' is {file_kind(mode)}, not a folder: the project never writes through "
+            "it; move it away or choose another output folder"
+        )
 
 
 def new_directory(parent: str | os.PathLike, name: str) -> Path:
@@ -455,11 +460,7 @@ def check_below(
             return Path(root) / relative  # made new, below the folders checked here
         except OSError as e:
             raise FileRefused(f"folder '{path}' cannot be used ({e.strerror or e})") from None
-        if not stat.S_ISDIR(mode):
-            raise FileRefused(
-                f"'{path}' is {file_kind(mode)}, not a folder: the project never writes through "
-                "it; move it away or choose another output folder"
-            )
+        _require_folder(path, mode)
     return path if folder else check_target(Path(root) / relative)
 
 
