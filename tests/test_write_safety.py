@@ -315,7 +315,7 @@ def fuzz(world: World, case: tuple) -> None:
 
 
 @settings(
-    max_examples=int(os.environ.get("WRITE_SAFETY_CASES", 100)),
+    max_examples=int(os.environ.get("WRITE_SAFETY_CASES", 300)),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,
