@@ -4,6 +4,8 @@ deterministic loaders and the bundled digits set."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -475,3 +477,25 @@ def test_digits_folder_is_written_once(digits, tmp_path):
     with pytest.raises(DataError, match="not a digits demo folder"):
         write_digits_folder(tmp_path / "mine")
     assert [p.name for p in digits.parent.iterdir()] == ["digits"]  # no temporary folders left
+
+
+LEFTOVER_WORKERS = """
+import torch
+from torch.utils.data import DataLoader
+from res2net.data.loader import ignore_stop_signals
+
+loader = DataLoader(range(64), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)
+KEPT = iter(loader)  # an iterator that outlives the work: its workers are still alive at exit
+next(KEPT)
+print("exiting", flush=True)
+"""
+
+
+def test_exit_ends_loader_workers_that_ignore_sigterm():
+    """Workers ignore SIGTERM (a signal to the group reaches the main process alone), which is
+    all multiprocessing's exit handler sends them before waiting for them: an iterator kept
+    alive until exit must not hang the process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LEFTOVER_WORKERS], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr

@@ -23,8 +23,10 @@ its stream depends on how samples are spread over workers; per-sample seeds have
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -190,6 +192,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(ValueError):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are dropped
+
+
+def _end_leftover_workers() -> None:
+    """At exit: kill the loader workers still alive. They ignore SIGTERM, the only signal
+    multiprocessing's own exit handler sends them before it waits for them, so a loader
+    iterator that outlives the run (kept by a reference somewhere) would hang the exit."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# registered after multiprocessing's exit handler (torch imported it above), so it runs first
+atexit.register(_end_leftover_workers)
 
 
 def seed_all(seed: int) -> None:
