@@ -315,15 +315,25 @@ def report(path: Path, png: Path | None) -> str:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for which in SERVERS:
+        for i, which in enumerate(SERVERS):
             rows = [r for r in data["runs"] if r["server"] == which]
             if not rows:
                 continue
             clients = [r["clients"] for r in rows]
-            axes[0].plot(clients, [r["throughput"] for r in rows], marker="o", label=which)
-            axes[1].plot(clients, [r["p50_ms"] for r in rows], marker="o", label=f"{which} p50")
+            color = f"C{i}"  # one colour per server in both panels, p50 and p99 alike
+            axes[0].plot(
+                clients, [r["throughput"] for r in rows], marker="o", color=color, label=which
+            )
             axes[1].plot(
-                clients, [r["p99_ms"] for r in rows], marker="x", ls="--", label=f"{which} p99"
+                clients, [r["p50_ms"] for r in rows], marker="o", color=color, label=f"{which} p50"
+            )
+            axes[1].plot(
+                clients,
+                [r["p99_ms"] for r in rows],
+                marker="x",
+                ls="--",
+                color=color,
+                label=f"{which} p99",
             )
         axes[0].set(
             title=f"throughput ({data['device']}, {data['precision']})",
@@ -331,8 +341,11 @@ def report(path: Path, png: Path | None) -> str:
             ylabel="images/s",
         )
         axes[1].set(title="latency", xlabel="concurrent clients", ylabel="ms")
+        counts = sorted({r["clients"] for r in data["runs"]})
         for ax in axes:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(counts, [str(c) for c in counts])
+            ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
