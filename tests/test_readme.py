@@ -66,6 +66,12 @@ TRAIN_TINY = [
     "0",
     "--log_interval",
     "100",
+    # At batch 2 and 32 px, BatchNorm over two values at 1x1 in layer4 makes a Res2Net whose
+    # residual branches start at full scale diverge within a few steps (loss 1 -> 1e6 -> nan at
+    # the recipes' lr; how soon depends on the thread count); timm's Res2Net-50 does the same
+    # with zero_init_last=False. Its default, branches starting at zero, keeps the tiny run sane.
+    "--zero_init_last",
+    "True",
 ]
 DEMO_TINY = [
     "--epoch_size",
