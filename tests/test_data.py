@@ -4,6 +4,7 @@ deterministic loaders and the bundled digits set."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from res2net.data import (
     write_digits_folder,
 )
 from res2net.data.demo import MARKER
+from res2net.errors import FileRefused
 
 from .conftest import draws, rgb, rng_states
 
@@ -477,6 +479,24 @@ def test_digits_folder_is_written_once(digits, tmp_path):
     with pytest.raises(DataError, match="not a digits demo folder"):
         write_digits_folder(tmp_path / "mine")
     assert [p.name for p in digits.parent.iterdir()] == ["digits"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]"])
+def test_digits_folder_with_a_foreign_marker_is_refused_in_one_line(tmp_path, content):
+    root = tmp_path / "digits"
+    root.mkdir()
+    (root / MARKER).write_bytes(content)
+    with pytest.raises(DataError, match="is not the digits' JSON marker"):
+        write_digits_folder(root)
+
+
+def test_digits_marker_is_read_at_its_own_name(tmp_path):
+    root = tmp_path / "digits"
+    root.mkdir()
+    (tmp_path / "big").write_bytes(b" " * (1 << 20))
+    (root / MARKER).symlink_to(tmp_path / "big")
+    with pytest.raises(FileRefused, match=re.escape(str(root / MARKER))):
+        write_digits_folder(root)
 
 
 LEFTOVER_WORKERS = """

@@ -278,3 +278,31 @@ def test_check_below_refuses_what_make_subdirectory_and_atomic_write_would(tmp_p
         assert fileio.check_below(out, Path("a/b")) == planted
     with pytest.raises(FileRefused):
         fileio.check_below(out, Path("../x"))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dir"])
+def test_metrics_log_reads_its_file_at_its_own_name(tmp_path, outside, kind):
+    """A run folder's metrics.jsonl is read where it is, never through a planted link (whose
+    target could be any size) and never blocking on a pipe."""
+    from res2net.engine.progress import MetricsLog
+
+    outside.write_text('{"global_step": 1}\n')
+    plant(kind, tmp_path / "metrics.jsonl", outside)
+    log = MetricsLog(tmp_path, enabled=True)
+    for read in (log.read, lambda: log.rewind(0)):
+        with pytest.raises(FileRefused, match=re.escape(str(tmp_path / "metrics.jsonl"))):
+            read()
+    assert outside.read_text() == '{"global_step": 1}\n'
+
+
+def test_metrics_log_rewind_drops_later_and_torn_records(tmp_path):
+    from res2net.engine.progress import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"global_step": 1}\n{"global_step": 5}\n{"glob')
+    log = MetricsLog(tmp_path, enabled=True)
+    log.rewind(3)
+    assert path.read_text() == '{"global_step": 1}\n'
+    assert log.read() == [{"global_step": 1}]
+    log.rewind(3)  # nothing left to drop
+    assert path.read_text() == '{"global_step": 1}\n'

@@ -216,3 +216,21 @@ def test_benchmark_cli_prints_markdown_and_json(capsys):
 def test_benchmark_cli_rejects_cards_without_torchrun():
     with pytest.raises(ValueError, match="torchrun"):
         benchmark_cmd.run(benchmark_args("--model", "res2net50", "--cards", "2"), [])
+
+
+def test_class_names_file_is_bounded_utf8_and_never_blocks(tmp_path):
+    import os
+
+    from res2net.errors import DataError
+    from res2net.guards import NotARegularFile
+    from res2net.inference import class_names
+
+    names = tmp_path / "names.txt"
+    names.write_text("cat\n\ndog\n")
+    assert class_names(str(names), 2) == ["cat", "dog"]
+    names.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        class_names(str(names), 1)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(NotARegularFile, match="--classes .* is a named pipe"):
+        class_names(str(tmp_path / "pipe"), 1)

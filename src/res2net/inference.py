@@ -18,7 +18,7 @@ from . import fileio
 from .data import DataError, ResizeCrop, load_image
 from .errors import CheckpointError, MissingFile
 from .factory import create_model
-from .guards import check_regular_file
+from .guards import check_regular_file, quoted, read_regular_file
 from .lowprec import Calibration, calibration_batches, check_precision, quantize_int8, to_bf16
 from .models import Bottle2neck, DlaBottle2neck
 from .models.base import Res2NetBase
@@ -37,6 +37,9 @@ def imagenet_classes() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+MAX_CLASS_FILE_BYTES = 16 << 20  # ImageNet-21k's names take about 1 MB
+
+
 def class_names(
     classes: str | None, num_classes: int, checkpoint: Checkpoint | None = None
 ) -> list[str]:
@@ -49,8 +52,15 @@ def class_names(
             names = sorted(
                 p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
             )
-        elif path.is_file():
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        elif path.exists():
+            data = read_regular_file(path, "--classes", max_bytes=MAX_CLASS_FILE_BYTES)
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"--classes {quoted(path)} is not UTF-8 text: write one name per line"
+                ) from None
+            names = [line.strip() for line in text.splitlines() if line.strip()]
         else:
             raise MissingFile(f"--classes {classes!r} is neither a folder nor a file")
         if len(names) != num_classes:

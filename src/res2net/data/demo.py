@@ -96,9 +96,15 @@ def _is_complete(root: Path, params: dict) -> bool:
     """True when `root` holds a tree written with `params`; a tree written with other
     arguments is an error rather than a silent mismatch."""
     marker = root / MARKER
-    if not marker.is_file():
+    data = fileio.read_existing(marker, 1 << 16)  # at its own name, never through a link
+    if data is None:
         return False
-    written = json.loads(marker.read_text())
+    try:
+        written = json.loads(data)
+    except ValueError:
+        written = None
+    if not isinstance(written, dict):
+        raise DataError(f"'{marker}' is not the digits' JSON marker: choose another path")
     if any(written.get(k) != v for k, v in params.items()):
         raise DataError(
             f"'{root}' holds digits written with "

@@ -113,6 +113,22 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+MAX_METRICS_BYTES = 1 << 30  # about five million log lines
+
+
+def _parsed(lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each line with its record, without lines that do not parse."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (and TensorBoard scalars when the
     `tensorboard` package is installed, and to the experiment trackers given)."""
@@ -149,37 +165,30 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         """The records, without lines that do not parse (a write cut short by a full disk or a
         crash)."""
-        return [record for _, record in self._lines()]
+        return [record for _, record in _parsed(self._text_lines())]
 
     def rewind(self, global_step: int) -> None:
         """Keep only the records up to `global_step` (where a resumed run continues; 0 for a
         fresh one): the work after it is done again and its records written again."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return
+        lines = self._text_lines()
         kept = [
             line
-            for line, record in self._lines()
+            for line, record in _parsed(lines)
             if isinstance(step := record.get("global_step", 0), (int, float))
             and step <= global_step
         ]
-        if len(kept) == len(self.path.read_text(errors="replace").splitlines()):
-            return  # nothing to drop: the file stays as it is
+        if len(kept) == len(lines):
+            return  # nothing to drop: the file stays as it is (or is not there)
         fileio.atomic_write(
             self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode())
         )
 
-    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append((line, record))
-        return out
+    def _text_lines(self) -> list[str]:
+        """The file's lines, read at its own name (never through a planted link) and bounded."""
+        data = fileio.read_existing(self.path, MAX_METRICS_BYTES)
+        return [] if data is None else data.decode(errors="replace").splitlines()
 
     def close(self) -> None:
         if self.tb is not None:
