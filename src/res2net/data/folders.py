@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from ..errors import DataError
+from ..errors import DataError, ImageTooLarge
 from ..guards import printable, read_regular_file
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,9 @@ except ImportError:  # a torchvision without its image decoders: PIL decodes eve
 _HIGH_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit values too
 _BLOCK_PIXELS = 1 << 18  # pixels of a high-bit-depth image rescaled at once (a few MB)
 _BAND_PIXELS = 1 << 16  # pixels of a band converted at once by `decode_resized` (about 1 MB)
+# What decoding one image for the eval transform may hold, with its encoded bytes: this many bytes
+# per pixel of `max_pixels` (judged from the header before decoding; see `decode_resized`).
+MEMORY_PER_PIXEL = 4
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
@@ -206,7 +209,7 @@ def load_image(
     path: str | os.PathLike,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     *,
-    resize: ResizeCrop | None = None,
+    resize: Geometry | None = None,
 ) -> Image.Image:
     """Open `path` as an 8-bit RGB PIL image, upright per its EXIF orientation.
 
@@ -237,27 +240,20 @@ def decode_image(
     name: str = "<bytes>",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     *,
-    resize: ResizeCrop | None = None,
+    resize: Geometry | None = None,
 ) -> Image.Image:
     """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`.
 
     Without `resize`: the whole image at full size (training, validation). With `resize`: only
-    what the eval transform keeps, already resized (`decode_resized`), so that decoding an image
-    of N pixels takes about the source's own bytes, never a full-size RGB copy (a WebP takes
-    7, so it may have half of `max_pixels`); its `info["source_size"]` is the size of the file's
-    image."""
+    what the eval transform keeps, already resized (`decode_resized`), so that decoding takes at
+    most `MEMORY_PER_PIXEL` bytes per pixel of `max_pixels` with `data` (an image that would
+    take more is refused from its header: `ImageTooLarge`); its `info["source_size"]` is the
+    size of the file's image."""
     with decoding(name):
         im = open_image(data, name, max_pixels)
         if resize is None:
             return finish_image(im, name)
-        if im.format == "WEBP" and max_pixels is not None and 2 * im.width * im.height > max_pixels:
-            raise DataError(
-                f"image '{name}' is a WebP of {im.width}x{im.height} pixels; decoding a WebP "
-                "takes twice the memory of other images (libwebp holds the whole image in 4 "
-                f"bytes per pixel), so its limit is {max_pixels // 2} pixels (a possible "
-                "decompression bomb)"
-            )
-        return decode_resized(im, data, resize)
+        return decode_resized(im, data, resize, max_pixels=max_pixels, name=name)
 
 
 @contextlib.contextmanager
@@ -281,7 +277,7 @@ def open_image(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     and the size is within `max_pixels` (`DataError` otherwise). Call inside `decoding(name)`."""
     im = Image.open(io.BytesIO(data), formats=_available_formats())
     if max_pixels is not None and im.width * im.height > max_pixels:
-        raise DataError(
+        raise ImageTooLarge(
             f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
             f"{max_pixels} (a possible decompression bomb)"
         )
@@ -316,6 +312,22 @@ class ResizeCrop(NamedTuple):
         return (keep, self.size), (start, 0.0, start + keep * scale, float(height))
 
 
+class ResizeTo(NamedTuple):
+    """A resize of the whole image to `width` x `height` (aspect not kept), as the saliency
+    transform's: for `decode_image(resize=...)` like `ResizeCrop`."""
+
+    width: int
+    height: int
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+
+    def kept(self, width: int, height: int) -> tuple[tuple[int, int], Box]:
+        """(output size, source box): the whole `width` x `height` image."""
+        return (self.width, self.height), (0.0, 0.0, float(width), float(height))
+
+
+Geometry = ResizeCrop | ResizeTo  # what `decode_image(resize=...)` decodes to
+
+
 # What turns an image upright for each EXIF orientation (as `ImageOps.exif_transpose`), and
 # where a point (x, y) of the upright image is in the stored one of size (w, h).
 _UPRIGHT: dict[
@@ -348,43 +360,161 @@ def _orientation(exif: Callable[[], Image.Exif]) -> int:
     return orientation if orientation in _UPRIGHT else 1
 
 
-def decode_resized(im: Image.Image, data: bytes, resize: ResizeCrop) -> Image.Image:
+def decode_resized(
+    im: Image.Image,
+    data: bytes,
+    resize: Geometry,
+    *,
+    max_pixels: int | None = None,
+    name: str = "<bytes>",
+) -> Image.Image:
     """Opened image `im` (of encoded `data`) decoded straight to what `resize` keeps: 8-bit RGB,
     upright, the shorter side `resize.size` and the longer one trimmed (`ResizeCrop.kept`), so
-    that the eval transform after it only crops and normalizes.
+    that the eval transform after it only crops and normalizes (or `ResizeTo`'s size).
 
     The source is decoded once, in the fewest bytes per pixel on offer: a JPEG at 1/2, 1/4 or
     1/8 size when that leaves twice the output size (libjpeg's DCT scaling, as PIL's `draft`);
     8-bit gray, palette and 16/32-bit gray images in their own mode by PIL (1, 1, 2 and 4 bytes
     per pixel); 8-bit RGB(A) PNG, WebP and other colour JPEGs by torchvision's decoders, which
-    give 3 bytes per pixel where PIL takes 4; the rest by PIL. Then only the kept part is
-    converted to RGB, a band of rows at a time, each band first reduced by a whole factor that
-    leaves twice the output size (PIL's `reduce`, a box average, as `resize(reducing_gap=2)`
-    does), and resized last. The EXIF turn is applied to the small result."""
+    give 3 bytes per pixel where PIL takes 4; a striped TIFF a band of strips at a time; the
+    rest whole by PIL. Then only the kept part is converted to RGB, a band of rows at a time,
+    each band first reduced by a whole factor that leaves twice the output size (PIL's `reduce`,
+    a box average, as `resize(reducing_gap=2)` does), and resized last. The EXIF turn is
+    applied to the small result.
+
+    With `max_pixels`, what the chosen decoder will hold (`_decoder_bytes`, from the header)
+    plus `data` must stay within `MEMORY_PER_PIXEL` bytes per pixel of it; an image that would
+    take more (a lossless WebP, a 16-bit RGB PNG or a TIFF in tiles near the limit) is refused
+    before any pixel is decoded (`ImageTooLarge` naming `name`)."""
     stored = im.size
+
+    def charge(held: int) -> None:
+        if max_pixels is not None and held + len(data) > MEMORY_PER_PIXEL * max_pixels:
+            raise _too_costly(im, data, name, held + len(data), max_pixels)
+
     if isinstance(im, JpegImagePlugin.JpegImageFile):  # EXIF in the header: reduce first
         out, box = _stored_geometry(resize, stored, exif_orientation(im))
         if (factor := _reduction(box, out, resize.resample)) > 1:
             dct = next(f for f in _DCT_SCALES if f <= factor)
+            scaled = -(-im.width // dct) * -(-im.height // dct)
+            charge(_PIL_BYTES_PER_PIXEL * scaled + _jpeg_coefficients(im))
             if im.draft("RGB", (im.width // dct, im.height // dct)) is not None:
                 im.load()
                 bands = functools.partial(_pil_band, im)
                 return _resized(bands, im, resize, stored, scale=im.decoderconfig[0])
-    if (pixels := _rgb_tensor(im, data)) is not None:
-        # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
-        orientation = _orientation(lambda: Image.Image.getexif(im))
-        bands = functools.partial(_tensor_band, pixels)
-        return _resized(bands, im, resize, stored, orientation=orientation)
-    if (strips := _tiff_strips(im, data)) is None:
+    if (decoder := _tensor_decoder(im)) is not None:
+        charge(_decoder_bytes(im, data, tensor=True))
+        if (pixels := _rgb_tensor(decoder, data)) is not None:
+            # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
+            orientation = _orientation(lambda: Image.Image.getexif(im))
+            bands = functools.partial(_tensor_band, pixels)
+            return _resized(bands, im, resize, stored, orientation=orientation)
+    if (strips := _tiff_strips(im, data)) is not None:
+        # a band spans two strips at most beyond its own rows (a few hundred KB)
+        rows = int(im.tag_v2.get(_ROWS_PER_STRIP, im.height))
+        charge(2 * (_pil_bytes(im.mode) * rows * im.width + _tiff_strip_bytes(im)))
+    else:
+        charge(_decoder_bytes(im, data, tensor=False))
         im.load()
         strips = functools.partial(_pil_band, im)
     return _resized(strips, im, resize, stored)
 
 
+# Bytes per pixel of PIL's image modes: 1 for "1", "L" and "P", 2 for "I;16*", 4 for the rest
+# (RGB is held as RGBX).
+_PIL_BYTES_PER_PIXEL = 4
+
+
+def _pil_bytes(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else _PIL_BYTES_PER_PIXEL
+
+
+def _decoder_bytes(im: Image.Image, data: bytes, *, tensor: bool) -> int:
+    """What decoding `im` whole holds at its peak, besides `data`, read from its header: with
+    torchvision's decoders (`tensor`) 3 bytes per pixel, PIL's `_pil_bytes` otherwise; plus the
+    whole-image buffers of the decoders that keep one: a progressive JPEG's coefficients,
+    libwebp's 4 bytes per pixel for a lossless WebP, libtiff's strip of a TIFF in one strip."""
+    pixels = im.width * im.height
+    held = 3 * pixels if tensor else _pil_bytes(im.mode) * pixels
+    if isinstance(im, JpegImagePlugin.JpegImageFile):
+        held += _jpeg_coefficients(im)
+    elif im.format == "WEBP" and _webp_lossless(data):
+        held += 4 * pixels
+    elif isinstance(im, TiffImagePlugin.TiffImageFile) and im.tile:
+        # libtiff decodes a compressed TIFF a strip at a time into a buffer of its own (the whole
+        # image for a TIFF in one strip); PIL reads uncompressed ones a row at a time
+        if im.tile[0].codec_name == "libtiff":
+            held += _tiff_strip_bytes(im)
+    return held
+
+
+def _jpeg_coefficients(im: JpegImagePlugin.JpegImageFile) -> int:
+    """The bytes libjpeg holds for a progressive JPEG's DCT coefficients, 2 per sample of every
+    component over the whole image (its scans refine them all), also when it decodes scaled;
+    0 for a baseline JPEG, decoded a row of blocks at a time."""
+    if not im.info.get("progressive"):
+        return 0
+    layers = getattr(im, "layer", None) or [("", 1, 1, 0)]  # (id, h sampling, v sampling, table)
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    blocks = 0
+    for _, h, v, _ in layers:
+        blocks += -(-im.width * h // (8 * h_max)) * -(-im.height * v // (8 * v_max))
+    return 2 * 64 * blocks
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """Whether a WebP's image is lossless (VP8L): libwebp decodes those whole, in 4 bytes per
+    pixel beside its output. Its first image chunk tells (an animation's frames: lossless)."""
+    pos = 12  # after "RIFF", the size and "WEBP"
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"VP8 ":
+            return False
+        if chunk in (b"VP8L", b"ANMF"):
+            return True
+        pos += 8 + size + (size & 1)
+    return True
+
+
+def _tiff_strip_bytes(im: TiffImagePlugin.TiffImageFile) -> int:
+    """The decoded bytes of one strip of a TIFF (of one plane, for planes stored apart): what
+    libtiff holds while PIL decodes it. 0 for tiles, which are small."""
+    if _TILE_OFFSETS in im.tag_v2:
+        return 0
+    bits = im.tag_v2.get(_BITS_PER_SAMPLE, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    rows = min(im.height, int(im.tag_v2.get(_ROWS_PER_STRIP, im.height)))
+    if im.tag_v2.get(_PLANAR, 1) == 2:  # one plane at a time
+        return -(-max(bits) * im.width // 8) * rows
+    return -(-sum(bits) * im.width // 8) * rows
+
+
+def _too_costly(
+    im: Image.Image, data: bytes, name: str, held: int, max_pixels: int
+) -> ImageTooLarge:
+    """The refusal of `im`, whose decoding would hold `held` bytes with `data`."""
+    kind, advice = f"{im.format} {im.mode}", "save it as an 8-bit JPEG or PNG, or make it smaller"
+    rawmode = im.tile[0].args if getattr(im, "tile", None) else None
+    if im.format == "WEBP" and _webp_lossless(data):
+        kind, advice = "lossless WebP", "save it as a JPEG or a lossy WebP, or make it smaller"
+    elif isinstance(rawmode, str) and ";16" in rawmode and im.mode != "I":
+        kind, advice = f"16-bit {im.mode} {im.format}", "convert it to 8 bits per channel"
+    elif isinstance(im, TiffImagePlugin.TiffImageFile) and _TILE_OFFSETS in im.tag_v2:
+        kind = f"{im.mode} TIFF in tiles"
+    budget = MEMORY_PER_PIXEL * max_pixels
+    return ImageTooLarge(
+        f"image '{name}' ({kind}, {im.width}x{im.height} pixels) takes {held / 1e6:.1f} MB to "
+        f"decode with its bytes, more than the {budget / 1e6:.1f} MB allowed ({MEMORY_PER_PIXEL} "
+        f"bytes per pixel of the limit of {max_pixels} pixels): {advice}"
+    )
+
+
 def _resized(
     bands: Callable[[tuple[int, int, int, int]], Image.Image],
     im: Image.Image,
-    resize: ResizeCrop,
+    resize: Geometry,
     stored: tuple[int, int],
     *,
     scale: int = 1,
@@ -410,7 +540,7 @@ def _pil_band(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def _stored_geometry(
-    resize: ResizeCrop, stored: tuple[int, int], orientation: int
+    resize: Geometry, stored: tuple[int, int], orientation: int
 ) -> tuple[tuple[int, int], Box]:
     """`resize.kept` for the upright image, in the orientation of the stored one of size
     `stored`."""
@@ -469,12 +599,10 @@ def _reduced_rgb(
     return strip.resize(out, resample, box=(0, down[0], out[0], down[1]))
 
 
-def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
-    """RGB pixels (CHW uint8, as stored: no EXIF turn) by torchvision's decoders, for the images
-    PIL would hold in 4 bytes per pixel and they in 3: 8-bit RGB, RGBA and gray+alpha PNGs
-    (alpha dropped, as `_to_rgb` drops it), WebP, and colour (YCbCr) JPEGs. They give PIL's
-    pixels. None for other images, or when torchvision cannot decode it (PIL then has the last
-    word on whether the file is bad)."""
+def _tensor_decoder(im: Image.Image) -> Callable[..., torch.Tensor] | None:
+    """The torchvision decoder of opened `im` when it gives PIL's pixels in 3 bytes per pixel
+    where PIL takes 4: 8-bit RGB, RGBA and gray+alpha PNGs (alpha dropped, as `_to_rgb` drops
+    it), WebP, and colour (YCbCr) JPEGs; None for other images."""
     decoder = _TENSOR_DECODERS.get(str(im.format))
     tile = getattr(im, "tile", None) or []
     if decoder is None or (im.format != "WEBP" and len(tile) != 1):
@@ -483,6 +611,12 @@ def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
         return None  # gray and palette images are smaller in PIL; 16-bit ones PIL turns to 8
     if isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode != "RGB":
         return None  # gray is smaller in PIL; CMYK is converted by PIL's rules
+    return decoder
+
+
+def _rgb_tensor(decoder: Callable[..., torch.Tensor], data: bytes) -> torch.Tensor | None:
+    """RGB pixels (CHW uint8, as stored: no EXIF turn) of `data` by a `_tensor_decoder`; None
+    when it cannot decode them (PIL then has the last word on whether the file is bad)."""
     with warnings.catch_warnings():
         # the decoders only read the buffer; torchvision 0.29 announces TorchCodec for them
         warnings.simplefilter("ignore", UserWarning)
@@ -499,6 +633,7 @@ def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
 # (EXIF, subfiles, descriptions) stay behind when a band of strips is decoded on its own.
 _TIFF_PIXEL_TAGS = (256, 258, 259, 262, 266, 277, 284, 317, 320, 332, 338, 339, 347, 529, 530)
 _IMAGE_LENGTH, _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_BYTES, _PLANAR = 257, 273, 278, 279, 284
+_BITS_PER_SAMPLE, _TILE_OFFSETS = 258, 324
 _LONG = 4  # TIFF's 32-bit unsigned type
 
 
