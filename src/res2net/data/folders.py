@@ -435,13 +435,18 @@ def _decoder_bytes(im: Image.Image, data: bytes, *, tensor: bool) -> int:
     """What decoding `im` whole holds at its peak, besides `data`, read from its header: with
     torchvision's decoders (`tensor`) 3 bytes per pixel, PIL's `_pil_bytes` otherwise; plus the
     whole-image buffers of the decoders that keep one: a progressive JPEG's coefficients,
-    libwebp's 4 bytes per pixel for a lossless WebP, libtiff's strip of a TIFF in one strip."""
+    libwebp's for a lossless WebP, libtiff's strip (of a TIFF in one strip: the image)."""
     pixels = im.width * im.height
     held = 3 * pixels if tensor else _pil_bytes(im.mode) * pixels
     if isinstance(im, JpegImagePlugin.JpegImageFile):
         held += _jpeg_coefficients(im)
-    elif im.format == "WEBP" and _webp_lossless(data):
-        held += 4 * pixels
+    elif im.format == "WEBP":
+        # PIL decodes a WebP by libwebp's animation decoder, into two canvases of 4 bytes per
+        # pixel; torchvision a lossless one (VP8L) beside a buffer of 4, a lossy one by rows
+        if not tensor:
+            held += 8 * pixels
+        elif _webp_lossless(data):
+            held += 4 * pixels
     elif isinstance(im, TiffImagePlugin.TiffImageFile) and im.tile:
         # libtiff decodes a compressed TIFF a strip at a time into a buffer of its own (the whole
         # image for a TIFF in one strip); PIL reads uncompressed ones a row at a time
