@@ -376,15 +376,16 @@ def decode_resized(
     1/8 size when that leaves twice the output size (libjpeg's DCT scaling, as PIL's `draft`);
     8-bit gray, palette and 16/32-bit gray images in their own mode by PIL (1, 1, 2 and 4 bytes
     per pixel); 8-bit RGB(A) PNG, WebP and other colour JPEGs by torchvision's decoders, which
-    give 3 bytes per pixel where PIL takes 4; a striped TIFF a band of strips at a time; the
-    rest whole by PIL. Then only the kept part is converted to RGB, a band of rows at a time,
-    each band first reduced by a whole factor that leaves twice the output size (PIL's `reduce`,
-    a box average, as `resize(reducing_gap=2)` does), and resized last. The EXIF turn is
-    applied to the small result.
+    give 3 bytes per pixel where PIL takes 4; a TIFF in strips or tiles a band of them at a
+    time; the rest whole by PIL. Then only the kept part is converted to RGB, a band of rows at
+    a time, each band first reduced by a whole factor that leaves twice the output size (PIL's
+    `reduce`, a box average, as `resize(reducing_gap=2)` does), and resized last. The EXIF turn
+    is applied to the small result.
 
     With `max_pixels`, what the chosen decoder will hold (`_decoder_bytes`, from the header)
     plus `data` must stay within `MEMORY_PER_PIXEL` bytes per pixel of it; an image that would
-    take more (a lossless WebP, a 16-bit RGB PNG or a TIFF in tiles near the limit) is refused
+    take more (a lossless WebP or an uncompressed file above 4/7 of the limit, a 16-bit RGB PNG
+    near it) is refused
     before any pixel is decoded (`ImageTooLarge` naming `name`)."""
     stored = im.size
 
@@ -409,11 +410,11 @@ def decode_resized(
             orientation = _orientation(lambda: Image.Image.getexif(im))
             bands = functools.partial(_tensor_band, pixels)
             return _resized(bands, im, resize, stored, orientation=orientation)
-    if (strips := _tiff_strips(im, data)) is not None:
-        # a band spans two strips at most beyond its own rows (a few hundred KB)
-        rows = int(im.tag_v2.get(_ROWS_PER_STRIP, im.height))
+    if (strips := _tiff_bands(im, data)) is not None:
+        # the strips (rows of tiles) of a band and the next: 2 at most beyond the band's rows
+        rows = int(im.tag_v2.get(_TILE_LENGTH, im.tag_v2.get(_ROWS_PER_STRIP, im.height)))
         charge(2 * (_pil_bytes(im.mode) * rows * im.width + _tiff_strip_bytes(im)))
-    else:
+    elif (strips := _raw_bands(im, data)) is None:
         charge(_decoder_bytes(im, data, tensor=False))
         im.load()
         strips = functools.partial(_pil_band, im)
@@ -636,41 +637,61 @@ def _rgb_tensor(decoder: Callable[..., torch.Tensor], data: bytes) -> torch.Tens
 
 # The tags a TIFF's pixels are decoded with (baseline and extension numbers); the others
 # (EXIF, subfiles, descriptions) stay behind when a band of strips is decoded on its own.
-_TIFF_PIXEL_TAGS = (256, 258, 259, 262, 266, 277, 284, 317, 320, 332, 338, 339, 347, 529, 530)
+_TIFF_PIXEL_TAGS = (
+    256, 258, 259, 262, 266, 277, 284, 317, 320, 322, 323, 332, 338, 339, 347, 529, 530,
+)  # fmt: skip
 _IMAGE_LENGTH, _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_BYTES, _PLANAR = 257, 273, 278, 279, 284
-_BITS_PER_SAMPLE, _TILE_OFFSETS = 258, 324
+_BITS_PER_SAMPLE, _SAMPLES_PER_PIXEL = 258, 277
+_TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_BYTES = 322, 323, 324, 325
 _LONG = 4  # TIFF's 32-bit unsigned type
 
 
-def _tiff_strips(
+def _tiff_bands(
     im: Image.Image, data: bytes
 ) -> Callable[[tuple[int, int, int, int]], Image.Image] | None:
-    """For a TIFF stored in strips of rows (libtiff writes 64 KB strips), a reader of the RGB
-    pixels of a region that decodes only the strips its rows are in, as a TIFF of their own
-    (each strip is compressed on its own): the whole image is never held. None for other TIFFs
-    (one strip, tiles, planes stored apart), which PIL decodes whole."""
+    """For a TIFF stored in strips of rows (libtiff writes 64 KB strips) or in tiles, a reader
+    of the RGB pixels of a region that decodes only the strips, or the rows of tiles, its rows
+    are in, as a TIFF of their own (each strip and tile is compressed on its own; planes stored
+    apart are taken plane by plane): the whole image is never held. The last rows decoded are
+    kept for the next region. None for other TIFFs (one strip), which PIL decodes whole."""
     if not isinstance(im, TiffImagePlugin.TiffImageFile) or getattr(im, "n_frames", 1) != 1:
         return None
     orders: dict[bytes, Literal["little", "big"]] = {b"II*\x00": "little", b"MM\x00*": "big"}
     order = orders.get(data[:4])  # None for BigTIFF
     tags = im.tag_v2
-    offsets, counts = tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTES)
-    rows = tags.get(_ROWS_PER_STRIP, im.height)
+    tiled = _TILE_OFFSETS in tags
+    if tiled:
+        offset_tag, count_tag, rows = _TILE_OFFSETS, _TILE_BYTES, tags.get(_TILE_LENGTH)
+        tile_width = tags.get(_TILE_WIDTH)
+        across = -(-im.width // tile_width) if isinstance(tile_width, int) and tile_width > 0 else 0
+    else:
+        offset_tag, count_tag, rows = _STRIP_OFFSETS, _STRIP_BYTES, tags.get(_ROWS_PER_STRIP)
+        rows, across = im.height if rows is None else rows, 1
+    offsets, counts = tags.get(offset_tag), tags.get(count_tag)
+    planes = tags.get(_SAMPLES_PER_PIXEL, 1) if tags.get(_PLANAR, 1) == 2 else 1
     if (
         order is None
         or not isinstance(rows, int)
-        or not 0 < rows < im.height
-        or tags.get(_PLANAR, 1) != 1
+        or not 0 < rows < (2**31 if tiled else im.height)
+        or not isinstance(planes, int)
+        or across < 1
         or not isinstance(offsets, tuple)
         or not isinstance(counts, tuple)
-        or len(offsets) != -(-im.height // rows)
-        or len(counts) != len(offsets)
     ):
         return None
+    down = -(-im.height // rows)
+    if len(offsets) != planes * down * across or len(counts) != len(offsets):
+        return None
 
-    def strips(first: int, last: int) -> Image.Image:
-        """Strips first..last-1 as a TIFF image of their rows (opened, not decoded)."""
-        pixels = [data[o : o + n] for o, n in zip(offsets[first:last], counts[first:last])]
+    def segments(first: int, last: int) -> Image.Image:
+        """Strips (rows of tiles) first..last-1 as a TIFF image of their rows (not decoded)."""
+        picks = [
+            (plane * down + row) * across + column
+            for plane in range(planes)
+            for row in range(first, last)
+            for column in range(across)
+        ]
+        pixels = [data[offsets[i] : offsets[i] + counts[i]] for i in picks]
         header = data[:4] + (8).to_bytes(4, order)  # the file's byte order: its samples'
         ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=header)
         for tag in _TIFF_PIXEL_TAGS:
@@ -678,24 +699,72 @@ def _tiff_strips(
                 ifd[tag] = tags[tag]
                 ifd.tagtype[tag] = tags.tagtype[tag]
         ifd[_IMAGE_LENGTH] = min(last * rows, im.height) - first * rows
-        ifd[_ROWS_PER_STRIP] = rows
-        # relative to the end of the directory: PIL's `tobytes` adds where that is
-        ifd[_STRIP_OFFSETS] = tuple(itertools.accumulate(map(len, pixels[:-1]), initial=0))
-        ifd[_STRIP_BYTES] = tuple(map(len, pixels))
-        for tag in (_IMAGE_LENGTH, _ROWS_PER_STRIP, _STRIP_OFFSETS, _STRIP_BYTES):
+        if not tiled:
+            ifd[_ROWS_PER_STRIP] = rows
+        # relative to the end of the directory: PIL's `tobytes` adds where that is to strips'
+        starts = tuple(itertools.accumulate(map(len, pixels[:-1]), initial=0))
+        ifd[offset_tag], ifd[count_tag] = starts, tuple(map(len, pixels))
+        for tag in (_IMAGE_LENGTH, _ROWS_PER_STRIP, offset_tag, count_tag):
             ifd.tagtype[tag] = _LONG
-        tiff = header + ifd.tobytes(8) + b"".join(pixels)
+        directory = ifd.tobytes(8)
+        if tiled:  # ... and not to tiles': the same directory again, with where they are
+            ifd[offset_tag] = tuple(8 + len(directory) + start for start in starts)
+            ifd.tagtype[offset_tag] = _LONG
+            directory = ifd.tobytes(8)
+        tiff = header + directory + b"".join(pixels)
         return Image.open(io.BytesIO(tiff), formats=("TIFF",))
 
-    first = strips(0, 1)
-    if first.mode != im.mode or first.size != (im.width, rows):
+    first = segments(0, 1)
+    if first.mode != im.mode or first.size != (im.width, min(rows, im.height)):
         return None  # not a layout this reader knows: PIL decodes the file whole
+    held: list[Any] = [0, 0, None]  # the rows of segments decoded last: first, last, image
 
     def band(box: tuple[int, int, int, int]) -> Image.Image:
         left, top, right, bottom = box
-        first = top // rows
-        part = strips(first, -(-bottom // rows))
-        return _to_rgb(part.crop((left, top - first * rows, right, bottom - first * rows)))
+        first, last = top // rows, -(-bottom // rows)
+        if not held[0] <= first < last <= held[1]:
+            held[:] = first, last, None  # the last image goes before the next is decoded
+            held[2] = segments(first, last)
+        part = held[2]
+        top, bottom = top - held[0] * rows, bottom - held[0] * rows
+        return _to_rgb(part.crop((left, top, right, bottom)))
+
+    return band
+
+
+# Bits per pixel of the uncompressed layouts `_raw_bands` reads when a file gives no row length.
+_RAW_BITS = {"L": 8, "RGB": 24, "RGBA": 32, "RGBX": 32, "CMYK": 32, "I;16": 16, "I;16B": 16}
+
+
+def _raw_bands(
+    im: Image.Image, data: bytes
+) -> Callable[[tuple[int, int, int, int]], Image.Image] | None:
+    """For an uncompressed image in one piece (BMP, PPM, a TIFF in one strip), a reader of the
+    RGB pixels of a region that decodes its rows straight from `data`: the file's body is its
+    pixels, and only a band of them is decoded at a time. None for other images (palette
+    images, which PIL holds in 1 byte per pixel, included)."""
+    tile = getattr(im, "tile", None) or []
+    if len(tile) != 1 or tile[0].codec_name != "raw" or im.mode in ("P", "1"):
+        return None
+    if tuple(tile[0].extents or ()) != (0, 0, im.width, im.height):
+        return None
+    args = tile[0].args
+    rawmode, stride, step = (args, 0, 1) if isinstance(args, str) else (*args, 0, 1)[:3]
+    if not isinstance(rawmode, str) or not isinstance(stride, int) or step not in (1, -1):
+        return None
+    if stride == 0 and (bits := _RAW_BITS.get(rawmode)) is not None:
+        stride = -(-bits * im.width // 8)
+    if stride <= 0:
+        return None
+
+    def band(box: tuple[int, int, int, int]) -> Image.Image:
+        left, top, right, bottom = box
+        first = top if step == 1 else im.height - bottom  # rows stored bottom up for -1
+        start = tile[0].offset + first * stride
+        rows = data[start : start + (bottom - top) * stride]
+        size = (im.width, bottom - top)
+        part = Image.frombytes(im.mode, size, rows, "raw", rawmode, stride, step)
+        return _to_rgb(part.crop((left, 0, right, bottom - top)))
 
     return band
 
