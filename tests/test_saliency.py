@@ -377,7 +377,7 @@ def test_mask_is_the_map_at_the_image_size_in_255_levels():
     mask = saliency_mask(model, small, 32)
     assert mask.mode == "L" and mask.size == (200, 150)
     expected = (prob * 255).round()
-    assert (torch.from_numpy(np.asarray(mask)).float() - expected).abs().max() <= 1
+    assert (torch.from_numpy(np.array(mask)).float() - expected).abs().max() <= 1
 
 
 def test_cli_predict_decodes_straight_to_the_input_and_writes_the_image_size(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, TiffImagePlugin
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, TiffImagePlugin
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -410,10 +410,9 @@ def decode_resized(
             orientation = _orientation(lambda: Image.Image.getexif(im))
             bands = functools.partial(_tensor_band, pixels)
             return _resized(bands, im, resize, stored, orientation=orientation)
-    if (strips := _tiff_bands(im, data)) is not None:
-        # the strips (rows of tiles) of a band and the next: 2 at most beyond the band's rows
-        rows = int(im.tag_v2.get(_TILE_LENGTH, im.tag_v2.get(_ROWS_PER_STRIP, im.height)))
-        charge(2 * (_pil_bytes(im.mode) * rows * im.width + _tiff_strip_bytes(im)))
+    tiff = im if isinstance(im, TiffImagePlugin.TiffImageFile) else None
+    if tiff is not None and (strips := _tiff_bands(tiff, data)) is not None:
+        charge(_tiff_band_bytes(tiff))
     elif (strips := _raw_bands(im, data)) is None:
         charge(_decoder_bytes(im, data, tensor=False))
         im.load()
@@ -484,6 +483,14 @@ def _webp_lossless(data: bytes) -> bool:
     return True
 
 
+def _tiff_band_bytes(im: TiffImagePlugin.TiffImageFile) -> int:
+    """What `_tiff_bands` holds: the strips (rows of tiles) a band is in, 2 beyond its rows at
+    most, decoded by PIL, and libtiff's buffer of one."""
+    tags = im.tag_v2
+    rows = min(im.height, int(tags.get(_TILE_LENGTH, tags.get(_ROWS_PER_STRIP, im.height))))
+    return 2 * (_pil_bytes(im.mode) * rows * im.width + _tiff_strip_bytes(im))
+
+
 def _tiff_strip_bytes(im: TiffImagePlugin.TiffImageFile) -> int:
     """The decoded bytes of one strip of a TIFF (of one plane, for planes stored apart): what
     libtiff holds while PIL decodes it. 0 for tiles, which are small."""
@@ -502,7 +509,7 @@ def _too_costly(
 ) -> ImageTooLarge:
     """The refusal of `im`, whose decoding would hold `held` bytes with `data`."""
     kind, advice = f"{im.format} {im.mode}", "save it as an 8-bit JPEG or PNG, or make it smaller"
-    rawmode = im.tile[0].args if getattr(im, "tile", None) else None
+    rawmode = im.tile[0].args if isinstance(im, ImageFile.ImageFile) and im.tile else None
     if im.format == "WEBP" and _webp_lossless(data):
         kind, advice = "lossless WebP", "save it as a JPEG or a lossy WebP, or make it smaller"
     elif isinstance(rawmode, str) and ";16" in rawmode and im.mode != "I":
