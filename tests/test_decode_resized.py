@@ -235,11 +235,11 @@ print((rss("VmHWM:") - before + len(big)) / cap)
 CAP = 2000 * 2000  # the pixel cap, scaled down from the default 40 M pixels
 # (width, height) at the cap, or at the most the kind's decoder is allowed within 4 bytes per
 # pixel of it with the file's bytes (`decode_resized`): 7 bytes per pixel of the image for a
-# lossless WebP (libwebp's 4 beside the 3 of its output); 4 for those PIL decodes whole in RGB (16-bit colour PNG, a CMYK JPEG
-# too thin for DCT scaling), beside the body; 6 for a progressive JPEG
-# too thin (its coefficients, 2 bytes per sample: 3 per pixel, beside the 3 of the RGB output),
-# 4 at 1/2 size (the coefficients and 1 of PIL's RGB at a quarter of the pixels). The long JPEGs
-# are too thin for DCT scaling (their shorter side is under 2 x 256).
+# lossless WebP (libwebp's 4 beside the 3 of its output); 4 for those PIL decodes whole in RGB
+# (16-bit colour PNG, a CMYK JPEG too thin for DCT scaling), beside the body; 6 for a
+# progressive JPEG too thin (its coefficients, 2 bytes per sample: 3 per pixel, beside the 3 of
+# the RGB output), 4 at 1/2 size (the coefficients and 1 of PIL's RGB at a quarter of the
+# pixels). The long JPEGs are too thin for DCT scaling (their shorter side is under 2 x 256).
 AT_THE_CAP = {kind: (2000, 2000) for kind in [*KINDS, *ENCODERS]}
 AT_THE_CAP.update(
     {
