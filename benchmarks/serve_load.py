@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from res2net.schema import PRECISIONS
+
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("new", "old", "direct")
 # starts the old server from its module (written by `old_server_module`) and prints its URL
@@ -365,7 +367,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max_batch", type=int, default=1, help="the new server's micro-batch")
     p.add_argument("--workers", type=int, default=1, help="the new server's processes")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--calibration", type=Path, help="with --precision int8: a folder of images")
     p.add_argument("--model", default="res2net50_26w_4s")
     p.add_argument("--image_size", type=int, default=224)

@@ -1,25 +1,38 @@
 """`decode_image(resize=...)`, the decode of `predict` and `serve`: an image decoded straight to
 what the eval transform keeps gives that transform's input to within resampling rounding, for
 every mode, EXIF orientation and shape (a 1-pixel-high strip included), refuses decompression
-bombs from the header, and takes at most 4 bytes per pixel of the image beyond its body."""
+bombs from the header, and takes at most 4 bytes per pixel of the pixel cap with its body: an
+image whose decoder would take more is refused from its header."""
 
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.transforms import v2
 
-from res2net.data import DataError, ResizeCrop, decode_image, eval_resize_crop
+from res2net.data import (
+    DataError,
+    ImageTooLarge,
+    ResizeCrop,
+    ResizeTo,
+    decode_image,
+    eval_resize_crop,
+    folders,
+)
 
 GEOMETRY = eval_resize_crop(32, crop_pct=0.875)  # resize the shorter side to 36, crop 32
+SERVED = eval_resize_crop(224, crop_pct=0.875)  # 256, crop 224: no DCT scaling below 512
 
 
 def pattern(width: int, height: int) -> np.ndarray:
@@ -40,6 +53,46 @@ def high_bit(pixels: np.ndarray, mode: str) -> Image.Image:
     return Image.frombytes("I", pixels.shape[1::-1], values.astype("<i4").tobytes(), "raw", "I")
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body).to_bytes(4, "big")
+    return len(body).to_bytes(4, "big") + kind + body + crc
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A PNG of 16 bits per channel (PIL writes 16-bit gray only) of an H x W x 3 or 4 picture:
+    each 8-bit value v as v * 257 plus a low byte, so that the low byte matters."""
+    height, width, channels = pixels.shape
+    values = pixels.astype(np.uint16) * 257 - (pixels > 127)  # 0..65534, low byte not v
+    rows = values.astype(">u2").view(np.uint8).reshape(height, -1)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter 0 per row
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    header += bytes([16, {3: 2, 4: 6}[channels], 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def tiff_by_tifffile(pixels: np.ndarray, **options) -> bytes:
+    """A TIFF of a layout PIL does not write: in tiles, or planes stored apart."""
+    buffer = io.BytesIO()
+    options = {"photometric": "rgb", "compression": "zlib", **options}
+    tifffile.imwrite(buffer, pixels, **options)
+    return buffer.getvalue()
+
+
+# name -> the file of an H x W x 3 picture, for the kinds PIL does not write
+ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "rgb16_png": png16,
+    "rgba16_png": lambda p: png16(np.dstack([p, p[..., 1]])),
+    "tiled_tiff": lambda p: tiff_by_tifffile(p, tile=(64, 64)),
+    "planar_tiff": lambda p: tiff_by_tifffile(
+        p.transpose(2, 0, 1), planarconfig="separate", rowsperstrip=64
+    ),
+}
+
 # name -> (the image of an H x W x 3 picture, its format, save options)
 KINDS: dict[str, tuple[Callable[[np.ndarray], Image.Image], str, dict]] = {
     "rgb_png": (Image.fromarray, "PNG", {}),
@@ -53,17 +106,22 @@ KINDS: dict[str, tuple[Callable[[np.ndarray], Image.Image], str, dict]] = {
     "gray_jpeg": (lambda p: Image.fromarray(p).convert("L"), "JPEG", {"quality": 95}),
     "cmyk_jpeg": (lambda p: Image.fromarray(p).convert("CMYK"), "JPEG", {"quality": 95}),
     "webp": (Image.fromarray, "WEBP", {"lossless": True}),
+    "lossy_webp": (Image.fromarray, "WEBP", {"quality": 90}),
+    "progressive_jpeg": (Image.fromarray, "JPEG", {"quality": 95, "progressive": True}),
     "cmyk_tiff": (
         lambda p: Image.fromarray(p).convert("CMYK"),
         "TIFF",
         {"compression": "tiff_lzw"},
     ),
-    "rgb_tiff_one_strip": (Image.fromarray, "TIFF", {}),  # uncompressed: PIL decodes it whole
+    "rgb_tiff_one_strip": (Image.fromarray, "TIFF", {}),  # uncompressed: read a band at a time
     "bmp": (Image.fromarray, "BMP", {}),
+    "ppm": (Image.fromarray, "PPM", {}),
 }
 
 
 def encode(kind: str, pixels: np.ndarray, **options) -> bytes:
+    if kind in ENCODERS:
+        return ENCODERS[kind](pixels)
     make, fmt, defaults = KINDS[kind]
     buffer = io.BytesIO()
     make(pixels).save(buffer, format=fmt, **defaults, **options)
@@ -81,7 +139,7 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.int() - b.int()).abs().float()
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [*KINDS, *ENCODERS])
 @pytest.mark.parametrize("size", [(40, 30), (30, 301), (300, 40), (900, 700)])
 def test_the_eval_transform_gets_the_same_pixels(kind, size):
     """Against the whole image decoded and resized by the eval transform: the same pixels to
@@ -129,15 +187,13 @@ def test_a_long_thin_strip_is_not_blown_up(size):
 
 def png_declaring(width: int, height: int) -> bytes:
     """A PNG whose header declares `width` x `height` pixels, with a few bytes of pixel data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body).to_bytes(4, "big")
-        return len(body).to_bytes(4, "big") + kind + body + crc
-
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     pixels = zlib.compress(b"\x00" * 64)
     return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", pixels)
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -146,13 +202,9 @@ def test_a_decompression_bomb_is_refused_from_its_header(resize):
     """A PNG of under 200 bytes declaring 10,000 x 10,000 pixels (400 MB of RGB) is refused
     before any pixel is decoded, by the default limit; one declaring 100,000 x 100,000 by PIL's
     own limit too, which still holds with `max_pixels=None`."""
-    if resize is not None:  # decoding a WebP takes 7 bytes per pixel: half the pixels
-        webp = encode("webp", pattern(100, 60))
-        with pytest.raises(DataError, match="its limit is 5000 pixels"):
-            decode_image(webp, "x.webp", 10_000, resize=resize)
     data = png_declaring(10_000, 10_000)
     assert len(data) < 200
-    with pytest.raises(DataError, match="'bomb.png' has 10000x10000 pixels, more than the limit"):
+    with pytest.raises(ImageTooLarge, match="'bomb.png' has 10000x10000 pixels, more than the"):
         decode_image(data, "bomb.png", resize=resize)
     huge = png_declaring(100_000, 100_000)
     for limit in (1000, None):
@@ -180,35 +232,129 @@ decode_image(big, "big", cap, resize=geometry)
 print((rss("VmHWM:") - before + len(big)) / cap)
 """
 
-# (width, height) at a scaled pixel cap of 4 M pixels. The long JPEG is too thin for DCT
-# scaling (its shorter side is under 2 x 256) and goes through torchvision's decoder whole.
-# Uncompressed files (BMP, a TIFF in one strip) are left out: their body is the pixels, so the
-# body cap bounds them (16 MiB: 0.4 bytes per pixel of the default 40 M pixel cap).
-AT_THE_CAP = {kind: (2000, 2000) for kind in KINDS if kind not in ("bmp", "rgb_tiff_one_strip")}
-AT_THE_CAP["long_rgb_jpeg"] = (8000, 500)
+CAP = 2000 * 2000  # the pixel cap, scaled down from the default 40 M pixels
+# (width, height) at the cap, or at the most the kind's decoder is allowed within 4 bytes per
+# pixel of it with the file's bytes (`decode_resized`): 7 bytes per pixel of the image for a
+# lossless WebP (libwebp's 4 beside the 3 of its output); 4 for those PIL decodes whole in RGB
+# (16-bit colour PNG, a CMYK JPEG too thin for DCT scaling), beside the body; 6 for a
+# progressive JPEG too thin (its coefficients, 2 bytes per sample: 3 per pixel, beside the 3 of
+# the RGB output), 4 at 1/2 size (the coefficients and 1 of PIL's RGB at a quarter of the
+# pixels). The long JPEGs are too thin for DCT scaling (their shorter side is under 2 x 256).
+AT_THE_CAP = {kind: (2000, 2000) for kind in [*KINDS, *ENCODERS]}
+AT_THE_CAP.update(
+    {
+        "webp": (1450, 1450),
+        "rgb16_png": (1800, 1800),
+        "rgba16_png": (1800, 1800),
+        "progressive_jpeg": (1800, 1800),  # DCT-scaled by 2: its coefficients and 1 byte
+        "long_rgb_jpeg": (8000, 500),
+        "long_cmyk_jpeg": (6000, 500),
+        "long_progressive_jpeg": (4000, 500),
+    }
+)
+
+
+def measure(kind: str, size: tuple[int, int], cap: int, folder: Path) -> float:
+    """The rise of the peak resident memory decoding a `kind` image of `size` for the
+    224-pixel eval transform at pixel cap `cap` (in a fresh process), plus its encoded bytes,
+    per pixel of the cap."""
+    source = kind.removeprefix("long_")
+    (folder / "big").write_bytes(encode(source, pattern(*size)))
+    (folder / "small").write_bytes(encode(source, pattern(64, 48)))
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, folder / "big", folder / "small", str(cap)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 @pytest.mark.parametrize("kind", list(AT_THE_CAP))
 def test_memory_at_the_pixel_cap_is_at_most_4_bytes_per_pixel(kind, tmp_path):
-    """Decoding one image at the pixel cap for the eval transform (in a fresh process): the
-    rise of the peak resident memory, plus the encoded bytes the request holds, per pixel of
-    the cap. The source is decoded once in its own mode, never as a full-size RGB copy; a
-    lossless WebP takes 7 bytes per pixel in libwebp, and may have half the cap."""
-    width, height = AT_THE_CAP[kind]
-    cap = width * height * (2 if kind == "webp" else 1)  # a WebP may have half the cap
-    source = kind.removeprefix("long_")
-    (tmp_path / "big").write_bytes(encode(source, pattern(width, height)))
-    (tmp_path / "small").write_bytes(encode(source, pattern(64, 48)))
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, tmp_path / "big", tmp_path / "small"] + [str(cap)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    per_pixel = float(out.stdout)
+    """Decoding one image at the pixel cap (or at the most its kind may have) for the eval
+    transform: the rise of the peak resident memory plus the encoded bytes the request holds,
+    per pixel of the cap. The source is decoded once in its own mode, never as a full-size RGB
+    copy."""
+    per_pixel = measure(kind, AT_THE_CAP[kind], CAP, tmp_path)
     print(f"{kind}: {per_pixel:.2f} bytes per pixel")
     assert per_pixel <= 4.0
+
+
+# The kinds that may not have the whole cap: an image of them at the cap is refused.
+COSTLY = {
+    "webp": "lossless WebP.*save it as a JPEG or a lossy WebP",
+    "rgb16_png": "16-bit RGB PNG.*convert it to 8 bits per channel",
+    "rgba16_png": "16-bit RGBA PNG.*convert it to 8 bits per channel",
+    "long_cmyk_jpeg": "JPEG CMYK",
+    "long_progressive_jpeg": "JPEG RGB",
+}
+
+
+@pytest.mark.parametrize("kind", list(COSTLY))
+def test_an_image_whose_decoder_takes_more_is_refused_from_its_header(kind, monkeypatch):
+    """At a cap of its own pixels, an image whose decoder holds more than 4 bytes per pixel
+    is refused in one line naming it and saying what to do, before any pixel is decoded (the
+    decoders fail here if called); at twice the cap it is decoded."""
+    size = (1600, 100) if kind.startswith("long_") else (400, 300)
+    data = encode(kind.removeprefix("long_"), pattern(*size))
+    cap = size[0] * size[1]
+    decoded = decode_image(data, kind, 2 * cap, resize=SERVED)
+    assert decoded.info["source_size"] == size
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    monkeypatch.setattr(folders, "_rgb_tensor", no_decoding)
+    with pytest.raises(ImageTooLarge) as refused:
+        decode_image(data, "x.img", cap, resize=SERVED)
+    message = str(refused.value)
+    assert re.search(f"image 'x.img' \\({COSTLY[kind]}", message) and "\n" not in message
+    assert f"4 bytes per pixel of the limit of {cap} pixels" in message
+
+
+@pytest.mark.parametrize("kind", ["rgb_png", "rgb_jpeg", "gray16_png", "lossy_webp"])
+def test_the_common_kinds_have_the_whole_cap(kind):
+    data = encode(kind, pattern(1000, 800))
+    assert decode_image(data, kind, 1000 * 800, resize=SERVED).size == (256, 256)
+
+
+# The main kinds at the default cap of 40 M pixels (docs/serving.md's table); a lossless WebP
+# at the most it may have.
+AT_THE_DEFAULT_CAP = {
+    "rgb_jpeg": (8000, 5000),
+    "rgb_png": (8000, 5000),
+    "gray16_png": (8000, 5000),
+    "lossy_webp": (8000, 5000),
+    "webp": (5600, 3800),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("kind", list(AT_THE_DEFAULT_CAP))
+def test_memory_at_the_default_cap(kind, tmp_path):
+    per_pixel = measure(kind, AT_THE_DEFAULT_CAP[kind], 40_000_000, tmp_path)
+    print(f"{kind} at 40 M pixels: {per_pixel:.2f} bytes per pixel")
+    assert per_pixel <= 4.0
+
+
+def test_resize_to_a_size_decodes_the_whole_image_to_it():
+    """`ResizeTo` (the saliency transform's resize): the whole image to a size, aspect not
+    kept, upright: PIL's resize of the whole image to PIL's rounding where nothing is reduced,
+    under one level on average where it is."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned by 90 degrees
+    for kind, size in [("rgb_png", (90, 60)), ("rgb_jpeg", (900, 700)), ("gray16_png", (80, 90))]:
+        data = encode(kind, pattern(*size), **({"exif": exif} if kind == "rgb_jpeg" else {}))
+        whole = decode_image(data, kind)
+        image = decode_image(data, kind, resize=ResizeTo(48, 40))
+        assert image.size == (48, 40) and image.info["source_size"] == whole.size
+        expected = torch.from_numpy(np.array(whole.resize((48, 40), Image.Resampling.BILINEAR)))
+        diff = levels(torch.from_numpy(np.array(image)), expected)
+        assert (diff.max() <= 1) if min(size) < 4 * 48 else (diff.mean() < 1.0), kind
 
 
 def tiff(image: Image.Image, **options) -> bytes:
@@ -232,14 +378,23 @@ def tiff_layouts() -> dict[str, bytes]:
         "palette packbits": tiff(Image.fromarray(picture).quantize(32), compression="packbits"),
         "bilevel group4": tiff(Image.fromarray(picture).convert("1"), compression="group4"),
         "RGB one strip": tiff(Image.fromarray(picture)),
+        "RGB tiles": tiff_by_tifffile(picture, tile=(64, 48)),  # partial tiles at both edges
+        "16-bit tiles": tiff_by_tifffile(np.asarray(gray16), tile=(32, 32), photometric=None),
+        "RGB planes in strips": tiff_by_tifffile(
+            picture.transpose(2, 0, 1), planarconfig="separate", rowsperstrip=9
+        ),
+        "RGB planes in tiles": tiff_by_tifffile(
+            picture.transpose(2, 0, 1), planarconfig="separate", tile=(48, 48)
+        ),
     }
 
 
 @pytest.mark.parametrize("layout", list(tiff_layouts()))
 def test_every_tiff_layout_as_pil_decodes_it_whole(layout):
-    """A striped TIFF is decoded a band of strips at a time, each band as a TIFF of its own:
-    the same pixels as the whole file decoded by PIL, whatever the samples, compression,
-    predictor and byte order (at a size where nothing is reduced, to PIL's rounding)."""
+    """A TIFF in strips or tiles is decoded a band of them at a time, each band as a TIFF of its
+    own: the same pixels as the whole file decoded by PIL, whatever the samples, compression,
+    predictor, byte order, tiles and planes (at a size where nothing is reduced, to PIL's
+    rounding)."""
     data = tiff_layouts()[layout]
     geometry = eval_resize_crop(96, crop_pct=1.0)  # 200 rows to 96: no reduction
     expected = eval_pixels(decode_image(data, layout), geometry)

@@ -4,6 +4,7 @@ that lowers the loss, and the `res2net saliency` commands end to end on a synthe
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from res2net import create_model
 from res2net.cli import saliency as saliency_cli
-from res2net.data import DataError
+from res2net.data import DataError, decode_image
 from res2net.models import Res2Net
 from res2net.saliency import (
     SaliencyFolder,
@@ -26,6 +27,8 @@ from res2net.saliency import (
     load_saliency_model,
     mae,
     predict_saliency,
+    saliency_geometry,
+    saliency_mask,
     saliency_res2net,
     train_saliency,
 )
@@ -352,3 +355,51 @@ def test_cli_predict_shows_a_crafted_file_name_escaped(tmp_path, capsys):
     args = ["--weights", str(weights), "--out", str(out), "--device", "cpu"]
     assert cli("predict", str(photos), *args) == 0
     assert capsys.readouterr().out == f"{out}/evil\\x1b[2J\\x07.png\n"
+
+
+def test_mask_is_the_map_at_the_image_size_in_255_levels():
+    """`saliency_mask` (what `saliency predict` writes, made a band of rows at a time) is
+    `predict_saliency`'s map in 0..255, at the size of the image's file when it was decoded
+    straight to the model's input; the map of an image so decoded is the map of the whole
+    image to within the resampling rounding of its input."""
+    torch.manual_seed(0)
+    model = saliency_res2net(tiny_trunk(), decoder_channels=8).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    whole = decode_image(buffer.getvalue())
+    small = decode_image(buffer.getvalue(), resize=saliency_geometry(32))
+    assert small.size == (32, 32) and small.info["source_size"] == (200, 150)
+
+    prob = predict_saliency(model, small, 32)
+    assert prob.shape == (150, 200)
+    assert (prob - predict_saliency(model, whole, 32)).abs().max() < 0.02
+    mask = saliency_mask(model, small, 32)
+    assert mask.mode == "L" and mask.size == (200, 150)
+    expected = (prob * 255).round()
+    assert (torch.from_numpy(np.array(mask)).float() - expected).abs().max() <= 1
+
+
+def test_cli_predict_decodes_straight_to_the_input_and_writes_the_image_size(tmp_path, monkeypatch):
+    """The image is decoded to the model's input (32 x 32 here), never whole; the mask is
+    written at the size of the file's image."""
+    from res2net import inference
+
+    weights = _saved(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photos / "wide.jpg", quality=90)
+    decoded: list[Image.Image] = []
+    load = inference.load_found_image
+
+    def spy(*args, **kwargs):
+        decoded.append(load(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(inference, "load_found_image", spy)
+    out = tmp_path / "masks"
+    args = ["--weights", str(weights), "--out", str(out), "--device", "cpu"]
+    assert cli("predict", str(photos), *args) == 0
+    assert [image.size for image in decoded] == [(32, 32)]
+    assert Image.open(out / "wide.png").size == (500, 300)

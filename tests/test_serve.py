@@ -485,6 +485,20 @@ def test_high_bit_depth_images_at_the_pixel_cap_are_classified(server, fmt):
     assert status == 200 and len(answer["top"]) == 3
 
 
+def test_an_image_whose_decoder_takes_more_memory_gets_413(server):
+    """PIL decodes a 16-bit RGB PNG whole, in 4 bytes per pixel: at the pixel cap that and its
+    body pass 4 bytes per pixel of the cap. Refused from its header in one line saying what to
+    do; a smaller one is classified."""
+    from tests.test_decode_resized import png16
+
+    flat = np.full((500, 500, 3), (10, 120, 200), dtype=np.uint8)  # compresses
+    status, answer = request(server, "POST", "/predict", png16(flat))
+    assert status == 413 and "16-bit RGB PNG" in answer["error"]
+    assert answer["error"].endswith("convert it to 8 bits per channel")
+    status, answer = request(server, "POST", "/predict", png16(flat[:400, :400]))
+    assert status == 200 and len(answer["top"]) == 3
+
+
 @pytest.mark.parametrize("size", [(1, 250_000), (250_000, 1)])
 def test_a_long_thin_image_is_classified_in_bounded_time(server, size):
     """A 1 x 250,000 strip (the test server's pixel cap): resized whole to the model's 32

@@ -22,6 +22,11 @@ class DataError(Res2NetError, ValueError):
     """A dataset that cannot be used as given: wrong folder layout or an unreadable image."""
 
 
+class ImageTooLarge(DataError):
+    """An image whose pixels, or the memory decoding it would take, pass a limit: judged from
+    its header, before any pixel is decoded (`serve` answers 413)."""
+
+
 class CheckpointError(Res2NetError, ValueError):
     """A weights file or source that cannot be read or does not fit the model; names the file."""
 

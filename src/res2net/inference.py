@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import fileio
-from .data import DataError, ResizeCrop, load_image
+from .data import DataError, Geometry, load_image
 from .errors import CheckpointError, MissingFile
 from .factory import create_model
 from .guards import check_regular_file, quoted, read_regular_file
@@ -101,7 +101,7 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
 
 
 def load_found_image(
-    path: Path, named: set[Path], resize: ResizeCrop | None = None
+    path: Path, named: set[Path], resize: Geometry | None = None
 ) -> Image.Image | str:
     """`load_image(path, resize=resize)` for an image `find_images` found. For one inside a
     folder that cannot be read, the reason instead: the caller skips it and the others still get

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, MissingFile
-
-PRECISIONS = ("fp32", "bf16", "int8")
+from .schema import PRECISIONS
 
 Calibration = str | os.PathLike | torch.Tensor | Iterable[torch.Tensor]
 

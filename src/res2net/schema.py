@@ -22,6 +22,7 @@ IMAGENET_STD = tuple(s * 255 for s in IMAGENET_STD_01)
 #: Global batch size that ``lr`` refers to with ``lr_scale: linear`` (MindCV's Res2Net recipes:
 #: 32 images per device x 8 devices with lr 0.1).
 REFERENCE_BATCH_SIZE = 256
+PRECISIONS = ("fp32", "bf16", "int8")  # optimize_for_inference's (serve, benchmark)
 
 #: MindCV's ``create_optimizer`` names (matched case-insensitively).
 Optimizer = Literal[

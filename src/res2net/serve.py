@@ -64,7 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import nn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .data import DataError, ResizeCrop, decode_image
+from .data import DataError, ImageTooLarge, ResizeCrop, decode_image
 from .errors import ConfigError
 
 log = logging.getLogger("res2net.serve")
@@ -492,7 +492,7 @@ def decode_all(
             image = decode_image(data, name, limits.max_pixels - used, resize=classifier.resize)
             del data
         except DataError as e:
-            if "decompression bomb" not in str(e):
+            if not isinstance(e, ImageTooLarge) and "decompression bomb" not in str(e):
                 raise RequestError(415, str(e)) from None
             if used:
                 e = DataError(

@@ -9,6 +9,7 @@ import logging
 import os
 
 from ..errors import ConfigError
+from ..schema import PRECISIONS
 
 HELP = "measure a training step or an inference pass: ms/step and img/s (Markdown and JSON)"
 
@@ -33,7 +34,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="autocast to bfloat16")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "int8"),
+        choices=PRECISIONS,
         default="fp32",
         help="infer: optimize_for_inference(precision=...) (int8 calibrated on random "
         "batches, always compiled); train: bf16 = --amp",

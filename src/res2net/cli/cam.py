@@ -76,10 +76,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         crop_pct=args.crop_pct,
     )
     model = model.to(args.device)
-    transform = spec.transform()
+    transform, resize = spec.transform(), spec.resize_crop()
     named, skipped = {Path(image) for image in args.images}, Skipped("cam")
     for (path, rel), target in zip(files, targets):
-        image = load_found_image(path, named)
+        image = load_found_image(path, named, resize)  # decoded straight to the input size
         if isinstance(image, str):
             skipped.add(image)
             continue

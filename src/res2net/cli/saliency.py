@@ -140,25 +140,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
     from .. import fileio
     from ..inference import find_images, load_found_image, planned_outputs
-    from ..saliency import load_saliency_model, predict_saliency
+    from ..saliency import load_saliency_model, saliency_geometry, saliency_mask
 
     files = find_images(args.images)
     out_dir = Path(args.out)
     targets = planned_outputs(out_dir, files, ".png")  # before the model is read and built
     model, meta = load_saliency_model(args.weights, args.device)
     named, skipped = {Path(image) for image in args.images}, Skipped("saliency predict")
+    geometry = saliency_geometry(meta["image_size"])
     for (path, rel), out in zip(files, targets):
-        image = load_found_image(path, named)
+        image = load_found_image(path, named, geometry)  # decoded straight to the input size
         if isinstance(image, str):
             skipped.add(image)
             continue
-        prob = predict_saliency(model, image, meta["image_size"], args.device)
-        mask = Image.fromarray((prob * 255).round().to(torch.uint8).numpy())
+        mask = saliency_mask(model, image, meta["image_size"], args.device)  # the image's size
         fileio.make_subdirectory(out_dir, rel.parent)  # never a planted link
         fileio.atomic_write(out, partial(mask.save, format="PNG"))
         print(printable(str(out)), flush=True)

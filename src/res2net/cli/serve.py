@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..errors import ConfigError
+from ..schema import PRECISIONS
 from .predict import add_classes_flag, add_transform_flags
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # res2net.serve's, without importing it
@@ -130,7 +131,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "int8"),
+        choices=PRECISIONS,
         default="fp32",
         help="serve predictions from optimize_for_inference at this precision (int8: x86 CPUs, "
         "needs --calibration)",

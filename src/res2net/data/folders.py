@@ -40,12 +40,12 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, TiffImagePlugin
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, TiffImagePlugin
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from ..errors import DataError
+from ..errors import DataError, ImageTooLarge
 from ..guards import printable, read_regular_file
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,9 @@ except ImportError:  # a torchvision without its image decoders: PIL decodes eve
 _HIGH_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit values too
 _BLOCK_PIXELS = 1 << 18  # pixels of a high-bit-depth image rescaled at once (a few MB)
 _BAND_PIXELS = 1 << 16  # pixels of a band converted at once by `decode_resized` (about 1 MB)
+# What decoding one image for the eval transform may hold, with its encoded bytes: this many bytes
+# per pixel of `max_pixels` (judged from the header before decoding; see `decode_resized`).
+MEMORY_PER_PIXEL = 4
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
@@ -206,7 +209,7 @@ def load_image(
     path: str | os.PathLike,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     *,
-    resize: ResizeCrop | None = None,
+    resize: Geometry | None = None,
 ) -> Image.Image:
     """Open `path` as an 8-bit RGB PIL image, upright per its EXIF orientation.
 
@@ -237,27 +240,20 @@ def decode_image(
     name: str = "<bytes>",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     *,
-    resize: ResizeCrop | None = None,
+    resize: Geometry | None = None,
 ) -> Image.Image:
     """`load_image` for encoded bytes (e.g. a sample of a shard); errors name `name`.
 
     Without `resize`: the whole image at full size (training, validation). With `resize`: only
-    what the eval transform keeps, already resized (`decode_resized`), so that decoding an image
-    of N pixels takes about the source's own bytes, never a full-size RGB copy (a WebP takes
-    7, so it may have half of `max_pixels`); its `info["source_size"]` is the size of the file's
-    image."""
+    what the eval transform keeps, already resized (`decode_resized`), so that decoding takes at
+    most `MEMORY_PER_PIXEL` bytes per pixel of `max_pixels` with `data` (an image that would
+    take more is refused from its header: `ImageTooLarge`); its `info["source_size"]` is the
+    size of the file's image."""
     with decoding(name):
         im = open_image(data, name, max_pixels)
         if resize is None:
             return finish_image(im, name)
-        if im.format == "WEBP" and max_pixels is not None and 2 * im.width * im.height > max_pixels:
-            raise DataError(
-                f"image '{name}' is a WebP of {im.width}x{im.height} pixels; decoding a WebP "
-                "takes twice the memory of other images (libwebp holds the whole image in 4 "
-                f"bytes per pixel), so its limit is {max_pixels // 2} pixels (a possible "
-                "decompression bomb)"
-            )
-        return decode_resized(im, data, resize)
+        return decode_resized(im, data, resize, max_pixels=max_pixels, name=name)
 
 
 @contextlib.contextmanager
@@ -281,7 +277,7 @@ def open_image(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     and the size is within `max_pixels` (`DataError` otherwise). Call inside `decoding(name)`."""
     im = Image.open(io.BytesIO(data), formats=_available_formats())
     if max_pixels is not None and im.width * im.height > max_pixels:
-        raise DataError(
+        raise ImageTooLarge(
             f"image '{name}' has {im.width}x{im.height} pixels, more than the limit of "
             f"{max_pixels} (a possible decompression bomb)"
         )
@@ -316,6 +312,22 @@ class ResizeCrop(NamedTuple):
         return (keep, self.size), (start, 0.0, start + keep * scale, float(height))
 
 
+class ResizeTo(NamedTuple):
+    """A resize of the whole image to `width` x `height` (aspect not kept), as the saliency
+    transform's: for `decode_image(resize=...)` like `ResizeCrop`."""
+
+    width: int
+    height: int
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+
+    def kept(self, width: int, height: int) -> tuple[tuple[int, int], Box]:
+        """(output size, source box): the whole `width` x `height` image."""
+        return (self.width, self.height), (0.0, 0.0, float(width), float(height))
+
+
+Geometry = ResizeCrop | ResizeTo  # what `decode_image(resize=...)` decodes to
+
+
 # What turns an image upright for each EXIF orientation (as `ImageOps.exif_transpose`), and
 # where a point (x, y) of the upright image is in the stored one of size (w, h).
 _UPRIGHT: dict[
@@ -348,43 +360,174 @@ def _orientation(exif: Callable[[], Image.Exif]) -> int:
     return orientation if orientation in _UPRIGHT else 1
 
 
-def decode_resized(im: Image.Image, data: bytes, resize: ResizeCrop) -> Image.Image:
+def decode_resized(
+    im: Image.Image,
+    data: bytes,
+    resize: Geometry,
+    *,
+    max_pixels: int | None = None,
+    name: str = "<bytes>",
+) -> Image.Image:
     """Opened image `im` (of encoded `data`) decoded straight to what `resize` keeps: 8-bit RGB,
     upright, the shorter side `resize.size` and the longer one trimmed (`ResizeCrop.kept`), so
-    that the eval transform after it only crops and normalizes.
+    that the eval transform after it only crops and normalizes (or `ResizeTo`'s size).
 
     The source is decoded once, in the fewest bytes per pixel on offer: a JPEG at 1/2, 1/4 or
     1/8 size when that leaves twice the output size (libjpeg's DCT scaling, as PIL's `draft`);
     8-bit gray, palette and 16/32-bit gray images in their own mode by PIL (1, 1, 2 and 4 bytes
     per pixel); 8-bit RGB(A) PNG, WebP and other colour JPEGs by torchvision's decoders, which
-    give 3 bytes per pixel where PIL takes 4; the rest by PIL. Then only the kept part is
-    converted to RGB, a band of rows at a time, each band first reduced by a whole factor that
-    leaves twice the output size (PIL's `reduce`, a box average, as `resize(reducing_gap=2)`
-    does), and resized last. The EXIF turn is applied to the small result."""
+    give 3 bytes per pixel where PIL takes 4; a TIFF in strips or tiles a band of them at a
+    time; the rest whole by PIL. Then only the kept part is converted to RGB, a band of rows at
+    a time, each band first reduced by a whole factor that leaves twice the output size (PIL's
+    `reduce`, a box average, as `resize(reducing_gap=2)` does), and resized last. The EXIF turn
+    is applied to the small result.
+
+    With `max_pixels`, what the chosen decoder will hold (`_decoder_bytes`, from the header)
+    plus `data` must stay within `MEMORY_PER_PIXEL` bytes per pixel of it; an image that would
+    take more (a lossless WebP or an uncompressed file above 4/7 of the limit, a 16-bit RGB PNG
+    near it) is refused
+    before any pixel is decoded (`ImageTooLarge` naming `name`)."""
     stored = im.size
+
+    def charge(held: int) -> None:
+        if max_pixels is not None and held + len(data) > MEMORY_PER_PIXEL * max_pixels:
+            raise _too_costly(im, data, name, held + len(data), max_pixels)
+
     if isinstance(im, JpegImagePlugin.JpegImageFile):  # EXIF in the header: reduce first
         out, box = _stored_geometry(resize, stored, exif_orientation(im))
         if (factor := _reduction(box, out, resize.resample)) > 1:
             dct = next(f for f in _DCT_SCALES if f <= factor)
+            scaled = -(-im.width // dct) * -(-im.height // dct)
+            charge(_PIL_BYTES_PER_PIXEL * scaled + _jpeg_coefficients(im))
             if im.draft("RGB", (im.width // dct, im.height // dct)) is not None:
                 im.load()
                 bands = functools.partial(_pil_band, im)
                 return _resized(bands, im, resize, stored, scale=im.decoderconfig[0])
-    if (pixels := _rgb_tensor(im, data)) is not None:
-        # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
-        orientation = _orientation(lambda: Image.Image.getexif(im))
-        bands = functools.partial(_tensor_band, pixels)
-        return _resized(bands, im, resize, stored, orientation=orientation)
-    if (strips := _tiff_strips(im, data)) is None:
+    if (decoder := _tensor_decoder(im)) is not None:
+        charge(_decoder_bytes(im, data, tensor=True))
+        if (pixels := _rgb_tensor(decoder, data)) is not None:
+            # the EXIF PIL finds without decoding (for a PNG: before its pixels, where it belongs)
+            orientation = _orientation(lambda: Image.Image.getexif(im))
+            bands = functools.partial(_tensor_band, pixels)
+            return _resized(bands, im, resize, stored, orientation=orientation)
+    tiff = im if isinstance(im, TiffImagePlugin.TiffImageFile) else None
+    if tiff is not None and (strips := _tiff_bands(tiff, data)) is not None:
+        charge(_tiff_band_bytes(tiff))
+    elif (strips := _raw_bands(im, data)) is None:
+        charge(_decoder_bytes(im, data, tensor=False))
         im.load()
         strips = functools.partial(_pil_band, im)
     return _resized(strips, im, resize, stored)
 
 
+# Bytes per pixel of PIL's image modes: 1 for "1", "L" and "P", 2 for "I;16*", 4 for the rest
+# (RGB is held as RGBX).
+_PIL_BYTES_PER_PIXEL = 4
+
+
+def _pil_bytes(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else _PIL_BYTES_PER_PIXEL
+
+
+def _decoder_bytes(im: Image.Image, data: bytes, *, tensor: bool) -> int:
+    """What decoding `im` whole holds at its peak, besides `data`, read from its header: with
+    torchvision's decoders (`tensor`) 3 bytes per pixel, PIL's `_pil_bytes` otherwise; plus the
+    whole-image buffers of the decoders that keep one: a progressive JPEG's coefficients,
+    libwebp's for a lossless WebP, libtiff's strip (of a TIFF in one strip: the image)."""
+    pixels = im.width * im.height
+    held = 3 * pixels if tensor else _pil_bytes(im.mode) * pixels
+    if isinstance(im, JpegImagePlugin.JpegImageFile):
+        held += _jpeg_coefficients(im)
+    elif im.format == "WEBP":
+        # PIL decodes a WebP by libwebp's animation decoder, into two canvases of 4 bytes per
+        # pixel; torchvision a lossless one (VP8L) beside a buffer of 4, a lossy one by rows
+        if not tensor:
+            held += 8 * pixels
+        elif _webp_lossless(data):
+            held += 4 * pixels
+    elif isinstance(im, TiffImagePlugin.TiffImageFile) and im.tile:
+        # libtiff decodes a compressed TIFF a strip at a time into a buffer of its own (the whole
+        # image for a TIFF in one strip); PIL reads uncompressed ones a row at a time
+        if im.tile[0].codec_name == "libtiff":
+            held += _tiff_strip_bytes(im)
+    return held
+
+
+def _jpeg_coefficients(im: JpegImagePlugin.JpegImageFile) -> int:
+    """The bytes libjpeg holds for a progressive JPEG's DCT coefficients, 2 per sample of every
+    component over the whole image (its scans refine them all), also when it decodes scaled;
+    0 for a baseline JPEG, decoded a row of blocks at a time."""
+    if not im.info.get("progressive"):
+        return 0
+    layers = getattr(im, "layer", None) or [("", 1, 1, 0)]  # (id, h sampling, v sampling, table)
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    blocks = 0
+    for _, h, v, _ in layers:
+        blocks += -(-im.width * h // (8 * h_max)) * -(-im.height * v // (8 * v_max))
+    return 2 * 64 * blocks
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """Whether a WebP's image is lossless (VP8L): libwebp decodes those whole, in 4 bytes per
+    pixel beside its output. Its first image chunk tells (an animation's frames: lossless)."""
+    pos = 12  # after "RIFF", the size and "WEBP"
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"VP8 ":
+            return False
+        if chunk in (b"VP8L", b"ANMF"):
+            return True
+        pos += 8 + size + (size & 1)
+    return True
+
+
+def _tiff_band_bytes(im: TiffImagePlugin.TiffImageFile) -> int:
+    """What `_tiff_bands` holds: the strips (rows of tiles) a band is in, 2 beyond its rows at
+    most, decoded by PIL, and libtiff's buffer of one."""
+    tags = im.tag_v2
+    rows = min(im.height, int(tags.get(_TILE_LENGTH, tags.get(_ROWS_PER_STRIP, im.height))))
+    return 2 * (_pil_bytes(im.mode) * rows * im.width + _tiff_strip_bytes(im))
+
+
+def _tiff_strip_bytes(im: TiffImagePlugin.TiffImageFile) -> int:
+    """The decoded bytes of one strip of a TIFF (of one plane, for planes stored apart): what
+    libtiff holds while PIL decodes it. 0 for tiles, which are small."""
+    if _TILE_OFFSETS in im.tag_v2:
+        return 0
+    bits = im.tag_v2.get(_BITS_PER_SAMPLE, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    rows = min(im.height, int(im.tag_v2.get(_ROWS_PER_STRIP, im.height)))
+    if im.tag_v2.get(_PLANAR, 1) == 2:  # one plane at a time
+        return -(-max(bits) * im.width // 8) * rows
+    return -(-sum(bits) * im.width // 8) * rows
+
+
+def _too_costly(
+    im: Image.Image, data: bytes, name: str, held: int, max_pixels: int
+) -> ImageTooLarge:
+    """The refusal of `im`, whose decoding would hold `held` bytes with `data`."""
+    kind, advice = f"{im.format} {im.mode}", "save it as an 8-bit JPEG or PNG, or make it smaller"
+    rawmode = im.tile[0].args if isinstance(im, ImageFile.ImageFile) and im.tile else None
+    if im.format == "WEBP" and _webp_lossless(data):
+        kind, advice = "lossless WebP", "save it as a JPEG or a lossy WebP, or make it smaller"
+    elif isinstance(rawmode, str) and ";16" in rawmode and im.mode != "I":
+        kind, advice = f"16-bit {im.mode} {im.format}", "convert it to 8 bits per channel"
+    elif isinstance(im, TiffImagePlugin.TiffImageFile) and _TILE_OFFSETS in im.tag_v2:
+        kind = f"{im.mode} TIFF in tiles"
+    budget = MEMORY_PER_PIXEL * max_pixels
+    return ImageTooLarge(
+        f"image '{name}' ({kind}, {im.width}x{im.height} pixels) takes {held / 1e6:.1f} MB to "
+        f"decode with its bytes, more than the {budget / 1e6:.1f} MB allowed ({MEMORY_PER_PIXEL} "
+        f"bytes per pixel of the limit of {max_pixels} pixels): {advice}"
+    )
+
+
 def _resized(
     bands: Callable[[tuple[int, int, int, int]], Image.Image],
     im: Image.Image,
-    resize: ResizeCrop,
+    resize: Geometry,
     stored: tuple[int, int],
     *,
     scale: int = 1,
@@ -410,7 +553,7 @@ def _pil_band(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def _stored_geometry(
-    resize: ResizeCrop, stored: tuple[int, int], orientation: int
+    resize: Geometry, stored: tuple[int, int], orientation: int
 ) -> tuple[tuple[int, int], Box]:
     """`resize.kept` for the upright image, in the orientation of the stored one of size
     `stored`."""
@@ -469,12 +612,10 @@ def _reduced_rgb(
     return strip.resize(out, resample, box=(0, down[0], out[0], down[1]))
 
 
-def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
-    """RGB pixels (CHW uint8, as stored: no EXIF turn) by torchvision's decoders, for the images
-    PIL would hold in 4 bytes per pixel and they in 3: 8-bit RGB, RGBA and gray+alpha PNGs
-    (alpha dropped, as `_to_rgb` drops it), WebP, and colour (YCbCr) JPEGs. They give PIL's
-    pixels. None for other images, or when torchvision cannot decode it (PIL then has the last
-    word on whether the file is bad)."""
+def _tensor_decoder(im: Image.Image) -> Callable[..., torch.Tensor] | None:
+    """The torchvision decoder of opened `im` when it gives PIL's pixels in 3 bytes per pixel
+    where PIL takes 4: 8-bit RGB, RGBA and gray+alpha PNGs (alpha dropped, as `_to_rgb` drops
+    it), WebP, and colour (YCbCr) JPEGs; None for other images."""
     decoder = _TENSOR_DECODERS.get(str(im.format))
     tile = getattr(im, "tile", None) or []
     if decoder is None or (im.format != "WEBP" and len(tile) != 1):
@@ -483,6 +624,12 @@ def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
         return None  # gray and palette images are smaller in PIL; 16-bit ones PIL turns to 8
     if isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode != "RGB":
         return None  # gray is smaller in PIL; CMYK is converted by PIL's rules
+    return decoder
+
+
+def _rgb_tensor(decoder: Callable[..., torch.Tensor], data: bytes) -> torch.Tensor | None:
+    """RGB pixels (CHW uint8, as stored: no EXIF turn) of `data` by a `_tensor_decoder`; None
+    when it cannot decode them (PIL then has the last word on whether the file is bad)."""
     with warnings.catch_warnings():
         # the decoders only read the buffer; torchvision 0.29 announces TorchCodec for them
         warnings.simplefilter("ignore", UserWarning)
@@ -497,40 +644,61 @@ def _rgb_tensor(im: Image.Image, data: bytes) -> torch.Tensor | None:
 
 # The tags a TIFF's pixels are decoded with (baseline and extension numbers); the others
 # (EXIF, subfiles, descriptions) stay behind when a band of strips is decoded on its own.
-_TIFF_PIXEL_TAGS = (256, 258, 259, 262, 266, 277, 284, 317, 320, 332, 338, 339, 347, 529, 530)
+_TIFF_PIXEL_TAGS = (
+    256, 258, 259, 262, 266, 277, 284, 317, 320, 322, 323, 332, 338, 339, 347, 529, 530,
+)  # fmt: skip
 _IMAGE_LENGTH, _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_BYTES, _PLANAR = 257, 273, 278, 279, 284
+_BITS_PER_SAMPLE, _SAMPLES_PER_PIXEL = 258, 277
+_TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_BYTES = 322, 323, 324, 325
 _LONG = 4  # TIFF's 32-bit unsigned type
 
 
-def _tiff_strips(
+def _tiff_bands(
     im: Image.Image, data: bytes
 ) -> Callable[[tuple[int, int, int, int]], Image.Image] | None:
-    """For a TIFF stored in strips of rows (libtiff writes 64 KB strips), a reader of the RGB
-    pixels of a region that decodes only the strips its rows are in, as a TIFF of their own
-    (each strip is compressed on its own): the whole image is never held. None for other TIFFs
-    (one strip, tiles, planes stored apart), which PIL decodes whole."""
+    """For a TIFF stored in strips of rows (libtiff writes 64 KB strips) or in tiles, a reader
+    of the RGB pixels of a region that decodes only the strips, or the rows of tiles, its rows
+    are in, as a TIFF of their own (each strip and tile is compressed on its own; planes stored
+    apart are taken plane by plane): the whole image is never held. The last rows decoded are
+    kept for the next region. None for other TIFFs (one strip), which PIL decodes whole."""
     if not isinstance(im, TiffImagePlugin.TiffImageFile) or getattr(im, "n_frames", 1) != 1:
         return None
     orders: dict[bytes, Literal["little", "big"]] = {b"II*\x00": "little", b"MM\x00*": "big"}
     order = orders.get(data[:4])  # None for BigTIFF
     tags = im.tag_v2
-    offsets, counts = tags.get(_STRIP_OFFSETS), tags.get(_STRIP_BYTES)
-    rows = tags.get(_ROWS_PER_STRIP, im.height)
+    tiled = _TILE_OFFSETS in tags
+    if tiled:
+        offset_tag, count_tag, rows = _TILE_OFFSETS, _TILE_BYTES, tags.get(_TILE_LENGTH)
+        tile_width = tags.get(_TILE_WIDTH)
+        across = -(-im.width // tile_width) if isinstance(tile_width, int) and tile_width > 0 else 0
+    else:
+        offset_tag, count_tag, rows = _STRIP_OFFSETS, _STRIP_BYTES, tags.get(_ROWS_PER_STRIP)
+        rows, across = im.height if rows is None else rows, 1
+    offsets, counts = tags.get(offset_tag), tags.get(count_tag)
+    planes = tags.get(_SAMPLES_PER_PIXEL, 1) if tags.get(_PLANAR, 1) == 2 else 1
     if (
         order is None
         or not isinstance(rows, int)
-        or not 0 < rows < im.height
-        or tags.get(_PLANAR, 1) != 1
+        or not 0 < rows < (2**31 if tiled else im.height)
+        or not isinstance(planes, int)
+        or across < 1
         or not isinstance(offsets, tuple)
         or not isinstance(counts, tuple)
-        or len(offsets) != -(-im.height // rows)
-        or len(counts) != len(offsets)
     ):
         return None
+    down = -(-im.height // rows)
+    if len(offsets) != planes * down * across or len(counts) != len(offsets):
+        return None
 
-    def strips(first: int, last: int) -> Image.Image:
-        """Strips first..last-1 as a TIFF image of their rows (opened, not decoded)."""
-        pixels = [data[o : o + n] for o, n in zip(offsets[first:last], counts[first:last])]
+    def segments(first: int, last: int) -> Image.Image:
+        """Strips (rows of tiles) first..last-1 as a TIFF image of their rows (not decoded)."""
+        picks = [
+            (plane * down + row) * across + column
+            for plane in range(planes)
+            for row in range(first, last)
+            for column in range(across)
+        ]
+        pixels = [data[offsets[i] : offsets[i] + counts[i]] for i in picks]
         header = data[:4] + (8).to_bytes(4, order)  # the file's byte order: its samples'
         ifd = TiffImagePlugin.ImageFileDirectory_v2(ifh=header)
         for tag in _TIFF_PIXEL_TAGS:
@@ -538,24 +706,72 @@ def _tiff_strips(
                 ifd[tag] = tags[tag]
                 ifd.tagtype[tag] = tags.tagtype[tag]
         ifd[_IMAGE_LENGTH] = min(last * rows, im.height) - first * rows
-        ifd[_ROWS_PER_STRIP] = rows
-        # relative to the end of the directory: PIL's `tobytes` adds where that is
-        ifd[_STRIP_OFFSETS] = tuple(itertools.accumulate(map(len, pixels[:-1]), initial=0))
-        ifd[_STRIP_BYTES] = tuple(map(len, pixels))
-        for tag in (_IMAGE_LENGTH, _ROWS_PER_STRIP, _STRIP_OFFSETS, _STRIP_BYTES):
+        if not tiled:
+            ifd[_ROWS_PER_STRIP] = rows
+        # relative to the end of the directory: PIL's `tobytes` adds where that is to strips'
+        starts = tuple(itertools.accumulate(map(len, pixels[:-1]), initial=0))
+        ifd[offset_tag], ifd[count_tag] = starts, tuple(map(len, pixels))
+        for tag in (_IMAGE_LENGTH, _ROWS_PER_STRIP, offset_tag, count_tag):
             ifd.tagtype[tag] = _LONG
-        tiff = header + ifd.tobytes(8) + b"".join(pixels)
+        directory = ifd.tobytes(8)
+        if tiled:  # ... and not to tiles': the same directory again, with where they are
+            ifd[offset_tag] = tuple(8 + len(directory) + start for start in starts)
+            ifd.tagtype[offset_tag] = _LONG
+            directory = ifd.tobytes(8)
+        tiff = header + directory + b"".join(pixels)
         return Image.open(io.BytesIO(tiff), formats=("TIFF",))
 
-    first = strips(0, 1)
-    if first.mode != im.mode or first.size != (im.width, rows):
+    first = segments(0, 1)
+    if first.mode != im.mode or first.size != (im.width, min(rows, im.height)):
         return None  # not a layout this reader knows: PIL decodes the file whole
+    held: list[Any] = [0, 0, None]  # the rows of segments decoded last: first, last, image
 
     def band(box: tuple[int, int, int, int]) -> Image.Image:
         left, top, right, bottom = box
-        first = top // rows
-        part = strips(first, -(-bottom // rows))
-        return _to_rgb(part.crop((left, top - first * rows, right, bottom - first * rows)))
+        first, last = top // rows, -(-bottom // rows)
+        if not held[0] <= first < last <= held[1]:
+            held[:] = first, last, None  # the last image goes before the next is decoded
+            held[2] = segments(first, last)
+        part = held[2]
+        top, bottom = top - held[0] * rows, bottom - held[0] * rows
+        return _to_rgb(part.crop((left, top, right, bottom)))
+
+    return band
+
+
+# Bits per pixel of the uncompressed layouts `_raw_bands` reads when a file gives no row length.
+_RAW_BITS = {"L": 8, "RGB": 24, "RGBA": 32, "RGBX": 32, "CMYK": 32, "I;16": 16, "I;16B": 16}
+
+
+def _raw_bands(
+    im: Image.Image, data: bytes
+) -> Callable[[tuple[int, int, int, int]], Image.Image] | None:
+    """For an uncompressed image in one piece (BMP, PPM, a TIFF in one strip), a reader of the
+    RGB pixels of a region that decodes its rows straight from `data`: the file's body is its
+    pixels, and only a band of them is decoded at a time. None for other images (palette
+    images, which PIL holds in 1 byte per pixel, included)."""
+    tile = getattr(im, "tile", None) or []
+    if len(tile) != 1 or tile[0].codec_name != "raw" or im.mode in ("P", "1"):
+        return None
+    if tuple(tile[0].extents or ()) != (0, 0, im.width, im.height):
+        return None
+    args = tile[0].args
+    rawmode, stride, step = (args, 0, 1) if isinstance(args, str) else (*args, 0, 1)[:3]
+    if not isinstance(rawmode, str) or not isinstance(stride, int) or step not in (1, -1):
+        return None
+    if stride == 0 and (bits := _RAW_BITS.get(rawmode)) is not None:
+        stride = -(-bits * im.width // 8)
+    if stride <= 0:
+        return None
+
+    def band(box: tuple[int, int, int, int]) -> Image.Image:
+        left, top, right, bottom = box
+        first = top if step == 1 else im.height - bottom  # rows stored bottom up for -1
+        start = tile[0].offset + first * stride
+        rows = data[start : start + (bottom - top) * stride]
+        size = (im.width, bottom - top)
+        part = Image.frombytes(im.mode, size, rows, "raw", rawmode, stride, step)
+        return _to_rgb(part.crop((left, 0, right, bottom - top)))
 
     return band
 

@@ -13,6 +13,8 @@ from .engine import (
     evaluate_saliency,
     load_saliency_model,
     predict_saliency,
+    saliency_geometry,
+    saliency_mask,
     save_saliency_model,
     train_saliency,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "load_saliency_model",
     "mae",
     "predict_saliency",
+    "saliency_geometry",
+    "saliency_mask",
     "saliency_res2net",
     "save_saliency_model",
     "train_saliency",

@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .. import fileio
-from ..data import cap_workers, load_image
+from ..data import ResizeTo, cap_workers, load_image
 from ..engine.progress import StepReporter
 from ..errors import ConfigError
 from ..factory import create_model
@@ -87,20 +88,73 @@ def train_saliency(
     return history
 
 
+_MASK_BAND_PIXELS = 1 << 18  # pixels of a saliency mask computed at once (1 MB of floats)
+
+
+def saliency_geometry(image_size: int) -> ResizeTo:
+    """The saliency transform's resize, for `load_image(resize=...)`: an image decoded straight
+    to the model's input."""
+    return ResizeTo(image_size, image_size)
+
+
+def source_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the file `image` was decoded from: its own size unless it was decoded
+    to a smaller one (`load_image(resize=...)`)."""
+    width, height = image.info.get("source_size", image.size)
+    return width, height
+
+
+def _logits(
+    model: SaliencyNet, image: Image.Image, image_size: int, device: str | torch.device
+) -> torch.Tensor:
+    """The model's (image_size, image_size) logits of an RGB PIL image, on the CPU."""
+    model.to(device).eval()
+    x = saliency_transform(image_size)(image).unsqueeze(0).to(device)
+    return model(x)[0, 0].float().cpu()
+
+
 @torch.no_grad()
 def predict_saliency(
     model: SaliencyNet,
     image: Image.Image,
     image_size: int = 352,
     device: str | torch.device = "cpu",
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The saliency map (H, W) in 0..1 of an RGB PIL image, at the image's own size."""
-    model.to(device).eval()
-    x = saliency_transform(image_size)(image).unsqueeze(0).to(device)
-    logits = F.interpolate(
-        model(x), size=(image.height, image.width), mode="bilinear", align_corners=False
-    )
-    return torch.sigmoid(logits)[0, 0].cpu()
+    """The saliency map (H, W) in 0..1 of an RGB PIL image at `size` (H, W): by default the
+    size of the image's file (`source_size`), so that an image decoded straight to the model's
+    input (`saliency_geometry`) gets its map at its own size."""
+    height, width = size or source_size(image)[::-1]
+    logits = _logits(model, image, image_size, device)[None, None]
+    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)[0, 0]
+
+
+@torch.no_grad()
+def saliency_mask(
+    model: SaliencyNet,
+    image: Image.Image,
+    image_size: int = 352,
+    device: str | torch.device = "cpu",
+) -> Image.Image:
+    """`predict_saliency` as a grayscale mask (0..255, "L") at the size of the image's file,
+    made a band of rows at a time: the logits resized by PIL's bilinear filter (the same
+    samples as `F.interpolate(align_corners=False)`), then the sigmoid. Beside the 1-byte mask
+    it holds one band, never a float map of the whole image."""
+    width, height = source_size(image)
+    logits = Image.fromarray(_logits(model, image, image_size, device).numpy())  # mode "F"
+    scale = logits.height / height
+    mask = Image.new("L", (width, height))
+    rows = max(1, _MASK_BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        box = (0.0, top * scale, float(logits.width), bottom * scale)
+        band = np.asarray(
+            logits.resize((width, bottom - top), Image.Resampling.BILINEAR, box=box)
+        ).copy()
+        band = 127.5 * (1 + np.tanh(band / 2))  # the sigmoid in 0..255, without overflow
+        mask.paste(Image.fromarray(band.round().astype(np.uint8)), (0, top))
+    return mask
 
 
 def evaluate_saliency(
@@ -114,11 +168,8 @@ def evaluate_saliency(
     metrics = SaliencyMetrics()
     for image_path, mask_path in find_pairs(root):
         gt = load_mask(mask_path)
-        pred = predict_saliency(model, load_image(image_path), image_size, device)
-        if pred.shape != gt.shape:
-            pred = F.interpolate(
-                pred[None, None], size=gt.shape, mode="bilinear", align_corners=False
-            )[0, 0]
+        image = load_image(image_path, resize=saliency_geometry(image_size))
+        pred = predict_saliency(model, image, image_size, device, size=(gt.shape[0], gt.shape[1]))
         metrics.update(pred.clamp(0, 1), gt)
     return metrics.compute()
 
