@@ -42,6 +42,7 @@ from .report import (
     read_real_labels,
     transform_settings,
 )
+from .train import amp_dtype
 
 log = logging.getLogger("res2net.validate")
 
@@ -168,7 +169,7 @@ def validate(
                 n_images,
                 cfg.val_split,
             )
-        amp = cfg.amp_dtype(dist.device.type, validation=True)
+        amp = amp_dtype(cfg, dist.device.type, validation=True)
         wants_report = report.report_dir or report.real_labels or report.results_csv
         if wants_report and dist.world_size > 1:
             raise ConfigError(
