@@ -59,7 +59,6 @@ def test_defaults_are_mindcvs():
     assert cfg.multi_step_decay_milestones == (30, 60, 90)
     assert cfg.ckpt_save_policy == "latest_k" and cfg.num_classes is None
     assert load_config(None) == cfg
-    assert cfg.diff_from_defaults() == {}
 
 
 def test_yaml_scientific_notation_is_a_number(tmp_path):
@@ -283,11 +282,6 @@ def test_to_yaml_round_trip(tmp_path):
     again = load_config(write(tmp_path, cfg.to_yaml(), "dump.yaml"))
     assert again.replace(config=cfg.config) == cfg
     assert cfg.to_dict()["scale"] == [0.08, 1.0]
-
-
-def test_diff_from_defaults():
-    cfg = config_from_argv(None, ["--lr", "0.2", "--scale", "[0.1, 1]"])
-    assert cfg.diff_from_defaults() == {"lr": 0.2, "scale": [0.1, 1.0]}
 
 
 # --- MindSpore keys: notes and mappings -----------------------------------------------------

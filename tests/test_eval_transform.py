@@ -14,6 +14,7 @@ import torch
 import res2net
 from res2net.cli.main import main
 from res2net.cli.train import config_from_argv, given_keys
+from res2net.config import Config
 from res2net.data.shards import INDEX_FORMAT
 from res2net.engine import train as train_mod
 from res2net.engine.validate import eval_settings
@@ -193,7 +194,9 @@ def test_nan_loss_ends_in_one_line_with_exit_code_1(
         lambda cfg, soft: lambda lg, t: real_loss(cfg, soft)(lg, t) * float("nan"),
     )
     cfg = tiny_config(data_dir, tmp_path / "run", "--epoch_size", "1")
-    argv = ["train", *[f"--{k}={v}" for k, v in cfg.diff_from_defaults().items() if k != "config"]]
+    defaults = Config().to_dict()
+    changed = {k: v for k, v in cfg.to_dict().items() if v != defaults[k] and k != "config"}
+    argv = ["train", *[f"--{k}={v}" for k, v in changed.items()]]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(

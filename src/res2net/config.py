@@ -2,17 +2,14 @@
 
 A run is one YAML file with MindCV's flat ``key: value`` layout (``configs/res2net/``) and
 overrides (``cli/train.py`` reads them from ``--key value``): ``load_config(path, {"lr": 0.2})``.
-
 Each key is declared once, as a :class:`Config` field: its type (a ``Literal`` for choices),
-default and :class:`Key` (help line, bounds, MindCV status, trust) feed the coercion, the value
-checks, ``cli/train.py``'s ``--help`` and README table, ``engine/train.py``'s notes on mapped and
-ignored keys. Dataclass field metadata rather than pydantic (only a dependency of the ``tracking``
-extra): the coercion follows MindCV's argparse and YAML 1.1 quirks (``1e-6`` and ``None`` read as
-text, ``0.5,2`` for a pair) and every message names its key and source in one line; pydantic
-would need those quirks as pre-processing and its errors translated, about as long as the walker.
-
-Trust: keys that decide what is moved aside, contacted, or written outside the run folder
-(``Key.trust``) are the command line's to set; a recipe setting one is refused.
+default and :class:`Key` (help line, bounds, MindCV status, and trust: what decides what is moved
+aside, contacted or written outside the run folder is the command line's to set, not a recipe's)
+feed the coercion, the value checks, ``cli/train.py``'s ``--help`` and README table and
+``engine/train.py``'s notes. Dataclass field metadata rather than pydantic (only a dependency of
+the ``tracking`` extra): the coercion follows MindCV's argparse and YAML 1.1 quirks (``1e-6`` and
+``None`` read as text, ``0.5,2`` for a pair) and every message names its key and source in one
+line; pydantic would need those quirks as pre-processing and its errors translated.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any, Literal, Union
+from typing import Any, Literal, NoReturn, Union
 
 import yaml
 
@@ -40,7 +37,8 @@ from .schema import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_BATCH_SIZE
 
 __all__ = ["Config", "ConfigError", "Key", "KEYS", "TYPES", "choices", "load_config", "read_recipe"]
 
-_NONE_STRINGS = ("None", "none", "null", "Null", "NULL", "~")  # YAML maps only null and ~
+# An optional key's "no value" (YAML maps only null and ~ to None; `auto_augment: ""`: no policy)
+_NONE_STRINGS = ("", "None", "none", "null", "Null", "NULL", "~")
 _TRUE_STRINGS, _FALSE_STRINGS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # `pipe:`, `https:`; not `C:`
@@ -58,7 +56,6 @@ class Key:
     le: float | None = None
     lt: float | None = None
     rule: str = ""  # the message when a choice fails, where the generated one is terse
-    case: str = ""  # "lower"/"upper": MindCV accepts the name in any case
     mapped: str = ""  # how a key with no reader of its own takes effect
     ignored: str = ""  # why a MindCV key has no effect here (reported when set)
     trust: str = ""  # what a command-line-only value decides
@@ -114,7 +111,7 @@ class Config:
     seed: int = key(42, "seed of every random number (order, augmentations, weights)", ge=0,
                     le=2**32 - 1)
     device_target: str = key("Ascend", "Ascend/GPU/CPU", ignored=f"{_MS}; see 'device'")
-    jit_level: s.JitLevel = key("O2", "graph compile level", case="upper", ignored=_MS)
+    jit_level: s.JitLevel = key("O2", "graph compile level", ignored=_MS)
 
     dataset: Literal["imagenet"] = key("imagenet", "dataset type: an ImageNet-style folder or "
                                        "shards", group="Dataset parameters", mapped="checked only")
@@ -138,8 +135,8 @@ class Config:
     hflip: float = key(0.5, "horizontal flip probability", ge=0, le=1)
     vflip: float = key(0.0, "vertical flip probability", ge=0, le=1)
     color_jitter: float | tuple[float, ...] | None = key(0.4, "brightness/contrast/saturation "
-                                                         "factor, or [b, c, s(, hue)]")
-    interpolation: s.Interpolation = key("bilinear", "resize interpolation", case="lower")
+                                                         "factor, or [b, c, s(, hue)]", ge=0)
+    interpolation: s.Interpolation = key("bilinear", "resize interpolation")
     auto_augment: str | None = key(None, "policy: randaug-m9-n2-mstd0.5-inc1, autoaug(-mstd0.5), "
                                    "autoaugr, trivialaugwide(-m31), augmix-m3-w3, 3a; None: off")
     aug_splits: Literal[0] = key(0, "AugMix splits with a JSD loss: not implemented",
@@ -188,7 +185,7 @@ class Config:
                                     "stem(0), layer1..4, head(5)", gt=0, le=1)
     gradient_accumulation_steps: int = key(1, "batches per optimizer step", ge=1, le=1 << 16)
 
-    opt: s.Optimizer = key("adam", "optimizer", case="lower", group="Optimizer parameters")
+    opt: s.Optimizer = key("adam", "optimizer", group="Optimizer parameters")
     momentum: float = key(0.9, "momentum (sgd, momentum, nesterov, rmsprop)", ge=0)
     weight_decay: float = key(1e-6, "weight decay", ge=0)
     use_nesterov: bool = key(False, "Nesterov momentum (sgd, momentum, nesterov)")
@@ -198,8 +195,7 @@ class Config:
                                           "norm_and_bias", mapped="-> weight_decay_filter")
     eps: float = key(1e-10, "rmsprop's epsilon (MindCV passes it to rmsprop only)", gt=0)
 
-    scheduler: s.Scheduler = key("cosine_decay", "lr schedule", case="lower",
-                               group="Scheduler parameters")
+    scheduler: s.Scheduler = key("cosine_decay", "lr schedule", group="Scheduler parameters")
     lr: float = key(0.001, "peak learning rate", gt=0, le=100.0)
     min_lr: float = key(1e-6, "final lr of cosine; lower bound of cyclic and one_cycle", ge=0,
                         le=100.0)
@@ -216,7 +212,7 @@ class Config:
     num_cycles: int = key(1, "cosine and cyclic: number of cycles", ge=1, le=100_000)
     cycle_decay: float = key(1.0, "cosine: peak lr factor per cycle", gt=0)
 
-    loss: s.Loss = key("CE", "cross entropy or binary cross entropy, any case", case="upper",
+    loss: s.Loss = key("CE", "cross entropy or binary cross entropy, any case",
                      group="Loss parameters")
     label_smoothing: float = key(0.0, "label smoothing", ge=0, lt=1)
     aux_factor: float = key(0.0, "weight of auxiliary logits' loss", ge=0,
@@ -224,9 +220,9 @@ class Config:
     reduction: s.Reduction = key("mean", "loss reduction")
 
     amp_level: s.AmpLevel = key("O0", "O0: fp32; O1-O3: torch.autocast (bf16 where supported, else "
-                              "fp16)", case="upper", mapped="amp_dtype()",
+                              "fp16)", mapped="amp_dtype()",
                               group="Auto mixing precision parameters")
-    val_amp_level: s.AmpLevel = key("O0", "amp_level for validation", case="upper",
+    val_amp_level: s.AmpLevel = key("O0", "amp_level for validation",
                                   mapped="amp_dtype(validation=True)")
     amp_cast_list: str | None = key(None, "cast list", ignored=f"{_MS}; autocast has its own")
     loss_scale_type: s.LossScaleType = key("fixed", "GradScaler (fp16 only) is always dynamic",
@@ -275,9 +271,8 @@ class Config:
         for name in TYPES:
             object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         # Older MindCV spellings of current keys.
-        if self.filter_bias_and_bn is not None and self.weight_decay_filter == "disable":
-            filt = "norm_and_bias" if self.filter_bias_and_bn else "disable"
-            object.__setattr__(self, "weight_decay_filter", filt)
+        if self.filter_bias_and_bn and self.weight_decay_filter == "disable":
+            object.__setattr__(self, "weight_decay_filter", "norm_and_bias")
         if self.dynamic_loss_scale and self.loss_scale_type == "fixed":
             object.__setattr__(self, "loss_scale_type", "dynamic")
         _check_rules(self)
@@ -298,11 +293,6 @@ class Config:
         """The whole config as a YAML recipe; :func:`load_config` reads it back unchanged."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
-    def diff_from_defaults(self) -> dict[str, Any]:
-        """The fields whose value differs from ``Config()``'s, as plain values, in field order."""
-        defaults = _DEFAULTS.to_dict()
-        return {k: v for k, v in self.to_dict().items() if v != defaults[k]}
-
 
 #: Every key's declared type.
 TYPES: dict[str, Any] = typing.get_type_hints(Config)
@@ -311,13 +301,10 @@ KEYS: dict[str, Key] = {f.name: f.metadata["key"] for f in dataclasses.fields(Co
 
 
 def choices(name: str) -> tuple[Any, ...]:
-    """The values key `name`'s ``Literal`` allows (and None when it is optional), or ()."""
+    """The values key `name`'s ``Literal`` allows (besides None where it is optional), or ()."""
     tp = TYPES[name]
     args = typing.get_args(tp) if _is_union(tp) else (tp,)
-    literal = next((a for a in args if typing.get_origin(a) is Literal), None)
-    if literal is None:
-        return ()
-    return (*typing.get_args(literal), *[None] * (type(None) in args))
+    return next((typing.get_args(a) for a in args if typing.get_origin(a) is Literal), ())
 
 
 # --- reading a recipe -------------------------------------------------------------------------
@@ -329,13 +316,10 @@ def load_config(
     *,
     source: str = "in overrides",
 ) -> Config:
-    """Read a MindCV-style YAML recipe (or none: defaults), apply `overrides`, check.
-
-    `overrides` maps keys (``data_dir`` or ``data-dir``) to values, which may be text (``"0.2"``,
-    ``"[0.08, 1]"``, ``"None"``); they win over the file and may set the keys a recipe may not.
-    Raises :class:`ConfigError` with a one-line message naming key and source (the file, or
-    `source` for an override).
-    """
+    """A MindCV-style YAML recipe (or none: defaults) with `overrides`, checked: a ConfigError
+    names key and source (the file, or `source`) in one line. `overrides` map keys (``data_dir``
+    or ``data-dir``) to values, text too (``"0.2"``, ``"[0.08, 1]"``, ``"None"``); they win over
+    the file and may set the keys a recipe may not."""
     path = os.fspath(path) if path is not None else ""
     recipe = read_recipe(path) if path else {}
     flags = {str(k).strip().replace("-", "_"): v for k, v in (overrides or {}).items()}
@@ -355,11 +339,8 @@ def load_config(
         k, value = KEYS[name], getattr(cfg, name)
         if k.untrusted(value) if k.untrusted else value != getattr(_DEFAULTS, name):
             flag = f"--{name}" if value is True else f"--{name} ..."
-            raise ConfigError(
-                f"{printable(path)}: {name} {short(value)} {k.trust}; only the command line may "
-                f"set it: pass {flag}",
-                key=name,
-            )
+            raise ConfigError(f"{printable(path)}: {name} {short(value)} {k.trust}; only the "
+                              f"command line may set it: pass {flag}", key=name)  # fmt: skip
     return cfg
 
 
@@ -367,9 +348,8 @@ def read_recipe(path: str) -> dict[str, Any]:
     """The keys and values of YAML recipe `path`, as written (checked by :func:`load_config`)."""
     data = read_yaml(path, "config file", MAX_CONFIG_BYTES, MAX_YAML_NODES) or {}
     if not isinstance(data, dict):
-        got = type(data).__name__
         raise ConfigError(f"{printable(path)}: expected a mapping of 'key: value' lines at the "
-                          f"top level, got {got}")  # fmt: skip
+                          f"top level, got {type(data).__name__}")  # fmt: skip
     return {str(k): v for k, v in data.items()}
 
 
@@ -392,14 +372,13 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         out = _convert(value, tp)
     except _MISMATCH:
-        expected, got = _type_name(tp), short(value)
-        raise ConfigError(f"config key {name!r} expects {expected}, got {got}", key=name) from None
+        _fail(name, value, f"expects {_type_name(tp)}")
     if isinstance(out, str) and "\x00" in out:
         raise ConfigError(f"config key {name!r} contains a NUL character: {short(out)}", key=name)
-    if isinstance(out, str) and k.case:
-        out = out.lower() if k.case == "lower" else out.upper()
     options = choices(name)
-    if options and out not in options:
+    if isinstance(out, str):  # MindCV matches the names in any case: `SGD`, `ce`, `o2`
+        out = next((o for o in options if isinstance(o, str) and o.lower() == out.lower()), out)
+    if options and out is not None and out not in options:
         _fail(name, out, k.rule or "must be one of " + ", ".join(map(repr, options)))
     numbers = out if isinstance(out, tuple) else (out,) if isinstance(out, (int, float)) else ()
     for op, bound in k.bounds():
@@ -417,8 +396,6 @@ def _convert(value: Any, tp: Any) -> Any:
     if _is_union(tp):
         if type(None) in args and (value is None or value in _NONE_STRINGS):
             return None
-        if type(None) in args and str in args and value == "":
-            return None  # `auto_augment: ""` means no policy
         for arg in (a for a in args if a is not type(None)):
             with contextlib.suppress(*_MISMATCH):
                 return _convert(value, arg)
@@ -472,7 +449,7 @@ def _type_name(tp: Any) -> str:
     return {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
 
 
-def _fail(name: str, value: Any, rule: str) -> None:
+def _fail(name: str, value: Any, rule: str) -> NoReturn:
     raise ConfigError(f"config key {name!r} {rule}, got {short(value)}", key=name)
 
 
@@ -487,10 +464,9 @@ def _check_rules(c: Config) -> None:
         low, high = getattr(c, name)
         check(0 < low <= high, name, "must be two increasing positive numbers [low, high]")
     cj = c.color_jitter
-    cj_ok = cj is None or (cj >= 0 if isinstance(cj, float) else len(cj) in (3, 4)
-                           and min(cj) >= 0 and (len(cj) == 3 or cj[3] <= 0.5))  # fmt: skip
-    check(cj_ok, "color_jitter", "must be None, a number >= 0, or 3-4 numbers >= 0 "
-          "[brightness, contrast, saturation(, hue <= 0.5)]")  # fmt: skip
+    check(not isinstance(cj, tuple) or len(cj) == 3 or (len(cj) == 4 and cj[3] <= 0.5),
+          "color_jitter", "must be None, a number >= 0, or 3-4 numbers >= 0 [brightness, "
+          "contrast, saturation(, hue <= 0.5)]")  # fmt: skip
     try:
         s.parse_auto_augment(c.auto_augment) if c.auto_augment is not None else None
     except ValueError as e:

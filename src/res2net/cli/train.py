@@ -80,12 +80,14 @@ def parse_overrides(
             raise ConfigError(f"unexpected command-line argument {short(token)}; options look "
                               "like --key value or --key=value")  # fmt: skip
         name, eq, text = token.lstrip("-").partition("=")
-        name, i = "config" if name == "c" else name.strip().replace("-", "_"), i + 1
-        if not eq and i < len(argv) and not _is_option(argv[i]):
-            text, eq, i = argv[i], "=", i + 1
+        name = "config" if name == "c" else name.strip().replace("-", "_")
+        i += 1
         if eq:
             flags[name] = text
-        elif TYPES.get(name, bool) in (bool, bool | None):  # unknown keys: load_config says so
+        elif i < len(argv) and not _is_option(argv[i]):
+            flags[name] = argv[i]
+            i += 1
+        elif TYPES.get(name, bool) in (bool, bool | None):  # unknown: load_config names it
             flags[name] = True
         else:
             raise ConfigError(f"command-line option {printable(token)} needs a value", key=name)
