@@ -97,8 +97,8 @@ class Config:
     ``config.py``): a MindCV recipe loads unchanged. Immutable (:meth:`replace` derives a checked
     copy), sequences are tuples; ``mean``/``std`` stay in MindCV's 0..255 pixel units."""
 
-    # One line per key: default, help line, bounds (ge/gt/le/lt; an upper one far above any real
-    # run), MindCV status (`mapped`/`ignored` and why) and `trust` (command line only).
+    # One line per key: default, help line, bounds (ge/gt/le/lt; some le only catch typos, far
+    # above any real run), MindCV status (`mapped`/`ignored` and why), `trust` (command line only).
     # fmt: off
     config: str = key("", "YAML recipe whose keys set the defaults (-c)", group="System parameters",
                       mapped="the recipe path, read by load_config")
