@@ -85,9 +85,9 @@ def validate(
     given: Mapping[str, str] | None = None,
 ) -> EvalResult:
     """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`, with the eval
-    transform of `eval_settings` (`given`: where each config key was set, see `cli.train.given_keys`);
-    with `report`, also the reports, test-time augmentation and relabelling of
-    `engine/report.py`."""
+    transform of `eval_settings` (`given`: where each config key was set, see
+    `cli.train.given_keys`); with `report`, also the reports, test-time augmentation and
+    relabelling of `engine/report.py`."""
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     report = report or ReportOptions()
     try:
