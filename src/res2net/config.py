@@ -3,8 +3,8 @@
 A run is one YAML file with MindCV's flat ``key: value`` layout (``configs/res2net/``) and
 overrides (``cli/train.py`` reads them from ``--key value``): ``load_config(path, {"lr": 0.2})``.
 Each key is declared once, as a :class:`Config` field: its type (a ``Literal`` for choices),
-default and :class:`Key` (help line, bounds, MindCV status, and trust: what decides what is moved
-aside, contacted or written outside the run folder is the command line's to set, not a recipe's)
+default and :class:`Key` (help line, bounds, MindCV status, and trust: a key that decides what is
+moved aside, contacted or written outside the run folder is the command line's, never a recipe's)
 feed the coercion, the value checks, ``cli/train.py``'s ``--help`` and README table and
 ``engine/train.py``'s notes. Dataclass field metadata rather than pydantic (only a dependency of
 the ``tracking`` extra): the coercion follows MindCV's argparse and YAML 1.1 quirks (``1e-6`` and
