@@ -272,13 +272,14 @@ def ours_settings(command: list[str], device_type: str) -> dict:
     """What `res2net train` will really do with `command`: its recipe file merged with the
     command line, read by the package's own config loader (so a recipe default such as
     `amp_level: O3` cannot slip past)."""
-    from res2net.config import load_config
+    from res2net.cli.train import config_from_argv
+    from res2net.engine.train import amp_dtype, use_compile
 
-    cfg = load_config(None, command[4:])
+    cfg = config_from_argv(None, command[4:])
     dtypes = {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
     def precision(validation: bool) -> str:
-        dtype = cfg.amp_dtype(device_type, validation=validation)
+        dtype = amp_dtype(cfg, device_type, validation=validation)
         return dtypes[None if dtype is None else str(dtype)]
 
     return {
@@ -304,7 +305,7 @@ def ours_settings(command: list[str], device_type: str) -> dict:
         "interpolation": cfg.interpolation,
         # on CPU the model computes in channels_last whatever the flag (create_model's hook)
         "channels_last": cfg.channels_last or device_type == "cpu",
-        "compile": cfg.use_compile(device_type),
+        "compile": use_compile(cfg, device_type),
     }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from res2net.config import load_config
+from res2net.cli.train import config_from_argv
 from res2net.engine import progress
 from res2net.engine import train as train_mod
 from res2net.models import ARCHITECTURES
@@ -96,7 +96,7 @@ def soak(epochs: int, workers: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="res2net-soak-") as tmp:
         data = make_folder(Path(tmp) / "data")
         before = sample()
-        cfg = load_config(
+        cfg = config_from_argv(
             None,
             train_args(
                 data,

@@ -44,14 +44,14 @@ def test_data_pipeline_candidates_and_shards_produce_batches(scripts, tmp_path):
 
 
 def test_train_e2e_command_is_a_valid_recipe(scripts, tmp_path):
-    from res2net.config import load_config
+    from res2net.cli.train import config_from_argv
 
     _, train_e2e = scripts
     args = argparse.Namespace(batch_size=8, workers=2)
     for precision, level in (("fp32", "O0"), ("bf16", "O2")):
         argv = train_e2e.ours_command(args, tmp_path / "data", tmp_path / "out", 9, precision)
         assert argv[1:4] == ["-m", "res2net.cli.main", "train"]
-        cfg = load_config(None, argv[4:])
+        cfg = config_from_argv(None, argv[4:])
         assert (cfg.num_classes, cfg.batch_size) == (9, 8)
         assert (cfg.amp_level, cfg.val_amp_level) == (level, level)
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from res2net.cli.train import config_from_argv
 from res2net.config import Config, ConfigError, load_config
+from res2net.engine import train as engine
 
 RECIPES = sorted((Path(__file__).parent / "fixtures" / "mindcv_recipes").glob("*.yaml"))
 
@@ -29,7 +31,7 @@ def test_fixture_recipes_present():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_shared_recipe_loads(recipe: Path):
-    cfg = load_config(str(recipe), ["--data_dir", "/data/imagenet"])
+    cfg = config_from_argv(str(recipe), ["--data_dir", "/data/imagenet"])
     assert cfg.data_dir == "/data/imagenet"
     assert cfg.config == str(recipe)
     assert cfg.model.startswith("res2net")
@@ -41,7 +43,7 @@ def test_every_shared_recipe_loads(recipe: Path):
 
 
 def test_step_decay_recipe_values():
-    cfg = load_config(str(RECIPES[0]), ["--data_dir", "/x"])  # res2net_101_ascend.yaml
+    cfg = config_from_argv(str(RECIPES[0]), ["--data_dir", "/x"])  # res2net_101_ascend.yaml
     assert cfg.scheduler == "step_decay"
     assert (cfg.decay_epochs, cfg.decay_rate) == (30, 0.1)
     assert (cfg.warmup_epochs, cfg.epoch_size) == (0, 140)
@@ -57,7 +59,6 @@ def test_defaults_are_mindcvs():
     assert cfg.multi_step_decay_milestones == (30, 60, 90)
     assert cfg.ckpt_save_policy == "latest_k" and cfg.num_classes is None
     assert load_config(None) == cfg
-    assert cfg.diff_from_defaults() == {}
 
 
 def test_yaml_scientific_notation_is_a_number(tmp_path):
@@ -79,7 +80,7 @@ def test_integer_too_large_for_a_number_key_names_the_key(tmp_path):
 
 
 def test_overrides_underscores_dashes_and_equals():
-    cfg = load_config(
+    cfg = config_from_argv(
         str(RECIPES[2]),
         [
             "--lr",
@@ -114,13 +115,13 @@ def test_overrides_underscores_dashes_and_equals():
     [("true", True), ("True", True), ("1", True), ("false", False), ("False", False), ("0", False)],
 )
 def test_bool_spellings(text, expected):
-    assert load_config(None, ["--shuffle", text]).shuffle is expected
+    assert config_from_argv(None, ["--shuffle", text]).shuffle is expected
 
 
 def test_config_path_on_the_command_line():
-    cfg = load_config(None, ["-c", str(RECIPES[3]), "--data_dir", "/x"])
+    cfg = config_from_argv(None, ["-c", str(RECIPES[3]), "--data_dir", "/x"])
     assert cfg.config == str(RECIPES[3]) and cfg.mixup == 0.2
-    assert load_config(None, [f"--config={RECIPES[3]}"]).mixup == 0.2
+    assert config_from_argv(None, [f"--config={RECIPES[3]}"]).mixup == 0.2
 
 
 def test_dict_overrides_and_case_normalisation():
@@ -129,7 +130,9 @@ def test_dict_overrides_and_case_normalisation():
 
 
 def test_string_fields_keep_command_line_text():
-    cfg = load_config(None, ["--ckpt_path", "", "--val_split", "2012", "--model", "res2net101"])
+    cfg = config_from_argv(
+        None, ["--ckpt_path", "", "--val_split", "2012", "--model", "res2net101"]
+    )
     assert cfg.ckpt_path == "" and cfg.val_split == "2012" and cfg.model == "res2net101"
 
 
@@ -138,7 +141,7 @@ def test_string_fields_keep_command_line_text():
 )
 def test_malformed_command_line(argv, needle):
     with pytest.raises(ConfigError, match=needle):
-        load_config(None, argv)
+        config_from_argv(None, argv)
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -154,12 +157,12 @@ def test_unknown_key_in_file_suggests_closest(tmp_path):
 
 def test_unknown_key_on_command_line_suggests_closest():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["--label_smothing", "0.1"])
+        config_from_argv(None, ["--label_smothing", "0.1"])
     assert str(e.value) == (
         "unknown config key 'label_smothing' (on the command line); did you mean 'label_smoothing'?"
     )
     with pytest.raises(ConfigError, match="unknown config key 'zzz' \\(on the command line\\)$"):
-        load_config(None, ["--zzz", "1"])
+        config_from_argv(None, ["--zzz", "1"])
 
 
 @pytest.mark.parametrize(
@@ -175,7 +178,7 @@ def test_unknown_key_on_command_line_suggests_closest():
 )
 def test_type_errors_name_key_value_and_type(key, value, expected):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [f"--{key}", value])
+        config_from_argv(None, [f"--{key}", value])
     msg = str(e.value)
     assert f"'{key}'" in msg and expected in msg and "on the command line" in msg
     assert "\n" not in msg and e.value.key == key
@@ -227,7 +230,7 @@ def test_type_error_in_file_names_the_file(tmp_path):
 )
 def test_range_errors_name_the_key(key, value):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [f"--{key}", value])
+        config_from_argv(None, [f"--{key}", value])
     assert str(e.value).startswith(f"config key '{key}' ")
     assert "on the command line" in str(e.value) and e.value.key == key
 
@@ -275,15 +278,10 @@ def test_frozen_and_replace_validates():
 
 
 def test_to_yaml_round_trip(tmp_path):
-    cfg = load_config(str(RECIPES[3]), ["--data_dir", "/x", "--ckpt_save_policy", "None"])
+    cfg = config_from_argv(str(RECIPES[3]), ["--data_dir", "/x", "--ckpt_save_policy", "None"])
     again = load_config(write(tmp_path, cfg.to_yaml(), "dump.yaml"))
     assert again.replace(config=cfg.config) == cfg
     assert cfg.to_dict()["scale"] == [0.08, 1.0]
-
-
-def test_diff_from_defaults():
-    cfg = load_config(None, ["--lr", "0.2", "--scale", "[0.1, 1]"])
-    assert cfg.diff_from_defaults() == {"lr": 0.2, "scale": [0.1, 1.0]}
 
 
 # --- MindSpore keys: notes and mappings -----------------------------------------------------
@@ -291,9 +289,9 @@ def test_diff_from_defaults():
 
 def test_notes_report_ignored_keys_only_when_set():
     for recipe in RECIPES:  # they set dataset_sink_mode: True, MindCV's default
-        notes = "\n".join(load_config(str(recipe)).notes())
+        notes = "\n".join(engine.config_notes(load_config(str(recipe))))
         assert "dataset_sink_mode" not in notes and "amp_level" in notes and "loss_scale" in notes
-    cfg = load_config(
+    cfg = config_from_argv(
         None,
         [
             "--dataset_sink_mode",
@@ -308,47 +306,49 @@ def test_notes_report_ignored_keys_only_when_set():
             "1",
         ],
     )
-    notes = cfg.notes()
+    notes = engine.config_notes(cfg)
     for key in ("dataset_sink_mode", "device_target", "jit_level", "eval_shuffle"):
         assert any(line.startswith(key) for line in notes), key
     assert not any(line.startswith("mode") for line in notes)
-    assert load_config(None, ["--mode", "1"]).notes() == []
+    assert engine.config_notes(config_from_argv(None, ["--mode", "1"])) == []
 
 
 def test_legacy_keys_are_mapped(tmp_path):
     cfg = load_config(write(tmp_path, "filter_bias_and_bn: True\ndynamic_loss_scale: True\n"))
     assert cfg.weight_decay_filter == "norm_and_bias" and cfg.loss_scale_type == "dynamic"
-    assert any(line.startswith("filter_bias_and_bn") for line in cfg.notes())
+    assert any(line.startswith("filter_bias_and_bn") for line in engine.config_notes(cfg))
 
 
 def test_amp_mapping():
-    assert Config().amp_dtype("cuda") is None and Config().amp_dtype("cpu") is None
+    amp_dtype, use_grad_scaler = engine.amp_dtype, engine.use_grad_scaler
+    assert amp_dtype(Config(), "cuda") is None and amp_dtype(Config(), "cpu") is None
     for level in ("O1", "O2", "O3"):
         cfg = Config(amp_level=level)
-        assert cfg.amp_dtype("cpu") == torch.bfloat16
-        assert cfg.amp_dtype("cuda", bf16_supported=True) == torch.bfloat16
-        assert cfg.amp_dtype("cuda", bf16_supported=False) == torch.float16
-        assert cfg.amp_dtype("cuda", validation=True, bf16_supported=False) is None
-        assert cfg.use_grad_scaler("cuda", bf16_supported=False)
-        assert not cfg.use_grad_scaler("cuda", bf16_supported=True)
-        assert not cfg.use_grad_scaler("cpu")
-    assert Config(val_amp_level="O2").amp_dtype("cpu", validation=True) == torch.bfloat16
-    assert Config(loss_scale=1024).grad_scaler_init_scale() == 1024.0
-    assert Config().grad_scaler_init_scale() == 2.0**16
+        assert amp_dtype(cfg, "cpu") == torch.bfloat16
+        assert amp_dtype(cfg, "cuda", bf16_supported=True) == torch.bfloat16
+        assert amp_dtype(cfg, "cuda", bf16_supported=False) == torch.float16
+        assert amp_dtype(cfg, "cuda", validation=True, bf16_supported=False) is None
+        assert use_grad_scaler(cfg, "cuda", bf16_supported=False)
+        assert not use_grad_scaler(cfg, "cuda", bf16_supported=True)
+        assert not use_grad_scaler(cfg, "cpu")
+    assert amp_dtype(Config(val_amp_level="O2"), "cpu", validation=True) == torch.bfloat16
+    assert engine.grad_scaler_init_scale(Config(loss_scale=1024)) == 1024.0
+    assert engine.grad_scaler_init_scale(Config()) == 2.0**16
 
 
 def test_compile_mapping():
-    assert Config(mode=0).use_compile("cuda") and not Config(mode=0).use_compile("cpu")
-    assert not Config(mode=1).use_compile("cuda")
-    assert Config(mode=1, compile=True).use_compile("cpu")
-    assert Config(device="cpu").use_compile() is False
+    use_compile = engine.use_compile
+    assert use_compile(Config(mode=0), "cuda") and not use_compile(Config(mode=0), "cpu")
+    assert not use_compile(Config(mode=1), "cuda")
+    assert use_compile(Config(mode=1, compile=True), "cpu")
 
 
 def test_lr_scale_factor():
-    assert Config(batch_size=32).lr_scale_factor(8) == 1.0  # lr_scale: none
+    lr_scale_factor = engine.lr_scale_factor
+    assert lr_scale_factor(Config(batch_size=32), 8) == 1.0  # lr_scale: none
     cfg = Config(batch_size=32, lr_scale="linear")
-    assert cfg.lr_scale_factor(8) == 1.0 and cfg.lr_scale_factor(1) == 0.125
-    assert cfg.replace(gradient_accumulation_steps=2).lr_scale_factor(4) == 1.0
+    assert lr_scale_factor(cfg, 8) == 1.0 and lr_scale_factor(cfg, 1) == 0.125
+    assert lr_scale_factor(cfg.replace(gradient_accumulation_steps=2), 4) == 1.0
 
 
 def test_every_shipped_recipe_loads_and_names_a_model():
@@ -357,14 +357,14 @@ def test_every_shipped_recipe_loads_and_names_a_model():
     recipes = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(recipes) >= 14
     for recipe in recipes:
-        cfg = load_config(str(recipe), ["--data_dir", "/data"])
+        cfg = config_from_argv(str(recipe), ["--data_dir", "/data"])
         resolve_name(cfg.model)
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "inf", "nan"])
 def test_dist_timeout_must_be_positive_and_finite(value):
     with pytest.raises(ConfigError, match="dist_timeout"):
-        load_config(None, ["--dist_timeout", value])
+        config_from_argv(None, ["--dist_timeout", value])
 
 
 def test_readme_key_table_is_generated_from_the_declarations():

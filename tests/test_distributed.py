@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from res2net.config import load_config
+from res2net.cli.train import config_from_argv
 from res2net.engine.checkpoint import load_training_state
 from res2net.engine.validate import validate
 
@@ -147,7 +147,7 @@ def test_distributed_eval_counts_every_image_once(runs, tiny_arch):
     root, data, _ = runs
     records = [json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["kind"] == "epoch"][-1]
-    cfg = load_config(
+    cfg = config_from_argv(
         None,
         [
             "--model",

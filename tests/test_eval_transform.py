@@ -13,7 +13,8 @@ import torch
 
 import res2net
 from res2net.cli.main import main
-from res2net.config import given_keys, load_config
+from res2net.cli.train import config_from_argv, given_keys
+from res2net.config import Config
 from res2net.data.shards import INDEX_FORMAT
 from res2net.engine import train as train_mod
 from res2net.engine.validate import eval_settings
@@ -87,7 +88,7 @@ def test_pretrained_model_carries_its_weights_entry(
 
 
 def test_config_units_are_converted_in_one_place() -> None:
-    t = EvalTransform.from_config(load_config(None, ["--image_resize", "32"]))
+    t = EvalTransform.from_config(config_from_argv(None, ["--image_resize", "32"]))
     assert t == EvalTransform(image_resize=32)  # 0..255 recipe values -> 0..1
     with pytest.raises(ValueError, match="crop_pct"):
         EvalTransform.from_dict({"crop_pct": 2.0}, "x.safetensors metadata")
@@ -137,12 +138,12 @@ def test_validate_ranks_flags_recipe_checkpoint(run_ckpt: Path, tmp_path: Path) 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("crop_pct: 0.5\n")
     argv = ["-c", str(recipe), "--image_resize", "24"]
-    cfg = load_config(None, argv)
+    cfg = config_from_argv(None, argv)
     t, where = eval_settings(cfg, run_ckpt, given_keys(None, argv))
     assert (t.image_resize, t.crop_pct) == (24, 0.5)
     assert where["image_resize"] == "command line" and where["crop_pct"] == f"recipe {recipe}"
     assert where["interpolation"] == "checkpoint best.pt"
-    t, _ = eval_settings(load_config(None, []), run_ckpt, given_keys(None, []))
+    t, _ = eval_settings(config_from_argv(None, []), run_ckpt, given_keys(None, []))
     assert (t.image_resize, t.crop_pct) == (16, 1.0)  # nothing given: the checkpoint's
 
 
@@ -193,7 +194,9 @@ def test_nan_loss_ends_in_one_line_with_exit_code_1(
         lambda cfg, soft: lambda lg, t: real_loss(cfg, soft)(lg, t) * float("nan"),
     )
     cfg = tiny_config(data_dir, tmp_path / "run", "--epoch_size", "1")
-    argv = ["train", *[f"--{k}={v}" for k, v in cfg.diff_from_defaults().items() if k != "config"]]
+    defaults = Config().to_dict()
+    changed = {k: v for k, v in cfg.to_dict().items() if v != defaults[k] and k != "config"}
+    argv = ["train", *[f"--{k}={v}" for k, v in changed.items()]]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(

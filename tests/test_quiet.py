@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from res2net.config import load_config
+from res2net.cli.train import config_from_argv
 from res2net.data import cap_workers
 from res2net.data import loader as loader_mod
 from res2net.engine import progress
 from res2net.engine.progress import StepReporter
+from res2net.engine.train import config_notes
 
 DEMO = "src/res2net/data/res2net_digits.yaml"
 
@@ -24,15 +25,14 @@ def test_workers_are_capped_at_the_cores_with_one_note(monkeypatch, caplog) -> N
 
 
 def test_grad_scaler_note_only_under_autocast() -> None:
-    assert not any("loss_scale" in n for n in load_config(DEMO, ["--loss_scale", "512"]).notes())
-    assert any(
-        "loss_scale" in n
-        for n in load_config(DEMO, ["--loss_scale", "512", "--amp_level", "O2"]).notes()
-    )
+    cfg = config_from_argv(DEMO, ["--loss_scale", "512"])
+    assert not any("loss_scale" in n for n in config_notes(cfg))
+    cfg = config_from_argv(DEMO, ["--loss_scale", "512", "--amp_level", "O2"])
+    assert any("loss_scale" in n for n in config_notes(cfg))
 
 
 def test_distribute_note_is_left_to_the_run() -> None:
-    assert load_config(None, ["--distribute", "True", "--mode", "1"]).notes() == []
+    assert config_notes(config_from_argv(None, ["--distribute", "True", "--mode", "1"])) == []
 
 
 def test_step_log_lines_give_the_whole_run_eta(caplog) -> None:

@@ -21,13 +21,14 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from res2net.config import HELP, IGNORED_KEYS, MAPPED_KEYS, Config, ConfigError, load_config
+from res2net.cli.train import config_from_argv, key_groups
+from res2net.config import KEYS, Config, ConfigError, load_config
 from res2net.data.folders import EncodedImage, image_for
 from res2net.data.loader import EpochSampler
 from res2net.data.transforms import eval_transform, mixup_cutmix, train_transform
 from res2net.engine.optim import build_optimizer, param_groups
 from res2net.engine.schedules import LrSchedule
-from res2net.engine.train import train
+from res2net.engine.train import config_notes, train
 from res2net.schema import AUTO_AUGMENTS, INTERPOLATIONS, OPTIMIZERS, SCHEDULERS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "res2net"
@@ -169,7 +170,9 @@ def test_one_cycle_and_cyclic_numbers():
 )
 def test_scheduler_refusals_name_the_key(scheduler, key, value):
     with pytest.raises(ConfigError, match=f"^config key '{key}'"):
-        load_config(None, ["--scheduler", scheduler, "--warmup_epochs", "0", f"--{key}", value])
+        config_from_argv(
+            None, ["--scheduler", scheduler, "--warmup_epochs", "0", f"--{key}", value]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,11 +283,11 @@ def test_optimizer_updates_follow_mindspore():
 
 
 def test_optimizer_names_are_case_insensitive():
-    assert load_config(None, ["--opt", "SGD"]).opt == "sgd"
-    assert load_config(None, ["--opt", "AdamW"]).opt == "adamw"
-    assert load_config(None, ["--loss", "ce"]).loss == "CE"
+    assert config_from_argv(None, ["--opt", "SGD"]).opt == "sgd"
+    assert config_from_argv(None, ["--opt", "AdamW"]).opt == "adamw"
+    assert config_from_argv(None, ["--loss", "ce"]).loss == "CE"
     with pytest.raises(ConfigError, match="^config key 'use_nesterov'"):
-        load_config(None, ["--opt", "adam", "--use_nesterov", "True"])
+        config_from_argv(None, ["--opt", "adam", "--use_nesterov", "True"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,13 +309,15 @@ def test_label_smoothing_loss_as_mindcv():
     labels = torch.tensor([0, 1])
     logp = torch.log_softmax(logits, 1)
     # CrossEntropySmooth: (1 - s) * NLL + s * mean over classes of -log p
-    ce = train_mod._loss(load_config(None, ["--label_smoothing", "0.1"]), False)
+    ce = train_mod._loss(config_from_argv(None, ["--label_smoothing", "0.1"]), False)
     nll = -logp[torch.arange(2), labels]
     assert ce(logits, labels).item() == pytest.approx(
         (0.9 * nll + 0.1 * -logp.mean(1)).mean().item(), rel=1e-6
     )
     # BinaryCrossEntropySmooth: targets on = 1 - s + s / K, off = s / K
-    bce = train_mod._loss(load_config(None, ["--label_smoothing", "0.3", "--loss", "bce"]), False)
+    bce = train_mod._loss(
+        config_from_argv(None, ["--label_smoothing", "0.3", "--loss", "bce"]), False
+    )
     targets = torch.full((2, 3), 0.1)
     targets[torch.arange(2), labels] = 0.8
     expected = nn.functional.binary_cross_entropy_with_logits(logits, targets)
@@ -379,7 +384,7 @@ def test_eval_resize_from_crop_pct(crop_pct, resize):
     ],
 )
 def test_color_jitter_forms(value, expected):
-    cfg = load_config(None, ["--color_jitter", value])
+    cfg = config_from_argv(None, ["--color_jitter", value])
     t = train_transform(16, color_jitter=cfg.color_jitter)
     jitter = next(s for s in t.transforms if isinstance(s, v2.ColorJitter))
     got = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
@@ -466,19 +471,19 @@ def test_every_field_is_read_or_declared():
     unused = []
     for f in dataclasses.fields(Config):
         read = any(re.search(rf"\bcfg\.{f.name}\b", s) for s in sources)
-        if not read and f.name not in IGNORED_KEYS and f.name not in MAPPED_KEYS:
+        if not read and not KEYS[f.name].ignored and not KEYS[f.name].mapped:
             unused.append(f.name)
     assert unused == [], f"Config keys read nowhere and not declared ignored/mapped: {unused}"
 
 
 def test_every_field_has_one_help_line():
-    keys = [k for group in HELP.values() for k in group]
+    keys = [k for group in key_groups().values() for k in group]
     assert sorted(keys) == sorted(f.name for f in dataclasses.fields(Config))
     assert len(keys) == len(set(keys))
 
 
 def test_ignored_keys_are_reported():
-    cfg = load_config(
+    cfg = config_from_argv(
         None,
         [
             "--aux_factor",
@@ -493,7 +498,7 @@ def test_ignored_keys_are_reported():
             "adamw",
         ],
     )
-    notes = "\n".join(cfg.notes())
+    notes = "\n".join(config_notes(cfg))
     for key in ("aux_factor", "re_max_attempts", "eval_shuffle", "eps"):
         assert f"{key}: " in notes
 
@@ -504,7 +509,7 @@ def test_help_lists_every_key_grouped(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for group, keys in HELP.items():
+    for group, keys in key_groups().items():
         assert f"\n{group}:\n" in out
         for key in keys:
             assert f"--{key} (default: " in out
@@ -516,7 +521,7 @@ def test_mindcv_quirks_keep_working(tmp_path):
         "weight_decay: 1e-5\nmin_lr: '1e-6'\nnum_classes: None\n"
         "color_jitter: [0.4, 0.4, 0.4]\nopt: 'SGD'\nloss: 'ce'\n"
     )
-    cfg = load_config(recipe, ["--ema"])
+    cfg = config_from_argv(recipe, ["--ema"])
     assert cfg.weight_decay == 1e-5 and cfg.min_lr == 1e-6 and cfg.num_classes is None
     assert cfg.ema is True and cfg.color_jitter == (0.4, 0.4, 0.4)
 
@@ -782,7 +787,7 @@ def test_recipe_shape_trains_one_epoch(shape, jpeg_dir, tmp_path, single_thread)
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    cfg = load_config(path, ["--ckpt_save_dir", str(tmp_path / "ckpt")])  # outside: flag only
+    cfg = config_from_argv(path, ["--ckpt_save_dir", str(tmp_path / "ckpt")])  # outside: flag only
     assert cfg.fast_decode
     result = train(cfg)
     assert result.epochs_done == 1 and not result.interrupted

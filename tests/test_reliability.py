@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from res2net.cli.main import main as cli_main
-from res2net.config import load_config
+from res2net.cli.train import config_from_argv
 from res2net.data import ImageFolderDataset
 from res2net.engine import distributed
 from res2net.engine import train as train_mod
@@ -138,7 +138,7 @@ def tiny_registered():
 def train_here(data_dir: Path, ckpt_dir: Path, *extra: str):
     """Train in this process (the reference run, and the resumed runs)."""
     with tiny_registered():
-        return train(load_config(None, train_args(data_dir, ckpt_dir, *extra)))
+        return train(config_from_argv(None, train_args(data_dir, ckpt_dir, *extra)))
 
 
 @dataclass

@@ -33,6 +33,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from res2net.cli.main import main as cli_main
+from res2net.cli.train import config_from_argv
 from res2net.config import ConfigError, load_config
 from res2net.data import (
     DataError,
@@ -139,7 +140,7 @@ def test_urls_and_commands_come_only_from_the_command_line(tmp_path):
     with pytest.raises(ConfigError, match="data_dir"):
         load_config(recipe)
     # the same values from the trusted command line are taken as given
-    cfg = load_config(recipe, ["--data_dir", "pipe:cat /data/{}"])
+    cfg = config_from_argv(recipe, ["--data_dir", "pipe:cat /data/{}"])
     assert cfg.data_dir == "pipe:cat /data/{}"
     recipe.write_text("data_dir: /data/imagenet\n")
     assert load_config(recipe).data_dir == "/data/imagenet"
@@ -466,7 +467,7 @@ def test_out_of_range_values_name_the_key(tmp_path, key, value):
         load_config(recipe)
     one_line(str(info.value), key, recipe)
     with pytest.raises(ConfigError, match=key):
-        load_config(None, [f"--{key}", value])
+        config_from_argv(None, [f"--{key}", value])
 
 
 # --- 3. file arguments and waits ----------------------------------------------------------------

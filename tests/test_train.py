@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from res2net.config import load_config
+from res2net.cli.train import config_from_argv
 from res2net.engine import train as train_mod
 from res2net.engine.checkpoint import load_training_state
 from res2net.engine.train import train
@@ -47,7 +47,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(data_dir: Path, ckpt_dir: Path, *extra: str):
-    return load_config(
+    return config_from_argv(
         None,
         [
             "--model",
@@ -338,7 +338,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path):
 def test_recipe_runs_unchanged_given_data_dir(data_dir, tmp_path):
     """A shared MindCV recipe, only shrunk from the command line, goes through the whole path."""
     recipe = REPO / "tests" / "fixtures" / "mindcv_recipes" / "res2net_50_gpu.yaml"
-    cfg = load_config(
+    cfg = config_from_argv(
         str(recipe),
         [
             "--data_dir",

@@ -181,11 +181,6 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
-def load_yaml(text: str) -> Any:
-    """`text` read by the safe loader of `read_yaml` (one command-line value, say)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
-
-
 def read_yaml(path: str, what: str, max_bytes: int, max_nodes: int) -> Any:
     """The document of YAML file `path`, read safely once it has at most `max_bytes` bytes and
     `max_nodes` nodes with aliases expanded; any problem is a ConfigError naming the file."""

@@ -39,8 +39,6 @@ Interpolation = Literal[
     "nearest", "bilinear", "linear", "bicubic", "cubic", "pilcubic", "area", "box", "hamming",
     "lanczos", "antialias",
 ]  # fmt: skip
-#: auto_augment policy families; options follow as "-m9-n2-mstd0.5-inc1" (see parse_auto_augment).
-AutoAugment = Literal["randaug", "autoaug", "autoaugr", "trivialaugwide", "augmix", "3a"]
 Loss = Literal["CE", "BCE"]
 AmpLevel = Literal["O0", "O1", "O2", "O3"]
 WeightDecayFilter = Literal["disable", "auto", "norm_and_bias"]
@@ -54,56 +52,45 @@ JitLevel = Literal["O0", "O1", "O2"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
-AUTO_AUGMENTS: tuple[str, ...] = get_args(AutoAugment)
 WEIGHT_DECAY_FILTERS: tuple[str, ...] = get_args(WeightDecayFilter)
 
-# The options MindCV's parser accepts for each policy (others fail there): m magnitude, n ops,
-# mstd magnitude noise, mmax magnitude cap, inc increasing severity, w op weights, d depth,
-# a alpha. mstd is accepted but without effect (see data.transforms.auto_augment_transform).
-_AA_OPTIONS = {
-    "randaug": {"m", "n", "mstd", "mmax", "inc", "w"},
-    "autoaug": {"mstd"},
-    "autoaugr": {"mstd"},
-    "3a": {"mstd"},
-    "trivialaugwide": {"m"},
-    "augmix": {"m", "w", "d", "a"},
+# auto_augment's policies ("randaug-m9-n2-mstd0.5-inc1"): the options MindCV's parser accepts (m
+# magnitude, n ops, mstd noise (no effect: see data.transforms), mmax magnitude cap, inc increasing
+# severity, w op weights, d depth, a alpha) and m's (lowest, highest, default); AugMix's severity
+# starts at 1, TrivialAugmentWide divides by m.
+_AA_POLICIES: dict[str, tuple[set[str], tuple[float, float, float]]] = {
+    "randaug": ({"m", "n", "mstd", "mmax", "inc", "w"}, (0, 10, 10)),
+    "autoaug": ({"mstd"}, (0, 10, 10)),
+    "autoaugr": ({"mstd"}, (0, 10, 10)),
+    "trivialaugwide": ({"m"}, (1, 31, 31)),
+    "augmix": ({"m", "w", "d", "a"}, (1, 10, 3)),
+    "3a": ({"mstd"}, (0, 10, 10)),
 }
-# The magnitudes each policy's m supports (AugMix's severity starts at 1; TrivialAugmentWide
-# divides by m, so 0 is no magnitude at all): (lowest, highest, default), mmax may raise highest.
-_AA_MAGNITUDES: dict[str, tuple[float, float, float]] = {
-    "randaug": (0, 10, 10),
-    "augmix": (1, 10, 3),
-    "trivialaugwide": (1, 31, 31),
-}
+AUTO_AUGMENTS = tuple(_AA_POLICIES)
 
 
 def parse_auto_augment(spec: str) -> tuple[str, dict[str, float]]:
     """'randaug-m9-mstd0.5-inc1' -> ('randaug', {'m': 9.0, 'mstd': 0.5, 'inc': 1.0}).
 
     Raises ValueError naming the policy or option that is not one MindCV accepts."""
-    name, *parts = spec.strip().lower().split("-")
+    name, *parts = re.split(r"-(?!\d)", spec.strip().lower())  # "d-1": a negative value
     if name == "trivialaug":
         name = "trivialaugwide"
-    if name not in _AA_OPTIONS:
+    if name not in _AA_POLICIES:
         raise ConfigError(
             f"unknown auto_augment policy {name!r} in {spec!r}; use one of "
             f"{', '.join(AUTO_AUGMENTS)} (e.g. 'randaug-m9-mstd0.5-inc1')"
         )
+    options, (low, high, default) = _AA_POLICIES[name]
     params: dict[str, float] = {}
-    i = 0
-    while i < len(parts):
-        part = parts[i]
-        if part.isalpha() and i + 1 < len(parts) and parts[i + 1][:1].isdigit():
-            part, i = f"{part}-{parts[i + 1]}", i + 1  # "d-1": a negative value
+    for part in parts:
         match = re.fullmatch(r"([a-z]+)(-?\d+(?:\.\d+)?)", part)
-        if match is None or match.group(1) not in _AA_OPTIONS[name]:
+        if match is None or match.group(1) not in options:
             raise ConfigError(
                 f"auto_augment {spec!r}: option {part!r} is not one {name} accepts "
-                f"({', '.join(sorted(_AA_OPTIONS[name])) or 'none'})"
+                f"({', '.join(sorted(options))})"
             )
         params[match.group(1)] = float(match.group(2))
-        i += 1
-    low, high, default = _AA_MAGNITUDES.get(name, (0, 10, 10))
     high = max(high, params.get("mmax", high))  # RandAugment clips at mmax, 10 by default
     if not low <= params.get("m", default) <= high:
         raise ConfigError(f"auto_augment {spec!r}: magnitude m must be in {low}..{high:g}")

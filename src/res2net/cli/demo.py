@@ -10,8 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, load_config
+from ..config import Config
 from ..errors import ConfigError
+from .train import config_from_argv
 
 HELP = "train and validate on the bundled digits dataset (the whole ImageNet code path, in minutes)"
 ACCEPTS_EXTRA = True
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..data import write_digits_folder
     from ..engine.train import train
 
-    cfg = load_config(args.config, ["--resume", "auto", *extra])  # a later --resume wins
+    cfg = config_from_argv(args.config, ["--resume", "auto", *extra])  # a later --resume wins
     kept = Path(cfg.ckpt_save_dir) / "best.safetensors"
     if kept.is_file():
         print(f"already trained: {kept} (train again with --ckpt_save_dir NEW_DIR)")

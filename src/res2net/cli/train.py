@@ -1,17 +1,22 @@
 """`res2net train -c RECIPE --data_dir DIR [--key value ...]`: MindCV-style training.
 
-``--help`` lists every recipe key from its declaration in ``config.Config``; :func:`keys_table`
-renders the same lines as README.md's key table (``tests/test_config.py`` compares them).
+:func:`config_from_argv` reads the recipe and the ``--key value`` overrides (``validate`` and
+``demo`` take the same). ``--help`` lists every recipe key from its declaration in
+``config.Config``; :func:`keys_table` renders the same lines as README.md's key table
+(``tests/test_config.py`` compares them).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
-from ..config import HELP as KEY_HELP
-from ..config import KEYS, Config, Key, choices, load_config
+from ..config import KEYS, TYPES, Config, Key, choices, load_config, read_recipe
+from ..errors import ConfigError
+from ..guards import printable, short
 
 HELP = "train from a MindCV-style recipe; any config key can be overridden with --key value"
 ACCEPTS_EXTRA = True
@@ -27,7 +32,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = load_config(args.config, extra)  # recipe errors answer before torch is imported
+    cfg = config_from_argv(args.config, extra)  # recipe errors answer before torch is imported
     from ..engine.tracking import check_stores, parse_backends
 
     # a link planted at ./mlruns or the run's wandb folder: refused before any work
@@ -45,12 +50,68 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def config_from_argv(path: str | os.PathLike[str] | None, argv: list[str]) -> Config:
+    """The recipe at `path` (or ``-c``/``--config`` in `argv`) with the ``--key value`` overrides
+    of `argv` (``["--lr", "0.2", "--data-dir=/x", "--ema"]``), which win over it."""
+    path, flags = parse_overrides(path, argv)
+    return load_config(path, flags, source="on the command line")
+
+
+def given_keys(path: str | os.PathLike[str] | None, argv: list[str]) -> dict[str, str]:
+    """Which keys the recipe and the command line set, and where: ``{"image_resize":
+    "command line", "crop_pct": "recipe configs/x.yaml"}`` (the command line wins)."""
+    path, flags = parse_overrides(path, argv)
+    recipe = read_recipe(path) if path else {}
+    return {name: f"recipe {path}" for name in recipe} | dict.fromkeys(flags, "command line")
+
+
+def parse_overrides(
+    path: str | os.PathLike[str] | None, argv: list[str]
+) -> tuple[str | None, dict[str, Any]]:
+    """The recipe path (``-c``/``--config`` in `argv` wins over `path`) and the keys `argv` sets:
+    ``["--a", "1", "--b-c=x", "--flag"]`` -> ``{"a": "1", "b_c": "x", "flag": True}``. Values
+    stay text, for the config to read as each key's type (as MindCV's argparse does); a bare
+    flag is a boolean key's True, as MindCV's ``str2bool(nargs='?', const=True)``."""
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not _is_option(token):
+            raise ConfigError(f"unexpected command-line argument {short(token)}; options look "
+                              "like --key value or --key=value")  # fmt: skip
+        name, eq, text = token.lstrip("-").partition("=")
+        name = "config" if name == "c" else name.strip().replace("-", "_")
+        i += 1
+        if eq:
+            flags[name] = text
+        elif i < len(argv) and not _is_option(argv[i]):
+            flags[name] = argv[i]
+            i += 1
+        elif TYPES.get(name, bool) in (bool, bool | None):  # unknown: load_config names it
+            flags[name] = True
+        else:
+            raise ConfigError(f"command-line option {printable(token)} needs a value", key=name)
+    return flags.pop("config", None if path is None else os.fspath(path)), flags
+
+
+def _is_option(token: str) -> bool:
+    return token.startswith("--") or token == "-c"
+
+
+def key_groups() -> dict[str, list[str]]:
+    """Every recipe key by MindCV's group, in MindCV's order."""
+    groups: dict[str, list[str]] = {}
+    for name, k in KEYS.items():
+        groups.setdefault(k.group or list(groups)[-1], []).append(name)
+    return groups
+
+
 def keys_help() -> str:
     """Every recipe key by MindCV's group, with its default and help (``train --help``)."""
     lines = ["recipe keys (in the YAML file, or on the command line as --key value; a recipe "
              "may not set the keys marked 'command line only'):"]  # fmt: skip
     defaults = Config()
-    for group, names in KEY_HELP.items():
+    for group, names in key_groups().items():
         lines.append(f"\n{group}:")
         for name in names:
             k, only = KEYS[name], ""
@@ -65,7 +126,7 @@ def keys_table() -> str:
     """Every recipe key as a Markdown table (README.md, "Recipe keys")."""
     rows = ["| key | default | meaning | MindCV | in a recipe |", "|---|---|---|---|---|"]
     defaults = Config()
-    for group, names in KEY_HELP.items():
+    for group, names in key_groups().items():
         for name in names:
             k, default = KEYS[name], _default(defaults, name)
             where = f"not when it {k.trust}" if k.untrusted else "no" if k.trust else "yes"

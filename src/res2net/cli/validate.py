@@ -6,10 +6,10 @@ import argparse
 import json
 import os
 
-from ..config import HELP as KEY_HELP
-from ..config import given_keys, load_config
+from ..config import KEYS
 from ..errors import ConfigError
 from ..guards import check_regular_file
+from .train import config_from_argv, given_keys
 
 HELP = "validate a checkpoint of any format (MindSpore .ckpt, .pth, .safetensors) on the val split"
 ACCEPTS_EXTRA = True
@@ -32,7 +32,7 @@ VALIDATE_KEYS = (
 
 
 def keys_epilog() -> str:
-    texts = {key: text for group in KEY_HELP.values() for key, text in group.items()}
+    texts = {key: k.help for key, k in KEYS.items()}
     texts["ckpt_path"] = "the checkpoint to validate: MindSpore .ckpt, .pth, .safetensors, best.pt"
     lines = ["recipe keys (in the YAML file, or on the command line as --key value):"]
     lines += [f"  --{key}\n      {texts[key]}" for key in VALIDATE_KEYS if key in texts]
@@ -79,7 +79,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = load_config(args.config, extra)  # recipe and file errors answer before torch is imported
+    # recipe and file errors answer before torch is imported
+    cfg = config_from_argv(args.config, extra)
     if not cfg.ckpt_path:
         raise ConfigError("give the checkpoint to validate with --ckpt_path FILE")
     check_regular_file(cfg.ckpt_path, "checkpoint")

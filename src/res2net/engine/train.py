@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import fileio
-from ..config import Config
+from ..config import KEYS, Config
 from ..data import (
     BadImageReport,
     ImageFolderDataset,
@@ -49,6 +49,7 @@ from ..data.loader import EpochLoader, stop_signals_blocked
 from ..data.shards import ShardDataset
 from ..errors import ConfigError
 from ..factory import create_model
+from ..guards import short
 from ..profile import count_params
 from ..schema import REFERENCE_BATCH_SIZE
 from . import distributed
@@ -410,7 +411,7 @@ def _train(
     device = dist.device
     torch.manual_seed(cfg.seed)
     if dist.is_main:
-        for note in cfg.notes():
+        for note in config_notes(cfg):
             log.info("config: %s", note)
     ckpts = checkpoint_manager(cfg, run.run_id if run is not None else None)
 
@@ -466,20 +467,16 @@ def _train(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    forward = torch.compile(train_model) if cfg.use_compile(device.type) else train_model
+    forward = torch.compile(train_model) if use_compile(cfg, device.type) else train_model
 
     # ---- optimizer, schedule, precision
     world = dist.world_size
-    lr_factor = cfg.lr_scale_factor(world)
-    global_batch = cfg.global_batch(world)
-    if (
-        dist.is_main
-        and global_batch != REFERENCE_BATCH_SIZE
-        and (lr_factor != 1 or cfg.opt in SGD_FAMILY)
-    ):
+    lr_factor = lr_scale_factor(cfg, world)
+    batch = global_batch(cfg, world)
+    if dist.is_main and batch != REFERENCE_BATCH_SIZE and (lr_factor != 1 or cfg.opt in SGD_FAMILY):
         log.info(
             "global batch is %d (recipe reference: %d)%s",
-            global_batch,
+            batch,
             REFERENCE_BATCH_SIZE,
             f"; lr scaled by {lr_factor:.4g} (lr_scale: linear)"
             if lr_factor != 1
@@ -513,8 +510,8 @@ def _train(
     )
     scaler = torch.amp.GradScaler(
         device.type,
-        init_scale=cfg.grad_scaler_init_scale(),
-        enabled=cfg.use_grad_scaler(device.type),
+        init_scale=grad_scaler_init_scale(cfg),
+        enabled=use_grad_scaler(cfg, device.type),
     )
     meta = {
         "arch": cfg.model,
@@ -529,7 +526,7 @@ def _train(
         schedule=schedule,
         loss_fn=_loss(cfg, mixer is not None),
         mixer=mixer,
-        amp_dtype=cfg.amp_dtype(device.type),
+        amp_dtype=amp_dtype(cfg, device.type),
         dist=dist,
     )
 
@@ -882,7 +879,7 @@ def end_epoch(
                 val_loader,
                 device=dist.device,
                 num_classes=state.meta["num_classes"],
-                amp_dtype=cfg.amp_dtype(dist.device.type, validation=True),
+                amp_dtype=amp_dtype(cfg, dist.device.type, validation=True),
                 channels_last=cfg.channels_last,
                 progress=dist.is_main,
             ),
@@ -1006,3 +1003,96 @@ def _loss(cfg: Config, soft_targets: bool) -> Any:
 
         return bce
     return nn.CrossEntropyLoss(label_smoothing=smoothing, reduction=cfg.reduction)
+
+
+# ---- MindCV's precision, compile and batch keys as torch settings (``Key.mapped``)
+
+
+def amp_dtype(
+    cfg: Config, device_type: str, *, validation: bool = False, bf16_supported: bool | None = None
+) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype for `device_type`, or None for fp32 (level O0).
+
+    MindSpore's O1-O3 (``val_amp_level`` when `validation`) -> bfloat16 on CPU and on CUDA
+    devices that support it, else float16; O3 is O2 here (BatchNorm stays float32).
+    `bf16_supported` overrides the CUDA capability query (for tests and planning).
+    """
+    level = cfg.val_amp_level if validation else cfg.amp_level
+    if level == "O0":
+        return None
+    if device_type == "cuda" and bf16_supported is None:
+        bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = device_type == "cpu" or (device_type == "cuda" and bf16_supported)
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def use_grad_scaler(cfg: Config, device_type: str, *, bf16_supported: bool | None = None) -> bool:
+    """Whether training needs ``torch.amp.GradScaler``: exactly when it autocasts to float16
+    (it does dynamically what MindCV's fixed ``loss_scale`` does)."""
+    return amp_dtype(cfg, device_type, bf16_supported=bf16_supported) == torch.float16
+
+
+def grad_scaler_init_scale(cfg: Config) -> float:
+    """GradScaler's ``init_scale``: ``loss_scale`` when > 1, else PyTorch's 2**16."""
+    return cfg.loss_scale if cfg.loss_scale > 1 else 2.0**16
+
+
+def use_compile(cfg: Config, device_type: str) -> bool:
+    """``torch.compile`` with ``compile: true``, or with ``mode: 0`` (GRAPH_MODE) on CUDA: on
+    CPU, warming it up takes longer than it saves."""
+    return cfg.compile or (cfg.mode == 0 and device_type == "cuda")
+
+
+def global_batch(cfg: Config, world_size: int = 1) -> int:
+    """Images per optimizer step: batch_size x world_size x gradient_accumulation_steps."""
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    return cfg.batch_size * world_size * cfg.gradient_accumulation_steps
+
+
+def lr_scale_factor(cfg: Config, world_size: int = 1) -> float:
+    """Factor for ``lr`` and ``min_lr``: with ``lr_scale: linear``, global batch /
+    REFERENCE_BATCH_SIZE; else 1."""
+    batch = global_batch(cfg, world_size)
+    return 1.0 if cfg.lr_scale == "none" else batch / REFERENCE_BATCH_SIZE
+
+
+def config_notes(cfg: Config) -> list[str]:
+    """Lines on MindCV keys that are ignored (when set) or mapped (the run logs them)."""
+    d, out = Config(), []
+    if cfg.mode == 0:
+        out.append(
+            "mode: 0 (MindSpore GRAPH_MODE) -> torch.compile on CUDA, eager on CPU; "
+            "--mode 1 runs eager everywhere"
+        )
+    for name, k in KEYS.items():
+        if k.ignored and getattr(cfg, name) != getattr(d, name):
+            out.append(f"{name}: {short(getattr(cfg, name))} is ignored ({k.ignored})")
+    if cfg.eps != d.eps and cfg.opt != "rmsprop":
+        out.append(
+            f"eps: {cfg.eps:g} is used by rmsprop only, as in MindCV; {cfg.opt} keeps its own "
+            "epsilon"
+        )
+    if cfg.opt == "nesterov" and not cfg.use_nesterov:
+        out.append("opt: 'nesterov' is momentum without Nesterov unless use_nesterov: True")
+    for old, new in (("filter_bias_and_bn", "weight_decay_filter"),
+                     ("dynamic_loss_scale", "loss_scale_type")):  # fmt: skip
+        if getattr(cfg, old) is not None:
+            value = getattr(cfg, new)
+            out.append(f"{old}: {getattr(cfg, old)} (older MindCV key) -> {new}: {value!r}")
+    for name in ("amp_level", "val_amp_level"):
+        level = getattr(cfg, name)
+        o3 = "; MindSpore's O3 casts BatchNorm too, here it stays float32" * (level == "O3")
+        if level != "O0":
+            out.append(
+                f"{name}: {level} -> torch.autocast in bfloat16 (CPU, and CUDA with bf16 "
+                f"support) else float16; weights stay float32{o3}"
+            )
+    scaling = cfg.loss_scale != d.loss_scale or cfg.loss_scale_type != d.loss_scale_type
+    if cfg.amp_level != "O0" and scaling:  # no GradScaler without autocast
+        out.append(
+            f"loss_scale: {cfg.loss_scale:g} ({cfg.loss_scale_type}) -> dynamic torch GradScaler "
+            f"starting at {grad_scaler_init_scale(cfg):g} when autocast runs in float16; unused "
+            "in bfloat16/float32"
+        )
+    return out

@@ -42,6 +42,7 @@ from .report import (
     read_real_labels,
     transform_settings,
 )
+from .train import amp_dtype
 
 log = logging.getLogger("res2net.validate")
 
@@ -84,9 +85,9 @@ def validate(
     given: Mapping[str, str] | None = None,
 ) -> EvalResult:
     """Top-1, top-5 and loss of the checkpoint on `cfg.data_dir/cfg.val_split`, with the eval
-    transform of `eval_settings` (`given`: where each config key was set, see `given_keys`);
-    with `report`, also the reports, test-time augmentation and relabelling of
-    `engine/report.py`."""
+    transform of `eval_settings` (`given`: where each config key was set, see
+    `cli.train.given_keys`); with `report`, also the reports, test-time augmentation and
+    relabelling of `engine/report.py`."""
     dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
     report = report or ReportOptions()
     try:
@@ -168,7 +169,7 @@ def validate(
                 n_images,
                 cfg.val_split,
             )
-        amp = cfg.amp_dtype(dist.device.type, validation=True)
+        amp = amp_dtype(cfg, dist.device.type, validation=True)
         wants_report = report.report_dir or report.real_labels or report.results_csv
         if wants_report and dist.world_size > 1:
             raise ConfigError(
