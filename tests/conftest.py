@@ -1,5 +1,6 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the settings of a run split over pytest-xdist workers."""
 
+import os
 import random
 from pathlib import Path
 
@@ -7,6 +8,33 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+def _worker_threads() -> int | None:
+    """Under pytest-xdist (`-n logical --maxprocesses 2`, pyproject.toml): the CPUs each worker may
+    use, so that the workers' torch threads together never outnumber the cores (two workers of
+    two threads each on 2 cores spend much of their time waiting for each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // workers)
+
+
+if (_threads := _worker_threads()) is not None:
+    # the processes the tests start (CLI runs, torchrun) inherit it; a value set by the user wins
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """torch.compile's caches (Inductor's, and the cpp_wrapper builds) in the session's
+    temporary folder, removed with it, instead of /tmp/torchinductor_USER for ever."""
+    cache = tmp_path_factory.mktemp("inductor")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,11 +37,22 @@ import pytest
 import torch
 from PIL import Image
 
+# the module's tests share one run of the README (readme_run): one pytest-xdist worker runs them
+pytestmark = pytest.mark.xdist_group("readme")
 REPO = Path(__file__).resolve().parents[1]
 SKIP_MARK = re.compile(r"<!--\s*readme-test skip:\s*(.+?)\s*-->")
 SLOW_MARK = re.compile(r"<!--\s*readme-test slow:\s*(.+?)\s*-->")
+
+
+def _free_port() -> int:
+    """A loopback port no one listens on now: a fixed one would collide with another run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # `res2net serve` runs in the background for the curl lines after it, then is stopped
-SERVE_PORT = 8765
+SERVE_PORT = _free_port()
 SERVE_START = (
     f"{sys.executable} -m res2net.cli.main {{args}} > serve.log 2>&1 < /dev/null & "
     "echo $! > serve.pid; "
@@ -242,7 +254,7 @@ def _run(root: Path, steps: list[dict]) -> dict[str, dict]:
     plan.write_text(json.dumps({"workdir": str(root), "steps": steps}))
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),  # 1 beside another worker
         "PYTHONPATH": os.pathsep.join(
             [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]
         ),
