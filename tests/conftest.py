@@ -139,3 +139,33 @@ def pytest_collection_finish(session):
     what the tests made (0.4 s each in this process otherwise, hundreds of times a run)."""
     gc.collect()
     gc.freeze()
+
+
+# The long files whose tests pytest-xdist may send to either worker one by one; every other
+# file's tests go to one worker together (`--dist loadfile`), so that its module fixtures (the
+# README's run, the torchrun runs, the measuring subprocesses) run once.
+SPREAD = {
+    "tests/test_write_safety.py",
+    "tests/test_reliability.py",
+    "tests/test_export.py",
+    "tests/test_models.py",
+    "tests/test_recipes.py",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of SPREAD shared test by test. (pytest-xdist's
+    `xdist_group` marks would say the same per test, but its `loadgroup` relies on a node id
+    attribute pytest 9 no longer has.) Files with the most tests are sent first, single tests
+    last: they fill the gaps at the end of a run."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SpreadScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPREAD else path
+
+    return SpreadScheduling(config, log)

@@ -17,9 +17,6 @@ from res2net.engine.validate import validate
 from .conftest import REGISTER_TINY, TINY_ARCH
 from .test_train import make_folder
 
-# the tests share the torchrun runs of one fixture (runs): one pytest-xdist worker runs them
-pytestmark = pytest.mark.xdist_group("distributed")
-
 # the processes train the tiny registered Res2Net: the distributed path is the point, not the
 # zoo model
 HOOK = (

@@ -37,8 +37,6 @@ import pytest
 import torch
 from PIL import Image
 
-# the module's tests share one run of the README (readme_run): one pytest-xdist worker runs them
-pytestmark = pytest.mark.xdist_group("readme")
 REPO = Path(__file__).resolve().parents[1]
 SKIP_MARK = re.compile(r"<!--\s*readme-test skip:\s*(.+?)\s*-->")
 SLOW_MARK = re.compile(r"<!--\s*readme-test slow:\s*(.+?)\s*-->")

@@ -271,10 +271,6 @@ def _deflated_copy(src: Path, dst: Path) -> None:
             out.writestr(info.filename, z.read(info), compress_type=zipfile.ZIP_DEFLATED)
 
 
-# the tests of `measured` share its subprocess: one pytest-xdist worker runs them
-ONE_WORKER = pytest.mark.xdist_group("security-measured")
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     """The hostile checkpoints of the review (and the largest allowed MindSpore file), each
@@ -307,7 +303,6 @@ def measured(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     return {name: (path, *results[str(path)]) for name, path in files.items()}
 
 
-@ONE_WORKER
 def test_mindspore_many_tiny_entries_stay_within_the_bound(measured):
     path, growth, line = measured["tiny_entries"]
     assert "entries" in line and str(path) in line
@@ -317,7 +312,6 @@ def test_mindspore_many_tiny_entries_stay_within_the_bound(measured):
     assert growth <= 2 * path.stat().st_size + 64 * MiB, growth / MiB
 
 
-@ONE_WORKER
 def test_torch_zip_with_compressed_record_is_refused_without_expanding(measured):
     path, growth, line = measured["deflated"]
     assert path.stat().st_size < MiB
@@ -325,7 +319,6 @@ def test_torch_zip_with_compressed_record_is_refused_without_expanding(measured)
     assert growth < 16 * MiB, growth / MiB
 
 
-@ONE_WORKER
 def test_bytearray_and_other_allocations_are_refused(measured):
     path, growth, line = measured["bytearray"]
     assert len(path.read_bytes()) < 40
@@ -333,7 +326,6 @@ def test_bytearray_and_other_allocations_are_refused(measured):
     assert growth < 16 * MiB, growth / MiB
 
 
-@ONE_WORKER
 @pytest.mark.parametrize("name", ["prefixed", "nul_name"])
 def test_scanned_bytes_are_loaded_bytes(measured, name):
     """The two files whose zip scan and torch.load read different bytes: refused, small."""
@@ -342,7 +334,6 @@ def test_scanned_bytes_are_loaded_bytes(measured, name):
     assert growth < 16 * MiB, growth / MiB
 
 
-@ONE_WORKER
 @pytest.mark.parametrize("name", ["plain_torch", "plain_safetensors"])
 def test_valid_weights_stay_within_twice_their_size(measured, name):
     path, growth, line = measured[name]

@@ -96,10 +96,6 @@ ACCEPTED: dict[str, Callable[[], bytes]] = {
 }
 
 
-# the tests of `measured` share its subprocess: one pytest-xdist worker runs them
-ONE_WORKER = pytest.mark.xdist_group("bounds-measured")
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[str, tuple[Path, int, str, int]]:
     """Every file above read in one subprocess: name -> (path, peak memory growth, error line
@@ -126,7 +122,6 @@ def measured(tmp_path_factory) -> dict[str, tuple[Path, int, str, int]]:
             path.unlink()
 
 
-@ONE_WORKER
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_headers_are_refused_within_the_bound(measured, name):
     path, growth, line, size = measured[name]
@@ -134,7 +129,6 @@ def test_hostile_headers_are_refused_within_the_bound(measured, name):
     assert growth <= 2 * size + 64 * MiB, growth / MiB
 
 
-@ONE_WORKER
 @pytest.mark.parametrize("name", list(ACCEPTED))
 def test_the_largest_accepted_headers_stay_within_the_bound(measured, name):
     path, growth, line, size = measured[name]
