@@ -252,7 +252,7 @@ def _run(root: Path, steps: list[dict]) -> dict[str, dict]:
     plan.write_text(json.dumps({"workdir": str(root), "steps": steps}))
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),  # 1 beside another worker
+        "OMP_NUM_THREADS": "2",
         "PYTHONPATH": os.pathsep.join(
             [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]
         ),
