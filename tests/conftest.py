@@ -1,5 +1,7 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the settings of a run split over pytest-xdist workers."""
 
+import gc
+import os
 import random
 from pathlib import Path
 
@@ -7,6 +9,33 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+def _worker_threads() -> int | None:
+    """Under pytest-xdist (`-n logical --maxprocesses 2`, pyproject.toml): the CPUs each worker may
+    use, so that the workers' torch threads together never outnumber the cores (two workers of
+    two threads each on 2 cores spend much of their time waiting for each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // workers)
+
+
+if (_threads := _worker_threads()) is not None:
+    # the processes the tests start (CLI runs, torchrun) inherit it; a value set by the user wins
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """torch.compile's caches (Inductor's, and the cpp_wrapper builds) in the session's
+    temporary folder, removed with it, instead of /tmp/torchinductor_USER for ever."""
+    cache = tmp_path_factory.mktemp("inductor")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +130,42 @@ def tiny_arch():
     Res2Net-50 training checkpoint is 285 MB). In-process only: a subprocess does not see it."""
     with pytest.MonkeyPatch.context() as mp:
         yield _register_tiny(mp)
+
+
+def pytest_collection_finish(session):
+    """Every object alive once the tests are collected (the modules of torch, hypothesis and
+    the tests, about a million objects) out of the garbage collector's sight: a full collection,
+    which `train()` runs at its end and Python itself runs as the heap grows, then scans only
+    what the tests made (0.4 s each in this process otherwise, hundreds of times a run)."""
+    gc.collect()
+    gc.freeze()
+
+
+# The long files whose tests pytest-xdist may send to either worker one by one; every other
+# file's tests go to one worker together (`--dist loadfile`), so that its module fixtures (the
+# README's run, the torchrun runs, the measuring subprocesses) run once.
+SPREAD = {
+    "tests/test_write_safety.py",
+    "tests/test_reliability.py",
+    "tests/test_export.py",
+    "tests/test_models.py",
+    "tests/test_recipes.py",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of SPREAD shared test by test. (pytest-xdist's
+    `xdist_group` marks would say the same per test, but its `loadgroup` relies on a node id
+    attribute pytest 9 no longer has.) Files with the most tests are sent first, single tests
+    last: they fill the gaps at the end of a run."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SpreadScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPREAD else path
+
+    return SpreadScheduling(config, log)

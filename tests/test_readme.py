@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,8 +40,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SKIP_MARK = re.compile(r"<!--\s*readme-test skip:\s*(.+?)\s*-->")
 SLOW_MARK = re.compile(r"<!--\s*readme-test slow:\s*(.+?)\s*-->")
+
+
+def _free_port() -> int:
+    """A loopback port no one listens on now: a fixed one would collide with another run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # `res2net serve` runs in the background for the curl lines after it, then is stopped
-SERVE_PORT = 8765
+SERVE_PORT = _free_port()
 SERVE_START = (
     f"{sys.executable} -m res2net.cli.main {{args}} > serve.log 2>&1 < /dev/null & "
     "echo $! > serve.pid; "

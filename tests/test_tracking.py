@@ -18,6 +18,18 @@ from .test_train import make_folder, tiny_config
 pytestmark = pytest.mark.usefixtures("single_thread", "tiny_arch")  # tiny_config's model
 
 
+@pytest.fixture()
+def wandb_offline(monkeypatch):
+    """W&B offline and quiet; its service process (`wandb-core`, started by `wandb.init`) ended
+    when the test ends: otherwise it outlives the test and, under pytest-xdist, pytest itself."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    wandb.teardown()
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("data"), per_class=2)
@@ -77,9 +89,7 @@ def wandb_records(path: Path):
     return out
 
 
-def test_mlflow_and_wandb_offline(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_mlflow_and_wandb_offline(data_dir, tmp_path, monkeypatch, wandb_offline):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store: fast to create in a test
     uri = (tmp_path / "mlruns").as_uri()
     run_dir = tmp_path / "run"
@@ -154,11 +164,11 @@ def test_a_crash_before_the_first_step_is_marked_failed(data_dir, tmp_path, monk
     assert mlflow_run(uri, run_dir)[1].info.status == "FAILED"
 
 
-def test_wandb_refusal_is_one_line_and_fails_the_started_mlflow_run(tmp_path, monkeypatch):
+def test_wandb_refusal_is_one_line_and_fails_the_started_mlflow_run(
+    tmp_path, monkeypatch, wandb_offline
+):
     import mlflow
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = (tmp_path / "mlruns").as_uri()
     with pytest.raises(ConfigError) as e:

@@ -287,19 +287,28 @@ def plant_index(path: Path, index: str) -> None:
         path.write_text(text or "")
 
 
+def plants(command: str, long: bool) -> list[str]:
+    """The short run keeps to the cheap cases: an export refused before it starts (a successful
+    export takes seconds); the long run draws from all."""
+    return PLANTS if long or command != "export" else PLANTS[:-1]
+
+
+def command_cases(command: str, long: bool, indexes: list[str | None]) -> st.SearchStrategy:
+    """(command, name, plant, index, epochs) for one command. The short run's resume trains
+    nothing more (1 epoch, as the run it continues)."""
+    return st.tuples(
+        st.just(command),
+        st.sampled_from(NAMES[command]),
+        st.sampled_from(plants(command, long)),
+        st.sampled_from(indexes),
+        st.sampled_from([1, 2] if long else [1]),
+    )
+
+
 def cases(long: bool) -> st.SearchStrategy:
-    """(command, name, plant, index, epochs). The short run keeps to the cheap cases: a resume
-    that trains nothing more and an export refused before it starts (a successful export
-    takes seconds); the long run draws from all."""
-    command = st.sampled_from(sorted(NAMES))
-    return command.flatmap(
-        lambda c: st.tuples(
-            st.just(c),
-            st.sampled_from(NAMES[c]),
-            st.sampled_from(PLANTS if long or c != "export" else PLANTS[:-1]),
-            st.sampled_from([None, *INDEXES]) if c == "resume" else st.none(),
-            st.sampled_from([1, 2] if long else [1]),
-        )
+    """(command, name, plant, index, epochs) of any command."""
+    return st.sampled_from(sorted(NAMES)).flatmap(
+        lambda c: command_cases(c, long, [None, *INDEXES] if c == "resume" else [None])
     )
 
 
@@ -314,15 +323,42 @@ def fuzz(world: World, case: tuple) -> None:
         logging.disable(logging.NOTSET)
 
 
-@settings(
-    max_examples=int(os.environ.get("WRITE_SAFETY_CASES", 300)),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    derandomize=True,
+def share_out(total: int, spaces: dict[tuple, int]) -> dict[tuple, int]:
+    """`total` cases over the shares: each its whole space of cases, or an equal part of what
+    the smaller ones leave."""
+    budget, left = {}, total
+    for k, (share, space) in enumerate(sorted(spaces.items(), key=lambda item: item[1])):
+        budget[share] = max(1, min(space, left // (len(spaces) - k)))
+        left -= budget[share]
+    return budget
+
+
+# The short run in shares that pytest-xdist workers can take in parallel: one per command, and
+# resume once per index state planted beside it; WRITE_SAFETY_CASES cases in all.
+SHARES = [(c, None) for c in sorted(NAMES) if c != "resume"] + [
+    ("resume", i) for i in [None, *INDEXES]
+]
+BUDGET = share_out(
+    int(os.environ.get("WRITE_SAFETY_CASES", 300)),
+    {(c, i): len(NAMES[c]) * len(plants(c, long=False)) for c, i in SHARES},
 )
-@given(case=cases(long=False))
-def test_planted_names_never_turn_a_command_against_the_owner(world, case):
-    fuzz(world, case)
+
+
+@pytest.mark.parametrize(
+    ("command", "index"), SHARES, ids=[c if c != "resume" else f"resume-{i}" for c, i in SHARES]
+)
+def test_planted_names_never_turn_a_command_against_the_owner(world, command, index):
+    @settings(
+        max_examples=BUDGET[command, index],
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+    )
+    @given(case=command_cases(command, long=False, indexes=[index]))
+    def check(case: tuple) -> None:
+        fuzz(world, case)
+
+    check()
 
 
 @pytest.mark.slow
