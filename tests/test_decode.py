@@ -19,6 +19,7 @@ from res2net.config import Config
 from res2net.data import (
     DataError,
     ImageFolderDataset,
+    ImageTooLarge,
     decode,
     load_image,
     train_transform,
@@ -342,3 +343,13 @@ def test_high_bit_depth_at_the_pixel_cap_takes_no_float_copies(fmt, tmp_path):
         check=True,
     )
     assert float(out.stdout) < 6.0
+
+
+def test_an_image_above_pils_own_limit_is_too_large_whatever_max_pixels(monkeypatch):
+    """PIL refuses an image above twice `Image.MAX_IMAGE_PIXELS` by itself: that refusal is an
+    `ImageTooLarge` too (413 in `serve`), not a generic unreadable image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageTooLarge, match="'big.png'.*decompression bomb"):
+        decode_image(buffer.getvalue(), "big.png", max_pixels=None)

@@ -492,7 +492,7 @@ def decode_all(
             image = decode_image(data, name, limits.max_pixels - used, resize=classifier.resize)
             del data
         except DataError as e:
-            if not isinstance(e, ImageTooLarge) and "decompression bomb" not in str(e):
+            if not isinstance(e, ImageTooLarge):
                 raise RequestError(415, str(e)) from None
             if used:
                 e = DataError(

@@ -268,6 +268,8 @@ def decoding(name: str) -> Iterator[None]:
         raise
     except Image.UnidentifiedImageError:  # its message names an in-memory buffer, not the file
         raise DataError(f"cannot read image '{name}': not an image format Pillow knows") from None
+    except Image.DecompressionBombError as e:  # above twice PIL's own limit, whatever max_pixels
+        raise ImageTooLarge(f"cannot read image '{name}': {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         raise DataError(f"cannot read image '{name}': {type(e).__name__}: {e}") from e
 
