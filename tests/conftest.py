@@ -132,6 +132,23 @@ def tiny_arch():
         yield _register_tiny(mp)
 
 
+@pytest.fixture
+def decoded_images(monkeypatch):
+    """The images the commands' `inference.load_found_image` returns, in order: what a command
+    decoded (e.g. straight to the model's input, or whole)."""
+    from res2net import inference
+
+    decoded: list[Image.Image] = []
+    load = inference.load_found_image
+
+    def spy(*args, **kwargs):
+        decoded.append(load(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(inference, "load_found_image", spy)
+    return decoded
+
+
 def pytest_collection_finish(session):
     """Every object alive once the tests are collected (the modules of torch, hypothesis and
     the tests, about a million objects) out of the garbage collector's sight: a full collection,

@@ -325,25 +325,15 @@ def test_cli_shows_a_crafted_file_name_escaped(tiny_arch, photos, tmp_path, caps
     assert capsys.readouterr().out == f"{tmp_path}/out/evil\\x1b[2J\\x07_cam.png\n"
 
 
-def test_cli_decodes_each_image_straight_to_the_input_size(tiny_arch, tmp_path, monkeypatch):
+def test_cli_decodes_each_image_straight_to_the_input_size(tiny_arch, tmp_path, decoded_images):
     """The figure shows the model's input: the image is decoded straight to it (the eval
     transform's resize and trim), never at full size."""
-    from res2net import inference
-
-    decoded: list[Image.Image] = []
-    load = inference.load_found_image
-
-    def spy(*args, **kwargs):
-        decoded.append(load(*args, **kwargs))
-        return decoded[-1]
-
-    monkeypatch.setattr(inference, "load_found_image", spy)
     pixels = np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90)
     out = tmp_path / "out"
     args = ["--model", tiny_arch, "--out", str(out), "--image_resize", "64", "--device", "cpu"]
     assert cli(str(tmp_path / "big.jpg"), *args) == 0
-    (image,) = decoded
+    (image,) = decoded_images
     assert image.info["source_size"] == (1200, 900) and min(image.size) < 80
     with Image.open(out / "big_cam.png") as figure:
         assert figure.size == (1100, 380)

@@ -380,26 +380,18 @@ def test_mask_is_the_map_at_the_image_size_in_255_levels():
     assert (torch.from_numpy(np.array(mask)).float() - expected).abs().max() <= 1
 
 
-def test_cli_predict_decodes_straight_to_the_input_and_writes_the_image_size(tmp_path, monkeypatch):
+def test_cli_predict_decodes_straight_to_the_input_and_writes_the_image_size(
+    tmp_path, decoded_images
+):
     """The image is decoded to the model's input (32 x 32 here), never whole; the mask is
     written at the size of the file's image."""
-    from res2net import inference
-
     weights = _saved(tmp_path)
     photos = tmp_path / "photos"
     photos.mkdir()
     pixels = np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(photos / "wide.jpg", quality=90)
-    decoded: list[Image.Image] = []
-    load = inference.load_found_image
-
-    def spy(*args, **kwargs):
-        decoded.append(load(*args, **kwargs))
-        return decoded[-1]
-
-    monkeypatch.setattr(inference, "load_found_image", spy)
     out = tmp_path / "masks"
     args = ["--weights", str(weights), "--out", str(out), "--device", "cpu"]
     assert cli("predict", str(photos), *args) == 0
-    assert [image.size for image in decoded] == [(32, 32)]
+    assert [image.size for image in decoded_images] == [(32, 32)]
     assert Image.open(out / "wide.png").size == (500, 300)
