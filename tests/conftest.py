@@ -3,6 +3,7 @@
 import gc
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,17 @@ if (_threads := _worker_threads()) is not None:
     # the processes the tests start (CLI runs, torchrun) inherit it; a value set by the user wins
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """Every temporary file of the run (wandb's, torchrun's, multiprocessing's, the CLI
+    processes') under the session's temporary folder, removed with it, instead of left in /tmp."""
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session", autouse=True)
