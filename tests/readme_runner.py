@@ -3,11 +3,12 @@
 Usage: python -m tests.readme_runner PLAN.json RESULT.json
 
 PLAN.json: {"workdir": ..., "steps": [{"id", "kind": "shell" | "python", "code"}]}. A shell step
-is one command line (already made tiny by tests/test_readme.py): `res2net ...` runs the console
-entry point, `python SCRIPT ...` runs the script as `__main__`, anything else (make -n ...) runs
-in a shell. A python step is exec'd in a fresh namespace. RESULT.json lists, per step, its exit
-code, its output (stdout and stderr, with the log lines), its run time and its CPU time (user +
-system, of this process and the processes it waited for).
+is one command line (as tests/test_readme.py runs it): `res2net ...` runs the console entry
+point, `python SCRIPT ...` runs the script as `__main__`, anything else (make -n ...) runs in a
+shell. A python step is exec'd in a fresh namespace. RESULT.json lists, per step (with the
+plan's other keys), its exit code, its output (stdout and stderr as they came, with the log
+lines), its stderr alone, its run time and its CPU time (user + system, of this process and the
+processes it waited for).
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ def _reset_logging() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+
+
+class _Tee(io.TextIOBase):
+    """stderr: written to the step's output, in order with stdout, and kept apart too."""
+
+    def __init__(self, *streams: io.StringIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
 
 
 def _cpu_seconds() -> float:
@@ -63,10 +76,10 @@ def main() -> None:
     own_argv = list(sys.argv)
     results = []
     for step in plan["steps"]:
-        out = io.StringIO()
+        out, err = io.StringIO(), io.StringIO()
         _reset_logging()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(_Tee(out, err)):
             try:
                 if step["kind"] == "python":
                     exec(
@@ -82,9 +95,10 @@ def main() -> None:
         sys.argv = list(own_argv)  # a script step replaced it
         results.append(
             {
-                "id": step["id"],
+                **step,
                 "rc": rc,
                 "output": out.getvalue(),
+                "stderr": err.getvalue(),
                 "seconds": round(time.perf_counter() - start, 1),
                 "cpu_seconds": round(_cpu_seconds() - cpu, 1),
             }
