@@ -455,6 +455,24 @@ def test_readme_commands_run_as_printed() -> None:
             assert all(map(_substituted, argv, run[0])), (argv, run[0])
 
 
+def test_heavy_lines_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lines that run under -m slow only still meet the real parser (and training's recipe
+    and overrides) in every run: a wrong flag there fails here."""
+    from res2net.cli.main import COMMANDS, build_parser
+    from res2net.cli.train import config_from_argv
+
+    monkeypatch.chdir(REPO)
+    lines = [a for b in BLOCKS if b.kind == "shell" and not b.skip for a in command_lines(b.code)]
+    heavy_lines = [cmd for argv in lines for cmd in as_run(argv) if heavy(cmd)]
+    assert len(heavy_lines) >= 10
+    for argv in heavy_lines:
+        args, extra = build_parser().parse_known_args(argv[1:])
+        if getattr(COMMANDS[args.command], "ACCEPTS_EXTRA", False):
+            config_from_argv(args.config, extra)
+        else:
+            assert not extra, argv
+
+
 @pytest.mark.slow
 def test_readme_heavy_commands(tmp_path: Path) -> None:
     """The heavy command lines as printed (the demo, digits training, benchmarks, ONNX and
