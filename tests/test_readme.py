@@ -19,7 +19,8 @@ The only substitutions, each covered by the README's note under Quick start:
 Training with an ImageNet recipe (`configs/res2net/`: 200 epochs of batch 32 at 224 px) cannot
 be made quick as printed by any stand-in: it runs with the placeholder path kept, and the test
 checks what a user without ImageNet sees at once: exit code 2 and one error line naming the
-missing folder, no traceback (tests/test_recipes.py trains every recipe shape, tiny). A command
+missing folder, no traceback (the training itself is tested tiny: MindCV's res2net_50_gpu recipe
+and shards in tests/test_train.py, every recipe shape in tests/test_recipes.py). A command
 that costs more than about 5 s of CPU as printed (`heavy`: the demo, digits training, benchmarks
 of Res2Net-50 at 224 px, ONNX and OpenVINO export, saliency training for its 30 epochs) runs as
 printed under `-m slow` only; the blocks after it read its output, made here by the project's
@@ -149,10 +150,12 @@ def command_lines(code: str) -> list[list[str]]:
 
 
 def _placeholder(arg: str) -> str | None:
+    """The README placeholder `arg` starts with, if any."""
     return next((k for k in PLACEHOLDERS if arg.startswith(k)), None)
 
 
 def trains(argv: list[str]) -> bool:
+    """`python train.py ...` or `res2net train ...`."""
     script = argv[1] if len(argv) > 1 else ""
     return argv[0] in ("python", "res2net") and script in ("train.py", "train")
 
@@ -166,7 +169,10 @@ def missing_dataset(argv: list[str]) -> str | None:
 
 
 def heavy(argv: list[str]) -> bool:
-    """More than about 5 s of CPU as printed (measured on 2 cores): run under -m slow only."""
+    """More than about 5 s of CPU as printed: run under -m slow only. Measured with one thread:
+    `benchmark --batch_size 32 --mode train` 95 s, `saliency train` 186 s (4 image pairs),
+    ONNX and OpenVINO export of the digits model 15 s each; training the digits takes as long
+    as the demo's (140 s). The costliest line left in the fast run, pt2 export, takes 5.3 s."""
     if argv[:2] in (["res2net", "demo"], ["res2net", "benchmark"]):  # Res2Net-50 at 224 px
         return True
     if trains(argv):  # the digits: 6 epochs; an ImageNet recipe without ImageNet answers at once
