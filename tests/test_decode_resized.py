@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
 import sys
 import zlib
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from res2net.data import (
     eval_resize_crop,
     folders,
 )
+
+from .memory_probe import run_probes
 
 GEOMETRY = eval_resize_crop(32, crop_pct=0.875)  # resize the shorter side to 36, crop 32
 SERVED = eval_resize_crop(224, crop_pct=0.875)  # 256, crop 224: no DCT scaling below 512
@@ -254,24 +255,21 @@ AT_THE_CAP.update(
 )
 
 
-def measure(kind: str, size: tuple[int, int], cap: int, folder: Path) -> float:
-    """The rise of the peak resident memory decoding a `kind` image of `size` for the
-    224-pixel eval transform at pixel cap `cap` (in a fresh process), plus its encoded bytes,
-    per pixel of the cap."""
-    source = kind.removeprefix("long_")
-    (folder / "big").write_bytes(encode(source, pattern(*size)))
-    (folder / "small").write_bytes(encode(source, pattern(64, 48)))
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, folder / "big", folder / "small", str(cap)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    return float(out.stdout)
+def measure(kinds: dict[str, tuple[int, int]], cap: int, folder: Path) -> dict[str, float]:
+    """Per kind: the rise of the peak resident memory decoding a `kind` image of its size for
+    the 224-pixel eval transform at pixel cap `cap` (in a process of its own, see
+    `memory_probe`), plus its encoded bytes, per pixel of the cap."""
+    jobs = []
+    for kind, size in kinds.items():
+        source = kind.removeprefix("long_")
+        (folder / f"{kind}.big").write_bytes(encode(source, pattern(*size)))
+        (folder / f"{kind}.small").write_bytes(encode(source, pattern(64, 48)))
+        jobs.append([folder / f"{kind}.big", folder / f"{kind}.small", cap])
+    return dict(zip(kinds, map(float, run_probes(MEMORY_PROBE, jobs))))
 
 
-# One kind per decoding path runs in `make test` (each measurement is a fresh process that
-# imports torch); every kind runs in `make test-slow`.
+# One kind per decoding path runs in `make test` (each measurement is a process of its own that
+# decodes an image of millions of pixels); every kind runs in `make test-slow`.
 MEASURED_FAST = (
     "rgb_jpeg",  # DCT-scaled by libjpeg
     "progressive_jpeg",  # libjpeg's whole-image coefficients
@@ -283,17 +281,27 @@ MEASURED_FAST = (
 )
 
 
+@pytest.fixture(scope="module")
+def measured_fast(tmp_path_factory) -> dict[str, float]:
+    """The MEASURED_FAST kinds at the cap, measured together (one interpreter's imports)."""
+    kinds = {kind: AT_THE_CAP[kind] for kind in MEASURED_FAST}
+    return measure(kinds, CAP, tmp_path_factory.mktemp("at_the_cap"))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 @pytest.mark.parametrize(
     "kind",
     [k if k in MEASURED_FAST else pytest.param(k, marks=pytest.mark.slow) for k in AT_THE_CAP],
 )
-def test_memory_at_the_pixel_cap_is_at_most_4_bytes_per_pixel(kind, tmp_path):
+def test_memory_at_the_pixel_cap_is_at_most_4_bytes_per_pixel(kind, tmp_path, request):
     """Decoding one image at the pixel cap (or at the most its kind may have) for the eval
     transform: the rise of the peak resident memory plus the encoded bytes the request holds,
     per pixel of the cap. The source is decoded once in its own mode, never as a full-size RGB
     copy."""
-    per_pixel = measure(kind, AT_THE_CAP[kind], CAP, tmp_path)
+    if kind in MEASURED_FAST:
+        per_pixel = request.getfixturevalue("measured_fast")[kind]
+    else:
+        per_pixel = measure({kind: AT_THE_CAP[kind]}, CAP, tmp_path)[kind]
     print(f"{kind}: {per_pixel:.2f} bytes per pixel")
     assert per_pixel <= 4.0
 
@@ -352,7 +360,7 @@ AT_THE_DEFAULT_CAP = {
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 @pytest.mark.parametrize("kind", list(AT_THE_DEFAULT_CAP))
 def test_memory_at_the_default_cap(kind, tmp_path):
-    per_pixel = measure(kind, AT_THE_DEFAULT_CAP[kind], 40_000_000, tmp_path)
+    per_pixel = measure({kind: AT_THE_DEFAULT_CAP[kind]}, 40_000_000, tmp_path)[kind]
     print(f"{kind} at 40 M pixels: {per_pixel:.2f} bytes per pixel")
     assert per_pixel <= 4.0
 
