@@ -241,7 +241,7 @@ def test_lowprec_ratio_is_ours_fastest_over_the_fastest_peer(monkeypatch):
     assert "res2net bf16 / best peer (best)" not in out  # no bf16 candidates here
 
 
-def test_lowprec_openvino_peers_give_the_models_answers(monkeypatch):
+def test_lowprec_openvino_peers_give_the_models_answers(monkeypatch, tiny_arch):
     """The OpenVINO candidates of `lowprec.py speed` (fp32, its default precision, NNCF int8)
     on a tiny model: each returns the logits of the PyTorch model it was converted from."""
     pytest.importorskip("openvino")
@@ -255,7 +255,7 @@ def test_lowprec_openvino_peers_give_the_models_answers(monkeypatch):
     import lowprec
 
     torch.manual_seed(0)
-    model = res2net.create_model("res2net50_14w_8s", num_classes=10).eval()
+    model = res2net.create_model(tiny_arch, num_classes=10).eval()
     x = torch.rand(4, 3, 64, 64)
     calibration = [torch.rand(4, 3, 64, 64) for _ in range(2)] + [x]
     bf16 = res2net.lowprec.bf16_supported()
