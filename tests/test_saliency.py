@@ -181,10 +181,10 @@ def test_load_rejects_other_files(tmp_path):
         load_saliency_model(tmp_path / "other.pth")
 
 
-def _saved(tmp_path: Path, **change) -> Path:
-    """A saliency checkpoint of a res2net50 trunk with its entries replaced by `change`."""
-    model = saliency_res2net(create_model("res2net50", features_only=True), decoder_channels=8)
-    meta = {"backbone": "res2net50", "decoder_channels": 8, "image_size": 32}
+def _saved(tmp_path: Path, arch: str, **change) -> Path:
+    """A saliency checkpoint of an `arch` trunk with its entries replaced by `change`."""
+    model = saliency_res2net(create_model(arch, features_only=True), decoder_channels=8)
+    meta = {"backbone": arch, "decoder_channels": 8, "image_size": 32}
     ckpt = {"kind": "res2net-saliency", **meta, "state_dict": model.state_dict()} | change
     path = tmp_path / "sal.pth"
     torch.save({k: v for k, v in ckpt.items() if v is not None}, path)
@@ -205,9 +205,9 @@ def _saved(tmp_path: Path, **change) -> Path:
         ({"state_dict": [1]}, "'state_dict'"),
     ],
 )
-def test_load_refuses_damaged_metadata_in_one_line(tmp_path, change, message):
+def test_load_refuses_damaged_metadata_in_one_line(tmp_path, tiny_arch, change, message):
     with pytest.raises(ValueError, match=message) as e:
-        load_saliency_model(_saved(tmp_path, **change))
+        load_saliency_model(_saved(tmp_path, tiny_arch, **change))
     assert len(str(e.value).splitlines()) == 1 and "sal.pth" in str(e.value)
 
 
@@ -221,7 +221,7 @@ def cli(*argv: str) -> int:
     return saliency_cli.run(parser.parse_args(list(argv)), [])
 
 
-def test_cli_train_predict_eval(disks, tmp_path, capsys):
+def test_cli_train_predict_eval(disks, tmp_path, capsys, tiny_arch):
     weights = tmp_path / "sal.pth"
     assert (
         cli(
@@ -231,7 +231,7 @@ def test_cli_train_predict_eval(disks, tmp_path, capsys):
             "--val",
             str(disks),
             "--model",
-            "res2net50",
+            tiny_arch,
             "--epochs",
             "1",
             "--batch_size",
@@ -252,7 +252,7 @@ def test_cli_train_predict_eval(disks, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained 1 epoch(s) on 8 images" in out and "max F (beta^2=0.3)" in out
     _, meta = load_saliency_model(weights)
-    assert meta == {"backbone": "res2net50", "decoder_channels": 64, "image_size": 64}
+    assert meta == {"backbone": tiny_arch, "decoder_channels": 64, "image_size": 64}
 
     assert (
         cli(
@@ -278,9 +278,9 @@ def test_cli_train_predict_eval(disks, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out", ["folder", "r50.pth"])
-def test_cli_train_checks_out_before_training(disks, tmp_path, monkeypatch, out):
+def test_cli_train_checks_out_before_training(disks, tmp_path, monkeypatch, out, tiny_arch):
     ckpt = tmp_path / "r50.pth"
-    torch.save(create_model("res2net50").state_dict(), ckpt)
+    torch.save(create_model(tiny_arch).state_dict(), ckpt)
     (tmp_path / "folder").mkdir()
     monkeypatch.setattr("res2net.saliency.train_saliency", lambda *a, **kw: pytest.fail("trained"))
     with pytest.raises(ValueError, match="--out"):
@@ -288,6 +288,8 @@ def test_cli_train_checks_out_before_training(disks, tmp_path, monkeypatch, out)
             "train",
             "--data",
             str(disks),
+            "--model",
+            tiny_arch,
             "--ckpt_path",
             str(ckpt),
             "--out",
@@ -300,8 +302,8 @@ def test_cli_train_checks_out_before_training(disks, tmp_path, monkeypatch, out)
     assert ckpt.is_file()
 
 
-def test_cli_predict_never_overwrites_an_input_or_an_earlier_mask(tmp_path, capsys):
-    weights = _saved(tmp_path)
+def test_cli_predict_never_overwrites_an_input_or_an_earlier_mask(tmp_path, capsys, tiny_arch):
+    weights = _saved(tmp_path, tiny_arch)
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (16, 12), "red").save(photos / "a.png")
@@ -325,10 +327,10 @@ def test_cli_predict_never_overwrites_an_input_or_an_earlier_mask(tmp_path, caps
     assert len(set(written)) == 2 and all(Image.open(p).mode == "L" for p in written)
 
 
-def test_cli_predict_skips_an_unreadable_image_in_a_folder_and_exits_1(tmp_path, capsys):
+def test_cli_predict_skips_an_unreadable_image_in_a_folder_and_exits_1(tmp_path, capsys, tiny_arch):
     """As `predict` does: the other images still get their masks; a file named on the command
     line that cannot be read stops the run."""
-    weights = _saved(tmp_path)
+    weights = _saved(tmp_path, tiny_arch)
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (16, 12), "red").save(photos / "a.png")
@@ -344,10 +346,10 @@ def test_cli_predict_skips_an_unreadable_image_in_a_folder_and_exits_1(tmp_path,
         cli("predict", str(photos / "b.png"), *args)
 
 
-def test_cli_predict_shows_a_crafted_file_name_escaped(tmp_path, capsys):
+def test_cli_predict_shows_a_crafted_file_name_escaped(tmp_path, capsys, tiny_arch):
     """A file name inside a folder is anyone's: printed as the mask's path, its control
     characters are escaped, as `predict` shows names, so it cannot drive the terminal."""
-    weights = _saved(tmp_path)
+    weights = _saved(tmp_path, tiny_arch)
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (16, 12), "red").save(photos / "evil\x1b[2J\x07.png", format="PNG")
@@ -381,11 +383,11 @@ def test_mask_is_the_map_at_the_image_size_in_255_levels():
 
 
 def test_cli_predict_decodes_straight_to_the_input_and_writes_the_image_size(
-    tmp_path, decoded_images
+    tmp_path, decoded_images, tiny_arch
 ):
     """The image is decoded to the model's input (32 x 32 here), never whole; the mask is
     written at the size of the file's image."""
-    weights = _saved(tmp_path)
+    weights = _saved(tmp_path, tiny_arch)
     photos = tmp_path / "photos"
     photos.mkdir()
     pixels = np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8)
