@@ -42,9 +42,13 @@ def micro_net(num_classes: int = 10) -> nn.Module:
 
 
 def test_onnx_export_has_dynamic_batch_and_matches_torch(tmp_path):
+    """A fixed-size export: the batch stays dynamic, height and width do not. On the one-conv
+    net: the Res2Net's ONNX export is checked at another batch and size by
+    `test_onnx_export_is_one_quiet_file_with_dynamic_size`, and at its fixed size by the fp32
+    export inside `test_lowprec.py::test_int8_onnx_export_runs_in_onnxruntime`."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = tiny_res2net(num_classes=10)
+    model = micro_net(num_classes=10)
     check = export_onnx(model, tmp_path / "tiny.onnx", image_size=32)
     assert (
         check.max_rel_err <= 1e-4 and check.batch_size != 2
