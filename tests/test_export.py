@@ -311,7 +311,13 @@ def test_export_format_comes_from_the_extension_or_one_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pt2_export_with_dynamic_size_runs_at_other_sizes(tmp_path):
+    """The third format of the dynamic-size promise: the same `torch.export` program with
+    symbolic height and width is checked at other sizes in `make test` through ONNX
+    (`test_onnx_export_is_one_quiet_file_with_dynamic_size`) and OpenVINO
+    (`test_openvino_export_runs_in_openvinos_runtime_like_torch`); saving and loading a .pt2
+    by `test_export_cli_pt2_round_trip`."""
     from res2net.export import export_program
 
     model = tiny_res2net(num_classes=10)
