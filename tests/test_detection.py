@@ -122,12 +122,12 @@ def test_norm_bn_and_bad_arguments():
         res2net_fpn_backbone(Res2Net(layers=(1, 1, 1, 1), base_width=4, num_classes=3))
 
 
-def test_checkpoint_loads_into_the_trunk(tmp_path):
-    classifier = res2net.create_model("res2net50", num_classes=10)
+def test_checkpoint_loads_into_the_trunk(tmp_path, tiny_arch):
+    classifier = res2net.create_model(tiny_arch, num_classes=10)
     with torch.no_grad():
         classifier.layer3[0].bn1.running_var.fill_(2.0)
     torch.save(classifier.state_dict(), tmp_path / "r50.pth")
-    fpn = res2net_fpn_backbone("res2net50", checkpoint_path=tmp_path / "r50.pth")
+    fpn = res2net_fpn_backbone(tiny_arch, checkpoint_path=tmp_path / "r50.pth")
     torch.testing.assert_close(fpn.body.layer4[0].conv1.weight, classifier.layer4[0].conv1.weight)
     frozen = fpn.body.layer3[0].bn1
     assert isinstance(frozen, FrozenBatchNorm2d)
@@ -227,11 +227,11 @@ def test_detector_train_step_and_inference(kind):
             assert det["masks"].shape == (n, 1, SIZE, SIZE)
 
 
-def test_frozen_bn_trunk_is_built_frozen_and_loads_bn_weights(tmp_path):
+def test_frozen_bn_trunk_is_built_frozen_and_loads_bn_weights(tmp_path, tiny_arch):
     """A named trunk is built with `norm_layer=FrozenBatchNorm2d` (no BatchNorm2d ever exists) and
     still loads a checkpoint written from a BatchNorm model."""
-    source = res2net.create_model("res2net50", num_classes=10)
+    source = res2net.create_model(tiny_arch, num_classes=10)
     torch.save(source.state_dict(), tmp_path / "w.pth")
-    fpn = res2net_fpn_backbone("res2net50", checkpoint_path=tmp_path / "w.pth")
+    fpn = res2net_fpn_backbone(tiny_arch, checkpoint_path=tmp_path / "w.pth")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fpn.body.modules())
     assert torch.equal(fpn.body.layer2[0].bn1.running_var, source.layer2[0].bn1.running_var)
