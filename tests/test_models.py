@@ -255,7 +255,11 @@ def test_backward_reaches_every_parameter():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_torch_export_traces_res2net50():
+    """The zoo's Res2Net-50: the same classes as the tiny Res2Net that `torch.export` traces in
+    `make test` (test_export.py: the OpenVINO export and the dynamic-size ONNX export, both
+    checked against the model's outputs)."""
     model = res2net.create_model("res2net50").eval()
     x = torch.randn(1, 3, 64, 64)
     program = torch.export.export(model, (x,))
