@@ -77,10 +77,14 @@ def run_cli(*argv: str) -> tuple[int, list[str]]:
 
 
 def train_argv(data: Path, folder: Path, *extra: str) -> list[str]:
+    """A one-epoch run of the tiny model; plain SGD keeps no optimizer state, so that each
+    checkpoint the cases copy, hash and load is the model's 13 MB alone (Adam's two moments
+    would triple it)."""
     return [
         "train",
         *("--model", MODEL, "--data_dir", str(data), "--ckpt_save_dir", str(folder)),
         *("--image_resize", "16", "--crop_pct", "1.0", "--batch_size", "4", "--epoch_size", "1"),
+        *("--opt", "sgd", "--momentum", "0"),
         *("--num_parallel_workers", "0", "--device", "cpu", "--seed", "1"),
         *("--keep_checkpoint_max", "10", "--log_interval", "1"),
         *extra,

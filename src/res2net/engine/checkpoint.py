@@ -256,6 +256,14 @@ class CheckpointManager:
         present = [p for p in (self.directory / n for n in names) if os.path.lexists(p)]
         return present + self.epoch_files()
 
+    def holds_last(self) -> bool:
+        """Whether `last.pt` is a regular file (not a link, folder or pipe): what `read_last`
+        reads."""
+        try:
+            return stat.S_ISREG(os.lstat(self.last).st_mode)
+        except OSError:
+            return False
+
     def read_last(self) -> dict[str, Any] | None:
         """The training state in `last.pt` (None when no regular file is there), read once:
         its header is kept, so `find_run_id` and `check_epoch_files` do not read it again, and
