@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from res2net.cli.main import main as cli_main
 from res2net.cli.train import config_from_argv
 from res2net.engine.checkpoint import load_training_state
 from res2net.engine.validate import validate
 
-from .conftest import REGISTER_TINY, TINY_ARCH
+from .conftest import REGISTER_TINY, TINY_ARCH, _register_tiny
 from .test_train import make_folder
 
 # the processes train the tiny registered Res2Net: the distributed path is the point, not the
@@ -122,7 +124,10 @@ def runs(tmp_path_factory):
     hook.write_text(HOOK)
     # frozen BN does not normalise a fresh net; residual branches starting at zero keep it finite
     warm = ["--zero_init_last", "True"]
-    run([sys.executable, str(hook), *common_args(data, root / "single", 8), *warm])
+    # the one-process reference runs in this process (a subprocess costs seconds of imports)
+    with pytest.MonkeyPatch.context() as mp:
+        _register_tiny(mp)
+        assert cli_main([*common_args(data, root / "single", 8), *warm]) == 0
     torchrun(hook, [*common_args(data, root / "ddp", 4), *warm])
     torchrun(hook, [*common_args(data, root / "stopped", 4), *warm], {"STOP_AT_STEP_1": "1"})
     stopped = load_training_state(root / "stopped" / "last.pt")
@@ -183,26 +188,14 @@ def test_job_stopped_mid_epoch_resumes_to_the_same_weights(runs):
         assert torch.equal(resumed[k], ddp[k]), k
 
 
-def test_distribute_without_torchrun_runs_one_process(tmp_path):
+def test_distribute_without_torchrun_runs_one_process(tmp_path, caplog, capsys):
     """The seed's recipes say `distribute: True`; run as written, they run one process."""
     from res2net.engine import distributed
 
     info = distributed.setup(True, "cpu")
     assert (info.rank, info.world_size, info.enabled) == (0, 1, False)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "res2net.cli.main",
-            "train",
-            "--data_dir",
-            str(tmp_path),
-            "--distribute",
-            "True",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2  # the empty data folder, not the missing torchrun
-    assert "running one process" in proc.stderr and "torchrun --nproc_per_node" in proc.stderr
+    with caplog.at_level(logging.INFO):
+        rc = cli_main(["train", "--data_dir", str(tmp_path), "--distribute", "True"])
+    assert rc == 2  # the empty data folder, not the missing torchrun
+    assert str(tmp_path) in capsys.readouterr().err
+    assert "running one process" in caplog.text and "torchrun --nproc_per_node" in caplog.text
