@@ -254,11 +254,24 @@ def metrics(ckpt: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
 
 
+_REFERENCE_STATES: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def reference_state(path: Path) -> dict[str, Any]:
+    """`load_training_state(path)` of a reference run's file, read once per version of it
+    (a reference run is compared with many runs, and never changes once written)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_mtime_ns)
+    if key not in _REFERENCE_STATES:
+        _REFERENCE_STATES[key] = load_training_state(path)
+    return _REFERENCE_STATES[key]
+
+
 def assert_same_run(run: Path, ref: Path) -> None:
     """`run` ended exactly as `ref`: every state in last.pt and best.pt, the same epoch
     checkpoints and index, the same metrics, and no temporary files."""
     for name in ("last.pt", "best.pt"):
-        a, b = load_training_state(run / name), load_training_state(ref / name)
+        a, b = load_training_state(run / name), dict(reference_state(ref / name))
         for state in (a, b):  # each run has its own id
             state.pop("config"), state.pop("run_id")
         assert_equal_values(a, b, name)
