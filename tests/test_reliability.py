@@ -34,7 +34,7 @@ from res2net.cli.train import config_from_argv
 from res2net.data import ImageFolderDataset
 from res2net.engine import distributed
 from res2net.engine import train as train_mod
-from res2net.engine.checkpoint import FORMAT, CheckpointManager, load_training_state
+from res2net.engine.checkpoint import FORMAT, CheckpointManager, RunLock, load_training_state
 from res2net.engine.distributed import DistInfo, peer_failure
 from res2net.engine.train import train
 from res2net.errors import FileRefused
@@ -846,25 +846,33 @@ def test_sigterm_to_the_process_group_under_torchrun(reference, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def lock_holder(run: Path) -> int:
+    """The id of a process that holds `run`'s RunLock until killed: forked from this one
+    (a new Python would spend seconds importing torch for it)."""
+    ready, told = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: takes the lock, says so, waits; never returns into the tests
+        try:
+            os.close(ready)
+            RunLock(run).acquire()
+            os.write(told, b"locked")
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    os.close(told)
+    with os.fdopen(ready, "rb") as f:
+        assert f.read(6) == b"locked"
+    return pid
+
+
 def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from res2net.engine.checkpoint import RunLock; "
-            "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
-            str(run),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = lock_holder(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         t0 = time.perf_counter()
         with pytest.raises(
-            FileRefused, match=rf"is in use by another run \(pid {holder.pid} on host .+, started "
+            FileRefused, match=rf"is in use by another run \(pid {holder} on host .+, started "
         ):
             train_here(reference.data, run)
         took = time.perf_counter() - t0
@@ -872,8 +880,8 @@ def test_second_run_into_a_locked_folder_fails_naming_the_holder(reference, tmp_
         record_figures("locked_dir", {"seconds_to_fail": round(took, 2)})
         assert not (run / "metrics.jsonl").exists()
     finally:
-        holder.kill()
-        holder.wait()
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
     result = train_here(reference.data, run, "--epoch_size", "1")  # the dead holder's lock is gone
     assert result.epochs_done == 1
 
