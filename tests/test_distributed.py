@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,35 +83,36 @@ def common_args(data_dir: Path, ckpt_dir: Path, batch_size: int) -> list[str]:
     ]
 
 
-def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert (
-        "Grad strides do not match" not in proc.stderr
-    )  # CPU weights in the layout of their grads
-    return proc
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the ones torchrun's agent handles
 
 
-def torchrun(hook: Path, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(hook),
-            *args,
-            "--distribute",
-            "True",
-        ],
-        env,
-    )
+def torchrun(hook: Path, args: list[str], logs: Path, env: dict | None = None) -> None:
+    """`torchrun --standalone --nproc_per_node 2 HOOK ARGS --distribute True`, its launcher
+    (torch's own elastic agent) in this process, which has imported torch already: the two
+    ranks are new processes, as any torchrun starts them. Their output goes to `logs`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in STOP_SIGNALS}
+    argv = ["--standalone", "--nproc_per_node", "2", "--log-dir", str(logs), "--redirects", "3"]
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # else it sets it
+            for key, value in (env or {}).items():
+                mp.setenv(key, value)
+            torchrun_main([*argv, str(hook), *args, "--distribute", "True"])
+    except ChildFailedError as e:
+        raise AssertionError(f"{e}\n{rank_output(logs)[-6000:]}") from None
+    finally:  # the agent's handlers (set in the main thread only) would outlive the launch
+        if threading.current_thread() is threading.main_thread():
+            for name, handler in handlers.items():
+                signal.signal(getattr(signal, name), handler)
+    assert "Grad strides do not match" not in rank_output(logs)  # CPU weights in the grads' layout
+
+
+def rank_output(logs: Path) -> str:
+    """What the ranks of the launches logging to `logs` wrote (stdout and stderr)."""
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.rglob("*.log")))
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +130,12 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _register_tiny(mp)
         assert cli_main([*common_args(data, root / "single", 8), *warm]) == 0
-    torchrun(hook, [*common_args(data, root / "ddp", 4), *warm])
-    torchrun(hook, [*common_args(data, root / "stopped", 4), *warm], {"STOP_AT_STEP_1": "1"})
+    torchrun(hook, [*common_args(data, root / "ddp", 4), *warm], root / "logs-ddp")
+    stop = {"STOP_AT_STEP_1": "1"}
+    torchrun(hook, [*common_args(data, root / "stopped", 4), *warm], root / "logs-stop", stop)
     stopped = load_training_state(root / "stopped" / "last.pt")
-    torchrun(hook, [*common_args(data, root / "stopped", 4), *warm, "--resume", "auto"])
+    resume = [*common_args(data, root / "stopped", 4), *warm, "--resume", "auto"]
+    torchrun(hook, resume, root / "logs-resume")
     return root, data, stopped
 
 
