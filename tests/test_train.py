@@ -284,8 +284,10 @@ def test_nan_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
 
 
 def test_missing_data_dir_shows_expected_tree(tmp_path):
+    """...before the run folder exists: a command run without its data leaves nothing behind."""
     with pytest.raises(ValueError, match="train/<class>"):
         train(tiny_config(tmp_path / "nothing", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(data_dir, tmp_path, monkeypatch, caplog):

@@ -41,6 +41,7 @@ from ..data import (
     build_shard_loader,
     cap_workers,
     eval_transform,
+    find_split,
     is_shard_dir,
     mixup_cutmix,
     train_transform,
@@ -222,6 +223,9 @@ def train(cfg: Config) -> TrainResult:
     """Run the training described by `cfg`; see the module docstring."""
     with StopRequest() as stop:
         dist = distributed.setup(cfg.distribute, cfg.device, cfg.dist_timeout)
+        if not is_shard_dir(cfg.data_dir, cfg.train_split):
+            # a wrong data_dir is refused before the run folder is made or locked
+            find_split(cfg.data_dir, cfg.train_split)
         lock = RunLock(cfg.ckpt_save_dir)
         try:
             run = prepare_run_dir(cfg, lock) if dist.is_main else None
