@@ -112,3 +112,16 @@ def test_export_formats_named_without_torch() -> None:
 def test_validate_help_names_the_keys_it_needs(answers: list) -> None:
     rc, out = next((rc, out) for argv, rc, out, _ in answers if argv == ["validate", "--help"])
     assert rc == 0 and "--ckpt_path\n" in out and "--data_dir\n" in out
+
+
+def test_loading_a_model_does_not_import_timm() -> None:
+    """timm (with its model zoo and wandb, about a second) is imported only when an
+    auto_augment policy is built, not by every command that loads a model or reads images."""
+    probe = (
+        "import sys, res2net.data, res2net.inference, res2net.weights.loading; "
+        "print(sorted(m for m in ('timm', 'wandb') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import random
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import auto_augment as timm_aa
 from torch import Tensor
 from torch.nn import functional as F
 from torchvision import tv_tensors
@@ -168,16 +168,24 @@ def auto_augment_hparams(
     }
 
 
+def _timm_aa() -> types.ModuleType:
+    """timm's auto_augment module, imported when a policy is built or applied: importing timm
+    imports its model zoo and wandb, about a second that every command would pay otherwise."""
+    from timm.data import auto_augment
+
+    return auto_augment
+
+
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
     """timm's posterize keeping at least one bit: Pillow refuses 0 (which timm's increasing
     posterize asks for at magnitude 10), and MindCV keeps at least one bit too."""
-    return timm_aa.posterize(img, max(bits_to_keep, 1), **kwargs)
+    return _timm_aa().posterize(img, max(bits_to_keep, 1), **kwargs)
 
 
 def _keep_a_bit(ops: Sequence[Any]) -> None:
     """Give timm's posterize ops `_posterize`, on these instances only."""
     for op in ops:
-        if op.aug_fn is timm_aa.posterize:
+        if op.aug_fn is _timm_aa().posterize:
             op.aug_fn = _posterize
 
 
@@ -218,8 +226,8 @@ class TrivialAugmentWide:
     def __call__(self, img: Image.Image) -> Image.Image:
         name = _RAND_OPS[np.random.randint(len(_RAND_OPS))]
         level = min(max(random.uniform(0, self.magnitude), 0.0), self.magnitude) / self.magnitude
-        op = timm_aa.NAME_TO_OP[name]  # timm's table of ops has no usable type
-        return op(img, *self._args(name, level), **self.kwargs)  # type: ignore[operator]
+        op = _timm_aa().NAME_TO_OP[name]
+        return op(img, *self._args(name, level), **self.kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(magnitude={self.magnitude})"
@@ -243,6 +251,7 @@ def auto_augment_transform(
     * "trivialaugwide-m31": MindCV's own `TrivialAugmentWide`.
     """
     name, params = parse_auto_augment(spec)
+    timm_aa = _timm_aa()
     hparams = auto_augment_hparams(interpolation, mean=mean, image_resize=image_resize)
     if name == "trivialaugwide":
         return TrivialAugmentWide(int(params.get("m", 31)), hparams=hparams)
