@@ -503,7 +503,8 @@ def test_readme_heavy_commands(tmp_path: Path) -> None:
             _check(step)
         demo = next(r for r in results.values() if "best weights:" in r["output"])
         path = root / re.search(r"best weights: (\S+)", demo["output"]).group(1)
-        files = sorted(p.name for p in path.parent.iterdir())
+        # and the run's lock file, `.res2net.lock` (README, "One run per folder")
+        files = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("."))
         assert files == ["best.safetensors", "metrics.jsonl", "training.png"], files
         assert (
             "(checkpoint best.safetensors)" in demo["output"]
