@@ -259,21 +259,23 @@ class CheckpointManager:
     def holds_last(self) -> bool:
         """Whether `last.pt` is a regular file (not a link, folder or pipe): what `read_last`
         reads."""
+        return self._last_stat() is not None
+
+    def _last_stat(self) -> os.stat_result | None:
+        """`last.pt`'s own status when it is a regular file, else None."""
         try:
-            return stat.S_ISREG(os.lstat(self.last).st_mode)
+            st = os.lstat(self.last)
         except OSError:
-            return False
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
 
     def read_last(self) -> dict[str, Any] | None:
         """The training state in `last.pt` (None when no regular file is there), read once:
         its header is kept, so `find_run_id` and `check_epoch_files` do not read it again, and
         the caller resumes from the state itself. A damaged or foreign `last.pt` raises
         CheckpointError naming it."""
-        try:
-            st = os.lstat(self.last)
-        except OSError:
-            return None
-        if not stat.S_ISREG(st.st_mode):
+        st = self._last_stat()
+        if st is None:
             return None
         state = load_training_state(self.last)
         self._headers[self._header_key(self.last, st)] = _header_of(state)
