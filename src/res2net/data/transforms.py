@@ -184,8 +184,9 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Imag
 
 def _keep_a_bit(ops: Sequence[Any]) -> None:
     """Give timm's posterize ops `_posterize`, on these instances only."""
+    posterize = _timm_aa().posterize
     for op in ops:
-        if op.aug_fn is _timm_aa().posterize:
+        if op.aug_fn is posterize:
             op.aug_fn = _posterize
 
 
