@@ -11,6 +11,7 @@ from torch import nn
 
 import res2net
 from res2net.cli import benchmark as benchmark_cmd
+from res2net.inference import FusedRes2Block
 from res2net.models import DLA, Res2Net
 from res2net.models.layers import channels_last_on_cpu
 from res2net.profile import benchmark_model, conv_gemm_gflops, machine_info, matmul_gflops
@@ -77,6 +78,31 @@ def test_optimized_outputs_equal_eval_outputs(kind, features):
     merged = sum(len(m.convs) - 1 for m in model.modules() if getattr(m, "stage_first", False))
     assert n_modules(optimized, nn.Conv2d) == n_modules(model, nn.Conv2d) - merged
     assert merged > 0 or kind in ("scale1", "scale2_os8")  # those have one 3x3 conv per block
+
+
+def merged_for_compile(model: nn.Module) -> nn.Module:
+    """The module `optimize_for_inference(compile=True)` compiles, not compiled: run eagerly."""
+    wrapper = res2net.optimize_for_inference(model, compile=True)
+    return wrapper.compiled._orig_mod  # what torch.compile wraps; nothing compiles before a call
+
+
+@pytest.mark.parametrize("kind", ["res2next", "scale2_os8"])
+def test_compiled_form_runs_the_stage_first_pool_in_the_grouped_conv(kind):
+    model = tiny(kind)  # res2next: cardinality 4, so the pool's share of the conv has 4 groups
+    merged = merged_for_compile(model)
+    firsts = [m for m in merged.modules() if isinstance(m, FusedRes2Block) and m.stage_first]
+    if kind == "res2next":
+        assert [b.whole for b in firsts] == [True] * 4
+        assert n_modules(merged, nn.AvgPool2d) == 0
+    else:  # output stride 8: layer4.0's convs are dilated, its pool is not; kept apart
+        assert [b.whole for b in firsts] == [True, True, True, False]
+        assert isinstance(firsts[-1].pool, nn.AvgPool2d)
+    assert all(b.pool is None and len(b.convs) == 1 for b in firsts if b.whole)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(merged(x), model(x)) <= 1e-4
+    eager = res2net.optimize_for_inference(model)  # eager keeps the pool: cheaper there
+    assert not any(getattr(m, "whole", False) for m in eager.modules())
 
 
 def test_optimize_leaves_the_model_alone_and_is_eval_only():

@@ -278,6 +278,11 @@ def _pair(value: tuple[int, ...]) -> tuple[int, int]:
     return height, width
 
 
+def _either(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A pool's kernel size, stride or padding, given as one int or per dimension, as a tuple."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def _fold(conv: nn.Module, norm: nn.Module) -> nn.Conv2d:
     """`fuse_conv_bn_eval` on a block's conv and norm layer. torch types `norm` as a BatchNorm,
     but it reads only running_mean/var, eps, weight and bias, which `FrozenBatchNorm2d` has too."""
@@ -310,26 +315,68 @@ def fold_batchnorms(module: nn.Module) -> None:
             setattr(m, bn_name, nn.Identity())
 
 
+def pool_as_conv(pool: nn.Module | None, conv: nn.Conv2d) -> nn.Conv2d | None:
+    """`pool` as a conv shaped like `conv` (the stage-first block's 3x3 convs), when it is one:
+    an `AvgPool2d(3, stride, padding=1)` that counts the padding is a 3x3 conv of stride
+    `stride` whose weight is 1/9 from each channel to itself. None for any other pool, or when
+    `conv`'s geometry differs (dilated blocks)."""
+    if not (
+        isinstance(pool, nn.AvgPool2d)
+        and _pair(conv.kernel_size) == (3, 3)
+        and _either(pool.kernel_size) == (3, 3)
+        and _either(pool.stride) == _pair(conv.stride)
+        and _either(pool.padding) == (1, 1)
+        and conv.padding == (1, 1)
+        and _pair(conv.dilation) == (1, 1)
+        and pool.count_include_pad
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    ):
+        return None
+    pooled = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size=3,
+        stride=_pair(conv.stride),
+        padding=1,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    ).to(conv.weight)
+    per_group = conv.in_channels // conv.groups
+    weight = torch.zeros_like(pooled.weight)
+    for c in range(conv.out_channels):
+        weight[c, c % per_group] = 1.0 / 9.0
+    pooled.weight = nn.Parameter(weight, requires_grad=False)
+    if pooled.bias is not None:
+        nn.init.zeros_(pooled.bias)
+    return pooled
+
+
 class FusedRes2Block(nn.Module):
     """Eval-only form of a Res2Net bottleneck (`Bottle2neck` or `DlaBottle2neck`).
 
     Every BatchNorm is folded into the conv before it, and in the first block of a stage the
-    `scale - 1` independent 3x3 convs become one grouped conv over their concatenated inputs
-    (groups = (scale - 1) * cardinality). The outputs equal the block's eval outputs up to
-    float rounding.
+    `scale - 1` independent 3x3 convs become one grouped conv. With `pool_in_conv`, the average
+    pool of the last group joins that conv too (groups = scale * cardinality; the pool is a conv
+    of weight 1/9, and the ReLU after it changes nothing as its input is a ReLU's output), so no
+    split, pool or concatenation is left; where the pool is not such a conv (dilated blocks),
+    it stays apart. The outputs equal the block's eval outputs up to float rounding.
     """
 
-    def __init__(self, block: Bottle2neck | DlaBottle2neck) -> None:
+    def __init__(self, block: Bottle2neck | DlaBottle2neck, *, pool_in_conv: bool) -> None:
         super().__init__()
         self.stage_first = block.stage_first
         self.conv1 = _fold(block.conv1, block.bn1)
         convs = [_fold(c, b) for c, b in zip(block.convs, block.bns)]
-        # the grouped conv reads all the channels the separate convs read, as one group of
-        # res2_forward
+        pooled = pool_as_conv(block.pool, convs[0]) if block.stage_first and pool_in_conv else None
+        self.whole = pooled is not None  # one grouped conv computes the whole multi-scale core
+        if pooled is not None:
+            convs.append(pooled)
+        # the grouped conv reads all the channels the separate convs (and the pool) read
         self.width = block.width * len(convs) if block.stage_first else block.width
         self.convs = nn.ModuleList([concat_convs(convs)] if block.stage_first else convs)
         self.no_bns = (nn.Identity(),) * len(self.convs)  # folded into the convs
-        self.pool = block.pool
+        self.pool = None if self.whole else block.pool
         self.conv3 = _fold(block.conv3, block.bn3)
         self.downsample = getattr(block, "downsample", None)
         if self.downsample is not None:
@@ -342,9 +389,12 @@ class FusedRes2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.relu_(self.conv1(x))
-        out = res2_forward(
-            out, self.width, self.convs, self.no_bns, self.pool, self.stage_first, torch.relu_
-        )
+        if self.whole:
+            out = torch.relu_(self.convs[0](out))
+        else:
+            out = res2_forward(
+                out, self.width, self.convs, self.no_bns, self.pool, self.stage_first, torch.relu_
+            )
         out = self.conv3(out)
         if self.downsample is not None:
             shortcut = self.downsample(x)
@@ -352,12 +402,12 @@ class FusedRes2Block(nn.Module):
         return torch.relu_(out)
 
 
-def _replace_blocks(module: nn.Module) -> None:
+def _replace_blocks(module: nn.Module, *, pool_in_conv: bool) -> None:
     for name, child in module.named_children():
         if isinstance(child, (Bottle2neck, DlaBottle2neck)):
-            setattr(module, name, FusedRes2Block(child))
+            setattr(module, name, FusedRes2Block(child, pool_in_conv=pool_in_conv))
         else:
-            _replace_blocks(child)
+            _replace_blocks(child, pool_in_conv=pool_in_conv)
 
 
 def optimize_for_inference(
@@ -373,7 +423,7 @@ def optimize_for_inference(
     batches (at large ones cuDNN's unfused kernels win; see docs/benchmarks.md).
 
     BatchNorms are folded into the convs, the independent 3x3 convs of each stage's first block
-    become one grouped conv, and weights and activations use `channels_last`. `compile=True`
+    become one grouped conv (compiled, with its average pool as part of that conv), and weights and activations use `channels_last`. `compile=True`
     wraps the result in `FrozenCompiled` (`torch.compile` with frozen weights; the first call
     compiles, which takes about a minute for a 50-layer net on 2 CPU cores).
 
@@ -389,7 +439,9 @@ def optimize_for_inference(
     if precision == "int8" and calibration is None:
         raise DataError("precision='int8' needs calibration=: a folder of typical input images")
     optimized = copy.deepcopy(model).eval()
-    _replace_blocks(optimized)
+    # compiled, the stage-first blocks' average pool costs more than running it as a share of
+    # their grouped conv; eager, less (docs/benchmarks.md)
+    _replace_blocks(optimized, pool_in_conv=compile or precision == "int8")
     fold_batchnorms(optimized)
     left = [
         n for n, m in optimized.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

@@ -6,7 +6,9 @@ int8 uses PyTorch's PT2E flow from torchao (`torch.export`, `prepare_pt2e` with 
 and frozen weights, which lowers each quantize-conv-dequantize pattern to one oneDNN int8
 convolution (VNNI) fused with its ReLU and residual add. Weights are quantized per output
 channel (symmetric int8), activations per tensor (affine uint8) from the ranges seen on the
-calibration images. torchao's `quantize_` configs are not used: they quantize `nn.Linear`
+calibration images. The input of each channel split (the multi-scale groups of a Res2Net
+block) is quantized as well, so the 1x1 conv before it writes uint8 instead of float32, as
+OpenVINO's int8 graph does. torchao's `quantize_` configs are not used: they quantize `nn.Linear`
 layers, and nearly all of a Res2Net's work is in convolutions.
 """
 
@@ -16,6 +18,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,9 +153,33 @@ def quantize_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
-        quantizer = xiq.X86InductorQuantizer()
+        quantizer = _splits_quantized(xiq)()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(graph, quantizer)
         for b in batches:
             prepared(b.float())
         return convert_pt2e(prepared)
+
+
+SPLITS = (torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default)
+
+
+def _splits_quantized(xiq: Any) -> type:
+    """`X86InductorQuantizer` (module `xiq`, imported lazily) that also quantizes the input of
+    each channel split: the stock one leaves it float, so the conv before a split writes
+    float32 (4 bytes a value instead of 1) and every group is quantized again on its own."""
+
+    class SplitsQuantized(xiq.X86InductorQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                if node.target in SPLITS and xiq.QUANT_ANNOTATION_KEY not in node.meta:
+                    node.meta[xiq.QUANT_ANNOTATION_KEY] = xiq._X86InductorQuantizationAnnotation(
+                        input_qspec_map={
+                            node.args[0]: xiq.get_input_act_qspec(self.global_config)
+                        },
+                        _annotated=True,
+                    )
+            return model
+
+    return SplitsQuantized
