@@ -512,6 +512,29 @@ print("exiting", flush=True)
 """
 
 
+def test_end_workers_ends_the_persistent_workers_of_a_loader_in_a_reference_cycle():
+    """The training loop ends its loader's workers with `end_workers`: left to the garbage
+    collector, a loader in a reference cycle loses its queues' feeder threads before its
+    iterator's shutdown runs, and workers that ignore SIGTERM then outlive it."""
+    from torch.utils.data import DataLoader
+
+    from res2net.data.loader import end_workers, ignore_stop_signals
+
+    loader = DataLoader(
+        range(8), batch_size=2, num_workers=2, persistent_workers=True,
+        worker_init_fn=ignore_stop_signals,
+    )  # fmt: skip
+    assert len(list(loader)) == 4  # the workers stay for the next epoch
+    workers = list(loader._iterator._workers)
+    assert all(w.is_alive() for w in workers)
+    loader.itself = loader  # a reference cycle: only the garbage collector would free it
+    end_workers(loader)
+    assert loader._iterator is None
+    assert not any(w.is_alive() for w in workers)
+    end_workers(loader)  # nothing left to end
+    end_workers(object())  # not a DataLoader: nothing to do
+
+
 def test_exit_ends_loader_workers_that_ignore_sigterm():
     """Workers ignore SIGTERM (a signal to the group reaches the main process alone), which is
     all multiprocessing's exit handler sends them before waiting for them: an iterator kept

@@ -256,6 +256,19 @@ class EpochLoader(Protocol):
     def set_epoch(self, epoch: int, start: int = 0) -> None: ...
 
 
+def end_workers(loader: object) -> None:
+    """End the persistent workers of a DataLoader now (nothing to do for other loaders).
+
+    Left to the garbage collector, a loader iterator caught in a reference cycle is collected
+    together with its index queues, and the queues' weakref finalizers run first: their feeder
+    threads stop, so the shutdown message the iterator then sends never reaches the workers,
+    and ending them costs two 5-second join timeouts each (about 20 s with 2 workers)."""
+    iterator = getattr(loader, "_iterator", None)
+    if isinstance(loader, DataLoader) and iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
+
+
 class FolderLoader(DataLoader):
     """`build_loader`'s DataLoader: an `EpochLoader` whose `set_epoch` selects the epoch of its
     `EpochSampler`."""

@@ -46,7 +46,7 @@ from ..data import (
     mixup_cutmix,
     train_transform,
 )
-from ..data.loader import EpochLoader, stop_signals_blocked
+from ..data.loader import EpochLoader, end_workers, stop_signals_blocked
 from ..data.shards import ShardDataset
 from ..errors import ConfigError
 from ..factory import create_model
@@ -618,6 +618,7 @@ def _train(
                 )
                 or last_val
             )
+        end_workers(train_loader)  # now, not by the garbage collector (see end_workers)
 
         result = TrainResult(
             ckpt_dir=Path(cfg.ckpt_save_dir),
@@ -639,6 +640,7 @@ def _train(
         if trackers is not None:
             trackers.finish(plot=result.plot_path, best=result.best_path, interrupted=interrupted)
     except BaseException as e:  # a crash, or a second signal: the tracked run says so
+        end_workers(train_loader)
         if trackers is not None:
             trackers.fail(stopped=isinstance(e, KeyboardInterrupt))
         raise
