@@ -423,9 +423,10 @@ def optimize_for_inference(
     batches (at large ones cuDNN's unfused kernels win; see docs/benchmarks.md).
 
     BatchNorms are folded into the convs, the independent 3x3 convs of each stage's first block
-    become one grouped conv (compiled, with its average pool as part of that conv), and weights and activations use `channels_last`. `compile=True`
-    wraps the result in `FrozenCompiled` (`torch.compile` with frozen weights; the first call
-    compiles, which takes about a minute for a 50-layer net on 2 CPU cores).
+    become one grouped conv (compiled, with its average pool as part of that conv), and weights
+    and activations use `channels_last`. `compile=True` wraps the result in `FrozenCompiled`
+    (`torch.compile` with frozen weights; the first call compiles, which takes about a minute
+    for a 50-layer net on 2 CPU cores).
 
     `precision="bf16"` stores weights and computes in bfloat16 (inputs and outputs stay float32);
     it needs native bf16 math (CPUs with AVX-512 BF16 or AMX, most GPUs) and refuses otherwise.

@@ -175,9 +175,7 @@ def _splits_quantized(xiq: Any) -> type:
             for node in model.graph.nodes:
                 if node.target in SPLITS and xiq.QUANT_ANNOTATION_KEY not in node.meta:
                     node.meta[xiq.QUANT_ANNOTATION_KEY] = xiq._X86InductorQuantizationAnnotation(
-                        input_qspec_map={
-                            node.args[0]: xiq.get_input_act_qspec(self.global_config)
-                        },
+                        input_qspec_map={node.args[0]: xiq.get_input_act_qspec(self.global_config)},
                         _annotated=True,
                     )
             return model
