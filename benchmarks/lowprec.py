@@ -355,9 +355,9 @@ def plot(args: argparse.Namespace) -> None:
         names = list(result["img_s"])
         ax = axes[0][1]
         ax.barh(names, [result["img_s"][n]["best_runs"] for n in names], color="tab:orange")
-        ax.set_xlabel("images/s, steady state (data loading included)")
+        ax.set_xlabel("images/s, steady state\n(data loading included)")
         ax.set_title(
-            f"training end to end, batch {result['batch_size']}, {result['workers']} workers"
+            f"training end to end\nbatch {result['batch_size']}, {result['workers']} workers"
         )
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
