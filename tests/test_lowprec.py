@@ -73,6 +73,9 @@ def test_int8_quantized_graph_is_close_to_fp32():
     assert torch.allclose(y3, y[:3], atol=1e-5)
     quantize_ops = [n for n in quantized.graph.nodes if "quantize_per_channel" in str(n.target)]
     assert quantize_ops  # weights really are quantized, per output channel
+    # the channel splits read int8 too, so the conv before each writes int8, not float32
+    splits = [n for n in quantized.graph.nodes if n.target in lowprec.SPLITS]
+    assert splits and all("dequantize" in str(n.args[0].target) for n in splits)
 
 
 @pytest.mark.slow
