@@ -50,6 +50,7 @@ def run_probes(probe: str, jobs: list[list[str]]) -> list[str]:
         input=json.dumps([[str(a) for a in args] for args in jobs]),
         capture_output=True,
         text=True,
+        timeout=300,  # a hung probe fails its test instead of holding up the suite
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
