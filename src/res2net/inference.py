@@ -322,33 +322,24 @@ def pool_as_conv(pool: nn.Module | None, conv: nn.Conv2d) -> nn.Conv2d | None:
     `conv`'s geometry differs (dilated blocks)."""
     if not (
         isinstance(pool, nn.AvgPool2d)
-        and _pair(conv.kernel_size) == (3, 3)
-        and _either(pool.kernel_size) == (3, 3)
-        and _either(pool.stride) == _pair(conv.stride)
-        and _either(pool.padding) == (1, 1)
+        and conv.kernel_size == (3, 3)
         and conv.padding == (1, 1)
-        and _pair(conv.dilation) == (1, 1)
+        and conv.dilation == (1, 1)
+        and _either(pool.kernel_size) == (3, 3)
+        and _either(pool.stride) == conv.stride
+        and _either(pool.padding) == (1, 1)
         and pool.count_include_pad
         and not pool.ceil_mode
         and pool.divisor_override is None
     ):
         return None
-    pooled = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        kernel_size=3,
-        stride=_pair(conv.stride),
-        padding=1,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    ).to(conv.weight)
-    per_group = conv.in_channels // conv.groups
-    weight = torch.zeros_like(pooled.weight)
-    for c in range(conv.out_channels):
-        weight[c, c % per_group] = 1.0 / 9.0
+    pooled = copy.deepcopy(conv)  # the same geometry, groups and bias
+    channels = torch.arange(conv.out_channels)
+    weight = torch.zeros_like(conv.weight)
+    weight[channels, channels % (conv.in_channels // conv.groups)] = 1.0 / 9.0
     pooled.weight = nn.Parameter(weight, requires_grad=False)
-    if pooled.bias is not None:
-        nn.init.zeros_(pooled.bias)
+    if conv.bias is not None:
+        pooled.bias = nn.Parameter(torch.zeros_like(conv.bias), requires_grad=False)
     return pooled
 
 
